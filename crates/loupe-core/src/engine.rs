@@ -1,0 +1,182 @@
+//! A loaded model with everything around it: tokenizer, chat template, image processor, generation
+//! defaults. This is what the CLI and the server hold.
+
+use std::path::Path;
+use std::time::Instant;
+
+use candle_core::{DType, Device};
+
+use crate::error::{Error, Result};
+use crate::generate::{GenerateParams, Generation, Prompt};
+use crate::image::{self, ImageInput, Preprocessor};
+use crate::load::config::{read_model_type, GenerationConfig, PreprocessorConfig, Qwen2VlConfig, SUPPORTED_MODEL_TYPES};
+use crate::load::weights::Weights;
+use crate::load::ModelFiles;
+use crate::models::{qwen2_vl, VisionLanguageModel};
+use crate::tokenize::{ChatTemplate, Message, Tokenizer};
+
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Compute dtype; `None` keeps the checkpoint's.
+    pub dtype: Option<DType>,
+    pub device: Device,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            dtype: None,
+            device: Device::Cpu,
+        }
+    }
+}
+
+/// Parses `f32`, `bf16`, `f16`.
+pub fn parse_dtype(s: &str) -> Result<DType> {
+    match s {
+        "f32" | "float32" => Ok(DType::F32),
+        "bf16" | "bfloat16" => Ok(DType::BF16),
+        "f16" | "float16" => Ok(DType::F16),
+        other => Err(Error::InvalidInput(format!("--dtype `{other}` is not one of f32, bf16, f16"))),
+    }
+}
+
+pub struct Engine {
+    pub files: ModelFiles,
+    pub tokenizer: Tokenizer,
+    pub template: ChatTemplate,
+    pub preprocessor: Preprocessor,
+    pub generation_config: GenerationConfig,
+    pub model: Box<dyn VisionLanguageModel>,
+    pub dtype: DType,
+    pub stored_dtype: Option<String>,
+    pub load_ms: f64,
+    image_pad: String,
+}
+
+impl Engine {
+    pub fn load(model: &str, opts: &LoadOptions) -> Result<Self> {
+        let t0 = Instant::now();
+        let files = ModelFiles::find(model)?;
+        let model_type = read_model_type(&files.config)?;
+        if !SUPPORTED_MODEL_TYPES.contains(&model_type.as_str()) {
+            return Err(Error::UnsupportedModel {
+                path: files.config.clone(),
+                model_type,
+                supported: SUPPORTED_MODEL_TYPES.join(", "),
+            });
+        }
+        let cfg = Qwen2VlConfig::from_file(&files.config)?;
+        let tokenizer = Tokenizer::from_file(&files.tokenizer)?;
+        let template = ChatTemplate::find(files.chat_template.as_deref(), files.tokenizer_config.as_deref())?;
+        let pre_cfg = match &files.preprocessor_config {
+            Some(p) => PreprocessorConfig::from_file(p)?,
+            None => PreprocessorConfig::default(),
+        };
+        let generation_config = match &files.generation_config {
+            Some(p) => GenerationConfig::from_file(p)?,
+            None => GenerationConfig::default(),
+        };
+        let image_pad = tokenizer.id_to_token(cfg.image_token_id).ok_or_else(|| Error::Tokenizer {
+            path: files.tokenizer.clone(),
+            msg: format!("config.json's image_token_id {} is not in the vocabulary", cfg.image_token_id),
+        })?;
+        let stored = cfg.dtype.as_deref().and_then(|d| parse_dtype(d).ok());
+        let weights_probe = Weights::open(&files.weights, DType::F32, &opts.device, qwen2_vl::sanitize)?;
+        let stored_dtype = weights_probe.stored_dtype();
+        let from_file = stored_dtype.as_deref().and_then(|d| parse_dtype(d).ok());
+        drop(weights_probe);
+        let dtype = opts.dtype.or(from_file).or(stored).unwrap_or(DType::F32);
+        let weights = Weights::open(&files.weights, dtype, &opts.device, qwen2_vl::sanitize)?;
+        let model = qwen2_vl::Qwen2Vl::load(cfg, &weights)?;
+        Ok(Engine {
+            files,
+            tokenizer,
+            template,
+            preprocessor: Preprocessor::new(pre_cfg),
+            generation_config,
+            model: Box::new(model),
+            dtype,
+            stored_dtype,
+            load_ms: t0.elapsed().as_secs_f64() * 1e3,
+            image_pad,
+        })
+    }
+
+    /// Loads image files in order, naming the file that fails.
+    pub fn load_images(paths: &[impl AsRef<Path>]) -> Result<Vec<ImageInput>> {
+        paths
+            .iter()
+            .map(|p| {
+                let p = p.as_ref();
+                Ok(ImageInput {
+                    source: p.to_path_buf(),
+                    image: image::load(p)?,
+                })
+            })
+            .collect()
+    }
+
+    /// Builds the prompt of one user turn: the images first, then the text, under the model's own chat
+    /// template; each image's placeholder is repeated to its token count.
+    pub fn prompt(
+        &self,
+        system: Option<&str>,
+        text: &str,
+        images: &[ImageInput],
+        preprocessor: &Preprocessor,
+    ) -> Result<Prompt> {
+        if text.trim().is_empty() && images.is_empty() {
+            return Err(Error::InvalidInput("the prompt is empty: give text, an image, or both".into()));
+        }
+        let mut messages = Vec::new();
+        if let Some(s) = system {
+            messages.push(Message::system(s));
+        }
+        messages.push(Message::user(images.len(), text));
+        self.prompt_from_messages(&messages, images, preprocessor)
+    }
+
+    /// Builds a prompt from a whole conversation; `images` are those of all turns, in order.
+    pub fn prompt_from_messages(
+        &self,
+        messages: &[Message],
+        images: &[ImageInput],
+        preprocessor: &Preprocessor,
+    ) -> Result<Prompt> {
+        let rendered = self.template.render(messages, true)?;
+        let pixels = preprocessor.preprocess(images)?;
+        let pieces: Vec<&str> = rendered.split(self.image_pad.as_str()).collect();
+        if pieces.len() - 1 != images.len() {
+            return Err(Error::Template(format!(
+                "the template placed {} image placeholders for {} images",
+                pieces.len() - 1,
+                images.len()
+            )));
+        }
+        let mut text = String::with_capacity(rendered.len());
+        for (i, piece) in pieces.iter().enumerate() {
+            text.push_str(piece);
+            if let Some(grid) = pixels.grids.get(i) {
+                text.push_str(&self.image_pad.repeat(preprocessor.tokens_for(*grid)));
+            }
+        }
+        let ids = self.tokenizer.encode(&text)?;
+        Ok(Prompt { ids, pixels })
+    }
+
+    /// End-of-sequence ids: `generation_config.json`'s, else the tokenizer's `<|im_end|>`/`<|endoftext|>`.
+    pub fn eos_token_ids(&self) -> Vec<u32> {
+        if !self.generation_config.eos_token_id.is_empty() {
+            return self.generation_config.eos_token_id.clone();
+        }
+        ["<|im_end|>", "<|endoftext|>"]
+            .iter()
+            .filter_map(|t| self.tokenizer.token_to_id(t))
+            .collect()
+    }
+
+    pub fn generate(&self, prompt: &Prompt, params: &GenerateParams, on_text: &mut dyn FnMut(&str)) -> Result<Generation> {
+        crate::generate::generate(self.model.as_ref(), &self.tokenizer, prompt, params, on_text)
+    }
+}

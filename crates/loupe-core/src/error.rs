@@ -1,0 +1,105 @@
+//! One error type for the whole engine. Every variant names the file, field or value at fault, so the
+//! CLI can print it as a single line.
+
+use std::path::PathBuf;
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+
+    #[error("{}: invalid JSON: {source}", path.display())]
+    Json {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+
+    #[error("{}: field `{field}`: {msg}", path.display())]
+    Config {
+        path: PathBuf,
+        field: String,
+        msg: String,
+    },
+
+    #[error("{}: unsupported model_type `{model_type}` (supported: {supported})", path.display())]
+    UnsupportedModel {
+        path: PathBuf,
+        model_type: String,
+        supported: String,
+    },
+
+    #[error("model `{model}` not found: {msg}")]
+    ModelNotFound { model: String, msg: String },
+
+    #[error("{}: {msg}", path.display())]
+    Weights { path: PathBuf, msg: String },
+
+    #[error("tensor `{name}`: expected shape {expected:?}, found {found:?} in {}", path.display())]
+    TensorShape {
+        name: String,
+        path: PathBuf,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
+
+    #[error("tensor `{name}` not found in the weights of {}", path.display())]
+    MissingTensor { name: String, path: PathBuf },
+
+    #[error("image {}: {msg}", path.display())]
+    Image { path: PathBuf, msg: String },
+
+    #[error("tokenizer {}: {msg}", path.display())]
+    Tokenizer { path: PathBuf, msg: String },
+
+    #[error("chat template: {0}")]
+    Template(String),
+
+    #[error("{0}")]
+    InvalidInput(String),
+
+    #[error("tensor operation failed: {0}")]
+    Tensor(#[from] candle_core::Error),
+}
+
+impl Error {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    pub(crate) fn config(path: impl Into<PathBuf>, field: impl Into<String>, msg: impl Into<String>) -> Self {
+        Error::Config {
+            path: path.into(),
+            field: field.into(),
+            msg: msg.into(),
+        }
+    }
+
+    pub(crate) fn image(path: impl Into<PathBuf>, msg: impl std::fmt::Display) -> Self {
+        Error::Image {
+            path: path.into(),
+            msg: msg.to_string(),
+        }
+    }
+
+    /// True when the error comes from what the user gave us (files, flags, prompt) rather than from a bug.
+    pub fn is_user_input(&self) -> bool {
+        !matches!(self, Error::Tensor(_))
+    }
+}
+
+/// Reads a JSON file into `T`, naming the file in every error.
+pub(crate) fn read_json<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> Result<T> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_slice(&bytes).map_err(|source| Error::Json {
+        path: path.to_path_buf(),
+        source,
+    })
+}

@@ -1,0 +1,86 @@
+//! Key/value cache for attention layers: preallocated, grown by doubling, written in place.
+
+use candle_core::{Tensor, D};
+
+use crate::error::Result;
+
+#[derive(Debug, Clone, Default)]
+pub struct LayerKv {
+    k: Option<Tensor>,
+    v: Option<Tensor>,
+    len: usize,
+}
+
+impl LayerKv {
+    /// Appends `(b, kv_heads, n, d)` keys and values; returns all keys and values so far.
+    pub fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let n = k.dim(2)?;
+        let needed = self.len + n;
+        let cap = self.k.as_ref().map(|t| t.dim(2)).transpose()?.unwrap_or(0);
+        if needed > cap {
+            let new_cap = needed.max(cap * 2).max(256).next_multiple_of(64);
+            let (b, h, _, d) = k.dims4()?;
+            let nk = Tensor::zeros((b, h, new_cap, d), k.dtype(), k.device())?;
+            let nv = Tensor::zeros((b, h, new_cap, d), v.dtype(), v.device())?;
+            if let (Some(ok), Some(ov)) = (&self.k, &self.v) {
+                nk.slice_set(&ok.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
+                nv.slice_set(&ov.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
+            }
+            self.k = Some(nk);
+            self.v = Some(nv);
+        }
+        let (ck, cv) = match (&self.k, &self.v) {
+            (Some(ck), Some(cv)) => (ck, cv),
+            _ => unreachable!("allocated above"),
+        };
+        ck.slice_set(&k.contiguous()?, 2, self.len)?;
+        cv.slice_set(&v.contiguous()?, 2, self.len)?;
+        self.len = needed;
+        Ok((ck.narrow(D::Minus2, 0, self.len)?, cv.narrow(D::Minus2, 0, self.len)?))
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Forgets everything after `len` tokens (prefix reuse, retries).
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+}
+
+/// The cache of a whole decoder: one entry per layer, plus the rope offset of multimodal positions.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    pub layers: Vec<LayerKv>,
+    /// `max(position) + 1 - prompt_len` after the prompt: decode positions are `len + delta`.
+    pub rope_delta: i64,
+}
+
+impl KvCache {
+    pub fn new(n_layers: usize) -> Self {
+        KvCache {
+            layers: vec![LayerKv::default(); n_layers],
+            rope_delta: 0,
+        }
+    }
+
+    /// Tokens held.
+    pub fn len(&self) -> usize {
+        self.layers.first().map_or(0, LayerKv::len)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn truncate(&mut self, len: usize) {
+        for l in &mut self.layers {
+            l.truncate(len);
+        }
+    }
+}

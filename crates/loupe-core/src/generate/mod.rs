@@ -1,0 +1,136 @@
+//! Tokens and pixels in, tokens and text out: prefill, decode loop, stops, streaming.
+
+pub mod kv_cache;
+pub mod sampler;
+
+use std::time::Instant;
+
+use candle_core::Tensor;
+
+pub use sampler::{Sampler, SamplingParams};
+
+use crate::error::Result;
+use crate::image::PixelBatch;
+use crate::models::VisionLanguageModel;
+use crate::tokenize::{TextStream, Tokenizer};
+
+/// A prompt ready for the model: token ids (image placeholders expanded) and the images' pixels.
+#[derive(Debug, Clone, Default)]
+pub struct Prompt {
+    pub ids: Vec<u32>,
+    pub pixels: PixelBatch,
+}
+
+#[derive(Debug, Clone)]
+pub struct GenerateParams {
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    pub stop_strings: Vec<String>,
+    /// Token ids that end the answer (`generation_config.json`'s `eos_token_id`).
+    pub eos_token_ids: Vec<u32>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FinishReason {
+    /// An end-of-sequence token or a stop string.
+    Stop,
+    /// `max_tokens` reached.
+    Length,
+}
+
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Timings {
+    pub vision_ms: f64,
+    pub prefill_ms: f64,
+    pub decode_ms: f64,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Generation {
+    pub text: String,
+    /// Generated ids, including the end-of-sequence token when one was produced.
+    pub tokens: Vec<u32>,
+    pub prompt_tokens: usize,
+    pub finish_reason: FinishReason,
+    pub timings: Timings,
+}
+
+fn ms(since: Instant) -> f64 {
+    since.elapsed().as_secs_f64() * 1e3
+}
+
+/// Logits of one row as a Vec (the last row of a `(seq, vocab)` tensor).
+fn last_row(logits: &Tensor) -> Result<Vec<f32>> {
+    let rows = logits.dim(0)?;
+    Ok(logits.get(rows - 1)?.to_vec1::<f32>()?)
+}
+
+/// Runs the model on a prompt and generates up to `max_tokens`, calling `on_text` with each piece of
+/// text as soon as it is complete.
+pub fn generate(
+    model: &dyn VisionLanguageModel,
+    tokenizer: &Tokenizer,
+    prompt: &Prompt,
+    params: &GenerateParams,
+    on_text: &mut dyn FnMut(&str),
+) -> Result<Generation> {
+    let mut timings = Timings::default();
+    let t0 = Instant::now();
+    let features = if prompt.pixels.grids.is_empty() {
+        None
+    } else {
+        Some(model.encode_images(&prompt.pixels)?)
+    };
+    timings.vision_ms = ms(t0);
+
+    let t1 = Instant::now();
+    let (positions, delta) = model.prompt_positions(&prompt.ids, &prompt.pixels.grids)?;
+    let embeds = model.embed(&prompt.ids, features.as_ref())?;
+    let mut cache = model.new_cache();
+    cache.rope_delta = delta;
+    let mut logits = last_row(&model.forward(&embeds, &positions, &mut cache, false)?)?;
+    timings.prefill_ms = ms(t1);
+
+    let t2 = Instant::now();
+    let mut sampler = Sampler::new(params.sampling.clone());
+    let mut stream = TextStream::new(tokenizer, params.stop_strings.clone());
+    let mut history = prompt.ids.clone();
+    let mut tokens = Vec::new();
+    let mut finish = FinishReason::Length;
+    while tokens.len() < params.max_tokens {
+        let next = sampler.sample(&logits, &history);
+        tokens.push(next);
+        history.push(next);
+        if params.eos_token_ids.contains(&next) {
+            finish = FinishReason::Stop;
+            break;
+        }
+        let piece = stream.push(next)?;
+        if !piece.is_empty() {
+            on_text(&piece);
+        }
+        if stream.stopped() {
+            finish = FinishReason::Stop;
+            break;
+        }
+        if tokens.len() == params.max_tokens {
+            break;
+        }
+        let pos = cache.len() as i64 + cache.rope_delta;
+        let embeds = model.embed(&[next], None)?;
+        logits = last_row(&model.forward(&embeds, &[[pos; 3]], &mut cache, false)?)?;
+    }
+    let rest = stream.finish();
+    if !rest.is_empty() {
+        on_text(&rest);
+    }
+    timings.decode_ms = ms(t2);
+    Ok(Generation {
+        text: stream.text().to_owned(),
+        tokens,
+        prompt_tokens: prompt.ids.len(),
+        finish_reason: finish,
+        timings,
+    })
+}

@@ -1,0 +1,118 @@
+//! Image files to model pixels: decode, EXIF orientation, RGB conversion, resize, normalize, patchify.
+
+mod preprocess;
+mod resize;
+
+pub use preprocess::{smart_resize, ImageInput, PixelBatch, Preprocessor};
+pub use resize::{resize_rgb, Filter};
+
+use std::io::Cursor;
+use std::path::Path;
+
+use image::{DynamicImage, ImageDecoder, ImageReader};
+
+use crate::error::{Error, Result};
+
+/// The largest source image accepted, in pixels: Pillow's decompression-bomb limit, so a file that the
+/// reference refuses is refused here too.
+pub const MAX_SOURCE_PIXELS: u64 = 178_956_970;
+
+/// An 8-bit RGB image in row-major order, upright (EXIF orientation applied).
+#[derive(Debug, Clone)]
+pub struct RgbImage {
+    pub width: usize,
+    pub height: usize,
+    pub data: Vec<u8>,
+}
+
+/// Reads an image file (JPEG, PNG, WebP, GIF, BMP, TIFF) the way the reference does: EXIF orientation
+/// applied, transparency composited onto white, grayscale expanded to RGB.
+pub fn load(path: &Path) -> Result<RgbImage> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    decode(&bytes).map_err(|msg| Error::image(path, msg))
+}
+
+/// Decodes image bytes; the error is a message for the caller to attach the source to.
+pub fn decode(bytes: &[u8]) -> std::result::Result<RgbImage, String> {
+    if bytes.is_empty() {
+        return Err("the file is empty".into());
+    }
+    let reader = ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| e.to_string())?;
+    if reader.format().is_none() {
+        return Err("not a recognised image format (JPEG, PNG, WebP, GIF, BMP or TIFF)".into());
+    }
+    let mut decoder = reader.into_decoder().map_err(|e| format!("cannot decode: {e}"))?;
+    let (w, h) = decoder.dimensions();
+    if w == 0 || h == 0 {
+        return Err(format!("the image has no pixels ({w}x{h})"));
+    }
+    if u64::from(w) * u64::from(h) > MAX_SOURCE_PIXELS {
+        return Err(format!(
+            "{w}x{h} is {} pixels, over the limit of {MAX_SOURCE_PIXELS}",
+            u64::from(w) * u64::from(h)
+        ));
+    }
+    let orientation = decoder.orientation().map_err(|e| format!("cannot read EXIF: {e}"))?;
+    let mut img = DynamicImage::from_decoder(decoder).map_err(|e| format!("cannot decode: {e}"))?;
+    img.apply_orientation(orientation);
+    Ok(to_rgb(img))
+}
+
+/// RGB as the reference converts: images with an alpha channel are composited onto white with
+/// Pillow's integer arithmetic (`Image.alpha_composite`), others converted directly.
+fn to_rgb(img: DynamicImage) -> RgbImage {
+    let (width, height) = (img.width() as usize, img.height() as usize);
+    let data = if img.color().has_alpha() {
+        let rgba = img.to_rgba8();
+        let mut out = Vec::with_capacity(width * height * 3);
+        for px in rgba.pixels() {
+            let a = u32::from(px[3]);
+            for c in 0..3 {
+                out.push(composite_on_white(u32::from(px[c]), a));
+            }
+        }
+        out
+    } else {
+        img.to_rgb8().into_raw()
+    };
+    RgbImage { width, height, data }
+}
+
+/// Pillow's `alpha_composite` of (value, alpha) over an opaque white background, bit for bit.
+fn composite_on_white(v: u32, a: u32) -> u8 {
+    const PRECISION_BITS: u32 = 7;
+    if a == 0 {
+        return 255;
+    }
+    let coef1 = a << PRECISION_BITS;
+    let coef2 = (255 << PRECISION_BITS) - coef1;
+    let tmp = v * coef1 + 255 * coef2 + (0x80 << PRECISION_BITS);
+    (((tmp >> 8) + tmp) >> 8 >> PRECISION_BITS) as u8
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn composite_matches_exact_blend_within_rounding() {
+        // Property: the integer blend is within 1 of the exact blend, and opaque / transparent are exact.
+        for v in 0..=255u32 {
+            for a in 0..=255u32 {
+                let exact = (v as f64 * a as f64 + 255.0 * (255 - a) as f64) / 255.0;
+                let got = composite_on_white(v, a) as f64;
+                assert!((got - exact).abs() <= 1.0, "v={v} a={a} got={got} exact={exact}");
+            }
+            assert_eq!(composite_on_white(v, 255), v as u8);
+            assert_eq!(composite_on_white(v, 0), 255);
+        }
+    }
+
+    #[test]
+    fn rejects_empty_and_garbage() {
+        assert!(decode(&[]).unwrap_err().contains("empty"));
+        assert!(decode(b"hello world, not an image").is_err());
+    }
+}

@@ -1,0 +1,478 @@
+//! Config structs read straight from `config.json` and `preprocessor_config.json`.
+//!
+//! Two layouts exist and both are read here, and only here:
+//! - published Qwen2-VL checkpoints keep the text fields at the top level with
+//!   `rope_scaling: {"type": "mrope", "mrope_section": [...]}` and `rope_theta`;
+//! - checkpoints saved by transformers 5 nest them under `text_config` with `rope_parameters`.
+//!
+//! Defaults are transformers' defaults.
+
+use std::path::Path;
+
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+use crate::error::{read_json, Error, Result};
+
+/// The text decoder's hyper-parameters (Qwen2 family).
+#[derive(Debug, Clone, Deserialize)]
+pub struct TextConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    #[serde(default)]
+    pub head_dim: Option<usize>,
+    #[serde(default = "default_rms_eps")]
+    pub rms_norm_eps: f64,
+    #[serde(default = "default_act_silu")]
+    pub hidden_act: String,
+    #[serde(default = "default_max_pos")]
+    pub max_position_embeddings: usize,
+    /// Filled from `rope_parameters` / `rope_scaling` / `rope_theta`, whichever the file has.
+    #[serde(skip)]
+    pub rope_theta: f64,
+    #[serde(skip)]
+    pub mrope_section: Vec<usize>,
+    #[serde(skip)]
+    pub tie_word_embeddings: bool,
+}
+
+impl TextConfig {
+    pub fn head_dim(&self) -> usize {
+        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads)
+    }
+}
+
+/// The vision tower's hyper-parameters (Qwen2-VL ViT).
+#[derive(Debug, Clone, Deserialize)]
+pub struct VisionConfig {
+    pub depth: usize,
+    pub embed_dim: usize,
+    /// Width of the merger output, equal to the text hidden size.
+    pub hidden_size: usize,
+    #[serde(default = "default_act_quick_gelu")]
+    pub hidden_act: String,
+    #[serde(default = "default_mlp_ratio")]
+    pub mlp_ratio: f64,
+    pub num_heads: usize,
+    #[serde(default = "default_in_channels", alias = "in_chans")]
+    pub in_channels: usize,
+    #[serde(default = "default_patch")]
+    pub patch_size: usize,
+    #[serde(default = "default_merge")]
+    pub spatial_merge_size: usize,
+    #[serde(default = "default_temporal")]
+    pub temporal_patch_size: usize,
+    #[serde(skip)]
+    pub rope_theta: f64,
+}
+
+/// A Qwen2-VL checkpoint's `config.json`, whichever layout it was saved in.
+#[derive(Debug, Clone)]
+pub struct Qwen2VlConfig {
+    pub model_type: String,
+    pub text: TextConfig,
+    pub vision: VisionConfig,
+    pub image_token_id: u32,
+    pub video_token_id: u32,
+    pub vision_start_token_id: u32,
+    pub vision_end_token_id: u32,
+    /// The dtype the weights were saved in (`torch_dtype` / `dtype`), if stated.
+    pub dtype: Option<String>,
+}
+
+fn default_rms_eps() -> f64 {
+    1e-5
+}
+fn default_act_silu() -> String {
+    "silu".into()
+}
+fn default_act_quick_gelu() -> String {
+    "quick_gelu".into()
+}
+fn default_max_pos() -> usize {
+    32768
+}
+fn default_mlp_ratio() -> f64 {
+    4.0
+}
+fn default_in_channels() -> usize {
+    3
+}
+fn default_patch() -> usize {
+    14
+}
+fn default_merge() -> usize {
+    2
+}
+fn default_temporal() -> usize {
+    2
+}
+
+/// The model families Loupe runs, by `model_type`.
+pub const SUPPORTED_MODEL_TYPES: &[&str] = &["qwen2_vl"];
+
+/// Reads `model_type` from a `config.json`.
+pub fn read_model_type(path: &Path) -> Result<String> {
+    let v: Value = read_json(path)?;
+    v.get("model_type")
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+        .ok_or_else(|| Error::config(path, "model_type", "missing (is this a Hugging Face config.json?)"))
+}
+
+impl Qwen2VlConfig {
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let root: Value = read_json(path)?;
+        Self::from_value(path, &root)
+    }
+
+    pub fn from_value(path: &Path, root: &Value) -> Result<Self> {
+        let top = root
+            .as_object()
+            .ok_or_else(|| Error::config(path, "<root>", "expected a JSON object"))?;
+        let model_type = top
+            .get("model_type")
+            .and_then(Value::as_str)
+            .ok_or_else(|| Error::config(path, "model_type", "missing"))?
+            .to_owned();
+        if model_type != "qwen2_vl" {
+            return Err(Error::UnsupportedModel {
+                path: path.into(),
+                model_type,
+                supported: SUPPORTED_MODEL_TYPES.join(", "),
+            });
+        }
+
+        // Text fields: nested `text_config` (transformers 5) wins over top-level (published layout).
+        let mut text_obj: Map<String, Value> = top.clone();
+        let nested = top.get("text_config").and_then(Value::as_object);
+        if let Some(nested) = nested {
+            for (k, v) in nested {
+                text_obj.insert(k.clone(), v.clone());
+            }
+        }
+        let mut text: TextConfig = serde_json::from_value(Value::Object(text_obj.clone()))
+            .map_err(|e| Error::config(path, field_of(&e, nested.is_some(), "text_config"), e.to_string()))?;
+
+        let rope = text_obj
+            .get("rope_parameters")
+            .or_else(|| text_obj.get("rope_scaling"))
+            .and_then(Value::as_object);
+        text.rope_theta = rope
+            .and_then(|r| r.get("rope_theta"))
+            .or_else(|| text_obj.get("rope_theta"))
+            .map(|v| {
+                v.as_f64()
+                    .ok_or_else(|| Error::config(path, "rope_theta", format!("expected a number, found {v}")))
+            })
+            .transpose()?
+            .unwrap_or(1_000_000.0);
+        text.mrope_section = match rope.and_then(|r| r.get("mrope_section")) {
+            Some(v) => serde_json::from_value(v.clone())
+                .map_err(|e| Error::config(path, "mrope_section", e.to_string()))?,
+            None => vec![16, 24, 24],
+        };
+        text.tie_word_embeddings = nested
+            .and_then(|n| n.get("tie_word_embeddings"))
+            .or_else(|| top.get("tie_word_embeddings"))
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+
+        let vision_value = top
+            .get("vision_config")
+            .ok_or_else(|| Error::config(path, "vision_config", "missing"))?;
+        let mut vision: VisionConfig = serde_json::from_value(vision_value.clone())
+            .map_err(|e| Error::config(path, field_of(&e, true, "vision_config"), e.to_string()))?;
+        vision.rope_theta = vision_value
+            .get("rope_parameters")
+            .and_then(|r| r.get("rope_theta"))
+            .and_then(Value::as_f64)
+            .unwrap_or(10_000.0);
+
+        let token = |name: &str, default: u32| -> Result<u32> {
+            match top.get(name) {
+                None | Some(Value::Null) => Ok(default),
+                Some(v) => v
+                    .as_u64()
+                    .and_then(|x| u32::try_from(x).ok())
+                    .ok_or_else(|| Error::config(path, name, format!("expected a token id, found {v}"))),
+            }
+        };
+        let cfg = Qwen2VlConfig {
+            model_type,
+            image_token_id: token("image_token_id", 151655)?,
+            video_token_id: token("video_token_id", 151656)?,
+            vision_start_token_id: token("vision_start_token_id", 151652)?,
+            vision_end_token_id: token("vision_end_token_id", 151653)?,
+            dtype: top
+                .get("torch_dtype")
+                .or_else(|| top.get("dtype"))
+                .and_then(Value::as_str)
+                .map(str::to_owned),
+            text,
+            vision,
+        };
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+
+    fn validate(&self, path: &Path) -> Result<()> {
+        let t = &self.text;
+        let v = &self.vision;
+        let positive = [
+            ("vocab_size", t.vocab_size),
+            ("hidden_size", t.hidden_size),
+            ("intermediate_size", t.intermediate_size),
+            ("num_hidden_layers", t.num_hidden_layers),
+            ("num_attention_heads", t.num_attention_heads),
+            ("num_key_value_heads", t.num_key_value_heads),
+            ("vision_config.depth", v.depth),
+            ("vision_config.embed_dim", v.embed_dim),
+            ("vision_config.num_heads", v.num_heads),
+            ("vision_config.patch_size", v.patch_size),
+            ("vision_config.spatial_merge_size", v.spatial_merge_size),
+            ("vision_config.temporal_patch_size", v.temporal_patch_size),
+        ];
+        for (name, value) in positive {
+            if value == 0 {
+                return Err(Error::config(path, name, "must be greater than 0"));
+            }
+        }
+        if t.num_attention_heads % t.num_key_value_heads != 0 {
+            return Err(Error::config(
+                path,
+                "num_key_value_heads",
+                format!(
+                    "{} does not divide num_attention_heads = {}",
+                    t.num_key_value_heads, t.num_attention_heads
+                ),
+            ));
+        }
+        if t.head_dim.is_none() && t.hidden_size % t.num_attention_heads != 0 {
+            return Err(Error::config(
+                path,
+                "num_attention_heads",
+                format!("{} does not divide hidden_size = {}", t.num_attention_heads, t.hidden_size),
+            ));
+        }
+        let half = t.head_dim() / 2;
+        if t.head_dim() % 2 != 0 || t.mrope_section.iter().sum::<usize>() != half || t.mrope_section.len() != 3 {
+            return Err(Error::config(
+                path,
+                "mrope_section",
+                format!("{:?} must be three numbers summing to head_dim / 2 = {half}", t.mrope_section),
+            ));
+        }
+        if v.embed_dim % v.num_heads != 0 || (v.embed_dim / v.num_heads) % 4 != 0 {
+            return Err(Error::config(
+                path,
+                "vision_config.num_heads",
+                format!("embed_dim {} / num_heads {} must be a multiple of 4", v.embed_dim, v.num_heads),
+            ));
+        }
+        if v.hidden_size != t.hidden_size {
+            return Err(Error::config(
+                path,
+                "vision_config.hidden_size",
+                format!("{} differs from the text hidden_size {}", v.hidden_size, t.hidden_size),
+            ));
+        }
+        for (name, id) in [
+            ("image_token_id", self.image_token_id),
+            ("vision_start_token_id", self.vision_start_token_id),
+        ] {
+            if id as usize >= t.vocab_size {
+                return Err(Error::config(
+                    path,
+                    name,
+                    format!("{id} is outside the vocabulary (vocab_size {})", t.vocab_size),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn vision_intermediate(&self) -> usize {
+        (self.vision.embed_dim as f64 * self.vision.mlp_ratio) as usize
+    }
+}
+
+/// Pulls the field name out of a serde error ("missing field `x`", "invalid type ... for key `x`").
+fn field_of(e: &serde_json::Error, nested: bool, prefix: &str) -> String {
+    let msg = e.to_string();
+    let name = msg
+        .split('`')
+        .nth(1)
+        .filter(|_| msg.contains("field"))
+        .unwrap_or("<unknown>");
+    if nested {
+        format!("{prefix}.{name}")
+    } else {
+        name.to_owned()
+    }
+}
+
+/// `preprocessor_config.json` of the Qwen2-VL image processor.
+#[derive(Debug, Clone)]
+pub struct PreprocessorConfig {
+    pub min_pixels: usize,
+    pub max_pixels: usize,
+    pub patch_size: usize,
+    pub temporal_patch_size: usize,
+    pub merge_size: usize,
+    pub image_mean: [f64; 3],
+    pub image_std: [f64; 3],
+    pub rescale_factor: f64,
+    pub do_resize: bool,
+    pub do_rescale: bool,
+    pub do_normalize: bool,
+    /// PIL resample code: 2 bilinear, 3 bicubic.
+    pub resample: u32,
+}
+
+impl Default for PreprocessorConfig {
+    fn default() -> Self {
+        PreprocessorConfig {
+            min_pixels: 56 * 56,
+            max_pixels: 28 * 28 * 1280,
+            patch_size: 14,
+            temporal_patch_size: 2,
+            merge_size: 2,
+            image_mean: [0.48145466, 0.4578275, 0.40821073],
+            image_std: [0.26862954, 0.26130258, 0.27577711],
+            rescale_factor: 1.0 / 255.0,
+            do_resize: true,
+            do_rescale: true,
+            do_normalize: true,
+            resample: 3,
+        }
+    }
+}
+
+impl PreprocessorConfig {
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let v: Value = read_json(path)?;
+        Self::from_value(path, &v)
+    }
+
+    pub fn from_value(path: &Path, v: &Value) -> Result<Self> {
+        let mut c = PreprocessorConfig::default();
+        let obj = v
+            .as_object()
+            .ok_or_else(|| Error::config(path, "<root>", "expected a JSON object"))?;
+        let uint = |name: &str, v: &Value| -> Result<usize> {
+            v.as_u64()
+                .map(|x| x as usize)
+                .ok_or_else(|| Error::config(path, name, format!("expected a positive integer, found {v}")))
+        };
+        let boolean = |name: &str, v: &Value| -> Result<bool> {
+            v.as_bool()
+                .ok_or_else(|| Error::config(path, name, format!("expected true or false, found {v}")))
+        };
+        let triple = |name: &str, v: &Value| -> Result<[f64; 3]> {
+            let xs: Vec<f64> = serde_json::from_value(v.clone())
+                .map_err(|e| Error::config(path, name, e.to_string()))?;
+            match xs.as_slice() {
+                [a, b, c] => Ok([*a, *b, *c]),
+                [a] => Ok([*a, *a, *a]),
+                _ => Err(Error::config(path, name, format!("expected 3 numbers, found {}", xs.len()))),
+            }
+        };
+        // `size` first, so that explicit `min_pixels` / `max_pixels` win, as in transformers.
+        if let Some(size) = obj.get("size").and_then(Value::as_object) {
+            if let Some(x) = size.get("shortest_edge") {
+                c.min_pixels = uint("size.shortest_edge", x)?;
+            }
+            if let Some(x) = size.get("longest_edge") {
+                c.max_pixels = uint("size.longest_edge", x)?;
+            }
+        }
+        for (k, x) in obj {
+            if x.is_null() {
+                continue;
+            }
+            match k.as_str() {
+                "min_pixels" => c.min_pixels = uint(k, x)?,
+                "max_pixels" => c.max_pixels = uint(k, x)?,
+                "patch_size" => c.patch_size = uint(k, x)?,
+                "temporal_patch_size" => c.temporal_patch_size = uint(k, x)?,
+                "merge_size" => c.merge_size = uint(k, x)?,
+                "image_mean" => c.image_mean = triple(k, x)?,
+                "image_std" => c.image_std = triple(k, x)?,
+                "rescale_factor" => {
+                    c.rescale_factor = x
+                        .as_f64()
+                        .ok_or_else(|| Error::config(path, k, format!("expected a number, found {x}")))?
+                }
+                "do_resize" => c.do_resize = boolean(k, x)?,
+                "do_rescale" => c.do_rescale = boolean(k, x)?,
+                "do_normalize" => c.do_normalize = boolean(k, x)?,
+                "resample" => c.resample = uint(k, x)? as u32,
+                _ => {}
+            }
+        }
+        if c.patch_size == 0 || c.merge_size == 0 || c.temporal_patch_size == 0 {
+            return Err(Error::config(path, "patch_size", "patch, merge and temporal sizes must be > 0"));
+        }
+        if c.min_pixels > c.max_pixels {
+            return Err(Error::config(
+                path,
+                "min_pixels",
+                format!("{} is larger than max_pixels {}", c.min_pixels, c.max_pixels),
+            ));
+        }
+        if !matches!(c.resample, 2 | 3) {
+            return Err(Error::config(
+                path,
+                "resample",
+                format!("{} is not supported (2 = bilinear, 3 = bicubic)", c.resample),
+            ));
+        }
+        if c.image_std.iter().any(|s| *s == 0.0) {
+            return Err(Error::config(path, "image_std", "must not contain 0"));
+        }
+        Ok(c)
+    }
+}
+
+/// `generation_config.json`: the stop ids and the checkpoint's sampling defaults.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct GenerationConfig {
+    #[serde(default, deserialize_with = "one_or_many")]
+    pub eos_token_id: Vec<u32>,
+    #[serde(default)]
+    pub temperature: Option<f64>,
+    #[serde(default)]
+    pub top_k: Option<usize>,
+    #[serde(default)]
+    pub top_p: Option<f64>,
+    #[serde(default)]
+    pub repetition_penalty: Option<f64>,
+    #[serde(default)]
+    pub do_sample: Option<bool>,
+}
+
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Vec<u32>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(u32),
+        Many(Vec<u32>),
+        None,
+    }
+    Ok(match Option::<OneOrMany>::deserialize(d)? {
+        Some(OneOrMany::One(x)) => vec![x],
+        Some(OneOrMany::Many(xs)) => xs,
+        Some(OneOrMany::None) | None => vec![],
+    })
+}
+
+impl GenerationConfig {
+    pub fn from_file(path: &Path) -> Result<Self> {
+        read_json(path)
+    }
+}

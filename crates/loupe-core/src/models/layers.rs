@@ -1,0 +1,239 @@
+//! The layers every model here is built from: linear, norms, activations, rotary embedding,
+//! grouped-query attention. Model files combine these; they do not re-implement them.
+
+use candle_core::{DType, Device, Tensor, D};
+
+use crate::error::Result;
+use crate::load::weights::Weights;
+
+/// `y = x W^T + b`, with `W` stored `(out, in)` as in the checkpoint.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn load(w: &Weights, prefix: &str, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
+        let weight = w.get(&format!("{prefix}.weight"), &[out_dim, in_dim])?;
+        let bias = if bias {
+            Some(w.get(&format!("{prefix}.bias"), &[out_dim])?)
+        } else {
+            None
+        };
+        Ok(Linear { weight, bias })
+    }
+
+    pub fn from_weight(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Linear { weight, bias }
+    }
+
+    pub fn out_dim(&self) -> usize {
+        self.weight.dims()[0]
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let in_dim = *dims.last().unwrap_or(&0);
+        let rows = x.elem_count() / in_dim.max(1);
+        let x2 = x.reshape((rows, in_dim))?;
+        let mut y = x2.matmul(&self.weight.t()?)?;
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(b)?;
+        }
+        let mut out_dims = dims;
+        if let Some(last) = out_dims.last_mut() {
+            *last = self.out_dim();
+        }
+        Ok(y.reshape(out_dims)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    weight: Tensor,
+    eps: f32,
+}
+
+impl RmsNorm {
+    pub fn load(w: &Weights, prefix: &str, dim: usize, eps: f64) -> Result<Self> {
+        Ok(RmsNorm {
+            weight: w.get(&format!("{prefix}.weight"), &[dim])?,
+            eps: eps as f32,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f32,
+}
+
+impl LayerNorm {
+    pub fn load(w: &Weights, prefix: &str, dim: usize, eps: f64) -> Result<Self> {
+        Ok(LayerNorm {
+            weight: w.get(&format!("{prefix}.weight"), &[dim])?,
+            bias: w.get(&format!("{prefix}.bias"), &[dim])?,
+            eps: eps as f32,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(candle_nn::ops::layer_norm(&x.contiguous()?, &self.weight, &self.bias, self.eps)?)
+    }
+}
+
+/// Activations by their transformers name (`hidden_act`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    Silu,
+    QuickGelu,
+    Gelu,
+    GeluTanh,
+}
+
+impl Activation {
+    pub fn from_name(name: &str) -> Option<Self> {
+        Some(match name {
+            "silu" | "swish" => Activation::Silu,
+            "quick_gelu" => Activation::QuickGelu,
+            "gelu" => Activation::Gelu,
+            "gelu_pytorch_tanh" | "gelu_new" => Activation::GeluTanh,
+            _ => return None,
+        })
+    }
+
+    pub fn forward(self, x: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Activation::Silu => x.silu()?,
+            Activation::QuickGelu => (x * candle_nn::ops::sigmoid(&(x * 1.702)?)?)?,
+            Activation::Gelu => x.gelu_erf()?,
+            Activation::GeluTanh => x.gelu()?,
+        })
+    }
+}
+
+/// Gated MLP: `down(act(gate(x)) * up(x))`.
+#[derive(Debug, Clone)]
+pub struct GatedMlp {
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+    act: Activation,
+}
+
+impl GatedMlp {
+    pub fn load(w: &Weights, prefix: &str, dim: usize, hidden: usize, act: Activation) -> Result<Self> {
+        Ok(GatedMlp {
+            gate: Linear::load(w, &format!("{prefix}.gate_proj"), dim, hidden, false)?,
+            up: Linear::load(w, &format!("{prefix}.up_proj"), dim, hidden, false)?,
+            down: Linear::load(w, &format!("{prefix}.down_proj"), hidden, dim, false)?,
+            act,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let g = self.act.forward(&self.gate.forward(x)?)?;
+        self.down.forward(&(g * self.up.forward(x)?)?)
+    }
+}
+
+/// Inverse frequencies `1 / base^(2i/dim)`, computed in f32 as transformers does.
+pub fn inv_freq(dim: usize, base: f64) -> Vec<f32> {
+    (0..dim / 2)
+        .map(|i| 1.0f32 / (base as f32).powf((2 * i) as f32 / dim as f32))
+        .collect()
+}
+
+/// cos and sin tables `(rows, cols)` from per-row, per-column angles.
+pub fn cos_sin(angles: &[f32], rows: usize, cols: usize, dtype: DType, dev: &Device) -> Result<(Tensor, Tensor)> {
+    let cos: Vec<f32> = angles.iter().map(|a| a.cos()).collect();
+    let sin: Vec<f32> = angles.iter().map(|a| a.sin()).collect();
+    Ok((
+        Tensor::from_vec(cos, (rows, cols), dev)?.to_dtype(dtype)?,
+        Tensor::from_vec(sin, (rows, cols), dev)?.to_dtype(dtype)?,
+    ))
+}
+
+/// Rotary embedding in the rotate-half convention. `x`: `(b, heads, seq, head_dim)`; cos/sin:
+/// `(seq, head_dim / 2)` (both halves of the head share a frequency).
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    Ok(candle_nn::rotary_emb::rope(&x.contiguous()?, cos, sin)?)
+}
+
+/// Scaled dot-product attention with grouped KV heads, without copying K/V per query head.
+/// `q`: `(b, heads, sq, d)`; `k`, `v`: `(b, kv_heads, sk, d)`. With `causal`, query `i` sees keys
+/// `0..=sk - sq + i` (the queries are the last `sq` positions).
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, causal: bool) -> Result<Tensor> {
+    let (b, h, sq, d) = q.dims4()?;
+    let (_, kvh, sk, _) = k.dims4()?;
+    let groups = h / kvh;
+    let q = q.contiguous()?.reshape((b, kvh, groups * sq, d))?;
+    let scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
+    let scores = if causal && sq > 1 {
+        let offset = sk - sq;
+        let mask: Vec<f32> = (0..sq)
+            .flat_map(|i| (0..sk).map(move |j| if j <= offset + i { 0.0 } else { f32::NEG_INFINITY }))
+            .collect();
+        let mask = Tensor::from_vec(mask, (sq, sk), q.device())?;
+        scores
+            .reshape((b, kvh, groups, sq, sk))?
+            .broadcast_add(&mask)?
+            .reshape((b, kvh, groups * sq, sk))?
+    } else {
+        scores
+    };
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
+    Ok(probs.matmul(&v.contiguous()?)?.reshape((b, h, sq, d))?)
+}
+
+/// Named intermediates of a forward pass (llama.cpp's `cb(cur, name, il)`), captured on request for
+/// parity tests and debugging. Costs one branch per name when nothing is captured.
+#[derive(Default)]
+pub struct Taps {
+    wanted: std::sync::Mutex<Option<(Vec<String>, Vec<(String, Tensor)>)>>,
+}
+
+impl Taps {
+    /// Starts capturing the given names (`"vision.merger"`, `"text.attn_out.3"`, ...); `"*"` captures all.
+    pub fn capture(&self, names: &[&str]) {
+        if let Ok(mut g) = self.wanted.lock() {
+            *g = Some((names.iter().map(|s| s.to_string()).collect(), Vec::new()));
+        }
+    }
+
+    /// Stops capturing and returns what was captured, in order.
+    pub fn take(&self) -> Vec<(String, Tensor)> {
+        self.wanted
+            .lock()
+            .ok()
+            .and_then(|mut g| g.take())
+            .map(|(_, got)| got)
+            .unwrap_or_default()
+    }
+
+    pub fn record(&self, name: &str, layer: Option<usize>, t: &Tensor) {
+        if let Ok(mut g) = self.wanted.lock() {
+            if let Some((wanted, got)) = g.as_mut() {
+                let full = match layer {
+                    Some(l) => format!("{name}.{l}"),
+                    None => name.to_owned(),
+                };
+                if wanted.iter().any(|w| w == "*" || *w == full || *w == name) {
+                    got.push((full, t.clone()));
+                }
+            }
+        }
+    }
+}
+
+/// Softmax over the last dim in f32, for tests and samplers.
+pub fn softmax_f32(x: &Tensor) -> Result<Tensor> {
+    Ok(candle_nn::ops::softmax(&x.to_dtype(DType::F32)?, D::Minus1)?)
+}

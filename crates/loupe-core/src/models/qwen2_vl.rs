@@ -1,0 +1,432 @@
+//! Qwen2-VL: a ViT with 2D rotary positions and a 2x2 patch merger, feeding a Qwen2 decoder
+//! (grouped-query attention, SwiGLU, RMSNorm) with multimodal rotary positions (M-RoPE).
+//!
+//! Three parts, as in llama.cpp's model files: hyper-parameters (`Qwen2VlConfig`), tensors (`load`),
+//! forward graph (`encode_images`, `forward`). Modules are named like the checkpoint's tensors.
+
+use candle_core::{DType, Device, Tensor, D};
+
+use super::layers::{attention, cos_sin, inv_freq, rope, Activation, GatedMlp, LayerNorm, Linear, RmsNorm, Taps};
+use crate::error::{Error, Result};
+use crate::generate::kv_cache::KvCache;
+use crate::image::PixelBatch;
+use crate::load::config::Qwen2VlConfig;
+use crate::load::weights::Weights;
+
+/// The one place where stored tensor names are mapped: transformers' in-memory names
+/// (`model.language_model.*`, `model.visual.*`) to the checkpoint names (`model.*`, `visual.*`).
+pub fn sanitize(name: &str) -> String {
+    if let Some(rest) = name.strip_prefix("model.language_model.") {
+        format!("model.{rest}")
+    } else if let Some(rest) = name.strip_prefix("model.visual.") {
+        format!("visual.{rest}")
+    } else {
+        name.to_owned()
+    }
+}
+
+fn activation(name: &str, field: &str) -> Result<Activation> {
+    Activation::from_name(name)
+        .ok_or_else(|| Error::InvalidInput(format!("config.json: {field} `{name}` is not a supported activation")))
+}
+
+// ---------------------------------------------------------------- vision tower
+
+struct VisionBlock {
+    norm1: LayerNorm,
+    norm2: LayerNorm,
+    qkv: Linear,
+    proj: Linear,
+    fc1: Linear,
+    fc2: Linear,
+}
+
+struct VisionTower {
+    patch_embed: Linear,
+    blocks: Vec<VisionBlock>,
+    ln_q: LayerNorm,
+    merger_fc1: Linear,
+    merger_fc2: Linear,
+    act: Activation,
+    heads: usize,
+    head_dim: usize,
+    merge: usize,
+    inv_freq: Vec<f32>,
+}
+
+impl VisionTower {
+    fn load(cfg: &Qwen2VlConfig, w: &Weights) -> Result<Self> {
+        let v = &cfg.vision;
+        let e = v.embed_dim;
+        let patch_dim = v.in_channels * v.temporal_patch_size * v.patch_size * v.patch_size;
+        let conv = w.get(
+            "visual.patch_embed.proj.weight",
+            &[e, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size],
+        )?;
+        let hidden = cfg.vision_intermediate();
+        let blocks = (0..v.depth)
+            .map(|i| {
+                let p = format!("visual.blocks.{i}");
+                Ok(VisionBlock {
+                    norm1: LayerNorm::load(w, &format!("{p}.norm1"), e, 1e-6)?,
+                    norm2: LayerNorm::load(w, &format!("{p}.norm2"), e, 1e-6)?,
+                    qkv: Linear::load(w, &format!("{p}.attn.qkv"), e, 3 * e, true)?,
+                    proj: Linear::load(w, &format!("{p}.attn.proj"), e, e, true)?,
+                    fc1: Linear::load(w, &format!("{p}.mlp.fc1"), e, hidden, true)?,
+                    fc2: Linear::load(w, &format!("{p}.mlp.fc2"), hidden, e, true)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let m2 = e * v.spatial_merge_size * v.spatial_merge_size;
+        let head_dim = e / v.num_heads;
+        Ok(VisionTower {
+            patch_embed: Linear::from_weight(conv.reshape((e, patch_dim))?, None),
+            blocks,
+            ln_q: LayerNorm::load(w, "visual.merger.ln_q", e, 1e-6)?,
+            merger_fc1: Linear::load(w, "visual.merger.mlp.0", m2, m2, true)?,
+            merger_fc2: Linear::load(w, "visual.merger.mlp.2", m2, v.hidden_size, true)?,
+            act: activation(&v.hidden_act, "vision_config.hidden_act")?,
+            heads: v.num_heads,
+            head_dim,
+            merge: v.spatial_merge_size,
+            inv_freq: inv_freq(head_dim / 2, v.rope_theta),
+        })
+    }
+
+    /// cos/sin `(patches, head_dim / 2)`: the first quarter of the head turns with the patch row, the
+    /// second with its column; patches are in merge-block order, as the preprocessor lays them out.
+    fn rotary(&self, grids: &[[usize; 3]], dtype: DType, dev: &Device) -> Result<(Tensor, Tensor)> {
+        let m = self.merge;
+        let nf = self.inv_freq.len();
+        let mut angles = Vec::new();
+        let mut rows = 0;
+        for &[t, h, w] in grids {
+            for _ in 0..t {
+                for bh in 0..h / m {
+                    for bw in 0..w / m {
+                        for mh in 0..m {
+                            for mw in 0..m {
+                                let (y, x) = ((bh * m + mh) as f32, (bw * m + mw) as f32);
+                                angles.extend(self.inv_freq.iter().map(|f| y * f));
+                                angles.extend(self.inv_freq.iter().map(|f| x * f));
+                                rows += 1;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        cos_sin(&angles, rows, 2 * nf, dtype, dev)
+    }
+
+    fn forward(&self, pixels: &Tensor, grids: &[[usize; 3]], taps: &Taps) -> Result<Tensor> {
+        let n = pixels.dim(0)?;
+        let (cos, sin) = self.rotary(grids, pixels.dtype(), pixels.device())?;
+        let mut x = self.patch_embed.forward(pixels)?;
+        taps.record("vision.patch_embed", None, &x);
+        // Attention is within each image (and each frame).
+        let segments: Vec<usize> = grids
+            .iter()
+            .flat_map(|&[t, h, w]| std::iter::repeat_n(h * w, t))
+            .collect();
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        for (i, blk) in self.blocks.iter().enumerate() {
+            let h = blk.norm1.forward(&x)?;
+            let qkv = blk
+                .qkv
+                .forward(&h)?
+                .reshape((n, 3, self.heads, self.head_dim))?
+                .permute((1, 2, 0, 3))?; // (3, heads, n, d)
+            let q = rope(&qkv.get(0)?.unsqueeze(0)?, &cos, &sin)?;
+            let k = rope(&qkv.get(1)?.unsqueeze(0)?, &cos, &sin)?;
+            let v = qkv.get(2)?.unsqueeze(0)?.contiguous()?;
+            let mut outs = Vec::with_capacity(segments.len());
+            let mut start = 0;
+            for &len in &segments {
+                outs.push(attention(
+                    &q.narrow(2, start, len)?,
+                    &k.narrow(2, start, len)?,
+                    &v.narrow(2, start, len)?,
+                    scale,
+                    false,
+                )?);
+                start += len;
+            }
+            let attn = Tensor::cat(&outs, 2)?.squeeze(0)?.transpose(0, 1)?.reshape((n, self.heads * self.head_dim))?;
+            x = (x + blk.proj.forward(&attn)?)?;
+            let h = blk.norm2.forward(&x)?;
+            let h = blk.fc2.forward(&self.act.forward(&blk.fc1.forward(&h)?)?)?;
+            x = (x + h)?;
+            taps.record("vision.block", Some(i), &x);
+        }
+        let m2 = self.merge * self.merge;
+        let e = x.dim(1)?;
+        let x = self.ln_q.forward(&x)?.reshape((n / m2, e * m2))?;
+        let x = self.merger_fc2.forward(&self.merger_fc1.forward(&x)?.gelu_erf()?)?;
+        taps.record("vision.merger", None, &x);
+        Ok(x)
+    }
+}
+
+// ---------------------------------------------------------------- text decoder
+
+struct DecoderLayer {
+    input_layernorm: RmsNorm,
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    post_attention_layernorm: RmsNorm,
+    mlp: GatedMlp,
+}
+
+pub struct Qwen2Vl {
+    pub cfg: Qwen2VlConfig,
+    vision: VisionTower,
+    embed_tokens: Tensor,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    inv_freq: Vec<f32>,
+    dtype: DType,
+    device: Device,
+    pub taps: Taps,
+}
+
+impl Qwen2Vl {
+    pub fn load(cfg: Qwen2VlConfig, w: &Weights) -> Result<Self> {
+        let t = &cfg.text;
+        let (hd, dim) = (t.head_dim(), t.hidden_size);
+        let act = activation(&t.hidden_act, "hidden_act")?;
+        let embed_tokens = w.get("model.embed_tokens.weight", &[t.vocab_size, dim])?;
+        let layers = (0..t.num_hidden_layers)
+            .map(|i| {
+                let p = format!("model.layers.{i}");
+                Ok(DecoderLayer {
+                    input_layernorm: RmsNorm::load(w, &format!("{p}.input_layernorm"), dim, t.rms_norm_eps)?,
+                    q_proj: Linear::load(w, &format!("{p}.self_attn.q_proj"), dim, t.num_attention_heads * hd, true)?,
+                    k_proj: Linear::load(w, &format!("{p}.self_attn.k_proj"), dim, t.num_key_value_heads * hd, true)?,
+                    v_proj: Linear::load(w, &format!("{p}.self_attn.v_proj"), dim, t.num_key_value_heads * hd, true)?,
+                    o_proj: Linear::load(w, &format!("{p}.self_attn.o_proj"), t.num_attention_heads * hd, dim, false)?,
+                    post_attention_layernorm: RmsNorm::load(
+                        w,
+                        &format!("{p}.post_attention_layernorm"),
+                        dim,
+                        t.rms_norm_eps,
+                    )?,
+                    mlp: GatedMlp::load(w, &format!("{p}.mlp"), dim, t.intermediate_size, act)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        // An untied checkpoint must ship lm_head; a tied one may ship it anyway (then it is used).
+        let lm_head = if w.contains("lm_head.weight") || !t.tie_word_embeddings {
+            Linear::load(w, "lm_head", dim, t.vocab_size, false)?
+        } else {
+            Linear::from_weight(embed_tokens.clone(), None)
+        };
+        Ok(Qwen2Vl {
+            vision: VisionTower::load(&cfg, w)?,
+            embed_tokens,
+            layers,
+            norm: RmsNorm::load(w, "model.norm", dim, t.rms_norm_eps)?,
+            lm_head,
+            inv_freq: inv_freq(hd, t.rope_theta),
+            dtype: w.dtype(),
+            device: w.device().clone(),
+            taps: Taps::default(),
+            cfg,
+        })
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.layers.len())
+    }
+
+    /// Runs the vision tower: `(merged tokens, hidden)` for all images, in order.
+    pub fn encode_images(&self, pixels: &PixelBatch) -> Result<Tensor> {
+        let v = &self.cfg.vision;
+        let expected = v.in_channels * v.temporal_patch_size * v.patch_size * v.patch_size;
+        if pixels.patch_dim != expected {
+            return Err(Error::InvalidInput(format!(
+                "preprocessor_config.json gives {} values per patch, the vision tower expects {expected}",
+                pixels.patch_dim
+            )));
+        }
+        let x = Tensor::from_slice(&pixels.pixel_values, (pixels.n_patches(), pixels.patch_dim), &self.device)?
+            .to_dtype(self.dtype)?;
+        self.vision.forward(&x, &pixels.grids, &self.taps)
+    }
+
+    /// M-RoPE positions `[temporal, height, width]` per token, as transformers' `get_rope_index`:
+    /// text advances all three by one; an image's tokens take `start + (t, row, col)` on its merged grid,
+    /// and the text after it resumes at `start + max(rows, cols)`. Also returns the decode delta.
+    pub fn rope_index(&self, ids: &[u32], grids: &[[usize; 3]]) -> Result<(Vec<[i64; 3]>, i64)> {
+        let m = self.cfg.vision.spatial_merge_size;
+        let image = self.cfg.image_token_id;
+        let mut pos = Vec::with_capacity(ids.len());
+        let mut grids = grids.iter();
+        let mut next: i64 = 0;
+        let mut i = 0;
+        while i < ids.len() {
+            if ids[i] != image {
+                pos.push([next; 3]);
+                next += 1;
+                i += 1;
+                continue;
+            }
+            let run = ids[i..].iter().take_while(|&&x| x == image).count();
+            let &[t, h, w] = grids.next().ok_or_else(|| {
+                Error::InvalidInput("the prompt holds more image placeholders than images".into())
+            })?;
+            let (gh, gw) = (h / m, w / m);
+            if run != t * gh * gw {
+                return Err(Error::InvalidInput(format!(
+                    "an image placeholder run of {run} tokens does not match its image grid {t}x{gh}x{gw}"
+                )));
+            }
+            for ti in 0..t {
+                for y in 0..gh {
+                    for x in 0..gw {
+                        pos.push([next + ti as i64, next + y as i64, next + x as i64]);
+                    }
+                }
+            }
+            next += gh.max(gw) as i64;
+            i += run;
+        }
+        if grids.next().is_some() {
+            return Err(Error::InvalidInput("more images than image placeholders in the prompt".into()));
+        }
+        let max = pos.iter().flat_map(|p| p.iter().copied()).max().unwrap_or(-1);
+        Ok((pos, max + 1 - ids.len() as i64))
+    }
+
+    /// Token embeddings with the image features written over the image placeholder tokens.
+    pub fn embed(&self, ids: &[u32], image_features: Option<&Tensor>) -> Result<Tensor> {
+        let vocab = self.cfg.text.vocab_size;
+        if let Some(&bad) = ids.iter().find(|&&x| x as usize >= vocab) {
+            return Err(Error::InvalidInput(format!("token id {bad} is outside the vocabulary ({vocab})")));
+        }
+        let idx = Tensor::from_slice(ids, ids.len(), &self.device)?;
+        let text = self.embed_tokens.index_select(&idx, 0)?;
+        let n_image = ids.iter().filter(|&&x| x == self.cfg.image_token_id).count();
+        let Some(feats) = image_features.filter(|_| n_image > 0) else {
+            if n_image > 0 {
+                return Err(Error::InvalidInput("the prompt has image placeholders but no images".into()));
+            }
+            return Ok(text.unsqueeze(0)?);
+        };
+        if feats.dim(0)? != n_image {
+            return Err(Error::InvalidInput(format!(
+                "{n_image} image placeholder tokens but {} image features",
+                feats.dim(0)?
+            )));
+        }
+        // Stitch runs of text embeddings and image features in order.
+        let mut parts = Vec::new();
+        let (mut i, mut f) = (0, 0);
+        while i < ids.len() {
+            let is_img = ids[i] == self.cfg.image_token_id;
+            let run = ids[i..].iter().take_while(|&&x| (x == self.cfg.image_token_id) == is_img).count();
+            parts.push(if is_img {
+                f += run;
+                feats.narrow(0, f - run, run)?
+            } else {
+                text.narrow(0, i, run)?
+            });
+            i += run;
+        }
+        Ok(Tensor::cat(&parts, 0)?.unsqueeze(0)?)
+    }
+
+    /// cos/sin `(seq, head_dim / 2)` for M-RoPE positions: frequency `j` turns with the temporal,
+    /// height or width position according to `mrope_section`.
+    fn text_rotary(&self, positions: &[[i64; 3]]) -> Result<(Tensor, Tensor)> {
+        let sec = &self.cfg.text.mrope_section;
+        let stream_of: Vec<usize> = (0..self.inv_freq.len())
+            .map(|j| if j < sec[0] { 0 } else if j < sec[0] + sec[1] { 1 } else { 2 })
+            .collect();
+        let angles: Vec<f32> = positions
+            .iter()
+            .flat_map(|p| {
+                self.inv_freq
+                    .iter()
+                    .zip(&stream_of)
+                    .map(move |(f, &s)| p[s] as f32 * f)
+            })
+            .collect();
+        cos_sin(&angles, positions.len(), self.inv_freq.len(), self.dtype, &self.device)
+    }
+
+    /// Runs the decoder over `embeds` `(1, seq, hidden)` at `positions`, appending to `cache`.
+    /// Returns f32 logits: `(seq, vocab)` with `all_logits`, else `(1, vocab)` for the last position.
+    pub fn forward(
+        &self,
+        embeds: &Tensor,
+        positions: &[[i64; 3]],
+        cache: &mut KvCache,
+        all_logits: bool,
+    ) -> Result<Tensor> {
+        let t = &self.cfg.text;
+        let (b, seq, _) = embeds.dims3()?;
+        let hd = t.head_dim();
+        let (cos, sin) = self.text_rotary(positions)?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let mut x = embeds.clone();
+        for (i, (layer, kv)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate() {
+            let h = layer.input_layernorm.forward(&x)?;
+            let heads = |proj: &Linear, n: usize| -> Result<Tensor> {
+                Ok(proj.forward(&h)?.reshape((b, seq, n, hd))?.transpose(1, 2)?)
+            };
+            let q = rope(&heads(&layer.q_proj, t.num_attention_heads)?, &cos, &sin)?;
+            let k = rope(&heads(&layer.k_proj, t.num_key_value_heads)?, &cos, &sin)?;
+            let v = heads(&layer.v_proj, t.num_key_value_heads)?;
+            let (k, v) = kv.append(&k, &v)?;
+            let attn = attention(&q, &k, &v, scale, true)?
+                .transpose(1, 2)?
+                .reshape((b, seq, t.num_attention_heads * hd))?;
+            x = (x + layer.o_proj.forward(&attn)?)?;
+            let h = layer.post_attention_layernorm.forward(&x)?;
+            x = (&x + layer.mlp.forward(&h)?)?;
+            self.taps.record("text.layer", Some(i), &x);
+        }
+        let x = if all_logits { x } else { x.narrow(1, seq - 1, 1)? };
+        let x = self.norm.forward(&x)?;
+        let logits = self.lm_head.forward(&x)?.squeeze(0)?.to_dtype(DType::F32)?;
+        Ok(logits)
+    }
+
+    /// Parameter counts `(vision, text)`.
+    pub fn param_counts(&self) -> (usize, usize) {
+        let v = &self.cfg.vision;
+        let e = v.embed_dim;
+        let hid = self.cfg.vision_intermediate();
+        let m2 = e * v.spatial_merge_size * v.spatial_merge_size;
+        let patch = e * v.in_channels * v.temporal_patch_size * v.patch_size * v.patch_size;
+        let block = 4 * e + (3 * e * e + 3 * e) + (e * e + e) + (e * hid + hid) + (hid * e + e);
+        let merger = 2 * e + (m2 * m2 + m2) + (m2 * v.hidden_size + v.hidden_size);
+        let vision = patch + v.depth * block + merger;
+        let t = &self.cfg.text;
+        let (d, hd) = (t.hidden_size, t.head_dim());
+        let (q, kv) = (t.num_attention_heads * hd, t.num_key_value_heads * hd);
+        let layer = 2 * d + (d * q + q) + 2 * (d * kv + kv) + q * d + 3 * d * t.intermediate_size;
+        let mut text = t.vocab_size * d + t.num_hidden_layers * layer + d;
+        if !t.tie_word_embeddings {
+            text += t.vocab_size * d;
+        }
+        (vision, text)
+    }
+}
+
+/// Helper used by tests: the argmax of each row of f32 logits.
+pub fn argmax_rows(logits: &Tensor) -> Result<Vec<u32>> {
+    Ok(logits.argmax(D::Minus1)?.to_vec1::<u32>()?)
+}

@@ -1,0 +1,71 @@
+//! Text to token ids and back: the checkpoint's `tokenizer.json` and its own Jinja chat template.
+
+mod template;
+mod stream;
+
+pub use stream::TextStream;
+pub use template::{ChatTemplate, Content, Message};
+
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+
+/// A Hugging Face `tokenizer.json`, loaded with the pure-Rust `tokenizers` crate.
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    path: PathBuf,
+}
+
+impl Tokenizer {
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let inner = tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| Error::Tokenizer {
+            path: path.into(),
+            msg: format!("cannot parse tokenizer.json: {e}"),
+        })?;
+        Ok(Tokenizer {
+            inner,
+            path: path.into(),
+        })
+    }
+
+    /// Encodes text as transformers' `tokenizer(text)` does (special tokens in the text are matched,
+    /// the post-processor runs).
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        self.inner
+            .encode(text, true)
+            .map(|e| e.get_ids().to_vec())
+            .map_err(|e| Error::Tokenizer {
+                path: self.path.clone(),
+                msg: format!("cannot encode: {e}"),
+            })
+    }
+
+    /// Decodes ids, keeping special tokens out of the text.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.inner.decode(ids, true).map_err(|e| Error::Tokenizer {
+            path: self.path.clone(),
+            msg: format!("cannot decode: {e}"),
+        })
+    }
+
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// Looks up a special token that the model needs, naming it when the vocabulary lacks it.
+    pub fn require(&self, token: &str) -> Result<u32> {
+        self.token_to_id(token).ok_or_else(|| Error::Tokenizer {
+            path: self.path.clone(),
+            msg: format!("the vocabulary has no `{token}` token"),
+        })
+    }
+}

@@ -1,0 +1,135 @@
+//! Chat templates: the Jinja source shipped with the checkpoint, rendered with minijinja the way
+//! transformers renders it (trim_blocks, lstrip_blocks, Python string methods).
+
+use std::path::Path;
+
+use minijinja::{context, Environment, Error as JinjaError, ErrorKind};
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::error::{read_json, Error, Result};
+
+/// One part of a message's content, serialized as transformers' chat format expects.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum Content {
+    Image,
+    Text { text: String },
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Message {
+    pub role: String,
+    pub content: Vec<Content>,
+}
+
+impl Message {
+    pub fn system(text: &str) -> Self {
+        Message {
+            role: "system".into(),
+            content: vec![Content::Text { text: text.into() }],
+        }
+    }
+
+    /// A user turn: the images first, in the order given, then the text (as Qwen's examples do).
+    pub fn user(n_images: usize, text: &str) -> Self {
+        let mut content = vec![Content::Image; n_images];
+        if !text.is_empty() {
+            content.push(Content::Text { text: text.into() });
+        }
+        Message {
+            role: "user".into(),
+            content,
+        }
+    }
+
+    pub fn assistant(text: &str) -> Self {
+        Message {
+            role: "assistant".into(),
+            content: vec![Content::Text { text: text.into() }],
+        }
+    }
+}
+
+pub struct ChatTemplate {
+    env: Environment<'static>,
+    bos_token: Option<String>,
+    eos_token: Option<String>,
+}
+
+impl ChatTemplate {
+    /// Finds the template: `chat_template.jinja`, `chat_template.json`, or `tokenizer_config.json`'s
+    /// `chat_template` field, in transformers' order.
+    pub fn find(chat_template: Option<&Path>, tokenizer_config: Option<&Path>) -> Result<Self> {
+        let tok_cfg: Option<Value> = tokenizer_config.map(read_json).transpose()?;
+        let special = |name: &str| -> Option<String> {
+            let v = tok_cfg.as_ref()?.get(name)?;
+            v.as_str()
+                .map(str::to_owned)
+                .or_else(|| v.get("content").and_then(Value::as_str).map(str::to_owned))
+        };
+        let source = match chat_template {
+            Some(p) if p.extension().is_some_and(|e| e == "jinja") => {
+                std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?
+            }
+            Some(p) => {
+                let v: Value = read_json(p)?;
+                template_field(&v)
+                    .ok_or_else(|| Error::config(p, "chat_template", "missing or not a string"))?
+            }
+            None => tok_cfg.as_ref().and_then(template_field).ok_or_else(|| {
+                Error::Template("the model has no chat template (chat_template.jinja, chat_template.json or tokenizer_config.json)".into())
+            })?,
+        };
+        let mut t = Self::from_source(source)?;
+        t.bos_token = special("bos_token");
+        t.eos_token = special("eos_token");
+        Ok(t)
+    }
+
+    pub fn from_source(source: String) -> Result<Self> {
+        let mut env = Environment::new();
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, JinjaError> {
+            Err(JinjaError::new(ErrorKind::InvalidOperation, msg))
+        });
+        env.add_template_owned("chat", source)
+            .map_err(|e| Error::Template(format!("cannot parse the model's template: {e}")))?;
+        Ok(ChatTemplate {
+            env,
+            bos_token: None,
+            eos_token: None,
+        })
+    }
+
+    /// Renders a conversation, ending with the assistant's turn opened.
+    pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
+        let tmpl = self
+            .env
+            .get_template("chat")
+            .map_err(|e| Error::Template(e.to_string()))?;
+        tmpl.render(context! {
+            messages => messages,
+            add_generation_prompt => add_generation_prompt,
+            bos_token => self.bos_token.clone().unwrap_or_default(),
+            eos_token => self.eos_token.clone().unwrap_or_default(),
+        })
+        .map_err(|e| Error::Template(format!("cannot render: {e}")))
+    }
+}
+
+fn template_field(v: &Value) -> Option<String> {
+    match v.get("chat_template")? {
+        Value::String(s) => Some(s.clone()),
+        // A list of named templates: take "default".
+        Value::Array(items) => items
+            .iter()
+            .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
+            .and_then(|t| t.get("template"))
+            .and_then(Value::as_str)
+            .map(str::to_owned),
+        _ => None,
+    }
+}
