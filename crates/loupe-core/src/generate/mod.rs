@@ -121,7 +121,7 @@ pub fn generate(
         let embeds = model.embed(&[next], None)?;
         logits = last_row(&model.forward(&embeds, &[[pos; 3]], &mut cache, false)?)?;
     }
-    let rest = stream.finish();
+    let rest = stream.finish()?;
     if !rest.is_empty() {
         on_text(&rest);
     }

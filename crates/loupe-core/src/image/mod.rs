@@ -9,7 +9,7 @@ pub use resize::{resize_rgb, Filter};
 use std::io::Cursor;
 use std::path::Path;
 
-use image::{DynamicImage, ImageDecoder, ImageReader};
+use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader};
 
 use crate::error::{Error, Result};
 
@@ -40,7 +40,8 @@ pub fn decode(bytes: &[u8]) -> std::result::Result<RgbImage, String> {
     let reader = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| e.to_string())?;
-    if reader.format().is_none() {
+    let format = reader.format();
+    if format.is_none() {
         return Err("not a recognised image format (JPEG, PNG, WebP, GIF, BMP or TIFF)".into());
     }
     let mut decoder = reader.into_decoder().map_err(|e| format!("cannot decode: {e}"))?;
@@ -55,9 +56,60 @@ pub fn decode(bytes: &[u8]) -> std::result::Result<RgbImage, String> {
         ));
     }
     let orientation = decoder.orientation().map_err(|e| format!("cannot read EXIF: {e}"))?;
-    let mut img = DynamicImage::from_decoder(decoder).map_err(|e| format!("cannot decode: {e}"))?;
+    let exact_jpeg = if format == Some(ImageFormat::Jpeg) {
+        decode_jpeg(bytes)?
+    } else {
+        None
+    };
+    let mut img = match exact_jpeg {
+        Some(rgb) => DynamicImage::ImageRgb8(rgb),
+        None => DynamicImage::from_decoder(decoder).map_err(|e| format!("cannot decode: {e}"))?,
+    };
     img.apply_orientation(orientation);
     Ok(to_rgb(img))
+}
+
+/// Decodes a JPEG with libjpeg-turbo's decoder (default islow IDCT and fancy upsampling), the one
+/// Pillow and torchvision use, so the pixels are the reference's bit for bit. `None` for colour spaces
+/// it does not convert to RGB (CMYK, YCCK), which fall back to the `image` crate.
+fn decode_jpeg(bytes: &[u8]) -> std::result::Result<Option<image::RgbImage>, String> {
+    if is_truncated_jpeg(bytes) {
+        return Err("the JPEG data is truncated (no end-of-image marker after the last scan)".into());
+    }
+    let run = || -> std::io::Result<Option<image::RgbImage>> {
+        let d = mozjpeg::Decompress::new_mem(bytes)?;
+        if matches!(d.color_space(), mozjpeg::ColorSpace::JCS_CMYK | mozjpeg::ColorSpace::JCS_YCCK) {
+            return Ok(None);
+        }
+        let mut started = d.rgb()?;
+        let (w, h) = (started.width() as u32, started.height() as u32);
+        let data: Vec<u8> = started.read_scanlines::<u8>()?;
+        started.finish()?;
+        Ok(image::RgbImage::from_raw(w, h, data))
+    };
+    match std::panic::catch_unwind(run) {
+        Ok(Ok(img)) => Ok(img),
+        Ok(Err(e)) => Err(format!("cannot decode JPEG: {e}")),
+        Err(payload) => {
+            let msg = payload
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "libjpeg error".into());
+            Err(format!("cannot decode JPEG: {msg}"))
+        }
+    }
+}
+
+/// A JPEG cut short: no end-of-image marker (FF D9) after the last start-of-scan (FF DA). Entropy-coded
+/// data cannot contain either marker, so this holds for baseline and progressive files alike; Pillow
+/// refuses such files too.
+fn is_truncated_jpeg(bytes: &[u8]) -> bool {
+    let last_sos = bytes.windows(2).rposition(|w| w == [0xFF, 0xDA]);
+    match last_sos {
+        Some(i) => !bytes[i..].windows(2).any(|w| w == [0xFF, 0xD9]),
+        None => true,
+    }
 }
 
 /// RGB as the reference converts: images with an alpha channel are composited onto white with

@@ -361,6 +361,7 @@ impl PreprocessorConfig {
 
     pub fn from_value(path: &Path, v: &Value) -> Result<Self> {
         let mut c = PreprocessorConfig::default();
+        let v = v.get("image_processor").unwrap_or(v);
         let obj = v
             .as_object()
             .ok_or_else(|| Error::config(path, "<root>", "expected a JSON object"))?;

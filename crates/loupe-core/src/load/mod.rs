@@ -59,7 +59,8 @@ impl ModelFiles {
             tokenizer,
             tokenizer_config: file("tokenizer_config.json"),
             chat_template: file("chat_template.jinja").or_else(|| file("chat_template.json")),
-            preprocessor_config: file("preprocessor_config.json"),
+            // transformers 5 saves processor_config.json with the image processor nested in it.
+            preprocessor_config: file("preprocessor_config.json").or_else(|| file("processor_config.json")),
             generation_config: file("generation_config.json"),
         })
     }

@@ -19,7 +19,12 @@ pub struct Tokenizer {
 impl Tokenizer {
     pub fn from_file(path: &Path) -> Result<Self> {
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        let inner = tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| Error::Tokenizer {
+        Self::from_bytes(&bytes, path)
+    }
+
+    /// Parses `tokenizer.json` bytes; `path` names the source in errors.
+    pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<Self> {
+        let inner = tokenizers::Tokenizer::from_bytes(bytes).map_err(|e| Error::Tokenizer {
             path: path.into(),
             msg: format!("cannot parse tokenizer.json: {e}"),
         })?;

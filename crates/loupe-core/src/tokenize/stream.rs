@@ -49,10 +49,17 @@ impl<'a> TextStream<'a> {
         Ok(self.take(safe))
     }
 
-    /// Whatever is left once generation ends (text that was held back as a possible stop prefix).
-    pub fn finish(&mut self) -> String {
+    /// Whatever is left once generation ends: text held back as a possible stop prefix, and an
+    /// incomplete character at the very end (decoded as U+FFFD, as the reference does).
+    pub fn finish(&mut self) -> Result<String> {
+        if !self.stopped {
+            let full = self.tokenizer.decode(&self.ids)?;
+            if full.starts_with(self.text.as_str()) {
+                self.text = full;
+            }
+        }
         let end = self.text.len();
-        self.take(end)
+        Ok(self.take(end))
     }
 
     pub fn stopped(&self) -> bool {

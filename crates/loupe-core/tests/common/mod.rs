@@ -1,0 +1,86 @@
+//! Reading the committed reference fixtures (written by tools/make_fixtures.py).
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use candle_core::{Device, Tensor};
+use serde_json::Value;
+
+pub fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+pub struct Reference {
+    pub tensors: HashMap<String, Tensor>,
+    pub meta: Value,
+}
+
+impl Reference {
+    pub fn load(path: PathBuf) -> Reference {
+        let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let (_, md) = safetensors::SafeTensors::read_metadata(&bytes).expect("fixture header");
+        let meta = md
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get("meta"))
+            .map(|s| serde_json::from_str(s).expect("meta json"))
+            .unwrap_or(Value::Null);
+        let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).expect("fixture tensors");
+        Reference { tensors, meta }
+    }
+
+    pub fn get(&self, name: &str) -> &Tensor {
+        self.tensors.get(name).unwrap_or_else(|| panic!("fixture has no `{name}`"))
+    }
+
+    pub fn ids(&self, name: &str) -> Vec<u32> {
+        self.get(name).to_vec1::<i64>().unwrap().into_iter().map(|x| x as u32).collect()
+    }
+
+    pub fn f32s(&self, name: &str) -> Vec<f32> {
+        self.get(name).flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    }
+
+    pub fn grids(&self, name: &str) -> Vec<[usize; 3]> {
+        self.get(name)
+            .to_vec2::<i64>()
+            .unwrap()
+            .into_iter()
+            .map(|r| [r[0] as usize, r[1] as usize, r[2] as usize])
+            .collect()
+    }
+}
+
+pub const MEAN: [f64; 3] = [0.48145466, 0.4578275, 0.40821073];
+pub const STD: [f64; 3] = [0.26862954, 0.26130258, 0.27577711];
+
+/// Rebuilds the reference f32 pixel values from stored 8-bit levels `(n, 3 * 14 * 14)` (one temporal
+/// copy), with the reference's own f32 arithmetic: `(v - mean * 255) / (std * 255)`.
+pub fn pixel_values_from_levels(levels: &Tensor) -> Vec<f32> {
+    let (n, per_patch) = levels.dims2().unwrap();
+    let plane = per_patch / 3;
+    let lv = levels.flatten_all().unwrap().to_vec1::<u8>().unwrap();
+    let m: Vec<f32> = MEAN.iter().map(|x| (*x as f32) * 255.0).collect();
+    let s: Vec<f32> = STD.iter().map(|x| (*x as f32) * 255.0).collect();
+    let mut out = Vec::with_capacity(n * per_patch * 2);
+    for p in 0..n {
+        for c in 0..3 {
+            let src = &lv[p * per_patch + c * plane..p * per_patch + (c + 1) * plane];
+            for _t in 0..2 {
+                out.extend(src.iter().map(|&v| (f32::from(v) - m[c]) / s[c]));
+            }
+        }
+    }
+    out
+}
+
+/// Largest absolute difference, and where.
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> (f32, usize) {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .enumerate()
+        .fold((0.0, 0), |(m, mi), (i, d)| if d > m { (d, i) } else { (m, mi) })
+}

@@ -1,0 +1,250 @@
+//! Qwen2-VL parity with transformers 5.23, stage by stage, on tiny random-weight checkpoints
+//! (tools/make_fixtures.py): preprocessing, prompt ids, M-RoPE positions, vision tower, logits at every
+//! position, 20 greedy tokens. Each tolerance is stated next to its assertion.
+
+mod common;
+
+use candle_core::DType;
+use common::*;
+use loupe_core::generate::{GenerateParams, Prompt, SamplingParams};
+use loupe_core::image::{ImageInput, PixelBatch, Preprocessor};
+use loupe_core::load::config::PreprocessorConfig;
+use loupe_core::{Engine, LoadOptions};
+
+const CHECKPOINTS: &[&str] = &["gqa2_tied_published", "mqa6_untied_bf16_v5", "mha4_tied_bf16_v5"];
+
+fn engine(name: &str, dtype: DType) -> Engine {
+    let dir = fixtures().join("qwen2_vl").join(name);
+    Engine::load(
+        dir.to_str().unwrap(),
+        &LoadOptions {
+            dtype: Some(dtype),
+            ..Default::default()
+        },
+    )
+    .unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+fn reference(name: &str) -> Reference {
+    Reference::load(fixtures().join("qwen2_vl").join(name).join("reference.safetensors"))
+}
+
+fn prompts(r: &Reference) -> Vec<serde_json::Value> {
+    r.meta["prompts"].as_array().unwrap().clone()
+}
+
+fn image_inputs(names: &[serde_json::Value]) -> Vec<ImageInput> {
+    let paths: Vec<_> = names
+        .iter()
+        .map(|n| fixtures().join("images").join(n.as_str().unwrap()))
+        .collect();
+    Engine::load_images(&paths).unwrap()
+}
+
+/// The reference prompt (ids and pixels exactly as transformers made them), for model-stage tests.
+fn reference_prompt(r: &Reference, pixels: &Reference, name: &str) -> Prompt {
+    let ids = r.ids(&format!("{name}/input_ids"));
+    let key = format!("prompt/{name}/levels");
+    let pixels = if pixels.tensors.contains_key(&key) {
+        PixelBatch {
+            pixel_values: pixel_values_from_levels(pixels.get(&key)),
+            patch_dim: 1176,
+            grids: r.grids(&format!("{name}/image_grid_thw")),
+        }
+    } else {
+        PixelBatch::default()
+    };
+    Prompt { ids, pixels }
+}
+
+fn prompt_pixels() -> Reference {
+    Reference::load(fixtures().join("prompt_pixels.safetensors"))
+}
+
+#[test]
+fn preprocessing_matches_transformers() {
+    let r = Reference::load(fixtures().join("preprocess.safetensors"));
+    let budgets = r.meta["budgets"].as_object().unwrap();
+    let mut report = Vec::new();
+    for key in r.meta["images"].as_array().unwrap() {
+        let key = key.as_str().unwrap();
+        let (budget, image) = key.split_once('/').unwrap();
+        let b = &budgets[budget];
+        let pre = Preprocessor::new(PreprocessorConfig {
+            min_pixels: b["min_pixels"].as_u64().unwrap() as usize,
+            max_pixels: b["max_pixels"].as_u64().unwrap() as usize,
+            ..Default::default()
+        });
+        let input = &image_inputs(&[serde_json::json!(image)])[0];
+        let got = pre.preprocess(std::slice::from_ref(input)).unwrap();
+        let grid = r.get(&format!("{key}/grid")).to_vec1::<i64>().unwrap();
+        assert_eq!(got.grids[0].map(|x| x as i64).to_vec(), grid, "{key}: grid");
+        let want = pixel_values_from_levels(r.get(&format!("{key}/levels")));
+        let (diff, at) = max_abs_diff(&got.pixel_values, &want);
+        // One 8-bit level is 1 / (255 * std) ~ 0.0151 in normalized units.
+        let level = 1.0 / (255.0 * 0.26130258f32);
+        let levels_off = (diff / level).round();
+        report.push(format!("{key}: max {levels_off} levels"));
+        // Bit-exact: libjpeg-turbo's JPEG decoding, Pillow's alpha compositing, torchvision's uint8
+        // antialiased resize and the fused f32 normalize are all reproduced exactly.
+        assert_eq!(diff, 0.0, "{key}: differs by {levels_off} levels at {at}");
+    }
+    // The f32 values themselves (normalization arithmetic), for one image.
+    let pre = Preprocessor::new(PreprocessorConfig {
+        min_pixels: 3136,
+        max_pixels: 40000,
+        ..Default::default()
+    });
+    let got = pre
+        .preprocess(&image_inputs(&[serde_json::json!("odd_97x211.png")]))
+        .unwrap();
+    assert_eq!(got.pixel_values, r.f32s("small/odd_97x211.png/pixel_values"));
+    eprintln!("{}", report.join("\n"));
+}
+
+#[test]
+fn prompt_ids_and_positions_match() {
+    for name in CHECKPOINTS {
+        let e = engine(name, DType::F32);
+        let r = reference(name);
+        for p in prompts(&r) {
+            let pname = p["name"].as_str().unwrap();
+            let images = image_inputs(p["images"].as_array().unwrap());
+            let prompt = e
+                .prompt(p["system"].as_str(), p["text"].as_str().unwrap(), &images, &e.preprocessor)
+                .unwrap();
+            let rendered = e.template.render(
+                &[
+                    p["system"].as_str().map(loupe_core::tokenize::Message::system),
+                    Some(loupe_core::tokenize::Message::user(images.len(), p["text"].as_str().unwrap())),
+                ]
+                .into_iter()
+                .flatten()
+                .collect::<Vec<_>>(),
+                true,
+            );
+            assert_eq!(rendered.unwrap(), p["rendered"].as_str().unwrap(), "{name}/{pname}: template");
+            assert_eq!(prompt.ids, r.ids(&format!("{pname}/input_ids")), "{name}/{pname}: input ids");
+            if !images.is_empty() {
+                assert_eq!(prompt.pixels.grids, r.grids(&format!("{pname}/image_grid_thw")), "{name}/{pname}");
+            }
+            let (pos, delta) = e.model.prompt_positions(&prompt.ids, &prompt.pixels.grids).unwrap();
+            let want = r.get(&format!("{pname}/position_ids")).to_vec2::<i64>().unwrap();
+            for (s, row) in want.iter().enumerate() {
+                let got: Vec<i64> = pos.iter().map(|p| p[s]).collect();
+                assert_eq!(&got, row, "{name}/{pname}: positions, stream {s}");
+            }
+            assert_eq!(delta, r.get(&format!("{pname}/rope_delta")).to_vec1::<i64>().unwrap()[0]);
+        }
+    }
+}
+
+#[test]
+fn vision_tower_matches() {
+    let px = prompt_pixels();
+    for name in CHECKPOINTS {
+        let e = engine(name, DType::F32);
+        let r = reference(name);
+        for pname in ["two_images", "rotated_jpeg"] {
+            let prompt = reference_prompt(&r, &px, pname);
+            let got = e.model.encode_images(&prompt.pixels).unwrap();
+            let want = r.f32s(&format!("{pname}/vision_out"));
+            let (diff, at) = max_abs_diff(&got.flatten_all().unwrap().to_vec1::<f32>().unwrap(), &want);
+            let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+            // f32 end to end: agreement to 1e-5 of the output's range.
+            assert!(diff <= 1e-5 * scale.max(1.0), "{name}/{pname}: vision diff {diff} at {at} (range {scale})");
+        }
+    }
+}
+
+#[test]
+fn logits_match_at_every_position() {
+    let px = prompt_pixels();
+    for name in CHECKPOINTS {
+        let e = engine(name, DType::F32);
+        let r = reference(name);
+        for p in prompts(&r) {
+            let pname = p["name"].as_str().unwrap();
+            let prompt = reference_prompt(&r, &px, pname);
+            let feats = if prompt.pixels.grids.is_empty() {
+                None
+            } else {
+                Some(e.model.encode_images(&prompt.pixels).unwrap())
+            };
+            let (pos, _) = e.model.prompt_positions(&prompt.ids, &prompt.pixels.grids).unwrap();
+            let embeds = e.model.embed(&prompt.ids, feats.as_ref()).unwrap();
+            let mut cache = e.model.new_cache();
+            let logits = e.model.forward(&embeds, &pos, &mut cache, true).unwrap();
+            let want_t = r.get(&format!("{pname}/logits"));
+            let rows = want_t.dim(0).unwrap();
+            let got = logits.narrow(0, logits.dim(0).unwrap() - rows, rows).unwrap();
+            let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let want = r.f32s(&format!("{pname}/logits"));
+            let (diff, at) = max_abs_diff(&got, &want);
+            // f32: logits agree to 1e-4 absolute (they are O(1)-O(10)).
+            assert!(diff <= 1e-4, "{name}/{pname}: logit diff {diff} at row {} col {}", at / 434, at % 434);
+        }
+    }
+}
+
+fn greedy(max_tokens: usize, e: &Engine) -> GenerateParams {
+    GenerateParams {
+        max_tokens,
+        sampling: SamplingParams::default(),
+        stop_strings: vec![],
+        eos_token_ids: e.eos_token_ids(),
+    }
+}
+
+#[test]
+fn greedy_tokens_match_from_reference_inputs() {
+    let px = prompt_pixels();
+    for name in CHECKPOINTS {
+        let e = engine(name, DType::F32);
+        let r = reference(name);
+        for p in prompts(&r) {
+            let pname = p["name"].as_str().unwrap();
+            let prompt = reference_prompt(&r, &px, pname);
+            let out = e.generate(&prompt, &greedy(20, &e), &mut |_| {}).unwrap();
+            assert_eq!(out.tokens, r.ids(&format!("{pname}/greedy_tokens")), "{name}/{pname}");
+            assert_eq!(out.text, p["greedy_text"].as_str().unwrap(), "{name}/{pname}: text");
+        }
+    }
+}
+
+#[test]
+fn greedy_tokens_match_end_to_end_from_files() {
+    // Loupe's own pipeline from the image files (PNG with alpha, odd sizes, EXIF-rotated JPEG).
+    for name in CHECKPOINTS {
+        let e = engine(name, DType::F32);
+        let r = reference(name);
+        for p in prompts(&r) {
+            let pname = p["name"].as_str().unwrap();
+            let images = image_inputs(p["images"].as_array().unwrap());
+            let prompt = e
+                .prompt(p["system"].as_str(), p["text"].as_str().unwrap(), &images, &e.preprocessor)
+                .unwrap();
+            let out = e.generate(&prompt, &greedy(20, &e), &mut |_| {}).unwrap();
+            assert_eq!(out.tokens, r.ids(&format!("{pname}/greedy_tokens")), "{name}/{pname}");
+        }
+    }
+}
+
+#[test]
+fn bf16_stays_close_to_f32() {
+    // bf16 compute: the greedy next token at the end of every prompt agrees with the reference, and
+    // logits stay within 0.1 (bf16 has 8 bits of mantissa).
+    let px = prompt_pixels();
+    let name = "gqa2_tied_published";
+    let e = engine(name, DType::BF16);
+    let r = reference(name);
+    let prompt = reference_prompt(&r, &px, "two_images");
+    let feats = e.model.encode_images(&prompt.pixels).unwrap();
+    let (pos, _) = e.model.prompt_positions(&prompt.ids, &prompt.pixels.grids).unwrap();
+    let embeds = e.model.embed(&prompt.ids, Some(&feats)).unwrap();
+    let logits = e.model.forward(&embeds, &pos, &mut e.model.new_cache(), true).unwrap();
+    let got = logits.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let want = r.f32s("two_images/logits");
+    let (diff, _) = max_abs_diff(&got, &want);
+    assert!(diff < 0.1, "bf16 logit diff {diff}");
+}
