@@ -255,6 +255,10 @@ PROMPTS = [
 PROMPT_PIXELS: dict = {}
 
 
+class Retry(Exception):
+    """The random weights of this seed make a weak fixture; try the next seed."""
+
+
 def build_config(spec: dict, tok: Tokenizer) -> Qwen2VLConfig:
     t, v = spec["text"], spec["vision"]
     ids = {s: tok.token_to_id(s) for s in SPECIALS}
@@ -269,7 +273,7 @@ def build_config(spec: dict, tok: Tokenizer) -> Qwen2VLConfig:
         max_position_embeddings=4096,
         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": t["mrope_section"]},
         tie_word_embeddings=t["tie"],
-        initializer_range=0.08,
+        initializer_range=0.25,
         bos_token_id=None,
         eos_token_id=ids["<|im_end|>"],
         pad_token_id=ids["<|endoftext|>"],
@@ -385,7 +389,11 @@ def make_checkpoint(spec: dict, tok: Tokenizer, images: dict) -> None:
         for s in gen.scores:
             top2 = torch.topk(s[0].float(), 2).values
             margins.append(float(top2[0] - top2[1]))
-        assert min(margins) > 1e-3, f"{spec['name']}/{p}: greedy step with a near tie ({min(margins)})"
+        if min(margins) <= 1e-3:
+            raise Retry(f"{spec['name']}/{p}: greedy step with a near tie ({min(margins)})")
+        # A random model that repeats one token proves little: ask for a varied continuation.
+        if len(set(new.tolist())) < 5:
+            raise Retry(f"{spec['name']}/{p}: greedy output too repetitive {new.tolist()}")
         meta["prompts"].append(
             dict(
                 name=p,
@@ -483,7 +491,14 @@ def main() -> None:
     tok = tiny_tokenizer()
     (OUT / "qwen2_vl").mkdir(exist_ok=True)
     for spec in CHECKPOINTS:
-        make_checkpoint(spec, tok, images)
+        for attempt in range(40):
+            try:
+                make_checkpoint(dict(spec, seed=spec["seed"] + 1000 * attempt), tok, images)
+                break
+            except Retry as why:
+                print(f"  retry: {why}")
+        else:
+            raise SystemExit(f"no usable seed for {spec['name']}")
     save_file(
         {f"prompt/{k}/levels": torch.from_numpy(v) for k, v in PROMPT_PIXELS.items()},
         OUT / "prompt_pixels.safetensors",

@@ -1,1 +1,100 @@
-fn main(){}
+//! `loupe`: run small vision-language models on this machine.
+
+mod bench;
+mod info;
+mod run;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "loupe", version, about = "On-device vision-language models for visual inspection")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Answer one prompt, with images, streaming the text.
+    Run(run::RunArgs),
+    /// What a model is: architecture, parameters, dtype, memory needed.
+    Info(info::InfoArgs),
+    /// Speed and memory of a model on this machine, as JSON.
+    Bench(bench::BenchArgs),
+}
+
+/// Exit code for bad input (files, flags, prompt), as documented.
+const EXIT_BAD_INPUT: u8 = 2;
+
+fn main() -> ExitCode {
+    // A bug must still end in one line, not a backtrace.
+    std::panic::set_hook(Box::new(|info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        let at = info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
+        eprintln!("loupe: internal error{at}: {msg} (please report this)");
+    }));
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_env("LOUPE_LOG"))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(a) => run::run(a),
+        Command::Info(a) => info::info(a),
+        Command::Bench(a) => bench::bench(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("loupe: {e}");
+            ExitCode::from(EXIT_BAD_INPUT)
+        }
+    }
+}
+
+/// Sets the number of compute threads; must run before any parallel work starts.
+pub fn set_threads(threads: Option<usize>) -> loupe_core::Result<()> {
+    if let Some(n) = threads {
+        if n == 0 {
+            return Err(loupe_core::Error::InvalidInput("--threads must be at least 1".into()));
+        }
+        // candle reads RAYON_NUM_THREADS for its matmuls and builds rayon's pool from it.
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
+    Ok(())
+}
+
+/// Options shared by every command that loads a model.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// A model directory (Hugging Face layout) or a hub id found in the local Hugging Face cache.
+    #[arg(long, short = 'm')]
+    pub model: String,
+    /// Compute dtype: f32, bf16 or f16 (default: the checkpoint's).
+    #[arg(long)]
+    pub dtype: Option<String>,
+    /// Compute threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+impl ModelArgs {
+    pub fn load(&self) -> loupe_core::Result<loupe_core::Engine> {
+        set_threads(self.threads)?;
+        let dtype = self.dtype.as_deref().map(loupe_core::engine::parse_dtype).transpose()?;
+        loupe_core::Engine::load(
+            &self.model,
+            &loupe_core::LoadOptions {
+                dtype,
+                ..Default::default()
+            },
+        )
+    }
+}

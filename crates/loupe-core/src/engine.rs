@@ -180,3 +180,71 @@ impl Engine {
         crate::generate::generate(self.model.as_ref(), &self.tokenizer, prompt, params, on_text)
     }
 }
+
+/// What a model is and needs, read from its files without loading the weights.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ModelInfo {
+    pub path: String,
+    pub model_type: String,
+    pub architecture: String,
+    pub params_vision: usize,
+    pub params_text: usize,
+    /// The dtype the weights are stored in.
+    pub stored_dtype: Option<String>,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub layers: usize,
+    pub attention_heads: usize,
+    pub kv_heads: usize,
+    pub vision_depth: usize,
+    pub vision_width: usize,
+    pub patch_size: usize,
+    /// Memory for the weights at the stored dtype.
+    pub weights_bytes: u64,
+    /// KV cache per token at the stored dtype.
+    pub kv_bytes_per_token: u64,
+    pub min_pixels: usize,
+    pub max_pixels: usize,
+}
+
+impl ModelInfo {
+    pub fn read(model: &str) -> Result<Self> {
+        let files = ModelFiles::find(model)?;
+        let model_type = read_model_type(&files.config)?;
+        let cfg = Qwen2VlConfig::from_file(&files.config)?;
+        let pre = match &files.preprocessor_config {
+            Some(p) => PreprocessorConfig::from_file(p)?,
+            None => PreprocessorConfig::default(),
+        };
+        let w = Weights::open(&files.weights, DType::F32, &Device::Cpu, qwen2_vl::sanitize)?;
+        let params_vision = w.param_count("visual.");
+        let params_text = w.param_count("") - params_vision;
+        let stored_dtype = w.stored_dtype();
+        let bytes_per = match stored_dtype.as_deref() {
+            Some("f32") => 4,
+            Some("f64") => 8,
+            _ => 2,
+        };
+        let t = &cfg.text;
+        Ok(ModelInfo {
+            path: files.dir.display().to_string(),
+            architecture: "Qwen2-VL: ViT (2D RoPE, 2x2 patch merger) + Qwen2 decoder (GQA, SwiGLU, M-RoPE)".into(),
+            model_type,
+            params_vision,
+            params_text,
+            stored_dtype,
+            vocab_size: t.vocab_size,
+            hidden_size: t.hidden_size,
+            layers: t.num_hidden_layers,
+            attention_heads: t.num_attention_heads,
+            kv_heads: t.num_key_value_heads,
+            vision_depth: cfg.vision.depth,
+            vision_width: cfg.vision.embed_dim,
+            patch_size: cfg.vision.patch_size,
+            weights_bytes: ((params_vision + params_text) * bytes_per) as u64,
+            kv_bytes_per_token: (2 * t.num_hidden_layers * t.num_key_value_heads * t.head_dim() * bytes_per) as u64,
+            min_pixels: pre.min_pixels,
+            max_pixels: pre.max_pixels,
+        })
+    }
+}

@@ -26,6 +26,7 @@ pub trait VisionLanguageModel: Send + Sync {
     /// Parameter counts `(vision, text)`.
     fn param_counts(&self) -> (usize, usize);
     fn architecture(&self) -> &'static str;
+    fn vocab_size(&self) -> usize;
 }
 
 impl VisionLanguageModel for qwen2_vl::Qwen2Vl {
@@ -52,5 +53,8 @@ impl VisionLanguageModel for qwen2_vl::Qwen2Vl {
     }
     fn architecture(&self) -> &'static str {
         "Qwen2-VL (qwen2_vl)"
+    }
+    fn vocab_size(&self) -> usize {
+        self.cfg.text.vocab_size
     }
 }

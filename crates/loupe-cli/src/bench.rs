@@ -1,0 +1,128 @@
+//! `loupe bench`: load time, image encode time, prefill and decode speed, peak memory, as JSON.
+
+use std::time::Instant;
+
+use loupe_core::image::{ImageInput, RgbImage};
+use loupe_core::{Error, Result};
+
+use crate::ModelArgs;
+
+#[derive(clap::Args, Debug)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Text tokens in the prefill measurement.
+    #[arg(long, default_value_t = 512)]
+    pub prefill_tokens: usize,
+    /// Tokens in the decode measurement.
+    #[arg(long, default_value_t = 128)]
+    pub decode_tokens: usize,
+    /// Square image sizes to encode, in pixels.
+    #[arg(long, value_delimiter = ',', default_value = "448,896")]
+    pub image_sizes: Vec<usize>,
+    /// Repetitions of each measurement (the best is reported).
+    #[arg(long, default_value_t = 1)]
+    pub repeat: usize,
+}
+
+/// A deterministic test card: gradients and stripes, so nothing is constant.
+fn test_image(side: usize) -> RgbImage {
+    let mut data = Vec::with_capacity(side * side * 3);
+    for y in 0..side {
+        for x in 0..side {
+            data.push((x * 255 / side) as u8);
+            data.push((y * 255 / side) as u8);
+            data.push((((x / 7) ^ (y / 5)) & 0xff) as u8);
+        }
+    }
+    RgbImage {
+        width: side,
+        height: side,
+        data,
+    }
+}
+
+fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+fn best_ms(repeat: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    let mut best = f64::INFINITY;
+    for _ in 0..repeat.max(1) {
+        let t = Instant::now();
+        f()?;
+        best = best.min(t.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok(best)
+}
+
+pub fn bench(args: BenchArgs) -> Result<()> {
+    if args.prefill_tokens == 0 || args.decode_tokens == 0 {
+        return Err(Error::InvalidInput("--prefill-tokens and --decode-tokens must be at least 1".into()));
+    }
+    let engine = args.model.load()?;
+    let model = engine.model.as_ref();
+    let mut images = serde_json::Map::new();
+    for &side in &args.image_sizes {
+        let pre = engine
+            .preprocessor
+            .clone()
+            .with_pixels(None, Some(engine.preprocessor.cfg.max_pixels.max(side * side)))?;
+        let input = ImageInput {
+            source: format!("<test card {side}x{side}>").into(),
+            image: test_image(side),
+        };
+        let mut tokens = 0;
+        let ms = best_ms(args.repeat, || {
+            let px = pre.preprocess(std::slice::from_ref(&input))?;
+            tokens = px.grids.iter().map(|g| pre.tokens_for(*g)).sum();
+            model.encode_images(&px)?;
+            Ok(())
+        })?;
+        images.insert(format!("{side}"), serde_json::json!({ "ms": ms, "image_tokens": tokens }));
+    }
+
+    // Prefill: ordinary text token ids (below the special tokens), no images.
+    let ordinary = model.vocab_size().min(model.image_token_id() as usize).max(1);
+    let ids: Vec<u32> = (0..args.prefill_tokens).map(|i| ((i * 7919 + 13) % ordinary) as u32).collect();
+    let mut cache = model.new_cache();
+    let prefill_ms = best_ms(args.repeat, || {
+        cache = model.new_cache();
+        let (pos, delta) = model.prompt_positions(&ids, &[])?;
+        cache.rope_delta = delta;
+        let embeds = model.embed(&ids, None)?;
+        model.forward(&embeds, &pos, &mut cache, false)?;
+        Ok(())
+    })?;
+
+    // Decode: one token at a time after the prefill, the greedy token fed back (EOS ignored).
+    let mut next = ids[ids.len() - 1];
+    let t = Instant::now();
+    for _ in 0..args.decode_tokens {
+        let pos = cache.len() as i64 + cache.rope_delta;
+        let embeds = model.embed(&[next], None)?;
+        let logits = model.forward(&embeds, &[[pos; 3]], &mut cache, false)?;
+        next = logits.argmax(candle_core::D::Minus1)?.flatten_all()?.to_vec1::<u32>()?[0];
+    }
+    let decode_ms = t.elapsed().as_secs_f64() * 1e3;
+
+    let out = serde_json::json!({
+        "model": engine.files.dir.display().to_string(),
+        "dtype": format!("{:?}", engine.dtype).to_lowercase(),
+        "threads": candle_core::utils::get_num_threads(),
+        "load_ms": engine.load_ms,
+        "image_encode": images,
+        "prefill_tokens": args.prefill_tokens,
+        "prefill_ms": prefill_ms,
+        "prefill_tok_s": args.prefill_tokens as f64 / (prefill_ms / 1e3),
+        "decode_tokens": args.decode_tokens,
+        "decode_ms": decode_ms,
+        "decode_tok_s": args.decode_tokens as f64 / (decode_ms / 1e3),
+        "peak_rss_bytes": peak_rss_bytes(),
+    });
+    println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
+    Ok(())
+}

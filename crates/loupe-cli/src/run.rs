@@ -1,0 +1,140 @@
+//! `loupe run`: one prompt, streamed.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use loupe_core::generate::{GenerateParams, SamplingParams};
+use loupe_core::{Error, Result};
+
+use crate::ModelArgs;
+
+#[derive(clap::Args, Debug)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// An image to show the model (repeat for several; they come before the text, in order).
+    #[arg(long = "image", short = 'i')]
+    pub images: Vec<PathBuf>,
+    /// System prompt.
+    #[arg(long)]
+    pub system: Option<String>,
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 512)]
+    pub max_tokens: usize,
+    /// Sampling temperature; 0 is greedy (default: the checkpoint's generation_config, else greedy).
+    #[arg(long)]
+    pub temperature: Option<f64>,
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    #[arg(long)]
+    pub top_p: Option<f64>,
+    #[arg(long)]
+    pub min_p: Option<f64>,
+    #[arg(long)]
+    pub repetition_penalty: Option<f64>,
+    /// Seed for sampling, for reproducible runs.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Stop when the text contains this string (repeatable); the string is not printed.
+    #[arg(long = "stop")]
+    pub stop: Vec<String>,
+    /// Smallest image size in pixels after resizing (default: preprocessor_config.json).
+    #[arg(long)]
+    pub min_pixels: Option<usize>,
+    /// Largest image size in pixels after resizing (default: preprocessor_config.json).
+    #[arg(long)]
+    pub max_pixels: Option<usize>,
+    /// Print one JSON object instead of streaming text.
+    #[arg(long)]
+    pub json: bool,
+    /// The prompt text.
+    #[arg(default_value = "")]
+    pub prompt: String,
+}
+
+impl RunArgs {
+    fn sampling(&self, gc: &loupe_core::load::config::GenerationConfig) -> SamplingParams {
+        let sample_default = gc.do_sample.unwrap_or(false);
+        let temperature = self
+            .temperature
+            .unwrap_or(if sample_default { gc.temperature.unwrap_or(1.0) } else { 0.0 });
+        let from_gc = self.temperature.is_none() && sample_default;
+        SamplingParams {
+            temperature,
+            top_k: self.top_k.or(if from_gc { gc.top_k } else { None }),
+            top_p: self.top_p.or(if from_gc { gc.top_p } else { None }),
+            min_p: self.min_p,
+            repetition_penalty: self
+                .repetition_penalty
+                .or(gc.repetition_penalty)
+                .unwrap_or(1.0),
+            seed: self.seed,
+        }
+    }
+}
+
+pub fn run(args: RunArgs) -> Result<()> {
+    if args.prompt.trim().is_empty() && args.images.is_empty() {
+        return Err(Error::InvalidInput("the prompt is empty: give text, an --image, or both".into()));
+    }
+    if args.max_tokens == 0 {
+        return Err(Error::InvalidInput("--max-tokens must be at least 1".into()));
+    }
+    // Images are read before the model, so a bad path fails fast.
+    crate::set_threads(args.model.threads)?;
+    let images = loupe_core::Engine::load_images(&args.images)?;
+    let engine = args.model.load()?;
+    let pre = engine.preprocessor.clone().with_pixels(args.min_pixels, args.max_pixels)?;
+    let prompt = engine.prompt(args.system.as_deref(), &args.prompt, &images, &pre)?;
+    let sampling = args.sampling(&engine.generation_config);
+    sampling.validate().map_err(Error::InvalidInput)?;
+    let params = GenerateParams {
+        max_tokens: args.max_tokens,
+        sampling,
+        stop_strings: args.stop.clone(),
+        eos_token_ids: engine.eos_token_ids(),
+    };
+    let mut stdout = std::io::stdout().lock();
+    let json = args.json;
+    let out = engine.generate(&prompt, &params, &mut |piece| {
+        if !json {
+            let _ = stdout.write_all(piece.as_bytes());
+            let _ = stdout.flush();
+        }
+    })?;
+    let t = &out.timings;
+    if json {
+        let obj = serde_json::json!({
+            "text": out.text,
+            "tokens": out.tokens,
+            "prompt_tokens": out.prompt_tokens,
+            "finish_reason": out.finish_reason,
+            "timings": {
+                "load_ms": engine.load_ms,
+                "vision_ms": t.vision_ms,
+                "prefill_ms": t.prefill_ms,
+                "decode_ms": t.decode_ms,
+            },
+        });
+        let _ = writeln!(stdout, "{obj}");
+    } else {
+        let _ = writeln!(stdout);
+    }
+    let prefill_tps = out.prompt_tokens as f64 / (t.prefill_ms / 1e3).max(1e-9);
+    // The first token comes from the prefill; decode speed counts the ones after it.
+    let decoded = out.tokens.len().saturating_sub(1);
+    let decode_tps = decoded as f64 / (t.decode_ms / 1e3).max(1e-9);
+    eprintln!(
+        "image encode {:.0} ms | {} prompt tokens | prefill {:.1} tok/s | decode {:.1} tok/s ({} tokens, {})",
+        t.vision_ms,
+        out.prompt_tokens,
+        prefill_tps,
+        decode_tps,
+        out.tokens.len(),
+        match out.finish_reason {
+            loupe_core::generate::FinishReason::Stop => "stop",
+            loupe_core::generate::FinishReason::Length => "length",
+        }
+    );
+    Ok(())
+}
