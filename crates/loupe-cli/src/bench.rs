@@ -61,16 +61,18 @@ fn best_ms(repeat: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
 
 pub fn bench(args: BenchArgs) -> Result<()> {
     if args.prefill_tokens == 0 || args.decode_tokens == 0 {
-        return Err(Error::InvalidInput("--prefill-tokens and --decode-tokens must be at least 1".into()));
+        return Err(Error::InvalidInput(
+            "--prefill-tokens and --decode-tokens must be at least 1".into(),
+        ));
     }
     let engine = args.model.load()?;
     let model = engine.model.as_ref();
     let mut images = serde_json::Map::new();
     for &side in &args.image_sizes {
-        let pre = engine
-            .preprocessor
-            .clone()
-            .with_pixels(None, Some(engine.preprocessor.cfg.max_pixels.max(side * side)))?;
+        let pre = engine.preprocessor.clone().with_pixels(
+            None,
+            Some(engine.preprocessor.cfg.max_pixels.max(side * side)),
+        )?;
         let input = ImageInput {
             source: format!("<test card {side}x{side}>").into(),
             image: test_image(side),
@@ -82,12 +84,20 @@ pub fn bench(args: BenchArgs) -> Result<()> {
             model.encode_images(&px)?;
             Ok(())
         })?;
-        images.insert(format!("{side}"), serde_json::json!({ "ms": ms, "image_tokens": tokens }));
+        images.insert(
+            format!("{side}"),
+            serde_json::json!({ "ms": ms, "image_tokens": tokens }),
+        );
     }
 
     // Prefill: ordinary text token ids (below the special tokens), no images.
-    let ordinary = model.vocab_size().min(model.image_token_id() as usize).max(1);
-    let ids: Vec<u32> = (0..args.prefill_tokens).map(|i| ((i * 7919 + 13) % ordinary) as u32).collect();
+    let ordinary = model
+        .vocab_size()
+        .min(model.image_token_id() as usize)
+        .max(1);
+    let ids: Vec<u32> = (0..args.prefill_tokens)
+        .map(|i| ((i * 7919 + 13) % ordinary) as u32)
+        .collect();
     let mut cache = model.new_cache();
     let prefill_ms = best_ms(args.repeat, || {
         cache = model.new_cache();
@@ -105,7 +115,10 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         let pos = cache.len() as i64 + cache.rope_delta;
         let embeds = model.embed(&[next], None)?;
         let logits = model.forward(&embeds, &[[pos; 3]], &mut cache, false)?;
-        next = logits.argmax(candle_core::D::Minus1)?.flatten_all()?.to_vec1::<u32>()?[0];
+        next = logits
+            .argmax(candle_core::D::Minus1)?
+            .flatten_all()?
+            .to_vec1::<u32>()?[0];
     }
     let decode_ms = t.elapsed().as_secs_f64() * 1e3;
 

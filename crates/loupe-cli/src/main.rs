@@ -9,7 +9,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "loupe", version, about = "On-device vision-language models for visual inspection")]
+#[command(
+    name = "loupe",
+    version,
+    about = "On-device vision-language models for visual inspection"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -37,7 +41,10 @@ fn main() -> ExitCode {
             .map(|s| s.to_string())
             .or_else(|| info.payload().downcast_ref::<String>().cloned())
             .unwrap_or_default();
-        let at = info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
+        let at = info
+            .location()
+            .map(|l| format!(" at {}:{}", l.file(), l.line()))
+            .unwrap_or_default();
         eprintln!("loupe: internal error{at}: {msg} (please report this)");
     }));
     tracing_subscriber::fmt()
@@ -63,7 +70,9 @@ fn main() -> ExitCode {
 pub fn set_threads(threads: Option<usize>) -> loupe_core::Result<()> {
     if let Some(n) = threads {
         if n == 0 {
-            return Err(loupe_core::Error::InvalidInput("--threads must be at least 1".into()));
+            return Err(loupe_core::Error::InvalidInput(
+                "--threads must be at least 1".into(),
+            ));
         }
         // candle reads RAYON_NUM_THREADS for its matmuls and builds rayon's pool from it.
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
@@ -88,7 +97,11 @@ pub struct ModelArgs {
 impl ModelArgs {
     pub fn load(&self) -> loupe_core::Result<loupe_core::Engine> {
         set_threads(self.threads)?;
-        let dtype = self.dtype.as_deref().map(loupe_core::engine::parse_dtype).transpose()?;
+        let dtype = self
+            .dtype
+            .as_deref()
+            .map(loupe_core::engine::parse_dtype)
+            .transpose()?;
         loupe_core::Engine::load(
             &self.model,
             &loupe_core::LoadOptions {

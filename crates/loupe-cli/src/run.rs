@@ -55,9 +55,11 @@ pub struct RunArgs {
 impl RunArgs {
     fn sampling(&self, gc: &loupe_core::load::config::GenerationConfig) -> SamplingParams {
         let sample_default = gc.do_sample.unwrap_or(false);
-        let temperature = self
-            .temperature
-            .unwrap_or(if sample_default { gc.temperature.unwrap_or(1.0) } else { 0.0 });
+        let temperature = self.temperature.unwrap_or(if sample_default {
+            gc.temperature.unwrap_or(1.0)
+        } else {
+            0.0
+        });
         let from_gc = self.temperature.is_none() && sample_default;
         SamplingParams {
             temperature,
@@ -75,16 +77,23 @@ impl RunArgs {
 
 pub fn run(args: RunArgs) -> Result<()> {
     if args.prompt.trim().is_empty() && args.images.is_empty() {
-        return Err(Error::InvalidInput("the prompt is empty: give text, an --image, or both".into()));
+        return Err(Error::InvalidInput(
+            "the prompt is empty: give text, an --image, or both".into(),
+        ));
     }
     if args.max_tokens == 0 {
-        return Err(Error::InvalidInput("--max-tokens must be at least 1".into()));
+        return Err(Error::InvalidInput(
+            "--max-tokens must be at least 1".into(),
+        ));
     }
     // Images are read before the model, so a bad path fails fast.
     crate::set_threads(args.model.threads)?;
     let images = loupe_core::Engine::load_images(&args.images)?;
     let engine = args.model.load()?;
-    let pre = engine.preprocessor.clone().with_pixels(args.min_pixels, args.max_pixels)?;
+    let pre = engine
+        .preprocessor
+        .clone()
+        .with_pixels(args.min_pixels, args.max_pixels)?;
     let prompt = engine.prompt(args.system.as_deref(), &args.prompt, &images, &pre)?;
     let sampling = args.sampling(&engine.generation_config);
     sampling.validate().map_err(Error::InvalidInput)?;

@@ -9,7 +9,9 @@ use candle_core::{DType, Device};
 use crate::error::{Error, Result};
 use crate::generate::{GenerateParams, Generation, Prompt};
 use crate::image::{self, ImageInput, Preprocessor};
-use crate::load::config::{read_model_type, GenerationConfig, PreprocessorConfig, Qwen2VlConfig, SUPPORTED_MODEL_TYPES};
+use crate::load::config::{
+    read_model_type, GenerationConfig, PreprocessorConfig, Qwen2VlConfig, SUPPORTED_MODEL_TYPES,
+};
 use crate::load::weights::Weights;
 use crate::load::ModelFiles;
 use crate::models::{qwen2_vl, VisionLanguageModel};
@@ -37,7 +39,9 @@ pub fn parse_dtype(s: &str) -> Result<DType> {
         "f32" | "float32" => Ok(DType::F32),
         "bf16" | "bfloat16" => Ok(DType::BF16),
         "f16" | "float16" => Ok(DType::F16),
-        other => Err(Error::InvalidInput(format!("--dtype `{other}` is not one of f32, bf16, f16"))),
+        other => Err(Error::InvalidInput(format!(
+            "--dtype `{other}` is not one of f32, bf16, f16"
+        ))),
     }
 }
 
@@ -68,7 +72,10 @@ impl Engine {
         }
         let cfg = Qwen2VlConfig::from_file(&files.config)?;
         let tokenizer = Tokenizer::from_file(&files.tokenizer)?;
-        let template = ChatTemplate::find(files.chat_template.as_deref(), files.tokenizer_config.as_deref())?;
+        let template = ChatTemplate::find(
+            files.chat_template.as_deref(),
+            files.tokenizer_config.as_deref(),
+        )?;
         let pre_cfg = match &files.preprocessor_config {
             Some(p) => PreprocessorConfig::from_file(p)?,
             None => PreprocessorConfig::default(),
@@ -77,12 +84,19 @@ impl Engine {
             Some(p) => GenerationConfig::from_file(p)?,
             None => GenerationConfig::default(),
         };
-        let image_pad = tokenizer.id_to_token(cfg.image_token_id).ok_or_else(|| Error::Tokenizer {
-            path: files.tokenizer.clone(),
-            msg: format!("config.json's image_token_id {} is not in the vocabulary", cfg.image_token_id),
-        })?;
+        let image_pad =
+            tokenizer
+                .id_to_token(cfg.image_token_id)
+                .ok_or_else(|| Error::Tokenizer {
+                    path: files.tokenizer.clone(),
+                    msg: format!(
+                        "config.json's image_token_id {} is not in the vocabulary",
+                        cfg.image_token_id
+                    ),
+                })?;
         let stored = cfg.dtype.as_deref().and_then(|d| parse_dtype(d).ok());
-        let weights_probe = Weights::open(&files.weights, DType::F32, &opts.device, qwen2_vl::sanitize)?;
+        let weights_probe =
+            Weights::open(&files.weights, DType::F32, &opts.device, qwen2_vl::sanitize)?;
         let stored_dtype = weights_probe.stored_dtype();
         let from_file = stored_dtype.as_deref().and_then(|d| parse_dtype(d).ok());
         drop(weights_probe);
@@ -127,7 +141,9 @@ impl Engine {
         preprocessor: &Preprocessor,
     ) -> Result<Prompt> {
         if text.trim().is_empty() && images.is_empty() {
-            return Err(Error::InvalidInput("the prompt is empty: give text, an image, or both".into()));
+            return Err(Error::InvalidInput(
+                "the prompt is empty: give text, an image, or both".into(),
+            ));
         }
         let mut messages = Vec::new();
         if let Some(s) = system {
@@ -176,8 +192,19 @@ impl Engine {
             .collect()
     }
 
-    pub fn generate(&self, prompt: &Prompt, params: &GenerateParams, on_text: &mut dyn FnMut(&str)) -> Result<Generation> {
-        crate::generate::generate(self.model.as_ref(), &self.tokenizer, prompt, params, on_text)
+    pub fn generate(
+        &self,
+        prompt: &Prompt,
+        params: &GenerateParams,
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<Generation> {
+        crate::generate::generate(
+            self.model.as_ref(),
+            &self.tokenizer,
+            prompt,
+            params,
+            on_text,
+        )
     }
 }
 
@@ -228,7 +255,9 @@ impl ModelInfo {
         let t = &cfg.text;
         Ok(ModelInfo {
             path: files.dir.display().to_string(),
-            architecture: "Qwen2-VL: ViT (2D RoPE, 2x2 patch merger) + Qwen2 decoder (GQA, SwiGLU, M-RoPE)".into(),
+            architecture:
+                "Qwen2-VL: ViT (2D RoPE, 2x2 patch merger) + Qwen2 decoder (GQA, SwiGLU, M-RoPE)"
+                    .into(),
             model_type,
             params_vision,
             params_text,
@@ -242,7 +271,11 @@ impl ModelInfo {
             vision_width: cfg.vision.embed_dim,
             patch_size: cfg.vision.patch_size,
             weights_bytes: ((params_vision + params_text) * bytes_per) as u64,
-            kv_bytes_per_token: (2 * t.num_hidden_layers * t.num_key_value_heads * t.head_dim() * bytes_per) as u64,
+            kv_bytes_per_token: (2
+                * t.num_hidden_layers
+                * t.num_key_value_heads
+                * t.head_dim()
+                * bytes_per) as u64,
             min_pixels: pre.min_pixels,
             max_pixels: pre.max_pixels,
         })

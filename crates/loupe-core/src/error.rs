@@ -74,7 +74,11 @@ impl Error {
         }
     }
 
-    pub(crate) fn config(path: impl Into<PathBuf>, field: impl Into<String>, msg: impl Into<String>) -> Self {
+    pub(crate) fn config(
+        path: impl Into<PathBuf>,
+        field: impl Into<String>,
+        msg: impl Into<String>,
+    ) -> Self {
         Error::Config {
             path: path.into(),
             field: field.into(),

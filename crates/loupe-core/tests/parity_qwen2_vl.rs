@@ -11,7 +11,11 @@ use loupe_core::image::{ImageInput, PixelBatch, Preprocessor};
 use loupe_core::load::config::PreprocessorConfig;
 use loupe_core::{Engine, LoadOptions};
 
-const CHECKPOINTS: &[&str] = &["gqa2_tied_published", "mqa6_untied_bf16_v5", "mha4_tied_bf16_v5"];
+const CHECKPOINTS: &[&str] = &[
+    "gqa2_tied_published",
+    "mqa6_untied_bf16_v5",
+    "mha4_tied_bf16_v5",
+];
 
 fn engine(name: &str, dtype: DType) -> Engine {
     let dir = fixtures().join("qwen2_vl").join(name);
@@ -26,7 +30,12 @@ fn engine(name: &str, dtype: DType) -> Engine {
 }
 
 fn reference(name: &str) -> Reference {
-    Reference::load(fixtures().join("qwen2_vl").join(name).join("reference.safetensors"))
+    Reference::load(
+        fixtures()
+            .join("qwen2_vl")
+            .join(name)
+            .join("reference.safetensors"),
+    )
 }
 
 fn prompts(r: &Reference) -> Vec<serde_json::Value> {
@@ -82,7 +91,7 @@ fn preprocessing_matches_transformers() {
         let want = pixel_values_from_levels(r.get(&format!("{key}/levels")));
         let (diff, at) = max_abs_diff(&got.pixel_values, &want);
         // One 8-bit level is 1 / (255 * std) ~ 0.0151 in normalized units.
-        let level = 1.0 / (255.0 * 0.26130258f32);
+        let level = 1.0 / (255.0 * 0.261_302_6_f32);
         let levels_off = (diff / level).round();
         report.push(format!("{key}: max {levels_off} levels"));
         // Bit-exact: libjpeg-turbo's JPEG decoding, Pillow's alpha compositing, torchvision's uint8
@@ -98,7 +107,10 @@ fn preprocessing_matches_transformers() {
     let got = pre
         .preprocess(&image_inputs(&[serde_json::json!("odd_97x211.png")]))
         .unwrap();
-    assert_eq!(got.pixel_values, r.f32s("small/odd_97x211.png/pixel_values"));
+    assert_eq!(
+        got.pixel_values,
+        r.f32s("small/odd_97x211.png/pixel_values")
+    );
     eprintln!("{}", report.join("\n"));
 }
 
@@ -111,30 +123,63 @@ fn prompt_ids_and_positions_match() {
             let pname = p["name"].as_str().unwrap();
             let images = image_inputs(p["images"].as_array().unwrap());
             let prompt = e
-                .prompt(p["system"].as_str(), p["text"].as_str().unwrap(), &images, &e.preprocessor)
+                .prompt(
+                    p["system"].as_str(),
+                    p["text"].as_str().unwrap(),
+                    &images,
+                    &e.preprocessor,
+                )
                 .unwrap();
             let rendered = e.template.render(
                 &[
-                    p["system"].as_str().map(loupe_core::tokenize::Message::system),
-                    Some(loupe_core::tokenize::Message::user(images.len(), p["text"].as_str().unwrap())),
+                    p["system"]
+                        .as_str()
+                        .map(loupe_core::tokenize::Message::system),
+                    Some(loupe_core::tokenize::Message::user(
+                        images.len(),
+                        p["text"].as_str().unwrap(),
+                    )),
                 ]
                 .into_iter()
                 .flatten()
                 .collect::<Vec<_>>(),
                 true,
             );
-            assert_eq!(rendered.unwrap(), p["rendered"].as_str().unwrap(), "{name}/{pname}: template");
-            assert_eq!(prompt.ids, r.ids(&format!("{pname}/input_ids")), "{name}/{pname}: input ids");
+            assert_eq!(
+                rendered.unwrap(),
+                p["rendered"].as_str().unwrap(),
+                "{name}/{pname}: template"
+            );
+            assert_eq!(
+                prompt.ids,
+                r.ids(&format!("{pname}/input_ids")),
+                "{name}/{pname}: input ids"
+            );
             if !images.is_empty() {
-                assert_eq!(prompt.pixels.grids, r.grids(&format!("{pname}/image_grid_thw")), "{name}/{pname}");
+                assert_eq!(
+                    prompt.pixels.grids,
+                    r.grids(&format!("{pname}/image_grid_thw")),
+                    "{name}/{pname}"
+                );
             }
-            let (pos, delta) = e.model.prompt_positions(&prompt.ids, &prompt.pixels.grids).unwrap();
-            let want = r.get(&format!("{pname}/position_ids")).to_vec2::<i64>().unwrap();
+            let (pos, delta) = e
+                .model
+                .prompt_positions(&prompt.ids, &prompt.pixels.grids)
+                .unwrap();
+            let want = r
+                .get(&format!("{pname}/position_ids"))
+                .to_vec2::<i64>()
+                .unwrap();
             for (s, row) in want.iter().enumerate() {
                 let got: Vec<i64> = pos.iter().map(|p| p[s]).collect();
                 assert_eq!(&got, row, "{name}/{pname}: positions, stream {s}");
             }
-            assert_eq!(delta, r.get(&format!("{pname}/rope_delta")).to_vec1::<i64>().unwrap()[0]);
+            assert_eq!(
+                delta,
+                r.get(&format!("{pname}/rope_delta"))
+                    .to_vec1::<i64>()
+                    .unwrap()[0]
+            );
         }
     }
 }
@@ -149,10 +194,14 @@ fn vision_tower_matches() {
             let prompt = reference_prompt(&r, &px, pname);
             let got = e.model.encode_images(&prompt.pixels).unwrap();
             let want = r.f32s(&format!("{pname}/vision_out"));
-            let (diff, at) = max_abs_diff(&got.flatten_all().unwrap().to_vec1::<f32>().unwrap(), &want);
+            let (diff, at) =
+                max_abs_diff(&got.flatten_all().unwrap().to_vec1::<f32>().unwrap(), &want);
             let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
             // f32 end to end: agreement to 1e-5 of the output's range.
-            assert!(diff <= 1e-5 * scale.max(1.0), "{name}/{pname}: vision diff {diff} at {at} (range {scale})");
+            assert!(
+                diff <= 1e-5 * scale.max(1.0),
+                "{name}/{pname}: vision diff {diff} at {at} (range {scale})"
+            );
         }
     }
 }
@@ -171,13 +220,18 @@ fn logits_match_at_every_position() {
             } else {
                 Some(e.model.encode_images(&prompt.pixels).unwrap())
             };
-            let (pos, _) = e.model.prompt_positions(&prompt.ids, &prompt.pixels.grids).unwrap();
+            let (pos, _) = e
+                .model
+                .prompt_positions(&prompt.ids, &prompt.pixels.grids)
+                .unwrap();
             let embeds = e.model.embed(&prompt.ids, feats.as_ref()).unwrap();
             let mut cache = e.model.new_cache();
             let logits = e.model.forward(&embeds, &pos, &mut cache, true).unwrap();
             let want_t = r.get(&format!("{pname}/logits"));
             let rows = want_t.dim(0).unwrap();
-            let got = logits.narrow(0, logits.dim(0).unwrap() - rows, rows).unwrap();
+            let got = logits
+                .narrow(0, logits.dim(0).unwrap() - rows, rows)
+                .unwrap();
             let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
             let want = r.f32s(&format!("{pname}/logits"));
             let (diff, at) = max_abs_diff(&got, &want);
@@ -215,8 +269,16 @@ fn greedy_tokens_match_from_reference_inputs() {
             let pname = p["name"].as_str().unwrap();
             let prompt = reference_prompt(&r, &px, pname);
             let out = e.generate(&prompt, &greedy(20, &e), &mut |_| {}).unwrap();
-            assert_eq!(out.tokens, r.ids(&format!("{pname}/greedy_tokens")), "{name}/{pname}");
-            assert_eq!(out.text, p["greedy_text"].as_str().unwrap(), "{name}/{pname}: text");
+            assert_eq!(
+                out.tokens,
+                r.ids(&format!("{pname}/greedy_tokens")),
+                "{name}/{pname}"
+            );
+            assert_eq!(
+                out.text,
+                p["greedy_text"].as_str().unwrap(),
+                "{name}/{pname}: text"
+            );
         }
     }
 }
@@ -231,10 +293,19 @@ fn greedy_tokens_match_end_to_end_from_files() {
             let pname = p["name"].as_str().unwrap();
             let images = image_inputs(p["images"].as_array().unwrap());
             let prompt = e
-                .prompt(p["system"].as_str(), p["text"].as_str().unwrap(), &images, &e.preprocessor)
+                .prompt(
+                    p["system"].as_str(),
+                    p["text"].as_str().unwrap(),
+                    &images,
+                    &e.preprocessor,
+                )
                 .unwrap();
             let out = e.generate(&prompt, &greedy(20, &e), &mut |_| {}).unwrap();
-            assert_eq!(out.tokens, r.ids(&format!("{pname}/greedy_tokens")), "{name}/{pname}");
+            assert_eq!(
+                out.tokens,
+                r.ids(&format!("{pname}/greedy_tokens")),
+                "{name}/{pname}"
+            );
         }
     }
 }
@@ -249,9 +320,15 @@ fn bf16_stays_close_to_f32() {
     let r = reference(name);
     let prompt = reference_prompt(&r, &px, "two_images");
     let feats = e.model.encode_images(&prompt.pixels).unwrap();
-    let (pos, _) = e.model.prompt_positions(&prompt.ids, &prompt.pixels.grids).unwrap();
+    let (pos, _) = e
+        .model
+        .prompt_positions(&prompt.ids, &prompt.pixels.grids)
+        .unwrap();
     let embeds = e.model.embed(&prompt.ids, Some(&feats)).unwrap();
-    let logits = e.model.forward(&embeds, &pos, &mut e.model.new_cache(), true).unwrap();
+    let logits = e
+        .model
+        .forward(&embeds, &pos, &mut e.model.new_cache(), true)
+        .unwrap();
     let got = logits.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     let want = r.f32s("two_images/logits");
     let (diff, _) = max_abs_diff(&got, &want);
@@ -259,12 +336,19 @@ fn bf16_stays_close_to_f32() {
     let vocab = 434;
     let argmax = |v: &[f32]| -> Vec<usize> {
         v.chunks(vocab)
-            .map(|r| r.iter().enumerate().fold(0, |b, (i, x)| if *x > r[b] { i } else { b }))
+            .map(|r| {
+                r.iter()
+                    .enumerate()
+                    .fold(0, |b, (i, x)| if *x > r[b] { i } else { b })
+            })
             .collect()
     };
     let (a, b) = (argmax(&got), argmax(&want));
     let agree = a.iter().zip(&b).filter(|(x, y)| x == y).count() as f64 / a.len() as f64;
     eprintln!("bf16: top-1 agreement {agree:.3}, max logit diff {diff:.3} (range {scale:.1})");
     assert!(agree >= 0.9, "bf16 top-1 agreement {agree}");
-    assert!(diff <= 0.10 * scale, "bf16 logit diff {diff} (range {scale})");
+    assert!(
+        diff <= 0.10 * scale,
+        "bf16 logit diff {diff} (range {scale})"
+    );
 }

@@ -36,7 +36,10 @@ impl LayerKv {
         ck.slice_set(&k.contiguous()?, 2, self.len)?;
         cv.slice_set(&v.contiguous()?, 2, self.len)?;
         self.len = needed;
-        Ok((ck.narrow(D::Minus2, 0, self.len)?, cv.narrow(D::Minus2, 0, self.len)?))
+        Ok((
+            ck.narrow(D::Minus2, 0, self.len)?,
+            cv.narrow(D::Minus2, 0, self.len)?,
+        ))
     }
 
     pub fn len(&self) -> usize {

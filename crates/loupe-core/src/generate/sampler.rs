@@ -33,7 +33,10 @@ impl SamplingParams {
     /// Checks ranges, naming the flag at fault.
     pub fn validate(&self) -> Result<(), String> {
         if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
-            return Err(format!("--temperature {} must be 0 or more", self.temperature));
+            return Err(format!(
+                "--temperature {} must be 0 or more",
+                self.temperature
+            ));
         }
         if let Some(p) = self.top_p {
             if !(p > 0.0 && p <= 1.0) {
@@ -49,7 +52,10 @@ impl SamplingParams {
             return Err("--top-k 0 keeps no token; leave it out to disable top-k".into());
         }
         if !(self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite()) {
-            return Err(format!("--repetition-penalty {} must be greater than 0", self.repetition_penalty));
+            return Err(format!(
+                "--repetition-penalty {} must be greater than 0",
+                self.repetition_penalty
+            ));
         }
         Ok(())
     }
@@ -107,7 +113,10 @@ impl Sampler {
         }
         // Probabilities of the kept candidates, best first.
         let max = scores[order[0]];
-        let mut probs: Vec<f64> = order[..keep].iter().map(|&i| f64::from(scores[i] - max).exp()).collect();
+        let mut probs: Vec<f64> = order[..keep]
+            .iter()
+            .map(|&i| f64::from(scores[i] - max).exp())
+            .collect();
         let total: f64 = probs.iter().sum();
         probs.iter_mut().for_each(|q| *q /= total);
         if let Some(top_p) = p.top_p {
@@ -124,7 +133,11 @@ impl Sampler {
         }
         if let Some(min_p) = p.min_p {
             let floor = min_p * probs[0];
-            keep = probs[..keep].iter().take_while(|&&q| q >= floor).count().max(1);
+            keep = probs[..keep]
+                .iter()
+                .take_while(|&&q| q >= floor)
+                .count()
+                .max(1);
         }
         let total: f64 = probs[..keep].iter().sum();
         let mut r = self.rng.random::<f64>() * total;
@@ -177,10 +190,17 @@ mod tests {
             seed: 7,
             ..Default::default()
         };
-        let a: Vec<u32> = (0..30).scan(Sampler::new(p.clone()), |s, _| Some(s.sample(&logits, &[]))).collect();
-        let b: Vec<u32> = (0..30).scan(Sampler::new(p), |s, _| Some(s.sample(&logits, &[]))).collect();
+        let a: Vec<u32> = (0..30)
+            .scan(Sampler::new(p.clone()), |s, _| Some(s.sample(&logits, &[])))
+            .collect();
+        let b: Vec<u32> = (0..30)
+            .scan(Sampler::new(p), |s, _| Some(s.sample(&logits, &[])))
+            .collect();
         assert_eq!(a, b);
-        assert!(a.iter().any(|&x| x != a[0]), "sampling at T=0.8 should vary");
+        assert!(
+            a.iter().any(|&x| x != a[0]),
+            "sampling at T=0.8 should vary"
+        );
     }
 
     #[test]

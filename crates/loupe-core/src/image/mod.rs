@@ -44,7 +44,9 @@ pub fn decode(bytes: &[u8]) -> std::result::Result<RgbImage, String> {
     if format.is_none() {
         return Err("not a recognised image format (JPEG, PNG, WebP, GIF, BMP or TIFF)".into());
     }
-    let mut decoder = reader.into_decoder().map_err(|e| format!("cannot decode: {e}"))?;
+    let mut decoder = reader
+        .into_decoder()
+        .map_err(|e| format!("cannot decode: {e}"))?;
     let (w, h) = decoder.dimensions();
     if w == 0 || h == 0 {
         return Err(format!("the image has no pixels ({w}x{h})"));
@@ -55,7 +57,9 @@ pub fn decode(bytes: &[u8]) -> std::result::Result<RgbImage, String> {
             u64::from(w) * u64::from(h)
         ));
     }
-    let orientation = decoder.orientation().map_err(|e| format!("cannot read EXIF: {e}"))?;
+    let orientation = decoder
+        .orientation()
+        .map_err(|e| format!("cannot read EXIF: {e}"))?;
     let exact_jpeg = if format == Some(ImageFormat::Jpeg) {
         decode_jpeg(bytes)?
     } else {
@@ -74,11 +78,16 @@ pub fn decode(bytes: &[u8]) -> std::result::Result<RgbImage, String> {
 /// it does not convert to RGB (CMYK, YCCK), which fall back to the `image` crate.
 fn decode_jpeg(bytes: &[u8]) -> std::result::Result<Option<image::RgbImage>, String> {
     if is_truncated_jpeg(bytes) {
-        return Err("the JPEG data is truncated (no end-of-image marker after the last scan)".into());
+        return Err(
+            "the JPEG data is truncated (no end-of-image marker after the last scan)".into(),
+        );
     }
     let run = || -> std::io::Result<Option<image::RgbImage>> {
         let d = mozjpeg::Decompress::new_mem(bytes)?;
-        if matches!(d.color_space(), mozjpeg::ColorSpace::JCS_CMYK | mozjpeg::ColorSpace::JCS_YCCK) {
+        if matches!(
+            d.color_space(),
+            mozjpeg::ColorSpace::JCS_CMYK | mozjpeg::ColorSpace::JCS_YCCK
+        ) {
             return Ok(None);
         }
         let mut started = d.rgb()?;
@@ -129,7 +138,11 @@ fn to_rgb(img: DynamicImage) -> RgbImage {
     } else {
         img.to_rgb8().into_raw()
     };
-    RgbImage { width, height, data }
+    RgbImage {
+        width,
+        height,
+        data,
+    }
 }
 
 /// Pillow's `alpha_composite` of (value, alpha) over an opaque white background, bit for bit.
@@ -155,7 +168,10 @@ mod tests {
             for a in 0..=255u32 {
                 let exact = (v as f64 * a as f64 + 255.0 * (255 - a) as f64) / 255.0;
                 let got = composite_on_white(v, a) as f64;
-                assert!((got - exact).abs() <= 1.0, "v={v} a={a} got={got} exact={exact}");
+                assert!(
+                    (got - exact).abs() <= 1.0,
+                    "v={v} a={a} got={got} exact={exact}"
+                );
             }
             assert_eq!(composite_on_white(v, 255), v as u8);
             assert_eq!(composite_on_white(v, 0), 255);

@@ -84,7 +84,11 @@ impl Preprocessor {
     }
 
     /// Overrides the pixel budget for one call (`--min-pixels`, `--max-pixels`).
-    pub fn with_pixels(mut self, min_pixels: Option<usize>, max_pixels: Option<usize>) -> Result<Self> {
+    pub fn with_pixels(
+        mut self,
+        min_pixels: Option<usize>,
+        max_pixels: Option<usize>,
+    ) -> Result<Self> {
         if let Some(m) = min_pixels {
             self.cfg.min_pixels = m;
         }
@@ -115,8 +119,14 @@ impl Preprocessor {
         if !self.cfg.do_resize {
             return Ok((img.height, img.width));
         }
-        smart_resize(img.height, img.width, self.factor(), self.cfg.min_pixels, self.cfg.max_pixels)
-            .map_err(|msg| Error::image(&input.source, msg))
+        smart_resize(
+            img.height,
+            img.width,
+            self.factor(),
+            self.cfg.min_pixels,
+            self.cfg.max_pixels,
+        )
+        .map_err(|msg| Error::image(&input.source, msg))
     }
 
     pub fn preprocess(&self, images: &[ImageInput]) -> Result<PixelBatch> {
@@ -136,11 +146,18 @@ impl Preprocessor {
             if rh % (p * m) != 0 || rw % (p * m) != 0 {
                 return Err(Error::image(
                     &input.source,
-                    format!("{rw}x{rh} is not a multiple of {} (do_resize is off)", p * m),
+                    format!(
+                        "{rw}x{rh} is not a multiple of {} (do_resize is off)",
+                        p * m
+                    ),
                 ));
             }
             let img = &input.image;
-            let filter = if c.resample == 2 { Filter::Bilinear } else { Filter::Bicubic };
+            let filter = if c.resample == 2 {
+                Filter::Bilinear
+            } else {
+                Filter::Bicubic
+            };
             let resized = resize_rgb(&img.data, img.width, img.height, rw, rh, filter);
             let (gh, gw) = (rh / p, rw / p);
             batch.grids.push([1, gh, gw]);
@@ -200,7 +217,9 @@ mod tests {
         assert_eq!(smart_resize(480, 640, 28, 3136, 1003520), Ok((476, 644)));
         assert_eq!(smart_resize(97, 211, 28, 3136, 1003520), Ok((84, 224)));
         assert_eq!(smart_resize(10, 10, 28, 3136, 1003520), Ok((56, 56)));
-        assert!(smart_resize(1, 300, 28, 3136, 1003520).unwrap_err().contains("aspect ratio"));
+        assert!(smart_resize(1, 300, 28, 3136, 1003520)
+            .unwrap_err()
+            .contains("aspect ratio"));
         assert!(smart_resize(0, 300, 28, 3136, 1003520).is_err());
     }
 
@@ -211,7 +230,10 @@ mod tests {
                 if let Ok((rh, rw)) = smart_resize(h, w, 28, 3136, 200_000) {
                     assert_eq!(rh % 28, 0);
                     assert_eq!(rw % 28, 0);
-                    assert!(rh * rw <= 200_000 || rh == 28 || rw == 28, "{h}x{w} -> {rh}x{rw}");
+                    assert!(
+                        rh * rw <= 200_000 || rh == 28 || rw == 28,
+                        "{h}x{w} -> {rh}x{rw}"
+                    );
                 }
             }
         }

@@ -158,8 +158,19 @@ fn vertical(src: &[u8], w: usize, h: usize, out_h: usize, filter: Filter) -> Vec
 
 /// Resizes packed RGB8 (`w * h * 3` bytes) to `out_w x out_h`. A dimension whose size is unchanged is
 /// not resampled, as in the reference.
-pub fn resize_rgb(src: &[u8], w: usize, h: usize, out_w: usize, out_h: usize, filter: Filter) -> Vec<u8> {
-    assert_eq!(src.len(), w * h * 3, "resize_rgb: buffer does not match {w}x{h} RGB");
+pub fn resize_rgb(
+    src: &[u8],
+    w: usize,
+    h: usize,
+    out_w: usize,
+    out_h: usize,
+    filter: Filter,
+) -> Vec<u8> {
+    assert_eq!(
+        src.len(),
+        w * h * 3,
+        "resize_rgb: buffer does not match {w}x{h} RGB"
+    );
     let horiz = if out_w != w {
         horizontal(src, w, h, out_w, filter)
     } else {
@@ -184,7 +195,10 @@ mod tests {
                 let one = 1i32 << c.precision;
                 for x in 0..o {
                     let s: i32 = c.weights[x * c.ksize..x * c.ksize + c.lens[x]].iter().sum();
-                    assert!((s - one).abs() <= c.lens[x] as i32, "{i}->{o} {f:?} x={x} sum={s} one={one}");
+                    assert!(
+                        (s - one).abs() <= c.lens[x] as i32,
+                        "{i}->{o} {f:?} x={x} sum={s} one={one}"
+                    );
                     assert!(c.starts[x] + c.lens[x] <= i);
                 }
             }

@@ -42,7 +42,8 @@ pub struct TextConfig {
 
 impl TextConfig {
     pub fn head_dim(&self) -> usize {
-        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads)
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads)
     }
 }
 
@@ -121,7 +122,13 @@ pub fn read_model_type(path: &Path) -> Result<String> {
     v.get("model_type")
         .and_then(Value::as_str)
         .map(str::to_owned)
-        .ok_or_else(|| Error::config(path, "model_type", "missing (is this a Hugging Face config.json?)"))
+        .ok_or_else(|| {
+            Error::config(
+                path,
+                "model_type",
+                "missing (is this a Hugging Face config.json?)",
+            )
+        })
 }
 
 impl Qwen2VlConfig {
@@ -156,7 +163,13 @@ impl Qwen2VlConfig {
             }
         }
         let mut text: TextConfig = serde_json::from_value(Value::Object(text_obj.clone()))
-            .map_err(|e| Error::config(path, field_of(&e, nested.is_some(), "text_config"), e.to_string()))?;
+            .map_err(|e| {
+                Error::config(
+                    path,
+                    field_of(&e, nested.is_some(), "text_config"),
+                    e.to_string(),
+                )
+            })?;
 
         let rope = text_obj
             .get("rope_parameters")
@@ -166,8 +179,9 @@ impl Qwen2VlConfig {
             .and_then(|r| r.get("rope_theta"))
             .or_else(|| text_obj.get("rope_theta"))
             .map(|v| {
-                v.as_f64()
-                    .ok_or_else(|| Error::config(path, "rope_theta", format!("expected a number, found {v}")))
+                v.as_f64().ok_or_else(|| {
+                    Error::config(path, "rope_theta", format!("expected a number, found {v}"))
+                })
             })
             .transpose()?
             .unwrap_or(1_000_000.0);
@@ -199,7 +213,9 @@ impl Qwen2VlConfig {
                 Some(v) => v
                     .as_u64()
                     .and_then(|x| u32::try_from(x).ok())
-                    .ok_or_else(|| Error::config(path, name, format!("expected a token id, found {v}"))),
+                    .ok_or_else(|| {
+                        Error::config(path, name, format!("expected a token id, found {v}"))
+                    }),
             }
         };
         let cfg = Qwen2VlConfig {
@@ -242,7 +258,7 @@ impl Qwen2VlConfig {
                 return Err(Error::config(path, name, "must be greater than 0"));
             }
         }
-        if t.num_attention_heads % t.num_key_value_heads != 0 {
+        if !t.num_attention_heads.is_multiple_of(t.num_key_value_heads) {
             return Err(Error::config(
                 path,
                 "num_key_value_heads",
@@ -252,33 +268,50 @@ impl Qwen2VlConfig {
                 ),
             ));
         }
-        if t.head_dim.is_none() && t.hidden_size % t.num_attention_heads != 0 {
+        if t.head_dim.is_none() && !t.hidden_size.is_multiple_of(t.num_attention_heads) {
             return Err(Error::config(
                 path,
                 "num_attention_heads",
-                format!("{} does not divide hidden_size = {}", t.num_attention_heads, t.hidden_size),
+                format!(
+                    "{} does not divide hidden_size = {}",
+                    t.num_attention_heads, t.hidden_size
+                ),
             ));
         }
         let half = t.head_dim() / 2;
-        if t.head_dim() % 2 != 0 || t.mrope_section.iter().sum::<usize>() != half || t.mrope_section.len() != 3 {
+        if !t.head_dim().is_multiple_of(2)
+            || t.mrope_section.iter().sum::<usize>() != half
+            || t.mrope_section.len() != 3
+        {
             return Err(Error::config(
                 path,
                 "mrope_section",
-                format!("{:?} must be three numbers summing to head_dim / 2 = {half}", t.mrope_section),
+                format!(
+                    "{:?} must be three numbers summing to head_dim / 2 = {half}",
+                    t.mrope_section
+                ),
             ));
         }
-        if v.embed_dim % v.num_heads != 0 || (v.embed_dim / v.num_heads) % 4 != 0 {
+        if !v.embed_dim.is_multiple_of(v.num_heads)
+            || !(v.embed_dim / v.num_heads).is_multiple_of(4)
+        {
             return Err(Error::config(
                 path,
                 "vision_config.num_heads",
-                format!("embed_dim {} / num_heads {} must be a multiple of 4", v.embed_dim, v.num_heads),
+                format!(
+                    "embed_dim {} / num_heads {} must be a multiple of 4",
+                    v.embed_dim, v.num_heads
+                ),
             ));
         }
         if v.hidden_size != t.hidden_size {
             return Err(Error::config(
                 path,
                 "vision_config.hidden_size",
-                format!("{} differs from the text hidden_size {}", v.hidden_size, t.hidden_size),
+                format!(
+                    "{} differs from the text hidden_size {}",
+                    v.hidden_size, t.hidden_size
+                ),
             ));
         }
         for (name, id) in [
@@ -289,7 +322,10 @@ impl Qwen2VlConfig {
                 return Err(Error::config(
                     path,
                     name,
-                    format!("{id} is outside the vocabulary (vocab_size {})", t.vocab_size),
+                    format!(
+                        "{id} is outside the vocabulary (vocab_size {})",
+                        t.vocab_size
+                    ),
                 ));
             }
         }
@@ -366,13 +402,18 @@ impl PreprocessorConfig {
             .as_object()
             .ok_or_else(|| Error::config(path, "<root>", "expected a JSON object"))?;
         let uint = |name: &str, v: &Value| -> Result<usize> {
-            v.as_u64()
-                .map(|x| x as usize)
-                .ok_or_else(|| Error::config(path, name, format!("expected a positive integer, found {v}")))
+            v.as_u64().map(|x| x as usize).ok_or_else(|| {
+                Error::config(
+                    path,
+                    name,
+                    format!("expected a positive integer, found {v}"),
+                )
+            })
         };
         let boolean = |name: &str, v: &Value| -> Result<bool> {
-            v.as_bool()
-                .ok_or_else(|| Error::config(path, name, format!("expected true or false, found {v}")))
+            v.as_bool().ok_or_else(|| {
+                Error::config(path, name, format!("expected true or false, found {v}"))
+            })
         };
         let triple = |name: &str, v: &Value| -> Result<[f64; 3]> {
             let xs: Vec<f64> = serde_json::from_value(v.clone())
@@ -380,7 +421,11 @@ impl PreprocessorConfig {
             match xs.as_slice() {
                 [a, b, c] => Ok([*a, *b, *c]),
                 [a] => Ok([*a, *a, *a]),
-                _ => Err(Error::config(path, name, format!("expected 3 numbers, found {}", xs.len()))),
+                _ => Err(Error::config(
+                    path,
+                    name,
+                    format!("expected 3 numbers, found {}", xs.len()),
+                )),
             }
         };
         // `size` first, so that explicit `min_pixels` / `max_pixels` win, as in transformers.
@@ -405,9 +450,9 @@ impl PreprocessorConfig {
                 "image_mean" => c.image_mean = triple(k, x)?,
                 "image_std" => c.image_std = triple(k, x)?,
                 "rescale_factor" => {
-                    c.rescale_factor = x
-                        .as_f64()
-                        .ok_or_else(|| Error::config(path, k, format!("expected a number, found {x}")))?
+                    c.rescale_factor = x.as_f64().ok_or_else(|| {
+                        Error::config(path, k, format!("expected a number, found {x}"))
+                    })?
                 }
                 "do_resize" => c.do_resize = boolean(k, x)?,
                 "do_rescale" => c.do_rescale = boolean(k, x)?,
@@ -417,23 +462,33 @@ impl PreprocessorConfig {
             }
         }
         if c.patch_size == 0 || c.merge_size == 0 || c.temporal_patch_size == 0 {
-            return Err(Error::config(path, "patch_size", "patch, merge and temporal sizes must be > 0"));
+            return Err(Error::config(
+                path,
+                "patch_size",
+                "patch, merge and temporal sizes must be > 0",
+            ));
         }
         if c.min_pixels > c.max_pixels {
             return Err(Error::config(
                 path,
                 "min_pixels",
-                format!("{} is larger than max_pixels {}", c.min_pixels, c.max_pixels),
+                format!(
+                    "{} is larger than max_pixels {}",
+                    c.min_pixels, c.max_pixels
+                ),
             ));
         }
         if !matches!(c.resample, 2 | 3) {
             return Err(Error::config(
                 path,
                 "resample",
-                format!("{} is not supported (2 = bilinear, 3 = bicubic)", c.resample),
+                format!(
+                    "{} is not supported (2 = bilinear, 3 = bicubic)",
+                    c.resample
+                ),
             ));
         }
-        if c.image_std.iter().any(|s| *s == 0.0) {
+        if c.image_std.contains(&0.0) {
             return Err(Error::config(path, "image_std", "must not contain 0"));
         }
         Ok(c)

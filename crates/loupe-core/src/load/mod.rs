@@ -45,7 +45,8 @@ impl ModelFiles {
         } else {
             return Err(Error::ModelNotFound {
                 model: dir.display().to_string(),
-                msg: "no model.safetensors or model.safetensors.index.json in this directory".into(),
+                msg: "no model.safetensors or model.safetensors.index.json in this directory"
+                    .into(),
             });
         };
         let tokenizer = file("tokenizer.json").ok_or_else(|| Error::ModelNotFound {
@@ -60,7 +61,8 @@ impl ModelFiles {
             tokenizer_config: file("tokenizer_config.json"),
             chat_template: file("chat_template.jinja").or_else(|| file("chat_template.json")),
             // transformers 5 saves processor_config.json with the image processor nested in it.
-            preprocessor_config: file("preprocessor_config.json").or_else(|| file("processor_config.json")),
+            preprocessor_config: file("preprocessor_config.json")
+                .or_else(|| file("processor_config.json")),
             generation_config: file("generation_config.json"),
         })
     }
@@ -85,7 +87,11 @@ fn shards_from_index(dir: &Path, index: &Path) -> Result<Vec<PathBuf>> {
             if p.is_file() {
                 Ok(p)
             } else {
-                Err(Error::config(index, "weight_map", format!("names shard `{f}`, which is missing")))
+                Err(Error::config(
+                    index,
+                    "weight_map",
+                    format!("names shard `{f}`, which is missing"),
+                ))
             }
         })
         .collect()
@@ -140,7 +146,10 @@ pub fn resolve(model: &str) -> Result<PathBuf> {
         }
         return Err(Error::ModelNotFound {
             model: model.into(),
-            msg: format!("{} has no snapshot for revision `{revision}`", repo.display()),
+            msg: format!(
+                "{} has no snapshot for revision `{revision}`",
+                repo.display()
+            ),
         });
     }
     let list = searched

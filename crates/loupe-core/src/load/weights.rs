@@ -29,7 +29,12 @@ pub struct Weights {
 impl Weights {
     /// Maps the files and reads their headers. `sanitize` turns a stored tensor name into the name the
     /// model asks for (the one place where names are mapped).
-    pub fn open(paths: &[PathBuf], dtype: DType, device: &Device, sanitize: fn(&str) -> String) -> Result<Self> {
+    pub fn open(
+        paths: &[PathBuf],
+        dtype: DType,
+        device: &Device,
+        sanitize: fn(&str) -> String,
+    ) -> Result<Self> {
         let mut files = Vec::with_capacity(paths.len());
         let mut index = HashMap::new();
         for (i, path) in paths.iter().enumerate() {
@@ -74,7 +79,12 @@ impl Weights {
     fn where_(&self) -> PathBuf {
         match self.files.as_slice() {
             [one] => one.path.clone(),
-            _ => self.files.first().and_then(|f| f.path.parent()).map(Path::to_path_buf).unwrap_or_default(),
+            _ => self
+                .files
+                .first()
+                .and_then(|f| f.path.parent())
+                .map(Path::to_path_buf)
+                .unwrap_or_default(),
         }
     }
 
@@ -117,13 +127,20 @@ impl Weights {
         }
         let src_dtype = candle_dtype(info.dtype).ok_or_else(|| Error::Weights {
             path: file.path.clone(),
-            msg: format!("tensor `{name}` has dtype {:?}, which Loupe does not read", info.dtype),
+            msg: format!(
+                "tensor `{name}` has dtype {:?}, which Loupe does not read",
+                info.dtype
+            ),
         })?;
         let (start, end) = info.data_offsets;
         let bytes = &file.mmap[file.data_start + start..file.data_start + end];
         let t = Tensor::from_raw_buffer(bytes, src_dtype, shape, &self.device)?;
         self.release(file, file.data_start + start, end - start);
-        Ok(if src_dtype == dtype { t } else { t.to_dtype(dtype)? })
+        Ok(if src_dtype == dtype {
+            t
+        } else {
+            t.to_dtype(dtype)?
+        })
     }
 
     /// Drops the mapped pages of a tensor we have copied, so they stop counting against memory.
@@ -135,8 +152,11 @@ impl Weights {
             // SAFETY: the range lies inside a read-only file mapping; dropping its pages only means they
             // are read again from the file if touched, which no slice we still hold does.
             let _ = unsafe {
-                file.mmap
-                    .unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, first, last - first)
+                file.mmap.unchecked_advise_range(
+                    memmap2::UncheckedAdvice::DontNeed,
+                    first,
+                    last - first,
+                )
             };
         }
     }

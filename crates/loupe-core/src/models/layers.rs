@@ -14,7 +14,13 @@ pub struct Linear {
 }
 
 impl Linear {
-    pub fn load(w: &Weights, prefix: &str, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
+    pub fn load(
+        w: &Weights,
+        prefix: &str,
+        in_dim: usize,
+        out_dim: usize,
+        bias: bool,
+    ) -> Result<Self> {
         let weight = w.get(&format!("{prefix}.weight"), &[out_dim, in_dim])?;
         let bias = if bias {
             Some(w.get(&format!("{prefix}.bias"), &[out_dim])?)
@@ -64,7 +70,11 @@ impl RmsNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps)?)
+        Ok(candle_nn::ops::rms_norm(
+            &x.contiguous()?,
+            &self.weight,
+            self.eps,
+        )?)
     }
 }
 
@@ -85,7 +95,12 @@ impl LayerNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(candle_nn::ops::layer_norm(&x.contiguous()?, &self.weight, &self.bias, self.eps)?)
+        Ok(candle_nn::ops::layer_norm(
+            &x.contiguous()?,
+            &self.weight,
+            &self.bias,
+            self.eps,
+        )?)
     }
 }
 
@@ -129,7 +144,13 @@ pub struct GatedMlp {
 }
 
 impl GatedMlp {
-    pub fn load(w: &Weights, prefix: &str, dim: usize, hidden: usize, act: Activation) -> Result<Self> {
+    pub fn load(
+        w: &Weights,
+        prefix: &str,
+        dim: usize,
+        hidden: usize,
+        act: Activation,
+    ) -> Result<Self> {
         Ok(GatedMlp {
             gate: Linear::load(w, &format!("{prefix}.gate_proj"), dim, hidden, false)?,
             up: Linear::load(w, &format!("{prefix}.up_proj"), dim, hidden, false)?,
@@ -152,7 +173,13 @@ pub fn inv_freq(dim: usize, base: f64) -> Vec<f32> {
 }
 
 /// cos and sin tables `(rows, cols)` from per-row, per-column angles.
-pub fn cos_sin(angles: &[f32], rows: usize, cols: usize, dtype: DType, dev: &Device) -> Result<(Tensor, Tensor)> {
+pub fn cos_sin(
+    angles: &[f32],
+    rows: usize,
+    cols: usize,
+    dtype: DType,
+    dev: &Device,
+) -> Result<(Tensor, Tensor)> {
     let cos: Vec<f32> = angles.iter().map(|a| a.cos()).collect();
     let sin: Vec<f32> = angles.iter().map(|a| a.sin()).collect();
     Ok((
@@ -179,7 +206,15 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, causal: bool) -
     let scores = if causal && sq > 1 {
         let offset = sk - sq;
         let mask: Vec<f32> = (0..sq)
-            .flat_map(|i| (0..sk).map(move |j| if j <= offset + i { 0.0 } else { f32::NEG_INFINITY }))
+            .flat_map(|i| {
+                (0..sk).map(move |j| {
+                    if j <= offset + i {
+                        0.0
+                    } else {
+                        f32::NEG_INFINITY
+                    }
+                })
+            })
             .collect();
         let mask = Tensor::from_vec(mask, (sq, sk), q.device())?;
         scores
@@ -195,9 +230,12 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, causal: bool) -
 
 /// Named intermediates of a forward pass (llama.cpp's `cb(cur, name, il)`), captured on request for
 /// parity tests and debugging. Costs one branch per name when nothing is captured.
+/// Names asked for, and the tensors captured so far.
+type Capture = (Vec<String>, Vec<(String, Tensor)>);
+
 #[derive(Default)]
 pub struct Taps {
-    wanted: std::sync::Mutex<Option<(Vec<String>, Vec<(String, Tensor)>)>>,
+    wanted: std::sync::Mutex<Option<Capture>>,
 }
 
 impl Taps {
@@ -235,5 +273,8 @@ impl Taps {
 
 /// Softmax over the last dim in f32, for tests and samplers.
 pub fn softmax_f32(x: &Tensor) -> Result<Tensor> {
-    Ok(candle_nn::ops::softmax(&x.to_dtype(DType::F32)?, D::Minus1)?)
+    Ok(candle_nn::ops::softmax(
+        &x.to_dtype(DType::F32)?,
+        D::Minus1,
+    )?)
 }

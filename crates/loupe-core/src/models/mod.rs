@@ -19,7 +19,13 @@ pub trait VisionLanguageModel: Send + Sync {
     /// Input embeddings `(1, seq, hidden)`, image features placed over the image tokens.
     fn embed(&self, ids: &[u32], image_features: Option<&Tensor>) -> Result<Tensor>;
     /// Decoder step; f32 logits for every position (`all_logits`) or for the last one.
-    fn forward(&self, embeds: &Tensor, positions: &[[i64; 3]], cache: &mut KvCache, all_logits: bool) -> Result<Tensor>;
+    fn forward(
+        &self,
+        embeds: &Tensor,
+        positions: &[[i64; 3]],
+        cache: &mut KvCache,
+        all_logits: bool,
+    ) -> Result<Tensor>;
     fn new_cache(&self) -> KvCache;
     /// Token ids of the image placeholder and the vision start marker.
     fn image_token_id(&self) -> u32;
@@ -39,7 +45,13 @@ impl VisionLanguageModel for qwen2_vl::Qwen2Vl {
     fn embed(&self, ids: &[u32], image_features: Option<&Tensor>) -> Result<Tensor> {
         qwen2_vl::Qwen2Vl::embed(self, ids, image_features)
     }
-    fn forward(&self, embeds: &Tensor, positions: &[[i64; 3]], cache: &mut KvCache, all_logits: bool) -> Result<Tensor> {
+    fn forward(
+        &self,
+        embeds: &Tensor,
+        positions: &[[i64; 3]],
+        cache: &mut KvCache,
+        all_logits: bool,
+    ) -> Result<Tensor> {
         qwen2_vl::Qwen2Vl::forward(self, embeds, positions, cache, all_logits)
     }
     fn new_cache(&self) -> KvCache {

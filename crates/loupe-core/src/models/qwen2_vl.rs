@@ -6,7 +6,9 @@
 
 use candle_core::{DType, Device, Tensor, D};
 
-use super::layers::{attention, cos_sin, inv_freq, rope, Activation, GatedMlp, LayerNorm, Linear, RmsNorm, Taps};
+use super::layers::{
+    attention, cos_sin, inv_freq, rope, Activation, GatedMlp, LayerNorm, Linear, RmsNorm, Taps,
+};
 use crate::error::{Error, Result};
 use crate::generate::kv_cache::KvCache;
 use crate::image::PixelBatch;
@@ -26,8 +28,11 @@ pub fn sanitize(name: &str) -> String {
 }
 
 fn activation(name: &str, field: &str) -> Result<Activation> {
-    Activation::from_name(name)
-        .ok_or_else(|| Error::InvalidInput(format!("config.json: {field} `{name}` is not a supported activation")))
+    Activation::from_name(name).ok_or_else(|| {
+        Error::InvalidInput(format!(
+            "config.json: {field} `{name}` is not a supported activation"
+        ))
+    })
 }
 
 // ---------------------------------------------------------------- vision tower
@@ -61,7 +66,13 @@ impl VisionTower {
         let patch_dim = v.in_channels * v.temporal_patch_size * v.patch_size * v.patch_size;
         let conv = w.get(
             "visual.patch_embed.proj.weight",
-            &[e, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size],
+            &[
+                e,
+                v.in_channels,
+                v.temporal_patch_size,
+                v.patch_size,
+                v.patch_size,
+            ],
         )?;
         let hidden = cfg.vision_intermediate();
         let blocks = (0..v.depth)
@@ -152,7 +163,10 @@ impl VisionTower {
                 )?);
                 start += len;
             }
-            let attn = Tensor::cat(&outs, 2)?.squeeze(0)?.transpose(0, 1)?.reshape((n, self.heads * self.head_dim))?;
+            let attn = Tensor::cat(&outs, 2)?
+                .squeeze(0)?
+                .transpose(0, 1)?
+                .reshape((n, self.heads * self.head_dim))?;
             x = (x + blk.proj.forward(&attn)?)?;
             let h = blk.norm2.forward(&x)?;
             let h = blk.fc2.forward(&self.act.forward(&blk.fc1.forward(&h)?)?)?;
@@ -162,7 +176,9 @@ impl VisionTower {
         let m2 = self.merge * self.merge;
         let e = x.dim(1)?;
         let x = self.ln_q.forward(&x)?.reshape((n / m2, e * m2))?;
-        let x = self.merger_fc2.forward(&self.merger_fc1.forward(&x)?.gelu_erf()?)?;
+        let x = self
+            .merger_fc2
+            .forward(&self.merger_fc1.forward(&x)?.gelu_erf()?)?;
         taps.record("vision.merger", None, &x);
         Ok(x)
     }
@@ -203,11 +219,40 @@ impl Qwen2Vl {
             .map(|i| {
                 let p = format!("model.layers.{i}");
                 Ok(DecoderLayer {
-                    input_layernorm: RmsNorm::load(w, &format!("{p}.input_layernorm"), dim, t.rms_norm_eps)?,
-                    q_proj: Linear::load(w, &format!("{p}.self_attn.q_proj"), dim, t.num_attention_heads * hd, true)?,
-                    k_proj: Linear::load(w, &format!("{p}.self_attn.k_proj"), dim, t.num_key_value_heads * hd, true)?,
-                    v_proj: Linear::load(w, &format!("{p}.self_attn.v_proj"), dim, t.num_key_value_heads * hd, true)?,
-                    o_proj: Linear::load(w, &format!("{p}.self_attn.o_proj"), t.num_attention_heads * hd, dim, false)?,
+                    input_layernorm: RmsNorm::load(
+                        w,
+                        &format!("{p}.input_layernorm"),
+                        dim,
+                        t.rms_norm_eps,
+                    )?,
+                    q_proj: Linear::load(
+                        w,
+                        &format!("{p}.self_attn.q_proj"),
+                        dim,
+                        t.num_attention_heads * hd,
+                        true,
+                    )?,
+                    k_proj: Linear::load(
+                        w,
+                        &format!("{p}.self_attn.k_proj"),
+                        dim,
+                        t.num_key_value_heads * hd,
+                        true,
+                    )?,
+                    v_proj: Linear::load(
+                        w,
+                        &format!("{p}.self_attn.v_proj"),
+                        dim,
+                        t.num_key_value_heads * hd,
+                        true,
+                    )?,
+                    o_proj: Linear::load(
+                        w,
+                        &format!("{p}.self_attn.o_proj"),
+                        t.num_attention_heads * hd,
+                        dim,
+                        false,
+                    )?,
                     post_attention_layernorm: RmsNorm::load(
                         w,
                         &format!("{p}.post_attention_layernorm"),
@@ -260,8 +305,12 @@ impl Qwen2Vl {
                 pixels.patch_dim
             )));
         }
-        let x = Tensor::from_slice(&pixels.pixel_values, (pixels.n_patches(), pixels.patch_dim), &self.device)?
-            .to_dtype(self.dtype)?;
+        let x = Tensor::from_slice(
+            &pixels.pixel_values,
+            (pixels.n_patches(), pixels.patch_dim),
+            &self.device,
+        )?
+        .to_dtype(self.dtype)?;
         self.vision.forward(&x, &pixels.grids, &self.taps)
     }
 
@@ -303,9 +352,15 @@ impl Qwen2Vl {
             i += run;
         }
         if grids.next().is_some() {
-            return Err(Error::InvalidInput("more images than image placeholders in the prompt".into()));
+            return Err(Error::InvalidInput(
+                "more images than image placeholders in the prompt".into(),
+            ));
         }
-        let max = pos.iter().flat_map(|p| p.iter().copied()).max().unwrap_or(-1);
+        let max = pos
+            .iter()
+            .flat_map(|p| p.iter().copied())
+            .max()
+            .unwrap_or(-1);
         Ok((pos, max + 1 - ids.len() as i64))
     }
 
@@ -313,14 +368,21 @@ impl Qwen2Vl {
     pub fn embed(&self, ids: &[u32], image_features: Option<&Tensor>) -> Result<Tensor> {
         let vocab = self.cfg.text.vocab_size;
         if let Some(&bad) = ids.iter().find(|&&x| x as usize >= vocab) {
-            return Err(Error::InvalidInput(format!("token id {bad} is outside the vocabulary ({vocab})")));
+            return Err(Error::InvalidInput(format!(
+                "token id {bad} is outside the vocabulary ({vocab})"
+            )));
         }
         let idx = Tensor::from_slice(ids, ids.len(), &self.device)?;
         let text = self.embed_tokens.index_select(&idx, 0)?;
-        let n_image = ids.iter().filter(|&&x| x == self.cfg.image_token_id).count();
+        let n_image = ids
+            .iter()
+            .filter(|&&x| x == self.cfg.image_token_id)
+            .count();
         let Some(feats) = image_features.filter(|_| n_image > 0) else {
             if n_image > 0 {
-                return Err(Error::InvalidInput("the prompt has image placeholders but no images".into()));
+                return Err(Error::InvalidInput(
+                    "the prompt has image placeholders but no images".into(),
+                ));
             }
             return Ok(text.unsqueeze(0)?);
         };
@@ -335,7 +397,10 @@ impl Qwen2Vl {
         let (mut i, mut f) = (0, 0);
         while i < ids.len() {
             let is_img = ids[i] == self.cfg.image_token_id;
-            let run = ids[i..].iter().take_while(|&&x| (x == self.cfg.image_token_id) == is_img).count();
+            let run = ids[i..]
+                .iter()
+                .take_while(|&&x| (x == self.cfg.image_token_id) == is_img)
+                .count();
             parts.push(if is_img {
                 f += run;
                 feats.narrow(0, f - run, run)?
@@ -352,7 +417,15 @@ impl Qwen2Vl {
     fn text_rotary(&self, positions: &[[i64; 3]]) -> Result<(Tensor, Tensor)> {
         let sec = &self.cfg.text.mrope_section;
         let stream_of: Vec<usize> = (0..self.inv_freq.len())
-            .map(|j| if j < sec[0] { 0 } else if j < sec[0] + sec[1] { 1 } else { 2 })
+            .map(|j| {
+                if j < sec[0] {
+                    0
+                } else if j < sec[0] + sec[1] {
+                    1
+                } else {
+                    2
+                }
+            })
             .collect();
         let angles: Vec<f32> = positions
             .iter()
@@ -363,7 +436,13 @@ impl Qwen2Vl {
                     .map(move |(f, &s)| p[s] as f32 * f)
             })
             .collect();
-        cos_sin(&angles, positions.len(), self.inv_freq.len(), self.dtype, &self.device)
+        cos_sin(
+            &angles,
+            positions.len(),
+            self.inv_freq.len(),
+            self.dtype,
+            &self.device,
+        )
     }
 
     /// Runs the decoder over `embeds` `(1, seq, hidden)` at `positions`, appending to `cache`.
@@ -384,7 +463,10 @@ impl Qwen2Vl {
         for (i, (layer, kv)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate() {
             let h = layer.input_layernorm.forward(&x)?;
             let heads = |proj: &Linear, n: usize| -> Result<Tensor> {
-                Ok(proj.forward(&h)?.reshape((b, seq, n, hd))?.transpose(1, 2)?)
+                Ok(proj
+                    .forward(&h)?
+                    .reshape((b, seq, n, hd))?
+                    .transpose(1, 2)?)
             };
             let q = rope(&heads(&layer.q_proj, t.num_attention_heads)?, &cos, &sin)?;
             let k = rope(&heads(&layer.k_proj, t.num_key_value_heads)?, &cos, &sin)?;
@@ -398,7 +480,11 @@ impl Qwen2Vl {
             x = (&x + layer.mlp.forward(&h)?)?;
             self.taps.record("text.layer", Some(i), &x);
         }
-        let x = if all_logits { x } else { x.narrow(1, seq - 1, 1)? };
+        let x = if all_logits {
+            x
+        } else {
+            x.narrow(1, seq - 1, 1)?
+        };
         let x = self.norm.forward(&x)?;
         let logits = self.lm_head.forward(&x)?.squeeze(0)?.to_dtype(DType::F32)?;
         Ok(logits)

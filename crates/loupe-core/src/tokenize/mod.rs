@@ -1,7 +1,7 @@
 //! Text to token ids and back: the checkpoint's `tokenizer.json` and its own Jinja chat template.
 
-mod template;
 mod stream;
+mod template;
 
 pub use stream::TextStream;
 pub use template::{ChatTemplate, Content, Message};

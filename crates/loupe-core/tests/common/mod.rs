@@ -26,20 +26,32 @@ impl Reference {
             .and_then(|m| m.get("meta"))
             .map(|s| serde_json::from_str(s).expect("meta json"))
             .unwrap_or(Value::Null);
-        let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).expect("fixture tensors");
+        let tensors =
+            candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).expect("fixture tensors");
         Reference { tensors, meta }
     }
 
     pub fn get(&self, name: &str) -> &Tensor {
-        self.tensors.get(name).unwrap_or_else(|| panic!("fixture has no `{name}`"))
+        self.tensors
+            .get(name)
+            .unwrap_or_else(|| panic!("fixture has no `{name}`"))
     }
 
     pub fn ids(&self, name: &str) -> Vec<u32> {
-        self.get(name).to_vec1::<i64>().unwrap().into_iter().map(|x| x as u32).collect()
+        self.get(name)
+            .to_vec1::<i64>()
+            .unwrap()
+            .into_iter()
+            .map(|x| x as u32)
+            .collect()
     }
 
     pub fn f32s(&self, name: &str) -> Vec<f32> {
-        self.get(name).flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        self.get(name)
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
     }
 
     pub fn grids(&self, name: &str) -> Vec<[usize; 3]> {
@@ -82,5 +94,8 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> (f32, usize) {
         .zip(b)
         .map(|(x, y)| (x - y).abs())
         .enumerate()
-        .fold((0.0, 0), |(m, mi), (i, d)| if d > m { (d, i) } else { (m, mi) })
+        .fold(
+            (0.0, 0),
+            |(m, mi), (i, d)| if d > m { (d, i) } else { (m, mi) },
+        )
 }

@@ -1,0 +1,343 @@
+//! The `loupe` binary as a user runs it: greedy tokens equal to transformers', and one clear line with
+//! exit code 2 for every kind of bad input.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+fn model(name: &str) -> PathBuf {
+    fixtures().join("qwen2_vl").join(name)
+}
+
+fn image(name: &str) -> PathBuf {
+    fixtures().join("images").join(name)
+}
+
+struct Out {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+fn loupe(args: &[&str]) -> Out {
+    let o = Command::new(env!("CARGO_BIN_EXE_loupe"))
+        .args(args)
+        .env("HF_HUB_CACHE", "/nonexistent-loupe-test-cache")
+        .output()
+        .expect("run loupe");
+    Out {
+        code: o.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+    }
+}
+
+/// Reference greedy tokens from the fixture (written by transformers).
+fn reference_tokens(name: &str, prompt: &str) -> Vec<u32> {
+    let bytes = std::fs::read(model(name).join("reference.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let t = st.tensor(&format!("{prompt}/greedy_tokens")).unwrap();
+    t.data()
+        .chunks(8)
+        .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as u32)
+        .collect()
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn run_json_gives_the_reference_greedy_tokens() {
+    for name in [
+        "gqa2_tied_published",
+        "mqa6_untied_bf16_v5",
+        "mha4_tied_bf16_v5",
+    ] {
+        let m = model(name);
+        let (a, b) = (image("odd_97x211.png"), image("alpha_150x100.png"));
+        let out = loupe(&[
+            "run",
+            "--model",
+            s(&m),
+            "--image",
+            s(&a),
+            "--image",
+            s(&b),
+            "--dtype",
+            "f32",
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "20",
+            "--json",
+            "Describe these two parts.",
+        ]);
+        assert_eq!(out.code, 0, "{name}: {}", out.stderr);
+        let v: serde_json::Value =
+            serde_json::from_str(out.stdout.trim()).expect("one JSON object on stdout");
+        let tokens: Vec<u32> = serde_json::from_value(v["tokens"].clone()).unwrap();
+        assert_eq!(tokens, reference_tokens(name, "two_images"), "{name}");
+        assert_eq!(v["prompt_tokens"], 99);
+        for k in ["load_ms", "vision_ms", "prefill_ms", "decode_ms"] {
+            assert!(v["timings"][k].as_f64().unwrap() >= 0.0, "{k}");
+        }
+        assert!(v["finish_reason"] == "length" || v["finish_reason"] == "stop");
+        // The summary line goes to stderr.
+        assert!(
+            out.stderr.contains("prefill") && out.stderr.contains("tok/s"),
+            "{}",
+            out.stderr
+        );
+    }
+}
+
+#[test]
+fn run_streams_text_and_sampling_is_reproducible() {
+    let m = model("gqa2_tied_published");
+    let args = [
+        "run",
+        "--model",
+        s(&m),
+        "--temperature",
+        "0.9",
+        "--top-p",
+        "0.95",
+        "--top-k",
+        "50",
+        "--seed",
+        "42",
+        "--max-tokens",
+        "12",
+        "--json",
+        "Is there a defect?",
+    ];
+    let (a, b) = (loupe(&args), loupe(&args));
+    assert_eq!(a.code, 0, "{}", a.stderr);
+    let (va, vb): (serde_json::Value, serde_json::Value) = (
+        serde_json::from_str(&a.stdout).unwrap(),
+        serde_json::from_str(&b.stdout).unwrap(),
+    );
+    assert_eq!(va["tokens"], vb["tokens"], "same seed, same tokens");
+    assert_eq!(va["text"], vb["text"]);
+    let greedy = loupe(&[
+        "run",
+        "--model",
+        s(&m),
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "12",
+        "--json",
+        "Is there a defect?",
+    ]);
+    let vg: serde_json::Value = serde_json::from_str(&greedy.stdout).unwrap();
+    assert_ne!(
+        va["tokens"], vg["tokens"],
+        "sampling at T=0.9 should differ from greedy"
+    );
+    let text = loupe(&["run", "--model", s(&m), "--max-tokens", "5", "hello"]);
+    assert_eq!(text.code, 0, "{}", text.stderr);
+    assert!(
+        !text.stdout.trim_start().starts_with('{'),
+        "plain run streams text, not JSON"
+    );
+}
+
+#[test]
+fn info_names_the_architecture_and_sizes() {
+    let out = loupe(&[
+        "info",
+        "--model",
+        s(&model("mqa6_untied_bf16_v5")),
+        "--json",
+    ]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(v["model_type"], "qwen2_vl");
+    assert_eq!(v["stored_dtype"], "bf16");
+    assert_eq!(v["kv_heads"], 1);
+    assert!(v["params_vision"].as_u64().unwrap() > 0 && v["params_text"].as_u64().unwrap() > 0);
+}
+
+/// Asserts a clean failure: exit code 2, one line on stderr, naming `what`, no panic.
+fn fails_clearly(out: &Out, what: &str) {
+    assert_eq!(out.code, 2, "exit code for {what}: stderr {}", out.stderr);
+    let lines: Vec<&str> = out
+        .stderr
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .collect();
+    assert_eq!(lines.len(), 1, "one line for {what}, got: {}", out.stderr);
+    assert!(lines[0].contains(what), "`{}` should name {what}", lines[0]);
+    assert!(!out.stderr.contains("panicked") && !out.stderr.contains("RUST_BACKTRACE"));
+}
+
+/// A copy of a fixture checkpoint that a test may break.
+fn scratch_model() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for e in std::fs::read_dir(model("gqa2_tied_published")).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), dir.path().join(e.file_name())).unwrap();
+    }
+    dir
+}
+
+fn run_on(m: &Path, extra: &[&str]) -> Out {
+    let mut args = vec!["run", "--model", s(m), "--max-tokens", "2"];
+    args.extend_from_slice(extra);
+    loupe(&args)
+}
+
+#[test]
+fn bad_models_fail_clearly() {
+    fails_clearly(
+        &run_on(Path::new("/no/such/model"), &["hi"]),
+        "/no/such/model",
+    );
+    fails_clearly(
+        &run_on(Path::new("nobody/no-such-model"), &["hi"]),
+        "nobody/no-such-model",
+    );
+
+    let d = scratch_model();
+    std::fs::remove_file(d.path().join("tokenizer.json")).unwrap();
+    fails_clearly(&run_on(d.path(), &["hi"]), "tokenizer.json");
+
+    let d = scratch_model();
+    std::fs::write(d.path().join("config.json"), "{ not json").unwrap();
+    fails_clearly(&run_on(d.path(), &["hi"]), "config.json");
+
+    let d = scratch_model();
+    let cfg = std::fs::read_to_string(d.path().join("config.json")).unwrap();
+    std::fs::write(
+        d.path().join("config.json"),
+        cfg.replace("\"qwen2_vl\"", "\"llava_next\""),
+    )
+    .unwrap();
+    fails_clearly(&run_on(d.path(), &["hi"]), "llava_next");
+
+    let d = scratch_model();
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.path().join("config.json")).unwrap())
+            .unwrap();
+    let mut cfg = cfg;
+    cfg["intermediate_size"] = serde_json::json!(100);
+    std::fs::write(d.path().join("config.json"), cfg.to_string()).unwrap();
+    fails_clearly(&run_on(d.path(), &["hi"]), "mlp.gate_proj.weight");
+
+    let d = scratch_model();
+    let mut cfg2 = cfg.clone();
+    cfg2["intermediate_size"] = serde_json::json!(128);
+    cfg2.as_object_mut().unwrap().remove("num_attention_heads");
+    std::fs::write(d.path().join("config.json"), cfg2.to_string()).unwrap();
+    fails_clearly(&run_on(d.path(), &["hi"]), "num_attention_heads");
+
+    let d = scratch_model();
+    let w = std::fs::read(d.path().join("model.safetensors")).unwrap();
+    std::fs::write(d.path().join("model.safetensors"), &w[..w.len() / 2]).unwrap();
+    fails_clearly(&run_on(d.path(), &["hi"]), "model.safetensors");
+
+    let d = scratch_model();
+    std::fs::write(d.path().join("model.safetensors"), b"").unwrap();
+    fails_clearly(&run_on(d.path(), &["hi"]), "model.safetensors");
+}
+
+#[test]
+fn bad_images_and_prompts_fail_clearly() {
+    let m = model("gqa2_tied_published");
+    let dir = tempfile::tempdir().unwrap();
+    let p = |n: &str| dir.path().join(n);
+
+    fails_clearly(
+        &run_on(&m, &["--image", "/no/such/image.png", "hi"]),
+        "/no/such/image.png",
+    );
+
+    let png = std::fs::read(image("odd_97x211.png")).unwrap();
+    std::fs::write(p("truncated.png"), &png[..png.len() / 2]).unwrap();
+    fails_clearly(
+        &run_on(&m, &["--image", s(&p("truncated.png")), "hi"]),
+        "truncated.png",
+    );
+
+    let jpg = std::fs::read(image("rotated_exif6.jpg")).unwrap();
+    std::fs::write(p("truncated.jpg"), &jpg[..jpg.len() * 2 / 3]).unwrap();
+    fails_clearly(
+        &run_on(&m, &["--image", s(&p("truncated.jpg")), "hi"]),
+        "truncated.jpg",
+    );
+
+    std::fs::write(p("text.png"), b"this is not an image at all").unwrap();
+    fails_clearly(
+        &run_on(&m, &["--image", s(&p("text.png")), "hi"]),
+        "text.png",
+    );
+
+    std::fs::write(p("empty.jpg"), b"").unwrap();
+    fails_clearly(
+        &run_on(&m, &["--image", s(&p("empty.jpg")), "hi"]),
+        "empty.jpg",
+    );
+
+    // A PNG whose header claims 0 x 10 pixels, and one that claims 20000 x 20000 (over the limit).
+    std::fs::write(p("zero.png"), png_header(0, 10)).unwrap();
+    fails_clearly(
+        &run_on(&m, &["--image", s(&p("zero.png")), "hi"]),
+        "zero.png",
+    );
+    std::fs::write(p("huge.png"), png_header(20000, 20000)).unwrap();
+    fails_clearly(
+        &run_on(&m, &["--image", s(&p("huge.png")), "hi"]),
+        "huge.png",
+    );
+
+    // Aspect ratio over 200.
+    let img = image::RgbImage::from_pixel(402, 2, image::Rgb([10, 20, 30]));
+    img.save(p("sliver.png")).unwrap();
+    let out = run_on(&m, &["--image", s(&p("sliver.png")), "hi"]);
+    fails_clearly(&out, "sliver.png");
+    assert!(out.stderr.contains("aspect ratio"));
+
+    fails_clearly(&run_on(&m, &[""]), "prompt is empty");
+    fails_clearly(&run_on(&m, &["--dtype", "f64", "hi"]), "--dtype");
+    fails_clearly(
+        &run_on(&m, &["--top-p", "1.5", "--temperature", "1", "hi"]),
+        "--top-p",
+    );
+    fails_clearly(
+        &run_on(&m, &["--min-pixels", "90000", "--max-pixels", "1000", "hi"]),
+        "--min-pixels",
+    );
+}
+
+/// A PNG signature and IHDR chunk declaring `w x h` RGB, with no image data after it.
+fn png_header(w: u32, h: u32) -> Vec<u8> {
+    let mut v = vec![0x89, b'P', b'N', b'G', 0x0D, 0x0A, 0x1A, 0x0A];
+    let mut ihdr = b"IHDR".to_vec();
+    ihdr.extend_from_slice(&w.to_be_bytes());
+    ihdr.extend_from_slice(&h.to_be_bytes());
+    ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
+    v.extend_from_slice(&13u32.to_be_bytes());
+    v.extend_from_slice(&ihdr);
+    v.extend_from_slice(&crc32(&ihdr).to_be_bytes());
+    v
+}
+
+fn crc32(data: &[u8]) -> u32 {
+    let mut c = 0xFFFF_FFFFu32;
+    for &b in data {
+        c ^= u32::from(b);
+        for _ in 0..8 {
+            c = if c & 1 != 0 {
+                0xEDB8_8320 ^ (c >> 1)
+            } else {
+                c >> 1
+            };
+        }
+    }
+    !c
+}
