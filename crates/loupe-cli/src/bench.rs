@@ -125,6 +125,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     let out = serde_json::json!({
         "model": engine.files.dir.display().to_string(),
         "dtype": format!("{:?}", engine.dtype).to_lowercase(),
+        "quant": engine.quant.map(|q| format!("{q:?}").to_lowercase()),
         "threads": candle_core::utils::get_num_threads(),
         "load_ms": engine.load_ms,
         "image_encode": images,

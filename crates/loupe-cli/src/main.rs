@@ -32,7 +32,20 @@ enum Command {
 /// Exit code for bad input (files, flags, prompt), as documented.
 const EXIT_BAD_INPUT: u8 = 2;
 
+/// Keeps freed tensor buffers in the process instead of returning them to the kernel after every op:
+/// with glibc's defaults each large activation is a fresh mmap whose pages are faulted in and zeroed
+/// again, which cost a quarter of the vision tower's time on 2 cores.
+fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator thresholds; called before any other thread starts.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+    }
+}
+
 fn main() -> ExitCode {
+    tune_allocator();
     // A bug must still end in one line, not a backtrace.
     std::panic::set_hook(Box::new(|info| {
         let msg = info
@@ -89,6 +102,9 @@ pub struct ModelArgs {
     /// Compute dtype: f32, bf16 or f16 (default: the checkpoint's).
     #[arg(long)]
     pub dtype: Option<String>,
+    /// Quantize the projections at load: q8_0, q6_k, q5_k, q4_k or q4_0 (computes in f32).
+    #[arg(long)]
+    pub quant: Option<String>,
     /// Compute threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,

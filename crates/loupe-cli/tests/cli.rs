@@ -341,3 +341,47 @@ fn crc32(data: &[u8]) -> u32 {
     }
     !c
 }
+
+#[test]
+fn hub_ids_resolve_offline_in_the_hf_cache() {
+    // <cache>/models--org--name/refs/main holds the commit; snapshots/<commit>/ holds the files.
+    let cache = tempfile::tempdir().unwrap();
+    let repo = cache.path().join("models--loupe-test--tiny-qwen2-vl");
+    let commit = "0123456789abcdef0123456789abcdef01234567";
+    let snap = repo.join("snapshots").join(commit);
+    std::fs::create_dir_all(&snap).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), commit).unwrap();
+    for e in std::fs::read_dir(model("gqa2_tied_published")).unwrap() {
+        let e = e.unwrap();
+        std::os::unix::fs::symlink(e.path(), snap.join(e.file_name())).unwrap();
+    }
+    let run = |env: (&str, &Path), id: &str| {
+        Command::new(env!("CARGO_BIN_EXE_loupe"))
+            .args(["info", "--model", id, "--json"])
+            .env_remove("HF_HUB_CACHE")
+            .env_remove("HF_HOME")
+            .env(env.0, env.1)
+            .output()
+            .unwrap()
+    };
+    let o = run(("HF_HUB_CACHE", cache.path()), "loupe-test/tiny-qwen2-vl");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(v["path"].as_str().unwrap().ends_with(commit));
+    // HF_HOME/hub, and a revision given by commit.
+    let home = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(cache.path(), home.path().join("hub")).unwrap();
+    let o = run(
+        ("HF_HOME", home.path()),
+        &format!("loupe-test/tiny-qwen2-vl@{commit}"),
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // An unknown revision names what is missing.
+    let o = run(
+        ("HF_HUB_CACHE", cache.path()),
+        "loupe-test/tiny-qwen2-vl@v9",
+    );
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("v9"));
+}

@@ -4,6 +4,7 @@
 use std::path::Path;
 use std::time::Instant;
 
+use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device};
 
 use crate::error::{Error, Result};
@@ -19,8 +20,10 @@ use crate::tokenize::{ChatTemplate, Message, Tokenizer};
 
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
-    /// Compute dtype; `None` keeps the checkpoint's.
+    /// Compute dtype; `None` keeps the checkpoint's (f32 when quantizing).
     pub dtype: Option<DType>,
+    /// Quantize the projections at load (GGML block formats); see docs/quantization.md.
+    pub quant: Option<GgmlDType>,
     pub device: Device,
 }
 
@@ -28,8 +31,23 @@ impl Default for LoadOptions {
     fn default() -> Self {
         LoadOptions {
             dtype: None,
+            quant: None,
             device: Device::Cpu,
         }
+    }
+}
+
+/// Parses `q8_0`, `q6_k`, `q5_k`, `q4_k`, `q4_0`.
+pub fn parse_quant(s: &str) -> Result<GgmlDType> {
+    match s.to_ascii_lowercase().as_str() {
+        "q8_0" => Ok(GgmlDType::Q8_0),
+        "q6_k" => Ok(GgmlDType::Q6K),
+        "q5_k" => Ok(GgmlDType::Q5K),
+        "q4_k" => Ok(GgmlDType::Q4K),
+        "q4_0" => Ok(GgmlDType::Q4_0),
+        other => Err(Error::InvalidInput(format!(
+            "--quant `{other}` is not one of q8_0, q6_k, q5_k, q4_k, q4_0"
+        ))),
     }
 }
 
@@ -53,6 +71,7 @@ pub struct Engine {
     pub generation_config: GenerationConfig,
     pub model: Box<dyn VisionLanguageModel>,
     pub dtype: DType,
+    pub quant: Option<GgmlDType>,
     pub stored_dtype: Option<String>,
     pub load_ms: f64,
     image_pad: String,
@@ -100,8 +119,20 @@ impl Engine {
         let stored_dtype = weights_probe.stored_dtype();
         let from_file = stored_dtype.as_deref().and_then(|d| parse_dtype(d).ok());
         drop(weights_probe);
-        let dtype = opts.dtype.or(from_file).or(stored).unwrap_or(DType::F32);
-        let weights = Weights::open(&files.weights, dtype, &opts.device, qwen2_vl::sanitize)?;
+        let dtype = match opts.quant {
+            // Quantized products take f32 activations; the dense rest follows.
+            Some(_) => match opts.dtype {
+                None | Some(DType::F32) => DType::F32,
+                Some(other) => {
+                    return Err(Error::InvalidInput(format!(
+                        "--quant computes in f32; drop --dtype {other:?} or use --dtype f32"
+                    )))
+                }
+            },
+            None => opts.dtype.or(from_file).or(stored).unwrap_or(DType::F32),
+        };
+        let weights = Weights::open(&files.weights, dtype, &opts.device, qwen2_vl::sanitize)?
+            .with_quant(opts.quant);
         let model = qwen2_vl::Qwen2Vl::load(cfg, &weights)?;
         Ok(Engine {
             files,
@@ -111,6 +142,7 @@ impl Engine {
             generation_config,
             model: Box::new(model),
             dtype,
+            quant: opts.quant,
             stored_dtype,
             load_ms: t0.elapsed().as_secs_f64() * 1e3,
             image_pad,

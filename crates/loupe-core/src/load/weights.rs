@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
+use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
 use memmap2::Mmap;
 use safetensors::tensor::TensorInfo;
@@ -24,6 +25,7 @@ pub struct Weights {
     index: HashMap<String, (usize, TensorInfo)>,
     device: Device,
     dtype: DType,
+    quant: Option<GgmlDType>,
 }
 
 impl Weights {
@@ -61,11 +63,22 @@ impl Weights {
             index,
             device: device.clone(),
             dtype,
+            quant: None,
         })
     }
 
     pub fn dtype(&self) -> DType {
         self.dtype
+    }
+
+    /// Quantizes the projections a model loads with `Linear::load` (quantization at load).
+    pub fn with_quant(mut self, quant: Option<GgmlDType>) -> Self {
+        self.quant = quant;
+        self
+    }
+
+    pub fn quant(&self) -> Option<GgmlDType> {
+        self.quant
     }
 
     pub fn device(&self) -> &Device {

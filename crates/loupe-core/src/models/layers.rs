@@ -1,19 +1,71 @@
 //! The layers every model here is built from: linear, norms, activations, rotary embedding,
 //! grouped-query attention. Model files combine these; they do not re-implement them.
 
-use candle_core::{DType, Device, Tensor, D};
+use std::sync::Arc;
+
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{DType, Device, Module, Tensor, D};
 
 use crate::error::Result;
 use crate::load::weights::Weights;
 
+/// A weight matrix `(out, in)`: dense in the compute dtype, or GGML block-quantized (then the product
+/// runs in candle's runtime-dispatched AVX2 / AVX-512-VNNI / NEON kernels, with f32 activations).
+#[derive(Debug, Clone)]
+pub enum Matrix {
+    Dense(Tensor),
+    Quantized(Arc<QMatMul>),
+}
+
+impl Matrix {
+    /// Quantizes an f32 `(out, in)` matrix.
+    pub fn quantize(t: &Tensor, q: GgmlDType) -> Result<Self> {
+        let qt = QTensor::quantize(&t.to_dtype(DType::F32)?, q)?;
+        Ok(Matrix::Quantized(Arc::new(QMatMul::from_qtensor(qt)?)))
+    }
+
+    /// Loads `name` as `(out, in)`, quantized with `q` when given and the row length allows it (a
+    /// multiple of the format's block); otherwise dense in the weights' dtype.
+    pub fn load(
+        w: &Weights,
+        name: &str,
+        out_dim: usize,
+        in_dim: usize,
+        q: Option<GgmlDType>,
+    ) -> Result<Self> {
+        match q.filter(|q| in_dim % q.block_size() == 0) {
+            Some(q) => Self::quantize(&w.get_as(name, &[out_dim, in_dim], DType::F32)?, q),
+            None => Ok(Matrix::Dense(w.get(name, &[out_dim, in_dim])?)),
+        }
+    }
+
+    /// `x W^T` for 2D `x`.
+    fn matmul_t(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Matrix::Dense(w) => x.matmul(&w.t()?)?,
+            Matrix::Quantized(q) => q.forward(&x.to_dtype(DType::F32)?)?.to_dtype(x.dtype())?,
+        })
+    }
+
+    /// Rows of the matrix (embedding lookup), in f32 when quantized.
+    fn rows(&self, ids: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Matrix::Dense(w) => w.index_select(ids, 0)?,
+            Matrix::Quantized(q) => q.embedding(ids)?,
+        })
+    }
+}
+
 /// `y = x W^T + b`, with `W` stored `(out, in)` as in the checkpoint.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    weight: Tensor,
+    weight: Matrix,
     bias: Option<Tensor>,
+    out_dim: usize,
 }
 
 impl Linear {
+    /// Loads a projection, quantized when the weights were opened with a quantization format.
     pub fn load(
         w: &Weights,
         prefix: &str,
@@ -21,37 +73,97 @@ impl Linear {
         out_dim: usize,
         bias: bool,
     ) -> Result<Self> {
-        let weight = w.get(&format!("{prefix}.weight"), &[out_dim, in_dim])?;
+        Self::load_as(w, prefix, in_dim, out_dim, bias, w.quant())
+    }
+
+    /// Loads a projection that the quantization policy keeps in the compute dtype.
+    pub fn load_dense(
+        w: &Weights,
+        prefix: &str,
+        in_dim: usize,
+        out_dim: usize,
+        bias: bool,
+    ) -> Result<Self> {
+        Self::load_as(w, prefix, in_dim, out_dim, bias, None)
+    }
+
+    fn load_as(
+        w: &Weights,
+        prefix: &str,
+        in_dim: usize,
+        out_dim: usize,
+        bias: bool,
+        q: Option<GgmlDType>,
+    ) -> Result<Self> {
+        let weight = Matrix::load(w, &format!("{prefix}.weight"), out_dim, in_dim, q)?;
         let bias = if bias {
             Some(w.get(&format!("{prefix}.bias"), &[out_dim])?)
         } else {
             None
         };
-        Ok(Linear { weight, bias })
+        Ok(Linear {
+            weight,
+            bias,
+            out_dim,
+        })
+    }
+
+    pub fn new(weight: Matrix, bias: Option<Tensor>, out_dim: usize) -> Self {
+        Linear {
+            weight,
+            bias,
+            out_dim,
+        }
     }
 
     pub fn from_weight(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Linear { weight, bias }
+        let out_dim = weight.dims()[0];
+        Linear {
+            weight: Matrix::Dense(weight),
+            bias,
+            out_dim,
+        }
     }
 
     pub fn out_dim(&self) -> usize {
-        self.weight.dims()[0]
+        self.out_dim
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let in_dim = *dims.last().unwrap_or(&0);
         let rows = x.elem_count() / in_dim.max(1);
-        let x2 = x.reshape((rows, in_dim))?;
-        let mut y = x2.matmul(&self.weight.t()?)?;
+        let mut y = self.weight.matmul_t(&x.reshape((rows, in_dim))?)?;
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;
         }
         let mut out_dims = dims;
         if let Some(last) = out_dims.last_mut() {
-            *last = self.out_dim();
+            *last = self.out_dim;
         }
         Ok(y.reshape(out_dims)?)
+    }
+}
+
+/// Token embeddings, possibly sharing a quantized matrix with a tied `lm_head`.
+#[derive(Debug, Clone)]
+pub struct Embedding {
+    table: Matrix,
+    dtype: DType,
+}
+
+impl Embedding {
+    pub fn new(table: Matrix, dtype: DType) -> Self {
+        Embedding { table, dtype }
+    }
+
+    pub fn table(&self) -> &Matrix {
+        &self.table
+    }
+
+    /// `(n, hidden)` rows for `ids`, in the compute dtype.
+    pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        Ok(self.table.rows(ids)?.to_dtype(self.dtype)?)
     }
 }
 

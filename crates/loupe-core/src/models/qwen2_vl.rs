@@ -4,10 +4,12 @@
 //! Three parts, as in llama.cpp's model files: hyper-parameters (`Qwen2VlConfig`), tensors (`load`),
 //! forward graph (`encode_images`, `forward`). Modules are named like the checkpoint's tensors.
 
+use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor, D};
 
 use super::layers::{
-    attention, cos_sin, inv_freq, rope, Activation, GatedMlp, LayerNorm, Linear, RmsNorm, Taps,
+    attention, cos_sin, inv_freq, rope, Activation, Embedding, GatedMlp, LayerNorm, Linear, Matrix,
+    RmsNorm, Taps,
 };
 use crate::error::{Error, Result};
 use crate::generate::kv_cache::KvCache;
@@ -94,8 +96,9 @@ impl VisionTower {
             patch_embed: Linear::from_weight(conv.reshape((e, patch_dim))?, None),
             blocks,
             ln_q: LayerNorm::load(w, "visual.merger.ln_q", e, 1e-6)?,
-            merger_fc1: Linear::load(w, "visual.merger.mlp.0", m2, m2, true)?,
-            merger_fc2: Linear::load(w, "visual.merger.mlp.2", m2, v.hidden_size, true)?,
+            // Quantization policy: the merger (the vision tower's output projection) stays dense.
+            merger_fc1: Linear::load_dense(w, "visual.merger.mlp.0", m2, m2, true)?,
+            merger_fc2: Linear::load_dense(w, "visual.merger.mlp.2", m2, v.hidden_size, true)?,
             act: activation(&v.hidden_act, "vision_config.hidden_act")?,
             heads: v.num_heads,
             head_dim,
@@ -199,7 +202,7 @@ struct DecoderLayer {
 pub struct Qwen2Vl {
     pub cfg: Qwen2VlConfig,
     vision: VisionTower,
-    embed_tokens: Tensor,
+    embed_tokens: Embedding,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
     lm_head: Linear,
@@ -214,7 +217,13 @@ impl Qwen2Vl {
         let t = &cfg.text;
         let (hd, dim) = (t.head_dim(), t.hidden_size);
         let act = activation(&t.hidden_act, "hidden_act")?;
-        let embed_tokens = w.get("model.embed_tokens.weight", &[t.vocab_size, dim])?;
+        // Quantization policy: embeddings and lm_head in Q8_0 for 8-bit runs, Q6_K below that (as
+        // llama.cpp's _M mixes keep the output matrix at 6 bits); a tied head shares one matrix.
+        let head_q = w.quant().map(|q| match q {
+            GgmlDType::Q8_0 => GgmlDType::Q8_0,
+            _ => GgmlDType::Q6K,
+        });
+        let embed = Matrix::load(w, "model.embed_tokens.weight", t.vocab_size, dim, head_q)?;
         let layers = (0..t.num_hidden_layers)
             .map(|i| {
                 let p = format!("model.layers.{i}");
@@ -265,10 +274,15 @@ impl Qwen2Vl {
             .collect::<Result<Vec<_>>>()?;
         // An untied checkpoint must ship lm_head; a tied one may ship it anyway (then it is used).
         let lm_head = if w.contains("lm_head.weight") || !t.tie_word_embeddings {
-            Linear::load(w, "lm_head", dim, t.vocab_size, false)?
+            Linear::new(
+                Matrix::load(w, "lm_head.weight", t.vocab_size, dim, head_q)?,
+                None,
+                t.vocab_size,
+            )
         } else {
-            Linear::from_weight(embed_tokens.clone(), None)
+            Linear::new(embed.clone(), None, t.vocab_size)
         };
+        let embed_tokens = Embedding::new(embed, w.dtype());
         Ok(Qwen2Vl {
             vision: VisionTower::load(&cfg, w)?,
             embed_tokens,
@@ -373,7 +387,7 @@ impl Qwen2Vl {
             )));
         }
         let idx = Tensor::from_slice(ids, ids.len(), &self.device)?;
-        let text = self.embed_tokens.index_select(&idx, 0)?;
+        let text = self.embed_tokens.forward(&idx)?;
         let n_image = ids
             .iter()
             .filter(|&&x| x == self.cfg.image_token_id)
