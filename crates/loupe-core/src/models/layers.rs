@@ -33,7 +33,7 @@ impl Matrix {
         in_dim: usize,
         q: Option<GgmlDType>,
     ) -> Result<Self> {
-        match q.filter(|q| in_dim % q.block_size() == 0) {
+        match q.filter(|q| in_dim.is_multiple_of(q.block_size())) {
             Some(q) => Self::quantize(&w.get_as(name, &[out_dim, in_dim], DType::F32)?, q),
             None => Ok(Matrix::Dense(w.get(name, &[out_dim, in_dim])?)),
         }
@@ -308,33 +308,82 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 
 /// Scaled dot-product attention with grouped KV heads, without copying K/V per query head.
 /// `q`: `(b, heads, sq, d)`; `k`, `v`: `(b, kv_heads, sk, d)`. With `causal`, query `i` sees keys
-/// `0..=sk - sq + i` (the queries are the last `sq` positions).
+/// `0..=sk - sq + i` (the queries are the last `sq` positions). Long query runs are processed in blocks
+/// so the score matrix never exceeds [`ATTENTION_BLOCK_BYTES`] (vision attention over thousands of
+/// patches would otherwise materialise gigabytes).
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, causal: bool) -> Result<Tensor> {
+    let (b, h, _, _) = q.dims4()?;
+    let sk = k.dim(2)?;
+    let rows = (ATTENTION_BLOCK_BYTES / (4 * b * h * sk).max(1)).max(16);
+    attention_in_blocks(q, k, v, scale, causal, rows)
+}
+
+/// [`attention`] with an explicit number of query rows per block.
+pub fn attention_in_blocks(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    causal: bool,
+    rows: usize,
+) -> Result<Tensor> {
+    let sq = q.dim(2)?;
+    let sk = k.dim(2)?;
+    if sq <= rows {
+        return attention_block(q, k, v, scale, causal.then_some(sk - sq));
+    }
+    let v = v.contiguous()?;
+    let mut outs = Vec::with_capacity(sq.div_ceil(rows));
+    for start in (0..sq).step_by(rows) {
+        let len = rows.min(sq - start);
+        let offset = causal.then_some(sk - sq + start);
+        outs.push(attention_block(
+            &q.narrow(2, start, len)?,
+            k,
+            &v,
+            scale,
+            offset,
+        )?);
+    }
+    Ok(Tensor::cat(&outs, 2)?)
+}
+
+/// Most bytes of f32 scores one attention block holds.
+pub const ATTENTION_BLOCK_BYTES: usize = 32 << 20;
+
+/// One block of queries; with `causal_offset = Some(o)`, query `i` sees keys `0..=o + i`.
+fn attention_block(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    causal_offset: Option<usize>,
+) -> Result<Tensor> {
     let (b, h, sq, d) = q.dims4()?;
     let (_, kvh, sk, _) = k.dims4()?;
     let groups = h / kvh;
     let q = q.contiguous()?.reshape((b, kvh, groups * sq, d))?;
     let scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
-    let scores = if causal && sq > 1 {
-        let offset = sk - sq;
-        let mask: Vec<f32> = (0..sq)
-            .flat_map(|i| {
-                (0..sk).map(move |j| {
-                    if j <= offset + i {
-                        0.0
-                    } else {
-                        f32::NEG_INFINITY
-                    }
+    let scores = match causal_offset {
+        Some(offset) if offset + 1 < sk => {
+            let mask: Vec<f32> = (0..sq)
+                .flat_map(|i| {
+                    (0..sk).map(move |j| {
+                        if j <= offset + i {
+                            0.0
+                        } else {
+                            f32::NEG_INFINITY
+                        }
+                    })
                 })
-            })
-            .collect();
-        let mask = Tensor::from_vec(mask, (sq, sk), q.device())?;
-        scores
-            .reshape((b, kvh, groups, sq, sk))?
-            .broadcast_add(&mask)?
-            .reshape((b, kvh, groups * sq, sk))?
-    } else {
-        scores
+                .collect();
+            let mask = Tensor::from_vec(mask, (sq, sk), q.device())?;
+            scores
+                .reshape((b, kvh, groups, sq, sk))?
+                .broadcast_add(&mask)?
+                .reshape((b, kvh, groups * sq, sk))?
+        }
+        _ => scores,
     };
     let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
     Ok(probs.matmul(&v.contiguous()?)?.reshape((b, h, sq, d))?)
@@ -389,4 +438,86 @@ pub fn softmax_f32(x: &Tensor) -> Result<Tensor> {
         &x.to_dtype(DType::F32)?,
         D::Minus1,
     )?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Plain attention, one head at a time, as the reference for the blocked and grouped version.
+    fn reference_attention(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        dims: (usize, usize, usize, usize, usize),
+        causal: bool,
+    ) -> Vec<f32> {
+        let (h, kvh, sq, sk, d) = dims;
+        let mut out = vec![0f32; h * sq * d];
+        for head in 0..h {
+            let kv = head / (h / kvh);
+            for i in 0..sq {
+                let visible = if causal { sk - sq + i + 1 } else { sk };
+                let qi = &q[(head * sq + i) * d..(head * sq + i + 1) * d];
+                let s: Vec<f64> = (0..visible)
+                    .map(|j| {
+                        let kj = &k[(kv * sk + j) * d..(kv * sk + j + 1) * d];
+                        qi.iter()
+                            .zip(kj)
+                            .map(|(a, b)| f64::from(*a) * f64::from(*b))
+                            .sum::<f64>()
+                            / (d as f64).sqrt()
+                    })
+                    .collect();
+                let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
+                for (j, sj) in s.iter().enumerate() {
+                    let p = (sj - m).exp() / z;
+                    for t in 0..d {
+                        out[(head * sq + i) * d + t] +=
+                            (p * f64::from(v[(kv * sk + j) * d + t])) as f32;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn blocked_grouped_attention_matches_reference() {
+        let dev = Device::Cpu;
+        // (heads, kv heads, queries, keys, head dim, causal, rows per block): odd sizes on purpose.
+        let cases = [
+            (4, 2, 13, 13, 8, true, 5),
+            (6, 1, 7, 20, 16, true, 3),
+            (3, 3, 33, 33, 12, false, 7),
+            (2, 1, 1, 9, 4, true, 16),
+            (8, 2, 40, 40, 20, false, 40),
+        ];
+        for (n, &(h, kvh, sq, sk, d, causal, rows)) in cases.iter().enumerate() {
+            let r = |len: usize, seed: u64| -> Vec<f32> {
+                (0..len)
+                    .map(|i| (((i as u64 * 2654435761 + seed * 97) % 1000) as f32 / 500.0) - 1.0)
+                    .collect()
+            };
+            let (qv, kv, vv) = (
+                r(h * sq * d, 1 + n as u64),
+                r(kvh * sk * d, 2),
+                r(kvh * sk * d, 3),
+            );
+            let q = Tensor::from_vec(qv.clone(), (1, h, sq, d), &dev).unwrap();
+            let k = Tensor::from_vec(kv.clone(), (1, kvh, sk, d), &dev).unwrap();
+            let v = Tensor::from_vec(vv.clone(), (1, kvh, sk, d), &dev).unwrap();
+            let scale = 1.0 / (d as f64).sqrt();
+            let got = attention_in_blocks(&q, &k, &v, scale, causal, rows).unwrap();
+            let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let want = reference_attention(&qv, &kv, &vv, (h, kvh, sq, sk, d), causal);
+            let diff = got
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(diff < 1e-5, "case {n}: max diff {diff}");
+        }
+    }
 }
