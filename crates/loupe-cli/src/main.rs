@@ -118,10 +118,16 @@ impl ModelArgs {
             .as_deref()
             .map(loupe_core::engine::parse_dtype)
             .transpose()?;
+        let quant = self
+            .quant
+            .as_deref()
+            .map(loupe_core::engine::parse_quant)
+            .transpose()?;
         loupe_core::Engine::load(
             &self.model,
             &loupe_core::LoadOptions {
                 dtype,
+                quant,
                 ..Default::default()
             },
         )

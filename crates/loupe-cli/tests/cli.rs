@@ -385,3 +385,30 @@ fn hub_ids_resolve_offline_in_the_hf_cache() {
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("v9"));
 }
+
+#[test]
+fn bench_reports_and_applies_quantization() {
+    let m = model("gqa2_tied_published");
+    let out = loupe(&[
+        "bench",
+        "--model",
+        s(&m),
+        "--quant",
+        "q8_0",
+        "--image-sizes",
+        "56",
+        "--prefill-tokens",
+        "8",
+        "--decode-tokens",
+        "4",
+    ]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(v["quant"], "q8_0");
+    assert_eq!(v["dtype"], "f32");
+    assert!(v["decode_tok_s"].as_f64().unwrap() > 0.0);
+    fails_clearly(
+        &loupe(&["bench", "--model", s(&m), "--quant", "q3"]),
+        "--quant",
+    );
+}

@@ -43,7 +43,21 @@ impl Matrix {
     fn matmul_t(&self, x: &Tensor) -> Result<Tensor> {
         Ok(match self {
             Matrix::Dense(w) => x.matmul(&w.t()?)?,
-            Matrix::Quantized(q) => q.forward(&x.to_dtype(DType::F32)?)?.to_dtype(x.dtype())?,
+            Matrix::Quantized(q) => {
+                let xf = x.to_dtype(DType::F32)?;
+                let y = match q.as_ref() {
+                    // candle 0.11's x86 kernels for many rows cover Q4_K and Q6_K; Q8_0, Q4_0 and Q5_K
+                    // fall back to a plain dot-product loop (~29 GFLOP/s on 2 AVX2 cores against 180 for
+                    // f32 gemm), so for prefill and vision we expand the blocks to f32 per call instead.
+                    QMatMul::QTensor(t)
+                        if xf.dim(0)? >= DEQUANT_MIN_ROWS && !fast_batched(t.dtype()) =>
+                    {
+                        xf.matmul(&t.dequantize(x.device())?.t()?)?
+                    }
+                    _ => q.forward(&xf)?,
+                };
+                y.to_dtype(x.dtype())?
+            }
         })
     }
 
@@ -54,6 +68,14 @@ impl Matrix {
             Matrix::Quantized(q) => q.embedding(ids)?,
         })
     }
+}
+
+/// Rows from which a quantized product without a fast many-row kernel runs as dequantize + f32 gemm.
+const DEQUANT_MIN_ROWS: usize = 16;
+
+/// Formats with a fast many-row kernel in candle 0.11 on x86 (measured: `docs/quantization.md`).
+fn fast_batched(q: GgmlDType) -> bool {
+    matches!(q, GgmlDType::Q4K | GgmlDType::Q6K)
 }
 
 /// `y = x W^T + b`, with `W` stored `(out, in)` as in the checkpoint.
