@@ -2,6 +2,7 @@
 
 mod bench;
 mod info;
+mod quantize;
 mod run;
 
 use std::process::ExitCode;
@@ -27,6 +28,8 @@ enum Command {
     Info(info::InfoArgs),
     /// Speed and memory of a model on this machine, as JSON.
     Bench(bench::BenchArgs),
+    /// Write a quantized copy of a model (one GGUF file) that loads without re-quantizing.
+    Quantize(quantize::QuantizeArgs),
 }
 
 /// Exit code for bad input (files, flags, prompt), as documented.
@@ -69,6 +72,7 @@ fn main() -> ExitCode {
         Command::Run(a) => run::run(a),
         Command::Info(a) => info::info(a),
         Command::Bench(a) => bench::bench(a),
+        Command::Quantize(a) => quantize::quantize(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -412,3 +412,88 @@ fn bench_reports_and_applies_quantization() {
         "--quant",
     );
 }
+
+#[test]
+fn quantize_writes_a_model_that_loads_without_requantizing() {
+    let m = model("gqa2_tied_published");
+    let out = tempfile::tempdir().unwrap();
+    let q = out.path().join("q8");
+    let r = loupe(&[
+        "quantize",
+        "--model",
+        s(&m),
+        "--quant",
+        "q8_0",
+        "--out",
+        s(&q),
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(q.join("model.gguf").is_file() && q.join("tokenizer.json").is_file());
+    // The quantized directory gives exactly what quantizing at load gives.
+    let args = |model: &Path, extra: &[&str]| {
+        let mut a = vec![
+            "run",
+            "--model",
+            s(model),
+            "--image",
+            s(&image("odd_97x211.png")).to_string().leak(),
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "12",
+            "--json",
+            "Describe this part.",
+        ]
+        .into_iter()
+        .map(String::from)
+        .collect::<Vec<_>>();
+        a.extend(extra.iter().map(|x| x.to_string()));
+        a
+    };
+    let run = |a: Vec<String>| {
+        let refs: Vec<&str> = a.iter().map(String::as_str).collect();
+        let o = loupe(&refs);
+        assert_eq!(o.code, 0, "{}", o.stderr);
+        let v: serde_json::Value = serde_json::from_str(&o.stdout).unwrap();
+        v["tokens"].clone()
+    };
+    assert_eq!(run(args(&q, &[])), run(args(&m, &["--quant", "q8_0"])));
+    let info = loupe(&["info", "--model", s(&q), "--json"]);
+    assert_eq!(info.code, 0, "{}", info.stderr);
+    // Refuses to overwrite, and refuses to quantize twice.
+    fails_clearly(
+        &loupe(&[
+            "quantize",
+            "--model",
+            s(&m),
+            "--quant",
+            "q8_0",
+            "--out",
+            s(&q),
+        ]),
+        "already holds a model",
+    );
+    let q2 = out.path().join("again");
+    fails_clearly(
+        &loupe(&[
+            "quantize",
+            "--model",
+            s(&q),
+            "--quant",
+            "q4_0",
+            "--out",
+            s(&q2),
+        ]),
+        "already quantized",
+    );
+    // A corrupt GGUF names the file.
+    let bad = out.path().join("bad");
+    std::fs::create_dir(&bad).unwrap();
+    for e in std::fs::read_dir(&q).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), bad.join(e.file_name())).unwrap();
+    }
+    let g = std::fs::read(q.join("model.gguf")).unwrap();
+    std::fs::write(bad.join("model.gguf"), &g[..g.len() / 3]).unwrap();
+    fails_clearly(&loupe(&["run", "--model", s(&bad), "hi"]), "model.gguf");
+}

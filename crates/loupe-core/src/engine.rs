@@ -113,26 +113,36 @@ impl Engine {
                         cfg.image_token_id
                     ),
                 })?;
-        let stored = cfg.dtype.as_deref().and_then(|d| parse_dtype(d).ok());
-        let weights_probe =
-            Weights::open(&files.weights, DType::F32, &opts.device, qwen2_vl::sanitize)?;
-        let stored_dtype = weights_probe.stored_dtype();
-        let from_file = stored_dtype.as_deref().and_then(|d| parse_dtype(d).ok());
-        drop(weights_probe);
-        let dtype = match opts.quant {
+        let prequantized = files
+            .weights
+            .iter()
+            .any(|p| p.extension().is_some_and(|e| e == "gguf"));
+        let dtype = if prequantized || opts.quant.is_some() {
             // Quantized products take f32 activations; the dense rest follows.
-            Some(_) => match opts.dtype {
+            match opts.dtype {
                 None | Some(DType::F32) => DType::F32,
                 Some(other) => {
                     return Err(Error::InvalidInput(format!(
-                        "--quant computes in f32; drop --dtype {other:?} or use --dtype f32"
+                        "quantized models compute in f32; drop --dtype {other:?} or use --dtype f32"
                     )))
                 }
-            },
-            None => opts.dtype.or(from_file).or(stored).unwrap_or(DType::F32),
+            }
+        } else if let Some(d) = opts.dtype {
+            d
+        } else {
+            // The checkpoint's own dtype: its largest tensor's (headers only), else config.json's.
+            let probe =
+                Weights::open(&files.weights, DType::F32, &opts.device, qwen2_vl::sanitize)?;
+            let from_file = probe
+                .stored_dtype()
+                .as_deref()
+                .and_then(|d| parse_dtype(d).ok());
+            let from_config = cfg.dtype.as_deref().and_then(|d| parse_dtype(d).ok());
+            from_file.or(from_config).unwrap_or(DType::F32)
         };
         let weights = Weights::open(&files.weights, dtype, &opts.device, qwen2_vl::sanitize)?
-            .with_quant(opts.quant);
+            .with_quant(opts.quant, qwen2_vl::quant_policy);
+        let stored_dtype = weights.stored_dtype();
         let model = qwen2_vl::Qwen2Vl::load(cfg, &weights)?;
         Ok(Engine {
             files,

@@ -62,7 +62,7 @@ pub enum Error {
     #[error("{0}")]
     InvalidInput(String),
 
-    #[error("tensor operation failed: {0}")]
+    #[error("tensor operation failed: {}", first_line(.0))]
     Tensor(#[from] candle_core::Error),
 }
 
@@ -97,6 +97,11 @@ impl Error {
     pub fn is_user_input(&self) -> bool {
         !matches!(self, Error::Tensor(_))
     }
+}
+
+/// The first line of an error message (candle appends a backtrace to some of its errors).
+pub(crate) fn first_line(e: &impl std::fmt::Display) -> String {
+    e.to_string().lines().next().unwrap_or_default().to_owned()
 }
 
 /// Reads a JSON file into `T`, naming the file in every error.

@@ -1,6 +1,7 @@
 //! Bytes on disk: where a model's files are, its configs, and its weights.
 
 pub mod config;
+pub mod quantize;
 pub mod weights;
 
 use std::path::{Path, PathBuf};
@@ -42,11 +43,13 @@ impl ModelFiles {
             shards_from_index(dir, &index)?
         } else if let Some(single) = file("model.safetensors") {
             vec![single]
+        } else if let Some(quantized) = file("model.gguf") {
+            // Written by `loupe quantize`.
+            vec![quantized]
         } else {
             return Err(Error::ModelNotFound {
                 model: dir.display().to_string(),
-                msg: "no model.safetensors or model.safetensors.index.json in this directory"
-                    .into(),
+                msg: "no model.safetensors, model.safetensors.index.json or model.gguf in this directory".into(),
             });
         };
         let tokenizer = file("tokenizer.json").ok_or_else(|| Error::ModelNotFound {

@@ -24,16 +24,13 @@ impl Matrix {
         Ok(Matrix::Quantized(Arc::new(QMatMul::from_qtensor(qt)?)))
     }
 
-    /// Loads `name` as `(out, in)`, quantized with `q` when given and the row length allows it (a
-    /// multiple of the format's block); otherwise dense in the weights' dtype.
-    pub fn load(
-        w: &Weights,
-        name: &str,
-        out_dim: usize,
-        in_dim: usize,
-        q: Option<GgmlDType>,
-    ) -> Result<Self> {
-        match q.filter(|q| in_dim.is_multiple_of(q.block_size())) {
+    /// Loads `name` as `(out, in)`: as stored when the file holds it quantized (a GGUF written by
+    /// `loupe quantize`), else quantized at load as the weights' policy says, else dense.
+    pub fn load(w: &Weights, name: &str, out_dim: usize, in_dim: usize) -> Result<Self> {
+        if let Some(q) = w.get_quantized(name, &[out_dim, in_dim])? {
+            return Ok(Matrix::Quantized(Arc::new(QMatMul::from_arc(q)?)));
+        }
+        match w.quant_for(name, in_dim) {
             Some(q) => Self::quantize(&w.get_as(name, &[out_dim, in_dim], DType::F32)?, q),
             None => Ok(Matrix::Dense(w.get(name, &[out_dim, in_dim])?)),
         }
@@ -87,7 +84,7 @@ pub struct Linear {
 }
 
 impl Linear {
-    /// Loads a projection, quantized when the weights were opened with a quantization format.
+    /// Loads a projection; whether it is quantized is the weights' policy's decision.
     pub fn load(
         w: &Weights,
         prefix: &str,
@@ -95,29 +92,7 @@ impl Linear {
         out_dim: usize,
         bias: bool,
     ) -> Result<Self> {
-        Self::load_as(w, prefix, in_dim, out_dim, bias, w.quant())
-    }
-
-    /// Loads a projection that the quantization policy keeps in the compute dtype.
-    pub fn load_dense(
-        w: &Weights,
-        prefix: &str,
-        in_dim: usize,
-        out_dim: usize,
-        bias: bool,
-    ) -> Result<Self> {
-        Self::load_as(w, prefix, in_dim, out_dim, bias, None)
-    }
-
-    fn load_as(
-        w: &Weights,
-        prefix: &str,
-        in_dim: usize,
-        out_dim: usize,
-        bias: bool,
-        q: Option<GgmlDType>,
-    ) -> Result<Self> {
-        let weight = Matrix::load(w, &format!("{prefix}.weight"), out_dim, in_dim, q)?;
+        let weight = Matrix::load(w, &format!("{prefix}.weight"), out_dim, in_dim)?;
         let bias = if bias {
             Some(w.get(&format!("{prefix}.bias"), &[out_dim])?)
         } else {

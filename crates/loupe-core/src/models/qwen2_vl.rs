@@ -29,6 +29,34 @@ pub fn sanitize(name: &str) -> String {
     }
 }
 
+/// Which tensors are quantized, and to what, when the user asks for `q` (docs/quantization.md):
+/// decoder and vision-block projections take `q`; embeddings and `lm_head` (one matrix when tied) take
+/// Q8_0 for 8-bit runs and Q6_K below that, as llama.cpp's `_M` mixes keep the output matrix at 6 bits;
+/// the patch embedding, the merger, norms and biases stay dense.
+pub fn quant_policy(name: &str, q: GgmlDType) -> Option<GgmlDType> {
+    let projection = name.ends_with("_proj.weight")
+        || (name.starts_with("visual.blocks.")
+            && [
+                ".attn.qkv.weight",
+                ".attn.proj.weight",
+                ".mlp.fc1.weight",
+                ".mlp.fc2.weight",
+            ]
+            .iter()
+            .any(|s| name.ends_with(s)));
+    if projection {
+        Some(q)
+    } else if name == "model.embed_tokens.weight" || name == "lm_head.weight" {
+        Some(if q == GgmlDType::Q8_0 {
+            GgmlDType::Q8_0
+        } else {
+            GgmlDType::Q6K
+        })
+    } else {
+        None
+    }
+}
+
 fn activation(name: &str, field: &str) -> Result<Activation> {
     Activation::from_name(name).ok_or_else(|| {
         Error::InvalidInput(format!(
@@ -96,9 +124,8 @@ impl VisionTower {
             patch_embed: Linear::from_weight(conv.reshape((e, patch_dim))?, None),
             blocks,
             ln_q: LayerNorm::load(w, "visual.merger.ln_q", e, 1e-6)?,
-            // Quantization policy: the merger (the vision tower's output projection) stays dense.
-            merger_fc1: Linear::load_dense(w, "visual.merger.mlp.0", m2, m2, true)?,
-            merger_fc2: Linear::load_dense(w, "visual.merger.mlp.2", m2, v.hidden_size, true)?,
+            merger_fc1: Linear::load(w, "visual.merger.mlp.0", m2, m2, true)?,
+            merger_fc2: Linear::load(w, "visual.merger.mlp.2", m2, v.hidden_size, true)?,
             act: activation(&v.hidden_act, "vision_config.hidden_act")?,
             heads: v.num_heads,
             head_dim,
@@ -217,13 +244,7 @@ impl Qwen2Vl {
         let t = &cfg.text;
         let (hd, dim) = (t.head_dim(), t.hidden_size);
         let act = activation(&t.hidden_act, "hidden_act")?;
-        // Quantization policy: embeddings and lm_head in Q8_0 for 8-bit runs, Q6_K below that (as
-        // llama.cpp's _M mixes keep the output matrix at 6 bits); a tied head shares one matrix.
-        let head_q = w.quant().map(|q| match q {
-            GgmlDType::Q8_0 => GgmlDType::Q8_0,
-            _ => GgmlDType::Q6K,
-        });
-        let embed = Matrix::load(w, "model.embed_tokens.weight", t.vocab_size, dim, head_q)?;
+        let embed = Matrix::load(w, "model.embed_tokens.weight", t.vocab_size, dim)?;
         let layers = (0..t.num_hidden_layers)
             .map(|i| {
                 let p = format!("model.layers.{i}");
@@ -275,7 +296,7 @@ impl Qwen2Vl {
         // An untied checkpoint must ship lm_head; a tied one may ship it anyway (then it is used).
         let lm_head = if w.contains("lm_head.weight") || !t.tie_word_embeddings {
             Linear::new(
-                Matrix::load(w, "lm_head.weight", t.vocab_size, dim, head_q)?,
+                Matrix::load(w, "lm_head.weight", t.vocab_size, dim)?,
                 None,
                 t.vocab_size,
             )

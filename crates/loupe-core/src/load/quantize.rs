@@ -1,0 +1,120 @@
+//! `loupe quantize`: a checkpoint's tensors quantized once, by the model's policy, into one GGUF file
+//! beside copies of its config, tokenizer and template. Loading it reads each tensor once, already
+//! quantized: no re-quantizing and no second copy in memory.
+//!
+//! The GGUF keeps the checkpoint's own tensor names and shapes (not llama.cpp's), so it is a Loupe
+//! model directory; a llama.cpp-compatible export is separate work (docs/quantization.md).
+
+use std::path::{Path, PathBuf};
+
+use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
+use candle_core::{DType, Device};
+
+use super::config::{read_model_type, SUPPORTED_MODEL_TYPES};
+use super::weights::Weights;
+use super::ModelFiles;
+use crate::error::{Error, Result};
+use crate::models::qwen2_vl;
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct QuantizeReport {
+    pub out: PathBuf,
+    pub tensors: usize,
+    pub quantized: usize,
+    pub bytes: u64,
+}
+
+/// Quantizes `model` to `quant` into the directory `out` (created; must not hold a model already).
+/// `progress(done, total)` is called after each tensor.
+pub fn quantize_model(
+    model: &str,
+    quant: GgmlDType,
+    out: &Path,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<QuantizeReport> {
+    let files = ModelFiles::find(model)?;
+    let model_type = read_model_type(&files.config)?;
+    if !SUPPORTED_MODEL_TYPES.contains(&model_type.as_str()) {
+        return Err(Error::UnsupportedModel {
+            path: files.config.clone(),
+            model_type,
+            supported: SUPPORTED_MODEL_TYPES.join(", "),
+        });
+    }
+    if files
+        .weights
+        .iter()
+        .any(|p| p.extension().is_some_and(|e| e == "gguf"))
+    {
+        return Err(Error::InvalidInput(format!(
+            "{} is already quantized (model.gguf)",
+            files.dir.display()
+        )));
+    }
+    if out.join("model.gguf").exists() || out.join("config.json").exists() {
+        return Err(Error::InvalidInput(format!(
+            "{} already holds a model",
+            out.display()
+        )));
+    }
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+
+    let w = Weights::open(&files.weights, DType::F32, &Device::Cpu, qwen2_vl::sanitize)?;
+    let names = w.names();
+    let mut tensors: Vec<(String, QTensor)> = Vec::with_capacity(names.len());
+    let mut quantized = 0;
+    for (i, name) in names.iter().enumerate() {
+        let shape = w.shape(name).unwrap_or_default();
+        let mut t = w.get_as(name, &shape, DType::F32)?;
+        if shape.len() > 4 {
+            // GGUF holds at most 4 dims: store (dim0, rest); the loader restores the shape it asks for.
+            t = t.reshape((shape[0], shape[1..].iter().product::<usize>()))?;
+        }
+        let row = shape.last().copied().unwrap_or(1);
+        let format = qwen2_vl::quant_policy(name, quant)
+            .filter(|q| shape.len() == 2 && row.is_multiple_of(q.block_size()));
+        let q = match format {
+            Some(q) => {
+                quantized += 1;
+                QTensor::quantize(&t, q)?
+            }
+            None => QTensor::quantize(&t, GgmlDType::F32)?,
+        };
+        tensors.push((name.clone(), q));
+        progress(i + 1, names.len());
+    }
+    let path = out.join("model.gguf");
+    let mut file =
+        std::io::BufWriter::new(std::fs::File::create(&path).map_err(|e| Error::io(&path, e))?);
+    let quant_name = gguf_file::Value::String(format!("{quant:?}").to_lowercase());
+    let arch = gguf_file::Value::String(model_type.clone());
+    let metadata = [
+        ("general.architecture", &arch),
+        ("loupe.quantization", &quant_name),
+    ];
+    let refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    gguf_file::write(&mut file, &metadata, &refs)?;
+    drop(file);
+
+    // Everything but the weights travels as is.
+    let copy = |src: &Option<PathBuf>| -> Result<()> {
+        if let Some(src) = src {
+            let dst = out.join(src.file_name().unwrap_or_default());
+            std::fs::copy(src, &dst).map_err(|e| Error::io(&dst, e))?;
+        }
+        Ok(())
+    };
+    copy(&Some(files.config.clone()))?;
+    copy(&Some(files.tokenizer.clone()))?;
+    copy(&files.tokenizer_config)?;
+    copy(&files.chat_template)?;
+    copy(&files.preprocessor_config)?;
+    copy(&files.generation_config)?;
+    let bytes = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+    Ok(QuantizeReport {
+        out: out.to_path_buf(),
+        tensors: tensors.len(),
+        quantized,
+        bytes,
+    })
+}
