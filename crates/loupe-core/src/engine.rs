@@ -10,9 +10,7 @@ use candle_core::{DType, Device};
 use crate::error::{Error, Result};
 use crate::generate::{GenerateParams, Generation, Prompt};
 use crate::image::{self, ImageInput, Preprocessor};
-use crate::load::config::{
-    read_model_type, GenerationConfig, PreprocessorConfig, Qwen2VlConfig, SUPPORTED_MODEL_TYPES,
-};
+use crate::load::config::{require_supported, GenerationConfig, PreprocessorConfig, Qwen2VlConfig};
 use crate::load::weights::Weights;
 use crate::load::ModelFiles;
 use crate::models::{qwen2_vl, VisionLanguageModel};
@@ -81,14 +79,7 @@ impl Engine {
     pub fn load(model: &str, opts: &LoadOptions) -> Result<Self> {
         let t0 = Instant::now();
         let files = ModelFiles::find(model)?;
-        let model_type = read_model_type(&files.config)?;
-        if !SUPPORTED_MODEL_TYPES.contains(&model_type.as_str()) {
-            return Err(Error::UnsupportedModel {
-                path: files.config.clone(),
-                model_type,
-                supported: SUPPORTED_MODEL_TYPES.join(", "),
-            });
-        }
+        require_supported(&files.config)?;
         let cfg = Qwen2VlConfig::from_file(&files.config)?;
         let tokenizer = Tokenizer::from_file(&files.tokenizer)?;
         let template = ChatTemplate::find(
@@ -279,7 +270,7 @@ pub struct ModelInfo {
 impl ModelInfo {
     pub fn read(model: &str) -> Result<Self> {
         let files = ModelFiles::find(model)?;
-        let model_type = read_model_type(&files.config)?;
+        let model_type = require_supported(&files.config)?;
         let cfg = Qwen2VlConfig::from_file(&files.config)?;
         let pre = match &files.preprocessor_config {
             Some(p) => PreprocessorConfig::from_file(p)?,

@@ -6,8 +6,8 @@ mod common;
 
 use candle_core::DType;
 use common::*;
-use loupe_core::generate::{GenerateParams, Prompt, SamplingParams};
-use loupe_core::image::{ImageInput, PixelBatch, Preprocessor};
+use loupe_core::generate::{GenerateParams, SamplingParams};
+use loupe_core::image::{ImageInput, Preprocessor};
 use loupe_core::load::config::PreprocessorConfig;
 use loupe_core::{Engine, LoadOptions};
 
@@ -48,26 +48,6 @@ fn image_inputs(names: &[serde_json::Value]) -> Vec<ImageInput> {
         .map(|n| fixtures().join("images").join(n.as_str().unwrap()))
         .collect();
     Engine::load_images(&paths).unwrap()
-}
-
-/// The reference prompt (ids and pixels exactly as transformers made them), for model-stage tests.
-fn reference_prompt(r: &Reference, pixels: &Reference, name: &str) -> Prompt {
-    let ids = r.ids(&format!("{name}/input_ids"));
-    let key = format!("prompt/{name}/levels");
-    let pixels = if pixels.tensors.contains_key(&key) {
-        PixelBatch {
-            pixel_values: pixel_values_from_levels(pixels.get(&key)),
-            patch_dim: 1176,
-            grids: r.grids(&format!("{name}/image_grid_thw")),
-        }
-    } else {
-        PixelBatch::default()
-    };
-    Prompt { ids, pixels }
-}
-
-fn prompt_pixels() -> Reference {
-    Reference::load(fixtures().join("prompt_pixels.safetensors"))
 }
 
 #[test]
@@ -215,18 +195,7 @@ fn logits_match_at_every_position() {
         for p in prompts(&r) {
             let pname = p["name"].as_str().unwrap();
             let prompt = reference_prompt(&r, &px, pname);
-            let feats = if prompt.pixels.grids.is_empty() {
-                None
-            } else {
-                Some(e.model.encode_images(&prompt.pixels).unwrap())
-            };
-            let (pos, _) = e
-                .model
-                .prompt_positions(&prompt.ids, &prompt.pixels.grids)
-                .unwrap();
-            let embeds = e.model.embed(&prompt.ids, feats.as_ref()).unwrap();
-            let mut cache = e.model.new_cache();
-            let logits = e.model.forward(&embeds, &pos, &mut cache, true).unwrap();
+            let logits = prompt_logits(&e, &prompt);
             let want_t = r.get(&format!("{pname}/logits"));
             let rows = want_t.dim(0).unwrap();
             let got = logits
@@ -319,16 +288,7 @@ fn bf16_stays_close_to_f32() {
     let e = engine(name, DType::BF16);
     let r = reference(name);
     let prompt = reference_prompt(&r, &px, "two_images");
-    let feats = e.model.encode_images(&prompt.pixels).unwrap();
-    let (pos, _) = e
-        .model
-        .prompt_positions(&prompt.ids, &prompt.pixels.grids)
-        .unwrap();
-    let embeds = e.model.embed(&prompt.ids, Some(&feats)).unwrap();
-    let logits = e
-        .model
-        .forward(&embeds, &pos, &mut e.model.new_cache(), true)
-        .unwrap();
+    let logits = prompt_logits(&e, &prompt);
     let got = logits.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     let want = r.f32s("two_images/logits");
     let (diff, _) = max_abs_diff(&got, &want);

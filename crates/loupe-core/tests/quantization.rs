@@ -8,8 +8,6 @@ mod common;
 
 use candle_core::DType;
 use common::*;
-use loupe_core::generate::Prompt;
-use loupe_core::image::PixelBatch;
 use loupe_core::{Engine, LoadOptions};
 
 fn log_softmax(row: &[f32]) -> Vec<f64> {
@@ -36,25 +34,7 @@ fn agreement(name: &str, quant: &str) -> (f64, f64) {
     )
     .unwrap();
     let r = Reference::load(dir.join("reference.safetensors"));
-    let px = Reference::load(fixtures().join("prompt_pixels.safetensors"));
-    let prompt = Prompt {
-        ids: r.ids("two_images/input_ids"),
-        pixels: PixelBatch {
-            pixel_values: pixel_values_from_levels(px.get("prompt/two_images/levels")),
-            patch_dim: 1176,
-            grids: r.grids("two_images/image_grid_thw"),
-        },
-    };
-    let feats = e.model.encode_images(&prompt.pixels).unwrap();
-    let (pos, _) = e
-        .model
-        .prompt_positions(&prompt.ids, &prompt.pixels.grids)
-        .unwrap();
-    let embeds = e.model.embed(&prompt.ids, Some(&feats)).unwrap();
-    let got = e
-        .model
-        .forward(&embeds, &pos, &mut e.model.new_cache(), true)
-        .unwrap();
+    let got = prompt_logits(&e, &reference_prompt(&r, &prompt_pixels(), "two_images"));
     let got = got.to_vec2::<f32>().unwrap();
     let want = r.get("two_images/logits").to_vec2::<f32>().unwrap();
     let (mut agree, mut kl) = (0usize, 0f64);

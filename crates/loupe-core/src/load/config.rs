@@ -131,6 +131,19 @@ pub fn read_model_type(path: &Path) -> Result<String> {
         })
 }
 
+/// Reads `model_type` and checks that Loupe runs it.
+pub fn require_supported(path: &Path) -> Result<String> {
+    let model_type = read_model_type(path)?;
+    if !SUPPORTED_MODEL_TYPES.contains(&model_type.as_str()) {
+        return Err(Error::UnsupportedModel {
+            path: path.into(),
+            model_type,
+            supported: SUPPORTED_MODEL_TYPES.join(", "),
+        });
+    }
+    Ok(model_type)
+}
+
 impl Qwen2VlConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
         let root: Value = read_json(path)?;

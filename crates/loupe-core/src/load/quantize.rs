@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{DType, Device};
 
-use super::config::{read_model_type, SUPPORTED_MODEL_TYPES};
+use super::config::require_supported;
 use super::weights::Weights;
 use super::ModelFiles;
 use crate::error::{Error, Result};
@@ -33,14 +33,7 @@ pub fn quantize_model(
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<QuantizeReport> {
     let files = ModelFiles::find(model)?;
-    let model_type = read_model_type(&files.config)?;
-    if !SUPPORTED_MODEL_TYPES.contains(&model_type.as_str()) {
-        return Err(Error::UnsupportedModel {
-            path: files.config.clone(),
-            model_type,
-            supported: SUPPORTED_MODEL_TYPES.join(", "),
-        });
-    }
+    let model_type = require_supported(&files.config)?;
     if files
         .weights
         .iter()

@@ -5,6 +5,9 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use candle_core::{Device, Tensor};
+use loupe_core::generate::Prompt;
+use loupe_core::image::PixelBatch;
+use loupe_core::Engine;
 use serde_json::Value;
 
 pub fn fixtures() -> PathBuf {
@@ -98,4 +101,39 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> (f32, usize) {
             (0.0, 0),
             |(m, mi), (i, d)| if d > m { (d, i) } else { (m, mi) },
         )
+}
+
+/// The prompts' pixels, shared by every checkpoint.
+pub fn prompt_pixels() -> Reference {
+    Reference::load(fixtures().join("prompt_pixels.safetensors"))
+}
+
+/// The reference prompt (ids and pixels exactly as transformers made them), for model-stage tests.
+pub fn reference_prompt(r: &Reference, pixels: &Reference, name: &str) -> Prompt {
+    let ids = r.ids(&format!("{name}/input_ids"));
+    let key = format!("prompt/{name}/levels");
+    let pixels = if pixels.tensors.contains_key(&key) {
+        PixelBatch {
+            pixel_values: pixel_values_from_levels(pixels.get(&key)),
+            patch_dim: 1176,
+            grids: r.grids(&format!("{name}/image_grid_thw")),
+        }
+    } else {
+        PixelBatch::default()
+    };
+    Prompt { ids, pixels }
+}
+
+/// f32 logits `(seq, vocab)` at every position of a prompt, in one prefill.
+pub fn prompt_logits(e: &Engine, prompt: &Prompt) -> Tensor {
+    let feats =
+        (!prompt.pixels.grids.is_empty()).then(|| e.model.encode_images(&prompt.pixels).unwrap());
+    let (pos, _) = e
+        .model
+        .prompt_positions(&prompt.ids, &prompt.pixels.grids)
+        .unwrap();
+    let embeds = e.model.embed(&prompt.ids, feats.as_ref()).unwrap();
+    e.model
+        .forward(&embeds, &pos, &mut e.model.new_cache(), true)
+        .unwrap()
 }
