@@ -312,3 +312,21 @@ fn bf16_stays_close_to_f32() {
         "bf16 logit diff {diff} (range {scale})"
     );
 }
+
+#[test]
+fn a_generated_image_placeholder_is_embedded_as_text() {
+    // Random models can emit <|image_pad|> while decoding; the reference embeds it as a token.
+    let e = engine("gqa2_tied_published", DType::F32);
+    let id = e.model.image_token_id();
+    let one = e.model.embed(&[id], None).unwrap();
+    assert_eq!(one.dims(), &[1, 1, 64]);
+    // A prompt that holds placeholders but no images is refused with a clear error.
+    let prompt = loupe_core::generate::Prompt {
+        ids: vec![id, id],
+        pixels: Default::default(),
+    };
+    let err = e
+        .generate(&prompt, &greedy(2, &e), &mut |_| {})
+        .unwrap_err();
+    assert!(err.to_string().contains("no images"), "{err}");
+}

@@ -9,7 +9,7 @@ use candle_core::Tensor;
 
 pub use sampler::{Sampler, SamplingParams};
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::image::PixelBatch;
 use crate::models::VisionLanguageModel;
 use crate::tokenize::{TextStream, Tokenizer};
@@ -76,6 +76,12 @@ pub fn generate(
     on_text: &mut dyn FnMut(&str),
 ) -> Result<Generation> {
     let mut timings = Timings::default();
+    let image_token = model.image_token_id();
+    if prompt.pixels.grids.is_empty() && prompt.ids.contains(&image_token) {
+        return Err(Error::InvalidInput(
+            "the prompt has image placeholder tokens but no images".into(),
+        ));
+    }
     let t0 = Instant::now();
     let features = if prompt.pixels.grids.is_empty() {
         None
