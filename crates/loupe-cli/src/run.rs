@@ -87,7 +87,6 @@ pub fn run(args: RunArgs) -> Result<()> {
         ));
     }
     // Images are read before the model, so a bad path fails fast.
-    crate::set_threads(args.model.threads)?;
     let images = loupe_core::Engine::load_images(&args.images)?;
     let engine = args.model.load()?;
     let pre = engine

@@ -10,7 +10,7 @@ use candle_core::{DType, Device};
 use crate::error::{Error, Result};
 use crate::generate::{GenerateParams, Generation, Prompt};
 use crate::image::{self, ImageInput, Preprocessor};
-use crate::load::config::{require_supported, GenerationConfig, PreprocessorConfig, Qwen2VlConfig};
+use crate::load::config::{require_supported, GenerationConfig, Qwen2VlConfig};
 use crate::load::weights::Weights;
 use crate::load::ModelFiles;
 use crate::models::{qwen2_vl, VisionLanguageModel};
@@ -86,10 +86,7 @@ impl Engine {
             files.chat_template.as_deref(),
             files.tokenizer_config.as_deref(),
         )?;
-        let pre_cfg = match &files.preprocessor_config {
-            Some(p) => PreprocessorConfig::from_file(p)?,
-            None => PreprocessorConfig::default(),
-        };
+        let pre_cfg = files.preprocessor()?;
         let generation_config = match &files.generation_config {
             Some(p) => GenerationConfig::from_file(p)?,
             None => GenerationConfig::default(),
@@ -272,10 +269,7 @@ impl ModelInfo {
         let files = ModelFiles::find(model)?;
         let model_type = require_supported(&files.config)?;
         let cfg = Qwen2VlConfig::from_file(&files.config)?;
-        let pre = match &files.preprocessor_config {
-            Some(p) => PreprocessorConfig::from_file(p)?,
-            None => PreprocessorConfig::default(),
-        };
+        let pre = files.preprocessor()?;
         let w = Weights::open(&files.weights, DType::F32, &Device::Cpu, qwen2_vl::sanitize)?;
         let params_vision = w.param_count("visual.");
         let params_text = w.param_count("") - params_vision;

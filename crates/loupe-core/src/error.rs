@@ -92,11 +92,6 @@ impl Error {
             msg: msg.to_string(),
         }
     }
-
-    /// True when the error comes from what the user gave us (files, flags, prompt) rather than from a bug.
-    pub fn is_user_input(&self) -> bool {
-        !matches!(self, Error::Tensor(_))
-    }
 }
 
 /// The first line of an error message (candle appends a backtrace to some of its errors).

@@ -50,6 +50,23 @@ fn image_inputs(names: &[serde_json::Value]) -> Vec<ImageInput> {
     Engine::load_images(&paths).unwrap()
 }
 
+/// A fixture prompt built by Loupe's own pipeline from its image files and text.
+fn prompt_from_files(
+    e: &Engine,
+    p: &serde_json::Value,
+) -> (Vec<ImageInput>, loupe_core::generate::Prompt) {
+    let images = image_inputs(p["images"].as_array().unwrap());
+    let prompt = e
+        .prompt(
+            p["system"].as_str(),
+            p["text"].as_str().unwrap(),
+            &images,
+            &e.preprocessor,
+        )
+        .unwrap();
+    (images, prompt)
+}
+
 #[test]
 fn preprocessing_matches_transformers() {
     let r = Reference::load(fixtures().join("preprocess.safetensors"));
@@ -101,15 +118,7 @@ fn prompt_ids_and_positions_match() {
         let r = reference(name);
         for p in prompts(&r) {
             let pname = p["name"].as_str().unwrap();
-            let images = image_inputs(p["images"].as_array().unwrap());
-            let prompt = e
-                .prompt(
-                    p["system"].as_str(),
-                    p["text"].as_str().unwrap(),
-                    &images,
-                    &e.preprocessor,
-                )
-                .unwrap();
+            let (images, prompt) = prompt_from_files(&e, &p);
             let rendered = e.template.render(
                 &[
                     p["system"]
@@ -260,15 +269,7 @@ fn greedy_tokens_match_end_to_end_from_files() {
         let r = reference(name);
         for p in prompts(&r) {
             let pname = p["name"].as_str().unwrap();
-            let images = image_inputs(p["images"].as_array().unwrap());
-            let prompt = e
-                .prompt(
-                    p["system"].as_str(),
-                    p["text"].as_str().unwrap(),
-                    &images,
-                    &e.preprocessor,
-                )
-                .unwrap();
+            let (_, prompt) = prompt_from_files(&e, &p);
             let out = e.generate(&prompt, &greedy(20, &e), &mut |_| {}).unwrap();
             assert_eq!(
                 out.tokens,

@@ -23,6 +23,14 @@ pub struct ModelFiles {
 }
 
 impl ModelFiles {
+    /// The image processor's settings, or transformers' defaults when the model ships none.
+    pub fn preprocessor(&self) -> Result<config::PreprocessorConfig> {
+        match &self.preprocessor_config {
+            Some(p) => config::PreprocessorConfig::from_file(p),
+            None => Ok(config::PreprocessorConfig::default()),
+        }
+    }
+
     /// Finds a model by directory path or by hub id (`org/name`, optionally `@revision`) in the local
     /// Hugging Face cache. Never touches the network.
     pub fn find(model: &str) -> Result<Self> {

@@ -124,11 +124,6 @@ impl Weights {
         })
     }
 
-    /// True when the file holds block-quantized tensors (activations then run in f32).
-    pub fn is_prequantized(&self) -> bool {
-        self.gguf.values().any(|t| is_block_quantized(t.dtype()))
-    }
-
     /// Every tensor name, sorted.
     pub fn names(&self) -> Vec<String> {
         let mut v: Vec<String> = self.index.keys().chain(self.gguf.keys()).cloned().collect();

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-use candle_core::{DType, Device, Module, Tensor, D};
+use candle_core::{DType, Device, Module, Tensor};
 
 use crate::error::Result;
 use crate::load::weights::Weights;
@@ -152,10 +152,6 @@ pub struct Embedding {
 impl Embedding {
     pub fn new(table: Matrix, dtype: DType) -> Self {
         Embedding { table, dtype }
-    }
-
-    pub fn table(&self) -> &Matrix {
-        &self.table
     }
 
     /// `(n, hidden)` rows for `ids`, in the compute dtype.
@@ -427,14 +423,6 @@ impl Taps {
             }
         }
     }
-}
-
-/// Softmax over the last dim in f32, for tests and samplers.
-pub fn softmax_f32(x: &Tensor) -> Result<Tensor> {
-    Ok(candle_nn::ops::softmax(
-        &x.to_dtype(DType::F32)?,
-        D::Minus1,
-    )?)
 }
 
 #[cfg(test)]

@@ -5,7 +5,7 @@
 //! forward graph (`encode_images`, `forward`). Modules are named like the checkpoint's tensors.
 
 use candle_core::quantized::GgmlDType;
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 
 use super::layers::{
     attention, cos_sin, inv_freq, rope, Activation, Embedding, GatedMlp, LayerNorm, Linear, Matrix,
@@ -542,9 +542,4 @@ impl Qwen2Vl {
         }
         (vision, text)
     }
-}
-
-/// Helper used by tests: the argmax of each row of f32 logits.
-pub fn argmax_rows(logits: &Tensor) -> Result<Vec<u32>> {
-    Ok(logits.argmax(D::Minus1)?.to_vec1::<u32>()?)
 }

@@ -65,12 +65,4 @@ impl Tokenizer {
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }
-
-    /// Looks up a special token that the model needs, naming it when the vocabulary lacks it.
-    pub fn require(&self, token: &str) -> Result<u32> {
-        self.token_to_id(token).ok_or_else(|| Error::Tokenizer {
-            path: self.path.clone(),
-            msg: format!("the vocabulary has no `{token}` token"),
-        })
-    }
 }
