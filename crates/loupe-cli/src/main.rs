@@ -23,7 +23,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Answer one prompt, with images, streaming the text.
-    Run(run::RunArgs),
+    Run(Box<run::RunArgs>),
     /// What a model is: architecture, parameters, dtype, memory needed.
     Info(info::InfoArgs),
     /// Speed and memory of a model on this machine, as JSON.
@@ -69,7 +69,7 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run(a) => run::run(a),
+        Command::Run(a) => run::run(*a),
         Command::Info(a) => info::info(a),
         Command::Bench(a) => bench::bench(a),
         Command::Quantize(a) => quantize::quantize(a),

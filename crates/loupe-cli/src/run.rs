@@ -3,7 +3,7 @@
 use std::io::Write;
 use std::path::PathBuf;
 
-use loupe_core::generate::{GenerateParams, SamplingParams};
+use loupe_core::generate::{GenerateParams, Grammar, SamplingParams};
 use loupe_core::{Error, Result};
 
 use crate::ModelArgs;
@@ -47,12 +47,38 @@ pub struct RunArgs {
     /// Print one JSON object instead of streaming text.
     #[arg(long)]
     pub json: bool,
+    /// Constrain the answer to this JSON schema (a file): it always parses and validates.
+    #[arg(long, value_name = "FILE", conflicts_with = "grammar")]
+    pub json_schema: Option<PathBuf>,
+    /// Constrain the answer to this grammar (a file, llguidance's Lark dialect).
+    #[arg(long, value_name = "FILE")]
+    pub grammar: Option<PathBuf>,
     /// The prompt text.
     #[arg(default_value = "")]
     pub prompt: String,
 }
 
 impl RunArgs {
+    /// The `--json-schema` or `--grammar` file, read and checked as far as can be without the model.
+    fn grammar_arg(&self) -> Result<Option<Grammar>> {
+        let read = |p: &PathBuf| {
+            std::fs::read_to_string(p)
+                .map_err(|e| Error::InvalidInput(format!("{}: {e}", p.display())))
+        };
+        if let Some(p) = &self.json_schema {
+            let v: serde_json::Value = serde_json::from_str(&read(p)?).map_err(|e| {
+                Error::InvalidInput(format!("{}: not a JSON schema: {e}", p.display()))
+            })?;
+            return Ok(Some(Grammar::JsonSchema(v)));
+        }
+        Ok(self
+            .grammar
+            .as_ref()
+            .map(read)
+            .transpose()?
+            .map(Grammar::Lark))
+    }
+
     fn sampling(&self, gc: &loupe_core::load::config::GenerationConfig) -> SamplingParams {
         let sample_default = gc.do_sample.unwrap_or(false);
         let temperature = self.temperature.unwrap_or(if sample_default {
@@ -86,9 +112,18 @@ pub fn run(args: RunArgs) -> Result<()> {
             "--max-tokens must be at least 1".into(),
         ));
     }
+    let grammar = args.grammar_arg()?;
     // Images are read before the model, so a bad path fails fast.
     let images = loupe_core::Engine::load_images(&args.images)?;
     let engine = args.model.load()?;
+    if let Some(g) = &grammar {
+        // Compile it now so that a bad schema or grammar is reported against its file.
+        let file = args.json_schema.as_ref().or(args.grammar.as_ref());
+        engine.constraint(g).map_err(|e| match file {
+            Some(f) => Error::InvalidInput(format!("{}: {e}", f.display())),
+            None => e,
+        })?;
+    }
     let pre = engine
         .preprocessor
         .clone()
@@ -101,6 +136,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         sampling,
         stop_strings: args.stop.clone(),
         eos_token_ids: engine.eos_token_ids(),
+        grammar,
     };
     let mut stdout = std::io::stdout().lock();
     let json = args.json;

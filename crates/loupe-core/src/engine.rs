@@ -2,13 +2,16 @@
 //! defaults. This is what the CLI and the server hold.
 
 use std::path::Path;
+use std::sync::OnceLock;
 use std::time::Instant;
 
 use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device};
 
 use crate::error::{Error, Result};
-use crate::generate::{GenerateParams, Generation, Prompt};
+use crate::generate::{
+    Constraint, ConstraintFactory, GenerateParams, Generation, Grammar, PrefixCache, Prompt, Reuse,
+};
 use crate::image::{self, ImageInput, Preprocessor};
 use crate::load::config::{require_supported, GenerationConfig, Qwen2VlConfig};
 use crate::load::weights::Weights;
@@ -73,6 +76,8 @@ pub struct Engine {
     pub stored_dtype: Option<String>,
     pub load_ms: f64,
     image_pad: String,
+    /// The token trie for constrained decoding, built on first use.
+    constraints: OnceLock<ConstraintFactory>,
 }
 
 impl Engine {
@@ -144,6 +149,7 @@ impl Engine {
             stored_dtype,
             load_ms: t0.elapsed().as_secs_f64() * 1e3,
             image_pad,
+            constraints: OnceLock::new(),
         })
     }
 
@@ -228,13 +234,53 @@ impl Engine {
         params: &GenerateParams,
         on_text: &mut dyn FnMut(&str),
     ) -> Result<Generation> {
+        self.generate_with(prompt, params, None, on_text)
+    }
+
+    /// As `generate`, reusing cached image features and a prefilled prefix where the prompt allows.
+    pub fn generate_with(
+        &self,
+        prompt: &Prompt,
+        params: &GenerateParams,
+        reuse: Option<&mut Reuse>,
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<Generation> {
+        let constraint = params
+            .grammar
+            .as_ref()
+            .map(|g| self.constraint(g))
+            .transpose()?;
         crate::generate::generate(
             self.model.as_ref(),
             &self.tokenizer,
             prompt,
             params,
+            constraint,
+            reuse,
             on_text,
         )
+    }
+
+    /// A fresh matcher for `grammar`; an invalid schema or grammar fails here.
+    pub fn constraint(&self, grammar: &Grammar) -> Result<Constraint> {
+        let factory = match self.constraints.get() {
+            Some(f) => f,
+            None => {
+                let f = ConstraintFactory::new(&self.tokenizer, &self.eos_token_ids())?;
+                self.constraints.get_or_init(|| f)
+            }
+        };
+        factory.constraint(grammar)
+    }
+
+    /// Prefills `prefix` once so that prompts starting with it skip that work (see `generate_with`).
+    pub fn prefill_prefix(&self, prefix: &Prompt, reuse: &mut Reuse) -> Result<()> {
+        reuse.prefix = Some(PrefixCache::build(
+            self.model.as_ref(),
+            prefix,
+            &mut reuse.features,
+        )?);
+        Ok(())
     }
 }
 

@@ -62,6 +62,9 @@ pub enum Error {
     #[error("{0}")]
     InvalidInput(String),
 
+    #[error("grammar: {0}")]
+    Grammar(String),
+
     #[error("tensor operation failed: {}", first_line(.0))]
     Tensor(#[from] candle_core::Error),
 }

@@ -234,6 +234,7 @@ fn greedy(max_tokens: usize, e: &Engine) -> GenerateParams {
         sampling: SamplingParams::default(),
         stop_strings: vec![],
         eos_token_ids: e.eos_token_ids(),
+        grammar: None,
     }
 }
 

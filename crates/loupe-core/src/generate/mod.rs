@@ -1,12 +1,16 @@
 //! Tokens and pixels in, tokens and text out: prefill, decode loop, stops, streaming.
 
+pub mod constraint;
 pub mod kv_cache;
+pub mod reuse;
 pub mod sampler;
 
 use std::time::Instant;
 
 use candle_core::Tensor;
 
+pub use constraint::{Constraint, ConstraintFactory, Grammar};
+pub use reuse::{FeatureCache, PrefixCache, Reuse};
 pub use sampler::{Sampler, SamplingParams};
 
 use crate::error::{Error, Result};
@@ -28,6 +32,8 @@ pub struct GenerateParams {
     pub stop_strings: Vec<String>,
     /// Token ids that end the answer (`generation_config.json`'s `eos_token_id`).
     pub eos_token_ids: Vec<u32>,
+    /// Output constraint (JSON schema or grammar); `None` for free text.
+    pub grammar: Option<Grammar>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -67,12 +73,15 @@ fn last_row(logits: &Tensor) -> Result<Vec<f32>> {
 }
 
 /// Runs the model on a prompt and generates up to `max_tokens`, calling `on_text` with each piece of
-/// text as soon as it is complete.
+/// text as soon as it is complete. `constraint` restricts every token to what its grammar allows;
+/// `reuse` skips the vision encoder for images seen before and the prefill of a cached prefix.
 pub fn generate(
     model: &dyn VisionLanguageModel,
     tokenizer: &Tokenizer,
     prompt: &Prompt,
     params: &GenerateParams,
+    mut constraint: Option<Constraint>,
+    reuse: Option<&mut Reuse>,
     on_text: &mut dyn FnMut(&str),
 ) -> Result<Generation> {
     let mut timings = Timings::default();
@@ -82,22 +91,39 @@ pub fn generate(
             "the prompt has image placeholder tokens but no images".into(),
         ));
     }
+    let mut own_cache;
+    let mut fresh = FeatureCache::default();
+    let (features, prefix) = match reuse {
+        Some(Reuse { features, prefix }) => {
+            (features, prefix.as_mut().filter(|p| p.matches(prompt)))
+        }
+        None => (&mut fresh, None),
+    };
+    // The part of the prompt still to run: all of it, or what follows a cached prefix.
+    let (start, first_image) = prefix.as_ref().map_or((0, 0), |p| (p.len(), p.n_images()));
+
     let t0 = Instant::now();
-    let features = if prompt.pixels.grids.is_empty() {
+    let n_images = prompt.pixels.grids.len();
+    let image_features = if first_image == n_images {
         None
     } else {
-        Some(model.encode_images(&prompt.pixels)?)
+        Some(features.encode(model, &prompt.pixels.images(first_image..n_images))?)
     };
     timings.vision_ms = ms(t0);
 
     let t1 = Instant::now();
     let (positions, delta) = model.prompt_positions(&prompt.ids, &prompt.pixels.grids)?;
-    let embeds = model.embed(&prompt.ids, features.as_ref())?;
-    let mut cache = model.new_cache();
+    let embeds = model.embed(&prompt.ids[start..], image_features.as_ref())?;
+    let cache = match prefix {
+        Some(p) => p.rewind()?,
+        None => {
+            own_cache = model.new_cache();
+            &mut own_cache
+        }
+    };
     cache.rope_delta = delta;
-    let mut logits = last_row(&model.forward(&embeds, &positions, &mut cache, false)?)?;
+    let mut logits = last_row(&model.forward(&embeds, &positions[start..], cache, false)?)?;
     timings.prefill_ms = ms(t1);
-
     let t2 = Instant::now();
     let mut sampler = Sampler::new(params.sampling.clone());
     let mut stream = TextStream::new(tokenizer, params.stop_strings.clone());
@@ -105,6 +131,9 @@ pub fn generate(
     let mut tokens = Vec::new();
     let mut finish = FinishReason::Length;
     while tokens.len() < params.max_tokens {
+        if let Some(c) = constraint.as_mut() {
+            c.mask_logits(&mut logits)?;
+        }
         let next = sampler.sample(&logits, &history);
         tokens.push(next);
         history.push(next);
@@ -112,11 +141,14 @@ pub fn generate(
             finish = FinishReason::Stop;
             break;
         }
+        if let Some(c) = constraint.as_mut() {
+            c.commit(next)?;
+        }
         let piece = stream.push(next)?;
         if !piece.is_empty() {
             on_text(&piece);
         }
-        if stream.stopped() {
+        if stream.stopped() || constraint.as_ref().is_some_and(Constraint::is_finished) {
             finish = FinishReason::Stop;
             break;
         }
@@ -125,7 +157,7 @@ pub fn generate(
         }
         let pos = cache.len() as i64 + cache.rope_delta;
         let embeds = model.embed(&[next], None)?;
-        logits = last_row(&model.forward(&embeds, &[[pos; 3]], &mut cache, false)?)?;
+        logits = last_row(&model.forward(&embeds, &[[pos; 3]], cache, false)?)?;
     }
     let rest = stream.finish()?;
     if !rest.is_empty() {

@@ -71,6 +71,18 @@ impl PixelBatch {
     pub fn n_patches(&self) -> usize {
         self.grids.iter().map(|g| g[0] * g[1] * g[2]).sum()
     }
+
+    /// Images `range` of the batch, as a batch of their own.
+    pub fn images(&self, range: std::ops::Range<usize>) -> PixelBatch {
+        let patches = |gs: &[[usize; 3]]| gs.iter().map(|g| g[0] * g[1] * g[2]).sum::<usize>();
+        let start = patches(&self.grids[..range.start]) * self.patch_dim;
+        let len = patches(&self.grids[range.clone()]) * self.patch_dim;
+        PixelBatch {
+            pixel_values: self.pixel_values[start..start + len].to_vec(),
+            patch_dim: self.patch_dim,
+            grids: self.grids[range].to_vec(),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]

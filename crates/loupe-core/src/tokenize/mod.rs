@@ -62,6 +62,23 @@ impl Tokenizer {
         self.inner.id_to_token(id)
     }
 
+    /// The bytes each token id stands for (special tokens marked as llguidance expects), for
+    /// constrained decoding.
+    pub fn token_bytes(&self) -> Result<Vec<Vec<u8>>> {
+        let err = |msg: String| Error::Tokenizer {
+            path: self.path.clone(),
+            msg,
+        };
+        let json = self
+            .inner
+            .to_string(false)
+            .map_err(|e| err(format!("cannot serialize: {e}")))?;
+        let value: serde_json::Value =
+            serde_json::from_str(&json).map_err(|e| err(format!("cannot serialize: {e}")))?;
+        llguidance::token_bytes_from_tokenizer_json(&value)
+            .map_err(|e| err(format!("cannot read the token bytes: {e}")))
+    }
+
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }
