@@ -39,6 +39,7 @@ fn test_image(side: usize) -> RgbImage {
         width: side,
         height: side,
         data,
+        orientation: 1,
     }
 }
 

@@ -66,6 +66,8 @@ pub fn parse_dtype(s: &str) -> Result<DType> {
 
 pub struct Engine {
     pub files: ModelFiles,
+    /// `config.json`'s `model_type` (the family: `qwen2_vl`, ...).
+    pub model_type: String,
     pub tokenizer: Tokenizer,
     pub template: ChatTemplate,
     pub preprocessor: Preprocessor,
@@ -84,7 +86,7 @@ impl Engine {
     pub fn load(model: &str, opts: &LoadOptions) -> Result<Self> {
         let t0 = Instant::now();
         let files = ModelFiles::find(model)?;
-        require_supported(&files.config)?;
+        let model_type = require_supported(&files.config)?;
         let cfg = Qwen2VlConfig::from_file(&files.config)?;
         let tokenizer = Tokenizer::from_file(&files.tokenizer)?;
         let template = ChatTemplate::find(
@@ -139,6 +141,7 @@ impl Engine {
         let model = qwen2_vl::Qwen2Vl::load(cfg, &weights)?;
         Ok(Engine {
             files,
+            model_type,
             tokenizer,
             template,
             preprocessor: Preprocessor::new(pre_cfg),

@@ -57,6 +57,9 @@ pub struct Generation {
     pub text: String,
     /// Generated ids, including the end-of-sequence token when one was produced.
     pub tokens: Vec<u32>,
+    /// Natural-log probability of each generated token under the model's distribution (after the
+    /// constraint's mask, before temperature): a confidence for verdicts and classes.
+    pub logprobs: Vec<f32>,
     pub prompt_tokens: usize,
     pub finish_reason: FinishReason,
     pub timings: Timings,
@@ -70,6 +73,13 @@ fn ms(since: Instant) -> f64 {
 fn last_row(logits: &Tensor) -> Result<Vec<f32>> {
     let rows = logits.dim(0)?;
     Ok(logits.get(rows - 1)?.to_vec1::<f32>()?)
+}
+
+/// `log(softmax(logits)[i])`, computed stably; masked (minus infinity) entries count as zero mass.
+fn log_softmax_at(logits: &[f32], i: usize) -> f32 {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits.iter().map(|&l| f64::from((l - max).exp())).sum();
+    (f64::from(logits[i] - max) - sum.ln()) as f32
 }
 
 /// Runs the model on a prompt and generates up to `max_tokens`, calling `on_text` with each piece of
@@ -129,12 +139,14 @@ pub fn generate(
     let mut stream = TextStream::new(tokenizer, params.stop_strings.clone());
     let mut history = prompt.ids.clone();
     let mut tokens = Vec::new();
+    let mut logprobs = Vec::new();
     let mut finish = FinishReason::Length;
     while tokens.len() < params.max_tokens {
         if let Some(c) = constraint.as_mut() {
             c.mask_logits(&mut logits)?;
         }
         let next = sampler.sample(&logits, &history);
+        logprobs.push(log_softmax_at(&logits, next as usize));
         tokens.push(next);
         history.push(next);
         if params.eos_token_ids.contains(&next) {
@@ -167,6 +179,7 @@ pub fn generate(
     Ok(Generation {
         text: stream.text().to_owned(),
         tokens,
+        logprobs,
         prompt_tokens: prompt.ids.len(),
         finish_reason: finish,
         timings,

@@ -23,6 +23,9 @@ pub struct RgbImage {
     pub width: usize,
     pub height: usize,
     pub data: Vec<u8>,
+    /// The EXIF orientation (1..=8) that was applied to the stored pixels; 1 when none. Boxes found on
+    /// this upright image map back to the file's stored pixel grid through it.
+    pub orientation: u8,
 }
 
 /// Reads an image file (JPEG, PNG, WebP, GIF, BMP, TIFF) the way the reference does: EXIF orientation
@@ -70,7 +73,9 @@ pub fn decode(bytes: &[u8]) -> std::result::Result<RgbImage, String> {
         None => DynamicImage::from_decoder(decoder).map_err(|e| format!("cannot decode: {e}"))?,
     };
     img.apply_orientation(orientation);
-    Ok(to_rgb(img))
+    let mut rgb = to_rgb(img);
+    rgb.orientation = orientation.to_exif();
+    Ok(rgb)
 }
 
 /// Decodes a JPEG with libjpeg-turbo's decoder (default islow IDCT and fancy upsampling), the one
@@ -142,6 +147,7 @@ fn to_rgb(img: DynamicImage) -> RgbImage {
         width,
         height,
         data,
+        orientation: 1,
     }
 }
 

@@ -1,0 +1,282 @@
+//! The audit log: one SQLite row per inspected image (time, image and weights hashes, spec hash,
+//! prompt, raw model output, verdict, boxes, timings), in WAL mode with a busy timeout so that several
+//! `loupe inspect` processes can write at once without losing a row.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rusqlite::{params, Connection, OpenFlags};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, Result};
+use crate::inspector::Record;
+use crate::spec::hex;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS inspections (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    time TEXT NOT NULL,
+    unix_ms INTEGER NOT NULL,
+    image TEXT NOT NULL,
+    image_sha256 TEXT,
+    model TEXT NOT NULL,
+    weights_sha256 TEXT,
+    spec TEXT NOT NULL,
+    spec_sha256 TEXT NOT NULL,
+    prompt TEXT NOT NULL,
+    raw_output TEXT NOT NULL,
+    verdict TEXT,
+    model_verdict TEXT,
+    defects_json TEXT NOT NULL,
+    fail_score REAL,
+    error TEXT,
+    vision_ms REAL, prefill_ms REAL, decode_ms REAL, total_ms REAL
+);
+CREATE INDEX IF NOT EXISTS inspections_time ON inspections(unix_ms);
+CREATE TABLE IF NOT EXISTS weight_hashes (
+    path TEXT PRIMARY KEY, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, sha256 TEXT NOT NULL
+);
+";
+
+pub struct AuditLog {
+    path: PathBuf,
+    conn: Connection,
+}
+
+/// `$LOUPE_DB`, else `$XDG_DATA_HOME/loupe/audit.sqlite`, else `~/.local/share/loupe/audit.sqlite`.
+pub fn default_path() -> PathBuf {
+    if let Some(p) = std::env::var_os("LOUPE_DB") {
+        return PathBuf::from(p);
+    }
+    let base = std::env::var_os("XDG_DATA_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
+        .unwrap_or_else(|| PathBuf::from("."));
+    base.join("loupe").join("audit.sqlite")
+}
+
+/// A row as `loupe history` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct HistoryRow {
+    pub id: i64,
+    pub time: String,
+    pub image: String,
+    pub image_sha256: Option<String>,
+    pub spec: String,
+    pub model: String,
+    pub verdict: Option<String>,
+    pub defects: serde_json::Value,
+    pub error: Option<String>,
+    pub total_ms: Option<f64>,
+}
+
+/// Filters for `loupe history`.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    pub verdict: Option<String>,
+    pub spec: Option<String>,
+    /// Substring of the image path.
+    pub image: Option<String>,
+    /// Only rows at or after this time.
+    pub since: Option<SystemTime>,
+    pub limit: usize,
+}
+
+impl AuditLog {
+    pub fn open(path: &Path) -> Result<AuditLog> {
+        let err = |e: rusqlite::Error| Error::Audit {
+            path: path.to_path_buf(),
+            msg: e.to_string(),
+        };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        }
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE,
+        )
+        .map_err(err)?;
+        conn.busy_timeout(Duration::from_secs(60)).map_err(err)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(err)?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(err)?;
+        conn.execute_batch(SCHEMA).map_err(err)?;
+        Ok(AuditLog {
+            path: path.to_path_buf(),
+            conn,
+        })
+    }
+
+    fn err(&self, e: impl std::fmt::Display) -> Error {
+        Error::Audit {
+            path: self.path.clone(),
+            msg: e.to_string(),
+        }
+    }
+
+    /// Appends one record (its own transaction, taken immediately so writers queue, not fail).
+    pub fn append(&mut self, r: &Record) -> Result<i64> {
+        let unix_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        let defects = serde_json::to_string(&r.defects).map_err(|e| self.err(e))?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(|e| Error::Audit {
+                path: self.path.clone(),
+                msg: e.to_string(),
+            })?;
+        tx.execute(
+            "INSERT INTO inspections (time, unix_ms, image, image_sha256, model, weights_sha256, spec,
+             spec_sha256, prompt, raw_output, verdict, model_verdict, defects_json, fail_score, error,
+             vision_ms, prefill_ms, decode_ms, total_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)",
+            params![
+                r.time,
+                unix_ms,
+                r.image.display().to_string(),
+                r.image_sha256,
+                r.model,
+                r.weights_sha256,
+                r.spec,
+                r.spec_sha256,
+                r.prompt,
+                r.raw_output,
+                r.verdict.map(|v| v.as_str()),
+                r.model_verdict.map(|v| v.as_str()),
+                defects,
+                r.fail_score,
+                r.error,
+                r.timings.vision_ms,
+                r.timings.prefill_ms,
+                r.timings.decode_ms,
+                r.timings.total_ms,
+            ],
+        )
+        .map_err(|e| Error::Audit {
+            path: self.path.clone(),
+            msg: e.to_string(),
+        })?;
+        let id = tx.last_insert_rowid();
+        tx.commit().map_err(|e| Error::Audit {
+            path: self.path.clone(),
+            msg: e.to_string(),
+        })?;
+        Ok(id)
+    }
+
+    pub fn count(&self) -> Result<i64> {
+        self.conn
+            .query_row("SELECT COUNT(*) FROM inspections", [], |r| r.get(0))
+            .map_err(|e| self.err(e))
+    }
+
+    /// Newest first.
+    pub fn history(&self, f: &Filter) -> Result<Vec<HistoryRow>> {
+        let since_ms = f.since.map(|t| {
+            t.duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as i64)
+        });
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT id, time, image, image_sha256, spec, model, verdict, defects_json, error, total_ms
+                 FROM inspections
+                 WHERE (?1 IS NULL OR COALESCE(verdict, 'error') = ?1)
+                   AND (?2 IS NULL OR spec = ?2)
+                   AND (?3 IS NULL OR instr(image, ?3) > 0)
+                   AND (?4 IS NULL OR unix_ms >= ?4)
+                 ORDER BY id DESC LIMIT ?5",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map(
+                params![f.verdict, f.spec, f.image, since_ms, f.limit as i64],
+                |row| {
+                    let defects: String = row.get(7)?;
+                    Ok(HistoryRow {
+                        id: row.get(0)?,
+                        time: row.get(1)?,
+                        image: row.get(2)?,
+                        image_sha256: row.get(3)?,
+                        spec: row.get(4)?,
+                        model: row.get(5)?,
+                        verdict: row.get(6)?,
+                        defects: serde_json::from_str(&defects).unwrap_or(serde_json::Value::Null),
+                        error: row.get(8)?,
+                        total_ms: row.get(9)?,
+                    })
+                },
+            )
+            .map_err(|e| self.err(e))?;
+        rows.collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|e| self.err(e))
+    }
+
+    /// SHA-256 of a model's weight files (in order, one digest over all), cached in the database by
+    /// path, size and modification time so that multi-GB weights are hashed once, not every run.
+    pub fn weights_sha256(&mut self, files: &[PathBuf]) -> Result<String> {
+        let mut all = Sha256::new();
+        let mut digests = Vec::with_capacity(files.len());
+        for f in files {
+            let md = std::fs::metadata(f).map_err(|e| Error::io(f, e))?;
+            let size = md.len() as i64;
+            let mtime_ns = md
+                .modified()
+                .ok()
+                .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_nanos() as i64);
+            let key = f
+                .canonicalize()
+                .unwrap_or_else(|_| f.clone())
+                .display()
+                .to_string();
+            let cached: Option<String> = self
+                .conn
+                .query_row(
+                    "SELECT sha256 FROM weight_hashes WHERE path = ?1 AND size = ?2 AND mtime_ns = ?3",
+                    params![key, size, mtime_ns],
+                    |r| r.get(0),
+                )
+                .ok();
+            let digest = match cached {
+                Some(d) => d,
+                None => {
+                    let d = hash_file(f)?;
+                    self.conn
+                        .execute(
+                            "INSERT OR REPLACE INTO weight_hashes (path, size, mtime_ns, sha256) VALUES (?1, ?2, ?3, ?4)",
+                            params![key, size, mtime_ns, d],
+                        )
+                        .map_err(|e| self.err(e))?;
+                    d
+                }
+            };
+            all.update(digest.as_bytes());
+            digests.push(digest);
+        }
+        Ok(match digests.as_slice() {
+            // One file: its own digest, comparable with `sha256sum`.
+            [one] => one.clone(),
+            _ => hex(&all.finalize()),
+        })
+    }
+}
+
+fn hash_file(path: &Path) -> Result<String> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(|e| Error::io(path, e))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex(&h.finalize()))
+}

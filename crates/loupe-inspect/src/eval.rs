@@ -1,0 +1,409 @@
+//! Evaluation on a labelled dataset in the MVTec AD layout: `test/good/*`, `test/<defect>/*` and
+//! `ground_truth/<defect>/<name>_mask.png`. Image-level verdict metrics (a defective part is the
+//! positive class), a confusion matrix over classes, overkill and miss rates, AUROC of the fail score,
+//! and box IoU against the boxes of the masks' connected regions.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use crate::boxes::PixelBox;
+use crate::error::{Error, Result};
+
+/// One labelled image.
+#[derive(Debug, Clone)]
+pub struct Sample {
+    pub image: PathBuf,
+    /// `good` or the defect folder's name.
+    pub class: String,
+    pub mask: Option<PathBuf>,
+}
+
+/// The truth of a sample and what the inspection said.
+#[derive(Debug, Clone)]
+pub struct Scored {
+    pub class: String,
+    pub truth_boxes: Vec<PixelBox>,
+    /// `None`: the inspection failed (an error record), counted as a miss or an overkill.
+    pub predicted_fail: Option<bool>,
+    /// Classes of the predicted defects, in order.
+    pub predicted_classes: Vec<String>,
+    pub predicted_boxes: Vec<PixelBox>,
+    pub fail_score: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ClassStats {
+    pub images: usize,
+    /// Defective images of this class that failed (for `good`: good images that passed).
+    pub recall: f64,
+    /// Images of this class whose first predicted defect (or `good` for a pass) is this class.
+    pub class_accuracy: f64,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Metrics {
+    pub images: usize,
+    pub good: usize,
+    pub defective: usize,
+    pub errors: usize,
+    pub accuracy: f64,
+    pub precision: f64,
+    pub recall: f64,
+    pub f1: f64,
+    /// Good parts rejected / good parts.
+    pub overkill_rate: f64,
+    /// Defective parts passed / defective parts.
+    pub miss_rate: f64,
+    /// Area under the ROC curve of the fail score (ties count half); `None` without scores or
+    /// without both classes.
+    pub auroc: Option<f64>,
+    /// Mean over ground-truth boxes of failed defective images of the best IoU with a predicted box.
+    pub mean_iou: Option<f64>,
+    /// Share of ground-truth boxes (of all defective images) matched by a prediction with IoU >= 0.5.
+    pub box_recall_at_50: Option<f64>,
+    /// `confusion[truth][predicted]`: predicted is `good` for a pass, the first defect's class for a
+    /// fail (`unknown` when the fail lists none), `error` for a failed inspection.
+    pub confusion: BTreeMap<String, BTreeMap<String, usize>>,
+    pub per_class: BTreeMap<String, ClassStats>,
+}
+
+fn ratio(a: usize, b: usize) -> f64 {
+    if b == 0 {
+        0.0
+    } else {
+        a as f64 / b as f64
+    }
+}
+
+/// Mann-Whitney AUROC of `scores` (positives vs negatives), ties counted half.
+pub fn auroc(pos: &[f64], neg: &[f64]) -> Option<f64> {
+    if pos.is_empty() || neg.is_empty() {
+        return None;
+    }
+    let mut wins = 0.0;
+    for p in pos {
+        for n in neg {
+            wins += if p > n {
+                1.0
+            } else if p == n {
+                0.5
+            } else {
+                0.0
+            };
+        }
+    }
+    Some(wins / (pos.len() * neg.len()) as f64)
+}
+
+pub fn score(samples: &[Scored]) -> Metrics {
+    let (mut tp, mut fp, mut tn, mut fn_) = (0, 0, 0, 0);
+    let mut errors = 0;
+    let mut confusion: BTreeMap<String, BTreeMap<String, usize>> = BTreeMap::new();
+    let mut per: BTreeMap<String, (usize, usize, usize)> = BTreeMap::new();
+    let (mut pos_scores, mut neg_scores) = (Vec::new(), Vec::new());
+    let mut all_scored = true;
+    let (mut iou_sum, mut iou_n) = (0.0, 0usize);
+    let (mut hits, mut gt_total) = (0usize, 0usize);
+    for s in samples {
+        let defective = s.class != "good";
+        let predicted = match s.predicted_fail {
+            None => {
+                errors += 1;
+                "error".to_owned()
+            }
+            Some(false) => "good".to_owned(),
+            Some(true) => s
+                .predicted_classes
+                .first()
+                .cloned()
+                .unwrap_or_else(|| "unknown".into()),
+        };
+        // An error never confirms a part: a defective part is missed, a good part is rejected.
+        let said_fail = s.predicted_fail.unwrap_or(!defective);
+        match (defective, said_fail) {
+            (true, true) => tp += 1,
+            (true, false) => fn_ += 1,
+            (false, true) => fp += 1,
+            (false, false) => tn += 1,
+        }
+        *confusion
+            .entry(s.class.clone())
+            .or_default()
+            .entry(predicted.clone())
+            .or_default() += 1;
+        let e = per.entry(s.class.clone()).or_default();
+        e.0 += 1;
+        if said_fail == defective {
+            e.1 += 1;
+        }
+        if predicted == s.class {
+            e.2 += 1;
+        }
+        match s.fail_score {
+            Some(sc) if defective => pos_scores.push(sc),
+            Some(sc) => neg_scores.push(sc),
+            None => all_scored = false,
+        }
+        if defective {
+            gt_total += s.truth_boxes.len();
+            for t in &s.truth_boxes {
+                let best = s
+                    .predicted_boxes
+                    .iter()
+                    .map(|p| p.iou(t))
+                    .fold(0.0, f64::max);
+                if s.predicted_fail == Some(true) {
+                    iou_sum += best;
+                    iou_n += 1;
+                }
+                if best >= 0.5 {
+                    hits += 1;
+                }
+            }
+        }
+    }
+    let good = tn + fp;
+    let defective = tp + fn_;
+    let precision = ratio(tp, tp + fp);
+    let recall = ratio(tp, tp + fn_);
+    Metrics {
+        images: samples.len(),
+        good,
+        defective,
+        errors,
+        accuracy: ratio(tp + tn, samples.len()),
+        precision,
+        recall,
+        f1: if precision + recall > 0.0 {
+            2.0 * precision * recall / (precision + recall)
+        } else {
+            0.0
+        },
+        overkill_rate: ratio(fp, good),
+        miss_rate: ratio(fn_, defective),
+        auroc: if all_scored {
+            auroc(&pos_scores, &neg_scores)
+        } else {
+            None
+        },
+        mean_iou: (iou_n > 0).then(|| iou_sum / iou_n as f64),
+        box_recall_at_50: (gt_total > 0).then(|| ratio(hits, gt_total)),
+        confusion,
+        per_class: per
+            .into_iter()
+            .map(|(k, (n, ok, cls))| {
+                (
+                    k,
+                    ClassStats {
+                        images: n,
+                        recall: ratio(ok, n),
+                        class_accuracy: ratio(cls, n),
+                    },
+                )
+            })
+            .collect(),
+    }
+}
+
+/// The samples of an MVTec-layout dataset folder (the folder itself or its `test/`), sorted.
+pub fn read_dataset(root: &Path) -> Result<Vec<Sample>> {
+    let err = |msg: String| Error::Dataset {
+        path: root.to_path_buf(),
+        msg,
+    };
+    let test = if root.join("test").is_dir() {
+        root.join("test")
+    } else {
+        return Err(err(
+            "no `test/` folder (expected test/good, test/<defect>/)".into(),
+        ));
+    };
+    let mut classes: Vec<PathBuf> = std::fs::read_dir(&test)
+        .map_err(|e| Error::io(&test, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_dir())
+        .collect();
+    classes.sort();
+    let mut out = Vec::new();
+    for dir in classes {
+        let class = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .map_err(|e| Error::io(&dir, e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| crate::inspector::is_image_name(p))
+            .collect();
+        files.sort();
+        for image in files {
+            let mask = if class == "good" {
+                None
+            } else {
+                let stem = image
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                let m = root
+                    .join("ground_truth")
+                    .join(&class)
+                    .join(format!("{stem}_mask.png"));
+                m.is_file().then_some(m)
+            };
+            out.push(Sample {
+                image,
+                class: class.clone(),
+                mask,
+            });
+        }
+    }
+    if out.is_empty() {
+        return Err(err("no images under test/".into()));
+    }
+    Ok(out)
+}
+
+/// Bounding boxes of the 8-connected regions of non-zero pixels of a mask, in pixel coordinates.
+pub fn mask_boxes(path: &Path) -> Result<Vec<PixelBox>> {
+    let img = image::open(path)
+        .map_err(|e| Error::Dataset {
+            path: path.to_path_buf(),
+            msg: format!("cannot read mask: {e}"),
+        })?
+        .to_luma8();
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    let on: Vec<bool> = img.as_raw().iter().map(|&v| v > 127).collect();
+    let mut seen = vec![false; w * h];
+    let mut boxes = Vec::new();
+    let mut stack = Vec::new();
+    for start in 0..w * h {
+        if !on[start] || seen[start] {
+            continue;
+        }
+        seen[start] = true;
+        stack.push(start);
+        let (mut x0, mut y0, mut x1, mut y1) = (usize::MAX, usize::MAX, 0, 0);
+        while let Some(i) = stack.pop() {
+            let (x, y) = (i % w, i / w);
+            x0 = x0.min(x);
+            y0 = y0.min(y);
+            x1 = x1.max(x);
+            y1 = y1.max(y);
+            for dy in -1i64..=1 {
+                for dx in -1i64..=1 {
+                    let (nx, ny) = (x as i64 + dx, y as i64 + dy);
+                    if nx < 0 || ny < 0 || nx >= w as i64 || ny >= h as i64 {
+                        continue;
+                    }
+                    let j = ny as usize * w + nx as usize;
+                    if on[j] && !seen[j] {
+                        seen[j] = true;
+                        stack.push(j);
+                    }
+                }
+            }
+        }
+        boxes.push(PixelBox::ordered(
+            x0 as f64,
+            y0 as f64,
+            (x1 + 1) as f64,
+            (y1 + 1) as f64,
+        ));
+    }
+    Ok(boxes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn b(x1: f64, y1: f64, x2: f64, y2: f64) -> PixelBox {
+        PixelBox::ordered(x1, y1, x2, y2)
+    }
+
+    fn s(class: &str, fail: Option<bool>, classes: &[&str], score: f64) -> Scored {
+        Scored {
+            class: class.into(),
+            truth_boxes: vec![],
+            predicted_fail: fail,
+            predicted_classes: classes.iter().map(|c| c.to_string()).collect(),
+            predicted_boxes: vec![],
+            fail_score: Some(score),
+        }
+    }
+
+    /// Ten images worked by hand: 4 good (one rejected), 6 defective (one passed, one error).
+    #[test]
+    fn hand_computed_example() {
+        let mut v = vec![
+            s("good", Some(false), &[], 0.1),
+            s("good", Some(false), &[], 0.2),
+            s("good", Some(false), &[], 0.35),
+            s("good", Some(true), &["dent"], 0.7),
+            s("scratch", Some(true), &["scratch"], 0.9),
+            s("scratch", Some(true), &["dent"], 0.8),
+            s("scratch", Some(false), &[], 0.3),
+            s("dent", Some(true), &["dent"], 0.95),
+            s("dent", Some(true), &["dent"], 0.6),
+            s("dent", None, &[], 0.5),
+        ];
+        // Boxes on two defective images: IoU 1.0 and 1/3 (and one truth box on a passed image).
+        v[4].truth_boxes = vec![b(0.0, 0.0, 10.0, 10.0)];
+        v[4].predicted_boxes = vec![b(0.0, 0.0, 10.0, 10.0)];
+        v[5].truth_boxes = vec![b(0.0, 0.0, 10.0, 10.0)];
+        v[5].predicted_boxes = vec![b(5.0, 0.0, 15.0, 10.0)];
+        v[6].truth_boxes = vec![b(0.0, 0.0, 4.0, 4.0)];
+        let m = score(&v);
+        // TP = 4 (v4, v5, v7, v8), FN = 2 (v6 passed, v9 error), FP = 1 (v3), TN = 3.
+        assert_eq!((m.images, m.good, m.defective, m.errors), (10, 4, 6, 1));
+        assert!((m.accuracy - 0.7).abs() < 1e-12);
+        assert!((m.precision - 0.8).abs() < 1e-12);
+        assert!((m.recall - 4.0 / 6.0).abs() < 1e-12);
+        let f1 = 2.0 * 0.8 * (4.0 / 6.0) / (0.8 + 4.0 / 6.0);
+        assert!((m.f1 - f1).abs() < 1e-12);
+        assert!((m.overkill_rate - 0.25).abs() < 1e-12);
+        assert!((m.miss_rate - 2.0 / 6.0).abs() < 1e-12);
+        // AUROC: positives {.9,.8,.3,.95,.6,.5} vs negatives {.1,.2,.35,.7}: pairs won = 4+4+2+4+3+3 = 20 of 24.
+        assert!((m.auroc.unwrap() - 20.0 / 24.0).abs() < 1e-12);
+        // IoU over truth boxes of failed defective images: (1 + 1/3) / 2; recall@0.5: 1 of 3 truth boxes.
+        assert!((m.mean_iou.unwrap() - (1.0 + 1.0 / 3.0) / 2.0).abs() < 1e-12);
+        assert!((m.box_recall_at_50.unwrap() - 1.0 / 3.0).abs() < 1e-12);
+        assert_eq!(m.confusion["scratch"]["scratch"], 1);
+        assert_eq!(m.confusion["scratch"]["dent"], 1);
+        assert_eq!(m.confusion["scratch"]["good"], 1);
+        assert_eq!(m.confusion["dent"]["error"], 1);
+        assert_eq!(m.confusion["good"]["dent"], 1);
+        let sc = &m.per_class["scratch"];
+        assert!(
+            (sc.recall - 2.0 / 3.0).abs() < 1e-12 && (sc.class_accuracy - 1.0 / 3.0).abs() < 1e-12
+        );
+        let g = &m.per_class["good"];
+        assert!((g.recall - 0.75).abs() < 1e-12 && (g.class_accuracy - 0.75).abs() < 1e-12);
+    }
+
+    #[test]
+    fn mask_regions_become_boxes() {
+        let dir = std::env::temp_dir().join(format!("loupe-mask-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut m = image::GrayImage::new(40, 30);
+        for y in 2..5 {
+            for x in 3..9 {
+                m.put_pixel(x, y, image::Luma([255]));
+            }
+        }
+        // A diagonal line is one region under 8-connectivity.
+        for i in 0..6 {
+            m.put_pixel(20 + i, 10 + i, image::Luma([255]));
+        }
+        let p = dir.join("m.png");
+        m.save(&p).unwrap();
+        let boxes = mask_boxes(&p).unwrap();
+        assert_eq!(
+            boxes,
+            vec![b(3.0, 2.0, 9.0, 5.0), b(20.0, 10.0, 26.0, 16.0)]
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,376 @@
+//! One inspection: an image file in, a record out (verdict, boxes in pixels, raw answer, timings), or
+//! an error record when the image cannot be read; the batch always goes on.
+
+use std::path::{Path, PathBuf};
+use std::time::{Instant, SystemTime};
+
+use loupe_core::generate::{GenerateParams, Generation, Grammar, Prompt, Reuse, SamplingParams};
+use loupe_core::image::{ImageInput, Preprocessor};
+use loupe_core::tokenize::{Content, Message};
+use loupe_core::Engine;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::boxes::{BoxConvention, Frame};
+use crate::error::Result;
+use crate::schema::verdict_schema;
+use crate::spec::{hex, RefLabel, Spec};
+use crate::verdict::{parse_answer, Finding, Outcome};
+
+/// What is reused from one image to the next (`--reuse`, for measuring what reuse saves).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReuseMode {
+    /// Every image runs the whole prompt: reference images encoded and prefilled again.
+    None,
+    /// Reference images' vision features are cached by content hash; the prompt is prefilled again.
+    Features,
+    /// The shared prefix (system prompt, instructions, reference images) is prefilled once and its KV
+    /// state reused: each image costs only its own tokens.
+    Prefix,
+}
+
+impl ReuseMode {
+    pub fn parse(s: &str) -> std::result::Result<ReuseMode, String> {
+        match s {
+            "none" => Ok(ReuseMode::None),
+            "features" => Ok(ReuseMode::Features),
+            "prefix" => Ok(ReuseMode::Prefix),
+            o => Err(format!(
+                "--reuse `{o}` is not one of none, features, prefix"
+            )),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RecordTimings {
+    /// Reading and decoding the file.
+    pub read_ms: f64,
+    /// Building the shared prefix (first image of a run only).
+    pub prefix_ms: f64,
+    pub vision_ms: f64,
+    pub prefill_ms: f64,
+    pub decode_ms: f64,
+    pub total_ms: f64,
+}
+
+/// Everything known about one inspected image: the JSON Lines row, the audit row, the report card.
+#[derive(Debug, Clone, Serialize)]
+pub struct Record {
+    pub time: String,
+    pub image: PathBuf,
+    pub image_sha256: Option<String>,
+    pub spec: String,
+    pub spec_sha256: String,
+    pub model: String,
+    pub weights_sha256: Option<String>,
+    /// `null` when `error` is set.
+    pub verdict: Option<Outcome>,
+    pub model_verdict: Option<Outcome>,
+    pub defects: Vec<Finding>,
+    /// The model's probability that the part fails, read at its verdict token (for AUROC).
+    pub fail_score: Option<f64>,
+    pub frame: Option<Frame>,
+    pub raw_output: String,
+    pub prompt_tokens: usize,
+    pub output_tokens: usize,
+    pub error: Option<String>,
+    pub timings: RecordTimings,
+    /// The prompt text, image placeholders collapsed (for the audit log).
+    #[serde(skip)]
+    pub prompt: String,
+}
+
+pub struct Inspector<'e> {
+    pub engine: &'e Engine,
+    pub spec: Spec,
+    pub convention: BoxConvention,
+    pub reuse_mode: ReuseMode,
+    /// Model id as recorded (path or hub id) and its weights' hash, when known.
+    pub model_id: String,
+    pub weights_sha256: Option<String>,
+    preprocessor: Preprocessor,
+    refs: Vec<ImageInput>,
+    reuse: Reuse,
+    vision_start: Option<u32>,
+}
+
+fn ms(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1e3
+}
+
+pub fn now_rfc3339() -> String {
+    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+}
+
+impl<'e> Inspector<'e> {
+    pub fn new(engine: &'e Engine, spec: Spec, reuse_mode: ReuseMode) -> Result<Self> {
+        let convention = spec
+            .box_convention
+            .unwrap_or_else(|| BoxConvention::for_model_type(&engine.model_type));
+        let preprocessor = engine
+            .preprocessor
+            .clone()
+            .with_pixels(spec.image.min_pixels, spec.image.max_pixels)?;
+        let paths: Vec<&Path> = spec.references.iter().map(|r| r.image.as_path()).collect();
+        let refs = Engine::load_images(&paths)?;
+        // Check the schema compiles before the first image.
+        engine.constraint(&Grammar::JsonSchema(verdict_schema(&spec, 1000)))?;
+        Ok(Inspector {
+            engine,
+            convention,
+            reuse_mode,
+            model_id: engine.files.dir.display().to_string(),
+            weights_sha256: None,
+            preprocessor,
+            refs,
+            reuse: Reuse::default(),
+            vision_start: engine.tokenizer.token_to_id("<|vision_start|>"),
+            spec,
+        })
+    }
+
+    /// The conversation: system prompt, then one user turn with the instructions, each reference
+    /// image under its label, and the part to inspect last (so everything before it is a shared prefix).
+    fn messages(&self) -> Vec<Message> {
+        let mut content = vec![Content::Text {
+            text: self.spec.preamble(self.convention),
+        }];
+        for r in &self.spec.references {
+            let label = match &r.label {
+                RefLabel::Good => "\nReference: a good part.".to_owned(),
+                RefLabel::Defect(c) => format!("\nReference: a part with a {c}."),
+            };
+            let text = if r.note.is_empty() {
+                label
+            } else {
+                format!("{label} {}", r.note)
+            };
+            content.push(Content::Text { text });
+            content.push(Content::Image);
+        }
+        content.push(Content::Text {
+            text: "\nPart to inspect:".into(),
+        });
+        content.push(Content::Image);
+        let mut m = Vec::new();
+        if let Some(s) = &self.spec.system {
+            m.push(Message::system(s));
+        }
+        m.push(Message {
+            role: "user".into(),
+            content,
+        });
+        m
+    }
+
+    fn params(&self, max_coordinate: u32) -> GenerateParams {
+        let d = &self.spec.decoding;
+        GenerateParams {
+            max_tokens: d.max_tokens,
+            sampling: SamplingParams {
+                temperature: d.temperature,
+                seed: d.seed,
+                ..SamplingParams::default()
+            },
+            stop_strings: vec![],
+            eos_token_ids: self.engine.eos_token_ids(),
+            grammar: Some(Grammar::JsonSchema(verdict_schema(
+                &self.spec,
+                max_coordinate,
+            ))),
+        }
+    }
+
+    fn empty_record(&self, path: &Path) -> Record {
+        Record {
+            time: now_rfc3339(),
+            image: path.to_path_buf(),
+            image_sha256: None,
+            spec: self.spec.name.clone(),
+            spec_sha256: self.spec.sha256.clone(),
+            model: self.model_id.clone(),
+            weights_sha256: self.weights_sha256.clone(),
+            verdict: None,
+            model_verdict: None,
+            defects: vec![],
+            fail_score: None,
+            frame: None,
+            raw_output: String::new(),
+            prompt_tokens: 0,
+            output_tokens: 0,
+            error: None,
+            timings: RecordTimings::default(),
+            prompt: String::new(),
+        }
+    }
+
+    /// Inspects one image file. Problems with the image or the answer become the record's `error`.
+    pub fn inspect(&mut self, path: &Path) -> Record {
+        let t0 = Instant::now();
+        let mut rec = self.empty_record(path);
+        if let Err(e) = self.inspect_into(path, &mut rec) {
+            rec.error = Some(e);
+        }
+        rec.timings.total_ms = ms(t0);
+        rec
+    }
+
+    fn inspect_into(&mut self, path: &Path, rec: &mut Record) -> std::result::Result<(), String> {
+        let t = Instant::now();
+        let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        rec.image_sha256 = Some(hex(&Sha256::digest(&bytes)));
+        let image = loupe_core::image::decode(&bytes)
+            .map_err(|m| format!("image {}: {m}", path.display()))?;
+        let input = ImageInput {
+            source: path.to_path_buf(),
+            image,
+        };
+        let (mh, mw) = self
+            .preprocessor
+            .target_size(&input)
+            .map_err(|e| e.to_string())?;
+        let frame = Frame::new(
+            (input.image.width, input.image.height),
+            input.image.orientation,
+            (mw, mh),
+        );
+        rec.frame = Some(frame);
+        rec.timings.read_ms = ms(t);
+
+        let messages = self.messages();
+        rec.prompt = self
+            .engine
+            .template
+            .render(&messages, true)
+            .map_err(|e| e.to_string())?;
+        let mut images = self.refs.clone();
+        images.push(input);
+        let prompt = self
+            .engine
+            .prompt_from_messages(&messages, &images, &self.preprocessor)
+            .map_err(|e| e.to_string())?;
+        let t = Instant::now();
+        self.ensure_prefix(&prompt).map_err(|e| e.to_string())?;
+        rec.timings.prefix_ms = ms(t);
+
+        let params = self.params(self.convention.max_coordinate(&frame));
+        let reuse = match self.reuse_mode {
+            ReuseMode::None => None,
+            _ => Some(&mut self.reuse),
+        };
+        let out = self
+            .engine
+            .generate_with(&prompt, &params, reuse, &mut |_| {})
+            .map_err(|e| e.to_string())?;
+        rec.raw_output = out.text.clone();
+        rec.prompt_tokens = out.prompt_tokens;
+        rec.output_tokens = out.tokens.len();
+        rec.timings.vision_ms = out.timings.vision_ms;
+        rec.timings.prefill_ms = out.timings.prefill_ms;
+        rec.timings.decode_ms = out.timings.decode_ms;
+        let v = parse_answer(&out.text, &self.spec, self.convention, &frame)?;
+        rec.fail_score = self.fail_score(&out, v.model_verdict);
+        rec.verdict = Some(v.verdict);
+        rec.model_verdict = Some(v.model_verdict);
+        rec.defects = v.defects;
+        Ok(())
+    }
+
+    /// Prefills the shared prefix on the first image (prefix mode): everything before the part's
+    /// image, which is the last one of the prompt.
+    fn ensure_prefix(&mut self, prompt: &Prompt) -> loupe_core::Result<()> {
+        if self.reuse_mode != ReuseMode::Prefix || self.reuse.prefix.is_some() {
+            return Ok(());
+        }
+        let n_refs = self.refs.len();
+        let Some(vs) = self.vision_start else {
+            return Ok(());
+        };
+        let Some(cut) = prompt
+            .ids
+            .iter()
+            .enumerate()
+            .filter(|(_, &t)| t == vs)
+            .nth(n_refs)
+            .map(|(i, _)| i)
+        else {
+            return Ok(());
+        };
+        let prefix = Prompt {
+            ids: prompt.ids[..cut].to_vec(),
+            pixels: prompt.pixels.images(0..n_refs),
+        };
+        self.engine.prefill_prefix(&prefix, &mut self.reuse)
+    }
+
+    /// The probability of "fail" at the token that chose the verdict. The answer is compact JSON that
+    /// starts `{"verdict":"`, so that token is the one covering the next byte.
+    fn fail_score(&self, out: &Generation, said: Outcome) -> Option<f64> {
+        const AT: usize = r#"{"verdict":""#.len();
+        let mut len = 0;
+        for (i, &t) in out.tokens.iter().enumerate() {
+            len += self.engine.tokenizer.decode(&[t]).ok()?.len();
+            if len > AT {
+                let p = f64::from(*out.logprobs.get(i)?).exp();
+                return Some(match said {
+                    Outcome::Fail => p,
+                    Outcome::Pass => 1.0 - p,
+                });
+            }
+        }
+        None
+    }
+
+    /// How many reference images were encoded, and how many times their features were reused.
+    pub fn feature_cache_stats(&self) -> (usize, usize) {
+        (self.reuse.features.misses, self.reuse.features.hits)
+    }
+}
+
+/// Image files under `paths` (files as given; folders walked recursively, sorted), by extension.
+pub fn collect_images(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for p in paths {
+        if p.is_dir() {
+            let mut found = Vec::new();
+            walk(p, &mut found)?;
+            found.sort();
+            out.extend(found);
+        } else if p.exists() {
+            out.push(p.clone());
+        } else {
+            return Err(crate::Error::io(
+                p,
+                std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or folder"),
+            ));
+        }
+    }
+    Ok(out)
+}
+
+pub fn is_image_name(p: &Path) -> bool {
+    p.extension()
+        .and_then(|e| e.to_str())
+        .map(|e| e.to_ascii_lowercase())
+        .is_some_and(|e| {
+            matches!(
+                e.as_str(),
+                "jpg" | "jpeg" | "png" | "webp" | "gif" | "bmp" | "tif" | "tiff"
+            )
+        })
+}
+
+fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+    let rd = std::fs::read_dir(dir).map_err(|e| crate::Error::io(dir, e))?;
+    for entry in rd {
+        let entry = entry.map_err(|e| crate::Error::io(dir, e))?;
+        let p = entry.path();
+        if p.is_dir() {
+            walk(&p, out)?;
+        } else if is_image_name(&p) {
+            out.push(p);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,249 @@
+//! Results as files: JSON Lines and CSV written as each image finishes (a crash keeps what was done),
+//! overlays, and one self-contained HTML report that works offline.
+
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use base64::Engine as _;
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::inspector::Record;
+use crate::verdict::Outcome;
+
+/// The files of one run under `dir`.
+pub struct RunOutputs {
+    pub dir: PathBuf,
+    jsonl: BufWriter<File>,
+    csv: csv::Writer<File>,
+    cards: Vec<Card>,
+}
+
+/// What the HTML report shows of one record.
+struct Card {
+    record: Record,
+    overlay: Option<String>,
+    thumbnail: Option<String>,
+}
+
+fn create(path: &Path) -> Result<File> {
+    File::create(path).map_err(|e| Error::io(path, e))
+}
+
+impl RunOutputs {
+    pub fn create(dir: &Path) -> Result<RunOutputs> {
+        std::fs::create_dir_all(dir.join("overlays")).map_err(|e| Error::io(dir, e))?;
+        let jsonl = BufWriter::new(create(&dir.join("results.jsonl"))?);
+        let mut csv = csv::Writer::from_writer(create(&dir.join("results.csv"))?);
+        csv.write_record([
+            "image",
+            "verdict",
+            "model_verdict",
+            "defects",
+            "classes",
+            "boxes",
+            "fail_score",
+            "error",
+            "total_ms",
+            "image_sha256",
+        ])
+        .map_err(|e| Error::output(dir.join("results.csv"), e))?;
+        Ok(RunOutputs {
+            dir: dir.to_path_buf(),
+            jsonl,
+            csv,
+            cards: Vec::new(),
+        })
+    }
+
+    /// Adds a record (and its overlay, when the image could be read).
+    pub fn add(&mut self, record: &Record, overlay: Option<&image::RgbImage>) -> Result<()> {
+        let line = serde_json::to_string(record).map_err(|e| Error::output(&self.dir, e))?;
+        let jl = self.dir.join("results.jsonl");
+        writeln!(self.jsonl, "{line}").map_err(|e| Error::io(&jl, e))?;
+        self.jsonl.flush().map_err(|e| Error::io(&jl, e))?;
+        let classes: Vec<&str> = record.defects.iter().map(|d| d.class.as_str()).collect();
+        let boxes: Vec<String> = record
+            .defects
+            .iter()
+            .map(|d| format!("{:?}", d.box_px))
+            .collect();
+        let cp = self.dir.join("results.csv");
+        self.csv
+            .write_record([
+                record.image.display().to_string(),
+                record.verdict.map_or("error", Outcome::as_str).to_owned(),
+                record.model_verdict.map_or("", Outcome::as_str).to_owned(),
+                record.defects.len().to_string(),
+                classes.join(";"),
+                boxes.join(";"),
+                record
+                    .fail_score
+                    .map_or(String::new(), |s| format!("{s:.4}")),
+                record.error.clone().unwrap_or_default(),
+                format!("{:.1}", record.timings.total_ms),
+                record.image_sha256.clone().unwrap_or_default(),
+            ])
+            .map_err(|e| Error::output(&cp, e))?;
+        self.csv.flush().map_err(|e| Error::io(&cp, e))?;
+
+        let (mut overlay_rel, mut thumbnail) = (None, None);
+        if let Some(img) = overlay {
+            let stem = record
+                .image
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "image".into());
+            let rel = format!("overlays/{:04}-{stem}.png", self.cards.len());
+            let path = self.dir.join(&rel);
+            img.save(&path).map_err(|e| Error::output(&path, e))?;
+            overlay_rel = Some(rel);
+            thumbnail = Some(thumbnail_data_uri(img).map_err(|e| Error::output(&path, e))?);
+        }
+        self.cards.push(Card {
+            record: record.clone(),
+            overlay: overlay_rel,
+            thumbnail,
+        });
+        Ok(())
+    }
+
+    /// Writes `report.html`; returns its path.
+    pub fn finish(mut self, title: &str) -> Result<PathBuf> {
+        let path = self.dir.join("report.html");
+        let html = render_html(title, &self.cards);
+        std::fs::write(&path, html).map_err(|e| Error::io(&path, e))?;
+        self.jsonl.flush().map_err(|e| Error::io(&path, e))?;
+        Ok(path)
+    }
+}
+
+/// A JPEG thumbnail, at most 320 pixels wide, as a `data:` URI.
+fn thumbnail_data_uri(img: &image::RgbImage) -> std::result::Result<String, image::ImageError> {
+    let w = img.width().min(320);
+    let h =
+        ((u64::from(img.height()) * u64::from(w)) / u64::from(img.width().max(1))).max(1) as u32;
+    let small = image::imageops::resize(img, w, h, image::imageops::FilterType::Triangle);
+    let mut buf = Vec::new();
+    let enc = image::codecs::jpeg::JpegEncoder::new_with_quality(&mut buf, 85);
+    small.write_with_encoder(enc)?;
+    Ok(format!(
+        "data:image/jpeg;base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(&buf)
+    ))
+}
+
+pub fn escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+#[derive(Debug, Default, Clone, Serialize, PartialEq)]
+pub struct Summary {
+    pub images: usize,
+    pub pass: usize,
+    pub fail: usize,
+    pub error: usize,
+    pub mean_ms: f64,
+}
+
+pub fn summarize(records: &[&Record]) -> Summary {
+    let mut s = Summary {
+        images: records.len(),
+        ..Summary::default()
+    };
+    for r in records {
+        match r.verdict {
+            Some(Outcome::Pass) => s.pass += 1,
+            Some(Outcome::Fail) => s.fail += 1,
+            None => s.error += 1,
+        }
+        s.mean_ms += r.timings.total_ms;
+    }
+    if s.images > 0 {
+        s.mean_ms /= s.images as f64;
+    }
+    s
+}
+
+const STYLE: &str = "body{font:14px system-ui,sans-serif;margin:24px;color:#222;background:#fafafa}\
+h1{font-size:20px;margin:0 0 4px}.sub{color:#666;margin-bottom:16px}\
+.sum{display:flex;gap:12px;margin:12px 0 20px}.sum div{background:#fff;border:1px solid #ddd;border-radius:6px;padding:8px 14px}\
+.sum b{display:block;font-size:22px}.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(330px,1fr));gap:14px}\
+.card{background:#fff;border:1px solid #ddd;border-radius:6px;padding:8px}.card img{width:100%;display:block;border-radius:3px}\
+.badge{display:inline-block;padding:1px 8px;border-radius:10px;color:#fff;font-weight:600;font-size:12px}\
+.pass{background:#168c3c}.fail{background:#c81e1e}.error{background:#6e6e6e}\
+.name{font-weight:600;word-break:break-all;margin:6px 0 2px}.meta{color:#666;font-size:12px}\
+ul{margin:4px 0;padding-left:18px}code{font-size:12px}";
+
+fn render_html(title: &str, cards: &[Card]) -> String {
+    let recs: Vec<&Record> = cards.iter().map(|c| &c.record).collect();
+    let s = summarize(&recs);
+    let mut h = String::new();
+    h.push_str("<!doctype html><html><head><meta charset=\"utf-8\"><title>");
+    h.push_str(&escape(title));
+    h.push_str("</title><style>");
+    h.push_str(STYLE);
+    h.push_str("</style></head><body>");
+    h.push_str(&format!("<h1>{}</h1>", escape(title)));
+    let model = recs.first().map(|r| r.model.as_str()).unwrap_or("");
+    h.push_str(&format!(
+        "<div class=\"sub\">model <code>{}</code> &middot; {}</div>",
+        escape(model),
+        escape(&crate::inspector::now_rfc3339())
+    ));
+    h.push_str(&format!(
+        "<div class=\"sum\"><div><b>{}</b>images</div><div><b style=\"color:#168c3c\">{}</b>pass</div>\
+<div><b style=\"color:#c81e1e\">{}</b>fail</div><div><b>{}</b>errors</div><div><b>{:.0} ms</b>per image</div></div>",
+        s.images, s.pass, s.fail, s.error, s.mean_ms
+    ));
+    h.push_str("<div class=\"grid\">");
+    for c in cards {
+        let r = &c.record;
+        let (cls, word) = match r.verdict {
+            Some(Outcome::Pass) => ("pass", "PASS"),
+            Some(Outcome::Fail) => ("fail", "FAIL"),
+            None => ("error", "ERROR"),
+        };
+        h.push_str("<div class=\"card\">");
+        if let (Some(t), Some(o)) = (&c.thumbnail, &c.overlay) {
+            h.push_str(&format!(
+                "<a href=\"{}\"><img src=\"{}\" alt=\"overlay\"></a>",
+                escape(o),
+                t
+            ));
+        }
+        h.push_str(&format!(
+            "<div class=\"name\">{}</div><span class=\"badge {cls}\">{word}</span>",
+            escape(&r.image.display().to_string())
+        ));
+        if let Some(sc) = r.fail_score {
+            h.push_str(&format!(" <span class=\"meta\">fail score {sc:.3}</span>"));
+        }
+        if let Some(e) = &r.error {
+            h.push_str(&format!("<div class=\"meta\">{}</div>", escape(e)));
+        }
+        if !r.defects.is_empty() {
+            h.push_str("<ul>");
+            for d in &r.defects {
+                let [x1, y1, x2, y2] = d.box_px;
+                h.push_str(&format!(
+                    "<li><b>{}</b> [{x1}, {y1}, {x2}, {y2}] {}</li>",
+                    escape(&d.class),
+                    escape(&d.note)
+                ));
+            }
+            h.push_str("</ul>");
+        }
+        let t = &r.timings;
+        h.push_str(&format!(
+            "<div class=\"meta\">{:.0} ms (vision {:.0}, prefill {:.0}, decode {:.0}) &middot; {} prompt tokens</div></div>",
+            t.total_ms, t.vision_ms, t.prefill_ms, t.decode_ms, r.prompt_tokens
+        ));
+    }
+    h.push_str("</div></body></html>\n");
+    h
+}

@@ -1,0 +1,445 @@
+//! The inspection spec: one TOML file that says what to look for and how to decide. Paths in it are
+//! relative to the file. `examples/inspection.toml` is the commented reference.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use toml::Spanned;
+
+use crate::boxes::BoxConvention;
+use crate::error::{Error, Result};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSpec {
+    name: Spanned<String>,
+    model: Option<Spanned<String>>,
+    system: Option<String>,
+    instructions: Spanned<String>,
+    #[serde(default)]
+    defects: Vec<RawDefect>,
+    #[serde(default)]
+    references: Vec<RawReference>,
+    #[serde(default)]
+    image: ImageSettings,
+    #[serde(default)]
+    decoding: Decoding,
+    #[serde(default)]
+    rule: RawRule,
+    #[serde(default)]
+    boxes: RawBoxes,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDefect {
+    name: Spanned<String>,
+    #[serde(default)]
+    description: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawReference {
+    image: Spanned<String>,
+    label: Spanned<String>,
+    #[serde(default)]
+    note: String,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    fail_on: Option<Spanned<Vec<String>>>,
+    min_defects: Option<Spanned<usize>>,
+    #[serde(default = "yes")]
+    trust_model_verdict: bool,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBoxes {
+    convention: Option<Spanned<String>>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Pixel budget of each image (defaults: the model's preprocessor_config.json).
+#[derive(Debug, Clone, Default, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageSettings {
+    pub min_pixels: Option<usize>,
+    pub max_pixels: Option<usize>,
+}
+
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Decoding {
+    #[serde(default = "default_max_tokens")]
+    pub max_tokens: usize,
+    #[serde(default)]
+    pub temperature: f64,
+    #[serde(default)]
+    pub seed: u64,
+    /// Most defects one answer may list.
+    #[serde(default = "default_max_defects")]
+    pub max_defects: usize,
+    /// Longest note per defect, in characters.
+    #[serde(default = "default_max_note")]
+    pub max_note_chars: usize,
+}
+
+fn default_max_tokens() -> usize {
+    512
+}
+fn default_max_defects() -> usize {
+    8
+}
+fn default_max_note() -> usize {
+    80
+}
+
+impl Default for Decoding {
+    fn default() -> Self {
+        Decoding {
+            max_tokens: default_max_tokens(),
+            temperature: 0.0,
+            seed: 0,
+            max_defects: default_max_defects(),
+            max_note_chars: default_max_note(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DefectClass {
+    pub name: String,
+    pub description: String,
+}
+
+/// What a reference image shows: a good part, or an example of one defect class.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub enum RefLabel {
+    Good,
+    Defect(String),
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Reference {
+    pub image: PathBuf,
+    pub label: RefLabel,
+    pub note: String,
+}
+
+/// How the pass/fail verdict follows from the model's answer.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Rule {
+    /// Defect classes that fail a part.
+    pub fail_on: Vec<String>,
+    /// How many defects of those classes fail a part.
+    pub min_defects: usize,
+    /// A "fail" from the model fails the part even when it lists no defect of `fail_on`.
+    pub trust_model_verdict: bool,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Spec {
+    pub path: PathBuf,
+    pub name: String,
+    /// Model directory (resolved against the spec's folder) or hub id; `None` when the spec leaves it
+    /// to `--model`.
+    pub model: Option<String>,
+    pub system: Option<String>,
+    pub instructions: String,
+    pub defects: Vec<DefectClass>,
+    pub references: Vec<Reference>,
+    pub image: ImageSettings,
+    pub decoding: Decoding,
+    pub rule: Rule,
+    /// `None`: from the model's family.
+    pub box_convention: Option<BoxConvention>,
+    /// SHA-256 of the spec file's bytes (the audit log records it).
+    pub sha256: String,
+}
+
+/// 1-based line of a byte offset.
+fn line_of(src: &str, offset: usize) -> usize {
+    src[..offset.min(src.len())].matches('\n').count() + 1
+}
+
+impl Spec {
+    pub fn load(path: &Path) -> Result<Spec> {
+        let src = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Spec::parse(&src, path)
+    }
+
+    /// Parses a spec's text; `path` names it in errors and anchors its relative paths.
+    pub fn parse(src: &str, path: &Path) -> Result<Spec> {
+        let err = |offset: usize, msg: String| Error::Spec {
+            path: path.to_path_buf(),
+            line: line_of(src, offset),
+            msg,
+        };
+        let raw: RawSpec = toml::from_str(src).map_err(|e| {
+            let span = e.span().unwrap_or(0..0);
+            let line = line_of(src, span.start);
+            let text = src.lines().nth(line - 1).unwrap_or("").trim();
+            let msg = e.message().trim().replace('\n', " ");
+            if text.is_empty() {
+                err(span.start, msg)
+            } else {
+                err(span.start, format!("`{text}`: {msg}"))
+            }
+        })?;
+        let dir = path.parent().unwrap_or(Path::new("."));
+
+        let name = raw.name.get_ref().trim().to_owned();
+        if name.is_empty() {
+            return Err(err(raw.name.span().start, "field `name` is empty".into()));
+        }
+        if raw.instructions.get_ref().trim().is_empty() {
+            return Err(err(
+                raw.instructions.span().start,
+                "field `instructions` is empty".into(),
+            ));
+        }
+        if raw.defects.is_empty() {
+            return Err(err(
+                0,
+                "no `[[defects]]`: name at least one defect class to look for".into(),
+            ));
+        }
+        let mut defects: Vec<DefectClass> = Vec::new();
+        for d in &raw.defects {
+            let n = d.name.get_ref().trim();
+            if n.is_empty() || n.eq_ignore_ascii_case("good") {
+                return Err(err(
+                    d.name.span().start,
+                    format!("defect `name` `{n}` is empty or reserved"),
+                ));
+            }
+            if defects.iter().any(|x| x.name == n) {
+                return Err(err(
+                    d.name.span().start,
+                    format!("defect `{n}` is named twice"),
+                ));
+            }
+            defects.push(DefectClass {
+                name: n.to_owned(),
+                description: d.description.trim().to_owned(),
+            });
+        }
+        let is_class = |n: &str| defects.iter().any(|d| d.name == n);
+        let class_list = || {
+            defects
+                .iter()
+                .map(|d| d.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+
+        let mut references = Vec::new();
+        for r in &raw.references {
+            let image = dir.join(r.image.get_ref());
+            if !image.is_file() {
+                return Err(err(
+                    r.image.span().start,
+                    format!("reference `image` {} does not exist", image.display()),
+                ));
+            }
+            let l = r.label.get_ref().trim();
+            let label = if l == "good" {
+                RefLabel::Good
+            } else if is_class(l) {
+                RefLabel::Defect(l.to_owned())
+            } else {
+                return Err(err(
+                    r.label.span().start,
+                    format!(
+                        "reference `label` `{l}` is neither `good` nor a defect ({})",
+                        class_list()
+                    ),
+                ));
+            };
+            references.push(Reference {
+                image,
+                label,
+                note: r.note.trim().to_owned(),
+            });
+        }
+
+        let fail_on = match &raw.rule.fail_on {
+            Some(list) => {
+                for c in list.get_ref() {
+                    if !is_class(c) {
+                        return Err(err(
+                            list.span().start,
+                            format!(
+                                "`rule.fail_on` names `{c}`, which is not a defect ({})",
+                                class_list()
+                            ),
+                        ));
+                    }
+                }
+                list.get_ref().clone()
+            }
+            None => defects.iter().map(|d| d.name.clone()).collect(),
+        };
+        let min_defects = match &raw.rule.min_defects {
+            Some(m) if *m.get_ref() == 0 => {
+                return Err(err(
+                    m.span().start,
+                    "`rule.min_defects` must be at least 1".into(),
+                ))
+            }
+            Some(m) => *m.get_ref(),
+            None => 1,
+        };
+        let box_convention = match &raw.boxes.convention {
+            None => None,
+            Some(c) if c.get_ref() == "auto" => None,
+            Some(c) => Some(BoxConvention::parse(c.get_ref()).map_err(|m| err(c.span().start, m))?),
+        };
+        let d = &raw.decoding;
+        if d.max_tokens == 0 || d.max_defects == 0 || !(0.0..=5.0).contains(&d.temperature) {
+            let at = src.find("[decoding]").unwrap_or(0);
+            return Err(err(
+                at,
+                "`decoding`: max_tokens and max_defects must be at least 1, temperature in 0..=5"
+                    .into(),
+            ));
+        }
+        if let (Some(lo), Some(hi)) = (raw.image.min_pixels, raw.image.max_pixels) {
+            if lo > hi {
+                let at = src.find("[image]").unwrap_or(0);
+                return Err(err(
+                    at,
+                    format!("`image.min_pixels` {lo} is larger than `image.max_pixels` {hi}"),
+                ));
+            }
+        }
+        let model = raw.model.as_ref().map(|m| {
+            let m = m.get_ref();
+            let local = dir.join(m);
+            if local.exists() {
+                local.display().to_string()
+            } else {
+                m.clone()
+            }
+        });
+        Ok(Spec {
+            path: path.to_path_buf(),
+            name,
+            model,
+            system: raw.system.clone(),
+            instructions: raw.instructions.get_ref().trim().to_owned(),
+            defects,
+            references,
+            image: raw.image.clone(),
+            decoding: raw.decoding.clone(),
+            rule: Rule {
+                fail_on,
+                min_defects,
+                trust_model_verdict: raw.rule.trust_model_verdict,
+            },
+            box_convention,
+            sha256: hex(&Sha256::digest(src.as_bytes())),
+        })
+    }
+
+    /// The text the model reads before the reference images: the instructions, the defect classes,
+    /// and the answer format.
+    pub fn preamble(&self, convention: BoxConvention) -> String {
+        let mut s = self.instructions.clone();
+        s.push_str("\n\nDefect classes:\n");
+        for d in &self.defects {
+            if d.description.is_empty() {
+                s.push_str(&format!("- {}\n", d.name));
+            } else {
+                s.push_str(&format!("- {}: {}\n", d.name, d.description));
+            }
+        }
+        s.push_str(&format!(
+            "\nAnswer in JSON: {{\"verdict\": \"pass\" or \"fail\", \"defects\": [{{\"class\", \"box\": [x1, y1, x2, y2], \"note\"}}]}}, boxes {}.",
+            convention.describe()
+        ));
+        s
+    }
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+name = "washers"
+instructions = "Inspect the washer."
+
+[[defects]]
+name = "scratch"
+description = "a thin line"
+
+[[defects]]
+name = "dent"
+
+[rule]
+fail_on = ["scratch"]
+"#;
+
+    fn parse(src: &str) -> Result<Spec> {
+        Spec::parse(src, Path::new("/nonexistent/s.toml"))
+    }
+
+    #[test]
+    fn parses_and_fills_defaults() {
+        let s = parse(GOOD).unwrap();
+        assert_eq!(s.name, "washers");
+        assert_eq!(s.defects.len(), 2);
+        assert_eq!(s.rule.fail_on, vec!["scratch"]);
+        assert_eq!(s.rule.min_defects, 1);
+        assert!(s.rule.trust_model_verdict);
+        assert_eq!(s.decoding.max_tokens, 512);
+        assert_eq!(s.sha256.len(), 64);
+        let p = s.preamble(BoxConvention::Rel1000);
+        assert!(
+            p.contains("- scratch: a thin line") && p.contains("- dent\n"),
+            "{p}"
+        );
+    }
+
+    fn msg(src: &str) -> String {
+        parse(src).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn errors_name_line_and_field() {
+        let m = msg(&GOOD.replace("fail_on = [\"scratch\"]", "fail_on = [\"rust\"]"));
+        assert!(
+            m.starts_with("/nonexistent/s.toml:13:") && m.contains("`rust`"),
+            "{m}"
+        );
+        let m = msg(&format!("{GOOD}\n[decoding]\ntemperature = \"hot\"\n"));
+        assert!(m.contains(":16:") && m.contains("temperature"), "{m}");
+        let m = msg(&GOOD.replace("name = \"dent\"", "name = \"scratch\""));
+        assert!(m.contains(":10:") && m.contains("named twice"), "{m}");
+        let m = msg(&GOOD.replace("[rule]", "[rules]"));
+        assert!(m.contains(":12:") && m.contains("rules"), "{m}");
+        let m = msg(&format!(
+            "{GOOD}\n[[references]]\nimage = \"nope.png\"\nlabel = \"good\"\n"
+        ));
+        assert!(m.contains(":16:") && m.contains("nope.png"), "{m}");
+        let m = msg("name = \"x\"\n");
+        assert!(m.contains(":1:") && m.contains("instructions"), "{m}");
+        let m = msg(&format!("{GOOD}\n[boxes]\nconvention = \"yolo\"\n"));
+        assert!(m.contains(":16:") && m.contains("yolo"), "{m}");
+        let m = msg("name = \"x\"\ninstructions = \"y\"\n");
+        assert!(m.contains("[[defects]]"), "{m}");
+    }
+}
