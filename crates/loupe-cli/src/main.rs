@@ -1,7 +1,10 @@
 //! `loupe`: run small vision-language models on this machine.
 
 mod bench;
+mod eval;
+mod history;
 mod info;
+mod inspect;
 mod quantize;
 mod run;
 
@@ -30,6 +33,13 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Write a quantized copy of a model (one GGUF file) that loads without re-quantizing.
     Quantize(quantize::QuantizeArgs),
+    /// Pass/fail verdicts with defect boxes for images, folders or a watched folder, with reports.
+    /// Exit code: 0 all pass, 1 some fail, 2 an image or the run had an error.
+    Inspect(Box<inspect::InspectArgs>),
+    /// How well a spec and model inspect a labelled dataset (MVTec AD layout).
+    Eval(Box<eval::EvalArgs>),
+    /// List and filter the audit log of past inspections.
+    History(history::HistoryArgs),
 }
 
 /// Exit code for bad input (files, flags, prompt), as documented.
@@ -68,14 +78,18 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    let ok = |r: loupe_core::Result<()>| r.map(|()| ExitCode::SUCCESS).map_err(|e| e.to_string());
     let result = match cli.command {
-        Command::Run(a) => run::run(*a),
-        Command::Info(a) => info::info(a),
-        Command::Bench(a) => bench::bench(a),
-        Command::Quantize(a) => quantize::quantize(a),
+        Command::Run(a) => ok(run::run(*a)),
+        Command::Info(a) => ok(info::info(a)),
+        Command::Bench(a) => ok(bench::bench(a)),
+        Command::Quantize(a) => ok(quantize::quantize(a)),
+        Command::Inspect(a) => inspect::inspect(*a).map_err(|e| e.to_string()),
+        Command::Eval(a) => eval::eval(*a).map_err(|e| e.to_string()),
+        Command::History(a) => history::history(a).map_err(|e| e.to_string()),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("loupe: {e}");
             ExitCode::from(EXIT_BAD_INPUT)
@@ -102,7 +116,7 @@ pub fn set_threads(threads: Option<usize>) -> loupe_core::Result<()> {
 pub struct ModelArgs {
     /// A model directory (Hugging Face layout) or a hub id found in the local Hugging Face cache.
     #[arg(long, short = 'm')]
-    pub model: String,
+    pub model: Option<String>,
     /// Compute dtype: f32, bf16 or f16 (default: the checkpoint's).
     #[arg(long)]
     pub dtype: Option<String>,
@@ -116,6 +130,16 @@ pub struct ModelArgs {
 
 impl ModelArgs {
     pub fn load(&self) -> loupe_core::Result<loupe_core::Engine> {
+        self.load_or(None)
+    }
+
+    /// Loads `--model`, else `fallback` (a spec's model).
+    pub fn load_or(&self, fallback: Option<&str>) -> loupe_core::Result<loupe_core::Engine> {
+        let model = self
+            .model
+            .as_deref()
+            .or(fallback)
+            .ok_or_else(|| loupe_core::Error::InvalidInput("--model is required".into()))?;
         set_threads(self.threads)?;
         let dtype = self
             .dtype
@@ -128,7 +152,7 @@ impl ModelArgs {
             .map(loupe_core::engine::parse_quant)
             .transpose()?;
         loupe_core::Engine::load(
-            &self.model,
+            model,
             &loupe_core::LoadOptions {
                 dtype,
                 quant,

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use loupe_core::generate::{GenerateParams, Grammar, SamplingParams};
 use loupe_core::{Error, Result};
+use loupe_inspect::boxes::{parse_groundings, BoxConvention, Frame};
 
 use crate::ModelArgs;
 
@@ -53,6 +54,10 @@ pub struct RunArgs {
     /// Constrain the answer to this grammar (a file, llguidance's Lark dialect).
     #[arg(long, value_name = "FILE")]
     pub grammar: Option<PathBuf>,
+    /// Find grounding boxes in the answer and map them to pixels of the last image (as shown, and in
+    /// the file's stored grid), in the model family's box convention.
+    #[arg(long)]
+    pub boxes: bool,
     /// The prompt text.
     #[arg(default_value = "")]
     pub prompt: String,
@@ -113,6 +118,11 @@ pub fn run(args: RunArgs) -> Result<()> {
         ));
     }
     let grammar = args.grammar_arg()?;
+    if args.boxes && args.images.is_empty() {
+        return Err(Error::InvalidInput(
+            "--boxes needs an --image to map the boxes onto".into(),
+        ));
+    }
     // Images are read before the model, so a bad path fails fast.
     let images = loupe_core::Engine::load_images(&args.images)?;
     let engine = args.model.load()?;
@@ -146,6 +156,33 @@ pub fn run(args: RunArgs) -> Result<()> {
             let _ = stdout.flush();
         }
     })?;
+    let boxes = if args.boxes {
+        let raw = engine.tokenizer.decode_with_special(&out.tokens)?;
+        let last = images
+            .last()
+            .ok_or_else(|| Error::InvalidInput("--boxes needs an --image".into()))?;
+        let (mh, mw) = pre.target_size(last)?;
+        let frame = Frame::new(
+            (last.image.width, last.image.height),
+            last.image.orientation,
+            (mw, mh),
+        );
+        let convention = BoxConvention::for_model_type(&engine.model_type);
+        parse_groundings(&raw)
+            .into_iter()
+            .map(|g| {
+                let px = convention.to_pixels(g.coords, &frame);
+                serde_json::json!({
+                    "label": g.label,
+                    "box_model": g.coords,
+                    "box": px.rounded(),
+                    "box_stored": frame.to_stored(&px).rounded(),
+                })
+            })
+            .collect::<Vec<_>>()
+    } else {
+        vec![]
+    };
     let t = &out.timings;
     if json {
         let obj = serde_json::json!({
@@ -153,6 +190,7 @@ pub fn run(args: RunArgs) -> Result<()> {
             "tokens": out.tokens,
             "prompt_tokens": out.prompt_tokens,
             "finish_reason": out.finish_reason,
+            "boxes": boxes,
             "timings": {
                 "load_ms": engine.load_ms,
                 "vision_ms": t.vision_ms,
@@ -163,6 +201,9 @@ pub fn run(args: RunArgs) -> Result<()> {
         let _ = writeln!(stdout, "{obj}");
     } else {
         let _ = writeln!(stdout);
+        for b in &boxes {
+            let _ = writeln!(stdout, "box {b}");
+        }
     }
     let prefill_tps = out.prompt_tokens as f64 / (t.prefill_ms / 1e3).max(1e-9);
     // The first token comes from the prefill; decode speed counts the ones after it.

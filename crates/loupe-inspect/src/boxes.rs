@@ -266,7 +266,7 @@ fn number(s: &str) -> Option<(f64, &str)> {
     Some((v, &s[end..]))
 }
 
-fn expect<'a>(s: &'a str, c: char) -> Option<&'a str> {
+fn expect(s: &str, c: char) -> Option<&str> {
     s.trim_start().strip_prefix(c)
 }
 

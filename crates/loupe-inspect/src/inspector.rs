@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime};
 
 use loupe_core::generate::{GenerateParams, Generation, Grammar, Prompt, Reuse, SamplingParams};
-use loupe_core::image::{ImageInput, Preprocessor};
+use loupe_core::image::{ImageInput, Preprocessor, RgbImage};
 use loupe_core::tokenize::{Content, Message};
 use loupe_core::Engine;
 use serde::Serialize;
@@ -205,18 +205,25 @@ impl<'e> Inspector<'e> {
         }
     }
 
-    /// Inspects one image file. Problems with the image or the answer become the record's `error`.
-    pub fn inspect(&mut self, path: &Path) -> Record {
+    /// Inspects one image file. Problems with the image or the answer become the record's `error`;
+    /// the decoded upright image comes back too when it could be read (for the overlay).
+    pub fn inspect(&mut self, path: &Path) -> (Record, Option<RgbImage>) {
         let t0 = Instant::now();
         let mut rec = self.empty_record(path);
-        if let Err(e) = self.inspect_into(path, &mut rec) {
+        let mut upright = None;
+        if let Err(e) = self.inspect_into(path, &mut rec, &mut upright) {
             rec.error = Some(e);
         }
         rec.timings.total_ms = ms(t0);
-        rec
+        (rec, upright)
     }
 
-    fn inspect_into(&mut self, path: &Path, rec: &mut Record) -> std::result::Result<(), String> {
+    fn inspect_into(
+        &mut self,
+        path: &Path,
+        rec: &mut Record,
+        upright: &mut Option<RgbImage>,
+    ) -> std::result::Result<(), String> {
         let t = Instant::now();
         let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
         rec.image_sha256 = Some(hex(&Sha256::digest(&bytes)));
@@ -245,6 +252,7 @@ impl<'e> Inspector<'e> {
             .render(&messages, true)
             .map_err(|e| e.to_string())?;
         let mut images = self.refs.clone();
+        *upright = Some(input.image.clone());
         images.push(input);
         let prompt = self
             .engine

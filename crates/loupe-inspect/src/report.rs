@@ -109,13 +109,28 @@ impl RunOutputs {
         Ok(())
     }
 
-    /// Writes `report.html`; returns its path.
-    pub fn finish(mut self, title: &str) -> Result<PathBuf> {
+    /// Writes (or rewrites) `report.html` with every record so far; returns its path.
+    pub fn write_report(&self, title: &str) -> Result<PathBuf> {
         let path = self.dir.join("report.html");
         let html = render_html(title, &self.cards);
-        std::fs::write(&path, html).map_err(|e| Error::io(&path, e))?;
-        self.jsonl.flush().map_err(|e| Error::io(&path, e))?;
+        // Written aside and renamed, so a browser never reads half a report.
+        let tmp = self.dir.join(".report.html.tmp");
+        std::fs::write(&tmp, html).map_err(|e| Error::io(&tmp, e))?;
+        std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
         Ok(path)
+    }
+
+    /// Writes the final report; returns its path.
+    pub fn finish(mut self, title: &str) -> Result<PathBuf> {
+        self.jsonl
+            .flush()
+            .map_err(|e| Error::io(self.dir.join("results.jsonl"), e))?;
+        self.write_report(title)
+    }
+
+    /// The records added so far.
+    pub fn records(&self) -> impl Iterator<Item = &Record> {
+        self.cards.iter().map(|c| &c.record)
     }
 }
 

@@ -54,6 +54,14 @@ impl Tokenizer {
         })
     }
 
+    /// Decodes ids with special tokens kept (grounding markers such as `<|box_start|>`).
+    pub fn decode_with_special(&self, ids: &[u32]) -> Result<String> {
+        self.inner.decode(ids, false).map_err(|e| Error::Tokenizer {
+            path: self.path.clone(),
+            msg: format!("cannot decode: {e}"),
+        })
+    }
+
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
     }
