@@ -339,7 +339,15 @@ impl Watcher {
             let now = (md.len(), md.modified().ok());
             match self.pending.insert(p.clone(), now) {
                 Some(before) if before == now && now.0 > 0 && ready.is_none() => {
-                    ready = Some(p);
+                    // A writer that pauses mid-file: wait for the format's end marker, up to a
+                    // while after the last write (then the inspection reports the broken file).
+                    let recent = now
+                        .1
+                        .and_then(|t| t.elapsed().ok())
+                        .is_some_and(|age| age < Duration::from_secs(10));
+                    if looks_complete(&p) || !recent {
+                        ready = Some(p);
+                    }
                 }
                 _ => {}
             }
@@ -349,5 +357,25 @@ impl Watcher {
             self.seen.insert(p.clone());
         }
         Ok(ready)
+    }
+}
+
+/// Whether a PNG or JPEG file ends with its format's end marker (other formats: assumed complete).
+fn looks_complete(path: &Path) -> bool {
+    use std::io::{Read, Seek, SeekFrom};
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(str::to_ascii_lowercase);
+    let tail_len = 12;
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return false;
+    };
+    let mut tail = Vec::new();
+    let ok = f.seek(SeekFrom::End(-(tail_len as i64))).is_ok() && f.read_to_end(&mut tail).is_ok();
+    match ext.as_deref() {
+        Some("png") => ok && tail.len() == tail_len && &tail[4..8] == b"IEND",
+        Some("jpg" | "jpeg") => ok && tail.windows(2).any(|w| w == [0xFF, 0xD9]),
+        _ => true,
     }
 }

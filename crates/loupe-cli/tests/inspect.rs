@@ -1,0 +1,434 @@
+//! `loupe inspect`, `eval` and `history` as a user runs them, on the tiny random-weight fixture model
+//! and the fixture parts dataset: every answer parses against the schema, records and files are all
+//! there, bad input is one line with exit 2, a watched folder waits for half-written files (also
+//! through a pause mid-file), and two
+//! processes writing one audit log lose nothing.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use serde_json::Value;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn spec() -> PathBuf {
+    root().join("examples/inspection.toml")
+}
+
+fn parts() -> PathBuf {
+    root().join("tests/fixtures/inspection/parts")
+}
+
+struct Out {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+fn loupe(args: &[&str]) -> Out {
+    let o = Command::new(env!("CARGO_BIN_EXE_loupe"))
+        .args(args)
+        .env("HF_HUB_CACHE", "/nonexistent-loupe-test-cache")
+        .output()
+        .expect("run loupe");
+    Out {
+        code: o.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+    }
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn records(out: &Path) -> Vec<Value> {
+    std::fs::read_to_string(out.join("results.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+const CLASSES: [&str; 5] = ["scratch", "dent", "crack", "missing_hole", "stain"];
+
+/// The raw answer of a record validates against the spec's schema (examples/inspection.toml).
+fn check_answer(raw: &str) {
+    let v: Value = serde_json::from_str(raw).unwrap_or_else(|e| panic!("{e}: {raw}"));
+    let o = v.as_object().unwrap();
+    assert_eq!(
+        o.keys().collect::<Vec<_>>(),
+        ["verdict", "defects"],
+        "{raw}"
+    );
+    assert!(
+        matches!(o["verdict"].as_str(), Some("pass" | "fail")),
+        "{raw}"
+    );
+    let defects = o["defects"].as_array().unwrap();
+    assert!(defects.len() <= 4, "{raw}");
+    for d in defects {
+        let d = d.as_object().unwrap();
+        assert_eq!(
+            d.keys().collect::<Vec<_>>(),
+            ["class", "box", "note"],
+            "{raw}"
+        );
+        assert!(CLASSES.contains(&d["class"].as_str().unwrap()), "{raw}");
+        let b = d["box"].as_array().unwrap();
+        assert_eq!(b.len(), 4);
+        assert!(
+            b.iter().all(|x| (0..=1000).contains(&x.as_i64().unwrap())),
+            "{raw}"
+        );
+        assert!(d["note"].as_str().unwrap().chars().count() <= 60, "{raw}");
+    }
+}
+
+#[test]
+fn inspect_a_folder_with_a_corrupt_file_writes_every_output() {
+    let tmp = tempfile::tempdir().unwrap();
+    let imgs = tmp.path().join("imgs");
+    std::fs::create_dir_all(&imgs).unwrap();
+    for class in ["good", "scratch", "dent"] {
+        let from = parts().join("test").join(class).join("000.png");
+        std::fs::copy(&from, imgs.join(format!("{class}.png"))).unwrap();
+    }
+    std::fs::write(imgs.join("corrupt.png"), b"\x89PNG\r\n\x1a\nnot really").unwrap();
+    let rotated = root().join("tests/fixtures/images/rotated_exif6.jpg");
+    let out = tmp.path().join("out");
+    let db = tmp.path().join("audit.sqlite");
+    let r = loupe(&[
+        "inspect",
+        "--spec",
+        s(&spec()),
+        "--out",
+        s(&out),
+        "--db",
+        s(&db),
+        "--json",
+        s(&imgs),
+        s(&rotated),
+    ]);
+    // One unreadable image: the batch goes on and the run ends with exit code 2.
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    let recs = records(&out);
+    assert_eq!(recs.len(), 5);
+    let stdout_lines: Vec<Value> = r
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(stdout_lines, recs);
+    for rec in &recs {
+        let name = rec["image"].as_str().unwrap();
+        if name.ends_with("corrupt.png") {
+            assert!(
+                rec["error"].as_str().unwrap().contains("corrupt.png"),
+                "{rec}"
+            );
+            assert!(rec["verdict"].is_null());
+            continue;
+        }
+        // A cut answer (the random model can fill max_tokens) is an error record, never a bad verdict.
+        if rec["error"].is_null() {
+            check_answer(rec["raw_output"].as_str().unwrap());
+            assert!(matches!(rec["verdict"].as_str(), Some("pass" | "fail")));
+            let score = rec["fail_score"].as_f64().unwrap();
+            assert!((0.0..=1.0).contains(&score));
+            let frame = &rec["frame"];
+            for d in rec["defects"].as_array().unwrap() {
+                let b: Vec<i64> = d["box"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_i64().unwrap())
+                    .collect();
+                let (w, h) = (
+                    frame["upright"][0].as_i64().unwrap(),
+                    frame["upright"][1].as_i64().unwrap(),
+                );
+                assert!(
+                    b[0] <= b[2] && b[1] <= b[3] && b[2] <= w && b[3] <= h,
+                    "{rec}"
+                );
+            }
+        }
+        assert_eq!(rec["image_sha256"].as_str().unwrap().len(), 64);
+        assert_eq!(rec["weights_sha256"].as_str().unwrap().len(), 64);
+    }
+    let rot = recs
+        .iter()
+        .find(|r| r["image"].as_str().unwrap().ends_with(".jpg"))
+        .unwrap();
+    assert_eq!(rot["frame"]["orientation"], 6);
+    assert_eq!(rot["frame"]["stored"], serde_json::json!([640, 480]));
+    assert_eq!(rot["frame"]["upright"], serde_json::json!([480, 640]));
+    // Overlays for the readable images, a CSV row each, a report naming every file.
+    let overlays = std::fs::read_dir(out.join("overlays")).unwrap().count();
+    assert_eq!(overlays, 4);
+    let csv = std::fs::read_to_string(out.join("results.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 6);
+    let html = std::fs::read_to_string(out.join("report.html")).unwrap();
+    for rec in &recs {
+        let name = Path::new(rec["image"].as_str().unwrap())
+            .file_name()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .to_owned();
+        assert!(html.contains(&name), "{name}");
+    }
+    assert!(html.contains("data:image/jpeg;base64,"));
+    // The audit log has all five, and history filters them.
+    let h = loupe(&["history", "--db", s(&db), "--json"]);
+    assert_eq!(h.code, 0, "{}", h.stderr);
+    assert_eq!(h.stdout.lines().count(), 5);
+    let h = loupe(&["history", "--db", s(&db), "--verdict", "error", "--json"]);
+    assert!(h.stdout.lines().count() >= 1);
+    assert!(h.stdout.lines().all(|l| l.contains("\"verdict\":null")));
+    let h = loupe(&["history", "--db", s(&db), "--image", "corrupt"]);
+    assert_eq!(h.stdout.lines().count(), 1);
+    assert!(h.stdout.contains("corrupt.png"));
+}
+
+#[test]
+fn prefix_reuse_changes_no_answer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = parts().join("test");
+    let mut raw = Vec::new();
+    for mode in ["prefix", "features", "none"] {
+        let out = tmp.path().join(mode);
+        let r = loupe(&[
+            "inspect",
+            "--spec",
+            s(&spec()),
+            "--out",
+            s(&out),
+            "--no-audit",
+            "--reuse",
+            mode,
+            s(&dir),
+        ]);
+        assert!(r.code == 0 || r.code == 1 || r.code == 2, "{}", r.stderr);
+        raw.push(
+            records(&out)
+                .iter()
+                .map(|r| r["raw_output"].clone())
+                .collect::<Vec<_>>(),
+        );
+    }
+    assert_eq!(raw[0].len(), 7);
+    assert_eq!(raw[0], raw[1]);
+    assert_eq!(raw[0], raw[2]);
+}
+
+#[test]
+fn bad_specs_and_arguments_are_one_line_with_exit_2() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bad = tmp.path().join("bad.toml");
+    let text = std::fs::read_to_string(spec())
+        .unwrap()
+        .replace("min_defects = 1 ", "min_defects = \"one\" ");
+    std::fs::write(&bad, text).unwrap();
+    let img = parts().join("test/good/000.png");
+    let r = loupe(&["inspect", "--spec", s(&bad), "--no-audit", s(&img)]);
+    assert_eq!(r.code, 2);
+    assert_eq!(r.stderr.trim().lines().count(), 1, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("bad.toml:") && r.stderr.contains("min_defects"),
+        "{}",
+        r.stderr
+    );
+    let r = loupe(&["inspect", "--spec", s(&spec()), "--no-audit"]);
+    assert_eq!(r.code, 2);
+    assert!(r.stderr.contains("give images"), "{}", r.stderr);
+    let r = loupe(&[
+        "inspect",
+        "--spec",
+        s(&spec()),
+        "--no-audit",
+        "/nonexistent/dir",
+    ]);
+    assert_eq!(r.code, 2);
+    assert!(r.stderr.contains("/nonexistent/dir"), "{}", r.stderr);
+    let r = loupe(&[
+        "inspect",
+        "--spec",
+        s(&spec()),
+        "--no-audit",
+        "--reuse",
+        "all",
+        s(&img),
+    ]);
+    assert_eq!(r.code, 2);
+    assert!(r.stderr.contains("--reuse `all`"), "{}", r.stderr);
+    let r = loupe(&["eval", "--spec", s(&spec()), "--no-audit", s(tmp.path())]);
+    assert_eq!(r.code, 2);
+    assert!(r.stderr.contains("test/"), "{}", r.stderr);
+    let r = loupe(&["history", "--db", s(&tmp.path().join("none.sqlite"))]);
+    assert_eq!(r.code, 2);
+    assert!(r.stderr.contains("no audit log"), "{}", r.stderr);
+}
+
+#[test]
+fn watch_waits_for_half_written_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let watched = tmp.path().join("camera");
+    std::fs::create_dir_all(&watched).unwrap();
+    // A file already there is not new.
+    std::fs::copy(parts().join("test/good/000.png"), watched.join("old.png")).unwrap();
+    let out = tmp.path().join("out");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_loupe"))
+        .args([
+            "inspect",
+            "--spec",
+            s(&spec()),
+            "--no-audit",
+            "--out",
+            s(&out),
+            "--watch",
+            s(&watched),
+            "--max-images",
+            "2",
+            "--poll-ms",
+            "100",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    // A camera writes the first image in two halves, a second apart.
+    let bytes = std::fs::read(parts().join("test/scratch/000.png")).unwrap();
+    let target = watched.join("new1.png");
+    {
+        let mut f = std::fs::File::create(&target).unwrap();
+        f.write_all(&bytes[..bytes.len() / 2]).unwrap();
+        f.flush().unwrap();
+        // Growing at every look for a while, then a pause of several looks with the end missing.
+        let rest = &bytes[bytes.len() / 2..];
+        for chunk in rest[..rest.len() - 40].chunks(rest.len() / 8 + 1) {
+            std::thread::sleep(Duration::from_millis(30));
+            f.write_all(chunk).unwrap();
+            f.flush().unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(700));
+        f.write_all(&rest[rest.len() - 40..]).unwrap();
+        f.flush().unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    std::fs::copy(parts().join("test/dent/000.png"), watched.join("new2.png")).unwrap();
+    let start = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "watch did not stop"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let o = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    let recs = records(&out);
+    let names: Vec<&str> = recs.iter().map(|r| r["image"].as_str().unwrap()).collect();
+    assert_eq!(recs.len(), 2, "{names:?} {stderr}");
+    assert!(
+        names[0].ends_with("new1.png") && names[1].ends_with("new2.png"),
+        "{names:?}"
+    );
+    for r in &recs {
+        let e = r["error"].as_str().unwrap_or("");
+        assert!(!e.contains("truncated") && !e.contains("decode"), "{r}");
+        assert_eq!(r["image_sha256"].as_str().unwrap().len(), 64);
+    }
+    assert!(out.join("report.html").is_file());
+}
+
+#[test]
+fn two_inspections_at_once_lose_no_audit_row() {
+    let tmp = tempfile::tempdir().unwrap();
+    let db = tmp.path().join("shared.sqlite");
+    let dir = parts().join("test");
+    let spawn = |n: usize| {
+        Command::new(env!("CARGO_BIN_EXE_loupe"))
+            .args([
+                "inspect",
+                "--spec",
+                s(&spec()),
+                "--db",
+                s(&db),
+                "--reuse",
+                "none",
+                "--out",
+                s(&tmp.path().join(format!("out{n}"))),
+                s(&dir),
+                s(&dir),
+                s(&dir),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (a, b) = (spawn(1), spawn(2));
+    for c in [a, b] {
+        let o = c.wait_with_output().unwrap();
+        assert!(
+            o.status.code().unwrap() <= 2,
+            "{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert!(
+            !String::from_utf8_lossy(&o.stderr).contains("audit"),
+            "{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    let h = loupe(&["history", "--db", s(&db), "--limit", "1000", "--json"]);
+    assert_eq!(h.stdout.lines().count(), 2 * 3 * 7, "{}", h.stderr);
+}
+
+#[test]
+fn eval_scores_the_fixture_dataset() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("eval");
+    let r = loupe(&[
+        "eval",
+        "--spec",
+        s(&spec()),
+        "--no-audit",
+        "--out",
+        s(&out),
+        s(&parts()),
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let e: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("eval.json")).unwrap()).unwrap();
+    let m = &e["metrics"];
+    assert_eq!(m["images"], 7);
+    assert_eq!(m["good"], 2);
+    assert_eq!(m["defective"], 5);
+    // The metrics agree with the per-image rows they were computed from.
+    let rows = e["images"].as_array().unwrap();
+    let mut correct = 0;
+    for row in rows {
+        let defective = row["class"] != "good";
+        let fail = match row["verdict"].as_str() {
+            Some(v) => v == "fail",
+            None => !defective,
+        };
+        if fail == defective {
+            correct += 1;
+        }
+        if defective {
+            // Truth boxes come from the masks: one region per drawn defect.
+            assert!(!row["truth_boxes"].as_array().unwrap().is_empty(), "{row}");
+        }
+    }
+    assert!((m["accuracy"].as_f64().unwrap() - correct as f64 / 7.0).abs() < 1e-9);
+    assert!(out.join("eval.html").is_file() && out.join("report.html").is_file());
+}
