@@ -432,3 +432,118 @@ fn eval_scores_the_fixture_dataset() {
     assert!((m["accuracy"].as_f64().unwrap() - correct as f64 / 7.0).abs() < 1e-9);
     assert!(out.join("eval.html").is_file() && out.join("report.html").is_file());
 }
+
+#[test]
+fn run_with_a_schema_and_boxes_maps_the_answer_to_pixels() {
+    let tmp = tempfile::tempdir().unwrap();
+    let schema = tmp.path().join("grounding.json");
+    std::fs::write(
+        &schema,
+        r#"{"type": "object", "properties": {
+            "label": {"enum": ["scratch", "dent"]},
+            "bbox_2d": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 1000},
+                        "minItems": 4, "maxItems": 4}},
+           "required": ["label", "bbox_2d"], "additionalProperties": false}"#,
+    )
+    .unwrap();
+    let model = root().join("tests/fixtures/qwen2_vl/gqa2_tied_published");
+    // EXIF-rotated photo: shown 480x640, stored 640x480.
+    let img = root().join("tests/fixtures/images/rotated_exif6.jpg");
+    for seed in ["0", "1", "2"] {
+        let r = loupe(&[
+            "run",
+            "--model",
+            s(&model),
+            "--image",
+            s(&img),
+            "--json-schema",
+            s(&schema),
+            "--json",
+            "--boxes",
+            "--temperature",
+            "1.0",
+            "--seed",
+            seed,
+            "Where is the defect?",
+        ]);
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        let out: Value = serde_json::from_str(r.stdout.trim()).unwrap();
+        let answer: Value = serde_json::from_str(out["text"].as_str().unwrap()).unwrap();
+        let b = &out["boxes"][0];
+        assert_eq!(b["label"], answer["label"]);
+        let c: Vec<f64> = answer["bbox_2d"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect();
+        let (x1, x2) = (c[0].min(c[2]) * 0.48, c[0].max(c[2]) * 0.48);
+        let (y1, y2) = (c[1].min(c[3]) * 0.64, c[1].max(c[3]) * 0.64);
+        let want = [x1.round(), y1.round(), x2.round(), y2.round()];
+        let got: Vec<f64> = b["box"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect();
+        assert_eq!(got, want, "{out}");
+        // Stored grid of an orientation-6 file: x_stored = y_shown, y_stored = 480 - x_shown.
+        let stored: Vec<f64> = b["box_stored"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect();
+        assert_eq!(
+            stored,
+            vec![
+                (y1).round(),
+                (480.0 - x2).round(),
+                (y2).round(),
+                (480.0 - x1).round()
+            ],
+            "{out}"
+        );
+    }
+    let grammar = tmp.path().join("g.lark");
+    std::fs::write(&grammar, "start: \"OK \" /[a-z]{2,5}/\n").unwrap();
+    let r = loupe(&[
+        "run",
+        "--model",
+        s(&model),
+        "--grammar",
+        s(&grammar),
+        "--json",
+        "Say OK.",
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let out: Value = serde_json::from_str(r.stdout.trim()).unwrap();
+    let text = out["text"].as_str().unwrap();
+    assert!(
+        text.starts_with("OK ") && (2..=5).contains(&text[3..].len()),
+        "{text}"
+    );
+    // A broken grammar is reported against its file, before generating.
+    std::fs::write(&grammar, "start: (\n").unwrap();
+    let r = loupe(&[
+        "run",
+        "--model",
+        s(&model),
+        "--grammar",
+        s(&grammar),
+        "Say OK.",
+    ]);
+    assert_eq!(r.code, 2);
+    assert!(
+        r.stderr.contains("g.lark") && r.stderr.trim().lines().count() == 1,
+        "{}",
+        r.stderr
+    );
+    let r = loupe(&["run", "--model", s(&model), "--boxes", "No image."]);
+    assert_eq!(r.code, 2);
+    assert!(
+        r.stderr.contains("--boxes needs an --image"),
+        "{}",
+        r.stderr
+    );
+}

@@ -8,7 +8,7 @@ use llguidance::api::TopLevelGrammar;
 use llguidance::toktrie::{ApproximateTokEnv, SimpleVob, TokEnv, TokRxInfo, TokTrie};
 use llguidance::{Matcher, ParserFactory};
 
-use crate::error::{Error, Result};
+use crate::error::{first_line, Error, Result};
 use crate::tokenize::Tokenizer;
 
 /// What the output must match.
@@ -56,7 +56,7 @@ impl ConstraintFactory {
         let trie = TokTrie::from(&info, &words).with_eos_tokens(eos);
         let env: TokEnv = Arc::new(ApproximateTokEnv::new(trie));
         let mut factory =
-            ParserFactory::new_simple(&env).map_err(|e| Error::Grammar(e.to_string()))?;
+            ParserFactory::new_simple(&env).map_err(|e| Error::Grammar(first_line(&e)))?;
         factory.quiet();
         Ok(ConstraintFactory { factory })
     }
@@ -67,10 +67,10 @@ impl ConstraintFactory {
         let parser = self
             .factory
             .create_parser(grammar.top_level())
-            .map_err(|e| Error::Grammar(e.to_string()))?;
+            .map_err(|e| Error::Grammar(first_line(&e)))?;
         let matcher = Matcher::new(Ok(parser));
         if let Some(e) = matcher.get_error() {
-            return Err(Error::Grammar(e));
+            return Err(Error::Grammar(first_line(&e)));
         }
         Ok(Constraint { matcher })
     }
@@ -88,7 +88,7 @@ impl Constraint {
         let mask: SimpleVob = self
             .matcher
             .compute_mask_or_eos()
-            .map_err(|e| Error::Grammar(e.to_string()))?;
+            .map_err(|e| Error::Grammar(first_line(&e)))?;
         let n = mask.len();
         for (i, l) in logits.iter_mut().enumerate() {
             if i >= n || !mask.is_allowed(i as u32) {
@@ -102,7 +102,7 @@ impl Constraint {
     pub fn commit(&mut self, token: u32) -> Result<()> {
         self.matcher
             .consume_token(token)
-            .map_err(|e| Error::Grammar(e.to_string()))
+            .map_err(|e| Error::Grammar(first_line(&e)))
     }
 
     /// The grammar is complete and allows nothing more.
