@@ -1,12 +1,12 @@
 //! The `loupe` binary as a user runs it: greedy tokens equal to transformers', and one clear line with
 //! exit code 2 for every kind of bad input.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
+use common::{fails_clearly, fixtures, loupe, s, Out};
 
 fn model(name: &str) -> PathBuf {
     fixtures().join("qwen2_vl").join(name)
@@ -14,25 +14,6 @@ fn model(name: &str) -> PathBuf {
 
 fn image(name: &str) -> PathBuf {
     fixtures().join("images").join(name)
-}
-
-struct Out {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-fn loupe(args: &[&str]) -> Out {
-    let o = Command::new(env!("CARGO_BIN_EXE_loupe"))
-        .args(args)
-        .env("HF_HUB_CACHE", "/nonexistent-loupe-test-cache")
-        .output()
-        .expect("run loupe");
-    Out {
-        code: o.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
-    }
 }
 
 /// Reference greedy tokens from the fixture (written by transformers).
@@ -44,10 +25,6 @@ fn reference_tokens(name: &str, prompt: &str) -> Vec<u32> {
         .chunks(8)
         .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as u32)
         .collect()
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
 }
 
 #[test]
@@ -161,19 +138,6 @@ fn info_names_the_architecture_and_sizes() {
     assert_eq!(v["stored_dtype"], "bf16");
     assert_eq!(v["kv_heads"], 1);
     assert!(v["params_vision"].as_u64().unwrap() > 0 && v["params_text"].as_u64().unwrap() > 0);
-}
-
-/// Asserts a clean failure: exit code 2, one line on stderr, naming `what`, no panic.
-fn fails_clearly(out: &Out, what: &str) {
-    assert_eq!(out.code, 2, "exit code for {what}: stderr {}", out.stderr);
-    let lines: Vec<&str> = out
-        .stderr
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .collect();
-    assert_eq!(lines.len(), 1, "one line for {what}, got: {}", out.stderr);
-    assert!(lines[0].contains(what), "`{}` should name {what}", lines[0]);
-    assert!(!out.stderr.contains("panicked") && !out.stderr.contains("RUST_BACKTRACE"));
 }
 
 /// A copy of a fixture checkpoint that a test may break.

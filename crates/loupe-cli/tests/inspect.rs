@@ -4,16 +4,15 @@
 //! through a pause mid-file), and two
 //! processes writing one audit log lose nothing.
 
+mod common;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use common::{fails_clearly, loupe, root, s};
 use serde_json::Value;
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
 
 fn spec() -> PathBuf {
     root().join("examples/inspection.toml")
@@ -21,29 +20,6 @@ fn spec() -> PathBuf {
 
 fn parts() -> PathBuf {
     root().join("tests/fixtures/inspection/parts")
-}
-
-struct Out {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-fn loupe(args: &[&str]) -> Out {
-    let o = Command::new(env!("CARGO_BIN_EXE_loupe"))
-        .args(args)
-        .env("HF_HUB_CACHE", "/nonexistent-loupe-test-cache")
-        .output()
-        .expect("run loupe");
-    Out {
-        code: o.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
-    }
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
 }
 
 fn records(out: &Path) -> Vec<Value> {
@@ -236,43 +212,45 @@ fn bad_specs_and_arguments_are_one_line_with_exit_2() {
         .replace("min_defects = 1 ", "min_defects = \"one\" ");
     std::fs::write(&bad, text).unwrap();
     let img = parts().join("test/good/000.png");
-    let r = loupe(&["inspect", "--spec", s(&bad), "--no-audit", s(&img)]);
-    assert_eq!(r.code, 2);
-    assert_eq!(r.stderr.trim().lines().count(), 1, "{}", r.stderr);
-    assert!(
-        r.stderr.contains("bad.toml:") && r.stderr.contains("min_defects"),
-        "{}",
-        r.stderr
-    );
-    let r = loupe(&["inspect", "--spec", s(&spec()), "--no-audit"]);
-    assert_eq!(r.code, 2);
-    assert!(r.stderr.contains("give images"), "{}", r.stderr);
-    let r = loupe(&[
-        "inspect",
-        "--spec",
-        s(&spec()),
-        "--no-audit",
-        "/nonexistent/dir",
-    ]);
-    assert_eq!(r.code, 2);
-    assert!(r.stderr.contains("/nonexistent/dir"), "{}", r.stderr);
-    let r = loupe(&[
-        "inspect",
-        "--spec",
-        s(&spec()),
-        "--no-audit",
-        "--reuse",
-        "all",
-        s(&img),
-    ]);
-    assert_eq!(r.code, 2);
-    assert!(r.stderr.contains("--reuse `all`"), "{}", r.stderr);
-    let r = loupe(&["eval", "--spec", s(&spec()), "--no-audit", s(tmp.path())]);
-    assert_eq!(r.code, 2);
-    assert!(r.stderr.contains("test/"), "{}", r.stderr);
-    let r = loupe(&["history", "--db", s(&tmp.path().join("none.sqlite"))]);
-    assert_eq!(r.code, 2);
-    assert!(r.stderr.contains("no audit log"), "{}", r.stderr);
+    let sp = spec();
+    let no_db = tmp.path().join("none.sqlite");
+    let cases: [(&[&str], &str); 6] = [
+        (
+            &["inspect", "--spec", s(&bad), "--no-audit", s(&img)],
+            "bad.toml:65: `min_defects",
+        ),
+        (&["inspect", "--spec", s(&sp), "--no-audit"], "give images"),
+        (
+            &[
+                "inspect",
+                "--spec",
+                s(&sp),
+                "--no-audit",
+                "/nonexistent/dir",
+            ],
+            "/nonexistent/dir",
+        ),
+        (
+            &[
+                "inspect",
+                "--spec",
+                s(&sp),
+                "--no-audit",
+                "--reuse",
+                "all",
+                s(&img),
+            ],
+            "--reuse `all`",
+        ),
+        (
+            &["eval", "--spec", s(&sp), "--no-audit", s(tmp.path())],
+            "no `test/` folder",
+        ),
+        (&["history", "--db", s(&no_db)], "no audit log"),
+    ];
+    for (args, what) in cases {
+        fails_clearly(&loupe(args), what);
+    }
 }
 
 #[test]
