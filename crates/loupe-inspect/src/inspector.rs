@@ -164,6 +164,14 @@ impl<'e> Inspector<'e> {
         m
     }
 
+    /// The model prompt for one part: the spec's conversation with the references and this image.
+    pub fn prompt(&self, part: ImageInput) -> loupe_core::Result<Prompt> {
+        let mut images = self.refs.clone();
+        images.push(part);
+        self.engine
+            .prompt_from_messages(&self.messages(), &images, &self.preprocessor)
+    }
+
     fn params(&self, max_coordinate: u32) -> GenerateParams {
         let d = &self.spec.decoding;
         GenerateParams {
@@ -245,19 +253,13 @@ impl<'e> Inspector<'e> {
         rec.frame = Some(frame);
         rec.timings.read_ms = ms(t);
 
-        let messages = self.messages();
         rec.prompt = self
             .engine
             .template
-            .render(&messages, true)
+            .render(&self.messages(), true)
             .map_err(|e| e.to_string())?;
-        let mut images = self.refs.clone();
         *upright = Some(input.image.clone());
-        images.push(input);
-        let prompt = self
-            .engine
-            .prompt_from_messages(&messages, &images, &self.preprocessor)
-            .map_err(|e| e.to_string())?;
+        let prompt = self.prompt(input).map_err(|e| e.to_string())?;
         let t = Instant::now();
         self.ensure_prefix(&prompt).map_err(|e| e.to_string())?;
         rec.timings.prefix_ms = ms(t);
