@@ -102,12 +102,12 @@ pub fn generate(
         ));
     }
     let mut own_cache;
-    let mut fresh = FeatureCache::default();
     let (features, prefix) = match reuse {
-        Some(Reuse { features, prefix }) => {
-            (features, prefix.as_mut().filter(|p| p.matches(prompt)))
-        }
-        None => (&mut fresh, None),
+        Some(Reuse { features, prefix }) => (
+            Some(features),
+            prefix.as_mut().filter(|p| p.matches(prompt)),
+        ),
+        None => (None, None),
     };
     // The part of the prompt still to run: all of it, or what follows a cached prefix.
     let (start, first_image) = prefix.as_ref().map_or((0, 0), |p| (p.len(), p.n_images()));
@@ -117,7 +117,18 @@ pub fn generate(
     let image_features = if first_image == n_images {
         None
     } else {
-        Some(features.encode(model, &prompt.pixels.images(first_image..n_images))?)
+        let rest;
+        let pixels = if first_image == 0 {
+            &prompt.pixels
+        } else {
+            rest = prompt.pixels.images(first_image..n_images);
+            &rest
+        };
+        // Without reuse the batch goes through the tower whole, with no hashing or splitting.
+        Some(match features {
+            Some(cache) => cache.encode(model, pixels)?,
+            None => model.encode_images(pixels)?,
+        })
     };
     timings.vision_ms = ms(t0);
 
