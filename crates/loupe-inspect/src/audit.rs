@@ -85,10 +85,7 @@ pub struct Filter {
 
 impl AuditLog {
     pub fn open(path: &Path) -> Result<AuditLog> {
-        let err = |e: rusqlite::Error| Error::Audit {
-            path: path.to_path_buf(),
-            msg: e.to_string(),
-        };
+        let err = db_err(path);
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         }
@@ -109,26 +106,17 @@ impl AuditLog {
         })
     }
 
-    fn err(&self, e: impl std::fmt::Display) -> Error {
-        Error::Audit {
-            path: self.path.clone(),
-            msg: e.to_string(),
-        }
-    }
-
     /// Appends one record (its own transaction, taken immediately so writers queue, not fail).
     pub fn append(&mut self, r: &Record) -> Result<i64> {
         let unix_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as i64);
-        let defects = serde_json::to_string(&r.defects).map_err(|e| self.err(e))?;
+        let defects = serde_json::to_string(&r.defects).map_err(db_err(&self.path))?;
+        let err = db_err::<rusqlite::Error>(&self.path);
         let tx = self
             .conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-            .map_err(|e| Error::Audit {
-                path: self.path.clone(),
-                msg: e.to_string(),
-            })?;
+            .map_err(err)?;
         tx.execute(
             "INSERT INTO inspections (time, unix_ms, image, image_sha256, model, weights_sha256, spec,
              spec_sha256, prompt, raw_output, verdict, model_verdict, defects_json, fail_score, error,
@@ -156,22 +144,10 @@ impl AuditLog {
                 r.timings.total_ms,
             ],
         )
-        .map_err(|e| Error::Audit {
-            path: self.path.clone(),
-            msg: e.to_string(),
-        })?;
+        .map_err(err)?;
         let id = tx.last_insert_rowid();
-        tx.commit().map_err(|e| Error::Audit {
-            path: self.path.clone(),
-            msg: e.to_string(),
-        })?;
+        tx.commit().map_err(err)?;
         Ok(id)
-    }
-
-    pub fn count(&self) -> Result<i64> {
-        self.conn
-            .query_row("SELECT COUNT(*) FROM inspections", [], |r| r.get(0))
-            .map_err(|e| self.err(e))
     }
 
     /// Newest first.
@@ -191,7 +167,7 @@ impl AuditLog {
                    AND (?4 IS NULL OR unix_ms >= ?4)
                  ORDER BY id DESC LIMIT ?5",
             )
-            .map_err(|e| self.err(e))?;
+            .map_err(db_err(&self.path))?;
         let rows = stmt
             .query_map(
                 params![f.verdict, f.spec, f.image, since_ms, f.limit as i64],
@@ -211,9 +187,9 @@ impl AuditLog {
                     })
                 },
             )
-            .map_err(|e| self.err(e))?;
+            .map_err(db_err(&self.path))?;
         rows.collect::<std::result::Result<Vec<_>, _>>()
-            .map_err(|e| self.err(e))
+            .map_err(db_err(&self.path))
     }
 
     /// SHA-256 of a model's weight files (in order, one digest over all), cached in the database by
@@ -251,7 +227,7 @@ impl AuditLog {
                             "INSERT OR REPLACE INTO weight_hashes (path, size, mtime_ns, sha256) VALUES (?1, ?2, ?3, ?4)",
                             params![key, size, mtime_ns, d],
                         )
-                        .map_err(|e| self.err(e))?;
+                        .map_err(db_err(&self.path))?;
                     d
                 }
             };
@@ -263,6 +239,14 @@ impl AuditLog {
             [one] => one.clone(),
             _ => hex(&all.finalize()),
         })
+    }
+}
+
+/// Turns any database error into one naming the database file.
+fn db_err<E: std::fmt::Display>(path: &Path) -> impl Fn(E) -> Error + Copy + '_ {
+    move |e| Error::Audit {
+        path: path.to_path_buf(),
+        msg: e.to_string(),
     }
 }
 
