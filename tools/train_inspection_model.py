@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, trainers
 
 import transformers
 from transformers import (
@@ -44,19 +44,20 @@ from transformers import (
 assert transformers.__version__ == "5.23.0", transformers.__version__
 
 ROOT = Path(__file__).resolve().parent.parent
-TEMPLATE = (ROOT / "tools" / "qwen2_vl_template.jinja").read_text().rstrip("\n")
-QWEN2_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
-SPECIALS = [
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
-    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
-    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
-]
-MEAN = [0.48145466, 0.4578275, 0.40821073]
-STD = [0.26862954, 0.26130258, 0.27577711]
 
-spec_ = importlib.util.spec_from_file_location("mkds", ROOT / "tools" / "make_inspection_dataset.py")
-mkds = importlib.util.module_from_spec(spec_)
-spec_.loader.exec_module(mkds)
+
+def load_tool(name: str):
+    """Imports a sibling script of tools/ as a module."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# The Qwen2 tokenizer pipeline, special tokens, image normalization and chat template of the fixtures.
+fixtures = load_tool("make_fixtures")
+mkds = load_tool("make_inspection_dataset")
+TEMPLATE, SPECIALS, MEAN, STD = fixtures.TEMPLATE, fixtures.SPECIALS, fixtures.MEAN, fixtures.STD
 
 
 def preamble(spec: dict) -> str:
@@ -94,14 +95,7 @@ def draw(rng, size, kind):
 
 
 def make_tokenizer(texts) -> Tokenizer:
-    tok = Tokenizer(models.BPE())
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN2_PATTERN), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    tok = fixtures.qwen2_pipeline(Tokenizer(models.BPE()))
     trainer = trainers.BpeTrainer(vocab_size=512, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[])
     tok.train_from_iterator(texts, trainer)

@@ -3,13 +3,13 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use indicatif::{ProgressBar, ProgressStyle};
 use loupe_inspect::eval::{mask_boxes, read_dataset, score, Metrics, Scored};
 use loupe_inspect::report::{escape, RunOutputs};
 use loupe_inspect::verdict::Outcome;
 use loupe_inspect::{Error, Result};
 
 use crate::inspect::{record, SessionArgs};
+use crate::progress_bar;
 
 #[derive(clap::Args, Debug)]
 pub struct EvalArgs {
@@ -26,10 +26,9 @@ pub fn eval(args: EvalArgs) -> Result<ExitCode> {
     let spec = session.spec.clone();
     let mut audit = session.audit.take();
     let mut inspector = session.inspector()?;
-    let pb = ProgressBar::new(samples.len() as u64);
-    pb.set_style(
-        ProgressStyle::with_template("{bar:30} {pos}/{len} images [{elapsed}, eta {eta}]")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    let pb = progress_bar(
+        samples.len() as u64,
+        "{bar:30} {pos}/{len} images [{elapsed}, eta {eta}]",
     );
     let mut scored = Vec::with_capacity(samples.len());
     let mut rows = Vec::with_capacity(samples.len());

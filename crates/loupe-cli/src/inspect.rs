@@ -6,14 +6,14 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
 
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressBar;
 use loupe_inspect::audit::{self, AuditLog};
 use loupe_inspect::inspector::{collect_images, is_image_name, ReuseMode};
 use loupe_inspect::report::RunOutputs;
 use loupe_inspect::verdict::Outcome;
 use loupe_inspect::{overlay, Error, Inspector, Record, Result, Spec};
 
-use crate::ModelArgs;
+use crate::{progress_bar, ModelArgs};
 
 /// Options shared by `inspect` and `eval`.
 #[derive(clap::Args, Debug)]
@@ -210,12 +210,9 @@ pub fn inspect(args: InspectArgs) -> Result<ExitCode> {
         tally: Tally::default(),
     };
     if !files.is_empty() {
-        let pb = ProgressBar::new(files.len() as u64);
-        pb.set_style(
-            ProgressStyle::with_template(
-                "{bar:30} {pos}/{len} images {msg} [{elapsed}, eta {eta}]",
-            )
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        let pb = progress_bar(
+            files.len() as u64,
+            "{bar:30} {pos}/{len} images {msg} [{elapsed}, eta {eta}]",
         );
         for f in &files {
             run.one(&mut inspector, f, &pb)?;

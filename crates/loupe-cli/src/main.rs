@@ -111,6 +111,16 @@ pub fn set_threads(threads: Option<usize>) -> loupe_core::Result<()> {
     Ok(())
 }
 
+/// A progress bar on stderr with `template` (indicatif's syntax), hidden when stderr is not a terminal.
+pub fn progress_bar(len: u64, template: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(len);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(template)
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar
+}
+
 /// Options shared by every command that loads a model.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ModelArgs {

@@ -23,13 +23,7 @@ pub struct QuantizeArgs {
 pub fn quantize(args: QuantizeArgs) -> Result<()> {
     crate::set_threads(args.threads)?;
     let q = loupe_core::engine::parse_quant(&args.quant)?;
-    let bar = indicatif::ProgressBar::new(0);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "quantizing {bar:40} {pos}/{len} tensors ({elapsed})",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
+    let bar = crate::progress_bar(0, "quantizing {bar:40} {pos}/{len} tensors ({elapsed})");
     let report = loupe_core::load::quantize::quantize_model(
         &args.model,
         q,

@@ -503,25 +503,19 @@ fn run_with_a_schema_and_boxes_maps_the_answer_to_pixels() {
     );
     // A broken grammar is reported against its file, before generating.
     std::fs::write(&grammar, "start: (\n").unwrap();
-    let r = loupe(&[
-        "run",
-        "--model",
-        s(&model),
-        "--grammar",
-        s(&grammar),
-        "Say OK.",
-    ]);
-    assert_eq!(r.code, 2);
-    assert!(
-        r.stderr.contains("g.lark") && r.stderr.trim().lines().count() == 1,
-        "{}",
-        r.stderr
+    fails_clearly(
+        &loupe(&[
+            "run",
+            "--model",
+            s(&model),
+            "--grammar",
+            s(&grammar),
+            "Say OK.",
+        ]),
+        "g.lark",
     );
-    let r = loupe(&["run", "--model", s(&model), "--boxes", "No image."]);
-    assert_eq!(r.code, 2);
-    assert!(
-        r.stderr.contains("--boxes needs an --image"),
-        "{}",
-        r.stderr
+    fails_clearly(
+        &loupe(&["run", "--model", s(&model), "--boxes", "No image."]),
+        "--boxes needs an --image",
     );
 }
