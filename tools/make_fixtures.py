@@ -1,13 +1,17 @@
 #!/usr/bin/env python3
-"""Writes the Qwen2-VL parity fixtures under tests/fixtures/ (run from the repository root).
+"""Writes the Qwen2-VL and Qwen2.5-VL parity fixtures under tests/fixtures/ (run from the repository root).
 
     python -m venv .venv && .venv/bin/pip install -r tools/requirements.txt
-    .venv/bin/python tools/make_fixtures.py
+    .venv/bin/python tools/make_fixtures.py [--family qwen2_5_vl] [--no-real-tokenizer]
+
+`--family F` rewrites only that family's checkpoints (the shared images, pixels and tokenizer fixtures
+are rewritten too; they come out byte for byte the same).
 
 What it writes (all small, all reproducible from fixed seeds and the pinned versions):
   images/                  test images of awkward kinds (odd size, EXIF-rotated JPEG, alpha, grayscale, WebP)
   preprocess.safetensors   transformers' processor output for each image at two pixel budgets
-  qwen2_vl/<name>/         tiny random-weight checkpoints in both config layouts, and reference.safetensors
+  qwen2_vl/<name>/, qwen2_5_vl/<name>/
+                           tiny random-weight checkpoints in both config layouts, and reference.safetensors
                            with every stage: input ids, pixels, grids, M-RoPE positions, vision output,
                            logits at every position, 20 greedy tokens
   qwen2_tokenizer/         the real Qwen2 vocabulary as tokenizer.json (gzipped) and reference encodings
@@ -34,6 +38,9 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalize
 import transformers
 from transformers import (
     PreTrainedTokenizerFast,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLProcessor,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
     Qwen2VLImageProcessor,
@@ -199,14 +206,15 @@ def tiny_tokenizer() -> Tokenizer:
     return tok
 
 
-def processor_for(tok: Tokenizer, budget: str, layout: str) -> Qwen2VLProcessor:
+def processor_for(tok: Tokenizer, budget: str, layout: str, family: str = "qwen2_vl") -> Qwen2VLProcessor:
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
         model_max_length=32768,
     )
-    return Qwen2VLProcessor(
+    cls = Qwen2_5_VLProcessor if family == "qwen2_5_vl" else Qwen2VLProcessor
+    return cls(
         image_processor=image_processor(budget, layout),
         tokenizer=fast,
         video_processor=Qwen2VLVideoProcessor(),
@@ -242,6 +250,28 @@ CHECKPOINTS = [
         vision=dict(depth=3, embed_dim=64, num_heads=4, mlp_ratio=2),
         dtype=torch.bfloat16, seed=33,
     ),
+    # Qwen2.5-VL: window attention. A 56 px window (2x2 merged tokens) gives every test image several
+    # windows, ragged at the right and bottom edges; the published default of 112 px is the other shape.
+    dict(
+        name="win56_gqa2_tied_v5",
+        family="qwen2_5_vl",
+        layout="v5",
+        text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, mrope_section=[2, 3, 3], tie=True),
+        vision=dict(depth=3, embed_dim=32, num_heads=2, intermediate_size=48, window_size=56,
+                    fullatt_block_indexes=[1]),
+        dtype=torch.float32, seed=44,
+    ),
+    dict(
+        name="win112_mqa4_untied_bf16_published",
+        family="qwen2_5_vl",
+        layout="published",
+        text=dict(hidden_size=96, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=1, mrope_section=[2, 5, 5], tie=False),
+        vision=dict(depth=4, embed_dim=48, num_heads=4, intermediate_size=80, window_size=112,
+                    fullatt_block_indexes=[0, 3]),
+        dtype=torch.bfloat16, seed=55,
+    ),
 ]
 
 PROMPTS = [
@@ -252,6 +282,16 @@ PROMPTS = [
 ]
 
 
+# Families after Qwen2-VL also get a conversation with images in two user turns.
+MULTI_TURN = dict(
+    name="multi_turn", system=None, images=["odd_97x211.png", "rotated_exif6.jpg"], text="And this one?",
+    turns=[
+        dict(role="user", images=["odd_97x211.png"], text="What part is this?"),
+        dict(role="assistant", images=[], text="A bracket with two holes."),
+        dict(role="user", images=["rotated_exif6.jpg"], text="And this one?"),
+    ],
+)
+
 PROMPT_PIXELS: dict = {}
 
 
@@ -259,7 +299,7 @@ class Retry(Exception):
     """The random weights of this seed make a weak fixture; try the next seed."""
 
 
-def build_config(spec: dict, tok: Tokenizer) -> Qwen2VLConfig:
+def build_config(spec: dict, tok: Tokenizer):
     t, v = spec["text"], spec["vision"]
     ids = {s: tok.token_to_id(s) for s in SPECIALS}
     text_config = dict(
@@ -278,12 +318,22 @@ def build_config(spec: dict, tok: Tokenizer) -> Qwen2VLConfig:
         eos_token_id=ids["<|im_end|>"],
         pad_token_id=ids["<|endoftext|>"],
     )
-    vision_config = dict(
-        depth=v["depth"], embed_dim=v["embed_dim"], hidden_size=t["hidden_size"], num_heads=v["num_heads"],
-        mlp_ratio=v["mlp_ratio"], patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
-        initializer_range=0.08,
-    )
-    return Qwen2VLConfig(
+    if spec.get("family") == "qwen2_5_vl":
+        vision_config = dict(
+            depth=v["depth"], hidden_size=v["embed_dim"], out_hidden_size=t["hidden_size"],
+            intermediate_size=v["intermediate_size"], num_heads=v["num_heads"], window_size=v["window_size"],
+            fullatt_block_indexes=v["fullatt_block_indexes"], patch_size=14, spatial_merge_size=2,
+            temporal_patch_size=2, in_channels=3, initializer_range=0.08,
+        )
+        config_class = Qwen2_5_VLConfig
+    else:
+        vision_config = dict(
+            depth=v["depth"], embed_dim=v["embed_dim"], hidden_size=t["hidden_size"], num_heads=v["num_heads"],
+            mlp_ratio=v["mlp_ratio"], patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
+            initializer_range=0.08,
+        )
+        config_class = Qwen2VLConfig
+    return config_class(
         text_config=text_config,
         vision_config=vision_config,
         image_token_id=ids["<|image_pad|>"],
@@ -294,8 +344,8 @@ def build_config(spec: dict, tok: Tokenizer) -> Qwen2VLConfig:
     )
 
 
-def to_published_layout(d: Path) -> None:
-    """Rewrites a transformers-5 checkpoint's configs in the published Qwen2-VL layout."""
+def to_published_layout(d: Path, family: str) -> None:
+    """Rewrites a transformers-5 checkpoint's configs in the published Qwen2-VL / Qwen2.5-VL layout."""
     cfg = json.loads((d / "config.json").read_text())
     text = cfg.pop("text_config")
     rope = text.pop("rope_parameters")
@@ -313,7 +363,7 @@ def to_published_layout(d: Path) -> None:
     pp = json.loads((d / "processor_config.json").read_text())["image_processor"]
     size = pp.pop("size")
     pp["min_pixels"], pp["max_pixels"] = size["shortest_edge"], size["longest_edge"]
-    pp["processor_class"] = "Qwen2VLProcessor"
+    pp["processor_class"] = "Qwen2_5_VLProcessor" if family == "qwen2_5_vl" else "Qwen2VLProcessor"
     (d / "preprocessor_config.json").write_text(json.dumps(pp, indent=2))
     (d / "processor_config.json").unlink()
     # Older checkpoints ship the template as chat_template.json.
@@ -327,34 +377,39 @@ def messages_for(prompt: dict, images: dict) -> list:
     msgs = []
     if prompt["system"]:
         msgs.append({"role": "system", "content": [{"type": "text", "text": prompt["system"]}]})
-    content = [{"type": "image"} for _ in prompt["images"]] + [{"type": "text", "text": prompt["text"]}]
-    msgs.append({"role": "user", "content": content})
+    turns = prompt.get("turns") or [dict(role="user", images=prompt["images"], text=prompt["text"])]
+    for turn in turns:
+        content = [{"type": "image"} for _ in turn["images"]] + [{"type": "text", "text": turn["text"]}]
+        msgs.append({"role": turn["role"], "content": content})
     return msgs
 
 
 def make_checkpoint(spec: dict, tok: Tokenizer, images: dict) -> None:
-    d = OUT / "qwen2_vl" / spec["name"]
+    family = spec.get("family", "qwen2_vl")
+    model_class = Qwen2_5_VLForConditionalGeneration if family == "qwen2_5_vl" else Qwen2VLForConditionalGeneration
+    d = OUT / family / spec["name"]
     if d.exists():
         shutil.rmtree(d)
     torch.manual_seed(spec["seed"])
     cfg = build_config(spec, tok)
-    model = Qwen2VLForConditionalGeneration(cfg).eval()
+    model = model_class(cfg).eval()
     model.to(spec["dtype"])
     model.generation_config.eos_token_id = [tok.token_to_id("<|im_end|>"), tok.token_to_id("<|endoftext|>")]
     model.generation_config.pad_token_id = tok.token_to_id("<|endoftext|>")
     model.generation_config.bos_token_id = None
     model.generation_config.do_sample = False
     model.save_pretrained(d)
-    proc = processor_for(tok, "small", "v5")
+    proc = processor_for(tok, "small", "v5", family)
     proc.save_pretrained(d)
     if spec["layout"] == "published":
-        to_published_layout(d)
+        to_published_layout(d, family)
 
     # Everything below goes through the files just written, as a user would load them.
     proc = AutoProcessor.from_pretrained(d)
-    model = Qwen2VLForConditionalGeneration.from_pretrained(d, dtype=torch.float32).eval()
+    model = model_class.from_pretrained(d, dtype=torch.float32).eval()
+    assert type(proc).__name__ == type(processor_for(tok, "small", "v5", family)).__name__
     tensors, meta = {}, {"prompts": []}
-    for prompt in PROMPTS:
+    for prompt in PROMPTS + ([MULTI_TURN] if family != "qwen2_vl" else []):
         msgs = messages_for(prompt, images)
         text = proc.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
         pil = [load_reference_image(images[n]) for n in prompt["images"]]
@@ -379,7 +434,7 @@ def make_checkpoint(spec: dict, tok: Tokenizer, images: dict) -> None:
             out = model(**inputs)
             # Every position for the two-image prompt, the last one for the others (fixture size).
             logits = out.logits[0].float()
-            tensors[f"{p}/logits"] = logits if p == "two_images" else logits[-1:]
+            tensors[f"{p}/logits"] = logits if p in ("two_images", "multi_turn") else logits[-1:]
             gen = model.generate(
                 **inputs, max_new_tokens=20, do_sample=False, output_scores=True, return_dict_in_generate=True
             )
@@ -400,6 +455,7 @@ def make_checkpoint(spec: dict, tok: Tokenizer, images: dict) -> None:
                 system=prompt["system"],
                 images=prompt["images"],
                 text=prompt["text"],
+                turns=prompt.get("turns"),
                 rendered=text,
                 greedy_text=proc.tokenizer.decode(new, skip_special_tokens=True),
                 min_greedy_margin=min(margins),
@@ -489,8 +545,11 @@ def main() -> None:
     images = make_images(OUT / "images")
     make_preprocess_fixture(images)
     tok = tiny_tokenizer()
-    (OUT / "qwen2_vl").mkdir(exist_ok=True)
+    only = sys.argv[sys.argv.index("--family") + 1] if "--family" in sys.argv else None
     for spec in CHECKPOINTS:
+        if only and spec.get("family", "qwen2_vl") != only:
+            continue
+        (OUT / spec.get("family", "qwen2_vl")).mkdir(exist_ok=True)
         for attempt in range(40):
             try:
                 make_checkpoint(dict(spec, seed=spec["seed"] + 1000 * attempt), tok, images)

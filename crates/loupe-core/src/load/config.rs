@@ -47,7 +47,8 @@ impl TextConfig {
     }
 }
 
-/// The vision tower's hyper-parameters (Qwen2-VL ViT).
+/// The vision tower's hyper-parameters, in Qwen2-VL's field names. Qwen2.5-VL's tower is read from
+/// its own names ([`Qwen25VisionConfig`]) into this struct, with its window-attention fields filled.
 #[derive(Debug, Clone, Deserialize)]
 pub struct VisionConfig {
     pub depth: usize,
@@ -69,9 +70,64 @@ pub struct VisionConfig {
     pub temporal_patch_size: usize,
     #[serde(skip)]
     pub rope_theta: f64,
+    /// MLP width when the file states it (Qwen2.5-VL); otherwise `embed_dim * mlp_ratio`.
+    #[serde(skip)]
+    pub intermediate_size: Option<usize>,
+    /// Qwen2.5-VL: attention window in pixels (0: every block attends over the whole image).
+    #[serde(skip)]
+    pub window_size: usize,
+    /// Qwen2.5-VL: the blocks that attend over the whole image rather than within windows.
+    #[serde(skip)]
+    pub fullatt_block_indexes: Vec<usize>,
 }
 
-/// A Qwen2-VL checkpoint's `config.json`, whichever layout it was saved in.
+/// Qwen2.5-VL's `vision_config`: `hidden_size` is the tower's width and `out_hidden_size` the merger's
+/// output (Qwen2-VL calls them `embed_dim` and `hidden_size`).
+#[derive(Debug, Clone, Deserialize)]
+struct Qwen25VisionConfig {
+    depth: usize,
+    hidden_size: usize,
+    out_hidden_size: usize,
+    intermediate_size: usize,
+    num_heads: usize,
+    #[serde(default = "default_act_silu")]
+    hidden_act: String,
+    #[serde(default = "default_in_channels", alias = "in_chans")]
+    in_channels: usize,
+    #[serde(default = "default_patch")]
+    patch_size: usize,
+    #[serde(default = "default_merge")]
+    spatial_merge_size: usize,
+    #[serde(default = "default_temporal")]
+    temporal_patch_size: usize,
+    #[serde(default = "default_window")]
+    window_size: usize,
+    #[serde(default = "default_fullatt")]
+    fullatt_block_indexes: Vec<usize>,
+}
+
+impl From<Qwen25VisionConfig> for VisionConfig {
+    fn from(v: Qwen25VisionConfig) -> Self {
+        VisionConfig {
+            depth: v.depth,
+            embed_dim: v.hidden_size,
+            hidden_size: v.out_hidden_size,
+            hidden_act: v.hidden_act,
+            mlp_ratio: v.intermediate_size as f64 / v.hidden_size as f64,
+            num_heads: v.num_heads,
+            in_channels: v.in_channels,
+            patch_size: v.patch_size,
+            spatial_merge_size: v.spatial_merge_size,
+            temporal_patch_size: v.temporal_patch_size,
+            rope_theta: 10_000.0,
+            intermediate_size: Some(v.intermediate_size),
+            window_size: v.window_size,
+            fullatt_block_indexes: v.fullatt_block_indexes,
+        }
+    }
+}
+
+/// A Qwen2-VL or Qwen2.5-VL checkpoint's `config.json`, whichever layout it was saved in.
 #[derive(Debug, Clone)]
 pub struct Qwen2VlConfig {
     pub model_type: String,
@@ -112,9 +168,15 @@ fn default_merge() -> usize {
 fn default_temporal() -> usize {
     2
 }
+fn default_window() -> usize {
+    112
+}
+fn default_fullatt() -> Vec<usize> {
+    vec![7, 15, 23, 31]
+}
 
 /// The model families Loupe runs, by `model_type`.
-pub const SUPPORTED_MODEL_TYPES: &[&str] = &["qwen2_vl"];
+pub const SUPPORTED_MODEL_TYPES: &[&str] = &["qwen2_vl", "qwen2_5_vl"];
 
 /// Reads `model_type` from a `config.json`.
 pub fn read_model_type(path: &Path) -> Result<String> {
@@ -159,7 +221,7 @@ impl Qwen2VlConfig {
             .and_then(Value::as_str)
             .ok_or_else(|| Error::config(path, "model_type", "missing"))?
             .to_owned();
-        if model_type != "qwen2_vl" {
+        if model_type != "qwen2_vl" && model_type != "qwen2_5_vl" {
             return Err(Error::UnsupportedModel {
                 path: path.into(),
                 model_type,
@@ -212,8 +274,16 @@ impl Qwen2VlConfig {
         let vision_value = top
             .get("vision_config")
             .ok_or_else(|| Error::config(path, "vision_config", "missing"))?;
-        let mut vision: VisionConfig = serde_json::from_value(vision_value.clone())
-            .map_err(|e| Error::config(path, field_of(&e, true, "vision_config"), e.to_string()))?;
+        let vision_err = |e: serde_json::Error| {
+            Error::config(path, field_of(&e, true, "vision_config"), e.to_string())
+        };
+        let mut vision: VisionConfig = if model_type == "qwen2_5_vl" {
+            serde_json::from_value::<Qwen25VisionConfig>(vision_value.clone())
+                .map_err(vision_err)?
+                .into()
+        } else {
+            serde_json::from_value(vision_value.clone()).map_err(vision_err)?
+        };
         vision.rope_theta = vision_value
             .get("rope_parameters")
             .and_then(|r| r.get("rope_theta"))
@@ -317,10 +387,34 @@ impl Qwen2VlConfig {
                 ),
             ));
         }
+        let unit = v.patch_size * v.spatial_merge_size;
+        if self.model_type == "qwen2_5_vl"
+            && (v.window_size < unit || !v.window_size.is_multiple_of(unit))
+        {
+            return Err(Error::config(
+                path,
+                "vision_config.window_size",
+                format!(
+                    "{} must be a positive multiple of patch_size x spatial_merge_size = {unit}",
+                    v.window_size
+                ),
+            ));
+        }
+        if let Some(&bad) = v.fullatt_block_indexes.iter().find(|&&i| i >= v.depth) {
+            return Err(Error::config(
+                path,
+                "vision_config.fullatt_block_indexes",
+                format!("block {bad} does not exist (depth {})", v.depth),
+            ));
+        }
         if v.hidden_size != t.hidden_size {
             return Err(Error::config(
                 path,
-                "vision_config.hidden_size",
+                if self.model_type == "qwen2_5_vl" {
+                    "vision_config.out_hidden_size"
+                } else {
+                    "vision_config.hidden_size"
+                },
                 format!(
                     "{} differs from the text hidden_size {}",
                     v.hidden_size, t.hidden_size
@@ -346,7 +440,9 @@ impl Qwen2VlConfig {
     }
 
     pub fn vision_intermediate(&self) -> usize {
-        (self.vision.embed_dim as f64 * self.vision.mlp_ratio) as usize
+        self.vision
+            .intermediate_size
+            .unwrap_or((self.vision.embed_dim as f64 * self.vision.mlp_ratio) as usize)
     }
 }
 

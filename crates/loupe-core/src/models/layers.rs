@@ -249,17 +249,19 @@ pub struct GatedMlp {
 }
 
 impl GatedMlp {
+    /// `gate_proj`, `up_proj`, `down_proj` under `prefix`, with biases when `bias`.
     pub fn load(
         w: &Weights,
         prefix: &str,
         dim: usize,
         hidden: usize,
         act: Activation,
+        bias: bool,
     ) -> Result<Self> {
         Ok(GatedMlp {
-            gate: Linear::load(w, &format!("{prefix}.gate_proj"), dim, hidden, false)?,
-            up: Linear::load(w, &format!("{prefix}.up_proj"), dim, hidden, false)?,
-            down: Linear::load(w, &format!("{prefix}.down_proj"), hidden, dim, false)?,
+            gate: Linear::load(w, &format!("{prefix}.gate_proj"), dim, hidden, bias)?,
+            up: Linear::load(w, &format!("{prefix}.up_proj"), dim, hidden, bias)?,
+            down: Linear::load(w, &format!("{prefix}.down_proj"), hidden, dim, bias)?,
             act,
         })
     }
@@ -380,6 +382,78 @@ fn attention_block(
     };
     let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
     Ok(probs.matmul(&v.contiguous()?)?.reshape((b, h, sq, d))?)
+}
+
+/// cos/sin `(patches, head_dim / 2)` of a ViT's 2D rotary embedding (Qwen2-VL, Qwen2.5-VL): the first
+/// half of the frequencies turn with the patch row, the second with its column; patches are in
+/// merge-block order, as the preprocessor lays them out.
+pub fn vision_rotary(
+    inv_freq: &[f32],
+    merge: usize,
+    grids: &[[usize; 3]],
+    dtype: DType,
+    dev: &Device,
+) -> Result<(Tensor, Tensor)> {
+    let mut angles = Vec::new();
+    let mut rows = 0;
+    for &[t, h, w] in grids {
+        for _ in 0..t {
+            for bh in 0..h / merge {
+                for bw in 0..w / merge {
+                    for mh in 0..merge {
+                        for mw in 0..merge {
+                            let (y, x) = ((bh * merge + mh) as f32, (bw * merge + mw) as f32);
+                            angles.extend(inv_freq.iter().map(|f| y * f));
+                            angles.extend(inv_freq.iter().map(|f| x * f));
+                            rows += 1;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    cos_sin(&angles, rows, 2 * inv_freq.len(), dtype, dev)
+}
+
+/// A ViT block's self-attention over `h` `(patches, dim)`: fused `qkv` projection, 2D rotary, attention
+/// within each run of `segments` (consecutive patch counts: one per image frame, or per window), `proj`.
+#[allow(clippy::too_many_arguments)]
+pub fn vision_attention(
+    h: &Tensor,
+    qkv: &Linear,
+    proj: &Linear,
+    heads: usize,
+    head_dim: usize,
+    cos: &Tensor,
+    sin: &Tensor,
+    segments: &[usize],
+) -> Result<Tensor> {
+    let n = h.dim(0)?;
+    let qkv = qkv
+        .forward(h)?
+        .reshape((n, 3, heads, head_dim))?
+        .permute((1, 2, 0, 3))?; // (3, heads, n, d)
+    let q = rope(&qkv.get(0)?.unsqueeze(0)?, cos, sin)?;
+    let k = rope(&qkv.get(1)?.unsqueeze(0)?, cos, sin)?;
+    let v = qkv.get(2)?.unsqueeze(0)?.contiguous()?;
+    let scale = 1.0 / (head_dim as f64).sqrt();
+    let mut outs = Vec::with_capacity(segments.len());
+    let mut start = 0;
+    for &len in segments {
+        outs.push(attention(
+            &q.narrow(2, start, len)?,
+            &k.narrow(2, start, len)?,
+            &v.narrow(2, start, len)?,
+            scale,
+            false,
+        )?);
+        start += len;
+    }
+    let attn = Tensor::cat(&outs, 2)?
+        .squeeze(0)?
+        .transpose(0, 1)?
+        .reshape((n, heads * head_dim))?;
+    proj.forward(&attn)
 }
 
 /// Named intermediates of a forward pass (llama.cpp's `cb(cur, name, il)`), captured on request for

@@ -1,6 +1,7 @@
 //! The model architectures (one file each) and the shared layers they are built from.
 
 pub mod layers;
+pub mod qwen2_5_vl;
 pub mod qwen2_vl;
 
 use candle_core::Tensor;
@@ -8,6 +9,14 @@ use candle_core::Tensor;
 use crate::error::Result;
 use crate::generate::kv_cache::KvCache;
 use crate::image::PixelBatch;
+use layers::Taps;
+
+/// A vision tower: patches `(patches, patch values)` of the images in `grids`, in the preprocessor's
+/// merge-block order, to merged image tokens `(tokens, text hidden)`.
+pub trait VisionEncoder: Send + Sync {
+    fn forward(&self, pixels: &Tensor, grids: &[[usize; 3]], taps: &Taps) -> Result<Tensor>;
+    fn param_count(&self) -> usize;
+}
 
 /// What the generation loop needs from a vision-language model.
 pub trait VisionLanguageModel: Send + Sync {
@@ -64,7 +73,10 @@ impl VisionLanguageModel for qwen2_vl::Qwen2Vl {
         qwen2_vl::Qwen2Vl::param_counts(self)
     }
     fn architecture(&self) -> &'static str {
-        "Qwen2-VL (qwen2_vl)"
+        match self.cfg.model_type.as_str() {
+            "qwen2_5_vl" => "Qwen2.5-VL (qwen2_5_vl)",
+            _ => "Qwen2-VL (qwen2_vl)",
+        }
     }
     fn vocab_size(&self) -> usize {
         self.cfg.text.vocab_size

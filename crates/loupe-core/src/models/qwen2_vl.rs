@@ -8,9 +8,10 @@ use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
 
 use super::layers::{
-    attention, cos_sin, inv_freq, rope, Activation, Embedding, GatedMlp, LayerNorm, Linear, Matrix,
-    RmsNorm, Taps,
+    attention, cos_sin, inv_freq, rope, vision_attention, vision_rotary, Activation, Embedding,
+    GatedMlp, LayerNorm, Linear, Matrix, RmsNorm, Taps,
 };
+use super::{qwen2_5_vl, VisionEncoder};
 use crate::error::{Error, Result};
 use crate::generate::kv_cache::KvCache;
 use crate::image::PixelBatch;
@@ -57,7 +58,7 @@ pub fn quant_policy(name: &str, q: GgmlDType) -> Option<GgmlDType> {
     }
 }
 
-fn activation(name: &str, field: &str) -> Result<Activation> {
+pub(crate) fn activation(name: &str, field: &str) -> Result<Activation> {
     Activation::from_name(name).ok_or_else(|| {
         Error::InvalidInput(format!(
             "config.json: {field} `{name}` is not a supported activation"
@@ -87,6 +88,7 @@ struct VisionTower {
     head_dim: usize,
     merge: usize,
     inv_freq: Vec<f32>,
+    params: usize,
 }
 
 impl VisionTower {
@@ -131,38 +133,29 @@ impl VisionTower {
             head_dim,
             merge: v.spatial_merge_size,
             inv_freq: inv_freq(head_dim / 2, v.rope_theta),
+            params: {
+                let block = 4 * e + (3 * e * e + 3 * e) + (e * e + e) + 2 * e * hidden + hidden + e;
+                let merger = 2 * e + (m2 * m2 + m2) + (m2 * v.hidden_size + v.hidden_size);
+                e * patch_dim + v.depth * block + merger
+            },
         })
     }
+}
 
-    /// cos/sin `(patches, head_dim / 2)`: the first quarter of the head turns with the patch row, the
-    /// second with its column; patches are in merge-block order, as the preprocessor lays them out.
-    fn rotary(&self, grids: &[[usize; 3]], dtype: DType, dev: &Device) -> Result<(Tensor, Tensor)> {
-        let m = self.merge;
-        let nf = self.inv_freq.len();
-        let mut angles = Vec::new();
-        let mut rows = 0;
-        for &[t, h, w] in grids {
-            for _ in 0..t {
-                for bh in 0..h / m {
-                    for bw in 0..w / m {
-                        for mh in 0..m {
-                            for mw in 0..m {
-                                let (y, x) = ((bh * m + mh) as f32, (bw * m + mw) as f32);
-                                angles.extend(self.inv_freq.iter().map(|f| y * f));
-                                angles.extend(self.inv_freq.iter().map(|f| x * f));
-                                rows += 1;
-                            }
-                        }
-                    }
-                }
-            }
-        }
-        cos_sin(&angles, rows, 2 * nf, dtype, dev)
+impl VisionEncoder for VisionTower {
+    fn param_count(&self) -> usize {
+        self.params
     }
 
     fn forward(&self, pixels: &Tensor, grids: &[[usize; 3]], taps: &Taps) -> Result<Tensor> {
         let n = pixels.dim(0)?;
-        let (cos, sin) = self.rotary(grids, pixels.dtype(), pixels.device())?;
+        let (cos, sin) = vision_rotary(
+            &self.inv_freq,
+            self.merge,
+            grids,
+            pixels.dtype(),
+            pixels.device(),
+        )?;
         let mut x = self.patch_embed.forward(pixels)?;
         taps.record("vision.patch_embed", None, &x);
         // Attention is within each image (and each frame).
@@ -170,34 +163,19 @@ impl VisionTower {
             .iter()
             .flat_map(|&[t, h, w]| std::iter::repeat_n(h * w, t))
             .collect();
-        let scale = 1.0 / (self.head_dim as f64).sqrt();
         for (i, blk) in self.blocks.iter().enumerate() {
             let h = blk.norm1.forward(&x)?;
-            let qkv = blk
-                .qkv
-                .forward(&h)?
-                .reshape((n, 3, self.heads, self.head_dim))?
-                .permute((1, 2, 0, 3))?; // (3, heads, n, d)
-            let q = rope(&qkv.get(0)?.unsqueeze(0)?, &cos, &sin)?;
-            let k = rope(&qkv.get(1)?.unsqueeze(0)?, &cos, &sin)?;
-            let v = qkv.get(2)?.unsqueeze(0)?.contiguous()?;
-            let mut outs = Vec::with_capacity(segments.len());
-            let mut start = 0;
-            for &len in &segments {
-                outs.push(attention(
-                    &q.narrow(2, start, len)?,
-                    &k.narrow(2, start, len)?,
-                    &v.narrow(2, start, len)?,
-                    scale,
-                    false,
-                )?);
-                start += len;
-            }
-            let attn = Tensor::cat(&outs, 2)?
-                .squeeze(0)?
-                .transpose(0, 1)?
-                .reshape((n, self.heads * self.head_dim))?;
-            x = (x + blk.proj.forward(&attn)?)?;
+            let attn = vision_attention(
+                &h,
+                &blk.qkv,
+                &blk.proj,
+                self.heads,
+                self.head_dim,
+                &cos,
+                &sin,
+                &segments,
+            )?;
+            x = (x + attn)?;
             let h = blk.norm2.forward(&x)?;
             let h = blk.fc2.forward(&self.act.forward(&blk.fc1.forward(&h)?)?)?;
             x = (x + h)?;
@@ -228,7 +206,7 @@ struct DecoderLayer {
 
 pub struct Qwen2Vl {
     pub cfg: Qwen2VlConfig,
-    vision: VisionTower,
+    vision: Box<dyn VisionEncoder>,
     embed_tokens: Embedding,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
@@ -289,7 +267,14 @@ impl Qwen2Vl {
                         dim,
                         t.rms_norm_eps,
                     )?,
-                    mlp: GatedMlp::load(w, &format!("{p}.mlp"), dim, t.intermediate_size, act)?,
+                    mlp: GatedMlp::load(
+                        w,
+                        &format!("{p}.mlp"),
+                        dim,
+                        t.intermediate_size,
+                        act,
+                        false,
+                    )?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -305,7 +290,10 @@ impl Qwen2Vl {
         };
         let embed_tokens = Embedding::new(embed, w.dtype());
         Ok(Qwen2Vl {
-            vision: VisionTower::load(&cfg, w)?,
+            vision: match cfg.model_type.as_str() {
+                "qwen2_5_vl" => Box::new(qwen2_5_vl::VisionTower::load(&cfg, w)?),
+                _ => Box::new(VisionTower::load(&cfg, w)?),
+            },
             embed_tokens,
             layers,
             norm: RmsNorm::load(w, "model.norm", dim, t.rms_norm_eps)?,
@@ -524,14 +512,7 @@ impl Qwen2Vl {
 
     /// Parameter counts `(vision, text)`.
     pub fn param_counts(&self) -> (usize, usize) {
-        let v = &self.cfg.vision;
-        let e = v.embed_dim;
-        let hid = self.cfg.vision_intermediate();
-        let m2 = e * v.spatial_merge_size * v.spatial_merge_size;
-        let patch = e * v.in_channels * v.temporal_patch_size * v.patch_size * v.patch_size;
-        let block = 4 * e + (3 * e * e + 3 * e) + (e * e + e) + (e * hid + hid) + (hid * e + e);
-        let merger = 2 * e + (m2 * m2 + m2) + (m2 * v.hidden_size + v.hidden_size);
-        let vision = patch + v.depth * block + merger;
+        let vision = self.vision.param_count();
         let t = &self.cfg.text;
         let (d, hd) = (t.hidden_size, t.head_dim());
         let (q, kv) = (t.num_attention_heads * hd, t.num_key_value_heads * hd);

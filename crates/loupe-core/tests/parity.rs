@@ -1,6 +1,7 @@
-//! Qwen2-VL parity with transformers 5.23, stage by stage, on tiny random-weight checkpoints
-//! (tools/make_fixtures.py): preprocessing, prompt ids, M-RoPE positions, vision tower, logits at every
-//! position, 20 greedy tokens. Each tolerance is stated next to its assertion.
+//! Parity with transformers 5.23 for every family Loupe runs (Qwen2-VL, Qwen2.5-VL), stage by stage, on
+//! tiny random-weight checkpoints (tools/make_fixtures.py): preprocessing, prompt ids, M-RoPE positions,
+//! vision tower, logits at every position, 20 greedy tokens. Each tolerance is stated next to its
+//! assertion.
 
 mod common;
 
@@ -9,16 +10,20 @@ use common::*;
 use loupe_core::generate::{GenerateParams, SamplingParams};
 use loupe_core::image::{ImageInput, Preprocessor};
 use loupe_core::load::config::PreprocessorConfig;
+use loupe_core::tokenize::Message;
 use loupe_core::{Engine, LoadOptions};
 
+/// `family/name` under tests/fixtures.
 const CHECKPOINTS: &[&str] = &[
-    "gqa2_tied_published",
-    "mqa6_untied_bf16_v5",
-    "mha4_tied_bf16_v5",
+    "qwen2_vl/gqa2_tied_published",
+    "qwen2_vl/mqa6_untied_bf16_v5",
+    "qwen2_vl/mha4_tied_bf16_v5",
+    "qwen2_5_vl/win56_gqa2_tied_v5",
+    "qwen2_5_vl/win112_mqa4_untied_bf16_published",
 ];
 
 fn engine(name: &str, dtype: DType) -> Engine {
-    let dir = fixtures().join("qwen2_vl").join(name);
+    let dir = fixtures().join(name);
     Engine::load(
         dir.to_str().unwrap(),
         &LoadOptions {
@@ -30,12 +35,7 @@ fn engine(name: &str, dtype: DType) -> Engine {
 }
 
 fn reference(name: &str) -> Reference {
-    Reference::load(
-        fixtures()
-            .join("qwen2_vl")
-            .join(name)
-            .join("reference.safetensors"),
-    )
+    Reference::load(fixtures().join(name).join("reference.safetensors"))
 }
 
 fn prompts(r: &Reference) -> Vec<serde_json::Value> {
@@ -50,6 +50,30 @@ fn image_inputs(names: &[serde_json::Value]) -> Vec<ImageInput> {
     Engine::load_images(&paths).unwrap()
 }
 
+/// A fixture prompt's conversation: a system turn if any, then its turns (one user turn unless the
+/// fixture lists several).
+fn messages(p: &serde_json::Value) -> Vec<Message> {
+    let mut out: Vec<Message> = p["system"]
+        .as_str()
+        .map(Message::system)
+        .into_iter()
+        .collect();
+    match p["turns"].as_array() {
+        Some(turns) => out.extend(turns.iter().map(|t| {
+            let text = t["text"].as_str().unwrap();
+            match t["role"].as_str().unwrap() {
+                "assistant" => Message::assistant(text),
+                _ => Message::user(t["images"].as_array().unwrap().len(), text),
+            }
+        })),
+        None => out.push(Message::user(
+            p["images"].as_array().unwrap().len(),
+            p["text"].as_str().unwrap(),
+        )),
+    }
+    out
+}
+
 /// A fixture prompt built by Loupe's own pipeline from its image files and text.
 fn prompt_from_files(
     e: &Engine,
@@ -57,12 +81,7 @@ fn prompt_from_files(
 ) -> (Vec<ImageInput>, loupe_core::generate::Prompt) {
     let images = image_inputs(p["images"].as_array().unwrap());
     let prompt = e
-        .prompt(
-            p["system"].as_str(),
-            p["text"].as_str().unwrap(),
-            &images,
-            &e.preprocessor,
-        )
+        .prompt_from_messages(&messages(p), &images, &e.preprocessor)
         .unwrap();
     (images, prompt)
 }
@@ -119,21 +138,7 @@ fn prompt_ids_and_positions_match() {
         for p in prompts(&r) {
             let pname = p["name"].as_str().unwrap();
             let (images, prompt) = prompt_from_files(&e, &p);
-            let rendered = e.template.render(
-                &[
-                    p["system"]
-                        .as_str()
-                        .map(loupe_core::tokenize::Message::system),
-                    Some(loupe_core::tokenize::Message::user(
-                        images.len(),
-                        p["text"].as_str().unwrap(),
-                    )),
-                ]
-                .into_iter()
-                .flatten()
-                .collect::<Vec<_>>(),
-                true,
-            );
+            let rendered = e.template.render(&messages(&p), true);
             assert_eq!(
                 rendered.unwrap(),
                 p["rendered"].as_str().unwrap(),
@@ -179,7 +184,11 @@ fn vision_tower_matches() {
     for name in CHECKPOINTS {
         let e = engine(name, DType::F32);
         let r = reference(name);
-        for pname in ["two_images", "rotated_jpeg"] {
+        for p in prompts(&r)
+            .iter()
+            .filter(|p| !p["images"].as_array().unwrap().is_empty())
+        {
+            let pname = p["name"].as_str().unwrap();
             let prompt = reference_prompt(&r, &px, pname);
             let got = e.model.encode_images(&prompt.pixels).unwrap();
             let want = r.f32s(&format!("{pname}/vision_out"));
@@ -286,7 +295,7 @@ fn bf16_stays_close_to_f32() {
     // bf16 compute (8 bits of mantissa): the top token agrees with the f32 reference at nearly every
     // position (measured 97%), and logits stay within 10% of their range (measured 6.7%).
     let px = prompt_pixels();
-    let name = "gqa2_tied_published";
+    let name = "qwen2_vl/gqa2_tied_published";
     let e = engine(name, DType::BF16);
     let r = reference(name);
     let prompt = reference_prompt(&r, &px, "two_images");
@@ -318,7 +327,7 @@ fn bf16_stays_close_to_f32() {
 #[test]
 fn a_generated_image_placeholder_is_embedded_as_text() {
     // Random models can emit <|image_pad|> while decoding; the reference embeds it as a token.
-    let e = engine("gqa2_tied_published", DType::F32);
+    let e = engine("qwen2_vl/gqa2_tied_published", DType::F32);
     let id = e.model.image_token_id();
     let one = e.model.embed(&[id], None).unwrap();
     assert_eq!(one.dims(), &[1, 1, 64]);
