@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageOps
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 import transformers
@@ -41,6 +41,10 @@ from transformers import (
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2_5_VLProcessor,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLProcessor,
+    Qwen3VLVideoProcessor,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
     Qwen2VLImageProcessor,
@@ -131,7 +135,7 @@ def load_reference_image(path: Path) -> Image.Image:
     return ImageOps.exif_transpose(img)
 
 
-def levels(pixel_values: torch.Tensor) -> np.ndarray:
+def levels(pixel_values: torch.Tensor, MEAN=MEAN, STD=STD, patch: int = 14) -> np.ndarray:
     """f32 normalized pixels -> the 8-bit levels they were computed from (checked exact)."""
     pv = pixel_values.numpy().astype(np.float64)
     n, dim = pv.shape
@@ -145,17 +149,25 @@ def levels(pixel_values: torch.Tensor) -> np.ndarray:
     s32 = (torch.tensor(STD) * (1.0 / (1 / 255))).repeat_interleave(per)
     back = (torch.from_numpy(lv.astype(np.float32)) - m32) / s32
     assert torch.equal(back, pixel_values), "pixel levels do not round-trip"
-    # A still image is repeated over the temporal patch: keep one copy, (n, 3, 14, 14).
-    lv = lv.reshape(n, 3, 2, 14, 14)
+    # A still image is repeated over the temporal patch: keep one copy, (n, 3, patch, patch).
+    lv = lv.reshape(n, 3, 2, patch, patch)
     assert (lv[:, :, 0] == lv[:, :, 1]).all()
-    return np.ascontiguousarray(lv[:, :, 0].reshape(n, 3 * 14 * 14)).astype(np.uint8)
+    return np.ascontiguousarray(lv[:, :, 0].reshape(n, 3 * patch * patch)).astype(np.uint8)
 
 
-def image_processor(budget: str, layout: str) -> Qwen2VLImageProcessor:
+# Qwen3-VL's preprocessing: 16-pixel patches (32-pixel resize factor), mean and std 0.5.
+QWEN3_MEAN = [0.5, 0.5, 0.5]
+QWEN3_STD = [0.5, 0.5, 0.5]
+
+
+def image_processor(budget: str, layout: str, family: str = "qwen2_vl") -> Qwen2VLImageProcessor:
     lo, hi = BUDGETS[budget]
+    extra = {}
+    if family == "qwen3_vl":
+        extra = dict(patch_size=16, merge_size=2, temporal_patch_size=2, image_mean=QWEN3_MEAN, image_std=QWEN3_STD)
     if layout == "published":
-        return Qwen2VLImageProcessor(min_pixels=lo, max_pixels=hi)
-    return Qwen2VLImageProcessor(size={"shortest_edge": lo, "longest_edge": hi})
+        return Qwen2VLImageProcessor(min_pixels=lo, max_pixels=hi, **extra)
+    return Qwen2VLImageProcessor(size={"shortest_edge": lo, "longest_edge": hi}, **extra)
 
 
 def make_preprocess_fixture(images: dict) -> None:
@@ -213,11 +225,12 @@ def processor_for(tok: Tokenizer, budget: str, layout: str, family: str = "qwen2
         pad_token="<|endoftext|>",
         model_max_length=32768,
     )
-    cls = Qwen2_5_VLProcessor if family == "qwen2_5_vl" else Qwen2VLProcessor
+    cls = {"qwen2_5_vl": Qwen2_5_VLProcessor, "qwen3_vl": Qwen3VLProcessor}.get(family, Qwen2VLProcessor)
+    video = Qwen3VLVideoProcessor() if family == "qwen3_vl" else Qwen2VLVideoProcessor()
     return cls(
-        image_processor=image_processor(budget, layout),
+        image_processor=image_processor(budget, layout, family),
         tokenizer=fast,
-        video_processor=Qwen2VLVideoProcessor(),
+        video_processor=video,
         chat_template=TEMPLATE,
     )
 
@@ -272,6 +285,29 @@ CHECKPOINTS = [
                     fullatt_block_indexes=[0, 3]),
         dtype=torch.bfloat16, seed=55,
     ),
+    # Qwen3-VL: 16 px patches, learned positions from a small grid (8x8 and 10x10, so images are both
+    # up- and down-sampled), DeepStack into two decoder layers and one, q/k norm, interleaved M-RoPE;
+    # the second has an explicit head_dim unlike hidden / heads.
+    dict(
+        name="ds2_gqa2_tied_v5",
+        family="qwen3_vl",
+        layout="v5",
+        text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, mrope_section=[2, 3, 3], tie=True),
+        vision=dict(depth=3, embed_dim=32, num_heads=2, intermediate_size=48, num_position_embeddings=64,
+                    deepstack_visual_indexes=[0, 2]),
+        dtype=torch.float32, seed=66,
+    ),
+    dict(
+        name="ds1_mqa4_hd32_untied_bf16_published",
+        family="qwen3_vl",
+        layout="published",
+        text=dict(hidden_size=96, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=1, head_dim=32, mrope_section=[4, 6, 6], tie=False),
+        vision=dict(depth=2, embed_dim=48, num_heads=4, intermediate_size=64, num_position_embeddings=100,
+                    deepstack_visual_indexes=[1]),
+        dtype=torch.bfloat16, seed=77,
+    ),
 ]
 
 PROMPTS = [
@@ -313,12 +349,23 @@ def build_config(spec: dict, tok: Tokenizer):
         max_position_embeddings=4096,
         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": t["mrope_section"]},
         tie_word_embeddings=t["tie"],
+        **({"head_dim": t["head_dim"]} if "head_dim" in t else {}),
         initializer_range=0.25,
         bos_token_id=None,
         eos_token_id=ids["<|im_end|>"],
         pad_token_id=ids["<|endoftext|>"],
     )
-    if spec.get("family") == "qwen2_5_vl":
+    if spec.get("family") == "qwen3_vl":
+        text_config["rope_parameters"]["mrope_interleaved"] = True
+        vision_config = dict(
+            depth=v["depth"], hidden_size=v["embed_dim"], out_hidden_size=t["hidden_size"],
+            intermediate_size=v["intermediate_size"], num_heads=v["num_heads"], patch_size=16,
+            spatial_merge_size=2, temporal_patch_size=2, in_channels=3, initializer_range=0.08,
+            num_position_embeddings=v["num_position_embeddings"],
+            deepstack_visual_indexes=v["deepstack_visual_indexes"],
+        )
+        config_class = Qwen3VLConfig
+    elif spec.get("family") == "qwen2_5_vl":
         vision_config = dict(
             depth=v["depth"], hidden_size=v["embed_dim"], out_hidden_size=t["hidden_size"],
             intermediate_size=v["intermediate_size"], num_heads=v["num_heads"], window_size=v["window_size"],
@@ -345,16 +392,23 @@ def build_config(spec: dict, tok: Tokenizer):
 
 
 def to_published_layout(d: Path, family: str) -> None:
-    """Rewrites a transformers-5 checkpoint's configs in the published Qwen2-VL / Qwen2.5-VL layout."""
+    """Rewrites a transformers-5 checkpoint's configs in the published layout of its family: Qwen2-VL and
+    Qwen2.5-VL keep the text fields at the top level, Qwen3-VL nests them with `rope_scaling`."""
     cfg = json.loads((d / "config.json").read_text())
-    text = cfg.pop("text_config")
-    rope = text.pop("rope_parameters")
-    text.pop("layer_types", None)
-    text.pop("model_type", None)
-    for k, val in text.items():
-        cfg[k] = val
-    cfg["rope_theta"] = rope["rope_theta"]
-    cfg["rope_scaling"] = {"type": "mrope", "mrope_section": rope["mrope_section"]}
+    if family == "qwen3_vl":
+        text = cfg["text_config"]
+        rope = text.pop("rope_parameters")
+        text["rope_theta"] = rope.pop("rope_theta")
+        text["rope_scaling"] = rope
+    else:
+        text = cfg.pop("text_config")
+        rope = text.pop("rope_parameters")
+        text.pop("layer_types", None)
+        text.pop("model_type", None)
+        for k, val in text.items():
+            cfg[k] = val
+        cfg["rope_theta"] = rope["rope_theta"]
+        cfg["rope_scaling"] = {"type": "mrope", "mrope_section": rope["mrope_section"]}
     cfg["vision_config"].pop("rope_parameters", None)
     cfg["torch_dtype"] = cfg.pop("dtype", "float32")
     (d / "config.json").write_text(json.dumps(cfg, indent=2))
@@ -363,7 +417,8 @@ def to_published_layout(d: Path, family: str) -> None:
     pp = json.loads((d / "processor_config.json").read_text())["image_processor"]
     size = pp.pop("size")
     pp["min_pixels"], pp["max_pixels"] = size["shortest_edge"], size["longest_edge"]
-    pp["processor_class"] = "Qwen2_5_VLProcessor" if family == "qwen2_5_vl" else "Qwen2VLProcessor"
+    pp["processor_class"] = {"qwen2_5_vl": "Qwen2_5_VLProcessor", "qwen3_vl": "Qwen3VLProcessor"}.get(
+        family, "Qwen2VLProcessor")
     (d / "preprocessor_config.json").write_text(json.dumps(pp, indent=2))
     (d / "processor_config.json").unlink()
     # Older checkpoints ship the template as chat_template.json.
@@ -386,7 +441,9 @@ def messages_for(prompt: dict, images: dict) -> list:
 
 def make_checkpoint(spec: dict, tok: Tokenizer, images: dict) -> None:
     family = spec.get("family", "qwen2_vl")
-    model_class = Qwen2_5_VLForConditionalGeneration if family == "qwen2_5_vl" else Qwen2VLForConditionalGeneration
+    model_class = {
+        "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration, "qwen3_vl": Qwen3VLForConditionalGeneration,
+    }.get(family, Qwen2VLForConditionalGeneration)
     d = OUT / family / spec["name"]
     if d.exists():
         shutil.rmtree(d)
@@ -419,11 +476,19 @@ def make_checkpoint(spec: dict, tok: Tokenizer, images: dict) -> None:
         tensors[f"{p}/input_ids"] = ids[0].to(torch.int64)
         with torch.no_grad():
             if pil:
-                shared = PROMPT_PIXELS.setdefault(p, levels(inputs["pixel_values"]))
-                assert (shared == levels(inputs["pixel_values"])).all(), "checkpoints disagree on pixels"
+                if family == "qwen3_vl":
+                    # Other patch size and normalization: this checkpoint's own pixel levels.
+                    tensors[f"{p}/pixel_levels"] = torch.from_numpy(
+                        levels(inputs["pixel_values"], QWEN3_MEAN, QWEN3_STD, 16))
+                    meta.update(image_mean=QWEN3_MEAN, image_std=QWEN3_STD, patch_size=16)
+                else:
+                    shared = PROMPT_PIXELS.setdefault(p, levels(inputs["pixel_values"]))
+                    assert (shared == levels(inputs["pixel_values"])).all(), "checkpoints disagree on pixels"
                 tensors[f"{p}/image_grid_thw"] = inputs["image_grid_thw"].to(torch.int64)
                 vis = model.model.visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
-                tensors[f"{p}/vision_out"] = vis.pooler_output.float()
+                # Qwen3-VL: the DeepStack levels follow the merger's features, column-wise.
+                out = [vis.pooler_output] + list(getattr(vis, "deepstack_features", None) or [])
+                tensors[f"{p}/vision_out"] = torch.cat(out, dim=1).float()
                 pos, delta = model.model.get_rope_index(
                     ids, inputs["mm_token_type_ids"], image_grid_thw=inputs["image_grid_thw"]
                 )
@@ -558,10 +623,11 @@ def main() -> None:
                 print(f"  retry: {why}")
         else:
             raise SystemExit(f"no usable seed for {spec['name']}")
-    save_file(
-        {f"prompt/{k}/levels": torch.from_numpy(v) for k, v in PROMPT_PIXELS.items()},
-        OUT / "prompt_pixels.safetensors",
-    )
+    # Shared by the 14 px families; a run of one family keeps the other prompts already there.
+    shared = OUT / "prompt_pixels.safetensors"
+    kept = load_file(shared) if shared.exists() else {}
+    kept.update({f"prompt/{k}/levels": torch.from_numpy(v) for k, v in PROMPT_PIXELS.items()})
+    save_file(kept, shared)
     if "--no-real-tokenizer" not in sys.argv:
         make_real_tokenizer()
     (OUT / "qwen2_vl" / "template.jinja").write_text(TEMPLATE)

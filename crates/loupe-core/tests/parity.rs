@@ -1,4 +1,5 @@
-//! Parity with transformers 5.23 for every family Loupe runs (Qwen2-VL, Qwen2.5-VL), stage by stage, on
+//! Parity with transformers 5.23 for every family Loupe runs (Qwen2-VL, Qwen2.5-VL, Qwen3-VL), stage by
+//! stage, on
 //! tiny random-weight checkpoints (tools/make_fixtures.py): preprocessing, prompt ids, M-RoPE positions,
 //! vision tower, logits at every position, 20 greedy tokens. Each tolerance is stated next to its
 //! assertion.
@@ -20,6 +21,8 @@ const CHECKPOINTS: &[&str] = &[
     "qwen2_vl/mha4_tied_bf16_v5",
     "qwen2_5_vl/win56_gqa2_tied_v5",
     "qwen2_5_vl/win112_mqa4_untied_bf16_published",
+    "qwen3_vl/ds2_gqa2_tied_v5",
+    "qwen3_vl/ds1_mqa4_hd32_untied_bf16_published",
 ];
 
 fn engine(name: &str, dtype: DType) -> Engine {

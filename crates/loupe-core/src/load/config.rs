@@ -38,6 +38,15 @@ pub struct TextConfig {
     pub mrope_section: Vec<usize>,
     #[serde(skip)]
     pub tie_word_embeddings: bool,
+    /// Qwen3: biases on the q/k/v/o projections (`attention_bias`); Qwen2 always has q/k/v biases.
+    #[serde(default)]
+    pub attention_bias: bool,
+    /// Qwen3: RMSNorm over each head of q and k before the rotary embedding.
+    #[serde(skip)]
+    pub qk_norm: bool,
+    /// Qwen3-VL: M-RoPE frequencies interleaved (t, h, w, t, h, w, ...) rather than in three blocks.
+    #[serde(skip)]
+    pub mrope_interleaved: bool,
 }
 
 impl TextConfig {
@@ -79,6 +88,12 @@ pub struct VisionConfig {
     /// Qwen2.5-VL: the blocks that attend over the whole image rather than within windows.
     #[serde(skip)]
     pub fullatt_block_indexes: Vec<usize>,
+    /// Qwen3-VL: size of the learned position-embedding table (a square grid), 0 for none.
+    #[serde(skip)]
+    pub num_position_embeddings: usize,
+    /// Qwen3-VL: the blocks whose output goes through a DeepStack merger into the first decoder layers.
+    #[serde(skip)]
+    pub deepstack_visual_indexes: Vec<usize>,
 }
 
 /// Qwen2.5-VL's `vision_config`: `hidden_size` is the tower's width and `out_hidden_size` the merger's
@@ -123,6 +138,55 @@ impl From<Qwen25VisionConfig> for VisionConfig {
             intermediate_size: Some(v.intermediate_size),
             window_size: v.window_size,
             fullatt_block_indexes: v.fullatt_block_indexes,
+            num_position_embeddings: 0,
+            deepstack_visual_indexes: Vec::new(),
+        }
+    }
+}
+
+/// Qwen3-VL's `vision_config` (named as Qwen2.5-VL's, plus the learned position grid and DeepStack).
+#[derive(Debug, Clone, Deserialize)]
+struct Qwen3VisionConfig {
+    depth: usize,
+    hidden_size: usize,
+    out_hidden_size: usize,
+    intermediate_size: usize,
+    num_heads: usize,
+    #[serde(default = "default_act_gelu_tanh")]
+    hidden_act: String,
+    #[serde(default = "default_in_channels", alias = "in_chans")]
+    in_channels: usize,
+    #[serde(default = "default_patch16")]
+    patch_size: usize,
+    #[serde(default = "default_merge")]
+    spatial_merge_size: usize,
+    #[serde(default = "default_temporal")]
+    temporal_patch_size: usize,
+    #[serde(default = "default_pos_embeddings")]
+    num_position_embeddings: usize,
+    #[serde(default = "default_deepstack")]
+    deepstack_visual_indexes: Vec<usize>,
+}
+
+impl From<Qwen3VisionConfig> for VisionConfig {
+    fn from(v: Qwen3VisionConfig) -> Self {
+        VisionConfig {
+            depth: v.depth,
+            embed_dim: v.hidden_size,
+            hidden_size: v.out_hidden_size,
+            hidden_act: v.hidden_act,
+            mlp_ratio: v.intermediate_size as f64 / v.hidden_size as f64,
+            num_heads: v.num_heads,
+            in_channels: v.in_channels,
+            patch_size: v.patch_size,
+            spatial_merge_size: v.spatial_merge_size,
+            temporal_patch_size: v.temporal_patch_size,
+            rope_theta: 10_000.0,
+            intermediate_size: Some(v.intermediate_size),
+            window_size: 0,
+            fullatt_block_indexes: Vec::new(),
+            num_position_embeddings: v.num_position_embeddings,
+            deepstack_visual_indexes: v.deepstack_visual_indexes,
         }
     }
 }
@@ -168,6 +232,18 @@ fn default_merge() -> usize {
 fn default_temporal() -> usize {
     2
 }
+fn default_act_gelu_tanh() -> String {
+    "gelu_pytorch_tanh".into()
+}
+fn default_patch16() -> usize {
+    16
+}
+fn default_pos_embeddings() -> usize {
+    2304
+}
+fn default_deepstack() -> Vec<usize> {
+    vec![8, 16, 24]
+}
 fn default_window() -> usize {
     112
 }
@@ -176,7 +252,7 @@ fn default_fullatt() -> Vec<usize> {
 }
 
 /// The model families Loupe runs, by `model_type`.
-pub const SUPPORTED_MODEL_TYPES: &[&str] = &["qwen2_vl", "qwen2_5_vl"];
+pub const SUPPORTED_MODEL_TYPES: &[&str] = &["qwen2_vl", "qwen2_5_vl", "qwen3_vl"];
 
 /// Reads `model_type` from a `config.json`.
 pub fn read_model_type(path: &Path) -> Result<String> {
@@ -221,7 +297,7 @@ impl Qwen2VlConfig {
             .and_then(Value::as_str)
             .ok_or_else(|| Error::config(path, "model_type", "missing"))?
             .to_owned();
-        if model_type != "qwen2_vl" && model_type != "qwen2_5_vl" {
+        if !SUPPORTED_MODEL_TYPES.contains(&model_type.as_str()) {
             return Err(Error::UnsupportedModel {
                 path: path.into(),
                 model_type,
@@ -259,12 +335,23 @@ impl Qwen2VlConfig {
                 })
             })
             .transpose()?
-            .unwrap_or(1_000_000.0);
+            .unwrap_or(if model_type == "qwen3_vl" {
+                500_000.0
+            } else {
+                1_000_000.0
+            });
         text.mrope_section = match rope.and_then(|r| r.get("mrope_section")) {
             Some(v) => serde_json::from_value(v.clone())
                 .map_err(|e| Error::config(path, "mrope_section", e.to_string()))?,
+            None if model_type == "qwen3_vl" => vec![24, 20, 20],
             None => vec![16, 24, 24],
         };
+        let qwen3 = model_type == "qwen3_vl";
+        text.qk_norm = qwen3;
+        text.mrope_interleaved = qwen3;
+        if !qwen3 {
+            text.attention_bias = false;
+        }
         text.tie_word_embeddings = nested
             .and_then(|n| n.get("tie_word_embeddings"))
             .or_else(|| top.get("tie_word_embeddings"))
@@ -277,12 +364,14 @@ impl Qwen2VlConfig {
         let vision_err = |e: serde_json::Error| {
             Error::config(path, field_of(&e, true, "vision_config"), e.to_string())
         };
-        let mut vision: VisionConfig = if model_type == "qwen2_5_vl" {
-            serde_json::from_value::<Qwen25VisionConfig>(vision_value.clone())
+        let mut vision: VisionConfig = match model_type.as_str() {
+            "qwen2_5_vl" => serde_json::from_value::<Qwen25VisionConfig>(vision_value.clone())
                 .map_err(vision_err)?
-                .into()
-        } else {
-            serde_json::from_value(vision_value.clone()).map_err(vision_err)?
+                .into(),
+            "qwen3_vl" => serde_json::from_value::<Qwen3VisionConfig>(vision_value.clone())
+                .map_err(vision_err)?
+                .into(),
+            _ => serde_json::from_value(vision_value.clone()).map_err(vision_err)?,
         };
         vision.rope_theta = vision_value
             .get("rope_parameters")
@@ -362,10 +451,10 @@ impl Qwen2VlConfig {
             ));
         }
         let half = t.head_dim() / 2;
-        if !t.head_dim().is_multiple_of(2)
-            || t.mrope_section.iter().sum::<usize>() != half
-            || t.mrope_section.len() != 3
-        {
+        // Interleaved sections (Qwen3-VL) only bound how many frequencies turn with the height and
+        // width; the temporal stream takes the rest, so they need not sum to head_dim / 2.
+        let sums = t.mrope_interleaved || t.mrope_section.iter().sum::<usize>() == half;
+        if !t.head_dim().is_multiple_of(2) || !sums || t.mrope_section.len() != 3 {
             return Err(Error::config(
                 path,
                 "mrope_section",
@@ -407,10 +496,36 @@ impl Qwen2VlConfig {
                 format!("block {bad} does not exist (depth {})", v.depth),
             ));
         }
+        if let Some(&bad) = v.deepstack_visual_indexes.iter().find(|&&i| i >= v.depth) {
+            return Err(Error::config(
+                path,
+                "vision_config.deepstack_visual_indexes",
+                format!("block {bad} does not exist (depth {})", v.depth),
+            ));
+        }
+        if v.deepstack_visual_indexes.len() > t.num_hidden_layers {
+            return Err(Error::config(
+                path,
+                "vision_config.deepstack_visual_indexes",
+                format!(
+                    "{} DeepStack levels for {} decoder layers",
+                    v.deepstack_visual_indexes.len(),
+                    t.num_hidden_layers
+                ),
+            ));
+        }
+        let side = (v.num_position_embeddings as f64).sqrt() as usize;
+        if side * side != v.num_position_embeddings {
+            return Err(Error::config(
+                path,
+                "vision_config.num_position_embeddings",
+                format!("{} is not a square", v.num_position_embeddings),
+            ));
+        }
         if v.hidden_size != t.hidden_size {
             return Err(Error::config(
                 path,
-                if self.model_type == "qwen2_5_vl" {
+                if self.model_type != "qwen2_vl" {
                     "vision_config.out_hidden_size"
                 } else {
                     "vision_config.hidden_size"

@@ -3,6 +3,7 @@
 pub mod layers;
 pub mod qwen2_5_vl;
 pub mod qwen2_vl;
+pub mod qwen3_vl;
 
 use candle_core::Tensor;
 
@@ -75,6 +76,7 @@ impl VisionLanguageModel for qwen2_vl::Qwen2Vl {
     fn architecture(&self) -> &'static str {
         match self.cfg.model_type.as_str() {
             "qwen2_5_vl" => "Qwen2.5-VL (qwen2_5_vl)",
+            "qwen3_vl" => "Qwen3-VL (qwen3_vl)",
             _ => "Qwen2-VL (qwen2_vl)",
         }
     }

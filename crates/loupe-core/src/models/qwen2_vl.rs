@@ -11,7 +11,7 @@ use super::layers::{
     attention, cos_sin, inv_freq, rope, vision_attention, vision_rotary, Activation, Embedding,
     GatedMlp, LayerNorm, Linear, Matrix, RmsNorm, Taps,
 };
-use super::{qwen2_5_vl, VisionEncoder};
+use super::{qwen2_5_vl, qwen3_vl, VisionEncoder};
 use crate::error::{Error, Result};
 use crate::generate::kv_cache::KvCache;
 use crate::image::PixelBatch;
@@ -42,6 +42,8 @@ pub fn quant_policy(name: &str, q: GgmlDType) -> Option<GgmlDType> {
                 ".attn.proj.weight",
                 ".mlp.fc1.weight",
                 ".mlp.fc2.weight",
+                ".mlp.linear_fc1.weight",
+                ".mlp.linear_fc2.weight",
             ]
             .iter()
             .any(|s| name.ends_with(s)));
@@ -196,6 +198,8 @@ impl VisionEncoder for VisionTower {
 
 struct DecoderLayer {
     input_layernorm: RmsNorm,
+    /// Qwen3: RMSNorm over each head of q and k.
+    qk_norm: Option<(RmsNorm, RmsNorm)>,
     q_proj: Linear,
     k_proj: Linear,
     v_proj: Linear,
@@ -222,6 +226,12 @@ impl Qwen2Vl {
         let t = &cfg.text;
         let (hd, dim) = (t.head_dim(), t.hidden_size);
         let act = activation(&t.hidden_act, "hidden_act")?;
+        // Qwen2: q/k/v biases, none on o; Qwen3: all four or none, as `attention_bias` says.
+        let (qkv_bias, o_bias) = if t.qk_norm {
+            (t.attention_bias, t.attention_bias)
+        } else {
+            (true, false)
+        };
         let embed = Matrix::load(w, "model.embed_tokens.weight", t.vocab_size, dim)?;
         let layers = (0..t.num_hidden_layers)
             .map(|i| {
@@ -233,33 +243,41 @@ impl Qwen2Vl {
                         dim,
                         t.rms_norm_eps,
                     )?,
+                    qk_norm: if t.qk_norm {
+                        Some((
+                            RmsNorm::load(w, &format!("{p}.self_attn.q_norm"), hd, t.rms_norm_eps)?,
+                            RmsNorm::load(w, &format!("{p}.self_attn.k_norm"), hd, t.rms_norm_eps)?,
+                        ))
+                    } else {
+                        None
+                    },
                     q_proj: Linear::load(
                         w,
                         &format!("{p}.self_attn.q_proj"),
                         dim,
                         t.num_attention_heads * hd,
-                        true,
+                        qkv_bias,
                     )?,
                     k_proj: Linear::load(
                         w,
                         &format!("{p}.self_attn.k_proj"),
                         dim,
                         t.num_key_value_heads * hd,
-                        true,
+                        qkv_bias,
                     )?,
                     v_proj: Linear::load(
                         w,
                         &format!("{p}.self_attn.v_proj"),
                         dim,
                         t.num_key_value_heads * hd,
-                        true,
+                        qkv_bias,
                     )?,
                     o_proj: Linear::load(
                         w,
                         &format!("{p}.self_attn.o_proj"),
                         t.num_attention_heads * hd,
                         dim,
-                        false,
+                        o_bias,
                     )?,
                     post_attention_layernorm: RmsNorm::load(
                         w,
@@ -292,6 +310,7 @@ impl Qwen2Vl {
         Ok(Qwen2Vl {
             vision: match cfg.model_type.as_str() {
                 "qwen2_5_vl" => Box::new(qwen2_5_vl::VisionTower::load(&cfg, w)?),
+                "qwen3_vl" => Box::new(qwen3_vl::VisionTower::load(&cfg, w)?),
                 _ => Box::new(VisionTower::load(&cfg, w)?),
             },
             embed_tokens,
@@ -412,6 +431,20 @@ impl Qwen2Vl {
                 feats.dim(0)?
             )));
         }
+        // With DeepStack the features are wider than the hidden size (the extra columns are added after
+        // the first decoder layers, see `forward`); text rows get zeros there, so adding is a no-op.
+        let extra = feats.dim(1)? - text.dim(1)?;
+        let text = if extra > 0 {
+            Tensor::cat(
+                &[
+                    &text,
+                    &Tensor::zeros((ids.len(), extra), text.dtype(), text.device())?,
+                ],
+                1,
+            )?
+        } else {
+            text
+        };
         // Stitch runs of text embeddings and image features in order.
         let mut parts = Vec::new();
         let (mut i, mut f) = (0, 0);
@@ -436,9 +469,17 @@ impl Qwen2Vl {
     /// height or width position according to `mrope_section`.
     fn text_rotary(&self, positions: &[[i64; 3]]) -> Result<(Tensor, Tensor)> {
         let sec = &self.cfg.text.mrope_section;
+        let interleaved = self.cfg.text.mrope_interleaved;
         let stream_of: Vec<usize> = (0..self.inv_freq.len())
             .map(|j| {
-                if j < sec[0] {
+                if interleaved {
+                    // Qwen3-VL: t, h, w, t, h, w, ... while each stream has frequencies left.
+                    match j % 3 {
+                        1 if j < 3 * sec[1] => 1,
+                        2 if j < 3 * sec[2] => 2,
+                        _ => 0,
+                    }
+                } else if j < sec[0] {
                     0
                 } else if j < sec[0] + sec[1] {
                     1
@@ -475,22 +516,37 @@ impl Qwen2Vl {
         all_logits: bool,
     ) -> Result<Tensor> {
         let t = &self.cfg.text;
-        let (b, seq, _) = embeds.dims3()?;
+        let (b, seq, width) = embeds.dims3()?;
         let hd = t.head_dim();
         let (cos, sin) = self.text_rotary(positions)?;
         let scale = 1.0 / (hd as f64).sqrt();
-        let mut x = embeds.clone();
+        // DeepStack (Qwen3-VL): columns past the hidden size hold, per level, what is added to the
+        // hidden states after the first decoder layers (image features at image tokens, zeros elsewhere).
+        let dim = t.hidden_size;
+        let deepstack = width / dim - 1;
+        let mut x = embeds.narrow(2, 0, dim)?;
         for (i, (layer, kv)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate() {
             let h = layer.input_layernorm.forward(&x)?;
-            let heads = |proj: &Linear, n: usize| -> Result<Tensor> {
-                Ok(proj
-                    .forward(&h)?
-                    .reshape((b, seq, n, hd))?
-                    .transpose(1, 2)?)
+            let heads = |proj: &Linear, n: usize, norm: Option<&RmsNorm>| -> Result<Tensor> {
+                let y = proj.forward(&h)?.reshape((b, seq, n, hd))?;
+                let y = match norm {
+                    Some(norm) => norm.forward(&y)?,
+                    None => y,
+                };
+                Ok(y.transpose(1, 2)?)
             };
-            let q = rope(&heads(&layer.q_proj, t.num_attention_heads)?, &cos, &sin)?;
-            let k = rope(&heads(&layer.k_proj, t.num_key_value_heads)?, &cos, &sin)?;
-            let v = heads(&layer.v_proj, t.num_key_value_heads)?;
+            let (q_norm, k_norm) = layer.qk_norm.as_ref().map(|(q, k)| (q, k)).unzip();
+            let q = rope(
+                &heads(&layer.q_proj, t.num_attention_heads, q_norm)?,
+                &cos,
+                &sin,
+            )?;
+            let k = rope(
+                &heads(&layer.k_proj, t.num_key_value_heads, k_norm)?,
+                &cos,
+                &sin,
+            )?;
+            let v = heads(&layer.v_proj, t.num_key_value_heads, None)?;
             let (k, v) = kv.append(&k, &v)?;
             let attn = attention(&q, &k, &v, scale, true)?
                 .transpose(1, 2)?
@@ -498,6 +554,9 @@ impl Qwen2Vl {
             x = (x + layer.o_proj.forward(&attn)?)?;
             let h = layer.post_attention_layernorm.forward(&x)?;
             x = (&x + layer.mlp.forward(&h)?)?;
+            if i < deepstack {
+                x = (x + embeds.narrow(2, (i + 1) * dim, dim)?)?;
+            }
             self.taps.record("text.layer", Some(i), &x);
         }
         let x = if all_logits {
@@ -516,7 +575,12 @@ impl Qwen2Vl {
         let t = &self.cfg.text;
         let (d, hd) = (t.hidden_size, t.head_dim());
         let (q, kv) = (t.num_attention_heads * hd, t.num_key_value_heads * hd);
-        let layer = 2 * d + (d * q + q) + 2 * (d * kv + kv) + q * d + 3 * d * t.intermediate_size;
+        let mut layer = 2 * d + d * q + 2 * d * kv + q * d + 3 * d * t.intermediate_size;
+        if t.qk_norm {
+            layer += 2 * hd + if t.attention_bias { q + 2 * kv + d } else { 0 };
+        } else {
+            layer += q + 2 * kv;
+        }
         let mut text = t.vocab_size * d + t.num_hidden_layers * layer + d;
         if !t.tie_word_embeddings {
             text += t.vocab_size * d;

@@ -73,11 +73,16 @@ pub const STD: [f64; 3] = [0.26862954, 0.26130258, 0.27577711];
 /// Rebuilds the reference f32 pixel values from stored 8-bit levels `(n, 3 * 14 * 14)` (one temporal
 /// copy), with the reference's own f32 arithmetic: `(v - mean * 255) / (std * 255)`.
 pub fn pixel_values_from_levels(levels: &Tensor) -> Vec<f32> {
+    pixel_values_from_levels_with(levels, MEAN, STD)
+}
+
+/// As [`pixel_values_from_levels`] for another normalization (Qwen3-VL: mean and std 0.5).
+pub fn pixel_values_from_levels_with(levels: &Tensor, mean: [f64; 3], std: [f64; 3]) -> Vec<f32> {
     let (n, per_patch) = levels.dims2().unwrap();
     let plane = per_patch / 3;
     let lv = levels.flatten_all().unwrap().to_vec1::<u8>().unwrap();
-    let m: Vec<f32> = MEAN.iter().map(|x| (*x as f32) * 255.0).collect();
-    let s: Vec<f32> = STD.iter().map(|x| (*x as f32) * 255.0).collect();
+    let m: Vec<f32> = mean.iter().map(|x| (*x as f32) * 255.0).collect();
+    let s: Vec<f32> = std.iter().map(|x| (*x as f32) * 255.0).collect();
     let mut out = Vec::with_capacity(n * per_patch * 2);
     for p in 0..n {
         for c in 0..3 {
@@ -112,7 +117,21 @@ pub fn prompt_pixels() -> Reference {
 pub fn reference_prompt(r: &Reference, pixels: &Reference, name: &str) -> Prompt {
     let ids = r.ids(&format!("{name}/input_ids"));
     let key = format!("prompt/{name}/levels");
-    let pixels = if pixels.tensors.contains_key(&key) {
+    let own = format!("{name}/pixel_levels");
+    let pixels = if r.tensors.contains_key(&own) {
+        // A family with its own patch size and normalization stores its pixels with the checkpoint.
+        let three = |k: &str| -> [f64; 3] { serde_json::from_value(r.meta[k].clone()).unwrap() };
+        let patch = r.meta["patch_size"].as_u64().unwrap() as usize;
+        PixelBatch {
+            pixel_values: pixel_values_from_levels_with(
+                r.get(&own),
+                three("image_mean"),
+                three("image_std"),
+            ),
+            patch_dim: 3 * 2 * patch * patch,
+            grids: r.grids(&format!("{name}/image_grid_thw")),
+        }
+    } else if pixels.tensors.contains_key(&key) {
         PixelBatch {
             pixel_values: pixel_values_from_levels(pixels.get(&key)),
             patch_dim: 1176,
