@@ -489,31 +489,8 @@ impl Qwen2VlConfig {
                 ),
             ));
         }
-        if let Some(&bad) = v.fullatt_block_indexes.iter().find(|&&i| i >= v.depth) {
-            return Err(Error::config(
-                path,
-                "vision_config.fullatt_block_indexes",
-                format!("block {bad} does not exist (depth {})", v.depth),
-            ));
-        }
-        if let Some(&bad) = v.deepstack_visual_indexes.iter().find(|&&i| i >= v.depth) {
-            return Err(Error::config(
-                path,
-                "vision_config.deepstack_visual_indexes",
-                format!("block {bad} does not exist (depth {})", v.depth),
-            ));
-        }
-        if v.deepstack_visual_indexes.len() > t.num_hidden_layers {
-            return Err(Error::config(
-                path,
-                "vision_config.deepstack_visual_indexes",
-                format!(
-                    "{} DeepStack levels for {} decoder layers",
-                    v.deepstack_visual_indexes.len(),
-                    t.num_hidden_layers
-                ),
-            ));
-        }
+        // Block indexes past the depth (fullatt_block_indexes, deepstack_visual_indexes) are ignored,
+        // as transformers ignores them: a 4-block test model keeps the 32-block defaults.
         let side = (v.num_position_embeddings as f64).sqrt() as usize;
         if side * side != v.num_position_embeddings {
             return Err(Error::config(
