@@ -461,3 +461,51 @@ fn quantize_writes_a_model_that_loads_without_requantizing() {
     std::fs::write(bad.join("model.gguf"), &g[..g.len() / 3]).unwrap();
     fails_clearly(&loupe(&["run", "--model", s(&bad), "hi"]), "model.gguf");
 }
+
+/// The `__metadata__.meta` JSON of a fixture's reference.safetensors (the header is JSON after its
+/// 8-byte length).
+fn reference_meta(dir: &std::path::Path) -> serde_json::Value {
+    let bytes = std::fs::read(dir.join("reference.safetensors")).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    serde_json::from_str(header["__metadata__"]["meta"].as_str().unwrap()).unwrap()
+}
+
+#[test]
+fn every_family_answers_greedily_as_transformers_from_the_command_line() {
+    // What a user (or a checker) runs: `loupe run --dtype f32 --temperature 0 --json` with the image
+    // files; the text must be transformers' greedy continuation of the same prompt.
+    for m in [
+        "qwen2_vl/gqa2_tied_published",
+        "qwen2_5_vl/win56_gqa2_tied_v5",
+        "qwen2_5_vl/win112_mqa4_untied_bf16_published",
+        "qwen3_vl/ds2_gqa2_tied_v5",
+        "qwen3_vl/ds1_mqa4_hd32_untied_bf16_published",
+    ] {
+        let dir = fixtures().join(m);
+        let meta = reference_meta(&dir);
+        let p = &meta["prompts"][0];
+        assert_eq!(p["name"], "two_images");
+        let mut args = vec![
+            "run".to_string(),
+            "--model".into(),
+            s(&dir).into(),
+            "--dtype".into(),
+            "f32".into(),
+            "--temperature".into(),
+            "0".into(),
+            "--max-tokens".into(),
+            "20".into(),
+            "--json".into(),
+        ];
+        for img in p["images"].as_array().unwrap() {
+            args.push("--image".into());
+            args.push(s(&fixtures().join("images").join(img.as_str().unwrap())).into());
+        }
+        args.push(p["text"].as_str().unwrap().into());
+        let out = loupe(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        assert_eq!(out.code, 0, "{m}: {}", out.stderr);
+        let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+        assert_eq!(v["text"], p["greedy_text"], "{m}");
+    }
+}

@@ -331,9 +331,14 @@ impl ModelInfo {
         let t = &cfg.text;
         Ok(ModelInfo {
             path: files.dir.display().to_string(),
-            architecture:
-                "Qwen2-VL: ViT (2D RoPE, 2x2 patch merger) + Qwen2 decoder (GQA, SwiGLU, M-RoPE)"
-                    .into(),
+            architecture: match model_type.as_str() {
+                "qwen2_5_vl" => "Qwen2.5-VL: ViT (RMSNorm, SwiGLU, window attention with full-attention \
+                                 blocks, 2x2 merger) + Qwen2 decoder (GQA, SwiGLU, M-RoPE)",
+                "qwen3_vl" => "Qwen3-VL: ViT (16 px patches, learned position grid, 2x2 merger, \
+                               DeepStack) + Qwen3 decoder (GQA, q/k norm, SwiGLU, interleaved M-RoPE)",
+                _ => "Qwen2-VL: ViT (2D RoPE, 2x2 patch merger) + Qwen2 decoder (GQA, SwiGLU, M-RoPE)",
+            }
+            .into(),
             model_type,
             params_vision,
             params_text,
