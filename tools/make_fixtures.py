@@ -41,6 +41,8 @@ from transformers import (
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2_5_VLProcessor,
+    Qwen3_5Config,
+    Qwen3_5ForConditionalGeneration,
     Qwen3VLConfig,
     Qwen3VLForConditionalGeneration,
     Qwen3VLProcessor,
@@ -163,7 +165,7 @@ QWEN3_STD = [0.5, 0.5, 0.5]
 def image_processor(budget: str, layout: str, family: str = "qwen2_vl") -> Qwen2VLImageProcessor:
     lo, hi = BUDGETS[budget]
     extra = {}
-    if family == "qwen3_vl":
+    if family in ("qwen3_vl", "qwen3_5"):
         extra = dict(patch_size=16, merge_size=2, temporal_patch_size=2, image_mean=QWEN3_MEAN, image_std=QWEN3_STD)
     if layout == "published":
         return Qwen2VLImageProcessor(min_pixels=lo, max_pixels=hi, **extra)
@@ -225,8 +227,9 @@ def processor_for(tok: Tokenizer, budget: str, layout: str, family: str = "qwen2
         pad_token="<|endoftext|>",
         model_max_length=32768,
     )
-    cls = {"qwen2_5_vl": Qwen2_5_VLProcessor, "qwen3_vl": Qwen3VLProcessor}.get(family, Qwen2VLProcessor)
-    video = Qwen3VLVideoProcessor() if family == "qwen3_vl" else Qwen2VLVideoProcessor()
+    cls = {"qwen2_5_vl": Qwen2_5_VLProcessor, "qwen3_vl": Qwen3VLProcessor, "qwen3_5": Qwen3VLProcessor}.get(
+        family, Qwen2VLProcessor)
+    video = Qwen3VLVideoProcessor() if family in ("qwen3_vl", "qwen3_5") else Qwen2VLVideoProcessor()
     return cls(
         image_processor=image_processor(budget, layout, family),
         tokenizer=fast,
@@ -308,6 +311,32 @@ CHECKPOINTS = [
                     deepstack_visual_indexes=[1]),
         dtype=torch.bfloat16, seed=77,
     ),
+    # Qwen3.5: hybrid decoder. Gated DeltaNet layers (grouped: 2 key heads for 4 value heads; 1 for 2)
+    # around one or two gated full-attention layers with partial rotary; the two-image prompt is longer
+    # than one 64-token chunk of the parallel delta rule.
+    dict(
+        name="hybrid_lla_l_gqa2_tied_v5",
+        family="qwen3_5",
+        layout="v5",
+        text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=32, partial_rotary_factor=0.25, mrope_section=[2, 1, 1],
+                  layer_types=["linear_attention", "linear_attention", "full_attention", "linear_attention"],
+                  linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
+                  linear_value_head_dim=8, linear_conv_kernel_dim=4, tie=True),
+        vision=dict(depth=2, embed_dim=32, num_heads=2, intermediate_size=48, num_position_embeddings=64),
+        dtype=torch.float32, seed=88,
+    ),
+    dict(
+        name="hybrid_interval4_mqa_untied_bf16_published",
+        family="qwen3_5",
+        layout="published",
+        text=dict(hidden_size=96, intermediate_size=160, num_hidden_layers=5, num_attention_heads=4,
+                  num_key_value_heads=1, head_dim=16, partial_rotary_factor=0.5, mrope_section=[2, 1, 1],
+                  linear_num_key_heads=1, linear_num_value_heads=2, linear_key_head_dim=16,
+                  linear_value_head_dim=16, linear_conv_kernel_dim=3, tie=False),
+        vision=dict(depth=2, embed_dim=48, num_heads=4, intermediate_size=64, num_position_embeddings=100),
+        dtype=torch.bfloat16, seed=99,
+    ),
 ]
 
 PROMPTS = [
@@ -355,7 +384,21 @@ def build_config(spec: dict, tok: Tokenizer):
         eos_token_id=ids["<|im_end|>"],
         pad_token_id=ids["<|endoftext|>"],
     )
-    if spec.get("family") == "qwen3_vl":
+    if spec.get("family") == "qwen3_5":
+        text_config["rope_parameters"]["mrope_interleaved"] = True
+        text_config["rope_parameters"]["partial_rotary_factor"] = t["partial_rotary_factor"]
+        for key in ("layer_types", "linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim",
+                    "linear_value_head_dim", "linear_conv_kernel_dim"):
+            if key in t:
+                text_config[key] = t[key]
+        vision_config = dict(
+            depth=v["depth"], hidden_size=v["embed_dim"], out_hidden_size=t["hidden_size"],
+            intermediate_size=v["intermediate_size"], num_heads=v["num_heads"], patch_size=16,
+            spatial_merge_size=2, temporal_patch_size=2, in_channels=3, initializer_range=0.08,
+            num_position_embeddings=v["num_position_embeddings"],
+        )
+        config_class = Qwen3_5Config
+    elif spec.get("family") == "qwen3_vl":
         text_config["rope_parameters"]["mrope_interleaved"] = True
         vision_config = dict(
             depth=v["depth"], hidden_size=v["embed_dim"], out_hidden_size=t["hidden_size"],
@@ -395,7 +438,7 @@ def to_published_layout(d: Path, family: str) -> None:
     """Rewrites a transformers-5 checkpoint's configs in the published layout of its family: Qwen2-VL and
     Qwen2.5-VL keep the text fields at the top level, Qwen3-VL nests them with `rope_scaling`."""
     cfg = json.loads((d / "config.json").read_text())
-    if family == "qwen3_vl":
+    if family in ("qwen3_vl", "qwen3_5"):
         text = cfg["text_config"]
         rope = text.pop("rope_parameters")
         text["rope_theta"] = rope.pop("rope_theta")
@@ -417,7 +460,8 @@ def to_published_layout(d: Path, family: str) -> None:
     pp = json.loads((d / "processor_config.json").read_text())["image_processor"]
     size = pp.pop("size")
     pp["min_pixels"], pp["max_pixels"] = size["shortest_edge"], size["longest_edge"]
-    pp["processor_class"] = {"qwen2_5_vl": "Qwen2_5_VLProcessor", "qwen3_vl": "Qwen3VLProcessor"}.get(
+    pp["processor_class"] = {"qwen2_5_vl": "Qwen2_5_VLProcessor", "qwen3_vl": "Qwen3VLProcessor",
+                             "qwen3_5": "Qwen3VLProcessor"}.get(
         family, "Qwen2VLProcessor")
     (d / "preprocessor_config.json").write_text(json.dumps(pp, indent=2))
     (d / "processor_config.json").unlink()
@@ -443,6 +487,7 @@ def make_checkpoint(spec: dict, tok: Tokenizer, images: dict) -> None:
     family = spec.get("family", "qwen2_vl")
     model_class = {
         "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration, "qwen3_vl": Qwen3VLForConditionalGeneration,
+        "qwen3_5": Qwen3_5ForConditionalGeneration,
     }.get(family, Qwen2VLForConditionalGeneration)
     d = OUT / family / spec["name"]
     if d.exists():
@@ -476,7 +521,7 @@ def make_checkpoint(spec: dict, tok: Tokenizer, images: dict) -> None:
         tensors[f"{p}/input_ids"] = ids[0].to(torch.int64)
         with torch.no_grad():
             if pil:
-                if family == "qwen3_vl":
+                if family in ("qwen3_vl", "qwen3_5"):
                     # Other patch size and normalization: this checkpoint's own pixel levels.
                     tensors[f"{p}/pixel_levels"] = torch.from_numpy(
                         levels(inputs["pixel_values"], QWEN3_MEAN, QWEN3_STD, 16))

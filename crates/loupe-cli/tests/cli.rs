@@ -481,6 +481,8 @@ fn every_family_answers_greedily_as_transformers_from_the_command_line() {
         "qwen2_5_vl/win112_mqa4_untied_bf16_published",
         "qwen3_vl/ds2_gqa2_tied_v5",
         "qwen3_vl/ds1_mqa4_hd32_untied_bf16_published",
+        "qwen3_5/hybrid_lla_l_gqa2_tied_v5",
+        "qwen3_5/hybrid_interval4_mqa_untied_bf16_published",
     ] {
         let dir = fixtures().join(m);
         let meta = reference_meta(&dir);

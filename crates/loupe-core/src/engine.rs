@@ -16,7 +16,7 @@ use crate::image::{self, ImageInput, Preprocessor};
 use crate::load::config::{require_supported, GenerationConfig, Qwen2VlConfig};
 use crate::load::weights::Weights;
 use crate::load::ModelFiles;
-use crate::models::{qwen2_vl, VisionLanguageModel};
+use crate::models::{qwen2_vl, qwen3_5, VisionLanguageModel};
 use crate::tokenize::{ChatTemplate, Message, Tokenizer};
 
 #[derive(Debug, Clone)]
@@ -138,7 +138,11 @@ impl Engine {
         let weights = Weights::open(&files.weights, dtype, &opts.device, qwen2_vl::sanitize)?
             .with_quant(opts.quant, qwen2_vl::quant_policy);
         let stored_dtype = weights.stored_dtype();
-        let model = qwen2_vl::Qwen2Vl::load(cfg, &weights)?;
+        let model: Box<dyn VisionLanguageModel> = if model_type == "qwen3_5" {
+            Box::new(qwen3_5::Qwen35::load(cfg, &weights)?)
+        } else {
+            Box::new(qwen2_vl::Qwen2Vl::load(cfg, &weights)?)
+        };
         Ok(Engine {
             files,
             model_type,
@@ -146,7 +150,7 @@ impl Engine {
             template,
             preprocessor: Preprocessor::new(pre_cfg),
             generation_config,
-            model: Box::new(model),
+            model,
             dtype,
             quant: opts.quant,
             stored_dtype,
@@ -334,6 +338,9 @@ impl ModelInfo {
             architecture: match model_type.as_str() {
                 "qwen2_5_vl" => "Qwen2.5-VL: ViT (RMSNorm, SwiGLU, window attention with full-attention \
                                  blocks, 2x2 merger) + Qwen2 decoder (GQA, SwiGLU, M-RoPE)",
+                "qwen3_5" => "Qwen3.5: ViT (16 px patches, learned position grid, 2x2 merger) + hybrid \
+                              decoder (Gated DeltaNet linear attention, gated GQA with partial \
+                              interleaved M-RoPE, SwiGLU)",
                 "qwen3_vl" => "Qwen3-VL: ViT (16 px patches, learned position grid, 2x2 merger, \
                                DeepStack) + Qwen3 decoder (GQA, q/k norm, SwiGLU, interleaved M-RoPE)",
                 _ => "Qwen2-VL: ViT (2D RoPE, 2x2 patch merger) + Qwen2 decoder (GQA, SwiGLU, M-RoPE)",

@@ -153,7 +153,26 @@ fn a_bad_grammar_is_an_error_before_generation() {
 
 #[test]
 fn prefix_and_feature_reuse_give_the_same_answers() {
-    let e = engine();
+    // Qwen2-VL; Qwen3-VL (DeepStack features travel with the cached image features); Qwen3.5 (the
+    // recurrent DeltaNet states are restored, not truncated, when the prefix is rewound).
+    for model in [
+        "qwen2_vl/gqa2_tied_published",
+        "qwen3_vl/ds2_gqa2_tied_v5",
+        "qwen3_5/hybrid_lla_l_gqa2_tied_v5",
+    ] {
+        reuse_gives_the_same_answers(model);
+    }
+}
+
+fn reuse_gives_the_same_answers(model: &str) {
+    let e = Engine::load(
+        common::fixtures().join(model).to_str().unwrap(),
+        &LoadOptions {
+            dtype: Some(candle_core::DType::F32),
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let dir = common::fixtures().join("images");
     let refs =
         Engine::load_images(&[dir.join("odd_97x211.png"), dir.join("gray_120x90.png")]).unwrap();
@@ -207,7 +226,7 @@ fn prefix_and_feature_reuse_give_the_same_answers() {
         let reused = e
             .generate_with(&prompt, &p, Some(&mut reuse), &mut |_| {})
             .unwrap();
-        assert_eq!(plain.tokens, reused.tokens, "{}", part.display());
+        assert_eq!(plain.tokens, reused.tokens, "{model}: {}", part.display());
         assert_eq!(plain.prompt_tokens, reused.prompt_tokens);
     }
     // The reference images were encoded once (the prefix), each part once, the repeated part not at all.

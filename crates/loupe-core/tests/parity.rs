@@ -1,6 +1,5 @@
-//! Parity with transformers 5.23 for every family Loupe runs (Qwen2-VL, Qwen2.5-VL, Qwen3-VL), stage by
-//! stage, on
-//! tiny random-weight checkpoints (tools/make_fixtures.py): preprocessing, prompt ids, M-RoPE positions,
+//! Parity with transformers 5.23 for every family Loupe runs (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5),
+//! stage by stage, on tiny random-weight checkpoints (tools/make_fixtures.py): preprocessing, prompt ids, M-RoPE positions,
 //! vision tower, logits at every position, 20 greedy tokens. Each tolerance is stated next to its
 //! assertion.
 
@@ -23,6 +22,8 @@ const CHECKPOINTS: &[&str] = &[
     "qwen2_5_vl/win112_mqa4_untied_bf16_published",
     "qwen3_vl/ds2_gqa2_tied_v5",
     "qwen3_vl/ds1_mqa4_hd32_untied_bf16_published",
+    "qwen3_5/hybrid_lla_l_gqa2_tied_v5",
+    "qwen3_5/hybrid_interval4_mqa_untied_bf16_published",
 ];
 
 fn engine(name: &str, dtype: DType) -> Engine {
@@ -230,8 +231,17 @@ fn logits_match_at_every_position() {
             // f32: agreement to 3e-5 of the logits' range. Measured: 4e-6 (text) to 1.4e-5 (two
             // images) of the range; matmul summation order differs from PyTorch's, and the fixtures'
             // large random weights (init 0.25) amplify rounding more than trained weights do.
+            // Qwen3.5: 1e-4. Its random DeltaNet decays (transformers' init of A_log) sum to thousands
+            // within a chunk, where f32 keeps ~4 digits: transformers' own f32 logits for the
+            // two-image prompt are 5.5e-4 (6e-5 of the range) off the same model run in f64; ours
+            // differ from theirs by 6e-5 of the range at most (measured).
+            let tolerance = if name.starts_with("qwen3_5/") {
+                1e-4
+            } else {
+                3e-5
+            };
             assert!(
-                diff <= 3e-5 * scale.max(1.0),
+                diff <= tolerance * scale.max(1.0),
                 "{name}/{pname}: logit diff {diff} (range {scale}) at row {} col {}",
                 at / 434,
                 at % 434
@@ -343,4 +353,45 @@ fn a_generated_image_placeholder_is_embedded_as_text() {
         .generate(&prompt, &greedy(2, &e), &mut |_| {})
         .unwrap_err();
     assert!(err.to_string().contains("no images"), "{err}");
+}
+
+#[test]
+fn qwen3_5_prefill_in_chunks_equals_decoding_token_by_token() {
+    // The parallel (chunked) delta rule over the whole prompt, against feeding the same prompt one
+    // token at a time through the recurrent step; the prompt is longer than one 64-token chunk.
+    let px = prompt_pixels();
+    let name = "qwen3_5/hybrid_lla_l_gqa2_tied_v5";
+    let e = engine(name, DType::F32);
+    let r = reference(name);
+    let prompt = reference_prompt(&r, &px, "two_images");
+    assert!(prompt.ids.len() > 64, "{} tokens", prompt.ids.len());
+    let all = prompt_logits(&e, &prompt);
+    let feats = e.model.encode_images(&prompt.pixels).unwrap();
+    let (pos, _) = e
+        .model
+        .prompt_positions(&prompt.ids, &prompt.pixels.grids)
+        .unwrap();
+    let embeds = e.model.embed(&prompt.ids, Some(&feats)).unwrap();
+    let mut cache = e.model.new_cache();
+    let mut worst = 0f32;
+    for i in 0..prompt.ids.len() {
+        let one = e
+            .model
+            .forward(
+                &embeds.narrow(1, i, 1).unwrap(),
+                &pos[i..=i],
+                &mut cache,
+                false,
+            )
+            .unwrap();
+        let got = one.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let want = all.get(i).unwrap().to_vec1::<f32>().unwrap();
+        worst = worst.max(max_abs_diff(&got, &want).0);
+    }
+    // f32, two summation orders of the same recurrence with strong random decays (see the logits
+    // test): measured 1.9e-4 on logits ranging to 8.9.
+    assert!(
+        worst < 1e-3,
+        "chunked vs step by step: max logit diff {worst}"
+    );
 }

@@ -1,4 +1,6 @@
-//! Key/value cache for attention layers: preallocated, grown by doubling, written in place.
+//! The decoder's cache: keys and values for attention layers (preallocated, grown by doubling, written
+//! in place), and for linear-attention layers (Qwen3.5's Gated DeltaNet) their fixed-size state: the
+//! last inputs of the causal convolution and the recurrent matrix.
 
 use candle_core::{Tensor, D};
 
@@ -9,6 +11,11 @@ pub struct LayerKv {
     k: Option<Tensor>,
     v: Option<Tensor>,
     len: usize,
+    /// Linear attention: `(conv state, recurrent state)` after `len` tokens. Replaced, never written
+    /// in place, so a saved copy stays valid.
+    state: Option<(Tensor, Tensor)>,
+    /// A truncation asked this state to forget tokens, which a recurrent state cannot do.
+    stale: bool,
 }
 
 impl LayerKv {
@@ -50,9 +57,30 @@ impl LayerKv {
         self.len == 0
     }
 
-    /// Forgets everything after `len` tokens (prefix reuse, retries).
+    /// Forgets everything after `len` tokens (prefix reuse, retries). A recurrent state cannot forget:
+    /// it must be restored from a copy taken at `len` ([`KvCache::restore_states`]) before use.
     pub fn truncate(&mut self, len: usize) {
+        if self.state.is_some() && len < self.len {
+            self.stale = true;
+        }
         self.len = self.len.min(len);
+    }
+
+    /// The linear-attention state, `None` before the first token.
+    pub fn state(&self) -> Result<Option<&(Tensor, Tensor)>> {
+        if self.stale {
+            return Err(crate::error::Error::InvalidInput(
+                "a recurrent layer's state was rewound without a saved copy".into(),
+            ));
+        }
+        Ok(self.state.as_ref())
+    }
+
+    /// Records the state after `n` more tokens.
+    pub fn set_state(&mut self, n: usize, conv: Tensor, recurrent: Tensor) {
+        self.state = Some((conv, recurrent));
+        self.stale = false;
+        self.len += n;
     }
 }
 
@@ -84,6 +112,22 @@ impl KvCache {
     pub fn truncate(&mut self, len: usize) {
         for l in &mut self.layers {
             l.truncate(len);
+        }
+    }
+
+    /// The linear-attention states (cheap copies: tensors are shared), to restore after a truncation.
+    pub fn states(&self) -> Vec<Option<(Tensor, Tensor)>> {
+        self.layers.iter().map(|l| l.state.clone()).collect()
+    }
+
+    /// Puts back states saved by [`KvCache::states`] when the cache held `len` tokens.
+    pub fn restore_states(&mut self, saved: &[Option<(Tensor, Tensor)>], len: usize) {
+        for (l, s) in self.layers.iter_mut().zip(saved) {
+            if s.is_some() {
+                l.state = s.clone();
+                l.stale = false;
+                l.len = len;
+            }
         }
     }
 }

@@ -70,6 +70,8 @@ pub struct PrefixCache {
     ids: Vec<u32>,
     grids: Vec<[usize; 3]>,
     pub(super) cache: KvCache,
+    /// Linear-attention states right after the prefix (a recurrent state cannot be truncated).
+    states: Vec<Option<(Tensor, Tensor)>>,
 }
 
 impl PrefixCache {
@@ -91,6 +93,7 @@ impl PrefixCache {
         Ok(PrefixCache {
             ids: prefix.ids.clone(),
             grids: prefix.pixels.grids.clone(),
+            states: cache.states(),
             cache,
         })
     }
@@ -124,6 +127,7 @@ impl PrefixCache {
             ));
         }
         self.cache.truncate(self.ids.len());
+        self.cache.restore_states(&self.states, self.ids.len());
         Ok(&mut self.cache)
     }
 }

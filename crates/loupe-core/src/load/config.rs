@@ -47,6 +47,23 @@ pub struct TextConfig {
     /// Qwen3-VL: M-RoPE frequencies interleaved (t, h, w, t, h, w, ...) rather than in three blocks.
     #[serde(skip)]
     pub mrope_interleaved: bool,
+    /// Qwen3.5: the fraction of each head that turns with the rotary embedding (the rest passes).
+    #[serde(skip)]
+    pub partial_rotary_factor: f64,
+    /// Qwen3.5: `linear_attention` (Gated DeltaNet) or `full_attention` per layer.
+    #[serde(default)]
+    pub layer_types: Vec<String>,
+    /// Qwen3.5's Gated DeltaNet: causal convolution width, key/value head sizes and counts.
+    #[serde(default = "default_conv_kernel")]
+    pub linear_conv_kernel_dim: usize,
+    #[serde(default = "default_linear_head_dim")]
+    pub linear_key_head_dim: usize,
+    #[serde(default = "default_linear_head_dim")]
+    pub linear_value_head_dim: usize,
+    #[serde(default = "default_linear_key_heads")]
+    pub linear_num_key_heads: usize,
+    #[serde(default = "default_linear_value_heads")]
+    pub linear_num_value_heads: usize,
 }
 
 impl TextConfig {
@@ -232,6 +249,18 @@ fn default_merge() -> usize {
 fn default_temporal() -> usize {
     2
 }
+fn default_conv_kernel() -> usize {
+    4
+}
+fn default_linear_head_dim() -> usize {
+    128
+}
+fn default_linear_key_heads() -> usize {
+    16
+}
+fn default_linear_value_heads() -> usize {
+    32
+}
 fn default_act_gelu_tanh() -> String {
     "gelu_pytorch_tanh".into()
 }
@@ -252,7 +281,7 @@ fn default_fullatt() -> Vec<usize> {
 }
 
 /// The model families Loupe runs, by `model_type`.
-pub const SUPPORTED_MODEL_TYPES: &[&str] = &["qwen2_vl", "qwen2_5_vl", "qwen3_vl"];
+pub const SUPPORTED_MODEL_TYPES: &[&str] = &["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5"];
 
 /// Reads `model_type` from a `config.json`.
 pub fn read_model_type(path: &Path) -> Result<String> {
@@ -335,20 +364,47 @@ impl Qwen2VlConfig {
                 })
             })
             .transpose()?
-            .unwrap_or(if model_type == "qwen3_vl" {
-                500_000.0
-            } else {
-                1_000_000.0
+            .unwrap_or(match model_type.as_str() {
+                "qwen3_vl" => 500_000.0,
+                "qwen3_5" => 10_000.0,
+                _ => 1_000_000.0,
             });
         text.mrope_section = match rope.and_then(|r| r.get("mrope_section")) {
             Some(v) => serde_json::from_value(v.clone())
                 .map_err(|e| Error::config(path, "mrope_section", e.to_string()))?,
             None if model_type == "qwen3_vl" => vec![24, 20, 20],
+            None if model_type == "qwen3_5" => vec![11, 11, 10],
             None => vec![16, 24, 24],
         };
-        let qwen3 = model_type == "qwen3_vl";
+        let qwen3 = model_type == "qwen3_vl" || model_type == "qwen3_5";
         text.qk_norm = qwen3;
         text.mrope_interleaved = qwen3;
+        // transformers' defaults where the file leaves them out.
+        if text.head_dim.is_none() {
+            text.head_dim = match model_type.as_str() {
+                "qwen3_vl" => Some(128),
+                "qwen3_5" => Some(256),
+                _ => None,
+            };
+        }
+        text.partial_rotary_factor = rope
+            .and_then(|r| r.get("partial_rotary_factor"))
+            .or_else(|| text_obj.get("partial_rotary_factor"))
+            .and_then(Value::as_f64)
+            .unwrap_or(if model_type == "qwen3_5" { 0.25 } else { 1.0 });
+        if model_type == "qwen3_5" && text.layer_types.is_empty() {
+            // Every fourth layer attends over everything, the others are linear attention.
+            text.layer_types = (0..text.num_hidden_layers)
+                .map(|i| {
+                    if (i + 1) % 4 == 0 {
+                        "full_attention"
+                    } else {
+                        "linear_attention"
+                    }
+                    .to_owned()
+                })
+                .collect();
+        }
         if !qwen3 {
             text.attention_bias = false;
         }
@@ -371,6 +427,15 @@ impl Qwen2VlConfig {
             "qwen3_vl" => serde_json::from_value::<Qwen3VisionConfig>(vision_value.clone())
                 .map_err(vision_err)?
                 .into(),
+            // Qwen3.5: the Qwen3-VL tower without DeepStack.
+            "qwen3_5" => {
+                let mut v: VisionConfig =
+                    serde_json::from_value::<Qwen3VisionConfig>(vision_value.clone())
+                        .map_err(vision_err)?
+                        .into();
+                v.deepstack_visual_indexes.clear();
+                v
+            }
             _ => serde_json::from_value(vision_value.clone()).map_err(vision_err)?,
         };
         vision.rope_theta = vision_value
@@ -390,12 +455,18 @@ impl Qwen2VlConfig {
                     }),
             }
         };
+        // Qwen3.5's 248k vocabulary moved the vision tokens.
+        let base = if model_type == "qwen3_5" {
+            248053
+        } else {
+            151652
+        };
         let cfg = Qwen2VlConfig {
+            image_token_id: token("image_token_id", base + 3)?,
+            video_token_id: token("video_token_id", base + 4)?,
+            vision_start_token_id: token("vision_start_token_id", base)?,
+            vision_end_token_id: token("vision_end_token_id", base + 1)?,
             model_type,
-            image_token_id: token("image_token_id", 151655)?,
-            video_token_id: token("video_token_id", 151656)?,
-            vision_start_token_id: token("vision_start_token_id", 151652)?,
-            vision_end_token_id: token("vision_end_token_id", 151653)?,
             dtype: top
                 .get("torch_dtype")
                 .or_else(|| top.get("dtype"))
@@ -449,6 +520,45 @@ impl Qwen2VlConfig {
                     t.num_attention_heads, t.hidden_size
                 ),
             ));
+        }
+        if self.model_type == "qwen3_5" {
+            if t.layer_types.len() != t.num_hidden_layers {
+                return Err(Error::config(
+                    path,
+                    "layer_types",
+                    format!(
+                        "{} entries for {} layers",
+                        t.layer_types.len(),
+                        t.num_hidden_layers
+                    ),
+                ));
+            }
+            if let Some(bad) = t
+                .layer_types
+                .iter()
+                .find(|l| *l != "linear_attention" && *l != "full_attention")
+            {
+                return Err(Error::config(
+                    path,
+                    "layer_types",
+                    format!("`{bad}` is not linear_attention or full_attention"),
+                ));
+            }
+            if t.linear_num_key_heads == 0
+                || !t
+                    .linear_num_value_heads
+                    .is_multiple_of(t.linear_num_key_heads)
+                || t.linear_conv_kernel_dim == 0
+            {
+                return Err(Error::config(
+                    path,
+                    "linear_num_value_heads",
+                    format!(
+                        "{} value heads must be a multiple of {} key heads",
+                        t.linear_num_value_heads, t.linear_num_key_heads
+                    ),
+                ));
+            }
         }
         let half = t.head_dim() / 2;
         // Interleaved sections (Qwen3-VL) only bound how many frequencies turn with the height and

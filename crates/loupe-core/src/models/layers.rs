@@ -174,6 +174,16 @@ impl RmsNorm {
         })
     }
 
+    /// A zero-centred RMSNorm (Qwen3.5, Gemma): the stored weight is `w` and the scale `1 + w`,
+    /// formed once here in f32.
+    pub fn load_zero_centred(w: &Weights, prefix: &str, dim: usize, eps: f64) -> Result<Self> {
+        let stored = w.get_as(&format!("{prefix}.weight"), &[dim], DType::F32)?;
+        Ok(RmsNorm {
+            weight: (stored + 1.0)?.to_dtype(w.dtype())?,
+            eps: eps as f32,
+        })
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(candle_nn::ops::rms_norm(
             &x.contiguous()?,

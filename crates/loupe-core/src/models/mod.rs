@@ -3,14 +3,15 @@
 pub mod layers;
 pub mod qwen2_5_vl;
 pub mod qwen2_vl;
+pub mod qwen3_5;
 pub mod qwen3_vl;
 
-use candle_core::Tensor;
+use candle_core::{Device, Tensor};
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::generate::kv_cache::KvCache;
 use crate::image::PixelBatch;
-use layers::Taps;
+use layers::{Embedding, Taps};
 
 /// A vision tower: patches `(patches, patch values)` of the images in `grids`, in the preprocessor's
 /// merge-block order, to merged image tokens `(tokens, text hidden)`.
@@ -43,6 +44,47 @@ pub trait VisionLanguageModel: Send + Sync {
     fn param_counts(&self) -> (usize, usize);
     fn architecture(&self) -> &'static str;
     fn vocab_size(&self) -> usize;
+}
+
+impl VisionLanguageModel for qwen3_5::Qwen35 {
+    fn encode_images(&self, pixels: &PixelBatch) -> Result<Tensor> {
+        qwen3_5::Qwen35::encode_images(self, pixels)
+    }
+    fn prompt_positions(&self, ids: &[u32], grids: &[[usize; 3]]) -> Result<(Vec<[i64; 3]>, i64)> {
+        mrope_positions(
+            ids,
+            grids,
+            self.cfg.vision.spatial_merge_size,
+            self.cfg.image_token_id,
+        )
+    }
+    fn embed(&self, ids: &[u32], image_features: Option<&Tensor>) -> Result<Tensor> {
+        qwen3_5::Qwen35::embed(self, ids, image_features)
+    }
+    fn forward(
+        &self,
+        embeds: &Tensor,
+        positions: &[[i64; 3]],
+        cache: &mut KvCache,
+        all_logits: bool,
+    ) -> Result<Tensor> {
+        qwen3_5::Qwen35::forward(self, embeds, positions, cache, all_logits)
+    }
+    fn new_cache(&self) -> KvCache {
+        qwen3_5::Qwen35::new_cache(self)
+    }
+    fn image_token_id(&self) -> u32 {
+        self.cfg.image_token_id
+    }
+    fn param_counts(&self) -> (usize, usize) {
+        qwen3_5::Qwen35::param_counts(self)
+    }
+    fn architecture(&self) -> &'static str {
+        "Qwen3.5 (qwen3_5)"
+    }
+    fn vocab_size(&self) -> usize {
+        self.cfg.text.vocab_size
+    }
 }
 
 impl VisionLanguageModel for qwen2_vl::Qwen2Vl {
@@ -83,4 +125,120 @@ impl VisionLanguageModel for qwen2_vl::Qwen2Vl {
     fn vocab_size(&self) -> usize {
         self.cfg.text.vocab_size
     }
+}
+
+/// M-RoPE positions `[temporal, height, width]` per token, as transformers' `get_rope_index`:
+/// text advances all three by one; an image's tokens take `start + (t, row, col)` on its merged grid,
+/// and the text after it resumes at `start + max(rows, cols)`. Also returns the decode delta.
+pub fn mrope_positions(
+    ids: &[u32],
+    grids: &[[usize; 3]],
+    m: usize,
+    image: u32,
+) -> Result<(Vec<[i64; 3]>, i64)> {
+    let mut pos = Vec::with_capacity(ids.len());
+    let mut grids = grids.iter();
+    let mut next: i64 = 0;
+    let mut i = 0;
+    while i < ids.len() {
+        if ids[i] != image {
+            pos.push([next; 3]);
+            next += 1;
+            i += 1;
+            continue;
+        }
+        let run = ids[i..].iter().take_while(|&&x| x == image).count();
+        let &[t, h, w] = grids.next().ok_or_else(|| {
+            Error::InvalidInput("the prompt holds more image placeholders than images".into())
+        })?;
+        let (gh, gw) = (h / m, w / m);
+        if run != t * gh * gw {
+            return Err(Error::InvalidInput(format!(
+                "an image placeholder run of {run} tokens does not match its image grid {t}x{gh}x{gw}"
+            )));
+        }
+        for ti in 0..t {
+            for y in 0..gh {
+                for x in 0..gw {
+                    pos.push([next + ti as i64, next + y as i64, next + x as i64]);
+                }
+            }
+        }
+        next += gh.max(gw) as i64;
+        i += run;
+    }
+    if grids.next().is_some() {
+        return Err(Error::InvalidInput(
+            "more images than image placeholders in the prompt".into(),
+        ));
+    }
+    let max = pos
+        .iter()
+        .flat_map(|p| p.iter().copied())
+        .max()
+        .unwrap_or(-1);
+    Ok((pos, max + 1 - ids.len() as i64))
+}
+
+/// Token embeddings `(1, seq, width)` with the image features written over the image placeholder
+/// tokens (`width` is the features' when they are wider than the hidden size: DeepStack).
+pub fn embed_with_images(
+    embed_tokens: &Embedding,
+    ids: &[u32],
+    image_features: Option<&Tensor>,
+    image_token: u32,
+    vocab: usize,
+    device: &Device,
+) -> Result<Tensor> {
+    if let Some(&bad) = ids.iter().find(|&&x| x as usize >= vocab) {
+        return Err(Error::InvalidInput(format!(
+            "token id {bad} is outside the vocabulary ({vocab})"
+        )));
+    }
+    let idx = Tensor::from_slice(ids, ids.len(), device)?;
+    let text = embed_tokens.forward(&idx)?;
+    // Without features (decode steps, text-only prompts) every id is embedded as text, as the
+    // reference does when a model generates a placeholder token itself.
+    let Some(feats) = image_features else {
+        return Ok(text.unsqueeze(0)?);
+    };
+    let n_image = ids.iter().filter(|&&x| x == image_token).count();
+    if feats.dim(0)? != n_image {
+        return Err(Error::InvalidInput(format!(
+            "{n_image} image placeholder tokens but {} image features",
+            feats.dim(0)?
+        )));
+    }
+    // With DeepStack the features are wider than the hidden size (the extra columns are added after
+    // the first decoder layers, see `forward`); text rows get zeros there, so adding is a no-op.
+    let extra = feats.dim(1)? - text.dim(1)?;
+    let text = if extra > 0 {
+        Tensor::cat(
+            &[
+                &text,
+                &Tensor::zeros((ids.len(), extra), text.dtype(), text.device())?,
+            ],
+            1,
+        )?
+    } else {
+        text
+    };
+    // Stitch runs of text embeddings and image features in order.
+    let mut parts = Vec::new();
+    let (mut i, mut f) = (0, 0);
+    while i < ids.len() {
+        let is_img = ids[i] == image_token;
+        let run = ids[i..]
+            .iter()
+            .take_while(|&&x| (x == image_token) == is_img)
+            .count();
+        parts.push(if is_img {
+            f += run;
+            feats.narrow(0, f - run, run)?
+        } else {
+            text.narrow(0, i, run)?
+        });
+        i += run;
+    }
+    Ok(Tensor::cat(&parts, 0)?.unsqueeze(0)?)
 }

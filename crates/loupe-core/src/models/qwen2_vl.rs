@@ -46,7 +46,11 @@ pub fn quant_policy(name: &str, q: GgmlDType) -> Option<GgmlDType> {
                 ".mlp.linear_fc2.weight",
             ]
             .iter()
-            .any(|s| name.ends_with(s)));
+            .any(|s| name.ends_with(s)))
+        || (name.contains(".linear_attn.")
+            && [".in_proj_qkv.weight", ".in_proj_z.weight"]
+                .iter()
+                .any(|s| name.ends_with(s)));
     if projection {
         Some(q)
     } else if name == "model.embed_tokens.weight" || name == "lm_head.weight" {
@@ -356,113 +360,26 @@ impl Qwen2Vl {
         self.vision.forward(&x, &pixels.grids, &self.taps)
     }
 
-    /// M-RoPE positions `[temporal, height, width]` per token, as transformers' `get_rope_index`:
-    /// text advances all three by one; an image's tokens take `start + (t, row, col)` on its merged grid,
-    /// and the text after it resumes at `start + max(rows, cols)`. Also returns the decode delta.
+    /// M-RoPE positions of the prompt and the decode delta ([`super::mrope_positions`]).
     pub fn rope_index(&self, ids: &[u32], grids: &[[usize; 3]]) -> Result<(Vec<[i64; 3]>, i64)> {
-        let m = self.cfg.vision.spatial_merge_size;
-        let image = self.cfg.image_token_id;
-        let mut pos = Vec::with_capacity(ids.len());
-        let mut grids = grids.iter();
-        let mut next: i64 = 0;
-        let mut i = 0;
-        while i < ids.len() {
-            if ids[i] != image {
-                pos.push([next; 3]);
-                next += 1;
-                i += 1;
-                continue;
-            }
-            let run = ids[i..].iter().take_while(|&&x| x == image).count();
-            let &[t, h, w] = grids.next().ok_or_else(|| {
-                Error::InvalidInput("the prompt holds more image placeholders than images".into())
-            })?;
-            let (gh, gw) = (h / m, w / m);
-            if run != t * gh * gw {
-                return Err(Error::InvalidInput(format!(
-                    "an image placeholder run of {run} tokens does not match its image grid {t}x{gh}x{gw}"
-                )));
-            }
-            for ti in 0..t {
-                for y in 0..gh {
-                    for x in 0..gw {
-                        pos.push([next + ti as i64, next + y as i64, next + x as i64]);
-                    }
-                }
-            }
-            next += gh.max(gw) as i64;
-            i += run;
-        }
-        if grids.next().is_some() {
-            return Err(Error::InvalidInput(
-                "more images than image placeholders in the prompt".into(),
-            ));
-        }
-        let max = pos
-            .iter()
-            .flat_map(|p| p.iter().copied())
-            .max()
-            .unwrap_or(-1);
-        Ok((pos, max + 1 - ids.len() as i64))
+        super::mrope_positions(
+            ids,
+            grids,
+            self.cfg.vision.spatial_merge_size,
+            self.cfg.image_token_id,
+        )
     }
 
-    /// Token embeddings with the image features written over the image placeholder tokens.
+    /// Token embeddings with the image features over the placeholders ([`super::embed_with_images`]).
     pub fn embed(&self, ids: &[u32], image_features: Option<&Tensor>) -> Result<Tensor> {
-        let vocab = self.cfg.text.vocab_size;
-        if let Some(&bad) = ids.iter().find(|&&x| x as usize >= vocab) {
-            return Err(Error::InvalidInput(format!(
-                "token id {bad} is outside the vocabulary ({vocab})"
-            )));
-        }
-        let idx = Tensor::from_slice(ids, ids.len(), &self.device)?;
-        let text = self.embed_tokens.forward(&idx)?;
-        // Without features (decode steps, text-only prompts) every id is embedded as text, as the
-        // reference does when a model generates a placeholder token itself.
-        let Some(feats) = image_features else {
-            return Ok(text.unsqueeze(0)?);
-        };
-        let n_image = ids
-            .iter()
-            .filter(|&&x| x == self.cfg.image_token_id)
-            .count();
-        if feats.dim(0)? != n_image {
-            return Err(Error::InvalidInput(format!(
-                "{n_image} image placeholder tokens but {} image features",
-                feats.dim(0)?
-            )));
-        }
-        // With DeepStack the features are wider than the hidden size (the extra columns are added after
-        // the first decoder layers, see `forward`); text rows get zeros there, so adding is a no-op.
-        let extra = feats.dim(1)? - text.dim(1)?;
-        let text = if extra > 0 {
-            Tensor::cat(
-                &[
-                    &text,
-                    &Tensor::zeros((ids.len(), extra), text.dtype(), text.device())?,
-                ],
-                1,
-            )?
-        } else {
-            text
-        };
-        // Stitch runs of text embeddings and image features in order.
-        let mut parts = Vec::new();
-        let (mut i, mut f) = (0, 0);
-        while i < ids.len() {
-            let is_img = ids[i] == self.cfg.image_token_id;
-            let run = ids[i..]
-                .iter()
-                .take_while(|&&x| (x == self.cfg.image_token_id) == is_img)
-                .count();
-            parts.push(if is_img {
-                f += run;
-                feats.narrow(0, f - run, run)?
-            } else {
-                text.narrow(0, i, run)?
-            });
-            i += run;
-        }
-        Ok(Tensor::cat(&parts, 0)?.unsqueeze(0)?)
+        super::embed_with_images(
+            &self.embed_tokens,
+            ids,
+            image_features,
+            self.cfg.image_token_id,
+            self.cfg.text.vocab_size,
+            &self.device,
+        )
     }
 
     /// cos/sin `(seq, head_dim / 2)` for M-RoPE positions: frequency `j` turns with the temporal,
