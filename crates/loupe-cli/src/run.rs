@@ -19,6 +19,10 @@ pub struct RunArgs {
     /// System prompt.
     #[arg(long)]
     pub system: Option<String>,
+    /// Thinking models (Qwen3, Qwen3.5): `on` or `off` sets the chat template's `enable_thinking`;
+    /// left out, the template's default applies.
+    #[arg(long, value_parser = ["on", "off"])]
+    pub thinking: Option<String>,
     /// Most tokens to generate.
     #[arg(long, default_value_t = 512)]
     pub max_tokens: usize,
@@ -125,7 +129,8 @@ pub fn run(args: RunArgs) -> Result<()> {
     }
     // Images are read before the model, so a bad path fails fast.
     let images = loupe_core::Engine::load_images(&args.images)?;
-    let engine = args.model.load()?;
+    let mut engine = args.model.load()?;
+    engine.template.enable_thinking = args.thinking.as_deref().map(|t| t == "on");
     if let Some(g) = &grammar {
         // Compile it now so that a bad schema or grammar is reported against its file.
         let file = args.json_schema.as_ref().or(args.grammar.as_ref());

@@ -55,6 +55,9 @@ pub struct ChatTemplate {
     env: Environment<'static>,
     bos_token: Option<String>,
     eos_token: Option<String>,
+    /// `enable_thinking` for templates that read it (Qwen3, Qwen3.5): `None` leaves it undefined, so
+    /// the template's own default applies.
+    pub enable_thinking: Option<bool>,
 }
 
 impl ChatTemplate {
@@ -104,6 +107,7 @@ impl ChatTemplate {
             env,
             bos_token: None,
             eos_token: None,
+            enable_thinking: None,
         })
     }
 
@@ -113,13 +117,18 @@ impl ChatTemplate {
             .env
             .get_template("chat")
             .map_err(|e| Error::Template(e.to_string()))?;
-        tmpl.render(context! {
+        let ctx = context! {
             messages => messages,
             add_generation_prompt => add_generation_prompt,
             bos_token => self.bos_token.clone().unwrap_or_default(),
             eos_token => self.eos_token.clone().unwrap_or_default(),
-        })
-        .map_err(|e| Error::Template(format!("cannot render: {e}")))
+        };
+        let ctx = match self.enable_thinking {
+            Some(on) => context! { enable_thinking => on, ..ctx },
+            None => ctx,
+        };
+        tmpl.render(ctx)
+            .map_err(|e| Error::Template(format!("cannot render: {e}")))
     }
 }
 
@@ -134,5 +143,30 @@ fn template_field(v: &Value) -> Option<String> {
             .and_then(Value::as_str)
             .map(str::to_owned),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn enable_thinking_is_passed_only_when_set() {
+        // The generation-prompt tail of Qwen3's templates.
+        let source = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content[0].text }}<|im_end|>\n\
+                      {% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n\
+                      {% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n\
+                      {% elif enable_thinking is defined %}<think>\n{% endif %}{% endif %}";
+        let mut t = ChatTemplate::from_source(source.into()).unwrap();
+        let msgs = [Message::user(0, "Hi")];
+        let head = "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n";
+        assert_eq!(t.render(&msgs, true).unwrap(), head);
+        t.enable_thinking = Some(false);
+        assert_eq!(
+            t.render(&msgs, true).unwrap(),
+            format!("{head}<think>\n\n</think>\n\n")
+        );
+        t.enable_thinking = Some(true);
+        assert_eq!(t.render(&msgs, true).unwrap(), format!("{head}<think>\n"));
     }
 }
