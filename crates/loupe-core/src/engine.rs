@@ -13,7 +13,7 @@ use crate::generate::{
     Constraint, ConstraintFactory, GenerateParams, Generation, Grammar, PrefixCache, Prompt, Reuse,
 };
 use crate::image::{self, ImageInput, Preprocessor};
-use crate::load::config::{require_supported, GenerationConfig, Qwen2VlConfig};
+use crate::load::config::GenerationConfig;
 use crate::load::weights::Weights;
 use crate::load::ModelFiles;
 use crate::models::{qwen2_vl, qwen3_5, VisionLanguageModel};
@@ -78,6 +78,8 @@ pub struct Engine {
     pub stored_dtype: Option<String>,
     pub load_ms: f64,
     image_pad: String,
+    /// A language model without a vision tower.
+    text_only: bool,
     /// The token trie for constrained decoding, built on first use.
     constraints: OnceLock<ConstraintFactory>,
 }
@@ -86,28 +88,27 @@ impl Engine {
     pub fn load(model: &str, opts: &LoadOptions) -> Result<Self> {
         let t0 = Instant::now();
         let files = ModelFiles::find(model)?;
-        let model_type = require_supported(&files.config)?;
-        let cfg = Qwen2VlConfig::from_file(&files.config)?;
-        let tokenizer = Tokenizer::from_file(&files.tokenizer)?;
-        let template = ChatTemplate::find(
-            files.chat_template.as_deref(),
-            files.tokenizer_config.as_deref(),
-        )?;
+        let (cfg, tokenizer, template) = files.read_model()?;
+        let model_type = cfg.model_type.clone();
         let pre_cfg = files.preprocessor()?;
         let generation_config = match &files.generation_config {
             Some(p) => GenerationConfig::from_file(p)?,
             None => GenerationConfig::default(),
         };
-        let image_pad =
-            tokenizer
-                .id_to_token(cfg.image_token_id)
-                .ok_or_else(|| Error::Tokenizer {
+        let image_pad = match tokenizer.id_to_token(cfg.image_token_id) {
+            Some(t) => t,
+            // A text-only model takes no images; its vocabulary may lack the placeholder.
+            None if !cfg.has_vision() => "<|image_pad|>".into(),
+            None => {
+                return Err(Error::Tokenizer {
                     path: files.tokenizer.clone(),
                     msg: format!(
                         "config.json's image_token_id {} is not in the vocabulary",
                         cfg.image_token_id
                     ),
-                })?;
+                })
+            }
+        };
         let prequantized = files
             .weights
             .iter()
@@ -126,8 +127,7 @@ impl Engine {
             d
         } else {
             // The checkpoint's own dtype: its largest tensor's (headers only), else config.json's.
-            let probe =
-                Weights::open(&files.weights, DType::F32, &opts.device, qwen2_vl::sanitize)?;
+            let probe = Weights::open(&files.weights, DType::F32, &opts.device, files.sanitize())?;
             let from_file = probe
                 .stored_dtype()
                 .as_deref()
@@ -135,9 +135,10 @@ impl Engine {
             let from_config = cfg.dtype.as_deref().and_then(|d| parse_dtype(d).ok());
             from_file.or(from_config).unwrap_or(DType::F32)
         };
-        let weights = Weights::open(&files.weights, dtype, &opts.device, qwen2_vl::sanitize)?
+        let weights = Weights::open(&files.weights, dtype, &opts.device, files.sanitize())?
             .with_quant(opts.quant, qwen2_vl::quant_policy);
         let stored_dtype = weights.stored_dtype();
+        let text_only = !cfg.has_vision();
         let model: Box<dyn VisionLanguageModel> = if model_type == "qwen3_5" {
             Box::new(qwen3_5::Qwen35::load(cfg, &weights)?)
         } else {
@@ -156,6 +157,7 @@ impl Engine {
             stored_dtype,
             load_ms: t0.elapsed().as_secs_f64() * 1e3,
             image_pad,
+            text_only,
             constraints: OnceLock::new(),
         })
     }
@@ -203,6 +205,13 @@ impl Engine {
         images: &[ImageInput],
         preprocessor: &Preprocessor,
     ) -> Result<Prompt> {
+        if self.text_only && !images.is_empty() {
+            return Err(Error::InvalidInput(format!(
+                "{} is a text-only model ({}): it cannot take images",
+                self.files.dir.display(),
+                self.model_type
+            )));
+        }
         let rendered = self.template.render(messages, true)?;
         let pixels = preprocessor.preprocess(images)?;
         let pieces: Vec<&str> = rendered.split(self.image_pad.as_str()).collect();
@@ -320,10 +329,10 @@ pub struct ModelInfo {
 impl ModelInfo {
     pub fn read(model: &str) -> Result<Self> {
         let files = ModelFiles::find(model)?;
-        let model_type = require_supported(&files.config)?;
-        let cfg = Qwen2VlConfig::from_file(&files.config)?;
+        let (cfg, _, _) = files.read_model()?;
+        let model_type = cfg.model_type.clone();
         let pre = files.preprocessor()?;
-        let w = Weights::open(&files.weights, DType::F32, &Device::Cpu, qwen2_vl::sanitize)?;
+        let w = Weights::open(&files.weights, DType::F32, &Device::Cpu, files.sanitize())?;
         let params_vision = w.param_count("visual.");
         let params_text = w.param_count("") - params_vision;
         let stored_dtype = w.stored_dtype();
@@ -338,6 +347,7 @@ impl ModelInfo {
             architecture: match model_type.as_str() {
                 "qwen2_5_vl" => "Qwen2.5-VL: ViT (RMSNorm, SwiGLU, window attention with full-attention \
                                  blocks, 2x2 merger) + Qwen2 decoder (GQA, SwiGLU, M-RoPE)",
+                "qwen2" => "Qwen2: text-only decoder (GQA, SwiGLU, RoPE)",
                 "qwen3_5" => "Qwen3.5: ViT (16 px patches, learned position grid, 2x2 merger) + hybrid \
                               decoder (Gated DeltaNet linear attention, gated GQA with partial \
                               interleaved M-RoPE, SwiGLU)",

@@ -10,7 +10,7 @@
 use std::path::Path;
 
 use serde::Deserialize;
-use serde_json::{Map, Value};
+use serde_json::{json, Map, Value};
 
 use crate::error::{read_json, Error, Result};
 
@@ -281,7 +281,8 @@ fn default_fullatt() -> Vec<usize> {
 }
 
 /// The model families Loupe runs, by `model_type`.
-pub const SUPPORTED_MODEL_TYPES: &[&str] = &["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5"];
+pub const SUPPORTED_MODEL_TYPES: &[&str] =
+    &["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5", "qwen2"];
 
 /// Reads `model_type` from a `config.json`.
 pub fn read_model_type(path: &Path) -> Result<String> {
@@ -374,6 +375,8 @@ impl Qwen2VlConfig {
                 .map_err(|e| Error::config(path, "mrope_section", e.to_string()))?,
             None if model_type == "qwen3_vl" => vec![24, 20, 20],
             None if model_type == "qwen3_5" => vec![11, 11, 10],
+            // Text-only: one stream of positions, plain RoPE.
+            None if model_type == "qwen2" => vec![text.head_dim() / 2, 0, 0],
             None => vec![16, 24, 24],
         };
         let qwen3 = model_type == "qwen3_vl" || model_type == "qwen3_5";
@@ -414,9 +417,13 @@ impl Qwen2VlConfig {
             .and_then(Value::as_bool)
             .unwrap_or(false);
 
-        let vision_value = top
-            .get("vision_config")
-            .ok_or_else(|| Error::config(path, "vision_config", "missing"))?;
+        let no_vision =
+            json!({"depth": 0, "embed_dim": 0, "hidden_size": text.hidden_size, "num_heads": 0});
+        let vision_value = match top.get("vision_config") {
+            _ if model_type == "qwen2" => &no_vision,
+            Some(v) => v,
+            None => return Err(Error::config(path, "vision_config", "missing")),
+        };
         let vision_err = |e: serde_json::Error| {
             Error::config(path, field_of(&e, true, "vision_config"), e.to_string())
         };
@@ -497,6 +504,9 @@ impl Qwen2VlConfig {
             ("vision_config.temporal_patch_size", v.temporal_patch_size),
         ];
         for (name, value) in positive {
+            if !self.has_vision() && name.starts_with("vision_config") {
+                continue;
+            }
             if value == 0 {
                 return Err(Error::config(path, name, "must be greater than 0"));
             }
@@ -574,6 +584,9 @@ impl Qwen2VlConfig {
                 ),
             ));
         }
+        if !self.has_vision() {
+            return Ok(());
+        }
         if !v.embed_dim.is_multiple_of(v.num_heads)
             || !(v.embed_dim / v.num_heads).is_multiple_of(4)
         {
@@ -639,6 +652,11 @@ impl Qwen2VlConfig {
             }
         }
         Ok(())
+    }
+
+    /// False for text-only models (`qwen2`: Qwen2 and Qwen2.5 language models).
+    pub fn has_vision(&self) -> bool {
+        self.model_type != "qwen2"
     }
 
     pub fn vision_intermediate(&self) -> usize {

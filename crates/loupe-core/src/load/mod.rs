@@ -1,6 +1,7 @@
 //! Bytes on disk: where a model's files are, its configs, and its weights.
 
 pub mod config;
+pub mod gguf;
 pub mod quantize;
 pub mod weights;
 
@@ -20,6 +21,9 @@ pub struct ModelFiles {
     pub chat_template: Option<PathBuf>,
     pub preprocessor_config: Option<PathBuf>,
     pub generation_config: Option<PathBuf>,
+    /// A lone llama.cpp GGUF file: `config`, `weights` and `tokenizer` all name it, and what they hold
+    /// is read from its metadata ([`gguf::GgufModel`]).
+    pub gguf: bool,
 }
 
 impl ModelFiles {
@@ -34,8 +38,73 @@ impl ModelFiles {
     /// Finds a model by directory path or by hub id (`org/name`, optionally `@revision`) in the local
     /// Hugging Face cache. Never touches the network.
     pub fn find(model: &str) -> Result<Self> {
+        let as_path = Path::new(model);
+        if as_path.is_file() && as_path.extension().is_some_and(|e| e == "gguf") {
+            let file = as_path.to_path_buf();
+            return Ok(ModelFiles {
+                dir: as_path.parent().unwrap_or(Path::new(".")).to_path_buf(),
+                config: file.clone(),
+                weights: vec![file.clone()],
+                tokenizer: file,
+                tokenizer_config: None,
+                chat_template: None,
+                preprocessor_config: None,
+                generation_config: None,
+                gguf: true,
+            });
+        }
         let dir = resolve(model)?;
         Self::in_dir(&dir)
+    }
+
+    /// The config, tokenizer and chat template: from the files, or from a lone GGUF's metadata.
+    pub fn read_model(
+        &self,
+    ) -> Result<(
+        config::Qwen2VlConfig,
+        crate::tokenize::Tokenizer,
+        crate::tokenize::ChatTemplate,
+    )> {
+        if self.gguf {
+            let g = gguf::GgufModel::open(&self.config)?;
+            let cfg = config::Qwen2VlConfig::from_value(&self.config, &g.config_json()?)?;
+            let tok = crate::tokenize::Tokenizer::from_bytes(
+                g.tokenizer_json()?.as_bytes(),
+                &self.tokenizer,
+            )?;
+            let mut template = crate::tokenize::ChatTemplate::from_source(
+                g.chat_template().ok_or_else(|| {
+                    Error::config(
+                        &self.config,
+                        "tokenizer.chat_template",
+                        "missing from the GGUF metadata",
+                    )
+                })?,
+            )?;
+            template.text_content = !cfg.has_vision();
+            return Ok((cfg, tok, template));
+        }
+        config::require_supported(&self.config)?;
+        let cfg = config::Qwen2VlConfig::from_file(&self.config)?;
+        let mut template = crate::tokenize::ChatTemplate::find(
+            self.chat_template.as_deref(),
+            self.tokenizer_config.as_deref(),
+        )?;
+        template.text_content = !cfg.has_vision();
+        Ok((
+            cfg,
+            crate::tokenize::Tokenizer::from_file(&self.tokenizer)?,
+            template,
+        ))
+    }
+
+    /// How stored tensor names map to the names the model files use.
+    pub fn sanitize(&self) -> fn(&str) -> String {
+        if self.gguf {
+            gguf::hf_name
+        } else {
+            crate::models::qwen2_vl::sanitize
+        }
     }
 
     pub fn in_dir(dir: &Path) -> Result<Self> {
@@ -75,6 +144,7 @@ impl ModelFiles {
             preprocessor_config: file("preprocessor_config.json")
                 .or_else(|| file("processor_config.json")),
             generation_config: file("generation_config.json"),
+            gguf: false,
         })
     }
 }

@@ -214,7 +214,8 @@ struct DecoderLayer {
 
 pub struct Qwen2Vl {
     pub cfg: Qwen2VlConfig,
-    vision: Box<dyn VisionEncoder>,
+    /// `None` for text-only models.
+    vision: Option<Box<dyn VisionEncoder>>,
     embed_tokens: Embedding,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
@@ -313,9 +314,10 @@ impl Qwen2Vl {
         let embed_tokens = Embedding::new(embed, w.dtype());
         Ok(Qwen2Vl {
             vision: match cfg.model_type.as_str() {
-                "qwen2_5_vl" => Box::new(qwen2_5_vl::VisionTower::load(&cfg, w)?),
-                "qwen3_vl" => Box::new(qwen3_vl::VisionTower::load(&cfg, w)?),
-                _ => Box::new(VisionTower::load(&cfg, w)?),
+                "qwen2" => None,
+                "qwen2_5_vl" => Some(Box::new(qwen2_5_vl::VisionTower::load(&cfg, w)?)),
+                "qwen3_vl" => Some(Box::new(qwen3_vl::VisionTower::load(&cfg, w)?)),
+                _ => Some(Box::new(VisionTower::load(&cfg, w)?)),
             },
             embed_tokens,
             layers,
@@ -343,6 +345,11 @@ impl Qwen2Vl {
 
     /// Runs the vision tower: `(merged tokens, hidden)` for all images, in order.
     pub fn encode_images(&self, pixels: &PixelBatch) -> Result<Tensor> {
+        let Some(vision) = &self.vision else {
+            return Err(Error::InvalidInput(
+                "this is a text-only model: it cannot take images".into(),
+            ));
+        };
         let v = &self.cfg.vision;
         let expected = v.in_channels * v.temporal_patch_size * v.patch_size * v.patch_size;
         if pixels.patch_dim != expected {
@@ -357,7 +364,7 @@ impl Qwen2Vl {
             &self.device,
         )?
         .to_dtype(self.dtype)?;
-        self.vision.forward(&x, &pixels.grids, &self.taps)
+        vision.forward(&x, &pixels.grids, &self.taps)
     }
 
     /// M-RoPE positions of the prompt and the decode delta ([`super::mrope_positions`]).
@@ -488,7 +495,7 @@ impl Qwen2Vl {
 
     /// Parameter counts `(vision, text)`.
     pub fn param_counts(&self) -> (usize, usize) {
-        let vision = self.vision.param_count();
+        let vision = self.vision.as_ref().map_or(0, |v| v.param_count());
         let t = &self.cfg.text;
         let (d, hd) = (t.hidden_size, t.head_dim());
         let (q, kv) = (t.num_attention_heads * hd, t.num_key_value_heads * hd);

@@ -58,6 +58,8 @@ pub struct ChatTemplate {
     /// `enable_thinking` for templates that read it (Qwen3, Qwen3.5): `None` leaves it undefined, so
     /// the template's own default applies.
     pub enable_thinking: Option<bool>,
+    /// Text-only models' templates take each message's content as one string, not a list of parts.
+    pub text_content: bool,
 }
 
 impl ChatTemplate {
@@ -108,6 +110,7 @@ impl ChatTemplate {
             bos_token: None,
             eos_token: None,
             enable_thinking: None,
+            text_content: false,
         })
     }
 
@@ -117,6 +120,26 @@ impl ChatTemplate {
             .env
             .get_template("chat")
             .map_err(|e| Error::Template(e.to_string()))?;
+        let flat: Vec<Value>;
+        let messages = if self.text_content {
+            flat = messages
+                .iter()
+                .map(|m| {
+                    let text: String = m
+                        .content
+                        .iter()
+                        .filter_map(|c| match c {
+                            Content::Text { text } => Some(text.as_str()),
+                            Content::Image => None,
+                        })
+                        .collect();
+                    serde_json::json!({"role": m.role, "content": text})
+                })
+                .collect();
+            minijinja::Value::from_serialize(&flat)
+        } else {
+            minijinja::Value::from_serialize(messages)
+        };
         let ctx = context! {
             messages => messages,
             add_generation_prompt => add_generation_prompt,
