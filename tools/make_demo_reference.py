@@ -3,7 +3,7 @@
 
     /work/venv/bin/python tools/make_demo_reference.py [--model models/loupe-parts-demo]
 
-Writes MODEL/samples/ (MVTec layout, seed 2024, 112 px: 3 good parts and one of each defect, with masks
+Writes MODEL/samples/ (MVTec layout, seed 2024, 112 px: 6 good parts and two of each defect, with masks
 and labels.jsonl) and MODEL/samples/reference.json: for each sample, the token ids and text that
 transformers 5.23 (f32) generates greedily for the prompt `loupe inspect` builds from MODEL/spec.toml.
 Loupe's parity test compares its own greedy tokens with these.
@@ -34,7 +34,7 @@ def main():
     a = ap.parse_args()
     samples = a.model / "samples"
     subprocess.run([sys.executable, str(ROOT / "tools" / "make_inspection_dataset.py"), "--out", str(samples),
-                    "--seed", "2024", "--size", "112", "--train-good", "0", "--good", "3", "--per-defect", "1"],
+                    "--seed", "2024", "--size", "112", "--train-good", "0", "--good", "6", "--per-defect", "2"],
                    check=True)
     spec = tomllib.loads((a.model / "spec.toml").read_text())
     proc = AutoProcessor.from_pretrained(a.model)
