@@ -19,6 +19,10 @@ pub struct RunArgs {
     /// System prompt.
     #[arg(long)]
     pub system: Option<String>,
+    /// Send the prompt text as it is, tokenized with special tokens, without the chat template (no
+    /// images).
+    #[arg(long)]
+    pub raw: bool,
     /// Thinking models (Qwen3, Qwen3.5): `on` or `off` sets the chat template's `enable_thinking`;
     /// left out, the template's default applies.
     #[arg(long, value_parser = ["on", "off"])]
@@ -143,7 +147,19 @@ pub fn run(args: RunArgs) -> Result<()> {
         .preprocessor
         .clone()
         .with_pixels(args.min_pixels, args.max_pixels)?;
-    let prompt = engine.prompt(args.system.as_deref(), &args.prompt, &images, &pre)?;
+    let prompt = if args.raw {
+        if !images.is_empty() || args.system.is_some() {
+            return Err(Error::InvalidInput(
+                "--raw sends the text as it is: it takes no --image and no --system".into(),
+            ));
+        }
+        loupe_core::generate::Prompt {
+            ids: engine.tokenizer.encode(&args.prompt)?,
+            pixels: Default::default(),
+        }
+    } else {
+        engine.prompt(args.system.as_deref(), &args.prompt, &images, &pre)?
+    };
     let sampling = args.sampling(&engine.generation_config);
     sampling.validate().map_err(Error::InvalidInput)?;
     let params = GenerateParams {

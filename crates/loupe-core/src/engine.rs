@@ -369,8 +369,14 @@ impl ModelInfo {
             vision_width: cfg.vision.embed_dim,
             patch_size: cfg.vision.patch_size,
             weights_bytes: ((params_vision + params_text) * bytes_per) as u64,
+            // Only full-attention layers keep keys and values; Qwen3.5's DeltaNet layers keep a
+            // fixed-size state instead.
             kv_bytes_per_token: (2
-                * t.num_hidden_layers
+                * if t.layer_types.is_empty() {
+                    t.num_hidden_layers
+                } else {
+                    t.layer_types.iter().filter(|l| *l == "full_attention").count()
+                }
                 * t.num_key_value_heads
                 * t.head_dim()
                 * bytes_per) as u64,

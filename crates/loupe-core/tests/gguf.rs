@@ -119,3 +119,49 @@ fn a_text_only_model_refuses_images_clearly() {
         .unwrap_err();
     assert!(err.to_string().contains("text-only"), "{err}");
 }
+
+#[test]
+#[ignore = "needs the 491 MB Qwen2.5-Coder-0.5B GGUF: LOUPE_REAL_GGUF=path (tools/check_gguf_vs_llama_cpp.py)"]
+fn real_weights_continue_like_llama_cpp() {
+    // The real Qwen2.5-Coder-0.5B-Instruct Q4_K_M file, the prompts and llama.cpp's greedy
+    // continuations recorded by tools/check_gguf_vs_llama_cpp.py.
+    let path = std::env::var("LOUPE_REAL_GGUF").expect("set LOUPE_REAL_GGUF to the GGUF file");
+    let e = Engine::load(&path, &LoadOptions::default()).unwrap();
+    let cases: Vec<Value> = serde_json::from_str(
+        &std::fs::read_to_string(common::fixtures().join("real_gguf/llama_cpp_greedy.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    let mut same = 0;
+    for case in &cases {
+        let prompt = loupe_core::generate::Prompt {
+            ids: e
+                .tokenizer
+                .encode(case["prompt"].as_str().unwrap())
+                .unwrap(),
+            pixels: Default::default(),
+        };
+        let params = GenerateParams {
+            max_tokens: case["max_tokens"].as_u64().unwrap() as usize,
+            sampling: SamplingParams::default(),
+            stop_strings: vec![],
+            eos_token_ids: e.eos_token_ids(),
+            grammar: None,
+        };
+        let out = e.generate(&prompt, &params, &mut |_| {}).unwrap();
+        let want = case["llama_cpp"].as_str().unwrap();
+        if out.text.trim() == want.trim() {
+            same += 1;
+        } else {
+            eprintln!("differs:\n  llama.cpp {want:?}\n  loupe     {:?}", out.text);
+        }
+    }
+    // Measured: 4 of 4 identical here, 3 of 4 through `loupe run` (the fourth parts at a near-tie,
+    // " exercise" / " activity", and Loupe itself picks " activity" when that prefix is prefilled in
+    // one pass rather than decoded token by token).
+    assert!(
+        same + 1 >= cases.len(),
+        "{same} of {} identical",
+        cases.len()
+    );
+}
