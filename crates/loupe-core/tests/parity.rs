@@ -395,3 +395,25 @@ fn qwen3_5_prefill_in_chunks_equals_decoding_token_by_token() {
         "chunked vs step by step: max logit diff {worst}"
     );
 }
+
+#[test]
+fn qwen3_preprocessing_matches_transformers() {
+    // Qwen3-VL and Qwen3.5 preprocess with 16-pixel patches and mean/std 0.5: Loupe's pixels of each
+    // prompt's image files equal the processor's, level for level.
+    for name in CHECKPOINTS.iter().filter(|n| n.starts_with("qwen3")) {
+        let e = engine(name, DType::F32);
+        let r = reference(name);
+        for p in prompts(&r) {
+            let pname = p["name"].as_str().unwrap();
+            if p["images"].as_array().unwrap().is_empty() {
+                continue;
+            }
+            let (_, prompt) = prompt_from_files(&e, &p);
+            let want = reference_prompt(&r, &prompt_pixels(), pname).pixels;
+            assert_eq!(prompt.pixels.patch_dim, 3 * 2 * 16 * 16, "{name}/{pname}");
+            assert_eq!(prompt.pixels.grids, want.grids, "{name}/{pname}");
+            let (diff, at) = max_abs_diff(&prompt.pixels.pixel_values, &want.pixel_values);
+            assert_eq!(diff, 0.0, "{name}/{pname}: pixels differ at {at}");
+        }
+    }
+}
