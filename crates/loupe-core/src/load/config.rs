@@ -654,6 +654,12 @@ impl Qwen2VlConfig {
         Ok(())
     }
 
+    /// Values in one patch: channels x frames x rows x columns.
+    pub fn patch_values(&self) -> usize {
+        let v = &self.vision;
+        v.in_channels * v.temporal_patch_size * v.patch_size * v.patch_size
+    }
+
     /// False for text-only models (`qwen2`: Qwen2 and Qwen2.5 language models).
     pub fn has_vision(&self) -> bool {
         self.model_type != "qwen2"

@@ -7,6 +7,7 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 
 use crate::error::Result;
+use crate::load::config::Qwen2VlConfig;
 use crate::load::weights::Weights;
 
 /// A weight matrix `(out, in)`: dense in the compute dtype, or GGML block-quantized (then the product
@@ -394,6 +395,77 @@ fn attention_block(
     Ok(probs.matmul(&v.contiguous()?)?.reshape((b, h, sq, d))?)
 }
 
+/// The output matrix: `lm_head.weight`, or the embedding table when the embeddings are tied (an untied
+/// checkpoint must ship `lm_head`; a tied one may ship it anyway, and then it is used).
+pub fn load_lm_head(
+    w: &Weights,
+    embed: &Matrix,
+    vocab: usize,
+    dim: usize,
+    tied: bool,
+) -> Result<Linear> {
+    let weight = if w.contains("lm_head.weight") || !tied {
+        Matrix::load(w, "lm_head.weight", vocab, dim)?
+    } else {
+        embed.clone()
+    };
+    Ok(Linear::new(weight, None, vocab))
+}
+
+/// A ViT's patch embedding (`visual.patch_embed.proj`): a Conv3d whose stride is its kernel, so a
+/// matrix product with the kernel flattened to `(width, patch values)`; Qwen3-VL and Qwen3.5 add a bias.
+pub fn load_patch_embed(cfg: &Qwen2VlConfig, w: &Weights, bias: bool) -> Result<Linear> {
+    let v = &cfg.vision;
+    let e = v.embed_dim;
+    let conv = w.get(
+        "visual.patch_embed.proj.weight",
+        &[
+            e,
+            v.in_channels,
+            v.temporal_patch_size,
+            v.patch_size,
+            v.patch_size,
+        ],
+    )?;
+    let bias = if bias {
+        Some(w.get("visual.patch_embed.proj.bias", &[e])?)
+    } else {
+        None
+    };
+    Ok(Linear::from_weight(
+        conv.reshape((e, cfg.patch_values()))?,
+        bias,
+    ))
+}
+
+/// Patches of each image frame, in order: the runs that whole-image vision attention stays within.
+pub fn frame_lengths(grids: &[[usize; 3]]) -> Vec<usize> {
+    grids
+        .iter()
+        .flat_map(|&[t, h, w]| std::iter::repeat_n(h * w, t))
+        .collect()
+}
+
+/// Every patch's `[row, col, rows, cols]`: its place on its image's patch grid and that grid's size,
+/// in the preprocessor's merge-block order, frame after frame.
+pub fn patch_positions(grids: &[[usize; 3]], merge: usize) -> Vec<[usize; 4]> {
+    let mut out = Vec::new();
+    for &[t, h, w] in grids {
+        for _ in 0..t {
+            for bh in 0..h / merge {
+                for bw in 0..w / merge {
+                    for mh in 0..merge {
+                        for mw in 0..merge {
+                            out.push([bh * merge + mh, bw * merge + mw, h, w]);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
 /// cos/sin `(patches, head_dim / 2)` of a ViT's 2D rotary embedding (Qwen2-VL, Qwen2.5-VL): the first
 /// half of the frequencies turn with the patch row, the second with its column; patches are in
 /// merge-block order, as the preprocessor lays them out.
@@ -404,25 +476,13 @@ pub fn vision_rotary(
     dtype: DType,
     dev: &Device,
 ) -> Result<(Tensor, Tensor)> {
-    let mut angles = Vec::new();
-    let mut rows = 0;
-    for &[t, h, w] in grids {
-        for _ in 0..t {
-            for bh in 0..h / merge {
-                for bw in 0..w / merge {
-                    for mh in 0..merge {
-                        for mw in 0..merge {
-                            let (y, x) = ((bh * merge + mh) as f32, (bw * merge + mw) as f32);
-                            angles.extend(inv_freq.iter().map(|f| y * f));
-                            angles.extend(inv_freq.iter().map(|f| x * f));
-                            rows += 1;
-                        }
-                    }
-                }
-            }
-        }
+    let patches = patch_positions(grids, merge);
+    let mut angles = Vec::with_capacity(patches.len() * 2 * inv_freq.len());
+    for &[y, x, _, _] in &patches {
+        angles.extend(inv_freq.iter().map(|f| y as f32 * f));
+        angles.extend(inv_freq.iter().map(|f| x as f32 * f));
     }
-    cos_sin(&angles, rows, 2 * inv_freq.len(), dtype, dev)
+    cos_sin(&angles, patches.len(), 2 * inv_freq.len(), dtype, dev)
 }
 
 /// A ViT block's self-attention over `h` `(patches, dim)`: fused `qkv` projection, 2D rotary, attention

@@ -6,12 +6,36 @@ pub mod qwen2_vl;
 pub mod qwen3_5;
 pub mod qwen3_vl;
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
 use crate::generate::kv_cache::KvCache;
 use crate::image::PixelBatch;
+use crate::load::config::Qwen2VlConfig;
 use layers::{Embedding, Taps};
+
+/// The batch's pixels as `(patches, patch values)` in the compute dtype, once the preprocessor's patch
+/// size is checked against the vision tower's.
+pub(crate) fn pixel_tensor(
+    pixels: &PixelBatch,
+    cfg: &Qwen2VlConfig,
+    dtype: DType,
+    device: &Device,
+) -> Result<Tensor> {
+    let expected = cfg.patch_values();
+    if pixels.patch_dim != expected {
+        return Err(Error::InvalidInput(format!(
+            "preprocessor_config.json gives {} values per patch, the vision tower expects {expected}",
+            pixels.patch_dim
+        )));
+    }
+    Ok(Tensor::from_slice(
+        &pixels.pixel_values,
+        (pixels.n_patches(), pixels.patch_dim),
+        device,
+    )?
+    .to_dtype(dtype)?)
+}
 
 /// A vision tower: patches `(patches, patch values)` of the images in `grids`, in the preprocessor's
 /// merge-block order, to merged image tokens `(tokens, text hidden)`.

@@ -9,7 +9,10 @@
 
 use candle_core::{Device, Tensor};
 
-use super::layers::{inv_freq, vision_attention, vision_rotary, GatedMlp, Linear, RmsNorm, Taps};
+use super::layers::{
+    frame_lengths, inv_freq, load_patch_embed, vision_attention, vision_rotary, GatedMlp, Linear,
+    RmsNorm, Taps,
+};
 use super::qwen2_vl::activation;
 use super::VisionEncoder;
 use crate::error::Result;
@@ -44,17 +47,7 @@ impl VisionTower {
     pub fn load(cfg: &Qwen2VlConfig, w: &Weights) -> Result<Self> {
         let v = &cfg.vision;
         let e = v.embed_dim;
-        let patch_dim = v.in_channels * v.temporal_patch_size * v.patch_size * v.patch_size;
-        let conv = w.get(
-            "visual.patch_embed.proj.weight",
-            &[
-                e,
-                v.in_channels,
-                v.temporal_patch_size,
-                v.patch_size,
-                v.patch_size,
-            ],
-        )?;
+        let patch_dim = cfg.patch_values();
         let hidden = cfg.vision_intermediate();
         let act = activation(&v.hidden_act, "vision_config.hidden_act")?;
         let blocks = (0..v.depth)
@@ -74,7 +67,7 @@ impl VisionTower {
         let block = 2 * e + (3 * e * e + 3 * e) + (e * e + e) + 3 * e * hidden + 2 * hidden + e;
         let merger = e + (m2 * m2 + m2) + (m2 * v.hidden_size + v.hidden_size);
         Ok(VisionTower {
-            patch_embed: Linear::from_weight(conv.reshape((e, patch_dim))?, None),
+            patch_embed: load_patch_embed(cfg, w, false)?,
             blocks,
             ln_q: RmsNorm::load(w, "visual.merger.ln_q", e, 1e-6)?,
             merger_fc1: Linear::load(w, "visual.merger.mlp.0", m2, m2, true)?,
@@ -143,10 +136,7 @@ impl VisionEncoder for VisionTower {
         taps.record("vision.patch_embed", None, &x);
         let mut x = take_units(&x, &order, unit, dev)?;
         // Window order keeps each image frame contiguous, so full attention is per frame as before.
-        let frames: Vec<usize> = grids
-            .iter()
-            .flat_map(|&[t, h, w]| std::iter::repeat_n(h * w, t))
-            .collect();
+        let frames = frame_lengths(grids);
         for (i, blk) in self.blocks.iter().enumerate() {
             let segments = if self.full_attention.contains(&i) {
                 &frames

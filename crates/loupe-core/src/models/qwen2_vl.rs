@@ -8,8 +8,9 @@ use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
 
 use super::layers::{
-    attention, cos_sin, inv_freq, rope, vision_attention, vision_rotary, Activation, Embedding,
-    GatedMlp, LayerNorm, Linear, Matrix, RmsNorm, Taps,
+    attention, cos_sin, frame_lengths, inv_freq, load_lm_head, load_patch_embed, rope,
+    vision_attention, vision_rotary, Activation, Embedding, GatedMlp, LayerNorm, Linear, Matrix,
+    RmsNorm, Taps,
 };
 use super::{qwen2_5_vl, qwen3_vl, VisionEncoder};
 use crate::error::{Error, Result};
@@ -101,17 +102,7 @@ impl VisionTower {
     fn load(cfg: &Qwen2VlConfig, w: &Weights) -> Result<Self> {
         let v = &cfg.vision;
         let e = v.embed_dim;
-        let patch_dim = v.in_channels * v.temporal_patch_size * v.patch_size * v.patch_size;
-        let conv = w.get(
-            "visual.patch_embed.proj.weight",
-            &[
-                e,
-                v.in_channels,
-                v.temporal_patch_size,
-                v.patch_size,
-                v.patch_size,
-            ],
-        )?;
+        let patch_dim = cfg.patch_values();
         let hidden = cfg.vision_intermediate();
         let blocks = (0..v.depth)
             .map(|i| {
@@ -129,7 +120,7 @@ impl VisionTower {
         let m2 = e * v.spatial_merge_size * v.spatial_merge_size;
         let head_dim = e / v.num_heads;
         Ok(VisionTower {
-            patch_embed: Linear::from_weight(conv.reshape((e, patch_dim))?, None),
+            patch_embed: load_patch_embed(cfg, w, false)?,
             blocks,
             ln_q: LayerNorm::load(w, "visual.merger.ln_q", e, 1e-6)?,
             merger_fc1: Linear::load(w, "visual.merger.mlp.0", m2, m2, true)?,
@@ -165,10 +156,7 @@ impl VisionEncoder for VisionTower {
         let mut x = self.patch_embed.forward(pixels)?;
         taps.record("vision.patch_embed", None, &x);
         // Attention is within each image (and each frame).
-        let segments: Vec<usize> = grids
-            .iter()
-            .flat_map(|&[t, h, w]| std::iter::repeat_n(h * w, t))
-            .collect();
+        let segments = frame_lengths(grids);
         for (i, blk) in self.blocks.iter().enumerate() {
             let h = blk.norm1.forward(&x)?;
             let attn = vision_attention(
@@ -301,16 +289,7 @@ impl Qwen2Vl {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        // An untied checkpoint must ship lm_head; a tied one may ship it anyway (then it is used).
-        let lm_head = if w.contains("lm_head.weight") || !t.tie_word_embeddings {
-            Linear::new(
-                Matrix::load(w, "lm_head.weight", t.vocab_size, dim)?,
-                None,
-                t.vocab_size,
-            )
-        } else {
-            Linear::new(embed.clone(), None, t.vocab_size)
-        };
+        let lm_head = load_lm_head(w, &embed, t.vocab_size, dim, t.tie_word_embeddings)?;
         let embed_tokens = Embedding::new(embed, w.dtype());
         Ok(Qwen2Vl {
             vision: match cfg.model_type.as_str() {
@@ -350,20 +329,7 @@ impl Qwen2Vl {
                 "this is a text-only model: it cannot take images".into(),
             ));
         };
-        let v = &self.cfg.vision;
-        let expected = v.in_channels * v.temporal_patch_size * v.patch_size * v.patch_size;
-        if pixels.patch_dim != expected {
-            return Err(Error::InvalidInput(format!(
-                "preprocessor_config.json gives {} values per patch, the vision tower expects {expected}",
-                pixels.patch_dim
-            )));
-        }
-        let x = Tensor::from_slice(
-            &pixels.pixel_values,
-            (pixels.n_patches(), pixels.patch_dim),
-            &self.device,
-        )?
-        .to_dtype(self.dtype)?;
+        let x = super::pixel_tensor(pixels, &self.cfg, self.dtype, &self.device)?;
         vision.forward(&x, &pixels.grids, &self.taps)
     }
 

@@ -17,7 +17,7 @@
 use candle_core::{DType, Device, Tensor, D};
 
 use super::layers::{
-    attention, inv_freq, rope, Embedding, GatedMlp, Linear, Matrix, RmsNorm, Taps,
+    attention, inv_freq, load_lm_head, rope, Embedding, GatedMlp, Linear, Matrix, RmsNorm, Taps,
 };
 use super::qwen2_vl::activation;
 use super::{qwen3_vl, VisionEncoder};
@@ -151,15 +151,7 @@ impl Qwen35 {
             })
             .collect::<Result<Vec<_>>>()?;
         let embed = Matrix::load(w, "model.embed_tokens.weight", t.vocab_size, dim)?;
-        let lm_head = if w.contains("lm_head.weight") || !t.tie_word_embeddings {
-            Linear::new(
-                Matrix::load(w, "lm_head.weight", t.vocab_size, dim)?,
-                None,
-                t.vocab_size,
-            )
-        } else {
-            Linear::new(embed.clone(), None, t.vocab_size)
-        };
+        let lm_head = load_lm_head(w, &embed, t.vocab_size, dim, t.tie_word_embeddings)?;
         let rotary_dim = ((hd as f64 * t.partial_rotary_factor) as usize) & !1;
         Ok(Qwen35 {
             vision: qwen3_vl::VisionTower::load(&cfg, w)?,
@@ -192,12 +184,7 @@ impl Qwen35 {
     }
 
     pub fn encode_images(&self, pixels: &crate::image::PixelBatch) -> Result<Tensor> {
-        let x = Tensor::from_slice(
-            &pixels.pixel_values,
-            (pixels.n_patches(), pixels.patch_dim),
-            &self.device,
-        )?
-        .to_dtype(self.dtype)?;
+        let x = super::pixel_tensor(pixels, &self.cfg, self.dtype, &self.device)?;
         self.vision.forward(&x, &pixels.grids, &self.taps)
     }
 

@@ -10,7 +10,10 @@
 
 use candle_core::{DType, Device, Tensor};
 
-use super::layers::{inv_freq, vision_attention, vision_rotary, LayerNorm, Linear, Taps};
+use super::layers::{
+    frame_lengths, inv_freq, load_patch_embed, patch_positions, vision_attention, vision_rotary,
+    LayerNorm, Linear, Taps,
+};
 use super::qwen2_vl::activation;
 use super::VisionEncoder;
 use crate::error::Result;
@@ -85,18 +88,7 @@ impl VisionTower {
     pub fn load(cfg: &Qwen2VlConfig, w: &Weights) -> Result<Self> {
         let v = &cfg.vision;
         let e = v.embed_dim;
-        let patch_dim = v.in_channels * v.temporal_patch_size * v.patch_size * v.patch_size;
-        let conv = w.get(
-            "visual.patch_embed.proj.weight",
-            &[
-                e,
-                v.in_channels,
-                v.temporal_patch_size,
-                v.patch_size,
-                v.patch_size,
-            ],
-        )?;
-        let conv_bias = w.get("visual.patch_embed.proj.bias", &[e])?;
+        let patch_dim = cfg.patch_values();
         let hidden = cfg.vision_intermediate();
         let blocks = (0..v.depth)
             .map(|i| {
@@ -128,7 +120,7 @@ impl VisionTower {
         let block = 4 * e + (3 * e * e + 3 * e) + (e * e + e) + 2 * e * hidden + hidden + e;
         let merger = |norm: usize| 2 * norm + (m * m + m) + (m * out + out);
         Ok(VisionTower {
-            patch_embed: Linear::from_weight(conv.reshape((e, patch_dim))?, Some(conv_bias)),
+            patch_embed: load_patch_embed(cfg, w, true)?,
             pos_embed: w.get("visual.pos_embed.weight", &[side * side, e])?,
             side,
             blocks,
@@ -163,23 +155,11 @@ impl VisionTower {
             [tap(0.0), tap(1.0)]
         };
         let (mut idx, mut wts) = (Vec::new(), Vec::new());
-        let m = self.merge;
-        for &[t, h, w] in grids {
-            for _ in 0..t {
-                for bh in 0..h / m {
-                    for bw in 0..w / m {
-                        for mh in 0..m {
-                            for mw in 0..m {
-                                let (y, x) = (bh * m + mh, bw * m + mw);
-                                for (ty, wy) in taps(y, h) {
-                                    for (tx, wx) in taps(x, w) {
-                                        idx.push((ty * side + tx) as u32);
-                                        wts.push(wy * wx);
-                                    }
-                                }
-                            }
-                        }
-                    }
+        for [y, x, h, w] in patch_positions(grids, self.merge) {
+            for (ty, wy) in taps(y, h) {
+                for (tx, wx) in taps(x, w) {
+                    idx.push((ty * side + tx) as u32);
+                    wts.push(wy * wx);
                 }
             }
         }
@@ -205,10 +185,7 @@ impl VisionEncoder for VisionTower {
         let pos = self.positions(grids, dev)?.to_dtype(x.dtype())?;
         let mut x = (x + pos)?;
         taps.record("vision.patch_embed", None, &x);
-        let frames: Vec<usize> = grids
-            .iter()
-            .flat_map(|&[t, h, w]| std::iter::repeat_n(h * w, t))
-            .collect();
+        let frames = frame_lengths(grids);
         let mut levels = Vec::with_capacity(self.deepstack.len());
         for (i, blk) in self.blocks.iter().enumerate() {
             let h = blk.norm1.forward(&x)?;
