@@ -25,6 +25,17 @@ fn load(path: &std::path::Path) -> Engine {
     .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
+/// Greedy decoding of at most `max_tokens`, stopping at the model's end-of-sequence ids.
+fn greedy(e: &Engine, max_tokens: usize) -> GenerateParams {
+    GenerateParams {
+        max_tokens,
+        sampling: SamplingParams::default(),
+        stop_strings: vec![],
+        eos_token_ids: e.eos_token_ids(),
+        grammar: None,
+    }
+}
+
 fn reference() -> Vec<Value> {
     serde_json::from_str(&std::fs::read_to_string(dir().join("reference.json")).unwrap()).unwrap()
 }
@@ -52,14 +63,7 @@ fn answers_like_transformers(e: &Engine) {
             .unwrap();
         let ids: Vec<u32> = serde_json::from_value(case["ids"].clone()).unwrap();
         assert_eq!(prompt.ids, ids, "prompt ids");
-        let params = GenerateParams {
-            max_tokens: 20,
-            sampling: SamplingParams::default(),
-            stop_strings: vec![],
-            eos_token_ids: e.eos_token_ids(),
-            grammar: None,
-        };
-        let out = e.generate(&prompt, &params, &mut |_| {}).unwrap();
+        let out = e.generate(&prompt, &greedy(e, 20), &mut |_| {}).unwrap();
         let want: Vec<u32> = serde_json::from_value(case["greedy"].clone()).unwrap();
         assert_eq!(out.tokens, want, "greedy tokens");
         assert_eq!(out.text, case["text"].as_str().unwrap());
@@ -103,19 +107,7 @@ fn a_text_only_model_refuses_images_clearly() {
     let img = Engine::load_images(&[common::fixtures().join("images/odd_97x211.png")]).unwrap();
     let err = e
         .prompt(None, "What is this?", &img, &e.preprocessor)
-        .and_then(|p| {
-            e.generate(
-                &p,
-                &GenerateParams {
-                    max_tokens: 1,
-                    sampling: SamplingParams::default(),
-                    stop_strings: vec![],
-                    eos_token_ids: e.eos_token_ids(),
-                    grammar: None,
-                },
-                &mut |_| {},
-            )
-        })
+        .and_then(|p| e.generate(&p, &greedy(&e, 1), &mut |_| {}))
         .unwrap_err();
     assert!(err.to_string().contains("text-only"), "{err}");
 }
@@ -141,14 +133,10 @@ fn real_weights_continue_like_llama_cpp() {
                 .unwrap(),
             pixels: Default::default(),
         };
-        let params = GenerateParams {
-            max_tokens: case["max_tokens"].as_u64().unwrap() as usize,
-            sampling: SamplingParams::default(),
-            stop_strings: vec![],
-            eos_token_ids: e.eos_token_ids(),
-            grammar: None,
-        };
-        let out = e.generate(&prompt, &params, &mut |_| {}).unwrap();
+        let max_tokens = case["max_tokens"].as_u64().unwrap() as usize;
+        let out = e
+            .generate(&prompt, &greedy(&e, max_tokens), &mut |_| {})
+            .unwrap();
         let want = case["llama_cpp"].as_str().unwrap();
         if out.text.trim() == want.trim() {
             same += 1;
