@@ -412,6 +412,46 @@ pub fn load_lm_head(
     Ok(Linear::new(weight, None, vocab))
 }
 
+/// cos/sin `(seq, inv_freq.len())` for multimodal positions `[temporal, height, width]`: frequency `j`
+/// turns with one of the three, in three blocks of `sections` (Qwen2-VL, Qwen2.5-VL) or interleaved
+/// t, h, w, t, h, w, ... while the height and width streams have frequencies left (Qwen3-VL, Qwen3.5).
+pub fn mrope_cos_sin(
+    positions: &[[i64; 3]],
+    inv_freq: &[f32],
+    sections: &[usize],
+    interleaved: bool,
+    dtype: DType,
+    dev: &Device,
+) -> Result<(Tensor, Tensor)> {
+    let stream_of: Vec<usize> = (0..inv_freq.len())
+        .map(|j| {
+            if interleaved {
+                match j % 3 {
+                    1 if j < 3 * sections[1] => 1,
+                    2 if j < 3 * sections[2] => 2,
+                    _ => 0,
+                }
+            } else if j < sections[0] {
+                0
+            } else if j < sections[0] + sections[1] {
+                1
+            } else {
+                2
+            }
+        })
+        .collect();
+    let angles: Vec<f32> = positions
+        .iter()
+        .flat_map(|p| {
+            inv_freq
+                .iter()
+                .zip(&stream_of)
+                .map(move |(f, &s)| p[s] as f32 * f)
+        })
+        .collect();
+    cos_sin(&angles, positions.len(), inv_freq.len(), dtype, dev)
+}
+
 /// A ViT's patch embedding (`visual.patch_embed.proj`): a Conv3d whose stride is its kernel, so a
 /// matrix product with the kernel flattened to `(width, patch values)`; Qwen3-VL and Qwen3.5 add a bias.
 pub fn load_patch_embed(cfg: &Qwen2VlConfig, w: &Weights, bias: bool) -> Result<Linear> {

@@ -8,7 +8,7 @@ use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
 
 use super::layers::{
-    attention, cos_sin, frame_lengths, inv_freq, load_lm_head, load_patch_embed, rope,
+    attention, frame_lengths, inv_freq, load_lm_head, load_patch_embed, mrope_cos_sin, rope,
     vision_attention, vision_rotary, Activation, Embedding, GatedMlp, LayerNorm, Linear, Matrix,
     RmsNorm, Taps,
 };
@@ -358,39 +358,12 @@ impl Qwen2Vl {
     /// cos/sin `(seq, head_dim / 2)` for M-RoPE positions: frequency `j` turns with the temporal,
     /// height or width position according to `mrope_section`.
     fn text_rotary(&self, positions: &[[i64; 3]]) -> Result<(Tensor, Tensor)> {
-        let sec = &self.cfg.text.mrope_section;
-        let interleaved = self.cfg.text.mrope_interleaved;
-        let stream_of: Vec<usize> = (0..self.inv_freq.len())
-            .map(|j| {
-                if interleaved {
-                    // Qwen3-VL: t, h, w, t, h, w, ... while each stream has frequencies left.
-                    match j % 3 {
-                        1 if j < 3 * sec[1] => 1,
-                        2 if j < 3 * sec[2] => 2,
-                        _ => 0,
-                    }
-                } else if j < sec[0] {
-                    0
-                } else if j < sec[0] + sec[1] {
-                    1
-                } else {
-                    2
-                }
-            })
-            .collect();
-        let angles: Vec<f32> = positions
-            .iter()
-            .flat_map(|p| {
-                self.inv_freq
-                    .iter()
-                    .zip(&stream_of)
-                    .map(move |(f, &s)| p[s] as f32 * f)
-            })
-            .collect();
-        cos_sin(
-            &angles,
-            positions.len(),
-            self.inv_freq.len(),
+        let t = &self.cfg.text;
+        mrope_cos_sin(
+            positions,
+            &self.inv_freq,
+            &t.mrope_section,
+            t.mrope_interleaved,
             self.dtype,
             &self.device,
         )

@@ -191,18 +191,15 @@ impl Qwen35 {
     /// cos/sin `(seq, rotary_dim / 2)`, interleaved M-RoPE (t, h, w, t, h, w, ... while each stream has
     /// frequencies left in `mrope_section`).
     fn text_rotary(&self, positions: &[[i64; 3]]) -> Result<(Tensor, Tensor)> {
-        let sec = &self.cfg.text.mrope_section;
-        let n = self.inv_freq.len();
-        let stream = |j: usize| match j % 3 {
-            1 if j < 3 * sec[1] => 1,
-            2 if j < 3 * sec[2] => 2,
-            _ => 0,
-        };
-        let angles: Vec<f32> = positions
-            .iter()
-            .flat_map(|p| (0..n).map(move |j| p[stream(j)] as f32 * self.inv_freq[j]))
-            .collect();
-        super::layers::cos_sin(&angles, positions.len(), n, self.dtype, &self.device)
+        let t = &self.cfg.text;
+        super::layers::mrope_cos_sin(
+            positions,
+            &self.inv_freq,
+            &t.mrope_section,
+            t.mrope_interleaved,
+            self.dtype,
+            &self.device,
+        )
     }
 
     /// Rotary on the first `rotary_dim` of each head of `x` `(b, heads, seq, head_dim)`.
