@@ -17,8 +17,8 @@ pub struct BenchArgs {
     /// Tokens in the decode measurement.
     #[arg(long, default_value_t = 128)]
     pub decode_tokens: usize,
-    /// Square image sizes to encode, in pixels.
-    #[arg(long, value_delimiter = ',', default_value = "448,896")]
+    /// Square image sizes to encode, in pixels (give the flag with no value to skip images).
+    #[arg(long, value_delimiter = ',', num_args = 0.., default_value = "448,896")]
     pub image_sizes: Vec<usize>,
     /// Repetitions of each measurement (the best is reported).
     #[arg(long, default_value_t = 1)]

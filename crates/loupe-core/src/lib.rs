@@ -8,6 +8,7 @@ pub mod engine;
 pub mod error;
 pub mod generate;
 pub mod image;
+pub mod kernels;
 pub mod load;
 pub mod models;
 pub mod tokenize;

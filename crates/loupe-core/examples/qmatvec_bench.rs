@@ -1,0 +1,62 @@
+//! Decode-shaped products on block-quantized weights: Loupe's in-place kernels against candle's
+//! `QMatMul`, one activation row, the Qwen2-VL-2B decoder's matrix shapes. Each measurement cycles
+//! through copies of the matrix that together exceed the CPU caches (about 400 MB), as decode does.
+//!
+//! `cargo run --release -p loupe-core --example qmatvec_bench -- [threads]`
+use std::time::Instant;
+
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{Device, Module, Tensor};
+use loupe_core::kernels::qmatvec::{matvec, Format, QRows};
+use loupe_core::kernels::Isa;
+
+fn main() -> candle_core::Result<()> {
+    let dev = Device::Cpu;
+    let isa = Isa::detect();
+    println!("isa {isa:?}, threads {}", candle_core::utils::get_num_threads());
+    println!("| weights | shape | candle ms | Loupe ms | Loupe GB/s | speed-up |");
+    println!("|---|---|---|---|---|---|");
+    for (dtype, rows, cols) in [
+        (GgmlDType::Q4K, 8960, 1536),
+        (GgmlDType::Q4K, 1536, 8960),
+        (GgmlDType::Q4K, 1536, 1536),
+        (GgmlDType::Q6K, 151936, 1536),
+    ] {
+        let w = Tensor::randn(0f32, 0.02, (rows, cols), &dev)?;
+        let q = QTensor::quantize(&w, dtype)?;
+        let bytes = q.data()?.into_owned();
+        let copies = (400_000_000 / bytes.len()).max(2);
+        let format = if dtype == GgmlDType::Q4K { Format::Q4K } else { Format::Q6K };
+        let qms: Vec<QMatMul> = (0..copies)
+            .map(|_| QMatMul::from_qtensor(QTensor::quantize(&w, dtype)?))
+            .collect::<candle_core::Result<_>>()?;
+        let all: Vec<Vec<u8>> = (0..copies).map(|_| bytes.clone()).collect();
+        let mats: Vec<QRows> = all
+            .iter()
+            .map(|b| QRows::new(format, rows, cols, b).expect("layout"))
+            .collect();
+        let x = Tensor::randn(0f32, 1.0, (1, cols), &dev)?;
+        let xv = x.flatten_all()?.to_vec1::<f32>()?;
+        let reps = 4 * copies;
+        let time = |f: &mut dyn FnMut(usize)| {
+            (0..copies).for_each(&mut *f);
+            let t = Instant::now();
+            for i in 0..reps {
+                f(i % copies);
+            }
+            t.elapsed().as_secs_f64() * 1e3 / reps as f64
+        };
+        let c = time(&mut |i| {
+            qms[i].forward(&x).unwrap();
+        });
+        let l = time(&mut |i| {
+            matvec(isa, &[mats[i]], &xv, 1);
+        });
+        println!(
+            "| {dtype:?} | {rows}x{cols} | {c:.3} | {l:.3} | {:.1} | {:.2}x |",
+            bytes.len() as f64 / l / 1e6,
+            c / l
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,584 @@
+//! Matrix-vector products on GGML block-quantized weights, read in place (decode).
+//!
+//! Why our own: candle 0.11 multiplies Q4_K by first repacking the blocks into 16-row tiles with the
+//! scales widened to f32 (6 bits read per weight instead of 4.5, and a second copy of every matrix in
+//! memory). Decode reads each weight once per token, so it is bound by bytes read: these kernels
+//! read the blocks as they are stored in the GGUF file (`docs/benchmarks.md` has the measured gain).
+//!
+//! The activations are quantized once per call to Q8_K blocks (256 values, one f32 scale, sums of
+//! 16) exactly as GGML does, and shared by every matrix of the call (q/k/v, or gate and up). Each
+//! dot product sums integers per block and scales once per block; [`scalar`] is the reference, the
+//! AVX2 version computes the same integers and differs only in the order of the float sums.
+
+use half::f16;
+
+use super::Isa;
+
+/// Values per K-quant superblock.
+pub const QK_K: usize = 256;
+
+/// GGML `block_q4_K`: 8 sub-blocks of 32 four-bit values, 6-bit scales and mins.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct BlockQ4K {
+    pub d: u16,
+    pub dmin: u16,
+    pub scales: [u8; 12],
+    pub qs: [u8; QK_K / 2],
+}
+
+/// GGML `block_q6_K`: 16 sub-blocks of 16 six-bit values (low 4 bits in `ql`, high 2 in `qh`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct BlockQ6K {
+    pub ql: [u8; QK_K / 2],
+    pub qh: [u8; QK_K / 4],
+    pub scales: [i8; QK_K / 16],
+    pub d: u16,
+}
+
+/// GGML `block_q8_K`: the activations' format (never stored).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct BlockQ8K {
+    pub d: f32,
+    pub qs: [i8; QK_K],
+    pub bsums: [i16; QK_K / 16],
+}
+
+const _: () = assert!(std::mem::size_of::<BlockQ4K>() == 144);
+const _: () = assert!(std::mem::size_of::<BlockQ6K>() == 210);
+const _: () = assert!(std::mem::size_of::<BlockQ8K>() == 292);
+
+/// The block formats these kernels read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Q4K,
+    Q6K,
+}
+
+impl Format {
+    pub fn block_bytes(self) -> usize {
+        match self {
+            Format::Q4K => std::mem::size_of::<BlockQ4K>(),
+            Format::Q6K => std::mem::size_of::<BlockQ6K>(),
+        }
+    }
+}
+
+/// A `(rows, cols)` matrix of blocks, row-major, borrowed from wherever the weights live.
+#[derive(Debug, Clone, Copy)]
+pub struct QRows<'a> {
+    format: Format,
+    rows: usize,
+    cols: usize,
+    data: &'a [u8],
+}
+
+impl<'a> QRows<'a> {
+    /// `None` unless `data` holds exactly `rows` rows of `cols / 256` blocks, suitably aligned.
+    pub fn new(format: Format, rows: usize, cols: usize, data: &'a [u8]) -> Option<Self> {
+        let ok = cols > 0
+            && cols.is_multiple_of(QK_K)
+            && data.len() == rows * cols / QK_K * format.block_bytes()
+            && (data.as_ptr() as usize).is_multiple_of(std::mem::align_of::<u16>());
+        ok.then_some(QRows {
+            format,
+            rows,
+            cols,
+            data,
+        })
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    fn blocks<T>(&self, row: usize) -> &'a [T] {
+        let per_row = self.cols / QK_K;
+        let bytes = per_row * std::mem::size_of::<T>();
+        let start = row * bytes;
+        let row_bytes = &self.data[start..start + bytes];
+        // SAFETY: `new` checked the length and the 2-byte alignment the block types need, and the
+        // blocks are plain bytes and integers (any bit pattern is valid).
+        unsafe { std::slice::from_raw_parts(row_bytes.as_ptr() as *const T, per_row) }
+    }
+
+    /// The dot product of row `row` with activations `y` (`cols / 256` blocks).
+    pub fn dot(&self, isa: Isa, row: usize, y: &[BlockQ8K]) -> f32 {
+        match (self.format, isa) {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `Isa::Avx2` is only handed out when the CPU has AVX2, FMA and F16C.
+            (Format::Q4K, Isa::Avx2) => unsafe { avx2::dot_q4k(self.blocks(row), y) },
+            #[cfg(target_arch = "x86_64")]
+            (Format::Q6K, Isa::Avx2) => unsafe { avx2::dot_q6k(self.blocks(row), y) },
+            (Format::Q4K, _) => scalar::dot_q4k(self.blocks(row), y),
+            (Format::Q6K, _) => scalar::dot_q6k(self.blocks(row), y),
+        }
+    }
+
+    /// Row `row` expanded to f32 (for tests and embedding lookups).
+    pub fn dequantize_row(&self, row: usize, out: &mut [f32]) {
+        match self.format {
+            Format::Q4K => scalar::dequantize_q4k(self.blocks(row), out),
+            Format::Q6K => scalar::dequantize_q6k(self.blocks(row), out),
+        }
+    }
+}
+
+/// Quantizes `x` (a multiple of 256 values) to Q8_K blocks as GGML does: per block, the value of
+/// largest magnitude maps to -127, values round to nearest, `bsums` hold sums of 16.
+pub fn quantize_q8k(x: &[f32]) -> Vec<BlockQ8K> {
+    x.chunks_exact(QK_K)
+        .map(|xs| {
+            let mut b = BlockQ8K {
+                d: 0.0,
+                qs: [0; QK_K],
+                bsums: [0; QK_K / 16],
+            };
+            let (mut amax, mut max) = (0f32, 0f32);
+            for &v in xs {
+                if v.abs() > amax {
+                    amax = v.abs();
+                    max = v;
+                }
+            }
+            if amax == 0.0 {
+                return b;
+            }
+            let iscale = -127.0 / max;
+            for (q, &v) in b.qs.iter_mut().zip(xs) {
+                *q = (iscale * v).round().clamp(-128.0, 127.0) as i8;
+            }
+            for (s, qs) in b.bsums.iter_mut().zip(b.qs.chunks_exact(16)) {
+                *s = qs.iter().map(|&q| q as i16).sum();
+            }
+            b.d = 1.0 / iscale;
+            b
+        })
+        .collect()
+}
+
+/// Rows of weights handed to one parallel region at a time.
+const ROW_BLOCK: usize = 16;
+
+/// `outs[i][r * rows_i + j] = x_r · row j of ws[i]` for the `m` rows of `x` (`m x cols`, row-major):
+/// the activations are quantized once and shared by every matrix, all on candle's thread pool.
+pub fn matvec(isa: Isa, ws: &[QRows], x: &[f32], m: usize) -> Vec<Vec<f32>> {
+    let cols = ws.first().map_or(0, |w| w.cols);
+    assert!(ws.iter().all(|w| w.cols == cols) && x.len() == m * cols);
+    let yq: Vec<Vec<BlockQ8K>> = x.chunks_exact(cols.max(1)).map(quantize_q8k).collect();
+    let mut outs: Vec<Vec<f32>> = ws.iter().map(|w| vec![0f32; m * w.rows]).collect();
+    // Work units: blocks of rows of each matrix, numbered across the matrices.
+    let mut starts = Vec::with_capacity(ws.len() + 1);
+    let mut total = 0;
+    for w in ws {
+        starts.push(total);
+        total += w.rows.div_ceil(ROW_BLOCK);
+    }
+    let ptrs: Vec<usize> = outs.iter_mut().map(|o| o.as_mut_ptr() as usize).collect();
+    candle_core::utils::barrier_pool().execute_chunked(total, |units| {
+        for unit in units {
+            let i = starts.partition_point(|&s| s <= unit) - 1;
+            let w = &ws[i];
+            let r0 = (unit - starts[i]) * ROW_BLOCK;
+            let out = ptrs[i] as *mut f32;
+            for row in r0..(r0 + ROW_BLOCK).min(w.rows) {
+                for (r, y) in yq.iter().enumerate() {
+                    let v = w.dot(isa, row, y);
+                    // SAFETY: every (matrix, r, row) is written by exactly one unit, inside `outs`.
+                    unsafe { *out.add(r * w.rows + row) = v };
+                }
+            }
+        }
+    });
+    outs
+}
+
+/// The reference: the integer sums and scales of GGML's format definitions, one value at a time.
+pub mod scalar {
+    use super::*;
+
+    /// The 6-bit scale and min of sub-block `j` (0..8) of a Q4_K block.
+    pub fn scale_min_q4k(scales: &[u8; 12], j: usize) -> (u8, u8) {
+        if j < 4 {
+            (scales[j] & 63, scales[j + 4] & 63)
+        } else {
+            (
+                (scales[j + 4] & 0xF) | ((scales[j - 4] >> 6) << 4),
+                (scales[j + 4] >> 4) | ((scales[j] >> 6) << 4),
+            )
+        }
+    }
+
+    fn h(bits: u16) -> f32 {
+        f16::from_bits(bits).to_f32()
+    }
+
+    /// Value `i` (0..256) of a Q4_K block as its unsigned 4-bit code and sub-block.
+    fn q4k_code(b: &BlockQ4K, i: usize) -> (i32, usize) {
+        let (group, l) = (i / 64, i % 64);
+        let byte = b.qs[32 * group + l % 32];
+        let code = if l < 32 { byte & 0xF } else { byte >> 4 };
+        (code as i32, 2 * group + l / 32)
+    }
+
+    /// Value `i` (0..256) of a Q6_K block as its signed 6-bit code (-32..32) and sub-block of 16.
+    fn q6k_code(b: &BlockQ6K, i: usize) -> (i32, usize) {
+        let (half, t, l) = (i / 128, (i % 128) / 32, i % 32);
+        let low = b.ql[64 * half + 32 * (t % 2) + l];
+        let low = if t < 2 { low & 0xF } else { low >> 4 };
+        let high = (b.qh[32 * half + l] >> (2 * t)) & 3;
+        ((low | (high << 4)) as i32 - 32, i / 16)
+    }
+
+    pub fn dot_q4k(x: &[BlockQ4K], y: &[BlockQ8K]) -> f32 {
+        let mut sum = 0f32;
+        for (b, a) in x.iter().zip(y) {
+            let (mut sumi, mut summ) = (0i32, 0i32);
+            for i in 0..QK_K {
+                let (code, sub) = q4k_code(b, i);
+                sumi += scale_min_q4k(&b.scales, sub).0 as i32 * code * a.qs[i] as i32;
+            }
+            for sub in 0..8 {
+                let bsum = a.bsums[2 * sub] as i32 + a.bsums[2 * sub + 1] as i32;
+                summ += scale_min_q4k(&b.scales, sub).1 as i32 * bsum;
+            }
+            sum += a.d * (h(b.d) * sumi as f32 - h(b.dmin) * summ as f32);
+        }
+        sum
+    }
+
+    pub fn dot_q6k(x: &[BlockQ6K], y: &[BlockQ8K]) -> f32 {
+        let mut sum = 0f32;
+        for (b, a) in x.iter().zip(y) {
+            let mut sumi = 0i32;
+            for i in 0..QK_K {
+                let (code, sub) = q6k_code(b, i);
+                sumi += b.scales[sub] as i32 * code * a.qs[i] as i32;
+            }
+            sum += a.d * h(b.d) * sumi as f32;
+        }
+        sum
+    }
+
+    pub fn dequantize_q4k(x: &[BlockQ4K], out: &mut [f32]) {
+        for (b, out) in x.iter().zip(out.chunks_exact_mut(QK_K)) {
+            for (i, o) in out.iter_mut().enumerate() {
+                let (code, sub) = q4k_code(b, i);
+                let (sc, mn) = scale_min_q4k(&b.scales, sub);
+                *o = h(b.d) * sc as f32 * code as f32 - h(b.dmin) * mn as f32;
+            }
+        }
+    }
+
+    pub fn dequantize_q6k(x: &[BlockQ6K], out: &mut [f32]) {
+        for (b, out) in x.iter().zip(out.chunks_exact_mut(QK_K)) {
+            for (i, o) in out.iter_mut().enumerate() {
+                let (code, sub) = q6k_code(b, i);
+                *o = h(b.d) * (b.scales[sub] as f32 * code as f32);
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use core::arch::x86_64::*;
+
+    use super::{BlockQ4K, BlockQ6K, BlockQ8K};
+
+    /// How far ahead of the block being read the weights are prefetched, in bytes.
+    const PREFETCH: usize = 2048;
+
+    #[inline(always)]
+    unsafe fn h(bits: u16) -> f32 {
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+    }
+
+    #[inline(always)]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+    }
+
+    #[inline(always)]
+    unsafe fn load(p: *const u8) -> __m256i {
+        _mm256_loadu_si256(p as *const __m256i)
+    }
+
+    /// The 8 scales and 8 mins of a Q4_K block as bytes: `[scales 0..8, mins 0..8]` (the 6-bit
+    /// fields of `scale_min_q4k`, unpacked four at a time in 32-bit words).
+    #[inline(always)]
+    fn scales_mins_q4k(scales: &[u8; 12]) -> [u32; 4] {
+        let w = |i: usize| u32::from_le_bytes([scales[i], scales[i + 1], scales[i + 2], scales[i + 3]]);
+        let (w0, w1, w2) = (w(0), w(4), w(8));
+        const LOW6: u32 = 0x3f3f_3f3f;
+        const LOW4: u32 = 0x0f0f_0f0f;
+        const TOP2: u32 = 0x0303_0303;
+        [
+            w0 & LOW6,
+            (w2 & LOW4) | (((w0 >> 6) & TOP2) << 4),
+            w1 & LOW6,
+            ((w2 >> 4) & LOW4) | (((w1 >> 6) & TOP2) << 4),
+        ]
+    }
+
+    /// Per block: 64 values per step (32 bytes of codes, low nibbles then high nibbles), the
+    /// unsigned codes times the signed activations by `maddubs`, times the sub-block scale by
+    /// `madd`; the mins are subtracted once per block through the activations' sums of 16.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_q4k(x: &[BlockQ4K], y: &[BlockQ8K]) -> f32 {
+        let m4 = _mm256_set1_epi8(0x0F);
+        // Shuffles that spread 16-bit scale k of a 128-bit lane over a whole register.
+        let spread: [__m256i; 8] = std::array::from_fn(|k| {
+            let lo = (2 * k) as i8;
+            _mm256_set1_epi16(i16::from_le_bytes([lo as u8, (lo + 1) as u8]))
+        });
+        let mut acc = _mm256_setzero_ps();
+        let mut acc_min = _mm_setzero_ps();
+        for (b, a) in x.iter().zip(y) {
+            let ahead = (b as *const BlockQ4K as *const i8).wrapping_add(PREFETCH);
+            _mm_prefetch::<_MM_HINT_T0>(ahead);
+            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64));
+            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(128));
+            let sm = scales_mins_q4k(&b.scales);
+            let sm = _mm_set_epi32(sm[3] as i32, sm[2] as i32, sm[1] as i32, sm[0] as i32);
+            let scales = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(sm));
+            let mins = _mm_cvtepu8_epi16(_mm_unpackhi_epi64(sm, sm));
+            let bsums = _mm256_loadu_si256(a.bsums.as_ptr() as *const __m256i);
+            let pairs = _mm_hadd_epi16(
+                _mm256_castsi256_si128(bsums),
+                _mm256_extracti128_si256(bsums, 1),
+            );
+            acc_min = _mm_fmadd_ps(
+                _mm_set1_ps(a.d * h(b.dmin)),
+                _mm_cvtepi32_ps(_mm_madd_epi16(mins, pairs)),
+                acc_min,
+            );
+            let mut sumi = _mm256_setzero_si256();
+            for j in 0..4 {
+                let q = load(b.qs.as_ptr().add(32 * j));
+                let lo = _mm256_and_si256(q, m4);
+                let hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
+                let ylo = load(a.qs.as_ptr().add(64 * j) as *const u8);
+                let yhi = load(a.qs.as_ptr().add(64 * j + 32) as *const u8);
+                let plo = _mm256_madd_epi16(
+                    _mm256_maddubs_epi16(lo, ylo),
+                    _mm256_shuffle_epi8(scales, spread[2 * j]),
+                );
+                let phi = _mm256_madd_epi16(
+                    _mm256_maddubs_epi16(hi, yhi),
+                    _mm256_shuffle_epi8(scales, spread[2 * j + 1]),
+                );
+                sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(plo, phi));
+            }
+            acc = _mm256_fmadd_ps(
+                _mm256_set1_ps(a.d * h(b.d)),
+                _mm256_cvtepi32_ps(sumi),
+                acc,
+            );
+        }
+        let m = _mm_add_ps(acc_min, _mm_movehl_ps(acc_min, acc_min));
+        let m = _mm_add_ss(m, _mm_movehdup_ps(m));
+        hsum(acc) - _mm_cvtss_f32(m)
+    }
+
+    /// Per half block (128 values): the four 32-value groups rebuilt from `ql` nibbles and `qh`
+    /// bit pairs as unsigned codes 0..64; the offset of 32 is taken out once per block as
+    /// 32 · Σ scale·(sum of 16 activations), since sub-block `g` of the scales covers exactly the
+    /// 16 values of the activations' `bsums[g]`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_q6k(x: &[BlockQ6K], y: &[BlockQ8K]) -> f32 {
+        let m4 = _mm256_set1_epi8(0x0F);
+        let m30 = _mm256_set1_epi8(0x30);
+        // Shuffles that put 16-bit scale 2t in the low lane and 2t + 1 in the high lane.
+        let spread: [__m256i; 4] = std::array::from_fn(|t| {
+            let pick = |k: usize| i16::from_le_bytes([2 * k as u8, 2 * k as u8 + 1]);
+            _mm256_set_m128i(_mm_set1_epi16(pick(2 * t + 1)), _mm_set1_epi16(pick(2 * t)))
+        });
+        let mut acc = _mm256_setzero_ps();
+        for (b, a) in x.iter().zip(y) {
+            let ahead = (b as *const BlockQ6K as *const i8).wrapping_add(PREFETCH);
+            for line in 0..4 {
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line));
+            }
+            let sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(b.scales.as_ptr() as *const __m128i));
+            let bsums = _mm256_loadu_si256(a.bsums.as_ptr() as *const __m256i);
+            let offset = _mm256_slli_epi32(_mm256_madd_epi16(sc16, bsums), 5);
+            let mut sumi = _mm256_setzero_si256();
+            for half in 0..2 {
+                // This half's 8 scales (16-bit) in both 128-bit lanes.
+                let sc = if half == 0 {
+                    _mm256_permute2x128_si256(sc16, sc16, 0x00)
+                } else {
+                    _mm256_permute2x128_si256(sc16, sc16, 0x11)
+                };
+                let ql0 = load(b.ql.as_ptr().add(64 * half));
+                let ql1 = load(b.ql.as_ptr().add(64 * half + 32));
+                let qh = load(b.qh.as_ptr().add(32 * half));
+                let codes = [
+                    _mm256_or_si256(
+                        _mm256_and_si256(ql0, m4),
+                        _mm256_and_si256(_mm256_slli_epi16(qh, 4), m30),
+                    ),
+                    _mm256_or_si256(
+                        _mm256_and_si256(ql1, m4),
+                        _mm256_and_si256(_mm256_slli_epi16(qh, 2), m30),
+                    ),
+                    _mm256_or_si256(
+                        _mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4),
+                        _mm256_and_si256(qh, m30),
+                    ),
+                    _mm256_or_si256(
+                        _mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
+                        _mm256_and_si256(_mm256_srli_epi16(qh, 2), m30),
+                    ),
+                ];
+                for (t, q) in codes.into_iter().enumerate() {
+                    let yv = load(a.qs.as_ptr().add(128 * half + 32 * t) as *const u8);
+                    let s = _mm256_shuffle_epi8(sc, spread[t]);
+                    sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(_mm256_maddubs_epi16(q, yv), s));
+                }
+            }
+            acc = _mm256_fmadd_ps(
+                _mm256_set1_ps(a.d * h(b.d)),
+                _mm256_cvtepi32_ps(_mm256_sub_epi32(sumi, offset)),
+                acc,
+            );
+        }
+        hsum(acc)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::{GgmlDType, QTensor};
+    use candle_core::{Device, Tensor};
+    use rand::{Rng, SeedableRng};
+
+    fn random(rng: &mut rand::rngs::StdRng, n: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|_| rng.random_range(-scale..scale)).collect()
+    }
+
+    /// Blocks written by candle's quantizer (GGML's format), as bytes.
+    fn quantized(w: &[f32], rows: usize, cols: usize, dtype: GgmlDType) -> (QTensor, Vec<u8>) {
+        let t = Tensor::from_slice(w, (rows, cols), &Device::Cpu).unwrap();
+        let q = QTensor::quantize(&t, dtype).unwrap();
+        let bytes = q.data().unwrap().into_owned();
+        (q, bytes)
+    }
+
+    fn format(dtype: GgmlDType) -> Format {
+        match dtype {
+            GgmlDType::Q4K => Format::Q4K,
+            _ => Format::Q6K,
+        }
+    }
+
+    /// Our reading of the blocks equals candle's dequantization exactly.
+    #[test]
+    fn dequantize_reads_ggml_blocks_like_candle() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+        for dtype in [GgmlDType::Q4K, GgmlDType::Q6K] {
+            let (rows, cols) = (7, 3 * QK_K);
+            let w = random(&mut rng, rows * cols, 2.0);
+            let (q, bytes) = quantized(&w, rows, cols, dtype);
+            let expected = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap();
+            let expected = expected.to_vec1::<f32>().unwrap();
+            let m = QRows::new(format(dtype), rows, cols, &bytes).unwrap();
+            let mut row = vec![0f32; cols];
+            for r in 0..rows {
+                m.dequantize_row(r, &mut row);
+                assert_eq!(row, expected[r * cols..(r + 1) * cols], "{dtype:?} row {r}");
+            }
+        }
+    }
+
+    /// The integer dot product equals the f64 product of the dequantized operands, and every SIMD
+    /// path equals the scalar reference, on odd shapes (rows not a multiple of the row block, one
+    /// to seven blocks per row, several activation rows, one all-zero activation block).
+    #[test]
+    fn matvec_matches_reference_on_every_path() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(2);
+        for (dtype, rows, blocks, m) in [
+            (GgmlDType::Q4K, 37, 1, 1),
+            (GgmlDType::Q4K, 5, 7, 3),
+            (GgmlDType::Q6K, 19, 3, 2),
+            (GgmlDType::Q6K, 1, 5, 1),
+        ] {
+            let cols = blocks * QK_K;
+            let w = random(&mut rng, rows * cols, 0.5);
+            let mut x = random(&mut rng, m * cols, 3.0);
+            x[..QK_K].fill(0.0);
+            let (_, bytes) = quantized(&w, rows, cols, dtype);
+            let mat = QRows::new(format(dtype), rows, cols, &bytes).unwrap();
+            // f64 reference on the dequantized weights and activations.
+            let mut wd = vec![0f32; cols];
+            let mut expected = vec![0f64; m * rows];
+            for r in 0..m {
+                let yq = quantize_q8k(&x[r * cols..(r + 1) * cols]);
+                for row in 0..rows {
+                    mat.dequantize_row(row, &mut wd);
+                    expected[r * rows + row] = yq
+                        .iter()
+                        .zip(wd.chunks_exact(QK_K))
+                        .map(|(b, wb)| {
+                            b.qs.iter()
+                                .zip(wb)
+                                .map(|(&q, &wv)| q as f64 * b.d as f64 * wv as f64)
+                                .sum::<f64>()
+                        })
+                        .sum();
+                }
+            }
+            let scalar = matvec(Isa::Scalar, &[mat], &x, m).remove(0);
+            for isa in Isa::available() {
+                let got = matvec(isa, &[mat], &x, m).remove(0);
+                for (i, (&g, &e)) in got.iter().zip(&expected).enumerate() {
+                    let tol = 1e-4 * (1.0 + e.abs());
+                    assert!(
+                        (g as f64 - e).abs() <= tol,
+                        "{dtype:?} {isa:?} out {i}: {g} vs {e}"
+                    );
+                    assert!(
+                        (g - scalar[i]).abs() <= 1e-5 * (1.0 + scalar[i].abs()),
+                        "{dtype:?} {isa:?} vs scalar at {i}: {g} vs {}",
+                        scalar[i]
+                    );
+                }
+            }
+        }
+    }
+
+    /// Several matrices in one call give what each gives alone (shared activations, unit split).
+    #[test]
+    fn fused_call_equals_separate_calls() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let cols = 2 * QK_K;
+        let (_, a) = quantized(&random(&mut rng, 33 * cols, 1.0), 33, cols, GgmlDType::Q4K);
+        let (_, b) = quantized(&random(&mut rng, 17 * cols, 1.0), 17, cols, GgmlDType::Q6K);
+        let ma = QRows::new(Format::Q4K, 33, cols, &a).unwrap();
+        let mb = QRows::new(Format::Q6K, 17, cols, &b).unwrap();
+        let x = random(&mut rng, 2 * cols, 1.0);
+        let isa = Isa::detect();
+        let both = matvec(isa, &[ma, mb], &x, 2);
+        assert_eq!(both[0], matvec(isa, &[ma], &x, 2)[0]);
+        assert_eq!(both[1], matvec(isa, &[mb], &x, 2)[0]);
+    }
+
+    #[test]
+    fn rejects_wrong_sizes() {
+        let bytes = vec![0u8; 144 * 2];
+        assert!(QRows::new(Format::Q4K, 2, QK_K, &bytes).is_some());
+        assert!(QRows::new(Format::Q4K, 3, QK_K, &bytes).is_none());
+        assert!(QRows::new(Format::Q4K, 1, 100, &bytes).is_none());
+        assert!(QRows::new(Format::Q6K, 2, QK_K, &bytes).is_none());
+    }
+}
