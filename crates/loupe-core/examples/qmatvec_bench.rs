@@ -13,7 +13,10 @@ use loupe_core::kernels::Isa;
 fn main() -> candle_core::Result<()> {
     let dev = Device::Cpu;
     let isa = Isa::detect();
-    println!("isa {isa:?}, threads {}", candle_core::utils::get_num_threads());
+    println!(
+        "isa {isa:?}, threads {}",
+        candle_core::utils::get_num_threads()
+    );
     println!("| weights | shape | candle ms | Loupe ms | Loupe GB/s | speed-up |");
     println!("|---|---|---|---|---|---|");
     for (dtype, rows, cols) in [
@@ -26,7 +29,11 @@ fn main() -> candle_core::Result<()> {
         let q = QTensor::quantize(&w, dtype)?;
         let bytes = q.data()?.into_owned();
         let copies = (400_000_000 / bytes.len()).max(2);
-        let format = if dtype == GgmlDType::Q4K { Format::Q4K } else { Format::Q6K };
+        let format = if dtype == GgmlDType::Q4K {
+            Format::Q4K
+        } else {
+            Format::Q6K
+        };
         let qms: Vec<QMatMul> = (0..copies)
             .map(|_| QMatMul::from_qtensor(QTensor::quantize(&w, dtype)?))
             .collect::<candle_core::Result<_>>()?;

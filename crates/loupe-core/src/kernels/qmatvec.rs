@@ -316,7 +316,8 @@ mod avx2 {
     /// fields of `scale_min_q4k`, unpacked four at a time in 32-bit words).
     #[inline(always)]
     fn scales_mins_q4k(scales: &[u8; 12]) -> [u32; 4] {
-        let w = |i: usize| u32::from_le_bytes([scales[i], scales[i + 1], scales[i + 2], scales[i + 3]]);
+        let w =
+            |i: usize| u32::from_le_bytes([scales[i], scales[i + 1], scales[i + 2], scales[i + 3]]);
         let (w0, w1, w2) = (w(0), w(4), w(8));
         const LOW6: u32 = 0x3f3f_3f3f;
         const LOW4: u32 = 0x0f0f_0f0f;
@@ -378,11 +379,7 @@ mod avx2 {
                 );
                 sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(plo, phi));
             }
-            acc = _mm256_fmadd_ps(
-                _mm256_set1_ps(a.d * h(b.d)),
-                _mm256_cvtepi32_ps(sumi),
-                acc,
-            );
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(a.d * h(b.d)), _mm256_cvtepi32_ps(sumi), acc);
         }
         let m = _mm_add_ps(acc_min, _mm_movehl_ps(acc_min, acc_min));
         let m = _mm_add_ss(m, _mm_movehdup_ps(m));
@@ -443,7 +440,8 @@ mod avx2 {
                 for (t, q) in codes.into_iter().enumerate() {
                     let yv = load(a.qs.as_ptr().add(128 * half + 32 * t) as *const u8);
                     let s = _mm256_shuffle_epi8(sc, spread[t]);
-                    sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(_mm256_maddubs_epi16(q, yv), s));
+                    sumi =
+                        _mm256_add_epi32(sumi, _mm256_madd_epi16(_mm256_maddubs_epi16(q, yv), s));
                 }
             }
             acc = _mm256_fmadd_ps(

@@ -11,7 +11,9 @@ use crate::load::config::Qwen2VlConfig;
 use crate::load::weights::Weights;
 
 /// A weight matrix `(out, in)`: dense in the compute dtype, or GGML block-quantized (then the product
-/// runs in candle's runtime-dispatched AVX2 / AVX-512-VNNI / NEON kernels, with f32 activations).
+/// runs with f32 activations: a few rows (decode) in our in-place kernels where the CPU and format
+/// have one, `kernels::qmatvec`; otherwise candle's runtime-dispatched AVX2 / AVX-512-VNNI / NEON
+/// kernels).
 #[derive(Debug, Clone)]
 pub enum Matrix {
     Dense(Tensor),
@@ -39,6 +41,9 @@ impl Matrix {
 
     /// `x W^T` for 2D `x`.
     fn matmul_t(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(mut y) = matvec_in_place(&[self], x)? {
+            return Ok(y.remove(0));
+        }
         Ok(match self {
             Matrix::Dense(w) => x.matmul(&w.t()?)?,
             Matrix::Quantized(q) => {
@@ -66,6 +71,55 @@ impl Matrix {
             Matrix::Quantized(q) => q.embedding(ids)?,
         })
     }
+}
+
+/// Activation rows up to which a quantized product runs in our matrix-vector kernels (decode; the
+/// weights are read once for all rows, so a few rows cost little more than one).
+const MATVEC_MAX_ROWS: usize = 4;
+
+/// `x W^T` for every matrix of `ms` (all `(out_i, in)`), with `x` quantized once, when all are
+/// block-quantized in a format our kernels read, `x` has at most [`MATVEC_MAX_ROWS`] rows, and the
+/// CPU has a SIMD path; `None` otherwise (then candle computes them).
+fn matvec_in_place(ms: &[&Matrix], x: &Tensor) -> Result<Option<Vec<Tensor>>> {
+    use crate::kernels::qmatvec::{matvec, Format, QRows};
+    use crate::kernels::Isa;
+    let isa = Isa::detect();
+    let (m, k) = x.dims2()?;
+    if isa == Isa::Scalar || m > MATVEC_MAX_ROWS || !x.device().is_cpu() {
+        return Ok(None);
+    }
+    let mut parts = Vec::with_capacity(ms.len());
+    for matrix in ms {
+        let Matrix::Quantized(q) = matrix else {
+            return Ok(None);
+        };
+        let QMatMul::QTensor(t) = q.as_ref() else {
+            return Ok(None);
+        };
+        let format = match t.dtype() {
+            GgmlDType::Q4K => Format::Q4K,
+            GgmlDType::Q6K => Format::Q6K,
+            _ => return Ok(None),
+        };
+        let (rows, cols) = t.shape().dims2()?;
+        parts.push((format, rows, cols, t.data()?));
+    }
+    let Some(mats) = parts
+        .iter()
+        .map(|(format, rows, cols, data)| QRows::new(*format, *rows, *cols, data))
+        .collect::<Option<Vec<_>>>()
+        .filter(|mats| mats.iter().all(|q| q.cols() == k))
+    else {
+        return Ok(None);
+    };
+    let xv = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let outs = matvec(isa, &mats, &xv, m);
+    let outs = outs
+        .into_iter()
+        .zip(&mats)
+        .map(|(y, q)| Ok(Tensor::from_vec(y, (m, q.rows()), x.device())?.to_dtype(x.dtype())?))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Some(outs))
 }
 
 /// Rows from which a quantized product without a fast many-row kernel runs as dequantize + f32 gemm.
@@ -128,14 +182,39 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (x2, dims) = Self::rows_of(x)?;
+        self.finish(self.weight.matmul_t(&x2)?, &dims)
+    }
+
+    /// The forward of several projections of the same input (q/k/v, gate/up): at decode, one
+    /// quantization of `x` and one parallel region for all of them.
+    pub fn forward_many(layers: &[&Linear], x: &Tensor) -> Result<Vec<Tensor>> {
+        let (x2, dims) = Self::rows_of(x)?;
+        let weights: Vec<&Matrix> = layers.iter().map(|l| &l.weight).collect();
+        match matvec_in_place(&weights, &x2)? {
+            Some(ys) => layers
+                .iter()
+                .zip(ys)
+                .map(|(l, y)| l.finish(y, &dims))
+                .collect(),
+            None => layers.iter().map(|l| l.forward(x)).collect(),
+        }
+    }
+
+    /// `x` as a 2D `(rows, in)` matrix, with its original dims.
+    fn rows_of(x: &Tensor) -> Result<(Tensor, Vec<usize>)> {
         let dims = x.dims().to_vec();
         let in_dim = *dims.last().unwrap_or(&0);
         let rows = x.elem_count() / in_dim.max(1);
-        let mut y = self.weight.matmul_t(&x.reshape((rows, in_dim))?)?;
+        Ok((x.reshape((rows, in_dim))?, dims))
+    }
+
+    /// Adds the bias and restores the input's leading dims.
+    fn finish(&self, mut y: Tensor, dims: &[usize]) -> Result<Tensor> {
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;
         }
-        let mut out_dims = dims;
+        let mut out_dims = dims.to_vec();
         if let Some(last) = out_dims.last_mut() {
             *last = self.out_dim;
         }
@@ -278,8 +357,10 @@ impl GatedMlp {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let g = self.act.forward(&self.gate.forward(x)?)?;
-        self.down.forward(&(g * self.up.forward(x)?)?)
+        let [g, u]: [Tensor; 2] = Linear::forward_many(&[&self.gate, &self.up], x)?
+            .try_into()
+            .map_err(|_| candle_core::Error::Msg("gate/up: two outputs expected".into()))?;
+        self.down.forward(&(self.act.forward(&g)? * u)?)
     }
 }
 
@@ -612,6 +693,61 @@ impl Taps {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// At decode, quantized projections run in our in-place kernels (when the CPU has a SIMD path)
+    /// and agree with candle's product on the same blocks; a fused q/k/v-style call equals the
+    /// separate calls, bias included; many rows still go to candle.
+    #[test]
+    fn quantized_decode_projections_match_candle() {
+        let dev = Device::Cpu;
+        let (k, n1, n2) = (512, 48, 32);
+        let w = |rows: usize, seed: f32| {
+            let v: Vec<f32> = (0..rows * k)
+                .map(|i| ((i as f32 * 0.7131 + seed).sin() * 0.05))
+                .collect();
+            Tensor::from_vec(v, (rows, k), &dev).unwrap()
+        };
+        let a = Linear::new(
+            Matrix::quantize(&w(n1, 0.3), GgmlDType::Q4K).unwrap(),
+            None,
+            n1,
+        );
+        let bias = Tensor::arange(0f32, n2 as f32, &dev).unwrap();
+        let b = Linear::new(
+            Matrix::quantize(&w(n2, 1.1), GgmlDType::Q6K).unwrap(),
+            Some(bias),
+            n2,
+        );
+        for rows in [1, 3] {
+            let x: Vec<f32> = (0..rows * k).map(|i| (i as f32 * 0.37).cos()).collect();
+            let x = Tensor::from_vec(x, (1, rows, k), &dev).unwrap();
+            let ours = Linear::forward_many(&[&a, &b], &x).unwrap();
+            for (layer, got) in [&a, &b].into_iter().zip(&ours) {
+                let Matrix::Quantized(q) = &layer.weight else {
+                    unreachable!()
+                };
+                let mut want = q.forward(&x.reshape((rows, k)).unwrap()).unwrap();
+                if let Some(bias) = &layer.bias {
+                    want = want.broadcast_add(bias).unwrap();
+                }
+                let want = want.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                assert_eq!(got.len(), want.len());
+                for (g, w) in got.iter().zip(&want) {
+                    assert!((g - w).abs() <= 1e-4 * (1.0 + w.abs()), "{g} vs {w}");
+                }
+                let alone = layer.forward(&x).unwrap().flatten_all().unwrap();
+                assert_eq!(alone.to_vec1::<f32>().unwrap(), got);
+            }
+        }
+        let wide = Tensor::zeros((1, MATVEC_MAX_ROWS + 1, k), DType::F32, &dev).unwrap();
+        assert!(matvec_in_place(
+            &[&a.weight],
+            &wide.reshape((MATVEC_MAX_ROWS + 1, k)).unwrap()
+        )
+        .unwrap()
+        .is_none());
+    }
 
     /// Plain attention, one head at a time, as the reference for the blocked and grouped version.
     fn reference_attention(

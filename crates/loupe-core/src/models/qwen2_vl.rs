@@ -390,8 +390,9 @@ impl Qwen2Vl {
         let mut x = embeds.narrow(2, 0, dim)?;
         for (i, (layer, kv)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate() {
             let h = layer.input_layernorm.forward(&x)?;
-            let heads = |proj: &Linear, n: usize, norm: Option<&RmsNorm>| -> Result<Tensor> {
-                let y = proj.forward(&h)?.reshape((b, seq, n, hd))?;
+            let qkv = Linear::forward_many(&[&layer.q_proj, &layer.k_proj, &layer.v_proj], &h)?;
+            let heads = |y: &Tensor, n: usize, norm: Option<&RmsNorm>| -> Result<Tensor> {
+                let y = y.reshape((b, seq, n, hd))?;
                 let y = match norm {
                     Some(norm) => norm.forward(&y)?,
                     None => y,
@@ -399,17 +400,9 @@ impl Qwen2Vl {
                 Ok(y.transpose(1, 2)?)
             };
             let (q_norm, k_norm) = layer.qk_norm.as_ref().map(|(q, k)| (q, k)).unzip();
-            let q = rope(
-                &heads(&layer.q_proj, t.num_attention_heads, q_norm)?,
-                &cos,
-                &sin,
-            )?;
-            let k = rope(
-                &heads(&layer.k_proj, t.num_key_value_heads, k_norm)?,
-                &cos,
-                &sin,
-            )?;
-            let v = heads(&layer.v_proj, t.num_key_value_heads, None)?;
+            let q = rope(&heads(&qkv[0], t.num_attention_heads, q_norm)?, &cos, &sin)?;
+            let k = rope(&heads(&qkv[1], t.num_key_value_heads, k_norm)?, &cos, &sin)?;
+            let v = heads(&qkv[2], t.num_key_value_heads, None)?;
             let (k, v) = kv.append(&k, &v)?;
             let attn = attention(&q, &k, &v, scale, true)?
                 .transpose(1, 2)?
