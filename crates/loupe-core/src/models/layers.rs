@@ -12,8 +12,8 @@ use crate::load::weights::Weights;
 
 /// A weight matrix `(out, in)`: dense in the compute dtype, or GGML block-quantized (then the product
 /// runs with f32 activations: a few rows (decode) in our in-place kernels where the CPU and format
-/// have one, `kernels::qmatvec`; otherwise candle's runtime-dispatched AVX2 / AVX-512-VNNI / NEON
-/// kernels).
+/// have one, and Q4_K with many rows (prefill, vision) too, `kernels::qmatmul`; otherwise candle's
+/// runtime-dispatched AVX2 / AVX-512-VNNI / NEON kernels).
 #[derive(Debug, Clone)]
 pub enum Matrix {
     Dense(Tensor),
@@ -43,6 +43,9 @@ impl Matrix {
     fn matmul_t(&self, x: &Tensor) -> Result<Tensor> {
         if let Some(mut y) = matvec_in_place(&[self], x)? {
             return Ok(y.remove(0));
+        }
+        if let Some(y) = matmul_q4k_in_place(self, x)? {
+            return Ok(y);
         }
         Ok(match self {
             Matrix::Dense(w) => x.matmul(&w.t()?)?,
@@ -81,7 +84,7 @@ const MATVEC_MAX_ROWS: usize = 4;
 /// block-quantized in a format our kernels read, `x` has at most [`MATVEC_MAX_ROWS`] rows, and the
 /// CPU has a SIMD path; `None` otherwise (then candle computes them).
 fn matvec_in_place(ms: &[&Matrix], x: &Tensor) -> Result<Option<Vec<Tensor>>> {
-    use crate::kernels::qmatvec::{matvec, Format, QRows};
+    use crate::kernels::qmatmul::{matvec, Format, QRows};
     use crate::kernels::Isa;
     let isa = Isa::detect();
     let (m, k) = x.dims2()?;
@@ -120,6 +123,33 @@ fn matvec_in_place(ms: &[&Matrix], x: &Tensor) -> Result<Option<Vec<Tensor>>> {
         .map(|(y, q)| Ok(Tensor::from_vec(y, (m, q.rows()), x.device())?.to_dtype(x.dtype())?))
         .collect::<Result<Vec<_>>>()?;
     Ok(Some(outs))
+}
+
+/// `x W^T` for many rows of `x` when `W` is Q4_K and the CPU has our SIMD path; `None` otherwise.
+fn matmul_q4k_in_place(w: &Matrix, x: &Tensor) -> Result<Option<Tensor>> {
+    use crate::kernels::qmatmul::{matmul_q4k, Format, QRows};
+    use crate::kernels::Isa;
+    let isa = Isa::detect();
+    let (m, k) = x.dims2()?;
+    let (Matrix::Quantized(q), Isa::Avx2, true) = (w, isa, x.device().is_cpu()) else {
+        return Ok(None);
+    };
+    let QMatMul::QTensor(t) = q.as_ref() else {
+        return Ok(None);
+    };
+    if t.dtype() != GgmlDType::Q4K {
+        return Ok(None);
+    }
+    let (rows, cols) = t.shape().dims2()?;
+    let data = t.data()?;
+    let Some(mat) = QRows::new(Format::Q4K, rows, cols, &data).filter(|_| cols == k) else {
+        return Ok(None);
+    };
+    let xv = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let y = matmul_q4k(isa, &mat, &xv, m);
+    Ok(Some(
+        Tensor::from_vec(y, (m, rows), x.device())?.to_dtype(x.dtype())?,
+    ))
 }
 
 /// Rows from which a quantized product without a fast many-row kernel runs as dequantize + f32 gemm.
@@ -703,7 +733,7 @@ mod tests {
         let (k, n1, n2) = (512, 48, 32);
         let w = |rows: usize, seed: f32| {
             let v: Vec<f32> = (0..rows * k)
-                .map(|i| ((i as f32 * 0.7131 + seed).sin() * 0.05))
+                .map(|i| (i as f32 * 0.7131 + seed).sin() * 0.05)
                 .collect();
             Tensor::from_vec(v, (rows, k), &dev).unwrap()
         };
@@ -718,7 +748,7 @@ mod tests {
             Some(bias),
             n2,
         );
-        for rows in [1, 3] {
+        for rows in [1, 3, 9] {
             let x: Vec<f32> = (0..rows * k).map(|i| (i as f32 * 0.37).cos()).collect();
             let x = Tensor::from_vec(x, (1, rows, k), &dev).unwrap();
             let ours = Linear::forward_many(&[&a, &b], &x).unwrap();

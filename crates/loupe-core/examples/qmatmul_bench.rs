@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
-use loupe_core::kernels::qmatvec::{matvec, Format, QRows};
+use loupe_core::kernels::qmatmul::{matmul_q4k, matvec, Format, QRows};
 use loupe_core::kernels::Isa;
 
 fn main() -> candle_core::Result<()> {
@@ -62,6 +62,50 @@ fn main() -> candle_core::Result<()> {
         println!(
             "| {dtype:?} | {rows}x{cols} | {c:.3} | {l:.3} | {:.1} | {:.2}x |",
             bytes.len() as f64 / l / 1e6,
+            c / l
+        );
+    }
+    println!();
+    println!("| many rows (Q4K) | m x k x n | candle ms | Loupe ms | candle GFLOP/s | Loupe GFLOP/s | speed-up |");
+    println!("|---|---|---|---|---|---|---|");
+    for (m, k, n) in [
+        (512, 1536, 8960),
+        (512, 8960, 1536),
+        (1024, 1280, 3840),
+        (1024, 5120, 1280),
+    ] {
+        let w = Tensor::randn(0f32, 0.02, (n, k), &dev)?;
+        let q = QTensor::quantize(&w, GgmlDType::Q4K)?;
+        let bytes = q.data()?.into_owned();
+        let mat = QRows::new(Format::Q4K, n, k, &bytes).expect("layout");
+        let qm = QMatMul::from_qtensor(q)?;
+        let x = Tensor::randn(0f32, 1.0, (m, k), &dev)?;
+        let xv = x.flatten_all()?.to_vec1::<f32>()?;
+        let time = |f: &mut dyn FnMut()| {
+            f();
+            let t = Instant::now();
+            for _ in 0..3 {
+                f();
+            }
+            t.elapsed().as_secs_f64() * 1e3 / 3.0
+        };
+        let c = time(&mut || {
+            qm.forward(&x).unwrap();
+        });
+        let l = time(&mut || {
+            matmul_q4k(isa, &mat, &xv, m);
+        });
+        let flop = 2.0 * (m * k * n) as f64;
+        let qt = time(&mut || {
+            for row in xv.chunks_exact(k) {
+                std::hint::black_box(loupe_core::kernels::qmatmul::quantize_q8k(row));
+            }
+        });
+        eprintln!("quantize {m}x{k}: {qt:.2} ms");
+        println!(
+            "| | {m}x{k}x{n} | {c:.1} | {l:.1} | {:.0} | {:.0} | {:.2}x |",
+            flop / c / 1e6,
+            flop / l / 1e6,
             c / l
         );
     }

@@ -1,9 +1,16 @@
-//! Matrix-vector products on GGML block-quantized weights, read in place (decode).
+//! Products with GGML block-quantized weights, read where they are stored.
 //!
 //! Why our own: candle 0.11 multiplies Q4_K by first repacking the blocks into 16-row tiles with the
 //! scales widened to f32 (6 bits read per weight instead of 4.5, and a second copy of every matrix in
-//! memory). Decode reads each weight once per token, so it is bound by bytes read: these kernels
-//! read the blocks as they are stored in the GGUF file (`docs/benchmarks.md` has the measured gain).
+//! memory), and its AVX2 tile kernel widens every 32 products to 32-bit sums. Here:
+//! - [`matvec`] (decode, a few activation rows) reads the blocks as they are in the GGUF file:
+//!   decode reads each weight once per token, so it is bound by bytes read;
+//! - [`matmul_q4k`] (prefill, vision: many rows) unpacks 8 weight rows at a time into a small
+//!   buffer laid out for `maddubs` (8 rows x 4 values per register, the activations broadcast), and
+//!   keeps the products in 16-bit sums over a whole sub-block of 32 values before scaling them:
+//!   about 2 vector operations per 32 multiply-adds instead of 4.
+//!
+//! `docs/benchmarks.md` has the measured gains.
 //!
 //! The activations are quantized once per call to Q8_K blocks (256 values, one f32 scale, sums of
 //! 16) exactly as GGML does, and shared by every matrix of the call (q/k/v, or gate and up). Each
@@ -130,9 +137,15 @@ impl<'a> QRows<'a> {
     }
 }
 
-/// Quantizes `x` (a multiple of 256 values) to Q8_K blocks as GGML does: per block, the value of
-/// largest magnitude maps to -127, values round to nearest, `bsums` hold sums of 16.
+/// Quantizes `x` (a multiple of 256 values) to Q8_K blocks as GGML does: per block, the first value
+/// of largest magnitude maps to -127, the others round to nearest (ties to even, GGML's
+/// `nearest_int`), `bsums` hold sums of 16.
 pub fn quantize_q8k(x: &[f32]) -> Vec<BlockQ8K> {
+    quantize_q8k_with(Isa::detect(), x)
+}
+
+/// [`quantize_q8k`] on a chosen path (the paths give identical blocks).
+pub fn quantize_q8k_with(isa: Isa, x: &[f32]) -> Vec<BlockQ8K> {
     x.chunks_exact(QK_K)
         .map(|xs| {
             let mut b = BlockQ8K {
@@ -151,16 +164,53 @@ pub fn quantize_q8k(x: &[f32]) -> Vec<BlockQ8K> {
                 return b;
             }
             let iscale = -127.0 / max;
-            for (q, &v) in b.qs.iter_mut().zip(xs) {
-                *q = (iscale * v).round().clamp(-128.0, 127.0) as i8;
-            }
-            for (s, qs) in b.bsums.iter_mut().zip(b.qs.chunks_exact(16)) {
-                *s = qs.iter().map(|&q| q as i16).sum();
-            }
             b.d = 1.0 / iscale;
+            match isa {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: `Isa::Avx2` is only handed out when the CPU has AVX2.
+                Isa::Avx2 => unsafe { avx2::quantize_q8k_codes(xs, iscale, &mut b) },
+                _ => {
+                    for (q, &v) in b.qs.iter_mut().zip(xs) {
+                        *q = (iscale * v).round_ties_even().clamp(-128.0, 127.0) as i8;
+                    }
+                    for (s, qs) in b.bsums.iter_mut().zip(b.qs.chunks_exact(16)) {
+                        *s = qs.iter().map(|&q| q as i16).sum();
+                    }
+                }
+            }
             b
         })
         .collect()
+}
+
+/// [`quantize_q8k`] of each of the `m` rows of `x`, rows spread over candle's thread pool.
+fn quantize_rows(isa: Isa, x: &[f32], m: usize) -> Vec<BlockQ8K> {
+    let k = x.len() / m.max(1);
+    if m <= 1 {
+        return quantize_q8k_with(isa, x);
+    }
+    let kb = k / QK_K;
+    let empty = BlockQ8K {
+        d: 0.0,
+        qs: [0; QK_K],
+        bsums: [0; QK_K / 16],
+    };
+    let mut out = vec![empty; m * kb];
+    let ptr = out.as_mut_ptr() as usize;
+    candle_core::utils::barrier_pool().execute_chunked(m, |rows| {
+        for r in rows {
+            let blocks = quantize_q8k_with(isa, &x[r * k..(r + 1) * k]);
+            // SAFETY: row r's blocks are written by this iteration alone, inside `out`.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    blocks.as_ptr(),
+                    (ptr as *mut BlockQ8K).add(r * kb),
+                    kb,
+                )
+            };
+        }
+    });
+    out
 }
 
 /// Rows of weights handed to one parallel region at a time.
@@ -171,7 +221,10 @@ const ROW_BLOCK: usize = 16;
 pub fn matvec(isa: Isa, ws: &[QRows], x: &[f32], m: usize) -> Vec<Vec<f32>> {
     let cols = ws.first().map_or(0, |w| w.cols);
     assert!(ws.iter().all(|w| w.cols == cols) && x.len() == m * cols);
-    let yq: Vec<Vec<BlockQ8K>> = x.chunks_exact(cols.max(1)).map(quantize_q8k).collect();
+    let yq: Vec<Vec<BlockQ8K>> = x
+        .chunks_exact(cols.max(1))
+        .map(|row| quantize_q8k_with(isa, row))
+        .collect();
     let mut outs: Vec<Vec<f32>> = ws.iter().map(|w| vec![0f32; m * w.rows]).collect();
     // Work units: blocks of rows of each matrix, numbered across the matrices.
     let mut starts = Vec::with_capacity(ws.len() + 1);
@@ -197,6 +250,213 @@ pub fn matvec(isa: Isa, ws: &[QRows], x: &[f32], m: usize) -> Vec<Vec<f32>> {
         }
     });
     outs
+}
+
+/// Weight rows unpacked together by [`matmul_q4k`]: one `maddubs` register holds 4 values of each.
+const TILE_ROWS: usize = 8;
+
+/// `out[r * rows + j] = x_r · row j of w` for the `m` rows of `x`, `w` in Q4_K: the many-row product
+/// (prefill, vision tower). Each block of 8 weight rows is unpacked once and used for every row of
+/// `x`; the blocks of rows are spread over candle's thread pool.
+pub fn matmul_q4k(isa: Isa, w: &QRows, x: &[f32], m: usize) -> Vec<f32> {
+    assert!(w.format == Format::Q4K && x.len() == m * w.cols);
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx2 {
+        return tiles::matmul_q4k(w, x, m);
+    }
+    matvec(isa, &[*w], x, m).remove(0)
+}
+
+#[cfg(target_arch = "x86_64")]
+mod tiles {
+    use super::*;
+
+    /// One superblock (256 values) of 8 weight rows, laid out for the AVX2 tile kernel.
+    #[repr(C, align(32))]
+    #[derive(Clone, Copy)]
+    pub struct Tile {
+        /// `[sub-block 8][step 8][row 8][4 values]`: the unsigned 4-bit codes, one per byte.
+        pub codes: [u8; QK_K * TILE_ROWS],
+        /// Per sub-block, each row's scale twice (the 16-bit pairs `madd` multiplies).
+        pub scales: [[i16; 2 * TILE_ROWS]; 8],
+        /// Per sub-block, each row's min.
+        pub mins: [[i32; TILE_ROWS]; 8],
+        pub d: [f32; TILE_ROWS],
+        pub dmin: [f32; TILE_ROWS],
+    }
+
+    const EMPTY: Tile = Tile {
+        codes: [0; QK_K * TILE_ROWS],
+        scales: [[0; 2 * TILE_ROWS]; 8],
+        mins: [[0; TILE_ROWS]; 8],
+        d: [0.0; TILE_ROWS],
+        dmin: [0.0; TILE_ROWS],
+    };
+
+    /// Unpacks rows `r0..r0 + 8` of `w` (missing rows past the end stay zero) into `tiles`.
+    fn pack(w: &QRows, r0: usize, tiles: &mut [Tile]) {
+        tiles.fill(EMPTY);
+        for rho in 0..TILE_ROWS.min(w.rows - r0) {
+            let blocks: &[BlockQ4K] = w.blocks(r0 + rho);
+            for (tile, b) in tiles.iter_mut().zip(blocks) {
+                tile.d[rho] = f16::from_bits(b.d).to_f32();
+                tile.dmin[rho] = f16::from_bits(b.dmin).to_f32();
+                for sub in 0..8 {
+                    let (sc, mn) = scalar::scale_min_q4k(&b.scales, sub);
+                    tile.scales[sub][2 * rho] = sc as i16;
+                    tile.scales[sub][2 * rho + 1] = sc as i16;
+                    tile.mins[sub][rho] = mn as i32;
+                }
+                // Sub-blocks 2j and 2j+1 are the low and high nibbles of bytes 32j..32j+32.
+                for j in 0..4 {
+                    for step in 0..8 {
+                        let at = 32 * j + 4 * step;
+                        let word = u32::from_le_bytes([
+                            b.qs[at],
+                            b.qs[at + 1],
+                            b.qs[at + 2],
+                            b.qs[at + 3],
+                        ]);
+                        for (sub, codes) in [
+                            (2 * j, word & 0x0f0f_0f0f),
+                            (2 * j + 1, (word >> 4) & 0x0f0f_0f0f),
+                        ] {
+                            let o = (sub * 8 + step) * 32 + rho * 4;
+                            tile.codes[o..o + 4].copy_from_slice(&codes.to_le_bytes());
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Tiles of 8 rows per unit of work (each activation word is used for 16 weight rows).
+    const T: usize = 2;
+
+    /// Activation rows per kernel call (each weight register is used this many times).
+    const MR: usize = 4;
+
+    pub fn matmul_q4k(w: &QRows, x: &[f32], m: usize) -> Vec<f32> {
+        let (rows, kb) = (w.rows, w.cols / QK_K);
+        let yq = quantize_rows(Isa::Avx2, x, m);
+        let mut out = vec![0f32; m * rows];
+        let out_ptr = out.as_mut_ptr() as usize;
+        let unit_rows = T * TILE_ROWS;
+        let units = rows.div_ceil(unit_rows);
+        candle_core::utils::barrier_pool().execute_chunked(units, |range| {
+            let mut tiles = vec![EMPTY; T * kb];
+            for unit in range {
+                let r0 = unit * unit_rows;
+                let n = unit_rows.min(rows - r0);
+                for (t, part) in tiles.chunks_exact_mut(kb).enumerate() {
+                    pack(w, (r0 + t * TILE_ROWS).min(rows), part);
+                }
+                let parts: [&[Tile]; T] = std::array::from_fn(|t| &tiles[t * kb..(t + 1) * kb]);
+                let act = |r: usize| &yq[r * kb..(r + 1) * kb];
+                let store = |r: usize, acc: &[[f32; TILE_ROWS]; T]| {
+                    let mut flat = [0f32; T * TILE_ROWS];
+                    for (t, a) in acc.iter().enumerate() {
+                        flat[t * TILE_ROWS..(t + 1) * TILE_ROWS].copy_from_slice(a);
+                    }
+                    let dst = (out_ptr as *mut f32).wrapping_add(r * rows + r0);
+                    // SAFETY: rows r0..r0+n of activation row r belong to this unit alone.
+                    unsafe { std::ptr::copy_nonoverlapping(flat.as_ptr(), dst, n) };
+                };
+                let mut r = 0;
+                while r + MR <= m {
+                    let mut acc = [[[0f32; TILE_ROWS]; MR]; T];
+                    // SAFETY: the caller checked this CPU has AVX2 and FMA.
+                    unsafe {
+                        kernel::<T, MR>(parts, std::array::from_fn(|i| act(r + i)), &mut acc)
+                    };
+                    #[allow(clippy::needless_range_loop)] // `i` picks one row of every tile set
+                    for i in 0..MR {
+                        store(r + i, &std::array::from_fn(|t| acc[t][i]));
+                    }
+                    r += MR;
+                }
+                for r in r..m {
+                    let mut acc = [[[0f32; TILE_ROWS]; 1]; T];
+                    // SAFETY: as above.
+                    unsafe { kernel::<T, 1>(parts, [act(r)], &mut acc) };
+                    store(r, &std::array::from_fn(|t| acc[t][0]));
+                }
+            }
+        });
+        out
+    }
+
+    /// `acc[t][i][rho] = acts[i] · row rho of tile set t`, over all superblocks: each weight register
+    /// serves `R` activation rows, each broadcast activation word `T` tiles of 8 rows.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn kernel<const T: usize, const R: usize>(
+        tiles: [&[Tile]; T],
+        acts: [&[BlockQ8K]; R],
+        acc: &mut [[[f32; TILE_ROWS]; R]; T],
+    ) {
+        use core::arch::x86_64::*;
+        let mut accf = [[_mm256_setzero_ps(); R]; T];
+        for b in 0..tiles[0].len() {
+            let mut isum = [[_mm256_setzero_si256(); R]; T];
+            for sub in 0..8 {
+                let mut p16 = [[_mm256_setzero_si256(); R]; T];
+                for step in 0..8 {
+                    let wv: [__m256i; T] = std::array::from_fn(|t| {
+                        _mm256_load_si256(
+                            tiles[t][b].codes.as_ptr().add((sub * 8 + step) * 32) as *const __m256i
+                        )
+                    });
+                    for i in 0..R {
+                        let a4 = _mm256_set1_epi32(std::ptr::read_unaligned(
+                            acts[i][b].qs.as_ptr().add(32 * sub + 4 * step) as *const i32,
+                        ));
+                        for t in 0..T {
+                            // 16-bit sums of at most 8 x 2 x 15 x 128 = 30720: no overflow.
+                            p16[t][i] =
+                                _mm256_add_epi16(p16[t][i], _mm256_maddubs_epi16(wv[t], a4));
+                        }
+                    }
+                }
+                for t in 0..T {
+                    let sc = _mm256_load_si256(tiles[t][b].scales[sub].as_ptr() as *const __m256i);
+                    for i in 0..R {
+                        isum[t][i] = _mm256_add_epi32(isum[t][i], _mm256_madd_epi16(p16[t][i], sc));
+                    }
+                }
+            }
+            for t in 0..T {
+                let tile = &tiles[t][b];
+                let d = _mm256_load_ps(tile.d.as_ptr());
+                let dmin = _mm256_load_ps(tile.dmin.as_ptr());
+                for i in 0..R {
+                    let bs = &acts[i][b].bsums;
+                    let mut mins = _mm256_setzero_si256();
+                    for sub in 0..8 {
+                        let pair = bs[2 * sub] as i32 + bs[2 * sub + 1] as i32;
+                        let mn = _mm256_load_si256(tile.mins[sub].as_ptr() as *const __m256i);
+                        mins =
+                            _mm256_add_epi32(mins, _mm256_mullo_epi32(mn, _mm256_set1_epi32(pair)));
+                    }
+                    let yd = _mm256_set1_ps(acts[i][b].d);
+                    accf[t][i] = _mm256_fmadd_ps(
+                        _mm256_cvtepi32_ps(isum[t][i]),
+                        _mm256_mul_ps(d, yd),
+                        accf[t][i],
+                    );
+                    accf[t][i] = _mm256_fnmadd_ps(
+                        _mm256_cvtepi32_ps(mins),
+                        _mm256_mul_ps(dmin, yd),
+                        accf[t][i],
+                    );
+                }
+            }
+        }
+        for t in 0..T {
+            for i in 0..R {
+                _mm256_storeu_ps(acc[t][i].as_mut_ptr(), accf[t][i]);
+            }
+        }
+    }
 }
 
 /// The reference: the integer sums and scales of GGML's format definitions, one value at a time.
@@ -310,6 +570,34 @@ mod avx2 {
     #[inline(always)]
     unsafe fn load(p: *const u8) -> __m256i {
         _mm256_loadu_si256(p as *const __m256i)
+    }
+
+    /// The codes and sums of one Q8_K block, given its scale: 16 values at a time rounded to nearest
+    /// even (as the scalar path), packed to 16 then 8 bits (the packs' lane interleave undone).
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn quantize_q8k_codes(xs: &[f32], iscale: f32, b: &mut BlockQ8K) {
+        let scale = _mm256_set1_ps(iscale);
+        let ones = _mm256_set1_epi16(1);
+        let mut halves = [_mm256_setzero_si256(); 2];
+        for g in 0..16 {
+            let round = |o: usize| {
+                let v = _mm256_mul_ps(_mm256_loadu_ps(xs.as_ptr().add(16 * g + o)), scale);
+                _mm256_cvtps_epi32(_mm256_round_ps::<
+                    { _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC },
+                >(v))
+            };
+            let w16 = _mm256_permute4x64_epi64::<0xD8>(_mm256_packs_epi32(round(0), round(8)));
+            let s = _mm256_madd_epi16(w16, ones);
+            let s = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+            let s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
+            let s = _mm_add_epi32(s, _mm_shuffle_epi32::<1>(s));
+            b.bsums[g] = _mm_cvtsi128_si32(s) as i16;
+            halves[g % 2] = w16;
+            if g % 2 == 1 {
+                let w8 = _mm256_permute4x64_epi64::<0xD8>(_mm256_packs_epi16(halves[0], halves[1]));
+                _mm256_storeu_si256(b.qs.as_mut_ptr().add(16 * (g - 1)) as *mut __m256i, w8);
+            }
+        }
     }
 
     /// The 8 scales and 8 mins of a Q4_K block as bytes: `[scales 0..8, mins 0..8]` (the 6-bit
@@ -549,6 +837,57 @@ mod tests {
                         (g - scalar[i]).abs() <= 1e-5 * (1.0 + scalar[i].abs()),
                         "{dtype:?} {isa:?} vs scalar at {i}: {g} vs {}",
                         scalar[i]
+                    );
+                }
+            }
+        }
+    }
+
+    /// Every path quantizes activations to the same blocks, ties rounded to even as GGML does.
+    #[test]
+    fn activation_quantization_is_the_same_on_every_path() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        let mut x = random(&mut rng, 3 * QK_K, 4.0);
+        // A block whose scale is exactly 1, with ties: 2.5 -> 2, -3.5 -> -4, 0.5 -> 0.
+        x[QK_K..2 * QK_K].fill(0.25);
+        x[QK_K] = -127.0;
+        x[QK_K + 1] = 2.5;
+        x[QK_K + 2] = -3.5;
+        x[QK_K + 3] = 0.5;
+        x[2 * QK_K..].fill(0.0);
+        let want = quantize_q8k_with(Isa::Scalar, &x);
+        assert_eq!(&want[1].qs[..4], &[-127, 2, -4, 0]);
+        assert_eq!(want[1].d, 1.0 / (-127.0 / -127.0));
+        assert_eq!(want[1].bsums[0], -127 + 2 - 4);
+        assert!(want[2].qs.iter().all(|&q| q == 0) && want[2].d == 0.0);
+        for isa in Isa::available() {
+            for (g, w) in quantize_q8k_with(isa, &x).iter().zip(&want) {
+                assert_eq!((g.d, g.qs, g.bsums), (w.d, w.qs, w.bsums), "{isa:?}");
+            }
+            let rows = quantize_rows(isa, &x[..2 * QK_K], 2);
+            assert_eq!(rows[1].qs, want[1].qs);
+        }
+    }
+
+    /// The many-row Q4_K product equals the scalar reference on every path, with rows not a
+    /// multiple of the 8-row tile and activation rows not a multiple of the kernel's 4.
+    #[test]
+    fn many_row_q4k_matches_reference_on_every_path() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(4);
+        for (rows, blocks, m) in [(8, 1, 4), (13, 2, 7), (3, 3, 5), (41, 1, 11), (16, 4, 1)] {
+            let cols = blocks * QK_K;
+            let w = random(&mut rng, rows * cols, 0.5);
+            let x = random(&mut rng, m * cols, 2.0);
+            let (_, bytes) = quantized(&w, rows, cols, GgmlDType::Q4K);
+            let mat = QRows::new(Format::Q4K, rows, cols, &bytes).unwrap();
+            let want = matvec(Isa::Scalar, &[mat], &x, m).remove(0);
+            for isa in Isa::available() {
+                let got = matmul_q4k(isa, &mat, &x, m);
+                assert_eq!(got.len(), want.len());
+                for (i, (g, e)) in got.iter().zip(&want).enumerate() {
+                    assert!(
+                        (g - e).abs() <= 1e-5 * (1.0 + e.abs()),
+                        "{isa:?} {rows}x{cols} m={m} at {i}: {g} vs {e}"
                     );
                 }
             }
