@@ -4,6 +4,7 @@
 //! time from the CPU's features, and a property test compares the two on random odd shapes
 //! (`tests` in each file). The models reach the kernels through `models::layers`, never directly.
 
+pub mod attention;
 pub mod qmatmul;
 
 /// The instruction set a kernel runs with on this CPU.

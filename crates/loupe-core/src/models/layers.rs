@@ -429,10 +429,59 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 /// so the score matrix never exceeds [`ATTENTION_BLOCK_BYTES`] (vision attention over thousands of
 /// patches would otherwise materialise gigabytes).
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, causal: bool) -> Result<Tensor> {
+    if causal {
+        if let Some(out) = decode_attention_in_place(q, k, v, scale)? {
+            return Ok(out);
+        }
+    }
     let (b, h, _, _) = q.dims4()?;
     let sk = k.dim(2)?;
     let rows = (ATTENTION_BLOCK_BYTES / (4 * b * h * sk).max(1)).max(16);
     attention_in_blocks(q, k, v, scale, causal, rows)
+}
+
+/// Causal attention of a few f32 query rows (decode) in our kernel, reading K and V where they lie in
+/// the cache; `None` when the operands do not fit it (then the general path runs).
+fn decode_attention_in_place(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+) -> Result<Option<Tensor>> {
+    use crate::kernels::attention::{decode_attention, Shape};
+    use crate::kernels::Isa;
+    let isa = Isa::detect();
+    let (b, h, sq, d) = q.dims4()?;
+    let (_, kvh, sk, _) = k.dims4()?;
+    let f32_cpu = [q, k, v]
+        .iter()
+        .all(|t| t.dtype() == DType::F32 && t.device().is_cpu());
+    if isa == Isa::Scalar || b != 1 || sq > MATVEC_MAX_ROWS || sq > sk || !f32_cpu {
+        return Ok(None);
+    }
+    let (ks, kl) = k.storage_and_layout();
+    let (vs, vl) = v.storage_and_layout();
+    let (candle_core::Storage::Cpu(kc), candle_core::Storage::Cpu(vc)) = (&*ks, &*vs) else {
+        return Ok(None);
+    };
+    let stride = kl.stride();
+    if stride != vl.stride() || stride[3] != 1 || kvh == 0 || h % kvh != 0 {
+        return Ok(None);
+    }
+    let kd = &kc.as_slice::<f32>()?[kl.start_offset()..];
+    let vd = &vc.as_slice::<f32>()?[vl.start_offset()..];
+    let shape = Shape {
+        heads: h,
+        kv_heads: kvh,
+        rows: sq,
+        dim: d,
+        keys: sk,
+        head_stride: stride[1],
+        row_stride: stride[2],
+    };
+    let qv = q.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+    let out = decode_attention(isa, &qv, kd, vd, shape, scale as f32);
+    Ok(Some(Tensor::from_vec(out, (b, h, sq, d), q.device())?))
 }
 
 /// [`attention`] with an explicit number of query rows per block.
