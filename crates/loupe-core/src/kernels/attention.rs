@@ -95,6 +95,8 @@ fn axpy(isa: Isa, p: f32, x: &[f32], o: &mut [f32]) {
 mod avx2 {
     use core::arch::x86_64::*;
 
+    use crate::kernels::x86::hsum256;
+
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
         let n = a.len().min(b.len());
@@ -113,10 +115,7 @@ mod avx2 {
             );
             i += 16;
         }
-        let s = _mm256_add_ps(s0, s1);
-        let s = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let mut sum = _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+        let mut sum = hsum256(_mm256_add_ps(s0, s1));
         for j in i..n {
             sum += a[j] * b[j];
         }

@@ -25,11 +25,7 @@ impl Isa {
             if std::env::var("LOUPE_KERNELS").is_ok_and(|v| v == "scalar") {
                 return Isa::Scalar;
             }
-            #[cfg(target_arch = "x86_64")]
-            if std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-                && std::arch::is_x86_feature_detected!("f16c")
-            {
+            if has_avx2() {
                 return Isa::Avx2;
             }
             Isa::Scalar
@@ -39,13 +35,41 @@ impl Isa {
     /// Every instruction set this CPU can run, for tests that check each path against the reference.
     pub fn available() -> Vec<Isa> {
         let mut v = vec![Isa::Scalar];
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2")
-            && std::arch::is_x86_feature_detected!("fma")
-            && std::arch::is_x86_feature_detected!("f16c")
-        {
+        if has_avx2() {
             v.push(Isa::Avx2);
         }
         v
+    }
+}
+
+/// Whether this CPU has what [`Isa::Avx2`] kernels use: AVX2, FMA and F16C.
+fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return std::arch::is_x86_feature_detected!("avx2")
+        && std::arch::is_x86_feature_detected!("fma")
+        && std::arch::is_x86_feature_detected!("f16c");
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// Small AVX helpers shared by the kernels' AVX2 paths.
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use core::arch::x86_64::*;
+
+    /// The sum of the 4 lanes.
+    #[inline(always)]
+    pub unsafe fn hsum128(s: __m128) -> f32 {
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+    }
+
+    /// The sum of the 8 lanes.
+    #[inline(always)]
+    pub unsafe fn hsum256(v: __m256) -> f32 {
+        hsum128(_mm_add_ps(
+            _mm256_castps256_ps128(v),
+            _mm256_extractf128_ps(v, 1),
+        ))
     }
 }

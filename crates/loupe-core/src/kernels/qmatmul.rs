@@ -53,6 +53,15 @@ pub struct BlockQ8K {
     pub bsums: [i16; QK_K / 16],
 }
 
+impl BlockQ8K {
+    /// All-zero activations (scale 0).
+    pub const ZERO: BlockQ8K = BlockQ8K {
+        d: 0.0,
+        qs: [0; QK_K],
+        bsums: [0; QK_K / 16],
+    };
+}
+
 const _: () = assert!(std::mem::size_of::<BlockQ4K>() == 144);
 const _: () = assert!(std::mem::size_of::<BlockQ6K>() == 210);
 const _: () = assert!(std::mem::size_of::<BlockQ8K>() == 292);
@@ -146,68 +155,58 @@ pub fn quantize_q8k(x: &[f32]) -> Vec<BlockQ8K> {
 
 /// [`quantize_q8k`] on a chosen path (the paths give identical blocks).
 pub fn quantize_q8k_with(isa: Isa, x: &[f32]) -> Vec<BlockQ8K> {
-    x.chunks_exact(QK_K)
-        .map(|xs| {
-            let mut b = BlockQ8K {
-                d: 0.0,
-                qs: [0; QK_K],
-                bsums: [0; QK_K / 16],
-            };
-            let (mut amax, mut max) = (0f32, 0f32);
-            for &v in xs {
-                if v.abs() > amax {
-                    amax = v.abs();
-                    max = v;
+    let mut out = vec![BlockQ8K::ZERO; x.len() / QK_K];
+    quantize_q8k_into(isa, x, &mut out);
+    out
+}
+
+/// [`quantize_q8k_with`] into `out` (`x.len() / 256` blocks).
+fn quantize_q8k_into(isa: Isa, x: &[f32], out: &mut [BlockQ8K]) {
+    for (xs, b) in x.chunks_exact(QK_K).zip(out) {
+        *b = BlockQ8K::ZERO;
+        let (mut amax, mut max) = (0f32, 0f32);
+        for &v in xs {
+            if v.abs() > amax {
+                amax = v.abs();
+                max = v;
+            }
+        }
+        if amax == 0.0 {
+            continue;
+        }
+        let iscale = -127.0 / max;
+        b.d = 1.0 / iscale;
+        match isa {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `Isa::Avx2` is only handed out when the CPU has AVX2.
+            Isa::Avx2 => unsafe { avx2::quantize_q8k_codes(xs, iscale, b) },
+            _ => {
+                for (q, &v) in b.qs.iter_mut().zip(xs) {
+                    *q = (iscale * v).round_ties_even().clamp(-128.0, 127.0) as i8;
+                }
+                for (s, qs) in b.bsums.iter_mut().zip(b.qs.chunks_exact(16)) {
+                    *s = qs.iter().map(|&q| q as i16).sum();
                 }
             }
-            if amax == 0.0 {
-                return b;
-            }
-            let iscale = -127.0 / max;
-            b.d = 1.0 / iscale;
-            match isa {
-                #[cfg(target_arch = "x86_64")]
-                // SAFETY: `Isa::Avx2` is only handed out when the CPU has AVX2.
-                Isa::Avx2 => unsafe { avx2::quantize_q8k_codes(xs, iscale, &mut b) },
-                _ => {
-                    for (q, &v) in b.qs.iter_mut().zip(xs) {
-                        *q = (iscale * v).round_ties_even().clamp(-128.0, 127.0) as i8;
-                    }
-                    for (s, qs) in b.bsums.iter_mut().zip(b.qs.chunks_exact(16)) {
-                        *s = qs.iter().map(|&q| q as i16).sum();
-                    }
-                }
-            }
-            b
-        })
-        .collect()
+        }
+    }
 }
 
 /// [`quantize_q8k`] of each of the `m` rows of `x`, rows spread over candle's thread pool.
 fn quantize_rows(isa: Isa, x: &[f32], m: usize) -> Vec<BlockQ8K> {
-    let k = x.len() / m.max(1);
     if m <= 1 {
         return quantize_q8k_with(isa, x);
     }
+    let k = x.len() / m;
     let kb = k / QK_K;
-    let empty = BlockQ8K {
-        d: 0.0,
-        qs: [0; QK_K],
-        bsums: [0; QK_K / 16],
-    };
-    let mut out = vec![empty; m * kb];
+    let mut out = vec![BlockQ8K::ZERO; m * kb];
     let ptr = out.as_mut_ptr() as usize;
     candle_core::utils::barrier_pool().execute_chunked(m, |rows| {
         for r in rows {
-            let blocks = quantize_q8k_with(isa, &x[r * k..(r + 1) * k]);
             // SAFETY: row r's blocks are written by this iteration alone, inside `out`.
-            unsafe {
-                std::ptr::copy_nonoverlapping(
-                    blocks.as_ptr(),
-                    (ptr as *mut BlockQ8K).add(r * kb),
-                    kb,
-                )
-            };
+            let dst =
+                unsafe { std::slice::from_raw_parts_mut((ptr as *mut BlockQ8K).add(r * kb), kb) };
+            quantize_q8k_into(isa, &x[r * k..(r + 1) * k], dst);
         }
     });
     out
@@ -551,6 +550,7 @@ mod avx2 {
     use core::arch::x86_64::*;
 
     use super::{BlockQ4K, BlockQ6K, BlockQ8K};
+    use crate::kernels::x86::{hsum128, hsum256};
 
     /// How far ahead of the block being read the weights are prefetched, in bytes.
     const PREFETCH: usize = 2048;
@@ -558,13 +558,6 @@ mod avx2 {
     #[inline(always)]
     unsafe fn h(bits: u16) -> f32 {
         _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
-    }
-
-    #[inline(always)]
-    unsafe fn hsum(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
     }
 
     #[inline(always)]
@@ -669,9 +662,7 @@ mod avx2 {
             }
             acc = _mm256_fmadd_ps(_mm256_set1_ps(a.d * h(b.d)), _mm256_cvtepi32_ps(sumi), acc);
         }
-        let m = _mm_add_ps(acc_min, _mm_movehl_ps(acc_min, acc_min));
-        let m = _mm_add_ss(m, _mm_movehdup_ps(m));
-        hsum(acc) - _mm_cvtss_f32(m)
+        hsum256(acc) - hsum128(acc_min)
     }
 
     /// Per half block (128 values): the four 32-value groups rebuilt from `ql` nibbles and `qh`
@@ -738,7 +729,7 @@ mod avx2 {
                 acc,
             );
         }
-        hsum(acc)
+        hsum256(acc)
     }
 }
 
