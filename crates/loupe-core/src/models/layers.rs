@@ -41,11 +41,8 @@ impl Matrix {
 
     /// `x W^T` for 2D `x`.
     fn matmul_t(&self, x: &Tensor) -> Result<Tensor> {
-        if let Some(mut y) = matvec_in_place(&[self], x)? {
+        if let Some(mut y) = product_in_place(&[self], x)? {
             return Ok(y.remove(0));
-        }
-        if let Some(y) = matmul_q4k_in_place(self, x)? {
-            return Ok(y);
         }
         Ok(match self {
             Matrix::Dense(w) => x.matmul(&w.t()?)?,
@@ -80,15 +77,16 @@ impl Matrix {
 /// weights are read once for all rows, so a few rows cost little more than one).
 const MATVEC_MAX_ROWS: usize = 4;
 
-/// `x W^T` for every matrix of `ms` (all `(out_i, in)`), with `x` quantized once, when all are
-/// block-quantized in a format our kernels read, `x` has at most [`MATVEC_MAX_ROWS`] rows, and the
-/// CPU has a SIMD path; `None` otherwise (then candle computes them).
-fn matvec_in_place(ms: &[&Matrix], x: &Tensor) -> Result<Option<Vec<Tensor>>> {
-    use crate::kernels::qmatmul::{matvec, Format, QRows};
+/// `x W^T` for every matrix of `ms` (all `(out_i, in)`) in our kernels, or `None` (then candle
+/// computes them). Needs a CPU with our SIMD path and every matrix block-quantized in a format the
+/// kernels read: at most [`MATVEC_MAX_ROWS`] rows of `x` go to the matrix-vector kernel (Q4_K, Q6_K;
+/// `x` quantized once for all matrices), more rows to the many-row kernel (Q4_K only).
+fn product_in_place(ms: &[&Matrix], x: &Tensor) -> Result<Option<Vec<Tensor>>> {
+    use crate::kernels::qmatmul::{matmul_q4k, matvec, Format, QRows};
     use crate::kernels::Isa;
     let isa = Isa::detect();
     let (m, k) = x.dims2()?;
-    if isa == Isa::Scalar || m > MATVEC_MAX_ROWS || !x.device().is_cpu() {
+    if isa == Isa::Scalar || !x.device().is_cpu() {
         return Ok(None);
     }
     let mut parts = Vec::with_capacity(ms.len());
@@ -101,7 +99,7 @@ fn matvec_in_place(ms: &[&Matrix], x: &Tensor) -> Result<Option<Vec<Tensor>>> {
         };
         let format = match t.dtype() {
             GgmlDType::Q4K => Format::Q4K,
-            GgmlDType::Q6K => Format::Q6K,
+            GgmlDType::Q6K if m <= MATVEC_MAX_ROWS => Format::Q6K,
             _ => return Ok(None),
         };
         let (rows, cols) = t.shape().dims2()?;
@@ -116,40 +114,17 @@ fn matvec_in_place(ms: &[&Matrix], x: &Tensor) -> Result<Option<Vec<Tensor>>> {
         return Ok(None);
     };
     let xv = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-    let outs = matvec(isa, &mats, &xv, m);
+    let outs = if m <= MATVEC_MAX_ROWS {
+        matvec(isa, &mats, &xv, m)
+    } else {
+        mats.iter().map(|q| matmul_q4k(isa, q, &xv, m)).collect()
+    };
     let outs = outs
         .into_iter()
         .zip(&mats)
         .map(|(y, q)| Ok(Tensor::from_vec(y, (m, q.rows()), x.device())?.to_dtype(x.dtype())?))
         .collect::<Result<Vec<_>>>()?;
     Ok(Some(outs))
-}
-
-/// `x W^T` for many rows of `x` when `W` is Q4_K and the CPU has our SIMD path; `None` otherwise.
-fn matmul_q4k_in_place(w: &Matrix, x: &Tensor) -> Result<Option<Tensor>> {
-    use crate::kernels::qmatmul::{matmul_q4k, Format, QRows};
-    use crate::kernels::Isa;
-    let isa = Isa::detect();
-    let (m, k) = x.dims2()?;
-    let (Matrix::Quantized(q), Isa::Avx2, true) = (w, isa, x.device().is_cpu()) else {
-        return Ok(None);
-    };
-    let QMatMul::QTensor(t) = q.as_ref() else {
-        return Ok(None);
-    };
-    if t.dtype() != GgmlDType::Q4K {
-        return Ok(None);
-    }
-    let (rows, cols) = t.shape().dims2()?;
-    let data = t.data()?;
-    let Some(mat) = QRows::new(Format::Q4K, rows, cols, &data).filter(|_| cols == k) else {
-        return Ok(None);
-    };
-    let xv = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-    let y = matmul_q4k(isa, &mat, &xv, m);
-    Ok(Some(
-        Tensor::from_vec(y, (m, rows), x.device())?.to_dtype(x.dtype())?,
-    ))
 }
 
 /// Rows from which a quantized product without a fast many-row kernel runs as dequantize + f32 gemm.
@@ -216,12 +191,12 @@ impl Linear {
         self.finish(self.weight.matmul_t(&x2)?, &dims)
     }
 
-    /// The forward of several projections of the same input (q/k/v, gate/up): at decode, one
-    /// quantization of `x` and one parallel region for all of them.
+    /// The forward of several projections of the same input (q/k/v, gate/up): in our kernels when
+    /// all of them can be (at decode, one quantization of `x` and one parallel region for all).
     pub fn forward_many(layers: &[&Linear], x: &Tensor) -> Result<Vec<Tensor>> {
         let (x2, dims) = Self::rows_of(x)?;
         let weights: Vec<&Matrix> = layers.iter().map(|l| &l.weight).collect();
-        match matvec_in_place(&weights, &x2)? {
+        match product_in_place(&weights, &x2)? {
             Some(ys) => layers
                 .iter()
                 .zip(ys)
@@ -773,9 +748,9 @@ impl Taps {
 mod tests {
     use super::*;
 
-    /// At decode, quantized projections run in our in-place kernels (when the CPU has a SIMD path)
-    /// and agree with candle's product on the same blocks; a fused q/k/v-style call equals the
-    /// separate calls, bias included; many rows still go to candle.
+    /// Quantized projections run in our in-place kernels (when the CPU has a SIMD path) and agree
+    /// with candle's product on the same blocks; a fused q/k/v-style call equals the separate calls,
+    /// bias included; many rows of Q6_K still go to candle.
     #[test]
     fn quantized_decode_projections_match_candle() {
         let dev = Device::Cpu;
@@ -819,13 +794,14 @@ mod tests {
                 assert_eq!(alone.to_vec1::<f32>().unwrap(), got);
             }
         }
-        let wide = Tensor::zeros((1, MATVEC_MAX_ROWS + 1, k), DType::F32, &dev).unwrap();
-        assert!(matvec_in_place(
-            &[&a.weight],
-            &wide.reshape((MATVEC_MAX_ROWS + 1, k)).unwrap()
-        )
-        .unwrap()
-        .is_none());
+        // Q6_K has no many-row kernel of ours: candle multiplies it.
+        let wide = Tensor::zeros((MATVEC_MAX_ROWS + 1, k), DType::F32, &dev).unwrap();
+        assert!(product_in_place(&[&b.weight], &wide).unwrap().is_none());
+        let has_simd = crate::kernels::Isa::detect() != crate::kernels::Isa::Scalar;
+        assert_eq!(
+            product_in_place(&[&a.weight], &wide).unwrap().is_some(),
+            has_simd
+        );
     }
 
     /// Plain attention, one head at a time, as the reference for the blocked and grouped version.
