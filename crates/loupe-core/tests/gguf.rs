@@ -5,7 +5,7 @@
 mod common;
 
 use candle_core::DType;
-use loupe_core::generate::{GenerateParams, SamplingParams};
+use common::greedy;
 use loupe_core::tokenize::Message;
 use loupe_core::{Engine, LoadOptions};
 use serde_json::Value;
@@ -23,17 +23,6 @@ fn load(path: &std::path::Path) -> Engine {
         },
     )
     .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-}
-
-/// Greedy decoding of at most `max_tokens`, stopping at the model's end-of-sequence ids.
-fn greedy(e: &Engine, max_tokens: usize) -> GenerateParams {
-    GenerateParams {
-        max_tokens,
-        sampling: SamplingParams::default(),
-        stop_strings: vec![],
-        eos_token_ids: e.eos_token_ids(),
-        grammar: None,
-    }
 }
 
 fn reference() -> Vec<Value> {

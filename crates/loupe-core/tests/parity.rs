@@ -7,7 +7,6 @@ mod common;
 
 use candle_core::DType;
 use common::*;
-use loupe_core::generate::{GenerateParams, SamplingParams};
 use loupe_core::image::{ImageInput, Preprocessor};
 use loupe_core::load::config::PreprocessorConfig;
 use loupe_core::tokenize::Message;
@@ -250,16 +249,6 @@ fn logits_match_at_every_position() {
     }
 }
 
-fn greedy(max_tokens: usize, e: &Engine) -> GenerateParams {
-    GenerateParams {
-        max_tokens,
-        sampling: SamplingParams::default(),
-        stop_strings: vec![],
-        eos_token_ids: e.eos_token_ids(),
-        grammar: None,
-    }
-}
-
 #[test]
 fn greedy_tokens_match_from_reference_inputs() {
     let px = prompt_pixels();
@@ -269,7 +258,7 @@ fn greedy_tokens_match_from_reference_inputs() {
         for p in prompts(&r) {
             let pname = p["name"].as_str().unwrap();
             let prompt = reference_prompt(&r, &px, pname);
-            let out = e.generate(&prompt, &greedy(20, &e), &mut |_| {}).unwrap();
+            let out = e.generate(&prompt, &greedy(&e, 20), &mut |_| {}).unwrap();
             assert_eq!(
                 out.tokens,
                 r.ids(&format!("{pname}/greedy_tokens")),
@@ -293,7 +282,7 @@ fn greedy_tokens_match_end_to_end_from_files() {
         for p in prompts(&r) {
             let pname = p["name"].as_str().unwrap();
             let (_, prompt) = prompt_from_files(&e, &p);
-            let out = e.generate(&prompt, &greedy(20, &e), &mut |_| {}).unwrap();
+            let out = e.generate(&prompt, &greedy(&e, 20), &mut |_| {}).unwrap();
             assert_eq!(
                 out.tokens,
                 r.ids(&format!("{pname}/greedy_tokens")),
@@ -350,7 +339,7 @@ fn a_generated_image_placeholder_is_embedded_as_text() {
         pixels: Default::default(),
     };
     let err = e
-        .generate(&prompt, &greedy(2, &e), &mut |_| {})
+        .generate(&prompt, &greedy(&e, 2), &mut |_| {})
         .unwrap_err();
     assert!(err.to_string().contains("no images"), "{err}");
 }

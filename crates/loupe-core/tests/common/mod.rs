@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use candle_core::{Device, Tensor};
-use loupe_core::generate::Prompt;
+use loupe_core::generate::{GenerateParams, Prompt, SamplingParams};
 use loupe_core::image::PixelBatch;
 use loupe_core::Engine;
 use serde_json::Value;
@@ -155,4 +155,15 @@ pub fn prompt_logits(e: &Engine, prompt: &Prompt) -> Tensor {
     e.model
         .forward(&embeds, &pos, &mut e.model.new_cache(), true)
         .unwrap()
+}
+
+/// Greedy decoding of at most `max_tokens`, stopping at the model's end-of-sequence ids.
+pub fn greedy(e: &Engine, max_tokens: usize) -> GenerateParams {
+    GenerateParams {
+        max_tokens,
+        sampling: SamplingParams::default(),
+        stop_strings: vec![],
+        eos_token_ids: e.eos_token_ids(),
+        grammar: None,
+    }
 }
