@@ -74,6 +74,16 @@ pub enum Format {
 }
 
 impl Format {
+    /// The format of a GGML type, when these kernels read it.
+    pub fn of(q: candle_core::quantized::GgmlDType) -> Option<Self> {
+        use candle_core::quantized::GgmlDType as G;
+        match q {
+            G::Q4K => Some(Format::Q4K),
+            G::Q6K => Some(Format::Q6K),
+            _ => None,
+        }
+    }
+
     pub fn block_bytes(self) -> usize {
         match self {
             Format::Q4K => std::mem::size_of::<BlockQ4K>(),

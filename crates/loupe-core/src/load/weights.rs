@@ -1,18 +1,143 @@
-//! Safetensors weights, memory-mapped. A tensor's bytes are read from the mapping once, straight into
-//! the tensor that the model keeps, and the mapped pages are released right after, so peak memory
-//! stays near one copy of the model.
+//! Weights, memory-mapped: safetensors (across shards) and GGUF files.
+//!
+//! A float tensor's bytes are read from the mapping once, straight into the tensor that the model
+//! keeps, and the mapped pages are released right after, so peak memory stays near one copy of the
+//! model. A block-quantized matrix of a GGUF file is not copied at all: it stays in the mapping
+//! ([`QMatrix`]) and our kernels read its blocks there, so loading a quantized model costs the header
+//! and the few float tensors, not a pass over the file.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
-use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
+use candle_core::quantized::{ggml_file, gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Tensor};
 use memmap2::Mmap;
 use safetensors::tensor::TensorInfo;
 
 use crate::error::{Error, Result};
+use crate::kernels::qmatmul::{Format, QRows};
+
+/// A block-quantized `(rows, cols)` matrix. Its GGML blocks stay where they are: in the memory-mapped
+/// GGUF file, or in the tensor made when quantizing at load. Our kernels (`kernels::qmatmul`) and the
+/// embedding lookup read them in place; candle's copy is made on first use only where a product has
+/// no kernel of ours (another format, many rows of Q6_K, a CPU without our SIMD path), and then the
+/// mapped pages are released, so memory still holds one copy.
+pub struct QMatrix {
+    dtype: GgmlDType,
+    rows: usize,
+    cols: usize,
+    /// The file mapping and the byte offset of the blocks in it.
+    mapped: Option<(Arc<Mmap>, usize)>,
+    /// Where candle's copy goes.
+    device: Device,
+    candle: OnceLock<QMatMul>,
+}
+
+impl std::fmt::Debug for QMatrix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QMatrix")
+            .field("dtype", &self.dtype)
+            .field("rows", &self.rows)
+            .field("cols", &self.cols)
+            .field("mapped", &self.mapped.is_some())
+            .finish()
+    }
+}
+
+impl QMatrix {
+    /// A matrix quantized in memory (at load, or by a test).
+    pub fn from_qtensor(t: QTensor) -> Result<Self> {
+        let (rows, cols) = t.shape().dims2()?;
+        let dtype = t.dtype();
+        Ok(QMatrix {
+            dtype,
+            rows,
+            cols,
+            mapped: None,
+            device: t.device(),
+            candle: OnceLock::from(QMatMul::QTensor(Arc::new(t))),
+        })
+    }
+
+    pub fn dtype(&self) -> GgmlDType {
+        self.dtype
+    }
+
+    /// `(rows, cols)`.
+    pub fn dims(&self) -> (usize, usize) {
+        (self.rows, self.cols)
+    }
+
+    fn byte_len(&self) -> usize {
+        self.rows * self.cols / self.dtype.block_size() * self.dtype.type_size()
+    }
+
+    /// The GGML blocks, row-major: in the mapping until candle's copy exists, then in that copy.
+    pub fn blocks(&self) -> Result<Cow<'_, [u8]>> {
+        match (self.candle.get(), &self.mapped) {
+            (Some(QMatMul::QTensor(t)), _) => Ok(t.data()?),
+            (_, Some((map, at))) => Ok(Cow::Borrowed(&map[*at..*at + self.byte_len()])),
+            _ => Err(candle_core::Error::Msg("quantized matrix without blocks".into()).into()),
+        }
+    }
+
+    /// The blocks as our kernels read them, when they read this format (and the blocks are aligned).
+    pub fn with_rows<T>(&self, f: impl FnOnce(QRows) -> T) -> Result<Option<T>> {
+        let Some(format) = Format::of(self.dtype) else {
+            return Ok(None);
+        };
+        let data = self.blocks()?;
+        Ok(QRows::new(format, self.rows, self.cols, &data).map(f))
+    }
+
+    /// candle's form of the matrix, made from the blocks on first use (the mapped pages are released
+    /// once it is made: from then on they are read from candle's copy).
+    pub fn candle(&self) -> Result<&QMatMul> {
+        if let Some(q) = self.candle.get() {
+            return Ok(q);
+        }
+        let Some((map, at)) = &self.mapped else {
+            return Err(candle_core::Error::Msg("quantized matrix without blocks".into()).into());
+        };
+        let bytes = &map[*at..*at + self.byte_len()];
+        let t = ggml_file::qtensor_from_ggml(
+            self.dtype,
+            bytes,
+            vec![self.rows, self.cols],
+            &self.device,
+        )?;
+        let q = self.candle.get_or_init(|| QMatMul::QTensor(Arc::new(t)));
+        release(map, *at, self.byte_len());
+        Ok(q)
+    }
+
+    /// Rows `ids` expanded to f32 `(ids.len(), cols)` (embedding lookup).
+    pub fn rows_f32(&self, ids: &Tensor) -> Result<Tensor> {
+        let want = ids.to_dtype(DType::U32)?.to_vec1::<u32>()?;
+        if let Some(&bad) = want.iter().find(|&&id| id as usize >= self.rows) {
+            return Err(candle_core::Error::Msg(format!(
+                "token id {bad} is outside the embedding table ({} rows)",
+                self.rows
+            ))
+            .into());
+        }
+        let cols = self.cols;
+        let looked_up = self.with_rows(|q| {
+            let mut out = vec![0f32; want.len() * cols];
+            for (&id, row) in want.iter().zip(out.chunks_exact_mut(cols)) {
+                q.dequantize_row(id as usize, row);
+            }
+            out
+        })?;
+        match looked_up {
+            Some(out) => Ok(Tensor::from_vec(out, (want.len(), cols), ids.device())?),
+            None => Ok(self.candle()?.embedding(ids)?),
+        }
+    }
+}
 
 struct MappedFile {
     path: PathBuf,
@@ -23,12 +148,21 @@ struct MappedFile {
 /// Which format (if any) a tensor takes when the user asks for a quantization: the model's policy.
 pub type QuantPolicy = fn(&str, GgmlDType) -> Option<GgmlDType>;
 
-/// Every tensor of a checkpoint, by name: safetensors (mapped, across shards), or a GGUF written by
-/// `loupe quantize` (its tensors read once, already quantized).
+/// Where a tensor of a GGUF file lies in its mapping.
+struct GgufTensor {
+    dtype: GgmlDType,
+    shape: Vec<usize>,
+    start: usize,
+    len: usize,
+}
+
+/// Every tensor of a checkpoint, by name: safetensors (mapped, across shards), or one GGUF file
+/// (mapped; its block-quantized matrices are used where they lie).
 pub struct Weights {
     files: Vec<MappedFile>,
     index: HashMap<String, (usize, TensorInfo)>,
-    gguf: HashMap<String, Arc<QTensor>>,
+    gguf: HashMap<String, GgufTensor>,
+    gguf_map: Option<Arc<Mmap>>,
     gguf_path: Option<PathBuf>,
     device: Device,
     dtype: DType,
@@ -84,6 +218,7 @@ impl Weights {
             files,
             index,
             gguf: HashMap::new(),
+            gguf_map: None,
             gguf_path: None,
             device: device.clone(),
             dtype,
@@ -105,17 +240,43 @@ impl Weights {
                 crate::error::first_line(&e)
             ),
         };
-        let mut file = File::open(path).map_err(|e| Error::io(path, e))?;
-        let content = gguf_file::Content::read(&mut file).map_err(bad)?;
+        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        // SAFETY: as for safetensors above: a read-only mapping of a file we do not modify.
+        let map = Arc::new(unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?);
+        let content = gguf_file::Content::read(&mut std::io::Cursor::new(&map[..])).map_err(bad)?;
         let mut gguf = HashMap::new();
-        for name in content.tensor_infos.keys() {
-            let t = content.tensor(&mut file, name, device).map_err(bad)?;
-            gguf.insert(sanitize(name), Arc::new(t));
+        for (name, info) in &content.tensor_infos {
+            let (dtype, elems) = (info.ggml_dtype, info.shape.elem_count());
+            let len = elems / dtype.block_size() * dtype.type_size();
+            let start = usize::try_from(content.tensor_data_offset.saturating_add(info.offset))
+                .unwrap_or(usize::MAX);
+            if !elems.is_multiple_of(dtype.block_size()) || start.saturating_add(len) > map.len() {
+                return Err(Error::Weights {
+                    path: path.into(),
+                    msg: format!(
+                        "tensor `{name}` ({dtype:?}, {:?}) needs {len} bytes at offset {start}, \
+                         the file has {}; is it truncated or corrupt?",
+                        info.shape.dims(),
+                        map.len()
+                    ),
+                });
+            }
+            let shape = info.shape.dims().to_vec();
+            gguf.insert(
+                sanitize(name),
+                GgufTensor {
+                    dtype,
+                    shape,
+                    start,
+                    len,
+                },
+            );
         }
         Ok(Weights {
             files: Vec::new(),
             index: HashMap::new(),
             gguf,
+            gguf_map: Some(map),
             gguf_path: Some(path.into()),
             device: device.clone(),
             dtype,
@@ -136,7 +297,7 @@ impl Weights {
         self.index
             .get(name)
             .map(|(_, i)| i.shape.clone())
-            .or_else(|| self.gguf.get(name).map(|t| t.shape().dims().to_vec()))
+            .or_else(|| self.gguf.get(name).map(|t| t.shape.clone()))
     }
 
     pub fn dtype(&self) -> DType {
@@ -162,15 +323,27 @@ impl Weights {
             .filter(|q| in_dim.is_multiple_of(q.block_size()))
     }
 
-    /// A tensor stored block-quantized (GGUF), shape-checked; `None` when it is stored as floats.
-    pub fn get_quantized(&self, name: &str, shape: &[usize]) -> Result<Option<Arc<QTensor>>> {
-        match self.gguf.get(name) {
-            Some(t) if is_block_quantized(t.dtype()) => {
-                self.check_shape(name, t.shape().dims(), shape)?;
-                Ok(Some(t.clone()))
-            }
-            _ => Ok(None),
+    /// A matrix stored block-quantized (GGUF), shape-checked, left in the file mapping; `None` when
+    /// it is stored as floats.
+    pub fn get_quantized(&self, name: &str, shape: &[usize]) -> Result<Option<QMatrix>> {
+        let (Some(t), Some(map)) = (self.gguf.get(name), &self.gguf_map) else {
+            return Ok(None);
+        };
+        if !is_block_quantized(t.dtype) {
+            return Ok(None);
         }
+        self.check_shape(name, &t.shape, shape)?;
+        let &[rows, cols] = shape else {
+            return Ok(None);
+        };
+        Ok(Some(QMatrix {
+            dtype: t.dtype,
+            rows,
+            cols,
+            mapped: Some((map.clone(), t.start)),
+            device: self.device.clone(),
+            candle: OnceLock::new(),
+        }))
     }
 
     fn check_shape(&self, name: &str, found: &[usize], expected: &[usize]) -> Result<()> {
@@ -220,15 +393,15 @@ impl Weights {
             .gguf
             .iter()
             .filter(|(n, _)| n.starts_with(prefix))
-            .map(|(_, t)| t.shape().elem_count())
+            .map(|(_, t)| t.shape.iter().product::<usize>())
             .sum();
         st + gg
     }
 
     /// The stored dtype of the largest tensor (what the checkpoint "is").
     pub fn stored_dtype(&self) -> Option<String> {
-        if let Some(t) = self.gguf.values().max_by_key(|t| t.shape().elem_count()) {
-            return Some(format!("{:?}", t.dtype()).to_lowercase());
+        if let Some(t) = self.gguf.values().max_by_key(|t| t.len) {
+            return Some(format!("{:?}", t.dtype).to_lowercase());
         }
         self.index
             .values()
@@ -243,20 +416,28 @@ impl Weights {
 
     /// Loads `name` in an explicit dtype (norms and biases may be kept in f32).
     pub fn get_as(&self, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
-        if let Some(t) = self.gguf.get(name) {
-            let stored = t.shape().dims();
+        if let (Some(t), Some(map)) = (self.gguf.get(name), &self.gguf_map) {
             // Tensors of more than 4 dims are stored as (dim0, rest) (GGUF's limit).
             let flattened = shape.len() > 4
-                && stored.len() == 2
-                && stored[0] == shape[0]
-                && stored[1] == shape[1..].iter().product::<usize>();
+                && t.shape.len() == 2
+                && t.shape[0] == shape[0]
+                && t.shape[1] == shape[1..].iter().product::<usize>();
             if !flattened {
-                self.check_shape(name, stored, shape)?;
+                self.check_shape(name, &t.shape, shape)?;
             }
-            return Ok(t
-                .dequantize(&self.device)?
-                .reshape(shape)?
-                .to_dtype(dtype)?);
+            let bytes = &map[t.start..t.start + t.len];
+            let out = match t.dtype {
+                GgmlDType::F32 => Tensor::from_raw_buffer(bytes, DType::F32, shape, &self.device)?,
+                GgmlDType::F16 => Tensor::from_raw_buffer(bytes, DType::F16, shape, &self.device)?,
+                GgmlDType::BF16 => {
+                    Tensor::from_raw_buffer(bytes, DType::BF16, shape, &self.device)?
+                }
+                q => ggml_file::qtensor_from_ggml(q, bytes, t.shape.clone(), &self.device)?
+                    .dequantize(&self.device)?
+                    .reshape(shape)?,
+            };
+            release(map, t.start, t.len);
+            return Ok(out.to_dtype(dtype)?);
         }
         let (file_idx, info) = self.index.get(name).ok_or_else(|| Error::MissingTensor {
             name: name.into(),
@@ -281,30 +462,26 @@ impl Weights {
         let (start, end) = info.data_offsets;
         let bytes = &file.mmap[file.data_start + start..file.data_start + end];
         let t = Tensor::from_raw_buffer(bytes, src_dtype, shape, &self.device)?;
-        self.release(file, file.data_start + start, end - start);
+        release(&file.mmap, file.data_start + start, end - start);
         Ok(if src_dtype == dtype {
             t
         } else {
             t.to_dtype(dtype)?
         })
     }
+}
 
-    /// Drops the mapped pages of a tensor we have copied, so they stop counting against memory.
-    fn release(&self, file: &MappedFile, offset: usize, len: usize) {
-        const PAGE: usize = 4096;
-        let first = offset.div_ceil(PAGE) * PAGE;
-        let last = (offset + len) / PAGE * PAGE;
-        if last > first {
-            // SAFETY: the range lies inside a read-only file mapping; dropping its pages only means they
-            // are read again from the file if touched, which no slice we still hold does.
-            let _ = unsafe {
-                file.mmap.unchecked_advise_range(
-                    memmap2::UncheckedAdvice::DontNeed,
-                    first,
-                    last - first,
-                )
-            };
-        }
+/// Drops the mapped pages of a tensor we have copied, so they stop counting against memory.
+fn release(map: &Mmap, offset: usize, len: usize) {
+    const PAGE: usize = 4096;
+    let first = offset.div_ceil(PAGE) * PAGE;
+    let last = (offset + len) / PAGE * PAGE;
+    if last > first {
+        // SAFETY: the range lies inside a read-only file mapping; dropping its pages only means they
+        // are read again from the file if touched.
+        let _ = unsafe {
+            map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, first, last - first)
+        };
     }
 }
 
@@ -320,4 +497,133 @@ fn candle_dtype(d: safetensors::Dtype) -> Option<DType> {
         S::I64 => DType::I64,
         _ => return None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Module;
+
+    fn matrix(rows: usize, cols: usize, seed: f32) -> Tensor {
+        let v: Vec<f32> = (0..rows * cols)
+            .map(|i| (i as f32 * 0.618 + seed).sin() * (1.0 + (i % 7) as f32))
+            .collect();
+        Tensor::from_vec(v, (rows, cols), &Device::Cpu).unwrap()
+    }
+
+    /// A GGUF file with a Q4_K, a Q6_K, a Q8_0 and an f32 tensor; returns its path and the tensors.
+    fn write_gguf(name: &str) -> (PathBuf, Vec<(String, QTensor)>) {
+        let dir = std::env::temp_dir().join(format!("loupe-weights-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("model.gguf");
+        let tensors: Vec<(String, QTensor)> = [
+            ("a.weight", GgmlDType::Q4K, 5, 512),
+            ("b.weight", GgmlDType::Q6K, 3, 256),
+            ("c.weight", GgmlDType::Q8_0, 4, 64),
+            ("n.weight", GgmlDType::F32, 1, 40),
+        ]
+        .into_iter()
+        .enumerate()
+        .map(|(i, (n, q, r, c))| {
+            let t = QTensor::quantize(&matrix(r, c, i as f32), q).unwrap();
+            (n.to_string(), t)
+        })
+        .collect();
+        let refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        let mut f = File::create(&path).unwrap();
+        gguf_file::write(&mut f, &[], &refs).unwrap();
+        (path, tensors)
+    }
+
+    fn open(path: &Path) -> Weights {
+        Weights::open(&[path.into()], DType::F32, &Device::Cpu, |s| s.to_string()).unwrap()
+    }
+
+    fn values(t: &Tensor) -> Vec<f32> {
+        t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    }
+
+    /// Quantized matrices of a GGUF file are used where they lie: the same blocks as written, the
+    /// same embedding rows and products as candle's in-memory copy, before and after that copy is
+    /// made from the mapping; float tensors are read as written.
+    #[test]
+    fn gguf_matrices_are_read_in_place() {
+        let (path, tensors) = write_gguf("in-place");
+        let w = open(&path);
+        for (name, t) in &tensors {
+            let (rows, cols) = t.shape().dims2().unwrap();
+            let Some(q) = w.get_quantized(name, &[rows, cols]).unwrap() else {
+                assert_eq!(t.dtype(), GgmlDType::F32, "{name}");
+                let got = w.get(name, &[rows, cols]).unwrap();
+                assert_eq!(values(&got), values(&t.dequantize(&Device::Cpu).unwrap()));
+                continue;
+            };
+            assert!(q.mapped.is_some() && q.candle.get().is_none(), "{name}");
+            assert_eq!(
+                q.blocks().unwrap().as_ref(),
+                t.data().unwrap().as_ref(),
+                "{name}"
+            );
+            let ids = Tensor::new(&[rows as u32 - 1, 0, 1], &Device::Cpu).unwrap();
+            let want_rows = values(
+                &t.dequantize(&Device::Cpu)
+                    .unwrap()
+                    .index_select(&ids, 0)
+                    .unwrap(),
+            );
+            assert_eq!(values(&q.rows_f32(&ids).unwrap()), want_rows, "{name}");
+            let x = matrix(2, cols, 9.0);
+            let copy = ggml_file::qtensor_from_ggml(
+                t.dtype(),
+                &t.data().unwrap(),
+                vec![rows, cols],
+                &Device::Cpu,
+            );
+            let want = values(
+                &QMatMul::from_qtensor(copy.unwrap())
+                    .unwrap()
+                    .forward(&x)
+                    .unwrap(),
+            );
+            let got = values(&q.candle().unwrap().forward(&x).unwrap());
+            assert_eq!(got, want, "{name}");
+            // Once candle's copy exists (and the mapped pages were released), the same blocks and rows.
+            assert_eq!(
+                q.blocks().unwrap().as_ref(),
+                t.data().unwrap().as_ref(),
+                "{name}"
+            );
+            assert_eq!(values(&q.rows_f32(&ids).unwrap()), want_rows, "{name}");
+            let outside = Tensor::new(&[rows as u32], &Device::Cpu).unwrap();
+            let err = q.rows_f32(&outside).unwrap_err().to_string();
+            assert!(err.contains(&format!("token id {rows}")), "{err}");
+        }
+        let err = w
+            .get_quantized("a.weight", &[5, 256])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("a.weight"), "{err}");
+        std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+    }
+
+    /// A GGUF file cut short names the tensor that does not fit, instead of reading past the end.
+    #[test]
+    fn a_truncated_gguf_names_the_missing_tensor() {
+        let (path, _) = write_gguf("truncated");
+        let len = std::fs::metadata(&path).unwrap().len();
+        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        f.set_len(len - 100).unwrap();
+        drop(f);
+        let err = Weights::open(std::slice::from_ref(&path), DType::F32, &Device::Cpu, |s| {
+            s.to_string()
+        })
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(
+            err.contains("n.weight") && err.contains("truncated"),
+            "{err}"
+        );
+        std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+    }
 }
