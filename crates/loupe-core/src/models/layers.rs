@@ -8,30 +8,31 @@ use candle_core::{DType, Device, Module, Tensor};
 
 use crate::error::Result;
 use crate::load::config::Qwen2VlConfig;
-use crate::load::weights::Weights;
+use crate::load::weights::{QMatrix, Weights};
 
 /// A weight matrix `(out, in)`: dense in the compute dtype, or GGML block-quantized (then the product
 /// runs with f32 activations: a few rows (decode) in our in-place kernels where the CPU and format
 /// have one, and Q4_K with many rows (prefill, vision) too, `kernels::qmatmul`; otherwise candle's
-/// runtime-dispatched AVX2 / AVX-512-VNNI / NEON kernels).
+/// runtime-dispatched AVX2 / AVX-512-VNNI / NEON kernels). A quantized matrix of a GGUF file stays
+/// in the file mapping.
 #[derive(Debug, Clone)]
 pub enum Matrix {
     Dense(Tensor),
-    Quantized(Arc<QMatMul>),
+    Quantized(Arc<QMatrix>),
 }
 
 impl Matrix {
     /// Quantizes an f32 `(out, in)` matrix.
     pub fn quantize(t: &Tensor, q: GgmlDType) -> Result<Self> {
         let qt = QTensor::quantize(&t.to_dtype(DType::F32)?, q)?;
-        Ok(Matrix::Quantized(Arc::new(QMatMul::from_qtensor(qt)?)))
+        Ok(Matrix::Quantized(Arc::new(QMatrix::from_qtensor(qt)?)))
     }
 
-    /// Loads `name` as `(out, in)`: as stored when the file holds it quantized (a GGUF written by
-    /// `loupe quantize`), else quantized at load as the weights' policy says, else dense.
+    /// Loads `name` as `(out, in)`: as stored when the file holds it quantized (a GGUF file, left
+    /// in its mapping), else quantized at load as the weights' policy says, else dense.
     pub fn load(w: &Weights, name: &str, out_dim: usize, in_dim: usize) -> Result<Self> {
         if let Some(q) = w.get_quantized(name, &[out_dim, in_dim])? {
-            return Ok(Matrix::Quantized(Arc::new(QMatMul::from_arc(q)?)));
+            return Ok(Matrix::Quantized(Arc::new(q)));
         }
         match w.quant_for(name, in_dim) {
             Some(q) => Self::quantize(&w.get_as(name, &[out_dim, in_dim], DType::F32)?, q),
@@ -48,7 +49,7 @@ impl Matrix {
             Matrix::Dense(w) => x.matmul(&w.t()?)?,
             Matrix::Quantized(q) => {
                 let xf = x.to_dtype(DType::F32)?;
-                let y = match q.as_ref() {
+                let y = match q.candle()? {
                     // candle 0.11's x86 kernels for many rows cover Q4_K and Q6_K; Q8_0, Q4_0 and Q5_K
                     // fall back to a plain dot-product loop (~29 GFLOP/s on 2 AVX2 cores against 180 for
                     // f32 gemm), so for prefill and vision we expand the blocks to f32 per call instead.
@@ -57,7 +58,7 @@ impl Matrix {
                     {
                         xf.matmul(&t.dequantize(x.device())?.t()?)?
                     }
-                    _ => q.forward(&xf)?,
+                    candle => candle.forward(&xf)?,
                 };
                 y.to_dtype(x.dtype())?
             }
@@ -68,7 +69,7 @@ impl Matrix {
     fn rows(&self, ids: &Tensor) -> Result<Tensor> {
         Ok(match self {
             Matrix::Dense(w) => w.index_select(ids, 0)?,
-            Matrix::Quantized(q) => q.embedding(ids)?,
+            Matrix::Quantized(q) => q.rows_f32(ids)?,
         })
     }
 }
@@ -94,20 +95,16 @@ fn product_in_place(ms: &[&Matrix], x: &Tensor) -> Result<Option<Vec<Tensor>>> {
         let Matrix::Quantized(q) = matrix else {
             return Ok(None);
         };
-        let QMatMul::QTensor(t) = q.as_ref() else {
-            return Ok(None);
-        };
-        let format = match t.dtype() {
-            GgmlDType::Q4K => Format::Q4K,
-            GgmlDType::Q6K if m <= MATVEC_MAX_ROWS => Format::Q6K,
+        let format = match Format::of(q.dtype()) {
+            Some(f @ Format::Q4K) => f,
+            Some(f @ Format::Q6K) if m <= MATVEC_MAX_ROWS => f,
             _ => return Ok(None),
         };
-        let (rows, cols) = t.shape().dims2()?;
-        parts.push((format, rows, cols, t.data()?));
+        parts.push((format, q.dims(), q.blocks()?));
     }
     let Some(mats) = parts
         .iter()
-        .map(|(format, rows, cols, data)| QRows::new(*format, *rows, *cols, data))
+        .map(|(format, (rows, cols), data)| QRows::new(*format, *rows, *cols, data))
         .collect::<Option<Vec<_>>>()
         .filter(|mats| mats.iter().all(|q| q.cols() == k))
     else {
@@ -682,6 +679,9 @@ pub fn vision_attention(
     let k = rope(&qkv.get(1)?.unsqueeze(0)?, cos, sin)?;
     let v = qkv.get(2)?.unsqueeze(0)?.contiguous()?;
     let scale = 1.0 / (head_dim as f64).sqrt();
+    if let Some(attn) = segment_attention_in_place(&q, &k, &v, scale, segments)? {
+        return proj.forward(&attn);
+    }
     let mut outs = Vec::with_capacity(segments.len());
     let mut start = 0;
     for &len in segments {
@@ -699,6 +699,52 @@ pub fn vision_attention(
         .transpose(0, 1)?
         .reshape((n, heads * head_dim))?;
     proj.forward(&attn)
+}
+
+/// Attention within `segments` of `(1, heads, n, dim)` f32 operands in our kernel, returned as
+/// `(n, heads * dim)`; `None` when they do not fit it (then the general path runs).
+fn segment_attention_in_place(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    segments: &[usize],
+) -> Result<Option<Tensor>> {
+    use crate::kernels::attention::segment_attention;
+    use crate::kernels::Isa;
+    let isa = Isa::detect();
+    let (b, heads, n, dim) = q.dims4()?;
+    let fits = isa != Isa::Scalar
+        && b == 1
+        && segments.iter().sum::<usize>() == n
+        && [q, k, v].iter().all(|t| {
+            t.dtype() == DType::F32
+                && t.device().is_cpu()
+                && t.dims4().ok() == Some((b, heads, n, dim))
+        });
+    if !fits {
+        return Ok(None);
+    }
+    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    let slices = [&q, &k, &v].map(|t| t.storage_and_layout());
+    let mut views = Vec::with_capacity(3);
+    for (storage, layout) in &slices {
+        let candle_core::Storage::Cpu(c) = &**storage else {
+            return Ok(None);
+        };
+        views.push(&c.as_slice::<f32>()?[layout.start_offset()..][..b * heads * n * dim]);
+    }
+    let out = segment_attention(
+        isa,
+        views[0],
+        views[1],
+        views[2],
+        heads,
+        dim,
+        segments,
+        scale as f32,
+    );
+    Ok(Some(Tensor::from_vec(out, (n, heads * dim), q.device())?))
 }
 
 /// Named intermediates of a forward pass (llama.cpp's `cb(cur, name, il)`), captured on request for
@@ -780,7 +826,11 @@ mod tests {
                 let Matrix::Quantized(q) = &layer.weight else {
                     unreachable!()
                 };
-                let mut want = q.forward(&x.reshape((rows, k)).unwrap()).unwrap();
+                let mut want = q
+                    .candle()
+                    .unwrap()
+                    .forward(&x.reshape((rows, k)).unwrap())
+                    .unwrap();
                 if let Some(bias) = &layer.bias {
                     want = want.broadcast_add(bias).unwrap();
                 }
