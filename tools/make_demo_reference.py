@@ -3,7 +3,7 @@
 
     /work/venv/bin/python tools/make_demo_reference.py [--model models/loupe-parts-demo]
 
-Writes MODEL/samples/ (MVTec layout, seed 2024, 112 px: 6 good parts and two of each defect, with masks
+Writes MODEL/samples/ (MVTec layout, seed 2024, at the model's training size: 6 good parts and two of each defect, with masks
 and labels.jsonl) and MODEL/samples/reference.json: for each sample, the token ids and text that
 transformers 5.23 (f32) generates greedily for the prompt `loupe inspect` builds from MODEL/spec.toml.
 Loupe's parity test compares its own greedy tokens with these.
@@ -33,8 +33,9 @@ def main():
     ap.add_argument("--max-new-tokens", type=int, default=60)
     a = ap.parse_args()
     samples = a.model / "samples"
+    size = json.loads((a.model / "training.json").read_text())["image_size"]
     subprocess.run([sys.executable, str(ROOT / "tools" / "make_inspection_dataset.py"), "--out", str(samples),
-                    "--seed", "2024", "--size", "112", "--train-good", "0", "--good", "6", "--per-defect", "2"],
+                    "--seed", "2024", "--size", str(size), "--train-good", "0", "--good", "6", "--per-defect", "2"],
                    check=True)
     spec = tomllib.loads((a.model / "spec.toml").read_text())
     proc = AutoProcessor.from_pretrained(a.model)

@@ -173,6 +173,9 @@ def main():
     torch.set_num_threads(a.threads)
     spec = tomllib.loads(a.spec.read_text())
     classes = [d["name"] for d in spec["defects"]]
+    image = spec.get("image", {})
+    assert image.get("min_pixels") == image.get("max_pixels") == a.size * a.size, \
+        f"{a.spec}: [image] min_pixels and max_pixels must be {a.size} x {a.size}, the size trained at"
 
     t0 = time.time()
     rng = np.random.default_rng(1000)
