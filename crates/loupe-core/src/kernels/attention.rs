@@ -59,16 +59,6 @@ pub fn decode_attention(
             for i in 0..s.rows {
                 let visible = s.keys - s.rows + i + 1;
                 let qi = &q[(h * s.rows + i) * s.dim..][..s.dim];
-                let mut max = f32::NEG_INFINITY;
-                for (j, sc) in scores[..visible].iter_mut().enumerate() {
-                    *sc = dot(isa, qi, &k[base + j * s.row_stride..][..s.dim]) * scale;
-                    max = max.max(*sc);
-                }
-                let mut sum = 0f32;
-                for sc in &mut scores[..visible] {
-                    *sc = (*sc - max).exp();
-                    sum += *sc;
-                }
                 // SAFETY: output row (h, i) is written by this head's iteration alone.
                 let o = unsafe {
                     std::slice::from_raw_parts_mut(
@@ -76,9 +66,8 @@ pub fn decode_attention(
                         s.dim,
                     )
                 };
-                for (j, &p) in scores[..visible].iter().enumerate() {
-                    axpy(isa, p / sum, &v[base + j * s.row_stride..][..s.dim], o);
-                }
+                let kv = (&k[base..], &v[base..], s.row_stride);
+                attend_row(isa, qi, kv, scale, &mut scores[..visible], o);
             }
         }
     });
@@ -168,16 +157,17 @@ impl Tile<'_> {
         let (rows, keys, dim) = (self.rows, self.keys, self.dim);
         if isa == Isa::Scalar {
             for i in 0..rows {
-                let s = &mut scores[i * keys..][..keys];
-                for (j, sj) in s.iter_mut().enumerate() {
-                    *sj = dot(isa, &self.q[i * dim..][..dim], &self.k[j * dim..][..dim]) * scale;
-                }
-                let sum = exp_minus_max(isa, s);
                 let oi = &mut o[i * stride..][..dim];
                 oi.fill(0.0);
-                for (j, &p) in s.iter().enumerate() {
-                    axpy(isa, p / sum, &self.v[j * dim..][..dim], oi);
-                }
+                let kv = (self.k, self.v, dim);
+                attend_row(
+                    isa,
+                    &self.q[i * dim..][..dim],
+                    kv,
+                    scale,
+                    &mut scores[..keys],
+                    oi,
+                );
             }
             return;
         }
@@ -239,6 +229,26 @@ impl Tile<'_> {
         for (i, sum) in sums[..rows].iter().enumerate() {
             o[i * stride..][..dim].iter_mut().for_each(|x| *x /= sum);
         }
+    }
+}
+
+/// One query row `qi` against the first `scores.len()` rows of `kv = (k, v, row_stride)` (row `j` of
+/// each at `j * row_stride`): `o += softmax(scale * qi k^T) v`, with `scores` as scratch.
+fn attend_row(
+    isa: Isa,
+    qi: &[f32],
+    (k, v, row_stride): (&[f32], &[f32], usize),
+    scale: f32,
+    scores: &mut [f32],
+    o: &mut [f32],
+) {
+    let dim = qi.len();
+    for (j, sc) in scores.iter_mut().enumerate() {
+        *sc = dot(isa, qi, &k[j * row_stride..][..dim]) * scale;
+    }
+    let sum = exp_minus_max(isa, scores);
+    for (j, &p) in scores.iter().enumerate() {
+        axpy(isa, p / sum, &v[j * row_stride..][..dim], o);
     }
 }
 
