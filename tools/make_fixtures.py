@@ -2,9 +2,10 @@
 """Writes the Qwen2-VL and Qwen2.5-VL parity fixtures under tests/fixtures/ (run from the repository root).
 
     python -m venv .venv && .venv/bin/pip install -r tools/requirements.txt
-    .venv/bin/python tools/make_fixtures.py [--family qwen2_5_vl] [--no-real-tokenizer]
+    .venv/bin/python tools/make_fixtures.py [--family qwen2_5_vl | --only NAME] [--no-real-tokenizer]
 
-`--family F` rewrites only that family's checkpoints (the shared images, pixels and tokenizer fixtures
+`--only NAME` writes only that checkpoint (and the shared pixels); `--family F` rewrites only that
+family's checkpoints (the shared images, pixels and tokenizer fixtures
 are rewritten too; they come out byte for byte the same).
 
 What it writes (all small, all reproducible from fixed seeds and the pinned versions):
@@ -277,6 +278,18 @@ CHECKPOINTS = [
         vision=dict(depth=3, embed_dim=32, num_heads=2, intermediate_size=48, window_size=56,
                     fullatt_block_indexes=[1]),
         dtype=torch.float32, seed=44,
+    ),
+    # The window llama.cpp assumes (112 px) and a regular full-attention pattern (every second block),
+    # so that llama.cpp's converter takes it: tools/make_gguf_vl_fixture.py converts this one.
+    dict(
+        name="win112_gqa2_tied_gguf_v5",
+        family="qwen2_5_vl",
+        layout="v5",
+        text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, mrope_section=[2, 3, 3], tie=True),
+        vision=dict(depth=3, embed_dim=32, num_heads=2, intermediate_size=48, window_size=112,
+                    fullatt_block_indexes=[1]),
+        dtype=torch.float32, seed=66,
     ),
     dict(
         name="win112_mqa4_untied_bf16_published",
@@ -656,8 +669,11 @@ def main() -> None:
     make_preprocess_fixture(images)
     tok = tiny_tokenizer()
     only = sys.argv[sys.argv.index("--family") + 1] if "--family" in sys.argv else None
+    one = sys.argv[sys.argv.index("--only") + 1] if "--only" in sys.argv else None
     for spec in CHECKPOINTS:
         if only and spec.get("family", "qwen2_vl") != only:
+            continue
+        if one and spec["name"] != one:
             continue
         (OUT / spec.get("family", "qwen2_vl")).mkdir(exist_ok=True)
         for attempt in range(40):

@@ -124,9 +124,14 @@ pub fn progress_bar(len: u64, template: &str) -> indicatif::ProgressBar {
 /// Options shared by every command that loads a model.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ModelArgs {
-    /// A model directory (Hugging Face layout) or a hub id found in the local Hugging Face cache.
+    /// A model directory (Hugging Face layout), a hub id found in the local Hugging Face cache, or a
+    /// llama.cpp GGUF file.
     #[arg(long, short = 'm')]
     pub model: Option<String>,
+    /// The vision file (mmproj) of a llama.cpp GGUF vision model (default: the one mmproj*.gguf
+    /// beside the model file).
+    #[arg(long)]
+    pub mmproj: Option<std::path::PathBuf>,
     /// Compute dtype: f32, bf16 or f16 (default: the checkpoint's).
     #[arg(long)]
     pub dtype: Option<String>,
@@ -166,6 +171,7 @@ impl ModelArgs {
             &loupe_core::LoadOptions {
                 dtype,
                 quant,
+                mmproj: self.mmproj.clone(),
                 ..Default::default()
             },
         )

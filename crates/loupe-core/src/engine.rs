@@ -26,6 +26,8 @@ pub struct LoadOptions {
     /// Quantize the projections at load (GGML block formats); see docs/quantization.md.
     pub quant: Option<GgmlDType>,
     pub device: Device,
+    /// llama.cpp's vision file (`mmproj`) for a GGUF vision model; by default the one beside it.
+    pub mmproj: Option<std::path::PathBuf>,
 }
 
 impl Default for LoadOptions {
@@ -34,6 +36,7 @@ impl Default for LoadOptions {
             dtype: None,
             quant: None,
             device: Device::Cpu,
+            mmproj: None,
         }
     }
 }
@@ -87,7 +90,7 @@ pub struct Engine {
 impl Engine {
     pub fn load(model: &str, opts: &LoadOptions) -> Result<Self> {
         let t0 = Instant::now();
-        let files = ModelFiles::find(model)?;
+        let files = ModelFiles::find_with(model, opts.mmproj.as_deref())?;
         let (cfg, tokenizer, template) = files.read_model()?;
         let model_type = cfg.model_type.clone();
         let pre_cfg = files.preprocessor()?;

@@ -9,7 +9,6 @@ use candle_core::DType;
 use common::*;
 use loupe_core::image::{ImageInput, Preprocessor};
 use loupe_core::load::config::PreprocessorConfig;
-use loupe_core::tokenize::Message;
 use loupe_core::{Engine, LoadOptions};
 
 /// `family/name` under tests/fixtures.
@@ -18,6 +17,7 @@ const CHECKPOINTS: &[&str] = &[
     "qwen2_vl/mqa6_untied_bf16_v5",
     "qwen2_vl/mha4_tied_bf16_v5",
     "qwen2_5_vl/win56_gqa2_tied_v5",
+    "qwen2_5_vl/win112_gqa2_tied_gguf_v5",
     "qwen2_5_vl/win112_mqa4_untied_bf16_published",
     "qwen3_vl/ds2_gqa2_tied_v5",
     "qwen3_vl/ds1_mqa4_hd32_untied_bf16_published",
@@ -43,38 +43,6 @@ fn reference(name: &str) -> Reference {
 
 fn prompts(r: &Reference) -> Vec<serde_json::Value> {
     r.meta["prompts"].as_array().unwrap().clone()
-}
-
-fn image_inputs(names: &[serde_json::Value]) -> Vec<ImageInput> {
-    let paths: Vec<_> = names
-        .iter()
-        .map(|n| fixtures().join("images").join(n.as_str().unwrap()))
-        .collect();
-    Engine::load_images(&paths).unwrap()
-}
-
-/// A fixture prompt's conversation: a system turn if any, then its turns (one user turn unless the
-/// fixture lists several).
-fn messages(p: &serde_json::Value) -> Vec<Message> {
-    let mut out: Vec<Message> = p["system"]
-        .as_str()
-        .map(Message::system)
-        .into_iter()
-        .collect();
-    match p["turns"].as_array() {
-        Some(turns) => out.extend(turns.iter().map(|t| {
-            let text = t["text"].as_str().unwrap();
-            match t["role"].as_str().unwrap() {
-                "assistant" => Message::assistant(text),
-                _ => Message::user(t["images"].as_array().unwrap().len(), text),
-            }
-        })),
-        None => out.push(Message::user(
-            p["images"].as_array().unwrap().len(),
-            p["text"].as_str().unwrap(),
-        )),
-    }
-    out
 }
 
 /// A fixture prompt built by Loupe's own pipeline from its image files and text.

@@ -3,7 +3,10 @@
 //! names (`blk.0.attn_q.weight`) to the checkpoint names the model files use
 //! (`model.layers.0.self_attn.q_proj.weight`). The tensors stay in their stored block formats.
 //!
-//! Architectures: `qwen2` (text only: Qwen2 and Qwen2.5 language models).
+//! Architectures: `qwen2` (text only: Qwen2 and Qwen2.5 language models), and `qwen2vl` (the
+//! decoder of Qwen2-VL and Qwen2.5-VL) with its vision file (`mmproj`, `general.architecture = clip`,
+//! `clip.projector_type` `qwen2vl_merger` or `qwen2.5vl_merger`), as llama.cpp's converter writes
+//! them: the vision tower's hyper-parameters, normalization and tensors come from the second file.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -20,8 +23,18 @@ const QWEN2_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{
 pub struct GgufModel {
     pub path: PathBuf,
     meta: HashMap<String, Gv>,
-    tensors: Vec<String>,
+    /// Tensor shapes, row-major (candle's order: the reverse of GGML's `ne`).
+    tensors: HashMap<String, Vec<usize>>,
     pub arch: String,
+}
+
+/// The vision towers a llama.cpp vision file (`mmproj`) can hold for Loupe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Projector {
+    /// `qwen2vl_merger`: Qwen2-VL's tower (LayerNorm, GELU MLP, whole-image attention).
+    Qwen2Vl,
+    /// `qwen2.5vl_merger`: Qwen2.5-VL's tower (RMSNorm, SwiGLU, window attention).
+    Qwen25Vl,
 }
 
 impl GgufModel {
@@ -44,7 +57,11 @@ impl GgufModel {
         };
         Ok(GgufModel {
             path: path.into(),
-            tensors: content.tensor_infos.keys().cloned().collect(),
+            tensors: content
+                .tensor_infos
+                .iter()
+                .map(|(n, i)| (n.clone(), i.shape.dims().to_vec()))
+                .collect(),
             meta: content.metadata,
             arch,
         })
@@ -105,28 +122,125 @@ impl GgufModel {
         }
     }
 
-    fn require_arch(&self) -> Result<()> {
-        if self.arch != "qwen2" {
-            return Err(Error::UnsupportedModel {
+    fn shape(&self, name: &str) -> Result<&[usize]> {
+        self.tensors
+            .get(name)
+            .map(Vec::as_slice)
+            .ok_or_else(|| Error::MissingTensor {
+                name: name.into(),
                 path: self.path.clone(),
-                model_type: format!("{} (GGUF general.architecture)", self.arch),
-                supported: "qwen2".into(),
-            });
-        }
-        Ok(())
+            })
     }
 
-    /// The model's `config.json`, in transformers' names.
-    pub fn config_json(&self) -> Result<Value> {
-        self.require_arch()?;
+    fn string(&self, key: &str) -> Result<String> {
+        match self.get(key)? {
+            Gv::String(s) => Ok(s.clone()),
+            other => Err(Error::config(
+                &self.path,
+                key,
+                format!("expected a string, found {other:?}"),
+            )),
+        }
+    }
+
+    fn floats(&self, key: &str) -> Result<Vec<f64>> {
+        match self.get(key)? {
+            Gv::Array(items) => items
+                .iter()
+                .map(|v| match v {
+                    Gv::F32(x) => Ok(*x as f64),
+                    Gv::F64(x) => Ok(*x),
+                    other => Err(Error::config(
+                        &self.path,
+                        key,
+                        format!("expected numbers, found {other:?}"),
+                    )),
+                })
+                .collect(),
+            other => Err(Error::config(
+                &self.path,
+                key,
+                format!("expected an array, found {other:?}"),
+            )),
+        }
+    }
+
+    /// True for a text file whose model also needs a vision file (`qwen2vl`).
+    pub fn needs_vision(&self) -> bool {
+        self.arch == "qwen2vl"
+    }
+
+    /// True for a vision file (`mmproj`).
+    pub fn is_vision(&self) -> bool {
+        self.arch == "clip"
+    }
+
+    /// The vision tower in a vision file.
+    pub fn projector(&self) -> Result<Projector> {
+        if !self.is_vision() {
+            return Err(Error::config(
+                &self.path,
+                "general.architecture",
+                format!(
+                    "`{}`: not a vision (mmproj) file, which is `clip`",
+                    self.arch
+                ),
+            ));
+        }
+        match self.string("clip.projector_type")?.as_str() {
+            "qwen2vl_merger" => Ok(Projector::Qwen2Vl),
+            "qwen2.5vl_merger" => Ok(Projector::Qwen25Vl),
+            other => Err(Error::UnsupportedModel {
+                path: self.path.clone(),
+                model_type: format!("{other} (GGUF clip.projector_type)"),
+                supported: "qwen2vl_merger, qwen2.5vl_merger".into(),
+            }),
+        }
+    }
+
+    /// The model's `config.json`, in transformers' names: a `qwen2` text model alone, or a `qwen2vl`
+    /// text model with its vision file.
+    pub fn config_json(&self, vision: Option<&GgufModel>) -> Result<Value> {
         let a = &self.arch;
+        let model_type = match (a.as_str(), vision) {
+            ("qwen2", None) => "qwen2",
+            ("qwen2vl", Some(v)) => match v.projector()? {
+                Projector::Qwen2Vl => "qwen2_vl",
+                Projector::Qwen25Vl => "qwen2_5_vl",
+            },
+            ("qwen2vl", None) => {
+                return Err(Error::ModelNotFound {
+                    model: self.path.display().to_string(),
+                    msg: "a Qwen2-VL GGUF needs its vision file: pass --mmproj FILE, or put the \
+                          one mmproj*.gguf beside it"
+                        .into(),
+                })
+            }
+            ("qwen2", Some(v)) => {
+                return Err(Error::config(
+                    &v.path,
+                    "general.architecture",
+                    format!(
+                        "{} is a text-only qwen2 model; it takes no vision file",
+                        self.path.display()
+                    ),
+                ))
+            }
+            _ => {
+                return Err(Error::UnsupportedModel {
+                    path: self.path.clone(),
+                    model_type: format!("{a} (GGUF general.architecture)"),
+                    supported: "qwen2, qwen2vl (with its mmproj file)".into(),
+                })
+            }
+        };
         let heads = self.uint(&format!("{a}.attention.head_count"))?;
         let hidden = self.uint(&format!("{a}.embedding_length"))?;
-        let vocab = self.strings("tokenizer.ggml.tokens")?.len();
+        let tokens = self.strings("tokenizer.ggml.tokens")?;
         let eos = self.uint("tokenizer.ggml.eos_token_id").ok();
-        Ok(json!({
-            "model_type": "qwen2",
-            "vocab_size": vocab,
+        let mut cfg = json!({
+            "model_type": model_type,
+            "vocab_size": tokens.len(),
             "hidden_size": hidden,
             "intermediate_size": self.uint(&format!("{a}.feed_forward_length"))?,
             "num_hidden_layers": self.uint(&format!("{a}.block_count"))?,
@@ -135,8 +249,113 @@ impl GgufModel {
             "rms_norm_eps": self.float(&format!("{a}.attention.layer_norm_rms_epsilon"))?,
             "rope_theta": self.float(&format!("{a}.rope.freq_base")).unwrap_or(1_000_000.0),
             "max_position_embeddings": self.uint(&format!("{a}.context_length")).unwrap_or(32768),
-            "tie_word_embeddings": !self.tensors.iter().any(|t| t == "output.weight"),
+            "tie_word_embeddings": !self.tensors.contains_key("output.weight"),
             "eos_token_id": eos,
+        });
+        if let Some(v) = vision {
+            let key = format!("{a}.rope.dimension_sections");
+            let sections: Vec<u64> = match self.get(&key)? {
+                Gv::Array(items) => items
+                    .iter()
+                    .map(|x| match x {
+                        Gv::I32(x) if *x >= 0 => Ok(*x as u64),
+                        Gv::U32(x) => Ok(*x as u64),
+                        other => Err(Error::config(
+                            &self.path,
+                            &key,
+                            format!("expected unsigned integers, found {other:?}"),
+                        )),
+                    })
+                    .collect::<Result<_>>()?,
+                other => {
+                    return Err(Error::config(
+                        &self.path,
+                        &key,
+                        format!("expected an array, found {other:?}"),
+                    ))
+                }
+            };
+            // Qwen2-VL's three sections (time, height, width); llama.cpp pads the list with a zero.
+            let mrope: Vec<u64> = sections.iter().copied().take(3).collect();
+            cfg["rope_scaling"] = json!({"type": "mrope", "mrope_section": mrope});
+            cfg["vision_config"] = v.vision_config_json()?;
+            let id = |token: &str| -> Result<usize> {
+                tokens.iter().position(|t| t == token).ok_or_else(|| {
+                    Error::config(
+                        &self.path,
+                        "tokenizer.ggml.tokens",
+                        format!("has no `{token}`, which a vision model needs"),
+                    )
+                })
+            };
+            cfg["image_token_id"] = json!(id("<|image_pad|>")?);
+            cfg["video_token_id"] = json!(id("<|video_pad|>")?);
+            cfg["vision_start_token_id"] = json!(id("<|vision_start|>")?);
+            cfg["vision_end_token_id"] = json!(id("<|vision_end|>")?);
+        }
+        Ok(cfg)
+    }
+
+    /// A vision file's `vision_config`, in the checkpoint's names. Widths come from the tensors'
+    /// shapes where the metadata is not specific (llama.cpp writes Qwen2-VL's text width as
+    /// `feed_forward_length`); the merge size from the merger's input width.
+    fn vision_config_json(&self) -> Result<Value> {
+        let projector = self.projector()?;
+        let width = self.uint("clip.vision.embedding_length")?;
+        let merger_in = self.shape("mm.0.weight")?.last().copied().unwrap_or(0) as u64;
+        let merge = (1..=8u64).find(|m| m * m * width == merger_in).ok_or_else(|| {
+            Error::config(
+                &self.path,
+                "mm.0.weight",
+                format!("its input width {merger_in} is not a square multiple of the tower's {width}"),
+            )
+        })?;
+        let depth = self.uint("clip.vision.block_count")?;
+        let common = json!({
+            "depth": depth,
+            "num_heads": self.uint("clip.vision.attention.head_count")?,
+            "patch_size": self.uint("clip.vision.patch_size")?,
+            "spatial_merge_size": merge,
+            "temporal_patch_size": 2,
+            "in_channels": 3,
+        });
+        let mut v = common;
+        let out = self.uint("clip.vision.projection_dim")?;
+        match projector {
+            Projector::Qwen2Vl => {
+                let mlp = self.shape("v.blk.0.ffn_up.weight")?[0] as f64;
+                v["embed_dim"] = json!(width);
+                v["hidden_size"] = json!(out);
+                v["mlp_ratio"] = json!(mlp / width as f64);
+                v["hidden_act"] = json!("quick_gelu");
+            }
+            Projector::Qwen25Vl => {
+                // Every n-th block attends over the whole image; the others within windows of
+                // `clip.vision.window_size` px, else 112 (every published Qwen2.5-VL's, and what
+                // llama.cpp assumes when the key is absent, as its converter leaves it).
+                let n = self.uint("clip.vision.n_wa_pattern")?.max(1);
+                let full: Vec<u64> = (0..depth).filter(|i| (i + 1) % n == 0).collect();
+                v["hidden_size"] = json!(width);
+                v["out_hidden_size"] = json!(out);
+                v["intermediate_size"] = json!(self.shape("v.blk.0.ffn_up.weight")?[0]);
+                v["hidden_act"] = json!("silu");
+                v["window_size"] = json!(self.uint("clip.vision.window_size").unwrap_or(112));
+                v["fullatt_block_indexes"] = json!(full);
+            }
+        }
+        Ok(v)
+    }
+
+    /// A vision file's image processor settings (transformers' names): its normalization and patch
+    /// size; the pixel budget stays transformers' default.
+    pub fn preprocessor_json(&self) -> Result<Value> {
+        let vision = self.vision_config_json()?;
+        Ok(json!({
+            "image_mean": self.floats("clip.vision.image_mean")?,
+            "image_std": self.floats("clip.vision.image_std")?,
+            "patch_size": vision["patch_size"],
+            "merge_size": vision["spatial_merge_size"],
+            "temporal_patch_size": 2,
         }))
     }
 
@@ -224,13 +443,35 @@ impl GgufModel {
     }
 }
 
-/// llama.cpp's tensor names to the checkpoint names (Qwen2 family).
+/// llama.cpp's tensor names to the checkpoint names: Qwen2 decoders, and the Qwen2-VL vision file.
 pub fn hf_name(name: &str) -> String {
+    hf_name_with(name, false)
+}
+
+/// As [`hf_name`], for a vision file whose blocks have a gated MLP (Qwen2.5-VL: `ffn_gate`,
+/// `ffn_up`, `ffn_down` are the checkpoint's `gate_proj`, `up_proj`, `down_proj`).
+pub fn hf_name_gated_vision(name: &str) -> String {
+    hf_name_with(name, true)
+}
+
+fn hf_name_with(name: &str, gated_vision: bool) -> String {
     match name {
         "token_embd.weight" => return "model.embed_tokens.weight".into(),
         "output_norm.weight" => return "model.norm.weight".into(),
         "output.weight" => return "lm_head.weight".into(),
+        // The vision file splits Conv3D's two temporal kernels; `Weights` stacks them back.
+        "v.patch_embd.weight" => return "visual.patch_embed.proj.weight:0".into(),
+        "v.patch_embd.weight.1" => return "visual.patch_embed.proj.weight:1".into(),
         _ => {}
+    }
+    if let Some(rest) = name.strip_prefix("v.post_ln.") {
+        return format!("visual.merger.ln_q.{rest}");
+    }
+    if let Some(rest) = name.strip_prefix("mm.") {
+        return format!("visual.merger.mlp.{rest}");
+    }
+    if let Some(rest) = name.strip_prefix("v.blk.") {
+        return vision_block_name(name, rest, gated_vision);
     }
     let Some(rest) = name.strip_prefix("blk.") else {
         return name.into();
@@ -252,6 +493,29 @@ pub fn hf_name(name: &str) -> String {
         _ => return name.into(),
     };
     format!("model.layers.{layer}.{hf}.{kind}")
+}
+
+/// `v.blk.{i}.{part}.{kind}`: the fused qkv is stored as three pieces, joined by `Weights`.
+fn vision_block_name(name: &str, rest: &str, gated: bool) -> String {
+    let Some((block, rest)) = rest.split_once('.') else {
+        return name.into();
+    };
+    let (part, kind) = rest.rsplit_once('.').unwrap_or((rest, ""));
+    let p = format!("visual.blocks.{block}");
+    match (part, gated) {
+        ("ln1", _) => format!("{p}.norm1.{kind}"),
+        ("ln2", _) => format!("{p}.norm2.{kind}"),
+        ("attn_q", _) => format!("{p}.attn.qkv.{kind}:0"),
+        ("attn_k", _) => format!("{p}.attn.qkv.{kind}:1"),
+        ("attn_v", _) => format!("{p}.attn.qkv.{kind}:2"),
+        ("attn_out", _) => format!("{p}.attn.proj.{kind}"),
+        ("ffn_up", false) => format!("{p}.mlp.fc1.{kind}"),
+        ("ffn_down", false) => format!("{p}.mlp.fc2.{kind}"),
+        ("ffn_gate", true) => format!("{p}.mlp.gate_proj.{kind}"),
+        ("ffn_up", true) => format!("{p}.mlp.up_proj.{kind}"),
+        ("ffn_down", true) => format!("{p}.mlp.down_proj.{kind}"),
+        _ => name.into(),
+    }
 }
 
 #[cfg(test)]
@@ -278,8 +542,22 @@ mod tests {
                 "model.layers.7.mlp.down_proj.weight",
             ),
             ("blk.7.something_new.weight", "blk.7.something_new.weight"),
+            ("v.blk.3.attn_k.bias", "visual.blocks.3.attn.qkv.bias:1"),
+            ("v.blk.0.ln2.weight", "visual.blocks.0.norm2.weight"),
+            ("v.blk.0.ffn_up.weight", "visual.blocks.0.mlp.fc1.weight"),
+            ("v.patch_embd.weight.1", "visual.patch_embed.proj.weight:1"),
+            ("v.post_ln.bias", "visual.merger.ln_q.bias"),
+            ("mm.2.weight", "visual.merger.mlp.2.weight"),
         ] {
             assert_eq!(hf_name(from), to);
         }
+        assert_eq!(
+            hf_name_gated_vision("v.blk.1.ffn_gate.weight"),
+            "visual.blocks.1.mlp.gate_proj.weight"
+        );
+        assert_eq!(
+            hf_name_gated_vision("v.blk.1.ffn_down.bias"),
+            "visual.blocks.1.mlp.down_proj.bias"
+        );
     }
 }

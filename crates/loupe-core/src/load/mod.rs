@@ -6,6 +6,7 @@ pub mod quantize;
 pub mod weights;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::error::{read_json, Error, Result};
 
@@ -21,14 +22,66 @@ pub struct ModelFiles {
     pub chat_template: Option<PathBuf>,
     pub preprocessor_config: Option<PathBuf>,
     pub generation_config: Option<PathBuf>,
-    /// A lone llama.cpp GGUF file: `config`, `weights` and `tokenizer` all name it, and what they hold
-    /// is read from its metadata ([`gguf::GgufModel`]).
-    pub gguf: bool,
+    /// A llama.cpp GGUF model: `config` and `tokenizer` name its text file, `weights` the text file
+    /// and its vision file if any, and what they hold is read from their metadata.
+    pub gguf: Option<GgufFiles>,
+}
+
+/// The headers of a llama.cpp GGUF model: the text file, and the vision (`mmproj`) file of a vision
+/// model. Read once, when the model is found.
+#[derive(Clone)]
+pub struct GgufFiles {
+    pub text: Arc<gguf::GgufModel>,
+    pub vision: Option<Arc<gguf::GgufModel>>,
+}
+
+impl std::fmt::Debug for GgufFiles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GgufFiles")
+            .field("text", &self.text.path)
+            .field("vision", &self.vision.as_ref().map(|v| &v.path))
+            .finish()
+    }
+}
+
+fn is_gguf(p: &Path) -> bool {
+    p.extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+}
+
+fn is_mmproj(p: &Path) -> bool {
+    is_gguf(p)
+        && p.file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.to_ascii_lowercase().starts_with("mmproj"))
+}
+
+/// The `.gguf` files of a directory, sorted.
+fn gguf_files_in(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| Error::io(dir, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file() && is_gguf(p))
+        .collect();
+    v.sort();
+    Ok(v)
+}
+
+fn list(paths: &[PathBuf]) -> String {
+    paths
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 impl ModelFiles {
-    /// The image processor's settings, or transformers' defaults when the model ships none.
+    /// The image processor's settings: the model's file, a GGUF vision file's metadata, or
+    /// transformers' defaults when the model ships none.
     pub fn preprocessor(&self) -> Result<config::PreprocessorConfig> {
+        if let Some(v) = self.gguf.as_ref().and_then(|g| g.vision.as_ref()) {
+            return config::PreprocessorConfig::from_value(&v.path, &v.preprocessor_json()?);
+        }
         match &self.preprocessor_config {
             Some(p) => config::PreprocessorConfig::from_file(p),
             None => Ok(config::PreprocessorConfig::default()),
@@ -36,25 +89,112 @@ impl ModelFiles {
     }
 
     /// Finds a model by directory path or by hub id (`org/name`, optionally `@revision`) in the local
-    /// Hugging Face cache. Never touches the network.
+    /// Hugging Face cache, or a llama.cpp GGUF model (see [`ModelFiles::find_with`]). Never touches the
+    /// network.
     pub fn find(model: &str) -> Result<Self> {
+        Self::find_with(model, None)
+    }
+
+    /// As [`ModelFiles::find`], with llama.cpp's vision file (`mmproj`) given explicitly. A GGUF
+    /// model is a `.gguf` file, or a directory holding one text `.gguf` (and no `config.json`). A
+    /// vision model's text file (`qwen2vl`) without `mmproj` takes the one `mmproj*.gguf` beside it.
+    pub fn find_with(model: &str, mmproj: Option<&Path>) -> Result<Self> {
         let as_path = Path::new(model);
-        if as_path.is_file() && as_path.extension().is_some_and(|e| e == "gguf") {
-            let file = as_path.to_path_buf();
-            return Ok(ModelFiles {
-                dir: as_path.parent().unwrap_or(Path::new(".")).to_path_buf(),
-                config: file.clone(),
-                weights: vec![file.clone()],
-                tokenizer: file,
-                tokenizer_config: None,
-                chat_template: None,
-                preprocessor_config: None,
-                generation_config: None,
-                gguf: true,
-            });
+        if as_path.is_file() && is_gguf(as_path) {
+            return Self::from_gguf(as_path, mmproj);
         }
+        // A directory, or a hub snapshot, of GGUF files (and no config.json).
         let dir = resolve(model)?;
+        if !dir.join("config.json").is_file() {
+            let ggufs = gguf_files_in(&dir)?;
+            let text: Vec<PathBuf> = ggufs.iter().filter(|p| !is_mmproj(p)).cloned().collect();
+            match text.as_slice() {
+                [one] => return Self::from_gguf(one, mmproj),
+                [] => {}
+                many => {
+                    return Err(Error::ModelNotFound {
+                        model: model.into(),
+                        msg: format!(
+                            "no config.json, and several GGUF models ({}); name the file",
+                            list(many)
+                        ),
+                    })
+                }
+            }
+        }
+        if let Some(m) = mmproj {
+            return Err(Error::InvalidInput(format!(
+                "--mmproj {} goes with a llama.cpp GGUF model, and {model} is not one",
+                m.display()
+            )));
+        }
         Self::in_dir(&dir)
+    }
+
+    fn from_gguf(file: &Path, mmproj: Option<&Path>) -> Result<Self> {
+        let text = gguf::GgufModel::open(file)?;
+        if text.is_vision() {
+            return Err(Error::InvalidInput(format!(
+                "{} is a vision file (mmproj); give the model's text GGUF as the model, and this as --mmproj",
+                file.display()
+            )));
+        }
+        let dir = file
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+            .to_path_buf();
+        let vision_path = match mmproj {
+            Some(m) => Some(m.to_path_buf()),
+            None if text.needs_vision() => {
+                let beside: Vec<PathBuf> = gguf_files_in(&dir)?
+                    .into_iter()
+                    .filter(|p| is_mmproj(p))
+                    .collect();
+                match beside.as_slice() {
+                    [] => None, // config_json says what is missing
+                    [one] => Some(one.clone()),
+                    many => {
+                        return Err(Error::InvalidInput(format!(
+                            "{} has several vision files beside it ({}); choose one with --mmproj",
+                            file.display(),
+                            list(many)
+                        )))
+                    }
+                }
+            }
+            None => None,
+        };
+        let vision = match &vision_path {
+            Some(p) if !p.is_file() => {
+                return Err(Error::ModelNotFound {
+                    model: p.display().to_string(),
+                    msg: "the vision file (--mmproj) does not exist".into(),
+                })
+            }
+            Some(p) => {
+                let v = gguf::GgufModel::open(p)?;
+                v.projector()?;
+                Some(Arc::new(v))
+            }
+            None => None,
+        };
+        let mut weights = vec![file.to_path_buf()];
+        weights.extend(vision_path);
+        Ok(ModelFiles {
+            dir,
+            config: file.to_path_buf(),
+            weights,
+            tokenizer: file.to_path_buf(),
+            tokenizer_config: None,
+            chat_template: None,
+            preprocessor_config: None,
+            generation_config: None,
+            gguf: Some(GgufFiles {
+                text: Arc::new(text),
+                vision,
+            }),
+        })
     }
 
     /// The config, tokenizer and chat template: from the files, or from a lone GGUF's metadata.
@@ -65,9 +205,22 @@ impl ModelFiles {
         crate::tokenize::Tokenizer,
         crate::tokenize::ChatTemplate,
     )> {
-        if self.gguf {
-            let g = gguf::GgufModel::open(&self.config)?;
-            let cfg = config::Qwen2VlConfig::from_value(&self.config, &g.config_json()?)?;
+        if let Some(GgufFiles { text: g, vision }) = &self.gguf {
+            let cfg =
+                config::Qwen2VlConfig::from_value(&self.config, &g.config_json(vision.as_deref())?)
+                    .map_err(|e| match (e, vision) {
+                        // A vision file that does not fit the text file: name both.
+                        (Error::Config { path, field, msg }, Some(v))
+                            if field.starts_with("vision_config") =>
+                        {
+                            Error::Config {
+                                path,
+                                field,
+                                msg: format!("{msg} (vision file {})", v.path.display()),
+                            }
+                        }
+                        (e, _) => e,
+                    })?;
             let tok = crate::tokenize::Tokenizer::from_bytes(
                 g.tokenizer_json()?.as_bytes(),
                 &self.tokenizer,
@@ -100,10 +253,12 @@ impl ModelFiles {
 
     /// How stored tensor names map to the names the model files use.
     pub fn sanitize(&self) -> fn(&str) -> String {
-        if self.gguf {
-            gguf::hf_name
-        } else {
-            crate::models::qwen2_vl::sanitize
+        match &self.gguf {
+            None => crate::models::qwen2_vl::sanitize,
+            Some(g) => match g.vision.as_ref().map(|v| v.projector()) {
+                Some(Ok(gguf::Projector::Qwen25Vl)) => gguf::hf_name_gated_vision,
+                _ => gguf::hf_name,
+            },
         }
     }
 
@@ -144,7 +299,7 @@ impl ModelFiles {
             preprocessor_config: file("preprocessor_config.json")
                 .or_else(|| file("processor_config.json")),
             generation_config: file("generation_config.json"),
-            gguf: false,
+            gguf: None,
         })
     }
 }

@@ -148,22 +148,28 @@ struct MappedFile {
 /// Which format (if any) a tensor takes when the user asks for a quantization: the model's policy.
 pub type QuantPolicy = fn(&str, GgmlDType) -> Option<GgmlDType>;
 
-/// Where a tensor of a GGUF file lies in its mapping.
+/// Where a tensor of a GGUF file lies: which file, and where in its mapping.
 struct GgufTensor {
+    file: usize,
     dtype: GgmlDType,
     shape: Vec<usize>,
     start: usize,
     len: usize,
 }
 
-/// Every tensor of a checkpoint, by name: safetensors (mapped, across shards), or one GGUF file
-/// (mapped; its block-quantized matrices are used where they lie).
+/// Every tensor of a checkpoint, by name: safetensors (mapped, across shards), or GGUF files (mapped;
+/// their block-quantized matrices are used where they lie): one file, or llama.cpp's pair of a text
+/// file and a vision (`mmproj`) file.
+///
+/// A tensor that the checkpoint keeps whole may be stored in pieces (llama.cpp splits the vision
+/// tower's fused `qkv` into q, k and v, and its temporal patch kernel into one kernel per frame): the
+/// name mapping gives the pieces the whole tensor's name with a `:0`, `:1`, ... suffix, and they are
+/// joined here when the whole tensor is asked for.
 pub struct Weights {
     files: Vec<MappedFile>,
     index: HashMap<String, (usize, TensorInfo)>,
     gguf: HashMap<String, GgufTensor>,
-    gguf_map: Option<Arc<Mmap>>,
-    gguf_path: Option<PathBuf>,
+    gguf_files: Vec<(PathBuf, Arc<Mmap>)>,
     device: Device,
     dtype: DType,
     quant: Option<GgmlDType>,
@@ -188,10 +194,12 @@ impl Weights {
         device: &Device,
         sanitize: fn(&str) -> String,
     ) -> Result<Self> {
-        if let [one] = paths {
-            if one.extension().is_some_and(|e| e == "gguf") {
-                return Self::open_gguf(one, dtype, device, sanitize);
-            }
+        if !paths.is_empty()
+            && paths
+                .iter()
+                .all(|p| p.extension().is_some_and(|e| e == "gguf"))
+        {
+            return Self::open_gguf(paths, dtype, device, sanitize);
         }
         let mut files = Vec::with_capacity(paths.len());
         let mut index = HashMap::new();
@@ -218,8 +226,7 @@ impl Weights {
             files,
             index,
             gguf: HashMap::new(),
-            gguf_map: None,
-            gguf_path: None,
+            gguf_files: Vec::new(),
             device: device.clone(),
             dtype,
             quant: None,
@@ -228,56 +235,65 @@ impl Weights {
     }
 
     fn open_gguf(
-        path: &Path,
+        paths: &[PathBuf],
         dtype: DType,
         device: &Device,
         sanitize: fn(&str) -> String,
     ) -> Result<Self> {
-        let bad = |e: candle_core::Error| Error::Weights {
-            path: path.into(),
-            msg: format!(
-                "not a valid GGUF file ({}); is it truncated or corrupt?",
-                crate::error::first_line(&e)
-            ),
-        };
-        let file = File::open(path).map_err(|e| Error::io(path, e))?;
-        // SAFETY: as for safetensors above: a read-only mapping of a file we do not modify.
-        let map = Arc::new(unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?);
-        let content = gguf_file::Content::read(&mut std::io::Cursor::new(&map[..])).map_err(bad)?;
         let mut gguf = HashMap::new();
-        for (name, info) in &content.tensor_infos {
-            let (dtype, elems) = (info.ggml_dtype, info.shape.elem_count());
-            let len = elems / dtype.block_size() * dtype.type_size();
-            let start = usize::try_from(content.tensor_data_offset.saturating_add(info.offset))
-                .unwrap_or(usize::MAX);
-            if !elems.is_multiple_of(dtype.block_size()) || start.saturating_add(len) > map.len() {
-                return Err(Error::Weights {
-                    path: path.into(),
-                    msg: format!(
-                        "tensor `{name}` ({dtype:?}, {:?}) needs {len} bytes at offset {start}, \
-                         the file has {}; is it truncated or corrupt?",
-                        info.shape.dims(),
-                        map.len()
-                    ),
-                });
-            }
-            let shape = info.shape.dims().to_vec();
-            gguf.insert(
-                sanitize(name),
-                GgufTensor {
+        let mut gguf_files = Vec::with_capacity(paths.len());
+        for (file_idx, path) in paths.iter().enumerate() {
+            let bad = |e: candle_core::Error| Error::Weights {
+                path: path.clone(),
+                msg: format!(
+                    "not a valid GGUF file ({}); is it truncated or corrupt?",
+                    crate::error::first_line(&e)
+                ),
+            };
+            let file = File::open(path).map_err(|e| Error::io(path, e))?;
+            // SAFETY: as for safetensors above: a read-only mapping of a file we do not modify.
+            let map = Arc::new(unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?);
+            let content =
+                gguf_file::Content::read(&mut std::io::Cursor::new(&map[..])).map_err(bad)?;
+            for (name, info) in &content.tensor_infos {
+                let (dtype, elems) = (info.ggml_dtype, info.shape.elem_count());
+                let len = elems / dtype.block_size() * dtype.type_size();
+                let start = usize::try_from(content.tensor_data_offset.saturating_add(info.offset))
+                    .unwrap_or(usize::MAX);
+                if !elems.is_multiple_of(dtype.block_size())
+                    || start.saturating_add(len) > map.len()
+                {
+                    return Err(Error::Weights {
+                        path: path.clone(),
+                        msg: format!(
+                            "tensor `{name}` ({dtype:?}, {:?}) needs {len} bytes at offset {start}, \
+                             the file has {}; is it truncated or corrupt?",
+                            info.shape.dims(),
+                            map.len()
+                        ),
+                    });
+                }
+                let tensor = GgufTensor {
+                    file: file_idx,
                     dtype,
-                    shape,
+                    shape: info.shape.dims().to_vec(),
                     start,
                     len,
-                },
-            );
+                };
+                if gguf.insert(sanitize(name), tensor).is_some() {
+                    return Err(Error::Weights {
+                        path: path.clone(),
+                        msg: format!("tensor `{name}` is stored twice (in this file or its pair)"),
+                    });
+                }
+            }
+            gguf_files.push((path.clone(), map));
         }
         Ok(Weights {
             files: Vec::new(),
             index: HashMap::new(),
             gguf,
-            gguf_map: Some(map),
-            gguf_path: Some(path.into()),
+            gguf_files,
             device: device.clone(),
             dtype,
             quant: None,
@@ -285,19 +301,66 @@ impl Weights {
         })
     }
 
-    /// Every tensor name, sorted.
+    /// The stored pieces of a tensor kept whole in the checkpoint (`name:0`, `name:1`, ...), in order.
+    fn pieces(&self, name: &str) -> Vec<&GgufTensor> {
+        (0..)
+            .map_while(|k| self.gguf.get(&format!("{name}:{k}")))
+            .collect()
+    }
+
+    /// How pieces join into `shape`: concatenated along the first axis (same rank), or stacked along
+    /// a new axis (one rank less). `None` when they make a different shape.
+    fn join_axis(pieces: &[&GgufTensor], shape: &[usize]) -> Option<(usize, bool)> {
+        let first = &pieces.first()?.shape;
+        if pieces.iter().any(|p| p.shape[1..] != first[1..]) {
+            return None;
+        }
+        if first.len() == shape.len() {
+            let rows: usize = pieces.iter().map(|p| p.shape[0]).sum();
+            return (rows == shape[0] && first[1..] == shape[1..]).then_some((0, false));
+        }
+        if first.len() + 1 == shape.len() && pieces.iter().all(|p| p.shape == *first) {
+            return (0..shape.len())
+                .find(|&a| {
+                    shape[a] == pieces.len()
+                        && shape[..a] == first[..a]
+                        && shape[a + 1..] == first[a..]
+                })
+                .map(|a| (a, true));
+        }
+        None
+    }
+
+    /// Every tensor name, sorted (a tensor stored in pieces once, by its whole name).
     pub fn names(&self) -> Vec<String> {
-        let mut v: Vec<String> = self.index.keys().chain(self.gguf.keys()).cloned().collect();
+        let whole = |n: &String| match n.rsplit_once(':') {
+            Some((w, k)) if k.parse::<usize>().is_ok() => w.to_owned(),
+            _ => n.clone(),
+        };
+        let mut v: Vec<String> = self
+            .index
+            .keys()
+            .cloned()
+            .chain(self.gguf.keys().map(whole))
+            .collect();
         v.sort();
+        v.dedup();
         v
     }
 
-    /// The stored shape of a tensor.
+    /// The stored shape of a tensor (of a tensor stored in pieces: the pieces concatenated along
+    /// their first axis).
     pub fn shape(&self, name: &str) -> Option<Vec<usize>> {
-        self.index
-            .get(name)
-            .map(|(_, i)| i.shape.clone())
-            .or_else(|| self.gguf.get(name).map(|t| t.shape.clone()))
+        if let Some((_, i)) = self.index.get(name) {
+            return Some(i.shape.clone());
+        }
+        if let Some(t) = self.gguf.get(name) {
+            return Some(t.shape.clone());
+        }
+        let pieces = self.pieces(name);
+        let mut shape = pieces.first()?.shape.clone();
+        shape[0] = pieces.iter().map(|p| p.shape[0]).sum();
+        Some(shape)
     }
 
     pub fn dtype(&self) -> DType {
@@ -324,33 +387,64 @@ impl Weights {
     }
 
     /// A matrix stored block-quantized (GGUF), shape-checked, left in the file mapping; `None` when
-    /// it is stored as floats.
+    /// it is stored as floats. A matrix stored in row pieces is joined into one copy of its blocks.
     pub fn get_quantized(&self, name: &str, shape: &[usize]) -> Result<Option<QMatrix>> {
-        let (Some(t), Some(map)) = (self.gguf.get(name), &self.gguf_map) else {
-            return Ok(None);
-        };
-        if !is_block_quantized(t.dtype) {
-            return Ok(None);
-        }
-        self.check_shape(name, &t.shape, shape)?;
         let &[rows, cols] = shape else {
             return Ok(None);
         };
-        Ok(Some(QMatrix {
-            dtype: t.dtype,
-            rows,
-            cols,
-            mapped: Some((map.clone(), t.start)),
-            device: self.device.clone(),
-            candle: OnceLock::new(),
-        }))
+        if let Some(t) = self.gguf.get(name) {
+            if !is_block_quantized(t.dtype) {
+                return Ok(None);
+            }
+            self.check_shape(name, &t.shape, shape)?;
+            return Ok(Some(QMatrix {
+                dtype: t.dtype,
+                rows,
+                cols,
+                mapped: Some((self.gguf_files[t.file].1.clone(), t.start)),
+                device: self.device.clone(),
+                candle: OnceLock::new(),
+            }));
+        }
+        let pieces = self.pieces(name);
+        let Some(first) = pieces.first() else {
+            return Ok(None);
+        };
+        if !is_block_quantized(first.dtype) || pieces.iter().any(|p| p.dtype != first.dtype) {
+            return Ok(None);
+        }
+        if Self::join_axis(&pieces, shape) != Some((0, false)) {
+            return Err(self.pieces_mismatch(name, &pieces, shape));
+        }
+        // Rows of blocks are contiguous: the joined matrix is the pieces' bytes one after another.
+        let mut bytes = Vec::with_capacity(pieces.iter().map(|p| p.len).sum());
+        for p in &pieces {
+            bytes.extend_from_slice(&self.gguf_files[p.file].1[p.start..p.start + p.len]);
+        }
+        let t = ggml_file::qtensor_from_ggml(first.dtype, &bytes, shape.to_vec(), &self.device)?;
+        Ok(Some(QMatrix::from_qtensor(t)?))
+    }
+
+    fn pieces_mismatch(&self, name: &str, pieces: &[&GgufTensor], shape: &[usize]) -> Error {
+        let found = pieces
+            .iter()
+            .map(|p| format!("{:?}", p.shape))
+            .collect::<Vec<_>>()
+            .join(" + ");
+        Error::Weights {
+            path: self.gguf_files[pieces[0].file].0.clone(),
+            msg: format!(
+                "tensor `{name}` is stored in {} pieces ({found}) that do not make its shape {shape:?}",
+                pieces.len()
+            ),
+        }
     }
 
     fn check_shape(&self, name: &str, found: &[usize], expected: &[usize]) -> Result<()> {
         if found != expected {
             return Err(Error::TensorShape {
                 name: name.into(),
-                path: self.where_(),
+                path: self.where_(name),
                 expected: expected.to_vec(),
                 found: found.to_vec(),
             });
@@ -363,19 +457,32 @@ impl Weights {
     }
 
     pub fn contains(&self, name: &str) -> bool {
-        self.index.contains_key(name) || self.gguf.contains_key(name)
+        self.index.contains_key(name)
+            || self.gguf.contains_key(name)
+            || self.gguf.contains_key(&format!("{name}:0"))
     }
 
-    fn where_(&self) -> PathBuf {
-        if let Some(p) = &self.gguf_path {
-            return p.clone();
+    /// The file that holds `name`, or where it was looked for.
+    fn where_(&self, name: &str) -> PathBuf {
+        if let Some(t) = self
+            .gguf
+            .get(name)
+            .or_else(|| self.pieces(name).first().copied())
+        {
+            return self.gguf_files[t.file].0.clone();
         }
-        match self.files.as_slice() {
-            [one] => one.path.clone(),
-            _ => self
-                .files
+        if let Some((i, _)) = self.index.get(name) {
+            return self.files[*i].path.clone();
+        }
+        let paths: Vec<&Path> = match self.gguf_files.as_slice() {
+            [] => self.files.iter().map(|f| f.path.as_path()).collect(),
+            g => g.iter().map(|(p, _)| p.as_path()).collect(),
+        };
+        match paths.as_slice() {
+            [one] => one.to_path_buf(),
+            _ => paths
                 .first()
-                .and_then(|f| f.path.parent())
+                .and_then(|p| p.parent())
                 .map(Path::to_path_buf)
                 .unwrap_or_default(),
         }
@@ -414,9 +521,25 @@ impl Weights {
         self.get_as(name, shape, self.dtype)
     }
 
+    /// A GGUF tensor as stored (its own shape), expanded to floats; its mapped pages released.
+    fn read_gguf(&self, t: &GgufTensor, shape: &[usize]) -> Result<Tensor> {
+        let map = &self.gguf_files[t.file].1;
+        let bytes = &map[t.start..t.start + t.len];
+        let out = match t.dtype {
+            GgmlDType::F32 => Tensor::from_raw_buffer(bytes, DType::F32, shape, &self.device)?,
+            GgmlDType::F16 => Tensor::from_raw_buffer(bytes, DType::F16, shape, &self.device)?,
+            GgmlDType::BF16 => Tensor::from_raw_buffer(bytes, DType::BF16, shape, &self.device)?,
+            q => ggml_file::qtensor_from_ggml(q, bytes, t.shape.clone(), &self.device)?
+                .dequantize(&self.device)?
+                .reshape(shape)?,
+        };
+        release(map, t.start, t.len);
+        Ok(out)
+    }
+
     /// Loads `name` in an explicit dtype (norms and biases may be kept in f32).
     pub fn get_as(&self, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
-        if let (Some(t), Some(map)) = (self.gguf.get(name), &self.gguf_map) {
+        if let Some(t) = self.gguf.get(name) {
             // Tensors of more than 4 dims are stored as (dim0, rest) (GGUF's limit).
             let flattened = shape.len() > 4
                 && t.shape.len() == 2
@@ -425,23 +548,27 @@ impl Weights {
             if !flattened {
                 self.check_shape(name, &t.shape, shape)?;
             }
-            let bytes = &map[t.start..t.start + t.len];
-            let out = match t.dtype {
-                GgmlDType::F32 => Tensor::from_raw_buffer(bytes, DType::F32, shape, &self.device)?,
-                GgmlDType::F16 => Tensor::from_raw_buffer(bytes, DType::F16, shape, &self.device)?,
-                GgmlDType::BF16 => {
-                    Tensor::from_raw_buffer(bytes, DType::BF16, shape, &self.device)?
-                }
-                q => ggml_file::qtensor_from_ggml(q, bytes, t.shape.clone(), &self.device)?
-                    .dequantize(&self.device)?
-                    .reshape(shape)?,
+            return Ok(self.read_gguf(t, shape)?.to_dtype(dtype)?);
+        }
+        let pieces = self.pieces(name);
+        if !pieces.is_empty() {
+            let Some((axis, stack)) = Self::join_axis(&pieces, shape) else {
+                return Err(self.pieces_mismatch(name, &pieces, shape));
             };
-            release(map, t.start, t.len);
-            return Ok(out.to_dtype(dtype)?);
+            let parts = pieces
+                .iter()
+                .map(|p| Ok(self.read_gguf(p, &p.shape)?.to_dtype(dtype)?))
+                .collect::<Result<Vec<_>>>()?;
+            let whole = if stack {
+                Tensor::stack(&parts, axis)?
+            } else {
+                Tensor::cat(&parts, axis)?
+            };
+            return Ok(whole);
         }
         let (file_idx, info) = self.index.get(name).ok_or_else(|| Error::MissingTensor {
             name: name.into(),
-            path: self.where_(),
+            path: self.where_(name),
         })?;
         let file = &self.files[*file_idx];
         if info.shape != shape {
@@ -625,5 +752,108 @@ mod tests {
             "{err}"
         );
         std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+    }
+
+    /// Two GGUF files, as llama.cpp's text + vision pair: pieces of `w` (Q8_0 rows) and `b` (f32) in
+    /// the second file, and two kernels of `k` to stack on a new axis.
+    #[test]
+    fn pieces_across_two_files_are_joined_into_the_whole_tensor() {
+        let dir = std::env::temp_dir().join(format!("loupe-weights-{}-pieces", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let q = |r, c, seed| QTensor::quantize(&matrix(r, c, seed), GgmlDType::Q8_0).unwrap();
+        let f = |shape: &[usize], seed| {
+            let n: usize = shape.iter().product();
+            QTensor::quantize(&matrix(1, n, seed).reshape(shape).unwrap(), GgmlDType::F32).unwrap()
+        };
+        let first = [("t.weight", q(4, 64, 0.0))];
+        let second = [
+            ("w.0", q(3, 64, 1.0)),
+            ("w.1", q(2, 64, 2.0)),
+            ("w.2", q(3, 64, 3.0)),
+            ("b.0", f(&[3], 4.0)),
+            ("b.1", f(&[5], 5.0)),
+            ("k.0", f(&[2, 3, 4], 6.0)),
+            ("k.1", f(&[2, 3, 4], 7.0)),
+        ];
+        let mut paths = Vec::new();
+        for (i, tensors) in [&first[..], &second[..]].into_iter().enumerate() {
+            let path = dir.join(format!("f{i}.gguf"));
+            let refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (*n, t)).collect();
+            gguf_file::write(&mut File::create(&path).unwrap(), &[], &refs).unwrap();
+            paths.push(path);
+        }
+        let w = Weights::open(&paths, DType::F32, &Device::Cpu, |s| {
+            match s.split_once('.') {
+                Some((n, k)) if k.parse::<usize>().is_ok() => format!("{n}.whole:{k}"),
+                _ => s.to_string(),
+            }
+        })
+        .unwrap();
+        assert!(w.contains("w.whole") && w.contains("t.weight") && !w.contains("w"));
+        assert_eq!(w.names(), ["b.whole", "k.whole", "t.weight", "w.whole"]);
+        assert_eq!(w.shape("w.whole"), Some(vec![8, 64]));
+
+        // Quantized rows: one matrix whose blocks are the pieces' blocks in order.
+        let m = w.get_quantized("w.whole", &[8, 64]).unwrap().unwrap();
+        let want: Vec<u8> = second[..3]
+            .iter()
+            .flat_map(|(_, t)| t.data().unwrap().into_owned())
+            .collect();
+        assert_eq!(m.blocks().unwrap().as_ref(), &want[..]);
+        assert_eq!(m.dims(), (8, 64));
+        let dense = w.get("w.whole", &[8, 64]).unwrap();
+        let parts: Vec<Tensor> = second[..3]
+            .iter()
+            .map(|(_, t)| t.dequantize(&Device::Cpu).unwrap())
+            .collect();
+        let cat = Tensor::cat(&parts, 0).unwrap();
+        assert_eq!(
+            dense.to_vec2::<f32>().unwrap(),
+            cat.to_vec2::<f32>().unwrap()
+        );
+
+        // Floats: concatenated (same rank), or stacked on the axis the asked shape names.
+        let b = w.get("b.whole", &[8]).unwrap().to_vec1::<f32>().unwrap();
+        let mut want = second[3]
+            .1
+            .dequantize(&Device::Cpu)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        want.extend(
+            second[4]
+                .1
+                .dequantize(&Device::Cpu)
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap(),
+        );
+        assert_eq!(b, want);
+        assert!(w.get_quantized("b.whole", &[8]).unwrap().is_none());
+        let k = w.get("k.whole", &[2, 3, 2, 4]).unwrap();
+        for t in 0..2 {
+            let kernel = k.narrow(2, t, 1).unwrap().squeeze(2).unwrap();
+            let want = second[5 + t].1.dequantize(&Device::Cpu).unwrap();
+            assert_eq!(
+                kernel.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                want.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+            );
+        }
+
+        // Pieces that do not make the asked shape: the error names the tensor, the pieces and the file.
+        let err = w.get("k.whole", &[2, 3, 3, 4]).unwrap_err().to_string();
+        assert!(
+            err.contains("k.whole") && err.contains("2 pieces") && err.contains("f1.gguf"),
+            "{err}"
+        );
+        let err = w
+            .get_quantized("w.whole", &[9, 64])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("w.whole") && err.contains("[3, 64] + [2, 64] + [3, 64]"),
+            "{err}"
+        );
+        std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -6,7 +6,9 @@ use std::path::PathBuf;
 
 use candle_core::{Device, Tensor};
 use loupe_core::generate::{GenerateParams, Prompt, SamplingParams};
+use loupe_core::image::ImageInput;
 use loupe_core::image::PixelBatch;
+use loupe_core::tokenize::Message;
 use loupe_core::Engine;
 use serde_json::Value;
 
@@ -166,4 +168,37 @@ pub fn greedy(e: &Engine, max_tokens: usize) -> GenerateParams {
         eos_token_ids: e.eos_token_ids(),
         grammar: None,
     }
+}
+
+/// A fixture prompt's images, loaded from tests/fixtures/images.
+pub fn image_inputs(names: &[serde_json::Value]) -> Vec<ImageInput> {
+    let paths: Vec<_> = names
+        .iter()
+        .map(|n| fixtures().join("images").join(n.as_str().unwrap()))
+        .collect();
+    Engine::load_images(&paths).unwrap()
+}
+
+/// A fixture prompt's conversation: a system turn if any, then its turns (one user turn unless the
+/// fixture lists several).
+pub fn messages(p: &serde_json::Value) -> Vec<Message> {
+    let mut out: Vec<Message> = p["system"]
+        .as_str()
+        .map(Message::system)
+        .into_iter()
+        .collect();
+    match p["turns"].as_array() {
+        Some(turns) => out.extend(turns.iter().map(|t| {
+            let text = t["text"].as_str().unwrap();
+            match t["role"].as_str().unwrap() {
+                "assistant" => Message::assistant(text),
+                _ => Message::user(t["images"].as_array().unwrap().len(), text),
+            }
+        })),
+        None => out.push(Message::user(
+            p["images"].as_array().unwrap().len(),
+            p["text"].as_str().unwrap(),
+        )),
+    }
+    out
 }
