@@ -521,11 +521,30 @@ impl Weights {
         self.get_as(name, shape, self.dtype)
     }
 
-    /// A GGUF tensor as stored (its own shape), expanded to floats; its mapped pages released.
-    fn read_gguf(&self, t: &GgufTensor, shape: &[usize]) -> Result<Tensor> {
+    /// A GGUF tensor as stored (its own shape), expanded to floats (`dtype` when that is f32); its
+    /// mapped pages released.
+    fn read_gguf(&self, t: &GgufTensor, shape: &[usize], dtype: DType) -> Result<Tensor> {
         let map = &self.gguf_files[t.file].1;
         let bytes = &map[t.start..t.start + t.len];
         let out = match t.dtype {
+            // f16 to f32 in one pass from the mapping: no f16 copy in between (a 1.3 GB f16 vision
+            // file would otherwise pass through 1.3 GB of fresh pages before its 2.6 GB of f32).
+            GgmlDType::F16 if dtype == DType::F32 => {
+                let mut out = vec![0f32; bytes.len() / 2];
+                if bytes.as_ptr().align_offset(2) == 0 && cfg!(target_endian = "little") {
+                    // SAFETY: 2-aligned, in bounds, and every bit pattern is an f16.
+                    let halves: &[half::f16] = unsafe {
+                        std::slice::from_raw_parts(bytes.as_ptr().cast(), bytes.len() / 2)
+                    };
+                    // half's slice conversion uses F16C where the CPU has it.
+                    half::slice::HalfFloatSliceExt::convert_to_f32_slice(halves, &mut out);
+                } else {
+                    for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                        *o = half::f16::from_le_bytes([b[0], b[1]]).to_f32();
+                    }
+                }
+                Tensor::from_vec(out, shape, &self.device)?
+            }
             GgmlDType::F32 => Tensor::from_raw_buffer(bytes, DType::F32, shape, &self.device)?,
             GgmlDType::F16 => Tensor::from_raw_buffer(bytes, DType::F16, shape, &self.device)?,
             GgmlDType::BF16 => Tensor::from_raw_buffer(bytes, DType::BF16, shape, &self.device)?,
@@ -548,7 +567,7 @@ impl Weights {
             if !flattened {
                 self.check_shape(name, &t.shape, shape)?;
             }
-            return Ok(self.read_gguf(t, shape)?.to_dtype(dtype)?);
+            return Ok(self.read_gguf(t, shape, dtype)?.to_dtype(dtype)?);
         }
         let pieces = self.pieces(name);
         if !pieces.is_empty() {
@@ -557,7 +576,7 @@ impl Weights {
             };
             let parts = pieces
                 .iter()
-                .map(|p| Ok(self.read_gguf(p, &p.shape)?.to_dtype(dtype)?))
+                .map(|p| Ok(self.read_gguf(p, &p.shape, dtype)?.to_dtype(dtype)?))
                 .collect::<Result<Vec<_>>>()?;
             let whole = if stack {
                 Tensor::stack(&parts, axis)?
