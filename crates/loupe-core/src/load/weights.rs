@@ -531,18 +531,7 @@ impl Weights {
             // file would otherwise pass through 1.3 GB of fresh pages before its 2.6 GB of f32).
             GgmlDType::F16 if dtype == DType::F32 => {
                 let mut out = vec![0f32; bytes.len() / 2];
-                if bytes.as_ptr().align_offset(2) == 0 && cfg!(target_endian = "little") {
-                    // SAFETY: 2-aligned, in bounds, and every bit pattern is an f16.
-                    let halves: &[half::f16] = unsafe {
-                        std::slice::from_raw_parts(bytes.as_ptr().cast(), bytes.len() / 2)
-                    };
-                    // half's slice conversion uses F16C where the CPU has it.
-                    half::slice::HalfFloatSliceExt::convert_to_f32_slice(halves, &mut out);
-                } else {
-                    for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
-                        *o = half::f16::from_le_bytes([b[0], b[1]]).to_f32();
-                    }
-                }
+                widen_f16(bytes, &mut out);
                 Tensor::from_vec(out, shape, &self.device)?
             }
             GgmlDType::F32 => Tensor::from_raw_buffer(bytes, DType::F32, shape, &self.device)?,
@@ -615,6 +604,38 @@ impl Weights {
             t.to_dtype(dtype)?
         })
     }
+}
+
+/// Little-endian f16 `bytes` into `out`, split over candle's threads for large tensors: most of the
+/// cost is the kernel handing out fresh zeroed pages on first write, which each thread then pays
+/// for its own part.
+fn widen_f16(bytes: &[u8], out: &mut [f32]) {
+    fn widen(bytes: &[u8], out: &mut [f32]) {
+        if bytes.as_ptr().align_offset(2) == 0 && cfg!(target_endian = "little") {
+            // SAFETY: 2-aligned, in bounds, and every bit pattern is an f16.
+            let halves: &[half::f16] =
+                unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast(), out.len()) };
+            // half's slice conversion uses F16C where the CPU has it.
+            half::slice::HalfFloatSliceExt::convert_to_f32_slice(halves, out);
+        } else {
+            for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                *o = half::f16::from_le_bytes([b[0], b[1]]).to_f32();
+            }
+        }
+    }
+    const PER_THREAD_MIN: usize = 1 << 20;
+    if out.is_empty() {
+        return;
+    }
+    let threads = candle_core::utils::get_num_threads()
+        .min(out.len() / PER_THREAD_MIN)
+        .max(1);
+    let chunk = out.len().div_ceil(threads);
+    std::thread::scope(|s| {
+        for (o, b) in out.chunks_mut(chunk).zip(bytes.chunks(2 * chunk)) {
+            s.spawn(move || widen(b, o));
+        }
+    });
 }
 
 /// Drops the mapped pages of a tensor we have copied, so they stop counting against memory.
@@ -874,5 +895,29 @@ mod tests {
             "{err}"
         );
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn f16_widening_equals_half_on_every_split() {
+        for n in [0usize, 1, 7, (1 << 20) + 3, (3 << 20) + 1] {
+            let want: Vec<f32> = (0..n).map(|i| ((i as f32) * 0.37).sin() * 300.0).collect();
+            let bytes: Vec<u8> = want
+                .iter()
+                .flat_map(|&x| half::f16::from_f32(x).to_le_bytes())
+                .collect();
+            let mut got = vec![0f32; n];
+            widen_f16(&bytes, &mut got);
+            let exact: Vec<f32> = want
+                .iter()
+                .map(|&x| half::f16::from_f32(x).to_f32())
+                .collect();
+            assert_eq!(got, exact, "n = {n}");
+            // Unaligned bytes take the scalar path to the same values.
+            let mut shifted = vec![0u8];
+            shifted.extend_from_slice(&bytes);
+            let mut got = vec![0f32; n];
+            widen_f16(&shifted[1..], &mut got);
+            assert_eq!(got, exact, "n = {n}, unaligned");
+        }
     }
 }
