@@ -127,6 +127,7 @@ def main() -> None:
 
     model, mmproj = gguf_files(a)
     peer = llama_cpp(a, model, mmproj)
+
     def loupe_bench(*model_args) -> dict:
         text, _ = run([a.loupe, "bench", *model_args, "--threads", a.threads,
                        "--prefill-tokens", a.prefill_tokens, "--decode-tokens", a.decode_tokens,
@@ -138,6 +139,7 @@ def main() -> None:
     if a.loupe_on_peer_files:
         results["loupe on llama.cpp's files"] = loupe_bench("--model", model, "--mmproj", mmproj)
     print(json.dumps(results, indent=2))
+
     def row(name, x, y, unit, higher_is_better):
         if x is None or y is None:
             return f"| {name} | {x} | {y} | - |"
@@ -145,34 +147,26 @@ def main() -> None:
         return f"| {name} | {x:.1f} {unit} | {y:.1f} {unit} | {ratio:.2f}x |"
 
     gib = 1 << 30
-    lines = [f"| measure ({a.threads} threads) | Loupe | llama.cpp {a.quant} | Loupe speed-up |", "|---|---|---|---|",
-             row("load", loupe["load_ms"], peer.get("load_ms"), "ms", False)]
-    for side in a.image_sizes:
-        s = str(side)
-        lines.append(row(f"image encode {s}x{s}", loupe["image_encode"][s]["ms"], peer["image_encode"][s]["ms"], "ms", False))
-    lines += [
-        row(f"prefill {a.prefill_tokens} text tokens", loupe["prefill_tok_s"], peer["prefill_tok_s"], "tok/s", True),
-        row(f"decode {a.decode_tokens} tokens after the {a.prefill_tokens}-token prefill", loupe["decode_tok_s"],
-            peer["decode_tok_s"], "tok/s", True),
-        f"| decode {a.decode_tokens} tokens, empty context | - | {peer['decode_tok_s_empty_context']:.1f} tok/s | - |",
-        row("peak RSS", loupe["peak_rss_bytes"] / gib, peer["peak_rss_bytes"] / gib, "GiB", False),
-    ]
-    print("\n".join(lines))
-    if a.loupe_on_peer_files:
-        # The same measures, Loupe reading llama.cpp's own two files (f16 vision tower, computed in f32).
-        own = results["loupe on llama.cpp's files"]
-        lines = [f"| measure ({a.threads} threads) | Loupe on llama.cpp's {a.quant} + mmproj files | llama.cpp | "
-                 "Loupe speed-up |", "|---|---|---|---|", row("load", own["load_ms"], peer.get("load_ms"), "ms", False)]
+
+    def table(label: str, ours: dict) -> str:
+        lines = [f"| measure ({a.threads} threads) | {label} | llama.cpp {a.quant} | Loupe speed-up |", "|---|---|---|---|",
+                 row("load", ours["load_ms"], peer.get("load_ms"), "ms", False)]
         for side in a.image_sizes:
             s = str(side)
-            lines.append(row(f"image encode {s}x{s}", own["image_encode"][s]["ms"], peer["image_encode"][s]["ms"], "ms", False))
+            lines.append(row(f"image encode {s}x{s}", ours["image_encode"][s]["ms"], peer["image_encode"][s]["ms"], "ms", False))
         lines += [
-            row(f"prefill {a.prefill_tokens} text tokens", own["prefill_tok_s"], peer["prefill_tok_s"], "tok/s", True),
-            row(f"decode {a.decode_tokens} tokens after the prefill", own["decode_tok_s"], peer["decode_tok_s"], "tok/s", True),
-            row("peak RSS", own["peak_rss_bytes"] / gib, peer["peak_rss_bytes"] / gib, "GiB", False),
+            row(f"prefill {a.prefill_tokens} text tokens", ours["prefill_tok_s"], peer["prefill_tok_s"], "tok/s", True),
+            row(f"decode {a.decode_tokens} tokens after the {a.prefill_tokens}-token prefill", ours["decode_tok_s"],
+                peer["decode_tok_s"], "tok/s", True),
+            f"| decode {a.decode_tokens} tokens, empty context | - | {peer['decode_tok_s_empty_context']:.1f} tok/s | - |",
+            row("peak RSS", ours["peak_rss_bytes"] / gib, peer["peak_rss_bytes"] / gib, "GiB", False),
         ]
-        print("\n".join(lines))
+        return "\n".join(lines)
 
+    print(table("Loupe", loupe))
+    if a.loupe_on_peer_files:
+        # The same measures, Loupe reading llama.cpp's own two files (f16 vision tower, computed in f32).
+        print(table(f"Loupe on llama.cpp's {a.quant} + mmproj files", results["loupe on llama.cpp's files"]))
 
 if __name__ == "__main__":
     main()

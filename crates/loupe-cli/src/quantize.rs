@@ -6,9 +6,14 @@ use loupe_core::Result;
 
 #[derive(clap::Args, Debug)]
 pub struct QuantizeArgs {
-    /// A model directory or a hub id in the local Hugging Face cache.
+    /// A model directory, a hub id in the local Hugging Face cache, or llama.cpp GGUF files (a text
+    /// model file, or a folder holding it and its vision file).
     #[arg(long, short = 'm')]
     pub model: String,
+    /// The vision file (mmproj) of a llama.cpp GGUF vision model (default: the one mmproj*.gguf
+    /// beside the model file).
+    #[arg(long)]
+    pub mmproj: Option<PathBuf>,
     /// q8_0, q6_k, q5_k, q4_k or q4_0.
     #[arg(long)]
     pub quant: String,
@@ -26,6 +31,7 @@ pub fn quantize(args: QuantizeArgs) -> Result<()> {
     let bar = crate::progress_bar(0, "quantizing {bar:40} {pos}/{len} tensors ({elapsed})");
     let report = loupe_core::load::quantize::quantize_model(
         &args.model,
+        args.mmproj.as_deref(),
         q,
         &args.out,
         &mut |done, total| {

@@ -208,3 +208,57 @@ fn a_missing_or_mismatched_vision_file_is_a_clear_error() {
         let _ = std::fs::remove_dir_all(d);
     }
 }
+
+#[test]
+fn a_vision_pair_quantizes_into_a_model_folder_that_loads_like_quantizing_at_load() {
+    let q = candle_core::quantized::GgmlDType::Q8_0;
+    for (family, checkpoint) in PAIRS {
+        let out = std::env::temp_dir().join(format!(
+            "loupe-gguf-vision-{}-quantized-{family}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&out);
+        let pair = pair_dir(family);
+        let report = loupe_core::load::quantize::quantize_model(
+            pair.to_str().unwrap(),
+            None,
+            q,
+            &out,
+            &mut |_, _| {},
+        )
+        .unwrap();
+        assert!(report.quantized > 0, "{family}: nothing quantized");
+        for f in [
+            "config.json",
+            "tokenizer.json",
+            "chat_template.jinja",
+            "preprocessor_config.json",
+        ] {
+            assert!(out.join(f).is_file(), "{family}: no {f}");
+        }
+        let written = load(&out, None).unwrap();
+        let at_load = Engine::load(
+            pair.to_str().unwrap(),
+            &LoadOptions {
+                quant: Some(q),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(written.model_type, *family);
+        // The same tensors quantized the same way: the same logits, bit for bit.
+        let px = prompt_pixels();
+        let r = reference(checkpoint);
+        for p in r.meta["prompts"].as_array().unwrap() {
+            let prompt = reference_prompt(&r, &px, p["name"].as_str().unwrap());
+            let a = prompt_logits(&written, &prompt).flatten_all().unwrap();
+            let b = prompt_logits(&at_load, &prompt).flatten_all().unwrap();
+            assert_eq!(
+                a.to_vec1::<f32>().unwrap(),
+                b.to_vec1::<f32>().unwrap(),
+                "{family}"
+            );
+        }
+        let _ = std::fs::remove_dir_all(&out);
+    }
+}

@@ -101,17 +101,15 @@ impl GgufModel {
         }
     }
 
-    fn strings(&self, key: &str) -> Result<Vec<String>> {
+    /// An array of metadata values, each read by `item` (`what` names the kind it expects).
+    fn array<T>(&self, key: &str, what: &str, item: impl Fn(&Gv) -> Option<T>) -> Result<Vec<T>> {
         match self.get(key)? {
             Gv::Array(items) => items
                 .iter()
-                .map(|v| match v {
-                    Gv::String(s) => Ok(s.clone()),
-                    other => Err(Error::config(
-                        &self.path,
-                        key,
-                        format!("expected strings, found {other:?}"),
-                    )),
+                .map(|v| {
+                    item(v).ok_or_else(|| {
+                        Error::config(&self.path, key, format!("expected {what}, found {v:?}"))
+                    })
                 })
                 .collect(),
             other => Err(Error::config(
@@ -120,6 +118,13 @@ impl GgufModel {
                 format!("expected an array, found {other:?}"),
             )),
         }
+    }
+
+    fn strings(&self, key: &str) -> Result<Vec<String>> {
+        self.array(key, "strings", |v| match v {
+            Gv::String(s) => Some(s.clone()),
+            _ => None,
+        })
     }
 
     fn shape(&self, name: &str) -> Result<&[usize]> {
@@ -144,25 +149,11 @@ impl GgufModel {
     }
 
     fn floats(&self, key: &str) -> Result<Vec<f64>> {
-        match self.get(key)? {
-            Gv::Array(items) => items
-                .iter()
-                .map(|v| match v {
-                    Gv::F32(x) => Ok(*x as f64),
-                    Gv::F64(x) => Ok(*x),
-                    other => Err(Error::config(
-                        &self.path,
-                        key,
-                        format!("expected numbers, found {other:?}"),
-                    )),
-                })
-                .collect(),
-            other => Err(Error::config(
-                &self.path,
-                key,
-                format!("expected an array, found {other:?}"),
-            )),
-        }
+        self.array(key, "numbers", |v| match v {
+            Gv::F32(x) => Some(*x as f64),
+            Gv::F64(x) => Some(*x),
+            _ => None,
+        })
     }
 
     /// True for a text file whose model also needs a vision file (`qwen2vl`).
@@ -254,27 +245,11 @@ impl GgufModel {
         });
         if let Some(v) = vision {
             let key = format!("{a}.rope.dimension_sections");
-            let sections: Vec<u64> = match self.get(&key)? {
-                Gv::Array(items) => items
-                    .iter()
-                    .map(|x| match x {
-                        Gv::I32(x) if *x >= 0 => Ok(*x as u64),
-                        Gv::U32(x) => Ok(*x as u64),
-                        other => Err(Error::config(
-                            &self.path,
-                            &key,
-                            format!("expected unsigned integers, found {other:?}"),
-                        )),
-                    })
-                    .collect::<Result<_>>()?,
-                other => {
-                    return Err(Error::config(
-                        &self.path,
-                        &key,
-                        format!("expected an array, found {other:?}"),
-                    ))
-                }
-            };
+            let sections = self.array(&key, "unsigned integers", |v| match v {
+                Gv::I32(x) => u64::try_from(*x).ok(),
+                Gv::U32(x) => Some(*x as u64),
+                _ => None,
+            })?;
             // Qwen2-VL's three sections (time, height, width); llama.cpp pads the list with a zero.
             let mrope: Vec<u64> = sections.iter().copied().take(3).collect();
             cfg["rope_scaling"] = json!({"type": "mrope", "mrope_section": mrope});

@@ -4,10 +4,15 @@
 //!
 //! The GGUF keeps the checkpoint's own tensor names and shapes (not llama.cpp's), so it is a Loupe
 //! model directory; a llama.cpp-compatible export is separate work (docs/quantization.md).
+//!
+//! The input may also be llama.cpp's own GGUF files (a text model, or a vision pair): their
+//! block-quantized matrices keep their blocks as they are, their float tensors (an f16 vision file)
+//! are quantized by the policy, and the config, tokenizer, template and image settings read from their
+//! metadata are written as files beside `model.gguf`.
 
 use std::path::{Path, PathBuf};
 
-use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
+use candle_core::quantized::{ggml_file, gguf_file, GgmlDType, QTensor};
 use candle_core::{DType, Device};
 
 use super::config::require_supported;
@@ -24,20 +29,29 @@ pub struct QuantizeReport {
     pub bytes: u64,
 }
 
-/// Quantizes `model` to `quant` into the directory `out` (created; must not hold a model already).
-/// `progress(done, total)` is called after each tensor.
+/// Quantizes `model` (with llama.cpp's vision file `mmproj`, if given) to `quant` into the directory
+/// `out` (created; must not hold a model already). `progress(done, total)` is called after each tensor.
 pub fn quantize_model(
     model: &str,
+    mmproj: Option<&Path>,
     quant: GgmlDType,
     out: &Path,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<QuantizeReport> {
-    let files = ModelFiles::find(model)?;
-    let model_type = require_supported(&files.config)?;
-    if files
-        .weights
-        .iter()
-        .any(|p| p.extension().is_some_and(|e| e == "gguf"))
+    let files = ModelFiles::find_with(model, mmproj)?;
+    let llama_cpp = match &files.gguf {
+        Some(g) => Some((g, g.text.config_json(g.vision.as_deref())?)),
+        None => None,
+    };
+    let model_type = match &llama_cpp {
+        Some((_, cfg)) => cfg["model_type"].as_str().unwrap_or_default().to_owned(),
+        None => require_supported(&files.config)?,
+    };
+    if llama_cpp.is_none()
+        && files
+            .weights
+            .iter()
+            .any(|p| p.extension().is_some_and(|e| e == "gguf"))
     {
         return Err(Error::InvalidInput(format!(
             "{} is already quantized (model.gguf)",
@@ -52,12 +66,32 @@ pub fn quantize_model(
     }
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
 
-    let w = Weights::open(&files.weights, DType::F32, &Device::Cpu, qwen2_vl::sanitize)?;
+    let w = Weights::open(&files.weights, DType::F32, &Device::Cpu, files.sanitize())?;
     let names = w.names();
     let mut tensors: Vec<(String, QTensor)> = Vec::with_capacity(names.len());
     let mut quantized = 0;
     for (i, name) in names.iter().enumerate() {
-        let shape = w.shape(name).unwrap_or_default();
+        let mut shape = w.shape(name).unwrap_or_default();
+        if llama_cpp.is_some() && name == "visual.patch_embed.proj.weight" {
+            // llama.cpp stores one kernel per frame; the checkpoint's Conv3D has them on axis 2.
+            let (cfg, _, _) = files.read_model()?;
+            let v = &cfg.vision;
+            shape = vec![
+                v.embed_dim,
+                v.in_channels,
+                v.temporal_patch_size,
+                v.patch_size,
+                v.patch_size,
+            ];
+        }
+        // Already block-quantized (llama.cpp's text file): the blocks are kept as they are.
+        if let Some(m) = w.get_quantized(name, &shape)? {
+            let t = ggml_file::qtensor_from_ggml(m.dtype(), &m.blocks()?, shape, &Device::Cpu)?;
+            quantized += 1;
+            tensors.push((name.clone(), t));
+            progress(i + 1, names.len());
+            continue;
+        }
         let mut t = w.get_as(name, &shape, DType::F32)?;
         if shape.len() > 4 {
             // GGUF holds at most 4 dims: store (dim0, rest); the loader restores the shape it asks for.
@@ -89,6 +123,29 @@ pub fn quantize_model(
     gguf_file::write(&mut file, &metadata, &refs)?;
     drop(file);
 
+    if let Some((g, cfg)) = &llama_cpp {
+        // What llama.cpp's files hold in their metadata, as the files a checkpoint has.
+        let write = |name: &str, text: String| -> Result<()> {
+            let dst = out.join(name);
+            std::fs::write(&dst, text).map_err(|e| Error::io(&dst, e))
+        };
+        let pretty = |v: &serde_json::Value| serde_json::to_string_pretty(v).unwrap_or_default();
+        write("config.json", pretty(cfg))?;
+        write("tokenizer.json", g.text.tokenizer_json()?)?;
+        if let Some(t) = g.text.chat_template() {
+            write("chat_template.jinja", t)?;
+        }
+        if let Some(v) = &g.vision {
+            write("preprocessor_config.json", pretty(&v.preprocessor_json()?))?;
+        }
+        let bytes = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        return Ok(QuantizeReport {
+            out: out.to_path_buf(),
+            tensors: tensors.len(),
+            quantized,
+            bytes,
+        });
+    }
     // Everything but the weights travels as is.
     let copy = |src: &Option<PathBuf>| -> Result<()> {
         if let Some(src) = src {
