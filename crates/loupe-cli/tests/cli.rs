@@ -73,6 +73,55 @@ fn run_json_gives_the_reference_greedy_tokens() {
 }
 
 #[test]
+fn run_reads_llama_cpp_gguf_pairs_with_mmproj() {
+    // llama.cpp's converter's output for the mha4 checkpoint (tools/make_gguf_vl_fixture.py).
+    let pair = fixtures().join("gguf_vl").join("qwen2_vl");
+    let (text, mmproj) = (
+        pair.join("model-f32.gguf"),
+        pair.join("mmproj-model-f32.gguf"),
+    );
+    let (a, b) = (image("odd_97x211.png"), image("alpha_150x100.png"));
+    let ask = |model_args: &[&str]| {
+        let mut args = vec!["run"];
+        args.extend_from_slice(model_args);
+        args.extend_from_slice(&[
+            "--image",
+            s(&a),
+            "--image",
+            s(&b),
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "20",
+            "--json",
+            "Describe these two parts.",
+        ]);
+        loupe(&args)
+    };
+    for model_args in [
+        vec!["--model", s(&text), "--mmproj", s(&mmproj)],
+        vec!["--model", s(&text)],
+        vec!["--model", s(&pair)],
+    ] {
+        let out = ask(&model_args);
+        assert_eq!(out.code, 0, "{model_args:?}: {}", out.stderr);
+        let v: serde_json::Value = serde_json::from_str(out.stdout.trim()).unwrap();
+        let tokens: Vec<u32> = serde_json::from_value(v["tokens"].clone()).unwrap();
+        assert_eq!(
+            tokens,
+            reference_tokens("mha4_tied_bf16_v5", "two_images"),
+            "{model_args:?}"
+        );
+    }
+    let missing = pair.join("mmproj-missing.gguf");
+    fails_clearly(
+        &ask(&["--model", s(&text), "--mmproj", s(&missing)]),
+        "mmproj-missing.gguf",
+    );
+    fails_clearly(&ask(&["--model", s(&mmproj)]), "is a vision file (mmproj)");
+}
+
+#[test]
 fn run_streams_text_and_sampling_is_reproducible() {
     let m = model("gqa2_tied_published");
     let args = [
