@@ -27,6 +27,28 @@ fn reference_tokens(name: &str, prompt: &str) -> Vec<u32> {
         .collect()
 }
 
+/// `loupe run --json`, greedy in f32, on the fixtures' two-image prompt (20 tokens).
+fn run_two_images(model_args: &[&str]) -> Out {
+    let (a, b) = (image("odd_97x211.png"), image("alpha_150x100.png"));
+    let mut args = vec!["run"];
+    args.extend_from_slice(model_args);
+    args.extend_from_slice(&[
+        "--image",
+        s(&a),
+        "--image",
+        s(&b),
+        "--dtype",
+        "f32",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "20",
+        "--json",
+        "Describe these two parts.",
+    ]);
+    loupe(&args)
+}
+
 #[test]
 fn run_json_gives_the_reference_greedy_tokens() {
     for name in [
@@ -34,25 +56,7 @@ fn run_json_gives_the_reference_greedy_tokens() {
         "mqa6_untied_bf16_v5",
         "mha4_tied_bf16_v5",
     ] {
-        let m = model(name);
-        let (a, b) = (image("odd_97x211.png"), image("alpha_150x100.png"));
-        let out = loupe(&[
-            "run",
-            "--model",
-            s(&m),
-            "--image",
-            s(&a),
-            "--image",
-            s(&b),
-            "--dtype",
-            "f32",
-            "--temperature",
-            "0",
-            "--max-tokens",
-            "20",
-            "--json",
-            "Describe these two parts.",
-        ]);
+        let out = run_two_images(&["--model", s(&model(name))]);
         assert_eq!(out.code, 0, "{name}: {}", out.stderr);
         let v: serde_json::Value =
             serde_json::from_str(out.stdout.trim()).expect("one JSON object on stdout");
@@ -80,30 +84,12 @@ fn run_reads_llama_cpp_gguf_pairs_with_mmproj() {
         pair.join("model-f32.gguf"),
         pair.join("mmproj-model-f32.gguf"),
     );
-    let (a, b) = (image("odd_97x211.png"), image("alpha_150x100.png"));
-    let ask = |model_args: &[&str]| {
-        let mut args = vec!["run"];
-        args.extend_from_slice(model_args);
-        args.extend_from_slice(&[
-            "--image",
-            s(&a),
-            "--image",
-            s(&b),
-            "--temperature",
-            "0",
-            "--max-tokens",
-            "20",
-            "--json",
-            "Describe these two parts.",
-        ]);
-        loupe(&args)
-    };
     for model_args in [
         vec!["--model", s(&text), "--mmproj", s(&mmproj)],
         vec!["--model", s(&text)],
         vec!["--model", s(&pair)],
     ] {
-        let out = ask(&model_args);
+        let out = run_two_images(&model_args);
         assert_eq!(out.code, 0, "{model_args:?}: {}", out.stderr);
         let v: serde_json::Value = serde_json::from_str(out.stdout.trim()).unwrap();
         let tokens: Vec<u32> = serde_json::from_value(v["tokens"].clone()).unwrap();
@@ -115,10 +101,13 @@ fn run_reads_llama_cpp_gguf_pairs_with_mmproj() {
     }
     let missing = pair.join("mmproj-missing.gguf");
     fails_clearly(
-        &ask(&["--model", s(&text), "--mmproj", s(&missing)]),
+        &run_two_images(&["--model", s(&text), "--mmproj", s(&missing)]),
         "mmproj-missing.gguf",
     );
-    fails_clearly(&ask(&["--model", s(&mmproj)]), "is a vision file (mmproj)");
+    fails_clearly(
+        &run_two_images(&["--model", s(&mmproj)]),
+        "is a vision file (mmproj)",
+    );
 }
 
 #[test]

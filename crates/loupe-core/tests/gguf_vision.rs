@@ -46,18 +46,7 @@ fn a_vision_pair_gives_transformers_logits_and_greedy_tokens() {
         for p in r.meta["prompts"].as_array().unwrap() {
             let pname = p["name"].as_str().unwrap();
             let prompt = reference_prompt(&r, &px, pname);
-            let logits = prompt_logits(&e, &prompt);
-            let rows = r.get(&format!("{pname}/logits")).dim(0).unwrap();
-            let got = logits
-                .narrow(0, logits.dim(0).unwrap() - rows, rows)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap();
-            let want = r.f32s(&format!("{pname}/logits"));
-            let (diff, _) = max_abs_diff(&got, &want);
-            let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+            let (diff, _, scale) = logit_diff(&prompt_logits(&e, &prompt), &r, pname);
             // The same bound as the checkpoints' own parity test (f32, summation order only).
             assert!(
                 diff <= 3e-5 * scale.max(1.0),

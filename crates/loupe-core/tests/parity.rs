@@ -184,16 +184,7 @@ fn logits_match_at_every_position() {
         for p in prompts(&r) {
             let pname = p["name"].as_str().unwrap();
             let prompt = reference_prompt(&r, &px, pname);
-            let logits = prompt_logits(&e, &prompt);
-            let want_t = r.get(&format!("{pname}/logits"));
-            let rows = want_t.dim(0).unwrap();
-            let got = logits
-                .narrow(0, logits.dim(0).unwrap() - rows, rows)
-                .unwrap();
-            let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            let want = r.f32s(&format!("{pname}/logits"));
-            let (diff, at) = max_abs_diff(&got, &want);
-            let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+            let (diff, at, scale) = logit_diff(&prompt_logits(&e, &prompt), &r, pname);
             eprintln!("{name}/{pname}: max logit diff {diff:.2e}, logit range {scale:.1}");
             // f32: agreement to 3e-5 of the logits' range. Measured: 4e-6 (text) to 1.4e-5 (two
             // images) of the range; matmul summation order differs from PyTorch's, and the fixtures'

@@ -286,7 +286,7 @@ impl GgufModel {
             )
         })?;
         let depth = self.uint("clip.vision.block_count")?;
-        let common = json!({
+        let mut v = json!({
             "depth": depth,
             "num_heads": self.uint("clip.vision.attention.head_count")?,
             "patch_size": self.uint("clip.vision.patch_size")?,
@@ -294,7 +294,6 @@ impl GgufModel {
             "temporal_patch_size": 2,
             "in_channels": 3,
         });
-        let mut v = common;
         let out = self.uint("clip.vision.projection_dim")?;
         match projector {
             Projector::Qwen2Vl => {

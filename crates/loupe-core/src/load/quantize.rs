@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use candle_core::quantized::{ggml_file, gguf_file, GgmlDType, QTensor};
 use candle_core::{DType, Device};
 
-use super::config::require_supported;
+use super::config::{require_supported, Qwen2VlConfig};
 use super::weights::Weights;
 use super::ModelFiles;
 use crate::error::{Error, Result};
@@ -66,24 +66,29 @@ pub fn quantize_model(
     }
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
 
-    let w = Weights::open(&files.weights, DType::F32, &Device::Cpu, files.sanitize())?;
-    let names = w.names();
-    let mut tensors: Vec<(String, QTensor)> = Vec::with_capacity(names.len());
-    let mut quantized = 0;
-    for (i, name) in names.iter().enumerate() {
-        let mut shape = w.shape(name).unwrap_or_default();
-        if llama_cpp.is_some() && name == "visual.patch_embed.proj.weight" {
-            // llama.cpp stores one kernel per frame; the checkpoint's Conv3D has them on axis 2.
-            let (cfg, _, _) = files.read_model()?;
-            let v = &cfg.vision;
-            shape = vec![
+    // llama.cpp stores one patch kernel per frame; the checkpoint's Conv3D has them on axis 2.
+    let patch_kernel = match &llama_cpp {
+        Some((_, cfg)) => {
+            let v = Qwen2VlConfig::from_value(&files.config, cfg)?.vision;
+            Some(vec![
                 v.embed_dim,
                 v.in_channels,
                 v.temporal_patch_size,
                 v.patch_size,
                 v.patch_size,
-            ];
+            ])
         }
+        None => None,
+    };
+    let w = Weights::open(&files.weights, DType::F32, &Device::Cpu, files.sanitize())?;
+    let names = w.names();
+    let mut tensors: Vec<(String, QTensor)> = Vec::with_capacity(names.len());
+    let mut quantized = 0;
+    for (i, name) in names.iter().enumerate() {
+        let shape = match &patch_kernel {
+            Some(s) if name == "visual.patch_embed.proj.weight" => s.clone(),
+            _ => w.shape(name).unwrap_or_default(),
+        };
         // Already block-quantized (llama.cpp's text file): the blocks are kept as they are.
         if let Some(m) = w.get_quantized(name, &shape)? {
             let t = ggml_file::qtensor_from_ggml(m.dtype(), &m.blocks()?, shape, &Device::Cpu)?;

@@ -110,6 +110,23 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> (f32, usize) {
         )
 }
 
+/// The last rows of `logits`, as many as the reference holds for `prompt`, against the reference:
+/// (largest absolute difference, its flat index, the reference's range).
+pub fn logit_diff(logits: &Tensor, r: &Reference, prompt: &str) -> (f32, usize, f32) {
+    let rows = r.get(&format!("{prompt}/logits")).dim(0).unwrap();
+    let got = logits
+        .narrow(0, logits.dim(0).unwrap() - rows, rows)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let want = r.f32s(&format!("{prompt}/logits"));
+    let (diff, at) = max_abs_diff(&got, &want);
+    let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+    (diff, at, scale)
+}
+
 /// The prompts' pixels, shared by every checkpoint.
 pub fn prompt_pixels() -> Reference {
     Reference::load(fixtures().join("prompt_pixels.safetensors"))
