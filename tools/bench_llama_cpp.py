@@ -11,6 +11,10 @@ llama.cpp is not part of Loupe: build it yourself (docs/benchmarks.md says how) 
 its binaries. The checkpoint (published layout) is converted once with llama.cpp's own converter
 (`--outtype f16`, and `--mmproj` for the vision file) and quantized with its `llama-quantize`; the GGUF
 files go under --work. Prints both results as JSON and a Markdown table with Loupe's ratio.
+
+With `--text-rounds N`, prefill and decode are then measured N more times, Loupe and llama.cpp taking
+turns (one `loupe bench` without images, one `llama-bench`), and each round's ratio is printed with
+their median: on a noisy machine one pair of runs can land anywhere within +-20%.
 """
 
 import argparse
@@ -61,9 +65,9 @@ def gguf_files(a) -> tuple[Path, Path]:
     return quant, mmproj
 
 
-def llama_cpp(a, model: Path, mmproj: Path) -> dict:
-    # Decode is measured at two depths: an empty context, and after as many tokens as the prefill
-    # (what `loupe bench` measures: its decode continues the prefilled prompt).
+def llama_text(a, model: Path) -> dict:
+    """`llama-bench`'s prefill and decode. Decode is measured at two depths: an empty context, and after as
+    many tokens as the prefill (what `loupe bench` measures: its decode continues the prefilled prompt)."""
     text, _ = run([a.llama_bin / "llama-bench", "-m", model, "-t", a.threads, "-p", a.prefill_tokens,
                    "-n", a.decode_tokens, "-d", f"0,{a.prefill_tokens}", "-r", a.repetitions, "-o", "json"])
     rows = json.loads(text[text.index("["):text.rindex("]") + 1])
@@ -71,7 +75,7 @@ def llama_cpp(a, model: Path, mmproj: Path) -> dict:
     prefill = next(r for r in rows if r["n_prompt"] > 0 and r["n_gen"] == 0 and depth(r) == 0)
     decode = next(r for r in rows if r["n_gen"] > 0 and depth(r) == a.prefill_tokens)
     decode_empty = next(r for r in rows if r["n_gen"] > 0 and depth(r) == 0)
-    result = {
+    return {
         "peer": f"llama.cpp {rows[0].get('build_commit', '?')} (build {rows[0].get('build_number', '?')}), {a.quant}",
         "threads": a.threads,
         "prefill_tokens": a.prefill_tokens,
@@ -79,8 +83,11 @@ def llama_cpp(a, model: Path, mmproj: Path) -> dict:
         "decode_tokens": a.decode_tokens,
         "decode_tok_s": decode["avg_ts"],
         "decode_tok_s_empty_context": decode_empty["avg_ts"],
-        "image_encode": {},
     }
+
+
+def llama_cpp(a, model: Path, mmproj: Path) -> dict:
+    result = llama_text(a, model) | {"image_encode": {}}
     peak = 0
     with tempfile.TemporaryDirectory() as tmp:
         for side in a.image_sizes:
@@ -120,6 +127,8 @@ def main() -> None:
     ap.add_argument("--decode-tokens", type=int, default=64)
     ap.add_argument("--repetitions", type=int, default=1)
     ap.add_argument("--image-sizes", default="448,896")
+    ap.add_argument("--text-rounds", type=int, default=0,
+                    help="then N more rounds of prefill and decode only, Loupe and llama.cpp taking turns")
     ap.add_argument("--loupe-on-peer-files", action="store_true",
                     help="also run Loupe on llama.cpp's own pair (the quantized text GGUF and its mmproj)")
     a = ap.parse_args()
@@ -128,10 +137,11 @@ def main() -> None:
     model, mmproj = gguf_files(a)
     peer = llama_cpp(a, model, mmproj)
 
-    def loupe_bench(*model_args) -> dict:
+    def loupe_bench(*model_args, images=True) -> dict:
+        sizes = [",".join(map(str, a.image_sizes))] if images else []
         text, _ = run([a.loupe, "bench", *model_args, "--threads", a.threads,
                        "--prefill-tokens", a.prefill_tokens, "--decode-tokens", a.decode_tokens,
-                       "--image-sizes", ",".join(map(str, a.image_sizes))])
+                       "--image-sizes", *sizes])
         return json.loads(text[text.index("{"):text.rindex("}") + 1])
 
     loupe = loupe_bench("--model", a.loupe_model)
@@ -167,6 +177,19 @@ def main() -> None:
     if a.loupe_on_peer_files:
         # The same measures, Loupe reading llama.cpp's own two files (f16 vision tower, computed in f32).
         print(table(f"Loupe on llama.cpp's {a.quant} + mmproj files", results["loupe on llama.cpp's files"]))
+    if a.text_rounds:
+        ratios = {"prefill_tok_s": [], "decode_tok_s": []}
+        print(f"\n| round | Loupe prefill | llama.cpp prefill | ratio | Loupe decode | llama.cpp decode | ratio |")
+        print("|---|---|---|---|---|---|---|")
+        for i in range(a.text_rounds):
+            ours, theirs = loupe_bench("--model", a.loupe_model, images=False), llama_text(a, model)
+            cells = []
+            for k in ratios:
+                ratios[k].append(ours[k] / theirs[k])
+                cells += [f"{ours[k]:.1f}", f"{theirs[k]:.1f}", f"{ratios[k][-1]:.2f}x"]
+            print(f"| {i + 1} | " + " | ".join(cells) + " |", flush=True)
+        print(f"median ratio over {a.text_rounds} rounds: prefill {np.median(ratios['prefill_tok_s']):.2f}x, "
+              f"decode {np.median(ratios['decode_tok_s']):.2f}x")
 
 if __name__ == "__main__":
     main()
