@@ -166,7 +166,7 @@ def main():
     ap.add_argument("--out", type=Path, default=ROOT / "models" / "loupe-parts-demo")
     ap.add_argument("--spec", type=Path, default=ROOT / "tools" / "parts_demo_spec.toml")
     ap.add_argument("--minutes", type=float, default=55, help="wall-clock budget of the whole training")
-    ap.add_argument("--vision-minutes", type=float, default=30, help="of which: vision tower warm-up on the cell head")
+    ap.add_argument("--vision-minutes", type=float, default=25, help="of which: vision tower warm-up on the cell head")
     ap.add_argument("--size", type=int, default=112)
     ap.add_argument("--train-images", type=int, default=40000)
     ap.add_argument("--batch", type=int, default=32)
@@ -258,17 +258,17 @@ def main():
         scores = cell_head(feats)
         cell_loss = torch.nn.functional.cross_entropy(scores.flatten(0, 1), cells.flatten(), weight=weight)
         terms = {"cell": cell_loss}
+        on = cells > 0
         # Image level: the most defect-like token says whether the part is defective.
         defect = torch.logsumexp(scores[..., 1:], -1) - scores[..., 0]
-        present = (cells > 0).any(1).float()
-        terms["found"] = torch.nn.functional.binary_cross_entropy_with_logits(defect.max(1).values, present)
-        on = cells > 0
+        present = on.any(1)
+        terms["found"] = torch.nn.functional.binary_cross_entropy_with_logits(defect.max(1).values, present.float())
         if on.any():
             rel = train.boxes[idx][:, None, :] - origins[None]
             terms["vbox"] = 10 * torch.nn.functional.smooth_l1_loss(vbox_head(feats)[on], rel[on], beta=0.02)
         with torch.no_grad():  # image-level: does the cell head find a defect where there is one?
             found = (scores.argmax(-1) > 0).any(1)
-            metrics = {"found_acc": (found == (cells > 0).any(1)).float().mean()}
+            metrics = {"found_acc": (found == present).float().mean()}
         if not with_lm:
             return terms, metrics
         cache = DynamicCache(config=model.config)
