@@ -179,7 +179,7 @@ def main() -> None:
         print(table(f"Loupe on llama.cpp's {a.quant} + mmproj files", results["loupe on llama.cpp's files"]))
     if a.text_rounds:
         ratios = {"prefill_tok_s": [], "decode_tok_s": []}
-        print(f"\n| round | Loupe prefill | llama.cpp prefill | ratio | Loupe decode | llama.cpp decode | ratio |")
+        print("\n| round | Loupe prefill | llama.cpp prefill | ratio | Loupe decode | llama.cpp decode | ratio |")
         print("|---|---|---|---|---|---|---|")
         for i in range(a.text_rounds):
             ours, theirs = loupe_bench("--model", a.loupe_model, images=False), llama_text(a, model)

@@ -143,28 +143,22 @@ pub fn quantize_model(
         if let Some(v) = &g.vision {
             write("preprocessor_config.json", pretty(&v.preprocessor_json()?))?;
         }
-        let bytes = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-        return Ok(QuantizeReport {
-            out: out.to_path_buf(),
-            tensors: tensors.len(),
-            quantized,
-            bytes,
-        });
+    } else {
+        // Everything but the weights travels as is.
+        let copy = |src: &Option<PathBuf>| -> Result<()> {
+            if let Some(src) = src {
+                let dst = out.join(src.file_name().unwrap_or_default());
+                std::fs::copy(src, &dst).map_err(|e| Error::io(&dst, e))?;
+            }
+            Ok(())
+        };
+        copy(&Some(files.config.clone()))?;
+        copy(&Some(files.tokenizer.clone()))?;
+        copy(&files.tokenizer_config)?;
+        copy(&files.chat_template)?;
+        copy(&files.preprocessor_config)?;
+        copy(&files.generation_config)?;
     }
-    // Everything but the weights travels as is.
-    let copy = |src: &Option<PathBuf>| -> Result<()> {
-        if let Some(src) = src {
-            let dst = out.join(src.file_name().unwrap_or_default());
-            std::fs::copy(src, &dst).map_err(|e| Error::io(&dst, e))?;
-        }
-        Ok(())
-    };
-    copy(&Some(files.config.clone()))?;
-    copy(&Some(files.tokenizer.clone()))?;
-    copy(&files.tokenizer_config)?;
-    copy(&files.chat_template)?;
-    copy(&files.preprocessor_config)?;
-    copy(&files.generation_config)?;
     let bytes = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
     Ok(QuantizeReport {
         out: out.to_path_buf(),
