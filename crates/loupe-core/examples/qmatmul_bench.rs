@@ -2,7 +2,8 @@
 //! `QMatMul`, one activation row, the Qwen2-VL-2B decoder's matrix shapes. Each measurement cycles
 //! through copies of the matrix that together exceed the CPU caches (about 400 MB), as decode does.
 //!
-//! `cargo run --release -p loupe-core --example qmatvec_bench -- [threads]`
+//! `cargo run --release -p loupe-core --example qmatmul_bench [-- many]` (`many`: only the many-row
+//! products of the second table; threads: candle's, `RAYON_NUM_THREADS`).
 use std::time::Instant;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
@@ -17,6 +18,14 @@ fn main() -> candle_core::Result<()> {
         "isa {isa:?}, threads {}",
         candle_core::utils::get_num_threads()
     );
+    let many_only = std::env::args().any(|a| a == "many");
+    if !many_only {
+        decode_shapes(&dev, isa)?;
+    }
+    many_rows(&dev, isa)
+}
+
+fn decode_shapes(dev: &Device, isa: Isa) -> candle_core::Result<()> {
     println!("| weights | shape | candle ms | Loupe ms | Loupe GB/s | speed-up |");
     println!("|---|---|---|---|---|---|");
     for (dtype, rows, cols) in [
@@ -25,7 +34,7 @@ fn main() -> candle_core::Result<()> {
         (GgmlDType::Q4K, 1536, 1536),
         (GgmlDType::Q6K, 151936, 1536),
     ] {
-        let w = Tensor::randn(0f32, 0.02, (rows, cols), &dev)?;
+        let w = Tensor::randn(0f32, 0.02, (rows, cols), dev)?;
         let q = QTensor::quantize(&w, dtype)?;
         let bytes = q.data()?.into_owned();
         let copies = (400_000_000 / bytes.len()).max(2);
@@ -42,7 +51,7 @@ fn main() -> candle_core::Result<()> {
             .iter()
             .map(|b| QRows::new(format, rows, cols, b).expect("layout"))
             .collect();
-        let x = Tensor::randn(0f32, 1.0, (1, cols), &dev)?;
+        let x = Tensor::randn(0f32, 1.0, (1, cols), dev)?;
         let xv = x.flatten_all()?.to_vec1::<f32>()?;
         let reps = 4 * copies;
         let time = |f: &mut dyn FnMut(usize)| {
@@ -66,6 +75,10 @@ fn main() -> candle_core::Result<()> {
         );
     }
     println!();
+    Ok(())
+}
+
+fn many_rows(dev: &Device, isa: Isa) -> candle_core::Result<()> {
     println!("| many rows (Q4K) | m x k x n | candle ms | Loupe ms | candle GFLOP/s | Loupe GFLOP/s | speed-up |");
     println!("|---|---|---|---|---|---|---|");
     for (m, k, n) in [
@@ -74,12 +87,12 @@ fn main() -> candle_core::Result<()> {
         (1024, 1280, 3840),
         (1024, 5120, 1280),
     ] {
-        let w = Tensor::randn(0f32, 0.02, (n, k), &dev)?;
+        let w = Tensor::randn(0f32, 0.02, (n, k), dev)?;
         let q = QTensor::quantize(&w, GgmlDType::Q4K)?;
         let bytes = q.data()?.into_owned();
         let mat = QRows::new(Format::Q4K, n, k, &bytes).expect("layout");
         let qm = QMatMul::from_qtensor(q)?;
-        let x = Tensor::randn(0f32, 1.0, (m, k), &dev)?;
+        let x = Tensor::randn(0f32, 1.0, (m, k), dev)?;
         let xv = x.flatten_all()?.to_vec1::<f32>()?;
         let time = |f: &mut dyn FnMut()| {
             f();
