@@ -146,7 +146,7 @@ def cell_origins(size: int, cell: int) -> torch.Tensor:
 
 def fast_vision_training(patches_per_image: int):
     """Two of transformers' vision-tower forwards replaced, for training only, by the same arithmetic
-    in fewer, larger operations (2.2x faster steps on 2 cores together with torch.compile; the
+    in fewer, larger operations (with torch.compile, warm-up steps 0.22 -> 0.13 s on 2 cores; the
     saved weights are unchanged and the result is checked against the original at start-up):
     the patch embedding's Conv3d, whose kernel equals its stride over already-flattened patches, is
     one matrix product; attention runs as one batched call over images of equal size instead of one
