@@ -279,24 +279,27 @@ def main():
 
     # Every training image has the same size: the vision tower's faster training path applies (its
     # output checked against transformers' own forward here), compiled once for the batch shape.
+    def encode(pixels, b):
+        """The merged image tokens of b training images."""
+        return model.model.visual(pixels, grid_thw=grid.repeat(b, 1)).pooler_output
+
     with torch.no_grad():
         few = patchify(train.images[:3])
-        want = model.model.visual(few, grid_thw=grid.repeat(3, 1)).pooler_output
+        want = encode(few, 3)
         fast_vision_training(int(grid.prod()))
-        got = model.model.visual(few, grid_thw=grid.repeat(3, 1)).pooler_output
+        got = encode(few, 3)
         assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
-    compiled = torch.compile(lambda px, g: model.model.visual(px, grid_thw=g).pooler_output, dynamic=False)
+    compiled = torch.compile(encode, dynamic=False)
+    cell_weight = torch.tensor([1.0] + [4.0] * len(classes))  # defect tokens are the rare ones
 
     def forward(idx, with_lm=True, fast=True):
         """Loss terms for the samples idx."""
         b = len(idx)
         pixels = patchify(train.images[idx])
-        encode = compiled if fast else (lambda px, g: model.model.visual(px, grid_thw=g).pooler_output)
-        feats = encode(pixels, grid.repeat(b, 1)).view(b, n_img, -1)
+        feats = (compiled if fast else encode)(pixels, b).view(b, n_img, -1)
         cells = train.cells[idx]
-        weight = torch.tensor([1.0] + [4.0] * len(classes))
         scores = cell_head(feats)
-        cell_loss = torch.nn.functional.cross_entropy(scores.flatten(0, 1), cells.flatten(), weight=weight)
+        cell_loss = torch.nn.functional.cross_entropy(scores.flatten(0, 1), cells.flatten(), weight=cell_weight)
         terms = {"cell": cell_loss}
         on = cells > 0
         # Image level: the most defect-like token says whether the part is defective.
