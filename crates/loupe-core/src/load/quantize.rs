@@ -145,19 +145,18 @@ pub fn quantize_model(
         }
     } else {
         // Everything but the weights travels as is.
-        let copy = |src: &Option<PathBuf>| -> Result<()> {
-            if let Some(src) = src {
-                let dst = out.join(src.file_name().unwrap_or_default());
-                std::fs::copy(src, &dst).map_err(|e| Error::io(&dst, e))?;
-            }
-            Ok(())
-        };
-        copy(&Some(files.config.clone()))?;
-        copy(&Some(files.tokenizer.clone()))?;
-        copy(&files.tokenizer_config)?;
-        copy(&files.chat_template)?;
-        copy(&files.preprocessor_config)?;
-        copy(&files.generation_config)?;
+        let others = [
+            Some(&files.config),
+            Some(&files.tokenizer),
+            files.tokenizer_config.as_ref(),
+            files.chat_template.as_ref(),
+            files.preprocessor_config.as_ref(),
+            files.generation_config.as_ref(),
+        ];
+        for src in others.into_iter().flatten() {
+            let dst = out.join(src.file_name().unwrap_or_default());
+            std::fs::copy(src, &dst).map_err(|e| Error::io(&dst, e))?;
+        }
     }
     let bytes = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
     Ok(QuantizeReport {

@@ -113,7 +113,8 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> (f32, usize) {
 /// The last rows of `logits`, as many as the reference holds for `prompt`, against the reference:
 /// (largest absolute difference, its flat index, the reference's range).
 pub fn logit_diff(logits: &Tensor, r: &Reference, prompt: &str) -> (f32, usize, f32) {
-    let rows = r.get(&format!("{prompt}/logits")).dim(0).unwrap();
+    let key = format!("{prompt}/logits");
+    let rows = r.get(&key).dim(0).unwrap();
     let got = logits
         .narrow(0, logits.dim(0).unwrap() - rows, rows)
         .unwrap()
@@ -121,7 +122,7 @@ pub fn logit_diff(logits: &Tensor, r: &Reference, prompt: &str) -> (f32, usize, 
         .unwrap()
         .to_vec1::<f32>()
         .unwrap();
-    let want = r.f32s(&format!("{prompt}/logits"));
+    let want = r.f32s(&key);
     let (diff, at) = max_abs_diff(&got, &want);
     let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
     (diff, at, scale)
