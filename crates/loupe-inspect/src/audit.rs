@@ -3,7 +3,7 @@
 //! `loupe inspect` processes can write at once without losing a row.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rusqlite::{params, Connection, OpenFlags};
 use serde::Serialize;
@@ -94,9 +94,8 @@ impl AuditLog {
             OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE,
         )
         .map_err(err)?;
-        conn.busy_timeout(Duration::from_secs(60)).map_err(err)?;
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(err)?;
+        conn.busy_timeout(BUSY_TIMEOUT).map_err(err)?;
+        enable_wal(&conn).map_err(err)?;
         conn.pragma_update(None, "synchronous", "NORMAL")
             .map_err(err)?;
         conn.execute_batch(SCHEMA).map_err(err)?;
@@ -242,6 +241,26 @@ impl AuditLog {
     }
 }
 
+/// How long a writer waits for another to finish before giving up.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Switches the database to WAL (kept in the file, so only its creator really switches). While
+/// another connection is creating the same file, SQLite answers "database is locked" at once,
+/// without waiting on the busy timeout: retried here until that timeout.
+fn enable_wal(conn: &Connection) -> rusqlite::Result<()> {
+    let deadline = Instant::now() + BUSY_TIMEOUT;
+    loop {
+        match conn.pragma_update(None, "journal_mode", "WAL") {
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::DatabaseBusy && Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            done => return done,
+        }
+    }
+}
+
 /// Turns any database error into one naming the database file.
 fn db_err<E: std::fmt::Display>(path: &Path) -> impl Fn(E) -> Error + Copy + '_ {
     move |e| Error::Audit {
@@ -263,4 +282,39 @@ fn hash_file(path: &Path) -> Result<String> {
         h.update(&buf[..n]);
     }
     Ok(hex(&h.finalize()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Several writers creating the same new database at once all open it (SQLite answers the
+    /// first switch to WAL with "database is locked", busy timeout or not, while another connection
+    /// is creating the file).
+    #[test]
+    fn writers_creating_one_database_at_once_all_open_it() {
+        let dir = std::env::temp_dir().join(format!("loupe-audit-race-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for round in 0..40 {
+            let path = dir.join(format!("{round}.sqlite"));
+            let start = std::sync::Barrier::new(4);
+            let opened: Vec<Result<AuditLog>> = std::thread::scope(|s| {
+                let handles: Vec<_> = (0..4)
+                    .map(|_| {
+                        s.spawn(|| {
+                            start.wait();
+                            AuditLog::open(&path)
+                        })
+                    })
+                    .collect();
+                handles.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+            for r in opened {
+                if let Err(e) = r {
+                    panic!("round {round}: {e}");
+                }
+            }
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
