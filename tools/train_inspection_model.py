@@ -207,6 +207,13 @@ def main():
     ap.add_argument("--vision-depth", type=int, default=4)
     ap.add_argument("--vision-mlp", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--verdict-weight", type=float, default=0.0,
+                    help="extra loss on the verdict token (the answer's mean over ~40 tokens gives it 1/40); "
+                         "1.0 with --hard-fraction 0.25 was tried: verdicts better, boxes worse (docs/benchmarks.md)")
+    ap.add_argument("--fail-weight", type=float, default=2.0,
+                    help="class weight of 'fail' in that extra loss: a missed defect costs more than overkill")
+    ap.add_argument("--hard-fraction", type=float, default=0.0,
+                    help="share of each batch replayed from the parts the image-level head found hardest")
     a = ap.parse_args()
     torch.manual_seed(0)
     random.seed(0)
@@ -291,6 +298,10 @@ def main():
         assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
     compiled = torch.compile(encode, dynamic=False)
     cell_weight = torch.tensor([1.0] + [4.0] * len(classes))  # defect tokens are the rare ones
+    verdict_class_weight = torch.ones(cfg.text_config.vocab_size)
+    verdict_class_weight[fail_ids[verdict_at]] = a.fail_weight
+    # Hard-example replay: the image-level loss each part had when last seen (NaN: not seen yet).
+    hardness = np.full(len(data), np.nan, np.float32)
 
     def forward(idx, with_lm=True, fast=True):
         """Loss terms for the samples idx."""
@@ -305,13 +316,16 @@ def main():
         # Image level: the most defect-like token says whether the part is defective.
         defect = torch.logsumexp(scores[..., 1:], -1) - scores[..., 0]
         present = on.any(1)
-        terms["found"] = torch.nn.functional.binary_cross_entropy_with_logits(defect.max(1).values, present.float())
+        found_each = torch.nn.functional.binary_cross_entropy_with_logits(
+            defect.max(1).values, present.float(), reduction="none")
+        terms["found"] = found_each.mean()
         if on.any():
             rel = train.boxes[idx][:, None, :] - origins[None]
             terms["vbox"] = 10 * torch.nn.functional.smooth_l1_loss(vbox_head(feats)[on], rel[on], beta=0.02)
         with torch.no_grad():  # image-level: does the cell head find a defect where there is one?
             found = (scores.argmax(-1) > 0).any(1)
             metrics = {"found_acc": (found == present).float().mean()}
+            hardness[idx] = found_each.detach().numpy()
         if not with_lm:
             return terms, metrics
         cache = DynamicCache(config=model.config)
@@ -334,8 +348,11 @@ def main():
             n = len(train.answers[i])
             labels[j, n_img + tail - 1: n_img + tail - 1 + n] = torch.tensor(train.answers[i])
         terms["lm"] = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+        # The verdict token decides the part; weighted on its own, with a miss costing more than overkill.
+        at = n_img + tail - 1 + verdict_at
+        terms["verdict"] = a.verdict_weight * torch.nn.functional.cross_entropy(
+            logits[:, at], labels[:, at], weight=verdict_class_weight)
         with torch.no_grad():  # teacher-forced: is the verdict word right?
-            at = n_img + tail - 1 + verdict_at
             metrics["verdict_acc"] = (logits[:, at].argmax(-1) == labels[:, at]).float().mean()
         # Deep supervision: after the second decoder layer, each visual token that shows the defect
         # carries the defect's box (so the later layers can write it out as digits).
@@ -361,7 +378,7 @@ def main():
     opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.01, betas=(0.9, 0.98))
     budget, warm = a.minutes * 60, a.vision_minutes * 60
     start = time.time()
-    step, seen, log = 0, 0, []
+    step, seen, replayed, log = 0, 0, 0, []
     order = np.random.default_rng(0).permutation(len(data))
     model.train()
     # The schedule runs on wall time so the run fits its budget on any machine.
@@ -375,10 +392,18 @@ def main():
         for g in opt.param_groups:
             g["lr"] = lr
         bsz = a.vision_batch if vision_only else a.batch
-        idx = [int(order[(seen + i) % len(order)]) for i in range(bsz)]
-        seen += bsz
+        n_hard = int(bsz * a.hard_fraction) if step >= 100 else 0
+        fresh = bsz - n_hard
+        idx = [int(order[(seen + i) % len(order)]) for i in range(fresh)]
+        seen += fresh
+        replayed += n_hard
+        if n_hard:
+            scored = np.flatnonzero(~np.isnan(hardness))
+            w = hardness[scored].astype(np.float64) + 1e-3
+            idx += [int(i) for i in np.random.default_rng(step).choice(scored, n_hard, replace=False, p=w / w.sum())]
         terms, metrics = forward(idx, with_lm=not vision_only)[:2]
-        loss = terms.get("lm", 0) + a.aux * sum(v for k, v in terms.items() if k != "lm")
+        loss = terms.get("lm", 0) + terms.get("verdict", 0) + a.aux * sum(
+            v for k, v in terms.items() if k not in ("lm", "verdict"))
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -400,10 +425,11 @@ def main():
     model.save_pretrained(a.out)
     proc.save_pretrained(a.out)
     (a.out / "spec.toml").write_text(a.spec.read_text())
-    final = {k: float(np.mean([r[k] for r in log[-50:] if k in r])) for k in ("lm", "cell", "found", "vbox", "box")}
+    final = {k: float(np.mean([r[k] for r in log[-50:] if k in r])) for k in ("lm", "verdict", "cell", "found", "vbox", "box")}
     (a.out / "training.json").write_text(json.dumps({
-        "steps": step, "samples_seen": seen, "train_images": len(data), "minutes": a.minutes,
-        "vision_minutes": a.vision_minutes, "batch": a.batch, "vision_batch": a.vision_batch, "lr": a.lr, "aux": a.aux, "final_losses": final,
+        "steps": step, "samples_seen": seen, "samples_replayed": replayed, "train_images": len(data), "minutes": a.minutes,
+        "vision_minutes": a.vision_minutes, "batch": a.batch, "vision_batch": a.vision_batch, "lr": a.lr, "aux": a.aux,
+        "verdict_weight": a.verdict_weight, "fail_weight": a.fail_weight, "hard_fraction": a.hard_fraction, "final_losses": final,
         "parameters": n_params, "image_size": a.size, "seed": 1000, "torch": torch.__version__,
         "transformers": transformers.__version__,
     }, indent=2))

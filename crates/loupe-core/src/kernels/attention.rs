@@ -256,8 +256,8 @@ fn attend_row(
 fn exp_minus_max(isa: Isa, s: &mut [f32]) -> f32 {
     match isa {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `Isa::Avx2` is only handed out when the CPU has AVX2 and FMA.
-        Isa::Avx2 => unsafe { avx2::exp_minus_max(s) },
+        // SAFETY: `Isa::Avx2` and `Isa::Avx512` are only handed out when the CPU has AVX2 and FMA.
+        Isa::Avx2 | Isa::Avx512 => unsafe { avx2::exp_minus_max(s) },
         _ => {
             let max = s.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
             s.iter_mut()
@@ -273,8 +273,8 @@ fn exp_minus_max(isa: Isa, s: &mut [f32]) -> f32 {
 fn dot(isa: Isa, a: &[f32], b: &[f32]) -> f32 {
     match isa {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `Isa::Avx2` is only handed out when the CPU has AVX2 and FMA.
-        Isa::Avx2 => unsafe { avx2::dot(a, b) },
+        // SAFETY: `Isa::Avx2` and `Isa::Avx512` are only handed out when the CPU has AVX2 and FMA.
+        Isa::Avx2 | Isa::Avx512 => unsafe { avx2::dot(a, b) },
         _ => a.iter().zip(b).map(|(x, y)| x * y).sum(),
     }
 }
@@ -284,7 +284,7 @@ fn axpy(isa: Isa, p: f32, x: &[f32], o: &mut [f32]) {
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as in `dot`.
-        Isa::Avx2 => unsafe { avx2::axpy(p, x, o) },
+        Isa::Avx2 | Isa::Avx512 => unsafe { avx2::axpy(p, x, o) },
         _ => o.iter_mut().zip(x).for_each(|(o, x)| *o += p * x),
     }
 }

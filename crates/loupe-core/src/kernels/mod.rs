@@ -13,22 +13,26 @@ pub enum Isa {
     Scalar,
     /// AVX2 + FMA (+ F16C), x86-64.
     Avx2,
+    /// [`Isa::Avx2`] plus AVX-512 (F, BW, VL) and VNNI: 32 vector registers and `vpdpbusd`, which
+    /// multiplies bytes and adds them into 32-bit sums in one instruction. Kernels without a version
+    /// of their own for it run their AVX2 version.
+    Avx512,
 }
 
 impl Isa {
-    /// The best instruction set this CPU has that our kernels use (`LOUPE_KERNELS=scalar` forces the
-    /// reference, for checking a result).
+    /// The best instruction set this CPU has that our kernels use. `LOUPE_KERNELS=scalar` forces the
+    /// reference (for checking a result), `LOUPE_KERNELS=avx2` the AVX2 kernels on an AVX-512 CPU
+    /// (for comparing the two).
     pub fn detect() -> Isa {
         use std::sync::OnceLock;
         static ISA: OnceLock<Isa> = OnceLock::new();
         *ISA.get_or_init(|| {
-            if std::env::var("LOUPE_KERNELS").is_ok_and(|v| v == "scalar") {
-                return Isa::Scalar;
+            let best = Isa::available().pop().unwrap_or(Isa::Scalar);
+            match std::env::var("LOUPE_KERNELS").as_deref() {
+                Ok("scalar") => Isa::Scalar,
+                Ok("avx2") if best != Isa::Scalar => Isa::Avx2,
+                _ => best,
             }
-            if has_avx2() {
-                return Isa::Avx2;
-            }
-            Isa::Scalar
         })
     }
 
@@ -37,8 +41,16 @@ impl Isa {
         let mut v = vec![Isa::Scalar];
         if has_avx2() {
             v.push(Isa::Avx2);
+            if has_avx512() {
+                v.push(Isa::Avx512);
+            }
         }
         v
+    }
+
+    /// Whether this path may run AVX2 kernels (every x86 SIMD path can).
+    pub fn avx2(self) -> bool {
+        matches!(self, Isa::Avx2 | Isa::Avx512)
     }
 }
 
@@ -48,6 +60,17 @@ fn has_avx2() -> bool {
     return std::arch::is_x86_feature_detected!("avx2")
         && std::arch::is_x86_feature_detected!("fma")
         && std::arch::is_x86_feature_detected!("f16c");
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// Whether this CPU has what [`Isa::Avx512`] kernels use beyond AVX2: AVX-512 F, BW, VL and VNNI.
+fn has_avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512bw")
+        && std::arch::is_x86_feature_detected!("avx512vl")
+        && std::arch::is_x86_feature_detected!("avx512vnni");
     #[cfg(not(target_arch = "x86_64"))]
     false
 }

@@ -138,10 +138,10 @@ impl<'a> QRows<'a> {
     pub fn dot(&self, isa: Isa, row: usize, y: &[BlockQ8K]) -> f32 {
         match (self.format, isa) {
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: `Isa::Avx2` is only handed out when the CPU has AVX2, FMA and F16C.
-            (Format::Q4K, Isa::Avx2) => unsafe { avx2::dot_q4k(self.blocks(row), y) },
+            // SAFETY: the x86 SIMD paths are only handed out when the CPU has AVX2, FMA and F16C.
+            (Format::Q4K, Isa::Avx2 | Isa::Avx512) => unsafe { avx2::dot_q4k(self.blocks(row), y) },
             #[cfg(target_arch = "x86_64")]
-            (Format::Q6K, Isa::Avx2) => unsafe { avx2::dot_q6k(self.blocks(row), y) },
+            (Format::Q6K, Isa::Avx2 | Isa::Avx512) => unsafe { avx2::dot_q6k(self.blocks(row), y) },
             (Format::Q4K, _) => scalar::dot_q4k(self.blocks(row), y),
             (Format::Q6K, _) => scalar::dot_q6k(self.blocks(row), y),
         }
@@ -188,8 +188,8 @@ fn quantize_q8k_into(isa: Isa, x: &[f32], out: &mut [BlockQ8K]) {
         b.d = 1.0 / iscale;
         match isa {
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: `Isa::Avx2` is only handed out when the CPU has AVX2.
-            Isa::Avx2 => unsafe { avx2::quantize_q8k_codes(xs, iscale, b) },
+            // SAFETY: the x86 SIMD paths are only handed out when the CPU has AVX2.
+            Isa::Avx2 | Isa::Avx512 => unsafe { avx2::quantize_q8k_codes(xs, iscale, b) },
             _ => {
                 for (q, &v) in b.qs.iter_mut().zip(xs) {
                     *q = (iscale * v).round_ties_even().clamp(-128.0, 127.0) as i8;
@@ -270,8 +270,8 @@ const TILE_ROWS: usize = 8;
 pub fn matmul_q4k(isa: Isa, w: &QRows, x: &[f32], m: usize) -> Vec<f32> {
     assert!(w.format == Format::Q4K && x.len() == m * w.cols);
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx2 {
-        return tiles::matmul_q4k(w, x, m);
+    if isa.avx2() {
+        return tiles::matmul_q4k(isa, w, x, m);
     }
     matvec(isa, &[*w], x, m).remove(0)
 }
@@ -345,13 +345,29 @@ mod tiles {
     /// Activation rows per kernel call (each weight register is used this many times).
     const MR: usize = 4;
 
-    pub fn matmul_q4k(w: &QRows, x: &[f32], m: usize) -> Vec<f32> {
+    pub fn matmul_q4k(isa: Isa, w: &QRows, x: &[f32], m: usize) -> Vec<f32> {
         let (rows, kb) = (w.rows, w.cols / QK_K);
-        let yq = quantize_rows(Isa::Avx2, x, m);
+        let yq = quantize_rows(isa, x, m);
         let mut out = vec![0f32; m * rows];
         let out_ptr = out.as_mut_ptr() as usize;
         let unit_rows = T * TILE_ROWS;
         let units = rows.div_ceil(unit_rows);
+        // SAFETY (both kernels): `isa` is an x86 SIMD path, handed out only when the CPU has what
+        // that kernel's target features name.
+        let kernel_r =
+            |p: [&[Tile]; T], a: [&[BlockQ8K]; MR], acc: &mut [[[f32; TILE_ROWS]; MR]; T]| unsafe {
+                match isa {
+                    Isa::Avx512 => kernel_vnni::<T, MR>(p, a, acc),
+                    _ => kernel_avx2::<T, MR>(p, a, acc),
+                }
+            };
+        let kernel_1 =
+            |p: [&[Tile]; T], a: [&[BlockQ8K]; 1], acc: &mut [[[f32; TILE_ROWS]; 1]; T]| unsafe {
+                match isa {
+                    Isa::Avx512 => kernel_vnni::<T, 1>(p, a, acc),
+                    _ => kernel_avx2::<T, 1>(p, a, acc),
+                }
+            };
         candle_core::utils::barrier_pool().execute_chunked(units, |range| {
             let mut tiles = vec![EMPTY; T * kb];
             for unit in range {
@@ -374,10 +390,7 @@ mod tiles {
                 let mut r = 0;
                 while r + MR <= m {
                     let mut acc = [[[0f32; TILE_ROWS]; MR]; T];
-                    // SAFETY: the caller checked this CPU has AVX2 and FMA.
-                    unsafe {
-                        kernel::<T, MR>(parts, std::array::from_fn(|i| act(r + i)), &mut acc)
-                    };
+                    kernel_r(parts, std::array::from_fn(|i| act(r + i)), &mut acc);
                     #[allow(clippy::needless_range_loop)] // `i` picks one row of every tile set
                     for i in 0..MR {
                         store(r + i, &std::array::from_fn(|t| acc[t][i]));
@@ -386,8 +399,7 @@ mod tiles {
                 }
                 for r in r..m {
                     let mut acc = [[[0f32; TILE_ROWS]; 1]; T];
-                    // SAFETY: as above.
-                    unsafe { kernel::<T, 1>(parts, [act(r)], &mut acc) };
+                    kernel_1(parts, [act(r)], &mut acc);
                     store(r, &std::array::from_fn(|t| acc[t][0]));
                 }
             }
@@ -395,10 +407,32 @@ mod tiles {
         out
     }
 
-    /// `acc[t][i][rho] = acts[i] · row rho of tile set t`, over all superblocks: each weight register
-    /// serves `R` activation rows, each broadcast activation word `T` tiles of 8 rows.
+    /// [`kernel`] with AVX2's `maddubs`: 16-bit sums over a sub-block, widened once by its scale.
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn kernel<const T: usize, const R: usize>(
+    unsafe fn kernel_avx2<const T: usize, const R: usize>(
+        tiles: [&[Tile]; T],
+        acts: [&[BlockQ8K]; R],
+        acc: &mut [[[f32; TILE_ROWS]; R]; T],
+    ) {
+        kernel::<T, R, false>(tiles, acts, acc)
+    }
+
+    /// [`kernel`] with VNNI's `vpdpbusd` (bytes multiplied and added into 32-bit sums in one
+    /// instruction, no separate add) and AVX-512's 32 registers (no accumulator spills).
+    #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn kernel_vnni<const T: usize, const R: usize>(
+        tiles: [&[Tile]; T],
+        acts: [&[BlockQ8K]; R],
+        acc: &mut [[[f32; TILE_ROWS]; R]; T],
+    ) {
+        kernel::<T, R, true>(tiles, acts, acc)
+    }
+
+    /// `acc[t][i][rho] = acts[i] · row rho of tile set t`, over all superblocks: each weight register
+    /// serves `R` activation rows, each broadcast activation word `T` tiles of 8 rows. Inlined into
+    /// the two wrappers above, which give it its instruction set.
+    #[inline(always)]
+    unsafe fn kernel<const T: usize, const R: usize, const VNNI: bool>(
         tiles: [&[Tile]; T],
         acts: [&[BlockQ8K]; R],
         acc: &mut [[[f32; TILE_ROWS]; R]; T],
@@ -408,7 +442,9 @@ mod tiles {
         for b in 0..tiles[0].len() {
             let mut isum = [[_mm256_setzero_si256(); R]; T];
             for sub in 0..8 {
-                let mut p16 = [[_mm256_setzero_si256(); R]; T];
+                // Per (tile, activation row): 16-bit pair sums (AVX2) or 32-bit sums (VNNI) of the
+                // sub-block's products, 4 values of each of the 8 rows per step.
+                let mut p = [[_mm256_setzero_si256(); R]; T];
                 for step in 0..8 {
                     let wv: [__m256i; T] = std::array::from_fn(|t| {
                         _mm256_load_si256(
@@ -420,16 +456,26 @@ mod tiles {
                             acts[i][b].qs.as_ptr().add(32 * sub + 4 * step) as *const i32,
                         ));
                         for t in 0..T {
-                            // 16-bit sums of at most 8 x 2 x 15 x 128 = 30720: no overflow.
-                            p16[t][i] =
-                                _mm256_add_epi16(p16[t][i], _mm256_maddubs_epi16(wv[t], a4));
+                            p[t][i] = if VNNI {
+                                _mm256_dpbusd_epi32(p[t][i], wv[t], a4)
+                            } else {
+                                // 16-bit sums of at most 8 x 2 x 15 x 128 = 30720: no overflow.
+                                _mm256_add_epi16(p[t][i], _mm256_maddubs_epi16(wv[t], a4))
+                            };
                         }
                     }
                 }
                 for t in 0..T {
+                    // Each row's scale twice, as 16-bit pairs; one 32-bit copy is the high half.
                     let sc = _mm256_load_si256(tiles[t][b].scales[sub].as_ptr() as *const __m256i);
+                    let sc32 = _mm256_srli_epi32(sc, 16);
                     for i in 0..R {
-                        isum[t][i] = _mm256_add_epi32(isum[t][i], _mm256_madd_epi16(p16[t][i], sc));
+                        let scaled = if VNNI {
+                            _mm256_mullo_epi32(p[t][i], sc32)
+                        } else {
+                            _mm256_madd_epi16(p[t][i], sc)
+                        };
+                        isum[t][i] = _mm256_add_epi32(isum[t][i], scaled);
                     }
                 }
             }
