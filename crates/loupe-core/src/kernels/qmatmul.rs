@@ -304,35 +304,102 @@ mod tiles {
 
     /// Unpacks rows `r0..r0 + 8` of `w` (missing rows past the end stay zero) into `tiles`.
     fn pack(w: &QRows, r0: usize, tiles: &mut [Tile]) {
-        tiles.fill(EMPTY);
-        for rho in 0..TILE_ROWS.min(w.rows - r0) {
-            let blocks: &[BlockQ4K] = w.blocks(r0 + rho);
-            for (tile, b) in tiles.iter_mut().zip(blocks) {
-                tile.d[rho] = f16::from_bits(b.d).to_f32();
-                tile.dmin[rho] = f16::from_bits(b.dmin).to_f32();
+        let n = TILE_ROWS.min(w.rows - r0);
+        if n < TILE_ROWS {
+            tiles.fill(EMPTY);
+        }
+        let rows: Vec<&[BlockQ4K]> = (0..n).map(|rho| w.blocks(r0 + rho)).collect();
+        for (b, tile) in tiles.iter_mut().enumerate() {
+            for (rho, blocks) in rows.iter().enumerate() {
+                let blk = &blocks[b];
+                tile.d[rho] = f16::from_bits(blk.d).to_f32();
+                tile.dmin[rho] = f16::from_bits(blk.dmin).to_f32();
                 for sub in 0..8 {
-                    let (sc, mn) = scalar::scale_min_q4k(&b.scales, sub);
+                    let (sc, mn) = scalar::scale_min_q4k(&blk.scales, sub);
                     tile.scales[sub][2 * rho] = sc as i16;
                     tile.scales[sub][2 * rho + 1] = sc as i16;
                     tile.mins[sub][rho] = mn as i32;
                 }
-                // Sub-blocks 2j and 2j+1 are the low and high nibbles of bytes 32j..32j+32.
-                for j in 0..4 {
-                    for step in 0..8 {
-                        let at = 32 * j + 4 * step;
-                        let word = u32::from_le_bytes([
-                            b.qs[at],
-                            b.qs[at + 1],
-                            b.qs[at + 2],
-                            b.qs[at + 3],
-                        ]);
-                        for (sub, codes) in [
-                            (2 * j, word & 0x0f0f_0f0f),
-                            (2 * j + 1, (word >> 4) & 0x0f0f_0f0f),
-                        ] {
-                            let o = (sub * 8 + step) * 32 + rho * 4;
-                            tile.codes[o..o + 4].copy_from_slice(&codes.to_le_bytes());
-                        }
+            }
+            if n == TILE_ROWS {
+                // SAFETY: the tile kernels run only where the CPU has AVX2.
+                unsafe {
+                    pack_codes_avx2(std::array::from_fn(|rho| &rows[rho][b]), &mut tile.codes)
+                };
+            } else {
+                for (rho, blocks) in rows.iter().enumerate() {
+                    pack_codes(&blocks[b], rho, &mut tile.codes);
+                }
+            }
+        }
+    }
+
+    /// Row `rho`'s codes of one superblock into a tile's layout, one 4-byte word at a time.
+    fn pack_codes(blk: &BlockQ4K, rho: usize, codes: &mut [u8; QK_K * TILE_ROWS]) {
+        // Sub-blocks 2j and 2j+1 are the low and high nibbles of bytes 32j..32j+32.
+        for j in 0..4 {
+            for step in 0..8 {
+                let at = 32 * j + 4 * step;
+                let word = u32::from_le_bytes([
+                    blk.qs[at],
+                    blk.qs[at + 1],
+                    blk.qs[at + 2],
+                    blk.qs[at + 3],
+                ]);
+                for (sub, nibbles) in [
+                    (2 * j, word & 0x0f0f_0f0f),
+                    (2 * j + 1, (word >> 4) & 0x0f0f_0f0f),
+                ] {
+                    let o = (sub * 8 + step) * 32 + rho * 4;
+                    codes[o..o + 4].copy_from_slice(&nibbles.to_le_bytes());
+                }
+            }
+        }
+    }
+
+    /// [`pack_codes`] for all 8 rows of a tile at once: the 8 rows' 32-byte runs are an 8 x 8
+    /// matrix of 4-byte words (row x step), and the tile wants it transposed (step x row).
+    #[target_feature(enable = "avx2")]
+    unsafe fn pack_codes_avx2(blks: [&BlockQ4K; TILE_ROWS], codes: &mut [u8; QK_K * TILE_ROWS]) {
+        use core::arch::x86_64::*;
+        let low = _mm256_set1_epi8(0x0f);
+        for j in 0..4 {
+            let r: [__m256i; 8] = std::array::from_fn(|rho| {
+                _mm256_loadu_si256(blks[rho].qs.as_ptr().add(32 * j) as *const __m256i)
+            });
+            // Pairs of rows, then quads, then the two 128-bit halves: words (rho, step) -> (step, rho).
+            let t: [__m256i; 8] = std::array::from_fn(|k| {
+                let (a, b) = (r[2 * (k / 2)], r[2 * (k / 2) + 1]);
+                if k % 2 == 0 {
+                    _mm256_unpacklo_epi32(a, b)
+                } else {
+                    _mm256_unpackhi_epi32(a, b)
+                }
+            });
+            // u[q][s]: rows 4q..4q+4, steps s and s+4 (s in 0..4).
+            let u: [[__m256i; 4]; 2] = std::array::from_fn(|q| {
+                let (t0, t1, t2, t3) = (t[4 * q], t[4 * q + 1], t[4 * q + 2], t[4 * q + 3]);
+                [
+                    _mm256_unpacklo_epi64(t0, t2),
+                    _mm256_unpackhi_epi64(t0, t2),
+                    _mm256_unpacklo_epi64(t1, t3),
+                    _mm256_unpackhi_epi64(t1, t3),
+                ]
+            });
+            for (s, (lo, hi)) in u[0].into_iter().zip(u[1]).enumerate() {
+                for (step, words) in [
+                    (s, _mm256_permute2x128_si256(lo, hi, 0x20)),
+                    (s + 4, _mm256_permute2x128_si256(lo, hi, 0x31)),
+                ] {
+                    for (sub, nibbles) in [
+                        (2 * j, _mm256_and_si256(words, low)),
+                        (
+                            2 * j + 1,
+                            _mm256_and_si256(_mm256_srli_epi16(words, 4), low),
+                        ),
+                    ] {
+                        let o = (sub * 8 + step) * 32;
+                        _mm256_store_si256(codes.as_mut_ptr().add(o) as *mut __m256i, nibbles);
                     }
                 }
             }
