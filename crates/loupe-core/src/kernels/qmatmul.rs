@@ -406,8 +406,10 @@ mod tiles {
         }
     }
 
-    /// Tiles of 8 rows per unit of work (each activation word is used for 16 weight rows).
-    const T: usize = 2;
+    /// Tiles of 8 rows per unit of work (each activation word is used for 24 weight rows): 12
+    /// independent sums per step. Measured on an AVX-512 CPU (docs/benchmarks.md, session 9): 2 tiles
+    /// left the VNNI kernel 12% slower, 4 made the AVX2 kernel spill its sums (25% slower).
+    const T: usize = 3;
 
     /// Activation rows per kernel call (each weight register is used this many times).
     const MR: usize = 4;
