@@ -421,22 +421,6 @@ mod tiles {
         let out_ptr = out.as_mut_ptr() as usize;
         let unit_rows = T * TILE_ROWS;
         let units = rows.div_ceil(unit_rows);
-        // SAFETY (both kernels): `isa` is an x86 SIMD path, handed out only when the CPU has what
-        // that kernel's target features name.
-        let kernel_r =
-            |p: [&[Tile]; T], a: [&[BlockQ8K]; MR], acc: &mut [[[f32; TILE_ROWS]; MR]; T]| unsafe {
-                match isa {
-                    Isa::Avx512 => kernel_vnni::<T, MR>(p, a, acc),
-                    _ => kernel_avx2::<T, MR>(p, a, acc),
-                }
-            };
-        let kernel_1 =
-            |p: [&[Tile]; T], a: [&[BlockQ8K]; 1], acc: &mut [[[f32; TILE_ROWS]; 1]; T]| unsafe {
-                match isa {
-                    Isa::Avx512 => kernel_vnni::<T, 1>(p, a, acc),
-                    _ => kernel_avx2::<T, 1>(p, a, acc),
-                }
-            };
         candle_core::utils::barrier_pool().execute_chunked(units, |range| {
             let mut tiles = vec![EMPTY; T * kb];
             for unit in range {
@@ -459,7 +443,7 @@ mod tiles {
                 let mut r = 0;
                 while r + MR <= m {
                     let mut acc = [[[0f32; TILE_ROWS]; MR]; T];
-                    kernel_r(parts, std::array::from_fn(|i| act(r + i)), &mut acc);
+                    kernel_for(isa, parts, std::array::from_fn(|i| act(r + i)), &mut acc);
                     #[allow(clippy::needless_range_loop)] // `i` picks one row of every tile set
                     for i in 0..MR {
                         store(r + i, &std::array::from_fn(|t| acc[t][i]));
@@ -468,12 +452,29 @@ mod tiles {
                 }
                 for r in r..m {
                     let mut acc = [[[0f32; TILE_ROWS]; 1]; T];
-                    kernel_1(parts, [act(r)], &mut acc);
+                    kernel_for(isa, parts, [act(r)], &mut acc);
                     store(r, &std::array::from_fn(|t| acc[t][0]));
                 }
             }
         });
         out
+    }
+
+    /// [`kernel`] on the instruction set `isa` names.
+    fn kernel_for<const R: usize>(
+        isa: Isa,
+        tiles: [&[Tile]; T],
+        acts: [&[BlockQ8K]; R],
+        acc: &mut [[[f32; TILE_ROWS]; R]; T],
+    ) {
+        // SAFETY: `isa` is an x86 SIMD path (the only callers of the tile kernels), handed out only
+        // when the CPU has what that kernel's target features name.
+        unsafe {
+            match isa {
+                Isa::Avx512 => kernel_vnni::<T, R>(tiles, acts, acc),
+                _ => kernel_avx2::<T, R>(tiles, acts, acc),
+            }
+        }
     }
 
     /// [`kernel`] with AVX2's `maddubs`: 16-bit sums over a sub-block, widened once by its scale.
