@@ -82,6 +82,15 @@ thread_local! {
     static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
+/// The operands of [`segment_attention`]'s two products.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Products {
+    F32,
+    /// bf16 operands with f32 sums where the CPU multiplies them faster ([`super::attention_bf16`]:
+    /// AVX-512 BF16); f32 elsewhere.
+    Bf16,
+}
+
 /// Attention without a mask within runs of rows: `q`, `k`, `v` are `(heads, n, dim)` contiguous,
 /// `segments` split the `n` rows into consecutive runs (an image, a window) that attend only within
 /// themselves. Returns `(n, heads, dim)`.
@@ -95,7 +104,12 @@ pub fn segment_attention(
     dim: usize,
     segments: &[usize],
     scale: f32,
+    products: Products,
 ) -> Vec<f32> {
+    use super::attention_bf16 as bf16;
+    if products == Products::Bf16 && bf16::available(isa) {
+        return bf16::segment_attention(isa, q, k, v, heads, dim, segments, scale);
+    }
     let n: usize = segments.iter().sum();
     assert!(q.len() == heads * n * dim && k.len() == q.len() && v.len() == q.len());
     // Units of work: (first row of the segment, its length, head, first query row in it).
@@ -253,7 +267,7 @@ fn attend_row(
 }
 
 /// `s[j] = exp(s[j] - max(s))` in place; returns the sum.
-fn exp_minus_max(isa: Isa, s: &mut [f32]) -> f32 {
+pub(super) fn exp_minus_max(isa: Isa, s: &mut [f32]) -> f32 {
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `Isa::Avx2` and `Isa::Avx512` are only handed out when the CPU has AVX2 and FMA.
@@ -538,7 +552,8 @@ mod tests {
                 start += len;
             }
             for isa in Isa::available() {
-                let got = segment_attention(isa, &q, &k, &v, heads, dim, &segments, scale);
+                let got =
+                    segment_attention(isa, &q, &k, &v, heads, dim, &segments, scale, Products::F32);
                 for (i, (g, w)) in got.iter().zip(&want).enumerate() {
                     assert!(
                         (*g as f64 - w).abs() < 2e-5 * (1.0 + w.abs()),

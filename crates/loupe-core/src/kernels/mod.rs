@@ -5,6 +5,7 @@
 //! (`tests` in each file). The models reach the kernels through `models::layers`, never directly.
 
 pub mod attention;
+pub mod attention_bf16;
 pub mod qmatmul;
 
 /// The instruction set a kernel runs with on this CPU.

@@ -7,6 +7,7 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 
 use crate::error::Result;
+use crate::kernels::attention::Products;
 use crate::load::config::Qwen2VlConfig;
 use crate::load::weights::{QMatrix, Weights};
 
@@ -181,6 +182,11 @@ impl Linear {
 
     pub fn out_dim(&self) -> usize {
         self.out_dim
+    }
+
+    /// Whether the weight is block-quantized (its products are approximate already).
+    pub fn is_quantized(&self) -> bool {
+        matches!(self.weight, Matrix::Quantized(_))
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -671,6 +677,13 @@ pub fn vision_attention(
     segments: &[usize],
 ) -> Result<Tensor> {
     let n = h.dim(0)?;
+    // With quantized projections, q, k and v already carry errors far above bf16's rounding, so the
+    // attention products may run on bf16 operands where the CPU has fast ones.
+    let products = if qkv.is_quantized() {
+        Products::Bf16
+    } else {
+        Products::F32
+    };
     let qkv = qkv
         .forward(h)?
         .reshape((n, 3, heads, head_dim))?
@@ -679,7 +692,7 @@ pub fn vision_attention(
     let k = rope(&qkv.get(1)?.unsqueeze(0)?, cos, sin)?;
     let v = qkv.get(2)?.unsqueeze(0)?.contiguous()?;
     let scale = 1.0 / (head_dim as f64).sqrt();
-    if let Some(attn) = segment_attention_in_place(&q, &k, &v, scale, segments)? {
+    if let Some(attn) = segment_attention_in_place(&q, &k, &v, scale, segments, products)? {
         return proj.forward(&attn);
     }
     let mut outs = Vec::with_capacity(segments.len());
@@ -709,6 +722,7 @@ fn segment_attention_in_place(
     v: &Tensor,
     scale: f64,
     segments: &[usize],
+    products: Products,
 ) -> Result<Option<Tensor>> {
     use crate::kernels::attention::segment_attention;
     use crate::kernels::Isa;
@@ -743,6 +757,7 @@ fn segment_attention_in_place(
         dim,
         segments,
         scale as f32,
+        products,
     );
     Ok(Some(Tensor::from_vec(out, (n, heads * dim), q.device())?))
 }

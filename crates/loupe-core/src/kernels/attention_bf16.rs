@@ -1,0 +1,493 @@
+//! The vision tower's attention with bf16 operands and f32 sums: AVX-512 BF16's `vdpbf16ps`
+//! multiplies two pairs of bf16 values and adds both products into each f32 lane in one instruction,
+//! twice the work of an f32 FMA. Why our own: the f32 products of [`super::attention`] were 15-20%
+//! of a 448² encode once the linear layers ran in VNNI; `gemm` has no bf16 kernels on x86.
+//!
+//! Where the values are rounded to bf16 (the scalar reference [`reference`] rounds at the same
+//! points): the queries once scaled, the keys, the values, and the softmax weights `p` before they
+//! meet the values. Scores, the softmax, the row sums of `p` and every sum of products stay f32.
+//! The models ask for it only where the projections feeding attention are already quantized, whose
+//! error is far above bf16's 8-bit mantissa (`docs/quantization.md`).
+//!
+//! Layouts (bf16 bits as `u16`, for one segment and head; `keys` padded with zero rows to a multiple
+//! of 16, `dim` with zero columns to even for the pairs and to a multiple of 16 for the values):
+//! - keys: blocks of 16 keys, `[block][pair of dims][key 16][2]`, so one 64-byte load gives 16 keys'
+//!   values of dims `2p, 2p + 1` and a broadcast query pair meets all of them;
+//! - values: `[pair of keys][dim][2]`, so one load gives 16 dims of two consecutive keys and a
+//!   broadcast pair of softmax weights meets all of them;
+//! - queries and softmax weights: rows of bf16 as they are, read as 4-byte pairs.
+
+use std::cell::RefCell;
+
+use half::bf16;
+
+use super::Isa;
+
+/// Query rows per unit of work (as the f32 path's tile).
+const TILE: usize = 32;
+/// Query rows per kernel call.
+const R: usize = 4;
+/// Key blocks (of 16) per score-kernel call.
+const JB: usize = 4;
+
+/// Whether the CPU behind `isa` has AVX-512 BF16 (`vdpbf16ps`).
+pub fn available(isa: Isa) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return isa == Isa::Avx512 && std::arch::is_x86_feature_detected!("avx512bf16");
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = isa;
+        false
+    }
+}
+
+fn round(x: f32) -> u16 {
+    bf16::from_f32(x).to_bits()
+}
+
+fn value(b: u16) -> f32 {
+    bf16::from_bits(b).to_f32()
+}
+
+/// One segment and head's queries, keys and values, packed.
+struct Packed {
+    /// `(d.keys, 2 * d.pairs)`: the queries times the scale, zero rows and columns as padding.
+    queries: Vec<u16>,
+    keys: Vec<u16>,
+    values: Vec<u16>,
+}
+
+/// The padded sizes of a segment of `len` keys with head dim `dim`.
+#[derive(Clone, Copy)]
+struct Dims {
+    len: usize,
+    dim: usize,
+    /// Keys (and query rows) padded to a multiple of 16.
+    keys: usize,
+    /// Pairs of dims (the score product's depth).
+    pairs: usize,
+    /// Dims padded to a multiple of 16 (the value product's width).
+    dpad: usize,
+}
+
+impl Dims {
+    fn new(len: usize, dim: usize) -> Self {
+        Dims {
+            len,
+            dim,
+            keys: len.div_ceil(16) * 16,
+            pairs: dim.div_ceil(2),
+            dpad: dim.div_ceil(16) * 16,
+        }
+    }
+}
+
+/// Packs rows `0..len` of `q`, `k` and `v` (`(len, dim)` contiguous).
+fn pack(q: &[f32], k: &[f32], v: &[f32], d: Dims, scale: f32) -> Packed {
+    let qw = 2 * d.pairs;
+    let mut queries = vec![0u16; d.keys * qw];
+    let mut keys = vec![0u16; d.keys * qw];
+    let mut values = vec![0u16; d.keys * d.dpad];
+    let (mut row, mut words) = (vec![0f32; qw], vec![0u16; qw]);
+    for j in 0..d.len {
+        let at = j * d.dim..(j + 1) * d.dim;
+        row[..d.dim]
+            .iter_mut()
+            .zip(&q[at.clone()])
+            .for_each(|(r, &x)| *r = x * scale);
+        to_bf16(&row, &mut queries[j * qw..][..qw]);
+        row[..d.dim].copy_from_slice(&k[at.clone()]);
+        to_bf16(&row, &mut words);
+        let (blk, lane) = (j / 16, j % 16);
+        for p in 0..d.pairs {
+            let dst = ((blk * d.pairs + p) * 16 + lane) * 2;
+            keys[dst..dst + 2].copy_from_slice(&words[2 * p..2 * p + 2]);
+        }
+        to_bf16(&v[at], &mut words[..d.dim]);
+        for (t, &w) in words[..d.dim].iter().enumerate() {
+            values[((j / 2) * d.dpad + t) * 2 + j % 2] = w;
+        }
+    }
+    Packed {
+        queries,
+        keys,
+        values,
+    }
+}
+
+thread_local! {
+    /// Each pool thread's scratch (scores, softmax weights, output rows), kept between calls.
+    static SCRATCH: RefCell<(Vec<f32>, Vec<u16>, Vec<f32>)> =
+        const { RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
+}
+
+/// [`super::segment_attention`] with bf16 operands, on a CPU where [`available`] says yes.
+#[allow(clippy::too_many_arguments)]
+pub fn segment_attention(
+    isa: Isa,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    heads: usize,
+    dim: usize,
+    segments: &[usize],
+    scale: f32,
+) -> Vec<f32> {
+    assert!(available(isa));
+    let n: usize = segments.iter().sum();
+    assert!(q.len() == heads * n * dim && k.len() == q.len() && v.len() == q.len());
+    let starts: Vec<usize> = segments
+        .iter()
+        .scan(0, |s, &len| {
+            *s += len;
+            Some(*s - len)
+        })
+        .collect();
+    // Pack every (segment, head) once, in parallel; every query tile of it reads the same copy.
+    let pairs: Vec<(usize, usize)> = (0..segments.len())
+        .flat_map(|s| (0..heads).map(move |h| (s, h)))
+        .collect();
+    let mut packed: Vec<Option<Packed>> = (0..pairs.len()).map(|_| None).collect();
+    let packed_ptr = packed.as_mut_ptr() as usize;
+    let pool = candle_core::utils::barrier_pool();
+    pool.execute_chunked(pairs.len(), |range| {
+        for u in range {
+            let (s, h) = pairs[u];
+            let base = (h * n + starts[s]) * dim;
+            let len = segments[s];
+            let rows = base..base + len * dim;
+            let (q, k, v) = (&q[rows.clone()], &k[rows.clone()], &v[rows]);
+            let p = pack(q, k, v, Dims::new(len, dim), scale);
+            // SAFETY: slot `u` is written by this iteration alone.
+            unsafe { *(packed_ptr as *mut Option<Packed>).add(u) = Some(p) };
+        }
+    });
+    let mut units = Vec::new();
+    for (u, &(s, _)) in pairs.iter().enumerate() {
+        units.extend((0..segments[s]).step_by(TILE).map(|t| (u, t)));
+    }
+    let mut out = vec![0f32; n * heads * dim];
+    let out_ptr = out.as_mut_ptr() as usize;
+    let row_stride = heads * dim;
+    pool.execute_chunked(units.len(), |range| {
+        SCRATCH.with_borrow_mut(|scratch| {
+            for &(u, t) in &units[range] {
+                let (s, h) = pairs[u];
+                let Some(kv) = &packed[u] else {
+                    unreachable!("every (segment, head) was packed above")
+                };
+                let d = Dims::new(segments[s], dim);
+                let rows = TILE.min(d.len - t);
+                // SAFETY: this unit alone writes output rows `start + t ..+ rows`, columns of head
+                // `h`; the last of them ends inside `out`.
+                let o = unsafe {
+                    std::slice::from_raw_parts_mut(
+                        (out_ptr as *mut f32).add((starts[s] + t) * row_stride + h * dim),
+                        (rows - 1) * row_stride + dim,
+                    )
+                };
+                tile(kv, d, t..t + rows, scratch, (o, row_stride));
+            }
+        })
+    });
+    out
+}
+
+/// Query rows `span` of one packed segment and head against all its keys; output row `i` of the span
+/// goes to `o[i * stride..][..dim]`.
+fn tile(
+    kv: &Packed,
+    d: Dims,
+    span: std::ops::Range<usize>,
+    (scores, ps, os): &mut (Vec<f32>, Vec<u16>, Vec<f32>),
+    (o, stride): (&mut [f32], usize),
+) {
+    let rows = span.len();
+    // Padded query rows (zero, inside the packed queries) run through the kernels too; their
+    // results are never read, so the buffers are only grown, not cleared.
+    let padded = rows.div_ceil(R) * R;
+    if ps.len() < padded * d.keys {
+        ps.resize(padded * d.keys, 0);
+    }
+    for (buf, len) in [(&mut *scores, padded * d.keys), (&mut *os, padded * d.dpad)] {
+        if buf.len() < len {
+            buf.resize(len, 0.0);
+        }
+    }
+    let qs = &kv.queries[span.start * 2 * d.pairs..][..padded * 2 * d.pairs];
+    // SAFETY: `available` said the CPU has AVX-512 F and BF16 (checked by `segment_attention`); the
+    // buffers hold `padded` rows of what each product reads and writes.
+    #[cfg(target_arch = "x86_64")]
+    unsafe {
+        x86::scores(qs, &kv.keys, d, padded, scores)
+    };
+    let mut sums = [0f32; TILE];
+    for i in 0..rows {
+        let row = &mut scores[i * d.keys..][..d.len];
+        sums[i] = super::attention::exp_minus_max(Isa::Avx512, row);
+        let p = &mut ps[i * d.keys..][..d.keys];
+        to_bf16(row, &mut p[..d.len]);
+        // The padded keys' values are zero, but stale bits here could be a NaN.
+        p[d.len..].fill(0);
+    }
+    // SAFETY: as above.
+    #[cfg(target_arch = "x86_64")]
+    unsafe {
+        x86::weighted(ps, &kv.values, d, padded, os)
+    };
+    for i in 0..rows {
+        let inv = 1.0 / sums[i];
+        for (x, &y) in o[i * stride..][..d.dim].iter_mut().zip(&os[i * d.dpad..]) {
+            *x = y * inv;
+        }
+    }
+}
+
+fn to_bf16(src: &[f32], dst: &mut [u16]) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: only reached where `available` said the CPU has AVX-512 BF16.
+    unsafe {
+        x86::to_bf16(src, dst)
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    dst.iter_mut().zip(src).for_each(|(d, &s)| *d = round(s));
+}
+
+/// The reference: the same rounding points, one value at a time, f32 sums in plain order.
+#[allow(clippy::too_many_arguments)]
+pub fn reference(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    heads: usize,
+    dim: usize,
+    segments: &[usize],
+    scale: f32,
+) -> Vec<f32> {
+    let n: usize = segments.iter().sum();
+    let r = |x: f32| value(round(x));
+    let mut out = vec![0f32; n * heads * dim];
+    let mut start = 0;
+    for &len in segments {
+        for h in 0..heads {
+            let row = |j: usize| (h * n + start + j) * dim;
+            for i in 0..len {
+                let qi: Vec<f32> = q[row(i)..][..dim].iter().map(|&x| r(x * scale)).collect();
+                let mut s: Vec<f32> = (0..len)
+                    .map(|j| {
+                        let kj = &k[row(j)..][..dim];
+                        qi.iter().zip(kj).map(|(a, &b)| a * r(b)).sum()
+                    })
+                    .collect();
+                let sum = super::attention::exp_minus_max(Isa::Scalar, &mut s);
+                let o = &mut out[((start + i) * heads + h) * dim..][..dim];
+                for (j, &p) in s.iter().enumerate() {
+                    let vj = &v[row(j)..][..dim];
+                    o.iter_mut().zip(vj).for_each(|(o, &x)| *o += r(p) * r(x));
+                }
+                o.iter_mut().for_each(|x| *x /= sum);
+            }
+        }
+        start += len;
+    }
+    out
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use core::arch::x86_64::*;
+
+    use super::{Dims, JB, R};
+
+    /// `scores = q k^T` for `rows` (a multiple of [`R`]) rows of bf16 queries `qs` (`2 * pairs` per
+    /// row) against the packed keys; `scores` is `rows x d.keys`.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub unsafe fn scores(qs: &[u16], keys: &[u16], d: Dims, rows: usize, scores: &mut [f32]) {
+        let blocks = d.keys / 16;
+        let qw = 2 * d.pairs;
+        for i in (0..rows).step_by(R) {
+            let q: [*const u16; R] = std::array::from_fn(|r| qs.as_ptr().add((i + r) * qw));
+            let out: [*mut f32; R] =
+                std::array::from_fn(|r| scores.as_mut_ptr().add((i + r) * d.keys));
+            let mut b = 0;
+            while b + JB <= blocks {
+                scores_kernel::<JB>(q, keys.as_ptr(), b, d.pairs, out);
+                b += JB;
+            }
+            match blocks - b {
+                1 => scores_kernel::<1>(q, keys.as_ptr(), b, d.pairs, out),
+                2 => scores_kernel::<2>(q, keys.as_ptr(), b, d.pairs, out),
+                3 => scores_kernel::<3>(q, keys.as_ptr(), b, d.pairs, out),
+                _ => {}
+            }
+        }
+    }
+
+    /// Scores of [`R`] query rows against key blocks `b0..b0 + B`.
+    #[inline(always)]
+    unsafe fn scores_kernel<const B: usize>(
+        q: [*const u16; R],
+        keys: *const u16,
+        b0: usize,
+        pairs: usize,
+        out: [*mut f32; R],
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); B]; R];
+        for p in 0..pairs {
+            let kv: [__m512bh; B] = std::array::from_fn(|b| {
+                std::mem::transmute(_mm512_loadu_si512(
+                    keys.add(((b0 + b) * pairs + p) * 32) as *const __m512i
+                ))
+            });
+            for r in 0..R {
+                let a: __m512bh = std::mem::transmute(_mm512_set1_epi32(
+                    (q[r].add(2 * p) as *const i32).read_unaligned(),
+                ));
+                for b in 0..B {
+                    acc[r][b] = _mm512_dpbf16_ps(acc[r][b], a, kv[b]);
+                }
+            }
+        }
+        for (row, sums) in out.iter().zip(&acc) {
+            for (b, sum) in sums.iter().enumerate() {
+                _mm512_storeu_ps(row.add((b0 + b) * 16), *sum);
+            }
+        }
+    }
+
+    /// `os = ps v` for `rows` (a multiple of [`R`]) rows of bf16 softmax weights `ps` (`d.keys` per
+    /// row) against the packed values; `os` is `rows x d.dpad`.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub unsafe fn weighted(ps: &[u16], values: &[u16], d: Dims, rows: usize, os: &mut [f32]) {
+        let blocks = d.dpad / 16;
+        for i in (0..rows).step_by(R) {
+            let p: [*const u16; R] = std::array::from_fn(|r| ps.as_ptr().add((i + r) * d.keys));
+            let out: [*mut f32; R] = std::array::from_fn(|r| os.as_mut_ptr().add((i + r) * d.dpad));
+            let mut b = 0;
+            // Up to 6 blocks (96 dims) per call: 24 sums, 6 loads and a broadcast in 32 registers.
+            while b < blocks {
+                let w = (blocks - b).min(6);
+                match w {
+                    1 => weighted_kernel::<1>(p, values.as_ptr(), b, d, out),
+                    2 => weighted_kernel::<2>(p, values.as_ptr(), b, d, out),
+                    3 => weighted_kernel::<3>(p, values.as_ptr(), b, d, out),
+                    4 => weighted_kernel::<4>(p, values.as_ptr(), b, d, out),
+                    5 => weighted_kernel::<5>(p, values.as_ptr(), b, d, out),
+                    _ => weighted_kernel::<6>(p, values.as_ptr(), b, d, out),
+                }
+                b += w;
+            }
+        }
+    }
+
+    /// Output dims `16 * b0 ..+ 16 * B` of [`R`] rows.
+    #[inline(always)]
+    unsafe fn weighted_kernel<const B: usize>(
+        p: [*const u16; R],
+        values: *const u16,
+        b0: usize,
+        d: Dims,
+        out: [*mut f32; R],
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); B]; R];
+        for j in 0..d.keys / 2 {
+            let vv: [__m512bh; B] = std::array::from_fn(|b| {
+                std::mem::transmute(_mm512_loadu_si512(
+                    values.add((j * d.dpad + (b0 + b) * 16) * 2) as *const __m512i,
+                ))
+            });
+            for r in 0..R {
+                let a: __m512bh = std::mem::transmute(_mm512_set1_epi32(
+                    (p[r].add(2 * j) as *const i32).read_unaligned(),
+                ));
+                for b in 0..B {
+                    acc[r][b] = _mm512_dpbf16_ps(acc[r][b], a, vv[b]);
+                }
+            }
+        }
+        for (row, sums) in out.iter().zip(&acc) {
+            for (b, sum) in sums.iter().enumerate() {
+                _mm512_storeu_ps(row.add((b0 + b) * 16), *sum);
+            }
+        }
+    }
+
+    /// Rounds `src` to bf16 (to nearest, ties to even, as the reference), 16 values at a time.
+    #[target_feature(enable = "avx512f,avx512bf16,avx512vl")]
+    pub unsafe fn to_bf16(src: &[f32], dst: &mut [u16]) {
+        let n = src.len().min(dst.len());
+        let mut i = 0;
+        while i + 16 <= n {
+            let h = _mm512_cvtneps_pbh(_mm512_loadu_ps(src.as_ptr().add(i)));
+            _mm256_storeu_si256(
+                dst.as_mut_ptr().add(i) as *mut __m256i,
+                std::mem::transmute::<__m256bh, __m256i>(h),
+            );
+            i += 16;
+        }
+        for j in i..n {
+            dst[j] = super::round(src[j]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(len: usize, seed: usize) -> Vec<f32> {
+        (0..len)
+            .map(|i| (((i * 2654435761 + seed * 97) % 1000) as f32 / 250.0) - 2.0)
+            .collect()
+    }
+
+    /// The reference against f32 attention (so it computes attention, to bf16's precision), and the
+    /// kernel against the reference (same rounding points, so only the order of f32 sums and the
+    /// vectorized exp differ) on odd shapes: head dims odd, not a multiple of 16, above 96 (two
+    /// value passes); segments shorter than, equal to and longer than a tile and a key block.
+    #[test]
+    fn bf16_segment_attention_matches_reference() {
+        for (heads, dim, segments) in [
+            (1, 8, vec![1]),
+            (2, 19, vec![5, 32, 70]),
+            (3, 80, vec![33]),
+            (2, 40, vec![100, 7]),
+            (1, 112, vec![65]),
+        ] {
+            let n: usize = segments.iter().sum();
+            let (q, k, v) = (
+                data(heads * n * dim, 1),
+                data(heads * n * dim, 2),
+                data(heads * n * dim, 3),
+            );
+            let scale = 1.0 / (dim as f32).sqrt();
+            let want = reference(&q, &k, &v, heads, dim, &segments, scale);
+            let exact = super::super::attention::segment_attention(
+                Isa::Scalar,
+                &q,
+                &k,
+                &v,
+                heads,
+                dim,
+                &segments,
+                scale,
+                super::super::attention::Products::F32,
+            );
+            for (i, (w, e)) in want.iter().zip(&exact).enumerate() {
+                assert!(
+                    (w - e).abs() < 3e-2 * (1.0 + e.abs()),
+                    "reference h{heads} d{dim} {segments:?} at {i}: {w} vs f32 {e}"
+                );
+            }
+            for isa in Isa::available().into_iter().filter(|&i| available(i)) {
+                let got = segment_attention(isa, &q, &k, &v, heads, dim, &segments, scale);
+                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                    assert!(
+                        (g - w).abs() < 1e-3 * (1.0 + w.abs()),
+                        "{isa:?} h{heads} d{dim} {segments:?} at {i}: {g} vs {w}"
+                    );
+                }
+            }
+        }
+    }
+}
