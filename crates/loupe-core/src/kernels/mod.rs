@@ -4,6 +4,7 @@
 //! time from the CPU's features, and a property test compares the two on random odd shapes
 //! (`tests` in each file). The models reach the kernels through `models::layers`, never directly.
 
+pub mod activation;
 pub mod attention;
 pub mod attention_bf16;
 pub mod qmatmul;
@@ -95,5 +96,42 @@ mod x86 {
             _mm256_castps256_ps128(v),
             _mm256_extractf128_ps(v, 1),
         ))
+    }
+
+    /// `e^x` for each lane, `x` in [-87, 88] (clamped): `x = n ln2 + r` with `|r| <= ln2 / 2`,
+    /// `e^r` by Cephes' degree-7 polynomial (within 2 ulp of the correctly rounded value), `2^n`
+    /// written into the exponent bits.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn exp(x: __m256) -> __m256 {
+        let x = _mm256_min_ps(
+            _mm256_max_ps(x, _mm256_set1_ps(-87.0)),
+            _mm256_set1_ps(88.0),
+        );
+        let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
+        );
+        // ln 2 in two parts (a short one, exact in f32, and the rest), so `n ln2` loses no bits.
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(355.0 / 512.0), x);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
+        let mut p = _mm256_set1_ps(1.987_569_1e-4);
+        for c in [
+            1.398_199_9e-3,
+            8.333_452e-3,
+            4.166_579_6e-2,
+            0.166_666_65,
+            0.5,
+        ] {
+            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+        }
+        let y = _mm256_fmadd_ps(
+            p,
+            _mm256_mul_ps(r, r),
+            _mm256_add_ps(r, _mm256_set1_ps(1.0)),
+        );
+        let pow2n = _mm256_slli_epi32::<23>(_mm256_add_epi32(
+            _mm256_cvtps_epi32(n),
+            _mm256_set1_epi32(127),
+        ));
+        _mm256_mul_ps(y, _mm256_castsi256_ps(pow2n))
     }
 }

@@ -43,7 +43,7 @@ impl Matrix {
 
     /// `x W^T` for 2D `x`.
     fn matmul_t(&self, x: &Tensor) -> Result<Tensor> {
-        if let Some(mut y) = product_in_place(&[self], x)? {
+        if let Some(mut y) = product_in_place(&[(self, None)], x)? {
             return Ok(y.remove(0));
         }
         Ok(match self {
@@ -79,11 +79,11 @@ impl Matrix {
 /// weights are read once for all rows, so a few rows cost little more than one).
 const MATVEC_MAX_ROWS: usize = 4;
 
-/// `x W^T` for every matrix of `ms` (all `(out_i, in)`) in our kernels, or `None` (then candle
-/// computes them). Needs a CPU with our SIMD path and every matrix block-quantized in a format the
+/// `x W^T (+ b)` for every matrix and bias of `ms` (all `(out_i, in)`) in our kernels, or `None`
+/// (then candle computes them). Needs a CPU with our SIMD path and every matrix block-quantized in a format the
 /// kernels read: at most [`MATVEC_MAX_ROWS`] rows of `x` go to the matrix-vector kernel (Q4_K, Q6_K;
 /// `x` quantized once for all matrices), more rows to the many-row kernel (Q4_K only).
-fn product_in_place(ms: &[&Matrix], x: &Tensor) -> Result<Option<Vec<Tensor>>> {
+fn product_in_place(ms: &[(&Matrix, Option<&Tensor>)], x: &Tensor) -> Result<Option<Vec<Tensor>>> {
     use crate::kernels::qmatmul::{matmul_q4k, matvec, Format, QRows};
     use crate::kernels::Isa;
     let isa = Isa::detect();
@@ -92,7 +92,7 @@ fn product_in_place(ms: &[&Matrix], x: &Tensor) -> Result<Option<Vec<Tensor>>> {
         return Ok(None);
     }
     let mut parts = Vec::with_capacity(ms.len());
-    for matrix in ms {
+    for (matrix, _) in ms {
         let Matrix::Quantized(q) = matrix else {
             return Ok(None);
         };
@@ -111,18 +111,46 @@ fn product_in_place(ms: &[&Matrix], x: &Tensor) -> Result<Option<Vec<Tensor>>> {
     else {
         return Ok(None);
     };
-    let xv = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-    let outs = if m <= MATVEC_MAX_ROWS {
-        matvec(isa, &mats, &xv, m)
-    } else {
-        mats.iter().map(|q| matmul_q4k(isa, q, &xv, m)).collect()
-    };
+    let outs = with_f32_values(x, |xv| {
+        if m <= MATVEC_MAX_ROWS {
+            matvec(isa, &mats, xv, m)
+        } else {
+            mats.iter().map(|q| matmul_q4k(isa, q, xv, m)).collect()
+        }
+    })?;
     let outs = outs
         .into_iter()
         .zip(&mats)
-        .map(|(y, q)| Ok(Tensor::from_vec(y, (m, q.rows()), x.device())?.to_dtype(x.dtype())?))
+        .zip(ms)
+        .map(|((mut y, q), (_, bias))| {
+            if let Some(b) = bias {
+                // The bias added in place: no second pass allocating the output again.
+                with_f32_values(b, |b| {
+                    y.chunks_exact_mut(b.len())
+                        .for_each(|row| row.iter_mut().zip(b).for_each(|(y, b)| *y += b))
+                })?;
+            }
+            Ok(Tensor::from_vec(y, (m, q.rows()), x.device())?.to_dtype(x.dtype())?)
+        })
         .collect::<Result<Vec<_>>>()?;
     Ok(Some(outs))
+}
+
+/// `f` of `x`'s values as one f32 slice: read in place when `x` is a contiguous f32 CPU tensor (no
+/// copy of the activations per product), else from a converted copy.
+fn with_f32_values<T>(x: &Tensor, f: impl FnOnce(&[f32]) -> T) -> Result<T> {
+    if x.dtype() == DType::F32 && x.is_contiguous() {
+        let (storage, layout) = x.storage_and_layout();
+        if let candle_core::Storage::Cpu(c) = &*storage {
+            return Ok(f(
+                &c.as_slice::<f32>()?[layout.start_offset()..][..x.elem_count()]
+            ));
+        }
+    }
+    Ok(f(&x
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?))
 }
 
 /// Rows from which a quantized product without a fast many-row kernel runs as dequantize + f32 gemm.
@@ -190,22 +218,33 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (x2, dims) = Self::rows_of(x)?;
-        self.finish(self.weight.matmul_t(&x2)?, &dims)
+        Ok(Self::forward_many(&[self], x)?.remove(0))
     }
 
     /// The forward of several projections of the same input (q/k/v, gate/up): in our kernels when
     /// all of them can be (at decode, one quantization of `x` and one parallel region for all).
     pub fn forward_many(layers: &[&Linear], x: &Tensor) -> Result<Vec<Tensor>> {
         let (x2, dims) = Self::rows_of(x)?;
-        let weights: Vec<&Matrix> = layers.iter().map(|l| &l.weight).collect();
+        let weights: Vec<_> = layers
+            .iter()
+            .map(|l| (&l.weight, l.bias.as_ref()))
+            .collect();
         match product_in_place(&weights, &x2)? {
             Some(ys) => layers
                 .iter()
                 .zip(ys)
-                .map(|(l, y)| l.finish(y, &dims))
+                .map(|(l, y)| l.shape_out(y, &dims))
                 .collect(),
-            None => layers.iter().map(|l| l.forward(x)).collect(),
+            None => layers
+                .iter()
+                .map(|l| {
+                    let mut y = l.weight.matmul_t(&x2)?;
+                    if let Some(b) = &l.bias {
+                        y = y.broadcast_add(b)?;
+                    }
+                    l.shape_out(y, &dims)
+                })
+                .collect(),
         }
     }
 
@@ -217,11 +256,8 @@ impl Linear {
         Ok((x.reshape((rows, in_dim))?, dims))
     }
 
-    /// Adds the bias and restores the input's leading dims.
-    fn finish(&self, mut y: Tensor, dims: &[usize]) -> Result<Tensor> {
-        if let Some(b) = &self.bias {
-            y = y.broadcast_add(b)?;
-        }
+    /// `y` with the input's leading dims.
+    fn shape_out(&self, y: Tensor, dims: &[usize]) -> Result<Tensor> {
         let mut out_dims = dims.to_vec();
         if let Some(last) = out_dims.last_mut() {
             *last = self.out_dim;
@@ -328,12 +364,50 @@ impl Activation {
     }
 
     pub fn forward(self, x: &Tensor) -> Result<Tensor> {
+        if let Some(y) = self.gated_in_one_pass(x, None)? {
+            return Ok(y);
+        }
         Ok(match self {
             Activation::Silu => x.silu()?,
             Activation::QuickGelu => (x * candle_nn::ops::sigmoid(&(x * 1.702)?)?)?,
             Activation::Gelu => x.gelu_erf()?,
             Activation::GeluTanh => x.gelu()?,
         })
+    }
+}
+
+impl Activation {
+    /// `act(x) * up`.
+    pub fn forward_times(self, x: &Tensor, up: &Tensor) -> Result<Tensor> {
+        match self.gated_in_one_pass(x, Some(up))? {
+            Some(y) => Ok(y),
+            None => Ok((self.forward(x)? * up)?),
+        }
+    }
+
+    /// SiLU and quick GELU (`x * sigmoid(alpha x)`), times `up` when given, in our one-pass kernel
+    /// when the operands are f32 on the CPU and the CPU has our SIMD path; else `None`.
+    fn gated_in_one_pass(self, x: &Tensor, up: Option<&Tensor>) -> Result<Option<Tensor>> {
+        use crate::kernels::{activation::sigmoid_gated, Isa};
+        let alpha = match self {
+            Activation::Silu => 1.0,
+            Activation::QuickGelu => 1.702,
+            Activation::Gelu | Activation::GeluTanh => return Ok(None),
+        };
+        let isa = Isa::detect();
+        let fits = |t: &Tensor| t.dtype() == DType::F32 && t.device().is_cpu();
+        if isa == Isa::Scalar || !fits(x) || up.is_some_and(|u| !fits(u) || u.dims() != x.dims()) {
+            return Ok(None);
+        }
+        let mut out = vec![0f32; x.elem_count()];
+        with_f32_values(x, |xv| match up {
+            Some(u) => with_f32_values(u, |uv| sigmoid_gated(isa, xv, alpha, Some(uv), &mut out)),
+            None => {
+                sigmoid_gated(isa, xv, alpha, None, &mut out);
+                Ok(())
+            }
+        })??;
+        Ok(Some(Tensor::from_vec(out, x.dims(), x.device())?))
     }
 }
 
@@ -368,7 +442,7 @@ impl GatedMlp {
         let [g, u]: [Tensor; 2] = Linear::forward_many(&[&self.gate, &self.up], x)?
             .try_into()
             .map_err(|_| candle_core::Error::Msg("gate/up: two outputs expected".into()))?;
-        self.down.forward(&(self.act.forward(&g)? * u)?)
+        self.down.forward(&self.act.forward_times(&g, &u)?)
     }
 }
 
@@ -861,10 +935,14 @@ mod tests {
         }
         // Q6_K has no many-row kernel of ours: candle multiplies it.
         let wide = Tensor::zeros((MATVEC_MAX_ROWS + 1, k), DType::F32, &dev).unwrap();
-        assert!(product_in_place(&[&b.weight], &wide).unwrap().is_none());
+        assert!(product_in_place(&[(&b.weight, None)], &wide)
+            .unwrap()
+            .is_none());
         let has_simd = crate::kernels::Isa::detect() != crate::kernels::Isa::Scalar;
         assert_eq!(
-            product_in_place(&[&a.weight], &wide).unwrap().is_some(),
+            product_in_place(&[(&a.weight, None)], &wide)
+                .unwrap()
+                .is_some(),
             has_simd
         );
     }
