@@ -303,111 +303,99 @@ mod x86 {
     /// row) against the packed keys; `scores` is `rows x d.keys`.
     #[target_feature(enable = "avx512f,avx512bf16")]
     pub unsafe fn scores(qs: &[u16], keys: &[u16], d: Dims, rows: usize, scores: &mut [f32]) {
-        let blocks = d.keys / 16;
-        let qw = 2 * d.pairs;
-        for i in (0..rows).step_by(R) {
-            let q: [*const u16; R] = std::array::from_fn(|r| qs.as_ptr().add((i + r) * qw));
-            let out: [*mut f32; R] =
-                std::array::from_fn(|r| scores.as_mut_ptr().add((i + r) * d.keys));
-            let mut b = 0;
-            while b + JB <= blocks {
-                scores_kernel::<JB>(q, keys.as_ptr(), b, d.pairs, out);
-                b += JB;
-            }
-            match blocks - b {
-                1 => scores_kernel::<1>(q, keys.as_ptr(), b, d.pairs, out),
-                2 => scores_kernel::<2>(q, keys.as_ptr(), b, d.pairs, out),
-                3 => scores_kernel::<3>(q, keys.as_ptr(), b, d.pairs, out),
-                _ => {}
-            }
-        }
-    }
-
-    /// Scores of [`R`] query rows against key blocks `b0..b0 + B`.
-    #[inline(always)]
-    unsafe fn scores_kernel<const B: usize>(
-        q: [*const u16; R],
-        keys: *const u16,
-        b0: usize,
-        pairs: usize,
-        out: [*mut f32; R],
-    ) {
-        let mut acc = [[_mm512_setzero_ps(); B]; R];
-        for p in 0..pairs {
-            let kv: [__m512bh; B] = std::array::from_fn(|b| {
-                std::mem::transmute(_mm512_loadu_si512(
-                    keys.add(((b0 + b) * pairs + p) * 32) as *const __m512i
-                ))
-            });
-            for r in 0..R {
-                let a: __m512bh = std::mem::transmute(_mm512_set1_epi32(
-                    (q[r].add(2 * p) as *const i32).read_unaligned(),
-                ));
-                for b in 0..B {
-                    acc[r][b] = _mm512_dpbf16_ps(acc[r][b], a, kv[b]);
-                }
-            }
-        }
-        for (row, sums) in out.iter().zip(&acc) {
-            for (b, sum) in sums.iter().enumerate() {
-                _mm512_storeu_ps(row.add((b0 + b) * 16), *sum);
-            }
-        }
+        let panel = Panel {
+            blocks: d.keys / 16,
+            steps: d.pairs,
+            step: 32,
+            block: d.pairs * 32,
+        };
+        product((qs, 2 * d.pairs), rows, keys, panel, JB, (scores, d.keys));
     }
 
     /// `os = ps v` for `rows` (a multiple of [`R`]) rows of bf16 softmax weights `ps` (`d.keys` per
     /// row) against the packed values; `os` is `rows x d.dpad`.
     #[target_feature(enable = "avx512f,avx512bf16")]
     pub unsafe fn weighted(ps: &[u16], values: &[u16], d: Dims, rows: usize, os: &mut [f32]) {
-        let blocks = d.dpad / 16;
+        let panel = Panel {
+            blocks: d.dpad / 16,
+            steps: d.keys / 2,
+            step: d.dpad * 2,
+            block: 32,
+        };
+        // Up to 6 blocks (96 dims) per call: 24 sums, 6 loads and a broadcast in 32 registers.
+        product((ps, d.keys), rows, values, panel, 6, (os, d.dpad));
+    }
+
+    /// A packed operand: `blocks` blocks of 16 lanes, each lane a bf16 pair per step; block `b`'s
+    /// step `s` is the 64 bytes at `b * block + s * step` (in `u16`s).
+    struct Panel {
+        blocks: usize,
+        steps: usize,
+        step: usize,
+        block: usize,
+    }
+
+    /// `out[i][16 b..16 b + 16] = sum over steps s of a[i]'s pair s times block b's step s`, for rows
+    /// `i < rows` (a multiple of [`R`]) of `a` and of `out` (each given with its row stride), at most
+    /// `widest` (1..=6) blocks per kernel call.
+    #[inline(always)]
+    unsafe fn product(
+        (a, a_stride): (&[u16], usize),
+        rows: usize,
+        packed: &[u16],
+        panel: Panel,
+        widest: usize,
+        (out, out_stride): (&mut [f32], usize),
+    ) {
         for i in (0..rows).step_by(R) {
-            let p: [*const u16; R] = std::array::from_fn(|r| ps.as_ptr().add((i + r) * d.keys));
-            let out: [*mut f32; R] = std::array::from_fn(|r| os.as_mut_ptr().add((i + r) * d.dpad));
+            let a: [*const u16; R] = std::array::from_fn(|r| a.as_ptr().add((i + r) * a_stride));
             let mut b = 0;
-            // Up to 6 blocks (96 dims) per call: 24 sums, 6 loads and a broadcast in 32 registers.
-            while b < blocks {
-                let w = (blocks - b).min(6);
+            while b < panel.blocks {
+                let w = (panel.blocks - b).min(widest);
+                let at = packed.as_ptr().add(b * panel.block);
+                let o: [*mut f32; R] =
+                    std::array::from_fn(|r| out.as_mut_ptr().add((i + r) * out_stride + b * 16));
                 match w {
-                    1 => weighted_kernel::<1>(p, values.as_ptr(), b, d, out),
-                    2 => weighted_kernel::<2>(p, values.as_ptr(), b, d, out),
-                    3 => weighted_kernel::<3>(p, values.as_ptr(), b, d, out),
-                    4 => weighted_kernel::<4>(p, values.as_ptr(), b, d, out),
-                    5 => weighted_kernel::<5>(p, values.as_ptr(), b, d, out),
-                    _ => weighted_kernel::<6>(p, values.as_ptr(), b, d, out),
+                    1 => kernel::<1>(a, at, &panel, o),
+                    2 => kernel::<2>(a, at, &panel, o),
+                    3 => kernel::<3>(a, at, &panel, o),
+                    4 => kernel::<4>(a, at, &panel, o),
+                    5 => kernel::<5>(a, at, &panel, o),
+                    _ => kernel::<6>(a, at, &panel, o),
                 }
                 b += w;
             }
         }
     }
 
-    /// Output dims `16 * b0 ..+ 16 * B` of [`R`] rows.
+    /// [`R`] rows against `B` blocks of the panel starting at `packed`: `R x B` sums in registers,
+    /// one broadcast pair per row and one load per block each step.
     #[inline(always)]
-    unsafe fn weighted_kernel<const B: usize>(
-        p: [*const u16; R],
-        values: *const u16,
-        b0: usize,
-        d: Dims,
+    unsafe fn kernel<const B: usize>(
+        a: [*const u16; R],
+        packed: *const u16,
+        panel: &Panel,
         out: [*mut f32; R],
     ) {
         let mut acc = [[_mm512_setzero_ps(); B]; R];
-        for j in 0..d.keys / 2 {
-            let vv: [__m512bh; B] = std::array::from_fn(|b| {
+        for s in 0..panel.steps {
+            let blocks: [__m512bh; B] = std::array::from_fn(|b| {
                 std::mem::transmute(_mm512_loadu_si512(
-                    values.add((j * d.dpad + (b0 + b) * 16) * 2) as *const __m512i,
+                    packed.add(b * panel.block + s * panel.step) as *const __m512i,
                 ))
             });
             for r in 0..R {
-                let a: __m512bh = std::mem::transmute(_mm512_set1_epi32(
-                    (p[r].add(2 * j) as *const i32).read_unaligned(),
+                let pair: __m512bh = std::mem::transmute(_mm512_set1_epi32(
+                    (a[r].add(2 * s) as *const i32).read_unaligned(),
                 ));
                 for b in 0..B {
-                    acc[r][b] = _mm512_dpbf16_ps(acc[r][b], a, vv[b]);
+                    acc[r][b] = _mm512_dpbf16_ps(acc[r][b], pair, blocks[b]);
                 }
             }
         }
         for (row, sums) in out.iter().zip(&acc) {
             for (b, sum) in sums.iter().enumerate() {
-                _mm512_storeu_ps(row.add((b0 + b) * 16), *sum);
+                _mm512_storeu_ps(row.add(b * 16), *sum);
             }
         }
     }
