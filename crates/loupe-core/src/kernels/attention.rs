@@ -108,7 +108,8 @@ pub fn segment_attention(
 ) -> Vec<f32> {
     use super::attention_bf16 as bf16;
     if products == Products::Bf16 && bf16::available(isa) {
-        return bf16::segment_attention(isa, q, k, v, heads, dim, segments, scale);
+        let src = bf16::Layout::Split { q, k, v };
+        return bf16::segment_attention(isa, src, heads, dim, segments, scale);
     }
     let n: usize = segments.iter().sum();
     assert!(q.len() == heads * n * dim && k.len() == q.len() && v.len() == q.len());

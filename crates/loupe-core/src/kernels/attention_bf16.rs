@@ -82,28 +82,91 @@ impl Dims {
     }
 }
 
-/// Packs rows `0..len` of `q`, `k` and `v` (`(len, dim)` contiguous).
-fn pack(q: &[f32], k: &[f32], v: &[f32], d: Dims, scale: f32) -> Packed {
+/// Where the attention's operands lie.
+#[derive(Clone, Copy)]
+pub enum Layout<'a> {
+    /// `q`, `k`, `v` each `(heads, n, dim)` contiguous, rotary already applied.
+    Split {
+        q: &'a [f32],
+        k: &'a [f32],
+        v: &'a [f32],
+    },
+    /// The fused projection's output `(n, 3, heads, dim)` as it comes out of the product, with the
+    /// rotate-half rotary still to apply to q and k: `cos`, `sin` are `(n, dim / 2)`. Packing reads
+    /// it in place, so no copy of q, k or v is made for the heads' layout or for the rotary.
+    Fused {
+        qkv: &'a [f32],
+        cos: &'a [f32],
+        sin: &'a [f32],
+    },
+}
+
+impl Layout<'_> {
+    /// Row `j` of head `h` of q (`which` 0), k (1) or v (2), of `n` rows in all.
+    fn row(
+        &self,
+        which: usize,
+        h: usize,
+        j: usize,
+        (n, heads, dim): (usize, usize, usize),
+    ) -> &[f32] {
+        match *self {
+            Layout::Split { q, k, v } => &[q, k, v][which][(h * n + j) * dim..][..dim],
+            Layout::Fused { qkv, .. } => &qkv[((j * 3 + which) * heads + h) * dim..][..dim],
+        }
+    }
+
+    /// Row `j`'s `which` operand of head `h` into `out` (`dim` values), rotated where still due.
+    fn load(
+        &self,
+        which: usize,
+        h: usize,
+        j: usize,
+        shape: (usize, usize, usize),
+        out: &mut [f32],
+    ) {
+        let x = self.row(which, h, j, shape);
+        match *self {
+            Layout::Fused { cos, sin, .. } if which < 2 => {
+                let half = x.len() / 2;
+                let (c, s) = (&cos[j * half..][..half], &sin[j * half..][..half]);
+                for t in 0..half {
+                    out[t] = x[t] * c[t] - x[t + half] * s[t];
+                    out[t + half] = x[t] * s[t] + x[t + half] * c[t];
+                }
+            }
+            _ => out.copy_from_slice(x),
+        }
+    }
+}
+
+/// Packs rows `start..start + d.len` of head `h`.
+fn pack(
+    src: &Layout,
+    h: usize,
+    start: usize,
+    shape: (usize, usize, usize),
+    d: Dims,
+    scale: f32,
+) -> Packed {
     let qw = 2 * d.pairs;
     let mut queries = vec![0u16; d.keys * qw];
     let mut keys = vec![0u16; d.keys * qw];
     let mut values = vec![0u16; d.keys * d.dpad];
     let (mut row, mut words) = (vec![0f32; qw], vec![0u16; qw]);
     for j in 0..d.len {
-        let at = j * d.dim..(j + 1) * d.dim;
-        row[..d.dim]
-            .iter_mut()
-            .zip(&q[at.clone()])
-            .for_each(|(r, &x)| *r = x * scale);
+        src.load(0, h, start + j, shape, &mut row[..d.dim]);
+        row[..d.dim].iter_mut().for_each(|r| *r *= scale);
         to_bf16(&row, &mut queries[j * qw..][..qw]);
-        row[..d.dim].copy_from_slice(&k[at.clone()]);
+        src.load(1, h, start + j, shape, &mut row[..d.dim]);
         to_bf16(&row, &mut words);
         let (blk, lane) = (j / 16, j % 16);
         for p in 0..d.pairs {
             let dst = ((blk * d.pairs + p) * 16 + lane) * 2;
             keys[dst..dst + 2].copy_from_slice(&words[2 * p..2 * p + 2]);
         }
-        to_bf16(&v[at], &mut words[..d.dim]);
+        src.load(2, h, start + j, shape, &mut row[..d.dim]);
+        to_bf16(&row[..d.dim], &mut words[..d.dim]);
         for (t, &w) in words[..d.dim].iter().enumerate() {
             values[((j / 2) * d.dpad + t) * 2 + j % 2] = w;
         }
@@ -121,13 +184,11 @@ thread_local! {
         const { RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
 }
 
-/// [`super::segment_attention`] with bf16 operands, on a CPU where [`available`] says yes.
-#[allow(clippy::too_many_arguments)]
+/// [`super::segment_attention`] with bf16 operands, on a CPU where [`available`] says yes, from
+/// operands laid out as `src` says. Returns `(n, heads, dim)`.
 pub fn segment_attention(
     isa: Isa,
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    src: Layout,
     heads: usize,
     dim: usize,
     segments: &[usize],
@@ -135,7 +196,17 @@ pub fn segment_attention(
 ) -> Vec<f32> {
     assert!(available(isa));
     let n: usize = segments.iter().sum();
-    assert!(q.len() == heads * n * dim && k.len() == q.len() && v.len() == q.len());
+    match src {
+        Layout::Split { q, k, v } => {
+            assert!(q.len() == heads * n * dim && k.len() == q.len() && v.len() == q.len())
+        }
+        Layout::Fused { qkv, cos, sin } => assert!(
+            dim.is_multiple_of(2)
+                && qkv.len() == n * 3 * heads * dim
+                && cos.len() == n * dim / 2
+                && sin.len() == cos.len()
+        ),
+    }
     let starts: Vec<usize> = segments
         .iter()
         .scan(0, |s, &len| {
@@ -153,11 +224,8 @@ pub fn segment_attention(
     pool.execute_chunked(pairs.len(), |range| {
         for u in range {
             let (s, h) = pairs[u];
-            let base = (h * n + starts[s]) * dim;
-            let len = segments[s];
-            let rows = base..base + len * dim;
-            let (q, k, v) = (&q[rows.clone()], &k[rows.clone()], &v[rows]);
-            let p = pack(q, k, v, Dims::new(len, dim), scale);
+            let d = Dims::new(segments[s], dim);
+            let p = pack(&src, h, starts[s], (n, heads, dim), d, scale);
             // SAFETY: slot `u` is written by this iteration alone.
             unsafe { *(packed_ptr as *mut Option<Packed>).add(u) = Some(p) };
         }
@@ -468,7 +536,63 @@ mod tests {
                 );
             }
             for isa in Isa::available().into_iter().filter(|&i| available(i)) {
-                let got = segment_attention(isa, &q, &k, &v, heads, dim, &segments, scale);
+                let src = Layout::Split {
+                    q: &q,
+                    k: &k,
+                    v: &v,
+                };
+                let got = segment_attention(isa, src, heads, dim, &segments, scale);
+                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                    assert!(
+                        (g - w).abs() < 1e-3 * (1.0 + w.abs()),
+                        "{isa:?} h{heads} d{dim} {segments:?} at {i}: {g} vs {w}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// The fused projection's output read in place, rotary applied while packing, against the
+    /// reference on q, k, v laid out per head and rotated beforehand (rotate-half, as candle's rope).
+    #[test]
+    fn bf16_attention_reads_the_fused_projection_in_place() {
+        for (heads, dim, segments) in [(2, 80, vec![33, 70]), (3, 18, vec![5])] {
+            let n: usize = segments.iter().sum();
+            let half = dim / 2;
+            let qkv = data(n * 3 * heads * dim, 4);
+            let angles = data(n * half, 5);
+            let cos: Vec<f32> = angles.iter().map(|a| a.cos()).collect();
+            let sin: Vec<f32> = angles.iter().map(|a| a.sin()).collect();
+            let mut split = vec![vec![0f32; heads * n * dim]; 3];
+            for (which, out) in split.iter_mut().enumerate() {
+                for j in 0..n {
+                    for h in 0..heads {
+                        let x = &qkv[((j * 3 + which) * heads + h) * dim..][..dim];
+                        let o = &mut out[(h * n + j) * dim..][..dim];
+                        for t in 0..half {
+                            let (c, s) = (cos[j * half + t], sin[j * half + t]);
+                            if which < 2 {
+                                o[t] = x[t] * c - x[t + half] * s;
+                                o[t + half] = x[t] * s + x[t + half] * c;
+                            } else {
+                                o[t] = x[t];
+                                o[t + half] = x[t + half];
+                            }
+                        }
+                    }
+                }
+            }
+            let scale = 1.0 / (dim as f32).sqrt();
+            let want = reference(
+                &split[0], &split[1], &split[2], heads, dim, &segments, scale,
+            );
+            for isa in Isa::available().into_iter().filter(|&i| available(i)) {
+                let src = Layout::Fused {
+                    qkv: &qkv,
+                    cos: &cos,
+                    sin: &sin,
+                };
+                let got = segment_attention(isa, src, heads, dim, &segments, scale);
                 for (i, (g, w)) in got.iter().zip(&want).enumerate() {
                     assert!(
                         (g - w).abs() < 1e-3 * (1.0 + w.abs()),

@@ -758,14 +758,20 @@ pub fn vision_attention(
     } else {
         Products::F32
     };
+    let qkv = qkv.forward(h)?;
+    let scale = 1.0 / (head_dim as f64).sqrt();
+    if products == Products::Bf16 {
+        let rope = (cos, sin);
+        if let Some(attn) = fused_bf16_attention(&qkv, rope, heads, head_dim, segments, scale)? {
+            return proj.forward(&attn);
+        }
+    }
     let qkv = qkv
-        .forward(h)?
         .reshape((n, 3, heads, head_dim))?
         .permute((1, 2, 0, 3))?; // (3, heads, n, d)
     let q = rope(&qkv.get(0)?.unsqueeze(0)?, cos, sin)?;
     let k = rope(&qkv.get(1)?.unsqueeze(0)?, cos, sin)?;
     let v = qkv.get(2)?.unsqueeze(0)?.contiguous()?;
-    let scale = 1.0 / (head_dim as f64).sqrt();
     if let Some(attn) = segment_attention_in_place(&q, &k, &v, scale, segments, products)? {
         return proj.forward(&attn);
     }
@@ -786,6 +792,42 @@ pub fn vision_attention(
         .transpose(0, 1)?
         .reshape((n, heads * head_dim))?;
     proj.forward(&attn)
+}
+
+/// Attention within `segments` straight from the fused projection's `(n, 3 * heads * dim)` f32
+/// output, rotary applied while the bf16 kernel packs its operands (no copies for the heads' layout
+/// or the rotary), returned as `(n, heads * dim)`; `None` where that kernel cannot run.
+fn fused_bf16_attention(
+    qkv: &Tensor,
+    (cos, sin): (&Tensor, &Tensor),
+    heads: usize,
+    dim: usize,
+    segments: &[usize],
+    scale: f64,
+) -> Result<Option<Tensor>> {
+    use crate::kernels::attention_bf16::{available, segment_attention, Layout};
+    use crate::kernels::Isa;
+    let isa = Isa::detect();
+    let n = qkv.dim(0)?;
+    let f32_cpu = |t: &Tensor| t.dtype() == DType::F32 && t.device().is_cpu();
+    let fits = available(isa)
+        && dim.is_multiple_of(2)
+        && segments.iter().sum::<usize>() == n
+        && qkv.dims() == [n, 3 * heads * dim]
+        && [cos, sin].iter().all(|t| t.dims() == [n, dim / 2])
+        && [qkv, cos, sin].into_iter().all(f32_cpu);
+    if !fits {
+        return Ok(None);
+    }
+    let out = with_f32_values(qkv, |qkv| {
+        with_f32_values(cos, |cos| {
+            with_f32_values(sin, |sin| {
+                let src = Layout::Fused { qkv, cos, sin };
+                segment_attention(isa, src, heads, dim, segments, scale as f32)
+            })
+        })
+    })???;
+    Ok(Some(Tensor::from_vec(out, (n, heads * dim), qkv.device())?))
 }
 
 /// Attention within `segments` of `(1, heads, n, dim)` f32 operands in our kernel, returned as
