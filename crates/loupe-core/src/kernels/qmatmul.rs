@@ -437,16 +437,8 @@ mod tiles {
                         flat[t * TILE_ROWS..(t + 1) * TILE_ROWS].copy_from_slice(a);
                     }
                     let dst = (out_ptr as *mut f32).wrapping_add(r * rows + r0);
-                    // SAFETY: rows r0..r0+n of activation row r belong to this unit alone. A whole
-                    // unit is copied with a constant length, which compiles to a few vector moves
-                    // (a length known only at run time called memmove: 6% of a 448² encode).
-                    unsafe {
-                        if n == T * TILE_ROWS {
-                            (dst as *mut [f32; T * TILE_ROWS]).write_unaligned(flat);
-                        } else {
-                            std::ptr::copy_nonoverlapping(flat.as_ptr(), dst, n);
-                        }
-                    }
+                    // SAFETY: rows r0..r0+n of activation row r belong to this unit alone.
+                    unsafe { std::ptr::copy_nonoverlapping(flat.as_ptr(), dst, n) };
                 };
                 let mut r = 0;
                 while r + MR <= m {
