@@ -80,9 +80,10 @@ impl Matrix {
 const MATVEC_MAX_ROWS: usize = 4;
 
 /// `x W^T (+ b)` for every matrix and bias of `ms` (all `(out_i, in)`) in our kernels, or `None`
-/// (then candle computes them). Needs a CPU with our SIMD path and every matrix block-quantized in a format the
-/// kernels read: at most [`MATVEC_MAX_ROWS`] rows of `x` go to the matrix-vector kernel (Q4_K, Q6_K;
-/// `x` quantized once for all matrices), more rows to the many-row kernel (Q4_K only).
+/// (then candle computes them). Needs a CPU with our SIMD path and every matrix block-quantized in
+/// a format the kernels read: at most [`MATVEC_MAX_ROWS`] rows of `x` go to the matrix-vector
+/// kernel (Q4_K, Q6_K; `x` quantized once for all matrices), more rows to the many-row kernel (Q4_K
+/// only).
 fn product_in_place(ms: &[(&Matrix, Option<&Tensor>)], x: &Tensor) -> Result<Option<Vec<Tensor>>> {
     use crate::kernels::qmatmul::{matmul_q4k, matvec, Format, QRows};
     use crate::kernels::Isa;
@@ -374,9 +375,7 @@ impl Activation {
             Activation::GeluTanh => x.gelu()?,
         })
     }
-}
 
-impl Activation {
     /// `act(x) * up`.
     pub fn forward_times(self, x: &Tensor, up: &Tensor) -> Result<Tensor> {
         match self.gated_in_one_pass(x, Some(up))? {
@@ -855,26 +854,14 @@ fn segment_attention_in_place(
     if !fits {
         return Ok(None);
     }
-    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
-    let slices = [&q, &k, &v].map(|t| t.storage_and_layout());
-    let mut views = Vec::with_capacity(3);
-    for (storage, layout) in &slices {
-        let candle_core::Storage::Cpu(c) = &**storage else {
-            return Ok(None);
-        };
-        views.push(&c.as_slice::<f32>()?[layout.start_offset()..][..b * heads * n * dim]);
-    }
-    let out = segment_attention(
-        isa,
-        views[0],
-        views[1],
-        views[2],
-        heads,
-        dim,
-        segments,
-        scale as f32,
-        products,
-    );
+    let out = with_f32_values(q, |q| {
+        with_f32_values(k, |k| {
+            with_f32_values(v, |v| {
+                let scale = scale as f32;
+                segment_attention(isa, q, k, v, heads, dim, segments, scale, products)
+            })
+        })
+    })???;
     Ok(Some(Tensor::from_vec(out, (n, heads * dim), q.device())?))
 }
 
