@@ -50,6 +50,7 @@ fn value(b: u16) -> f32 {
 }
 
 /// One segment and head's queries, keys and values, packed.
+#[derive(Default)]
 struct Packed {
     /// `(d.keys, 2 * d.pairs)`: the queries times the scale, zero rows and columns as padding.
     queries: Vec<u16>,
@@ -218,7 +219,7 @@ pub fn segment_attention(
     let pairs: Vec<(usize, usize)> = (0..segments.len())
         .flat_map(|s| (0..heads).map(move |h| (s, h)))
         .collect();
-    let mut packed: Vec<Option<Packed>> = (0..pairs.len()).map(|_| None).collect();
+    let mut packed: Vec<Packed> = (0..pairs.len()).map(|_| Packed::default()).collect();
     let packed_ptr = packed.as_mut_ptr() as usize;
     let pool = candle_core::utils::barrier_pool();
     pool.execute_chunked(pairs.len(), |range| {
@@ -227,7 +228,7 @@ pub fn segment_attention(
             let d = Dims::new(segments[s], dim);
             let p = pack(&src, h, starts[s], (n, heads, dim), d, scale);
             // SAFETY: slot `u` is written by this iteration alone.
-            unsafe { *(packed_ptr as *mut Option<Packed>).add(u) = Some(p) };
+            unsafe { *(packed_ptr as *mut Packed).add(u) = p };
         }
     });
     let mut units = Vec::new();
@@ -241,9 +242,7 @@ pub fn segment_attention(
         SCRATCH.with_borrow_mut(|scratch| {
             for &(u, t) in &units[range] {
                 let (s, h) = pairs[u];
-                let Some(kv) = &packed[u] else {
-                    unreachable!("every (segment, head) was packed above")
-                };
+                let kv = &packed[u];
                 let d = Dims::new(segments[s], dim);
                 let rows = TILE.min(d.len - t);
                 // SAFETY: this unit alone writes output rows `start + t ..+ rows`, columns of head
