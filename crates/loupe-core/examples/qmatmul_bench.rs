@@ -106,7 +106,7 @@ fn many_rows(dev: &Device, isa: Isa) -> candle_core::Result<()> {
             qm.forward(&x).unwrap();
         });
         let l = time(&mut || {
-            matmul_q4k(isa, &mat, &xv, m);
+            matmul_q4k(isa, &mat, &xv, m, &Default::default());
         });
         let flop = 2.0 * (m * k * n) as f64;
         let qt = time(&mut || {

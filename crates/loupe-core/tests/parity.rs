@@ -189,12 +189,14 @@ fn logits_match_at_every_position() {
             // f32: agreement to 3e-5 of the logits' range. Measured: 4e-6 (text) to 1.4e-5 (two
             // images) of the range; matmul summation order differs from PyTorch's, and the fixtures'
             // large random weights (init 0.25) amplify rounding more than trained weights do.
-            // Qwen3.5: 1e-4. Its random DeltaNet decays (transformers' init of A_log) sum to thousands
-            // within a chunk, where f32 keeps ~4 digits: transformers' own f32 logits for the
-            // two-image prompt are 5.5e-4 (6e-5 of the range) off the same model run in f64; ours
-            // differ from theirs by 6e-5 of the range at most (measured).
+            // Qwen3.5: 1.5e-4. Its random DeltaNet decays (transformers' init of A_log) sum to
+            // thousands within a chunk, where f32 keeps ~4 digits: transformers' own f32 logits for
+            // the two-image prompt are 5.5e-4 (6e-5 of the range) off the same model run in f64. The
+            // multi-turn prompt sits at 1.0e-4 of the range whatever order the RMSNorms sum a row in
+            // (measured: candle's one-at-a-time 0.99e-4, our 32 f32 lanes 1.02e-4, exact f64 sums
+            // 1.03e-4), so the line is drawn just above that noise, not at it.
             let tolerance = if name.starts_with("qwen3_5/") {
-                1e-4
+                1.5e-4
             } else {
                 3e-5
             };

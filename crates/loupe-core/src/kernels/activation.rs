@@ -27,6 +27,17 @@ pub fn sigmoid_gated(isa: Isa, x: &[f32], alpha: f32, up: Option<&[f32]>, out: &
     });
 }
 
+/// `y[i] = y[i] * sigmoid(alpha * y[i])` on the calling thread: the epilogue of a product, on the
+/// few values of one output row it is storing (`kernels::qmatmul::Epilogue`).
+pub fn sigmoid_gated_in_place(isa: Isa, alpha: f32, y: &mut [f32]) {
+    let mut x = [0f32; 64];
+    for part in y.chunks_mut(x.len()) {
+        let x = &mut x[..part.len()];
+        x.copy_from_slice(part);
+        chunk(isa, x, alpha, None, part);
+    }
+}
+
 fn chunk(isa: Isa, x: &[f32], alpha: f32, up: Option<&[f32]>, out: &mut [f32]) {
     match isa {
         #[cfg(target_arch = "x86_64")]
@@ -64,13 +75,43 @@ mod avx2 {
             _mm256_storeu_ps(out.as_mut_ptr().add(i), y);
             i += 8;
         }
-        super::scalar(&x[i..], alpha, up.map(|u| &u[i..]), &mut out[i..]);
+        if i < n {
+            // The last values through the same vector formula, padded to a full vector, so that a
+            // value's result does not depend on where the span it comes in ends.
+            let rest = n - i;
+            let (mut xs, mut us, mut ys) = ([0f32; 8], [1f32; 8], [0f32; 8]);
+            xs[..rest].copy_from_slice(&x[i..]);
+            if let Some(u) = up {
+                us[..rest].copy_from_slice(&u[i..]);
+            }
+            sigmoid_gated(&xs, alpha, up.map(|_| &us[..]), &mut ys);
+            out[i..].copy_from_slice(&ys[..rest]);
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The in-place form (a product's epilogue) gives each value exactly what the whole-tensor pass
+    /// gives it, whatever span the value comes in.
+    #[test]
+    fn in_place_spans_equal_the_whole_pass() {
+        let x: Vec<f32> = (0..203)
+            .map(|i| ((i * 37) % 101) as f32 / 8.0 - 6.0)
+            .collect();
+        for isa in Isa::available() {
+            let mut whole = vec![0f32; x.len()];
+            sigmoid_gated(isa, &x, 1.702, None, &mut whole);
+            for span in [1, 5, 8, 13, 24, 64, 70] {
+                let mut y = x.clone();
+                y.chunks_mut(span)
+                    .for_each(|part| sigmoid_gated_in_place(isa, 1.702, part));
+                assert_eq!(y, whole, "{isa:?}, spans of {span}");
+            }
+        }
+    }
 
     /// Every path against an f64 evaluation, over values that reach exp's clamps (large negative and
     /// positive inputs), with and without `up`, on a length that is not a multiple of the vector nor

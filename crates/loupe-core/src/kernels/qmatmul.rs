@@ -264,16 +264,56 @@ pub fn matvec(isa: Isa, ws: &[QRows], x: &[f32], m: usize) -> Vec<Vec<f32>> {
 /// Weight rows unpacked together by [`matmul_q4k`]: one `maddubs` register holds 4 values of each.
 const TILE_ROWS: usize = 8;
 
-/// `out[r * rows + j] = x_r · row j of w` for the `m` rows of `x`, `w` in Q4_K: the many-row product
-/// (prefill, vision tower). Each block of 8 weight rows is unpacked once and used for every row of
-/// `x`; the blocks of rows are spread over candle's thread pool.
-pub fn matmul_q4k(isa: Isa, w: &QRows, x: &[f32], m: usize) -> Vec<f32> {
+/// What a product does to its output values before it stores them, in this order: add `bias[j]`,
+/// apply `y * sigmoid(gate_alpha * y)` (SiLU, quick GELU), add `residual[r * cols + j]`. Fused into
+/// the many-row kernel, the output is written once, while its values are still in registers, instead
+/// of being read and written again by a pass per step (one of them, the bias, on one thread).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Epilogue<'a> {
+    pub bias: Option<&'a [f32]>,
+    pub gate_alpha: Option<f32>,
+    pub residual: Option<&'a [f32]>,
+}
+
+impl Epilogue<'_> {
+    /// Applies it to `y`: output row `r`'s values at columns `c0..c0 + y.len()` of `cols`.
+    pub fn apply(&self, isa: Isa, y: &mut [f32], r: usize, c0: usize, cols: usize) {
+        let span = c0..c0 + y.len();
+        if let Some(b) = self.bias {
+            y.iter_mut()
+                .zip(&b[span.clone()])
+                .for_each(|(y, b)| *y += b);
+        }
+        if let Some(alpha) = self.gate_alpha {
+            super::activation::sigmoid_gated_in_place(isa, alpha, y);
+        }
+        if let Some(res) = self.residual {
+            let res = &res[r * cols..][span];
+            y.iter_mut().zip(res).for_each(|(y, x)| *y += x);
+        }
+    }
+
+    fn check(&self, m: usize, cols: usize) {
+        assert!(self.bias.is_none_or(|b| b.len() == cols));
+        assert!(self.residual.is_none_or(|r| r.len() == m * cols));
+    }
+}
+
+/// `out[r * rows + j] = post(x_r · row j of w)` for the `m` rows of `x`, `w` in Q4_K: the many-row
+/// product (prefill, vision tower). Each block of 8 weight rows is unpacked once and used for every
+/// row of `x`; the blocks of rows are spread over candle's thread pool.
+pub fn matmul_q4k(isa: Isa, w: &QRows, x: &[f32], m: usize, post: &Epilogue) -> Vec<f32> {
     assert!(w.format == Format::Q4K && x.len() == m * w.cols);
+    post.check(m, w.rows);
     #[cfg(target_arch = "x86_64")]
     if isa.avx2() {
-        return tiles::matmul_q4k(isa, w, x, m);
+        return tiles::matmul_q4k(isa, w, x, m, post);
     }
-    matvec(isa, &[*w], x, m).remove(0)
+    let mut out = matvec(isa, &[*w], x, m).remove(0);
+    for (r, row) in out.chunks_exact_mut(w.rows.max(1)).enumerate() {
+        post.apply(isa, row, r, 0, w.rows);
+    }
+    out
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -288,8 +328,9 @@ mod tiles {
         pub codes: [u8; QK_K * TILE_ROWS],
         /// Per sub-block, each row's scale twice (the 16-bit pairs `madd` multiplies).
         pub scales: [[i16; 2 * TILE_ROWS]; 8],
-        /// Per sub-block, each row's min.
-        pub mins: [[i32; TILE_ROWS]; 8],
+        /// Per pair of sub-blocks `(2k, 2k + 1)`, each row's two mins as a 16-bit pair: one
+        /// `madd` / `vpdpwssd` with the pair's activation sums gives both sub-blocks' min terms.
+        pub mins: [[i16; 2 * TILE_ROWS]; 4],
         pub d: [f32; TILE_ROWS],
         pub dmin: [f32; TILE_ROWS],
     }
@@ -297,7 +338,7 @@ mod tiles {
     const EMPTY: Tile = Tile {
         codes: [0; QK_K * TILE_ROWS],
         scales: [[0; 2 * TILE_ROWS]; 8],
-        mins: [[0; TILE_ROWS]; 8],
+        mins: [[0; 2 * TILE_ROWS]; 4],
         d: [0.0; TILE_ROWS],
         dmin: [0.0; TILE_ROWS],
     };
@@ -318,7 +359,7 @@ mod tiles {
                     let (sc, mn) = scalar::scale_min_q4k(&blk.scales, sub);
                     tile.scales[sub][2 * rho] = sc as i16;
                     tile.scales[sub][2 * rho + 1] = sc as i16;
-                    tile.mins[sub][rho] = mn as i32;
+                    tile.mins[sub / 2][2 * rho + sub % 2] = mn as i16;
                 }
             }
             if n == TILE_ROWS {
@@ -414,10 +455,11 @@ mod tiles {
     /// Activation rows per kernel call (each weight register is used this many times).
     const MR: usize = 4;
 
-    pub fn matmul_q4k(isa: Isa, w: &QRows, x: &[f32], m: usize) -> Vec<f32> {
+    pub fn matmul_q4k(isa: Isa, w: &QRows, x: &[f32], m: usize, post: &Epilogue) -> Vec<f32> {
         let (rows, kb) = (w.rows, w.cols / QK_K);
         let yq = quantize_rows(isa, x, m);
-        let mut out = vec![0f32; m * rows];
+        // Not zeroed first: every value is written once below (all m rows of every unit's columns).
+        let mut out = Vec::<f32>::with_capacity(m * rows);
         let out_ptr = out.as_mut_ptr() as usize;
         let unit_rows = T * TILE_ROWS;
         let units = rows.div_ceil(unit_rows);
@@ -436,6 +478,7 @@ mod tiles {
                     for (t, a) in acc.iter().enumerate() {
                         flat[t * TILE_ROWS..(t + 1) * TILE_ROWS].copy_from_slice(a);
                     }
+                    post.apply(isa, &mut flat[..n], r, r0, rows);
                     let dst = (out_ptr as *mut f32).wrapping_add(r * rows + r0);
                     // SAFETY: rows r0..r0+n of activation row r belong to this unit alone.
                     unsafe { std::ptr::copy_nonoverlapping(flat.as_ptr(), dst, n) };
@@ -457,6 +500,8 @@ mod tiles {
                 }
             }
         });
+        // SAFETY: the units cover all `rows` columns of all `m` rows, each written above.
+        unsafe { out.set_len(m * rows) };
         out
     }
 
@@ -549,18 +594,30 @@ mod tiles {
                     }
                 }
             }
+            // Each activation row's sums over sub-blocks (2k, 2k + 1) as a 16-bit pair (a sub-block
+            // sum is at most 32 x 128 = 4096 in size), to meet the tiles' pairs of mins.
+            let sums: [[i32; 4]; R] = std::array::from_fn(|i| {
+                let bs = &acts[i][b].bsums;
+                std::array::from_fn(|k| {
+                    let lo = bs[4 * k] as i32 + bs[4 * k + 1] as i32;
+                    let hi = bs[4 * k + 2] as i32 + bs[4 * k + 3] as i32;
+                    (lo & 0xffff) | (hi << 16)
+                })
+            });
             for t in 0..T {
                 let tile = &tiles[t][b];
                 let d = _mm256_load_ps(tile.d.as_ptr());
                 let dmin = _mm256_load_ps(tile.dmin.as_ptr());
                 for i in 0..R {
-                    let bs = &acts[i][b].bsums;
                     let mut mins = _mm256_setzero_si256();
-                    for sub in 0..8 {
-                        let pair = bs[2 * sub] as i32 + bs[2 * sub + 1] as i32;
-                        let mn = _mm256_load_si256(tile.mins[sub].as_ptr() as *const __m256i);
-                        mins =
-                            _mm256_add_epi32(mins, _mm256_mullo_epi32(mn, _mm256_set1_epi32(pair)));
+                    for (k, &pair) in sums[i].iter().enumerate() {
+                        let mn = _mm256_load_si256(tile.mins[k].as_ptr() as *const __m256i);
+                        let pair = _mm256_set1_epi32(pair);
+                        mins = if VNNI {
+                            _mm256_dpwssd_epi32(mins, mn, pair)
+                        } else {
+                            _mm256_add_epi32(mins, _mm256_madd_epi16(mn, pair))
+                        };
                     }
                     let yd = _mm256_set1_ps(acts[i][b].d);
                     accf[t][i] = _mm256_fmadd_ps(
@@ -999,12 +1056,66 @@ mod tests {
             let mat = QRows::new(Format::Q4K, rows, cols, &bytes).unwrap();
             let want = matvec(Isa::Scalar, &[mat], &x, m).remove(0);
             for isa in Isa::available() {
-                let got = matmul_q4k(isa, &mat, &x, m);
+                let got = matmul_q4k(isa, &mat, &x, m, &Epilogue::default());
                 assert_eq!(got.len(), want.len());
                 for (i, (g, e)) in got.iter().zip(&want).enumerate() {
                     assert!(
                         (g - e).abs() <= 1e-5 * (1.0 + e.abs()),
                         "{isa:?} {rows}x{cols} m={m} at {i}: {g} vs {e}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// The fused epilogue (bias, then `y * sigmoid(alpha y)`, then a residual) gives what the three
+    /// steps give one after the other on the reference product, on every path, with rows not a
+    /// multiple of a unit (the last unit's span is short) and activation rows not a multiple of 4.
+    #[test]
+    fn many_row_q4k_epilogue_matches_steps_on_every_path() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(6);
+        let (rows, cols, m) = (37, 2 * QK_K, 6);
+        let w = random(&mut rng, rows * cols, 0.5);
+        let x = random(&mut rng, m * cols, 2.0);
+        let bias = random(&mut rng, rows, 1.0);
+        let residual = random(&mut rng, m * rows, 3.0);
+        let (_, bytes) = quantized(&w, rows, cols, GgmlDType::Q4K);
+        let mat = QRows::new(Format::Q4K, rows, cols, &bytes).unwrap();
+        let plain = matvec(Isa::Scalar, &[mat], &x, m).remove(0);
+        let post = Epilogue {
+            bias: Some(&bias),
+            gate_alpha: Some(1.702),
+            residual: Some(&residual),
+        };
+        for isa in Isa::available() {
+            let got = matmul_q4k(isa, &mat, &x, m, &post);
+            for (i, g) in got.iter().enumerate() {
+                let y = (plain[i] + bias[i % rows]) as f64;
+                let want = y / (1.0 + (-1.702 * y).exp()) + residual[i] as f64;
+                assert!(
+                    (*g as f64 - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                    "{isa:?} at {i}: {g} vs {want}"
+                );
+            }
+            // Each step alone, too: a bias or a residual that went to the wrong column fails here.
+            for post in [
+                Epilogue {
+                    bias: Some(&bias),
+                    ..Default::default()
+                },
+                Epilogue {
+                    residual: Some(&residual),
+                    ..Default::default()
+                },
+            ] {
+                let got = matmul_q4k(isa, &mat, &x, m, &post);
+                for (i, g) in got.iter().enumerate() {
+                    let add = post.bias.map_or(0.0, |b| b[i % rows])
+                        + post.residual.map_or(0.0, |r| r[i]);
+                    let want = plain[i] + add;
+                    assert!(
+                        (g - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                        "{isa:?} at {i}"
                     );
                 }
             }

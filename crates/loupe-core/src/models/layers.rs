@@ -43,7 +43,7 @@ impl Matrix {
 
     /// `x W^T` for 2D `x`.
     fn matmul_t(&self, x: &Tensor) -> Result<Tensor> {
-        if let Some(mut y) = product_in_place(&[(self, None)], x)? {
+        if let Some(mut y) = product_in_place(&[(self, None)], x, After::default())? {
             return Ok(y.remove(0));
         }
         Ok(match self {
@@ -79,13 +79,25 @@ impl Matrix {
 /// weights are read once for all rows, so a few rows cost little more than one).
 const MATVEC_MAX_ROWS: usize = 4;
 
-/// `x W^T (+ b)` for every matrix and bias of `ms` (all `(out_i, in)`) in our kernels, or `None`
-/// (then candle computes them). Needs a CPU with our SIMD path and every matrix block-quantized in
-/// a format the kernels read: at most [`MATVEC_MAX_ROWS`] rows of `x` go to the matrix-vector
+/// What a product in our kernels applies to its outputs after its bias, as it stores them: a
+/// sigmoid-gated activation (`Activation::gate_alpha`), then a residual of the output's shape.
+#[derive(Debug, Clone, Copy, Default)]
+struct After<'a> {
+    gate_alpha: Option<f32>,
+    residual: Option<&'a Tensor>,
+}
+
+/// `after(x W^T (+ b))` for every matrix and bias of `ms` (all `(out_i, in)`) in our kernels, or
+/// `None` (then candle computes them). Needs a CPU with our SIMD path and every matrix block-quantized
+/// in a format the kernels read: at most [`MATVEC_MAX_ROWS`] rows of `x` go to the matrix-vector
 /// kernel (Q4_K, Q6_K; `x` quantized once for all matrices), more rows to the many-row kernel (Q4_K
-/// only).
-fn product_in_place(ms: &[(&Matrix, Option<&Tensor>)], x: &Tensor) -> Result<Option<Vec<Tensor>>> {
-    use crate::kernels::qmatmul::{matmul_q4k, matvec, Format, QRows};
+/// only), which applies bias and `after` while it stores each value. A residual needs one matrix.
+fn product_in_place(
+    ms: &[(&Matrix, Option<&Tensor>)],
+    x: &Tensor,
+    after: After,
+) -> Result<Option<Vec<Tensor>>> {
+    use crate::kernels::qmatmul::{matmul_q4k, matvec, Epilogue, Format, QRows};
     use crate::kernels::Isa;
     let isa = Isa::detect();
     let (m, k) = x.dims2()?;
@@ -112,29 +124,67 @@ fn product_in_place(ms: &[(&Matrix, Option<&Tensor>)], x: &Tensor) -> Result<Opt
     else {
         return Ok(None);
     };
-    let outs = with_f32_values(x, |xv| {
-        if m <= MATVEC_MAX_ROWS {
-            matvec(isa, &mats, xv, m)
-        } else {
-            mats.iter().map(|q| matmul_q4k(isa, q, xv, m)).collect()
+    if let Some(r) = after.residual {
+        if mats.len() != 1 || r.elem_count() != m * mats[0].rows() {
+            return Err(candle_core::Error::Msg(format!(
+                "residual of {} values for a product of {} matrices of {m} rows",
+                r.elem_count(),
+                mats.len()
+            ))
+            .into());
         }
-    })?;
+    }
+    let biases = ms
+        .iter()
+        .map(|(_, b)| {
+            b.map(|b| b.to_dtype(DType::F32)?.to_vec1::<f32>())
+                .transpose()
+        })
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let outs = with_f32_values(x, |xv| {
+        with_optional_f32_values(after.residual, |residual| {
+            let posts: Vec<Epilogue> = biases
+                .iter()
+                .map(|bias| Epilogue {
+                    bias: bias.as_deref(),
+                    gate_alpha: after.gate_alpha,
+                    residual,
+                })
+                .collect();
+            if m <= MATVEC_MAX_ROWS {
+                let mut outs = matvec(isa, &mats, xv, m);
+                for ((y, q), post) in outs.iter_mut().zip(&mats).zip(&posts) {
+                    let cols = q.rows();
+                    for (r, row) in y.chunks_exact_mut(cols.max(1)).enumerate() {
+                        post.apply(isa, row, r, 0, cols);
+                    }
+                }
+                outs
+            } else {
+                mats.iter()
+                    .zip(&posts)
+                    .map(|(q, post)| matmul_q4k(isa, q, xv, m, post))
+                    .collect()
+            }
+        })
+    })??;
     let outs = outs
         .into_iter()
         .zip(&mats)
-        .zip(ms)
-        .map(|((mut y, q), (_, bias))| {
-            if let Some(b) = bias {
-                // The bias added in place: no second pass allocating the output again.
-                with_f32_values(b, |b| {
-                    y.chunks_exact_mut(b.len())
-                        .for_each(|row| row.iter_mut().zip(b).for_each(|(y, b)| *y += b))
-                })?;
-            }
-            Ok(Tensor::from_vec(y, (m, q.rows()), x.device())?.to_dtype(x.dtype())?)
-        })
+        .map(|(y, q)| Ok(Tensor::from_vec(y, (m, q.rows()), x.device())?.to_dtype(x.dtype())?))
         .collect::<Result<Vec<_>>>()?;
     Ok(Some(outs))
+}
+
+/// [`with_f32_values`] of a tensor that may be absent.
+fn with_optional_f32_values<T>(
+    x: Option<&Tensor>,
+    f: impl FnOnce(Option<&[f32]>) -> T,
+) -> Result<T> {
+    match x {
+        Some(x) => with_f32_values(x, |v| f(Some(v))),
+        None => Ok(f(None)),
+    }
 }
 
 /// `f` of `x`'s values as one f32 slice: read in place when `x` is a contiguous f32 CPU tensor (no
@@ -222,6 +272,37 @@ impl Linear {
         Ok(Self::forward_many(&[self], x)?.remove(0))
     }
 
+    /// `act(x W^T + b) + residual` (`residual` of the output's shape): in our many-row kernel, the
+    /// activation (when sigmoid-gated) and the residual are applied as each value is stored, so the
+    /// output is written once; elsewhere, one step after the other with the same operations.
+    pub fn forward_then(
+        &self,
+        x: &Tensor,
+        act: Option<Activation>,
+        residual: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let gate_alpha = act.and_then(Activation::gate_alpha);
+        if act.is_none() || gate_alpha.is_some() {
+            let (x2, dims) = Self::rows_of(x)?;
+            let after = After {
+                gate_alpha,
+                residual,
+            };
+            let ms = [(&self.weight, self.bias.as_ref())];
+            if let Some(mut ys) = product_in_place(&ms, &x2, after)? {
+                return self.shape_out(ys.remove(0), &dims);
+            }
+        }
+        let mut y = self.forward(x)?;
+        if let Some(act) = act {
+            y = act.forward(&y)?;
+        }
+        if let Some(r) = residual {
+            y = (y + r)?;
+        }
+        Ok(y)
+    }
+
     /// The forward of several projections of the same input (q/k/v, gate/up): in our kernels when
     /// all of them can be (at decode, one quantization of `x` and one parallel region for all).
     pub fn forward_many(layers: &[&Linear], x: &Tensor) -> Result<Vec<Tensor>> {
@@ -230,7 +311,7 @@ impl Linear {
             .iter()
             .map(|l| (&l.weight, l.bias.as_ref()))
             .collect();
-        match product_in_place(&weights, &x2)? {
+        match product_in_place(&weights, &x2, After::default())? {
             Some(ys) => layers
                 .iter()
                 .zip(ys)
@@ -310,6 +391,9 @@ impl RmsNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(y) = norm_in_place(x, &self.weight, None, self.eps)? {
+            return Ok(y);
+        }
         Ok(candle_nn::ops::rms_norm(
             &x.contiguous()?,
             &self.weight,
@@ -335,6 +419,9 @@ impl LayerNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(y) = norm_in_place(x, &self.weight, Some(&self.bias), self.eps)? {
+            return Ok(y);
+        }
         Ok(candle_nn::ops::layer_norm(
             &x.contiguous()?,
             &self.weight,
@@ -342,6 +429,38 @@ impl LayerNorm {
             self.eps,
         )?)
     }
+}
+
+/// Layer norm (with `bias`) or RMSNorm over the last dim of an f32 CPU tensor in our kernel
+/// (`kernels::norm`: on candle's pool, not rayon's), or `None` where it does not run (then candle's).
+fn norm_in_place(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    eps: f32,
+) -> Result<Option<Tensor>> {
+    use crate::kernels::norm::{norm_rows, Norm};
+    use crate::kernels::Isa;
+    let isa = Isa::detect();
+    let dim = weight.elem_count();
+    let fits = x.dims().last() == Some(&dim) && bias.is_none_or(|b| b.elem_count() == dim);
+    if isa == Isa::Scalar || !fits || x.dtype() != DType::F32 || !x.device().is_cpu() {
+        return Ok(None);
+    }
+    let x = x.contiguous()?;
+    let mut out = vec![0f32; x.elem_count()];
+    with_f32_values(&x, |xv| {
+        with_f32_values(weight, |weight| {
+            with_optional_f32_values(bias, |bias| {
+                let norm = match bias {
+                    Some(bias) => Norm::Layer { weight, bias },
+                    None => Norm::Rms { weight },
+                };
+                norm_rows(isa, xv, norm, eps, &mut out)
+            })
+        })
+    })???;
+    Ok(Some(Tensor::from_vec(out, x.dims(), x.device())?))
 }
 
 /// Activations by their transformers name (`hidden_act`).
@@ -384,14 +503,22 @@ impl Activation {
         }
     }
 
+    /// `alpha` when the activation is `x * sigmoid(alpha x)` (SiLU, quick GELU): the ones our
+    /// kernels run (in one pass, or in a product's epilogue).
+    pub fn gate_alpha(self) -> Option<f32> {
+        match self {
+            Activation::Silu => Some(1.0),
+            Activation::QuickGelu => Some(1.702),
+            Activation::Gelu | Activation::GeluTanh => None,
+        }
+    }
+
     /// SiLU and quick GELU (`x * sigmoid(alpha x)`), times `up` when given, in our one-pass kernel
     /// when the operands are f32 on the CPU and the CPU has our SIMD path; else `None`.
     fn gated_in_one_pass(self, x: &Tensor, up: Option<&Tensor>) -> Result<Option<Tensor>> {
         use crate::kernels::{activation::sigmoid_gated, Isa};
-        let alpha = match self {
-            Activation::Silu => 1.0,
-            Activation::QuickGelu => 1.702,
-            Activation::Gelu | Activation::GeluTanh => return Ok(None),
+        let Some(alpha) = self.gate_alpha() else {
+            return Ok(None);
         };
         let isa = Isa::detect();
         let fits = |t: &Tensor| t.dtype() == DType::F32 && t.device().is_cpu();
@@ -438,10 +565,16 @@ impl GatedMlp {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_then(x, None)
+    }
+
+    /// `residual + forward(x)`, the residual added as `down` stores its output.
+    pub fn forward_then(&self, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
         let [g, u]: [Tensor; 2] = Linear::forward_many(&[&self.gate, &self.up], x)?
             .try_into()
             .map_err(|_| candle_core::Error::Msg("gate/up: two outputs expected".into()))?;
-        self.down.forward(&self.act.forward_times(&g, &u)?)
+        self.down
+            .forward_then(&self.act.forward_times(&g, &u)?, None, residual)
     }
 }
 
@@ -737,7 +870,8 @@ pub fn vision_rotary(
 }
 
 /// A ViT block's self-attention over `h` `(patches, dim)`: fused `qkv` projection, 2D rotary, attention
-/// within each run of `segments` (consecutive patch counts: one per image frame, or per window), `proj`.
+/// within each run of `segments` (consecutive patch counts: one per image frame, or per window), `proj`;
+/// returned added to `residual` (the block's input), which the projection adds as it stores.
 #[allow(clippy::too_many_arguments)]
 pub fn vision_attention(
     h: &Tensor,
@@ -748,7 +882,9 @@ pub fn vision_attention(
     cos: &Tensor,
     sin: &Tensor,
     segments: &[usize],
+    residual: &Tensor,
 ) -> Result<Tensor> {
+    let proj = |attn: &Tensor| proj.forward_then(attn, None, Some(residual));
     let n = h.dim(0)?;
     // With quantized projections, q, k and v already carry errors far above bf16's rounding, so the
     // attention products may run on bf16 operands where the CPU has fast ones.
@@ -762,7 +898,7 @@ pub fn vision_attention(
     if products == Products::Bf16 {
         let rope = (cos, sin);
         if let Some(attn) = fused_bf16_attention(&qkv, rope, heads, head_dim, segments, scale)? {
-            return proj.forward(&attn);
+            return proj(&attn);
         }
     }
     let qkv = qkv
@@ -772,7 +908,7 @@ pub fn vision_attention(
     let k = rope(&qkv.get(1)?.unsqueeze(0)?, cos, sin)?;
     let v = qkv.get(2)?.unsqueeze(0)?.contiguous()?;
     if let Some(attn) = segment_attention_in_place(&q, &k, &v, scale, segments, products)? {
-        return proj.forward(&attn);
+        return proj(&attn);
     }
     let mut outs = Vec::with_capacity(segments.len());
     let mut start = 0;
@@ -790,7 +926,7 @@ pub fn vision_attention(
         .squeeze(0)?
         .transpose(0, 1)?
         .reshape((n, heads * head_dim))?;
-    proj.forward(&attn)
+    proj(&attn)
 }
 
 /// Attention within `segments` straight from the fused projection's `(n, 3 * heads * dim)` f32
@@ -964,12 +1100,14 @@ mod tests {
         }
         // Q6_K has no many-row kernel of ours: candle multiplies it.
         let wide = Tensor::zeros((MATVEC_MAX_ROWS + 1, k), DType::F32, &dev).unwrap();
-        assert!(product_in_place(&[(&b.weight, None)], &wide)
-            .unwrap()
-            .is_none());
+        assert!(
+            product_in_place(&[(&b.weight, None)], &wide, After::default())
+                .unwrap()
+                .is_none()
+        );
         let has_simd = crate::kernels::Isa::detect() != crate::kernels::Isa::Scalar;
         assert_eq!(
-            product_in_place(&[(&a.weight, None)], &wide)
+            product_in_place(&[(&a.weight, None)], &wide, After::default())
                 .unwrap()
                 .is_some(),
             has_simd

@@ -144,7 +144,7 @@ impl VisionEncoder for VisionTower {
                 &windows
             };
             let h = blk.norm1.forward(&x)?;
-            let attn = vision_attention(
+            let after_attn = vision_attention(
                 &h,
                 &blk.qkv,
                 &blk.proj,
@@ -153,9 +153,11 @@ impl VisionEncoder for VisionTower {
                 &cos,
                 &sin,
                 segments,
+                &x,
             )?;
-            x = (x + attn)?;
-            x = (&x + blk.mlp.forward(&blk.norm2.forward(&x)?)?)?;
+            x = blk
+                .mlp
+                .forward_then(&blk.norm2.forward(&after_attn)?, Some(&after_attn))?;
             taps.record("vision.block", Some(i), &x);
         }
         let (n, e) = x.dims2()?;

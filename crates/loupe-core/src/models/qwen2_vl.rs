@@ -159,7 +159,7 @@ impl VisionEncoder for VisionTower {
         let segments = frame_lengths(grids);
         for (i, blk) in self.blocks.iter().enumerate() {
             let h = blk.norm1.forward(&x)?;
-            let attn = vision_attention(
+            let after_attn = vision_attention(
                 &h,
                 &blk.qkv,
                 &blk.proj,
@@ -168,11 +168,11 @@ impl VisionEncoder for VisionTower {
                 &cos,
                 &sin,
                 &segments,
+                &x,
             )?;
-            x = (x + attn)?;
-            let h = blk.norm2.forward(&x)?;
-            let h = blk.fc2.forward(&self.act.forward(&blk.fc1.forward(&h)?)?)?;
-            x = (x + h)?;
+            let h = blk.norm2.forward(&after_attn)?;
+            let h = blk.fc1.forward_then(&h, Some(self.act), None)?;
+            x = blk.fc2.forward_then(&h, None, Some(&after_attn))?;
             taps.record("vision.block", Some(i), &x);
         }
         let m2 = self.merge * self.merge;
@@ -407,9 +407,9 @@ impl Qwen2Vl {
             let attn = attention(&q, &k, &v, scale, true)?
                 .transpose(1, 2)?
                 .reshape((b, seq, t.num_attention_heads * hd))?;
-            x = (x + layer.o_proj.forward(&attn)?)?;
+            x = layer.o_proj.forward_then(&attn, None, Some(&x))?;
             let h = layer.post_attention_layernorm.forward(&x)?;
-            x = (&x + layer.mlp.forward(&h)?)?;
+            x = layer.mlp.forward_then(&h, Some(&x))?;
             if i < deepstack {
                 x = (x + embeds.narrow(2, (i + 1) * dim, dim)?)?;
             }

@@ -338,7 +338,7 @@ impl Qwen35 {
             };
             x = (x + mixed)?;
             let h = layer.post_attention_layernorm.forward(&x)?;
-            x = (&x + layer.mlp.forward(&h)?)?;
+            x = layer.mlp.forward_then(&h, Some(&x))?;
             self.taps.record("text.layer", Some(i), &x);
         }
         let x = if all_logits {

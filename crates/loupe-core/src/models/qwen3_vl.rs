@@ -189,7 +189,7 @@ impl VisionEncoder for VisionTower {
         let mut levels = Vec::with_capacity(self.deepstack.len());
         for (i, blk) in self.blocks.iter().enumerate() {
             let h = blk.norm1.forward(&x)?;
-            let attn = vision_attention(
+            let after_attn = vision_attention(
                 &h,
                 &blk.qkv,
                 &blk.proj,
@@ -198,10 +198,11 @@ impl VisionEncoder for VisionTower {
                 &cos,
                 &sin,
                 &frames,
+                &x,
             )?;
-            x = (x + attn)?;
-            let h = blk.norm2.forward(&x)?;
-            x = (&x + blk.fc2.forward(&self.act.forward(&blk.fc1.forward(&h)?)?)?)?;
+            let h = blk.norm2.forward(&after_attn)?;
+            let h = blk.fc1.forward_then(&h, Some(self.act), None)?;
+            x = blk.fc2.forward_then(&h, None, Some(&after_attn))?;
             taps.record("vision.block", Some(i), &x);
             for (block, merger) in &self.deepstack {
                 if *block == i {
