@@ -30,19 +30,25 @@ pub fn sigmoid_gated(isa: Isa, x: &[f32], alpha: f32, up: Option<&[f32]>, out: &
 /// `y[i] = y[i] * sigmoid(alpha * y[i])` on the calling thread: the epilogue of a product, on the
 /// few values of one output row it is storing (`kernels::qmatmul::Epilogue`).
 pub fn sigmoid_gated_in_place(isa: Isa, alpha: f32, y: &mut [f32]) {
-    let mut x = [0f32; 64];
-    for part in y.chunks_mut(x.len()) {
-        let x = &mut x[..part.len()];
-        x.copy_from_slice(part);
-        chunk(isa, x, alpha, None, part);
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as in `chunk`; the kernel reads each vector of `y` before it writes it back.
+        Isa::Avx2 | Isa::Avx512 => unsafe {
+            avx2::sigmoid_gated(y.as_ptr(), alpha, None, y.as_mut_ptr(), y.len())
+        },
+        _ => y.iter_mut().for_each(|v| *v = scalar_one(*v, alpha, 1.0)),
     }
 }
 
 fn chunk(isa: Isa, x: &[f32], alpha: f32, up: Option<&[f32]>, out: &mut [f32]) {
     match isa {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `Isa::Avx2` and `Isa::Avx512` are only handed out when the CPU has AVX2 and FMA.
-        Isa::Avx2 | Isa::Avx512 => unsafe { avx2::sigmoid_gated(x, alpha, up, out) },
+        // SAFETY: `Isa::Avx2` and `Isa::Avx512` are only handed out when the CPU has AVX2 and FMA;
+        // `up` and `out` are as long as `x` (asserted by the callers).
+        Isa::Avx2 | Isa::Avx512 => unsafe {
+            let up = up.map(|u| u.as_ptr());
+            avx2::sigmoid_gated(x.as_ptr(), alpha, up, out.as_mut_ptr(), x.len())
+        },
         _ => scalar(x, alpha, up, out),
     }
 }
@@ -50,8 +56,12 @@ fn chunk(isa: Isa, x: &[f32], alpha: f32, up: Option<&[f32]>, out: &mut [f32]) {
 /// The reference, one value at a time with the standard library's exp.
 fn scalar(x: &[f32], alpha: f32, up: Option<&[f32]>, out: &mut [f32]) {
     for (i, (o, &v)) in out.iter_mut().zip(x).enumerate() {
-        *o = v / (1.0 + (-alpha * v).exp()) * up.map_or(1.0, |u| u[i]);
+        *o = scalar_one(v, alpha, up.map_or(1.0, |u| u[i]));
     }
+}
+
+fn scalar_one(v: f32, alpha: f32, up: f32) -> f32 {
+    v / (1.0 + (-alpha * v).exp()) * up
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -60,19 +70,25 @@ mod avx2 {
 
     use crate::kernels::x86::exp;
 
+    /// `out[i] = x[i] * sigmoid(alpha * x[i]) * up[i]` for `i < n`; `out` may be `x` (each vector
+    /// is read before it is written). The caller guarantees `n` values behind every pointer.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn sigmoid_gated(x: &[f32], alpha: f32, up: Option<&[f32]>, out: &mut [f32]) {
-        let n = x.len();
+    pub unsafe fn sigmoid_gated(
+        x: *const f32,
+        alpha: f32,
+        up: Option<*const f32>,
+        out: *mut f32,
+        n: usize,
+    ) {
         let (minus_alpha, one) = (_mm256_set1_ps(-alpha), _mm256_set1_ps(1.0));
+        let gate = |v: __m256, u: Option<__m256>| {
+            let y = _mm256_div_ps(v, _mm256_add_ps(one, exp(_mm256_mul_ps(minus_alpha, v))));
+            u.map_or(y, |u| _mm256_mul_ps(y, u))
+        };
         let mut i = 0;
         while i + 8 <= n {
-            let v = _mm256_loadu_ps(x.as_ptr().add(i));
-            let e = exp(_mm256_mul_ps(minus_alpha, v));
-            let mut y = _mm256_div_ps(v, _mm256_add_ps(one, e));
-            if let Some(u) = up {
-                y = _mm256_mul_ps(y, _mm256_loadu_ps(u.as_ptr().add(i)));
-            }
-            _mm256_storeu_ps(out.as_mut_ptr().add(i), y);
+            let u = up.map(|u| _mm256_loadu_ps(u.add(i)));
+            _mm256_storeu_ps(out.add(i), gate(_mm256_loadu_ps(x.add(i)), u));
             i += 8;
         }
         if i < n {
@@ -80,12 +96,13 @@ mod avx2 {
             // value's result does not depend on where the span it comes in ends.
             let rest = n - i;
             let (mut xs, mut us, mut ys) = ([0f32; 8], [1f32; 8], [0f32; 8]);
-            xs[..rest].copy_from_slice(&x[i..]);
+            std::ptr::copy_nonoverlapping(x.add(i), xs.as_mut_ptr(), rest);
             if let Some(u) = up {
-                us[..rest].copy_from_slice(&u[i..]);
+                std::ptr::copy_nonoverlapping(u.add(i), us.as_mut_ptr(), rest);
             }
-            sigmoid_gated(&xs, alpha, up.map(|_| &us[..]), &mut ys);
-            out[i..].copy_from_slice(&ys[..rest]);
+            let u = up.map(|_| _mm256_loadu_ps(us.as_ptr()));
+            _mm256_storeu_ps(ys.as_mut_ptr(), gate(_mm256_loadu_ps(xs.as_ptr()), u));
+            std::ptr::copy_nonoverlapping(ys.as_ptr(), out.add(i), rest);
         }
     }
 }

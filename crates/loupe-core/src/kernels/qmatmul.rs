@@ -480,8 +480,15 @@ mod tiles {
                     }
                     post.apply(isa, &mut flat[..n], r, r0, rows);
                     let dst = (out_ptr as *mut f32).wrapping_add(r * rows + r0);
-                    // SAFETY: rows r0..r0+n of activation row r belong to this unit alone.
-                    unsafe { std::ptr::copy_nonoverlapping(flat.as_ptr(), dst, n) };
+                    // SAFETY: rows r0..r0+n of activation row r belong to this unit alone. A whole
+                    // unit is stored with a constant length (vector moves, not a memcpy call).
+                    unsafe {
+                        if n == T * TILE_ROWS {
+                            std::ptr::write_unaligned(dst as *mut [f32; T * TILE_ROWS], flat)
+                        } else {
+                            std::ptr::copy_nonoverlapping(flat.as_ptr(), dst, n)
+                        }
+                    };
                 };
                 let mut r = 0;
                 while r + MR <= m {
