@@ -293,6 +293,14 @@ impl Epilogue<'_> {
         }
     }
 
+    /// [`Self::apply`] to every row of `out` (rows of `cols` values): for the products that store
+    /// their output first (matrix-vector, the non-x86 fallback).
+    pub fn apply_rows(&self, isa: Isa, out: &mut [f32], cols: usize) {
+        for (r, row) in out.chunks_exact_mut(cols.max(1)).enumerate() {
+            self.apply(isa, row, r, 0, cols);
+        }
+    }
+
     fn check(&self, m: usize, cols: usize) {
         assert!(self.bias.is_none_or(|b| b.len() == cols));
         assert!(self.residual.is_none_or(|r| r.len() == m * cols));
@@ -310,9 +318,7 @@ pub fn matmul_q4k(isa: Isa, w: &QRows, x: &[f32], m: usize, post: &Epilogue) -> 
         return tiles::matmul_q4k(isa, w, x, m, post);
     }
     let mut out = matvec(isa, &[*w], x, m).remove(0);
-    for (r, row) in out.chunks_exact_mut(w.rows.max(1)).enumerate() {
-        post.apply(isa, row, r, 0, w.rows);
-    }
+    post.apply_rows(isa, &mut out, w.rows);
     out
 }
 

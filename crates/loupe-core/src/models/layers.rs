@@ -154,10 +154,7 @@ fn product_in_place(
             if m <= MATVEC_MAX_ROWS {
                 let mut outs = matvec(isa, &mats, xv, m);
                 for ((y, q), post) in outs.iter_mut().zip(&mats).zip(&posts) {
-                    let cols = q.rows();
-                    for (r, row) in y.chunks_exact_mut(cols.max(1)).enumerate() {
-                        post.apply(isa, row, r, 0, cols);
-                    }
+                    post.apply_rows(isa, y, q.rows());
                 }
                 outs
             } else {
