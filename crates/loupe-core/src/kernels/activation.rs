@@ -14,7 +14,7 @@ pub fn sigmoid_gated(isa: Isa, x: &[f32], alpha: f32, up: Option<&[f32]>, out: &
     let n = x.len();
     assert!(out.len() == n && up.is_none_or(|u| u.len() == n));
     let out_ptr = out.as_mut_ptr() as usize;
-    candle_core::utils::barrier_pool().execute_chunked(n.div_ceil(CHUNK), |range| {
+    super::pool::parallel_for(n.div_ceil(CHUNK), |range| {
         for c in range {
             let span = c * CHUNK..n.min((c + 1) * CHUNK);
             // SAFETY: chunk `c` of `out` is written by this iteration alone.

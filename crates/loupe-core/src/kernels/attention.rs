@@ -52,8 +52,8 @@ pub fn decode_attention(
     assert!(k.len() >= last && v.len() >= last);
     let mut out = vec![0f32; q.len()];
     let out_ptr = out.as_mut_ptr() as usize;
-    candle_core::utils::barrier_pool().execute_chunked(s.heads, |heads| {
-        let mut scores = vec![0f32; s.keys];
+    let scratch = || vec![0f32; s.keys];
+    super::pool::parallel_for_with(s.heads, scratch, |scores, heads| {
         for h in heads {
             let base = (h / group) * s.head_stride;
             for i in 0..s.rows {
@@ -125,7 +125,7 @@ pub fn segment_attention(
     let mut out = vec![0f32; n * heads * dim];
     let out_ptr = out.as_mut_ptr() as usize;
     let row_stride = heads * dim;
-    candle_core::utils::barrier_pool().execute_chunked(units.len(), |range| {
+    super::pool::parallel_for(units.len(), |range| {
         SCORES.with_borrow_mut(|buf| {
             for &(s0, len, h, t) in &units[range] {
                 let rows = TILE.min(len - t);

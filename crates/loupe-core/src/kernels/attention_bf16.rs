@@ -221,8 +221,7 @@ pub fn segment_attention(
         .collect();
     let mut packed: Vec<Packed> = (0..pairs.len()).map(|_| Packed::default()).collect();
     let packed_ptr = packed.as_mut_ptr() as usize;
-    let pool = candle_core::utils::barrier_pool();
-    pool.execute_chunked(pairs.len(), |range| {
+    super::pool::parallel_for(pairs.len(), |range| {
         for u in range {
             let (s, h) = pairs[u];
             let d = Dims::new(segments[s], dim);
@@ -238,7 +237,7 @@ pub fn segment_attention(
     let mut out = vec![0f32; n * heads * dim];
     let out_ptr = out.as_mut_ptr() as usize;
     let row_stride = heads * dim;
-    pool.execute_chunked(units.len(), |range| {
+    super::pool::parallel_for(units.len(), |range| {
         SCRATCH.with_borrow_mut(|scratch| {
             for &(u, t) in &units[range] {
                 let (s, h) = pairs[u];

@@ -8,6 +8,7 @@ pub mod activation;
 pub mod attention;
 pub mod attention_bf16;
 pub mod norm;
+pub mod pool;
 pub mod qmatmul;
 
 /// The instruction set a kernel runs with on this CPU.

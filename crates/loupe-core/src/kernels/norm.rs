@@ -47,7 +47,7 @@ pub fn norm_rows(isa: Isa, x: &[f32], norm: Norm, eps: f32, out: &mut [f32]) {
         // Decode: one row; not worth waking the pool.
         return run(0..rows);
     }
-    candle_core::utils::barrier_pool().execute_chunked(rows.div_ceil(ROWS), |units| {
+    super::pool::parallel_for(rows.div_ceil(ROWS), |units| {
         for u in units {
             run(u * ROWS..rows.min((u + 1) * ROWS));
         }

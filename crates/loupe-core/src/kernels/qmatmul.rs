@@ -211,7 +211,7 @@ fn quantize_rows(isa: Isa, x: &[f32], m: usize) -> Vec<BlockQ8K> {
     let kb = k / QK_K;
     let mut out = vec![BlockQ8K::ZERO; m * kb];
     let ptr = out.as_mut_ptr() as usize;
-    candle_core::utils::barrier_pool().execute_chunked(m, |rows| {
+    super::pool::parallel_for(m, |rows| {
         for r in rows {
             // SAFETY: row r's blocks are written by this iteration alone, inside `out`.
             let dst =
@@ -243,7 +243,7 @@ pub fn matvec(isa: Isa, ws: &[QRows], x: &[f32], m: usize) -> Vec<Vec<f32>> {
         total += w.rows.div_ceil(ROW_BLOCK);
     }
     let ptrs: Vec<usize> = outs.iter_mut().map(|o| o.as_mut_ptr() as usize).collect();
-    candle_core::utils::barrier_pool().execute_chunked(total, |units| {
+    super::pool::parallel_for(total, |units| {
         for unit in units {
             let i = starts.partition_point(|&s| s <= unit) - 1;
             let w = &ws[i];
@@ -469,8 +469,8 @@ mod tiles {
         let out_ptr = out.as_mut_ptr() as usize;
         let unit_rows = T * TILE_ROWS;
         let units = rows.div_ceil(unit_rows);
-        candle_core::utils::barrier_pool().execute_chunked(units, |range| {
-            let mut tiles = vec![EMPTY; T * kb];
+        let scratch = || vec![EMPTY; T * kb];
+        super::super::pool::parallel_for_with(units, scratch, |tiles, range| {
             for unit in range {
                 let r0 = unit * unit_rows;
                 let n = unit_rows.min(rows - r0);
