@@ -496,8 +496,31 @@ mod tiles {
                         }
                     };
                 };
+                // The store reads the residual and writes the output 24 values per row, a stripe
+                // across rows that are `rows` apart, where each read waits on memory: fetched
+                // while the kernel computes the rows they belong to.
+                let fetch = |r: usize| {
+                    let lines = |base: *const f32| {
+                        let (first, last) = (base.wrapping_add(r0), base.wrapping_add(r0 + n - 1));
+                        let mut at = first as usize & !63;
+                        while at <= last as usize {
+                            // SAFETY: a prefetch is a hint; it neither faults nor changes memory.
+                            unsafe {
+                                core::arch::x86_64::_mm_prefetch::<
+                                    { core::arch::x86_64::_MM_HINT_T0 },
+                                >(at as *const i8)
+                            };
+                            at += 64;
+                        }
+                    };
+                    if let Some(res) = post.residual {
+                        lines(res.as_ptr().wrapping_add(r * rows));
+                    }
+                    lines((out_ptr as *const f32).wrapping_add(r * rows));
+                };
                 let mut r = 0;
                 while r + MR <= m {
+                    (r..r + MR).for_each(fetch);
                     let mut acc = [[[0f32; TILE_ROWS]; MR]; T];
                     kernel_for(isa, parts, std::array::from_fn(|i| act(r + i)), &mut acc);
                     #[allow(clippy::needless_range_loop)] // `i` picks one row of every tile set
