@@ -174,13 +174,13 @@ pub fn quantize_q8k_with(isa: Isa, x: &[f32]) -> Vec<BlockQ8K> {
 fn quantize_q8k_into(isa: Isa, x: &[f32], out: &mut [BlockQ8K]) {
     for (xs, b) in x.chunks_exact(QK_K).zip(out) {
         *b = BlockQ8K::ZERO;
-        let (mut amax, mut max) = (0f32, 0f32);
-        for &v in xs {
-            if v.abs() > amax {
-                amax = v.abs();
-                max = v;
-            }
-        }
+        let max = match isa {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: the x86 SIMD paths are only handed out when the CPU has AVX2.
+            Isa::Avx2 | Isa::Avx512 => unsafe { avx2::first_largest(xs) },
+            _ => first_largest(xs),
+        };
+        let amax = max.abs();
         if amax == 0.0 {
             continue;
         }
@@ -200,6 +200,18 @@ fn quantize_q8k_into(isa: Isa, x: &[f32], out: &mut [BlockQ8K]) {
             }
         }
     }
+}
+
+/// The first value of `xs` whose magnitude is the largest (NaNs are passed over; 0 when none).
+fn first_largest(xs: &[f32]) -> f32 {
+    let (mut amax, mut max) = (0f32, 0f32);
+    for &v in xs {
+        if v.abs() > amax {
+            amax = v.abs();
+            max = v;
+        }
+    }
+    max
 }
 
 /// [`quantize_q8k`] of each of the `m` rows of `x`, rows spread over candle's thread pool.
@@ -812,6 +824,36 @@ mod avx2 {
         }
     }
 
+    /// [`super::first_largest`] of a block (256 values): the largest magnitude over 8 lanes, then
+    /// the first position holding it, found 8 values at a time.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn first_largest(xs: &[f32]) -> f32 {
+        debug_assert!(xs.len().is_multiple_of(8));
+        let abs = |v: __m256| _mm256_andnot_ps(_mm256_set1_ps(-0.0), v);
+        let mut m = _mm256_setzero_ps();
+        for c in xs.chunks_exact(8) {
+            // `max(v, m)` returns `m` where `v` is NaN: NaNs are passed over, as the reference does.
+            m = _mm256_max_ps(abs(_mm256_loadu_ps(c.as_ptr())), m);
+        }
+        let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+        if amax == 0.0 {
+            return 0.0;
+        }
+        let want = _mm256_set1_ps(amax);
+        for c in xs.chunks_exact(8) {
+            let hit = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_EQ_OQ>(
+                abs(_mm256_loadu_ps(c.as_ptr())),
+                want,
+            ));
+            if hit != 0 {
+                return c[hit.trailing_zeros() as usize];
+            }
+        }
+        0.0
+    }
+
     /// The 8 scales and 8 mins of a Q4_K block as bytes: `[scales 0..8, mins 0..8]` (the 6-bit
     /// fields of `scale_min_q4k`, unpacked four at a time in 32-bit words).
     #[inline(always)]
@@ -1065,7 +1107,12 @@ mod tests {
         x[QK_K + 2] = -3.5;
         x[QK_K + 3] = 0.5;
         x[2 * QK_K..].fill(0.0);
+        // Magnitude ties in the first block: the first of them sets the scale's sign.
+        let (top, at) = (2.0 * x[..QK_K].iter().fold(0f32, |a, v| a.max(v.abs())), 37);
+        x[at] = top;
+        x[at + 100] = -top;
         let want = quantize_q8k_with(Isa::Scalar, &x);
+        assert_eq!((want[0].qs[at], want[0].qs[at + 100]), (-127, 127));
         assert_eq!(&want[1].qs[..4], &[-127, 2, -4, 0]);
         assert_eq!(want[1].d, 1.0 / (-127.0 / -127.0));
         assert_eq!(want[1].bsums[0], -127 + 2 - 4);
