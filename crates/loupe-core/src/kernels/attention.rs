@@ -144,12 +144,14 @@ pub fn segment_attention(
                 // SAFETY: this unit alone writes output rows `s0 + t ..+ rows`, columns of head `h`;
                 // the last of them ends inside `out`.
                 let o = unsafe {
-                    std::slice::from_raw_parts_mut(
+                    super::StridedRows::new(
                         (out_ptr as *mut f32).add((s0 + t) * row_stride + h * dim),
-                        (rows - 1) * row_stride + dim,
+                        row_stride,
+                        dim,
+                        rows,
                     )
                 };
-                tile.run(isa, scale, &mut buf[..rows * len], o, row_stride);
+                tile.run(isa, scale, &mut buf[..rows * len], o);
             }
         })
     });
@@ -167,12 +169,13 @@ struct Tile<'a> {
 }
 
 impl Tile<'_> {
-    /// Writes output row `i` at `o[i * stride..][..dim]`; `scores` is `rows x keys` scratch.
-    fn run(&self, isa: Isa, scale: f32, scores: &mut [f32], o: &mut [f32], stride: usize) {
+    /// Writes output row `i` to `o.row(i)`; `scores` is `rows x keys` scratch.
+    fn run(&self, isa: Isa, scale: f32, scores: &mut [f32], mut o: super::StridedRows) {
+        let stride = o.stride();
         let (rows, keys, dim) = (self.rows, self.keys, self.dim);
         if isa == Isa::Scalar {
             for i in 0..rows {
-                let oi = &mut o[i * stride..][..dim];
+                let oi = o.row(i);
                 oi.fill(0.0);
                 let kv = (self.k, self.v, dim);
                 attend_row(
@@ -242,7 +245,7 @@ impl Tile<'_> {
             );
         }
         for (i, sum) in sums[..rows].iter().enumerate() {
-            o[i * stride..][..dim].iter_mut().for_each(|x| *x /= sum);
+            o.row(i).iter_mut().for_each(|x| *x /= sum);
         }
     }
 }

@@ -247,12 +247,14 @@ pub fn segment_attention(
                 // SAFETY: this unit alone writes output rows `start + t ..+ rows`, columns of head
                 // `h`; the last of them ends inside `out`.
                 let o = unsafe {
-                    std::slice::from_raw_parts_mut(
+                    super::StridedRows::new(
                         (out_ptr as *mut f32).add((starts[s] + t) * row_stride + h * dim),
-                        (rows - 1) * row_stride + dim,
+                        row_stride,
+                        dim,
+                        rows,
                     )
                 };
-                tile(kv, d, t..t + rows, scratch, (o, row_stride));
+                tile(kv, d, t..t + rows, scratch, o);
             }
         })
     });
@@ -266,7 +268,7 @@ fn tile(
     d: Dims,
     span: std::ops::Range<usize>,
     (scores, ps, os): &mut (Vec<f32>, Vec<u16>, Vec<f32>),
-    (o, stride): (&mut [f32], usize),
+    mut o: super::StridedRows,
 ) {
     let rows = span.len();
     // Padded query rows (zero, inside the packed queries) run through the kernels too; their
@@ -303,7 +305,7 @@ fn tile(
     };
     for i in 0..rows {
         let inv = 1.0 / sums[i];
-        for (x, &y) in o[i * stride..][..d.dim].iter_mut().zip(&os[i * d.dpad..]) {
+        for (x, &y) in o.row(i).iter_mut().zip(&os[i * d.dpad..]) {
             *x = y * inv;
         }
     }

@@ -11,6 +11,47 @@ pub mod norm;
 pub mod pool;
 pub mod qmatmul;
 
+/// The rows of `dim` values, `stride` apart, that one piece of parallel work writes inside a larger
+/// output whose other columns other pieces write at the same time (an attention head's columns of
+/// the output rows). Held as a raw pointer, not a slice: a slice over the whole span would also cover
+/// the other pieces' columns, and two threads may not hold `&mut` to the same memory.
+pub(crate) struct StridedRows {
+    ptr: *mut f32,
+    stride: usize,
+    dim: usize,
+    rows: usize,
+}
+
+impl StridedRows {
+    /// # Safety
+    /// Rows `0..rows` of `dim` values at `ptr + i * stride` lie inside one allocation, and nothing
+    /// else reads or writes them while this value lives.
+    pub(crate) unsafe fn new(ptr: *mut f32, stride: usize, dim: usize, rows: usize) -> Self {
+        StridedRows {
+            ptr,
+            stride,
+            dim,
+            rows,
+        }
+    }
+
+    /// Row `i`, for as long as `self` is borrowed.
+    pub(crate) fn row(&mut self, i: usize) -> &mut [f32] {
+        assert!(i < self.rows);
+        // SAFETY: `new`'s contract; `i` is one of the rows.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(i * self.stride), self.dim) }
+    }
+
+    /// The first row's start, for products that write rows `stride()` apart themselves.
+    pub(crate) fn as_mut_ptr(&mut self) -> *mut f32 {
+        self.ptr
+    }
+
+    pub(crate) fn stride(&self) -> usize {
+        self.stride
+    }
+}
+
 /// The instruction set a kernel runs with on this CPU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Isa {
