@@ -122,5 +122,42 @@ fn many_rows(dev: &Device, isa: Isa) -> candle_core::Result<()> {
             c / l
         );
     }
+    if isa == Isa::Avx512 {
+        requantization_error(dev)?;
+    }
+    Ok(())
+}
+
+/// What the 8-bit tiles (VNNI, from `REQUANT_ROWS` activation rows on) add to Q4_K's own error: the
+/// relative RMS error against the f32 product of the Q4_K tiles (the AVX2 kernel, exact Q4_K sums)
+/// and of the 8-bit tiles, on the tower's qkv shape.
+fn requantization_error(dev: &Device) -> candle_core::Result<()> {
+    let (m, k, n) = (1024, 1280, 3840);
+    let w = Tensor::randn(0f32, 0.02, (n, k), dev)?;
+    let x = Tensor::randn(0f32, 1.0, (m, k), dev)?;
+    let exact = x.matmul(&w.t()?)?.flatten_all()?.to_vec1::<f32>()?;
+    let q = QTensor::quantize(&w, GgmlDType::Q4K)?;
+    let bytes = q.data()?.into_owned();
+    let mat = QRows::new(Format::Q4K, n, k, &bytes).expect("layout");
+    let xv = x.flatten_all()?.to_vec1::<f32>()?;
+    let norm = exact
+        .iter()
+        .map(|v| (*v as f64).powi(2))
+        .sum::<f64>()
+        .sqrt();
+    let error = |got: &[f32]| {
+        let d: f64 = got
+            .iter()
+            .zip(&exact)
+            .map(|(g, e)| (*g as f64 - *e as f64).powi(2))
+            .sum();
+        d.sqrt() / norm
+    };
+    let q4 = error(&matmul_q4k(Isa::Avx2, &mat, &xv, m, &Default::default()));
+    let q8 = error(&matmul_q4k(Isa::Avx512, &mat, &xv, m, &Default::default()));
+    println!();
+    println!(
+        "relative RMS error against f32, {m}x{k}x{n}: Q4_K tiles {q4:.5}, 8-bit tiles {q8:.5}"
+    );
     Ok(())
 }

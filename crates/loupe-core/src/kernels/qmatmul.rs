@@ -8,7 +8,10 @@
 //! - [`matmul_q4k`] (prefill, vision: many rows) unpacks 8 weight rows at a time into a small
 //!   buffer laid out for `maddubs` (8 rows x 4 values per register, the activations broadcast), and
 //!   keeps the products in 16-bit sums over a whole sub-block of 32 values before scaling them:
-//!   about 2 vector operations per 32 multiply-adds instead of 4.
+//!   about 2 vector operations per 32 multiply-adds instead of 4. On a VNNI CPU, from
+//!   `tiles::REQUANT_ROWS` activation rows on, the unpacked rows are re-quantized to 8 bits with one
+//!   scale per 256 values instead, so the inner loop is `vpdpbusd` alone (no scaling per sub-block
+//!   of 32); this adds 0.4% to Q4_K's own error (`docs/quantization.md`).
 //!
 //! `docs/benchmarks.md` has the measured gains.
 //!
@@ -473,7 +476,40 @@ mod tiles {
     /// Activation rows per kernel call (each weight register is used this many times).
     const MR: usize = 4;
 
+    /// From this many activation rows on, a VNNI CPU multiplies on 8-bit tiles ([`Q8`]). Their
+    /// re-quantization (about 1 cycle per weight) costs what 160-192 rows' products save: measured
+    /// on the decoder's and the tower's shapes, m = 8..384 (session 13, `docs/benchmarks.md`).
+    pub const REQUANT_ROWS: usize = 192;
+
     pub fn matmul_q4k(isa: Isa, w: &QRows, x: &[f32], m: usize, post: &Epilogue) -> Vec<f32> {
+        if isa == Isa::Avx512 && m >= REQUANT_ROWS {
+            run::<Q8>(isa, w, x, m, post)
+        } else {
+            run::<Q4>(isa, w, x, m, post)
+        }
+    }
+
+    /// [`matmul_q4k`] on the tiles of `requantize` ([`Q8`], VNNI only) or of the Q4_K codes.
+    #[cfg(test)]
+    pub fn matmul_q4k_on(
+        isa: Isa,
+        requantize: bool,
+        w: &QRows,
+        x: &[f32],
+        m: usize,
+        post: &Epilogue,
+    ) -> Vec<f32> {
+        if requantize {
+            assert_eq!(isa, Isa::Avx512);
+            run::<Q8>(isa, w, x, m, post)
+        } else {
+            run::<Q4>(isa, w, x, m, post)
+        }
+    }
+
+    /// The product on tiles of kind `K`: each unit of `T` tiles is unpacked once and meets every
+    /// activation row, `MR` rows per kernel call.
+    fn run<K: Kind>(isa: Isa, w: &QRows, x: &[f32], m: usize, post: &Epilogue) -> Vec<f32> {
         let (rows, kb) = (w.rows, w.cols / QK_K);
         let yq = quantize_rows(isa, x, m);
         // Not zeroed first: every value is written once below (all m rows of every unit's columns).
@@ -481,15 +517,15 @@ mod tiles {
         let out_ptr = out.as_mut_ptr() as usize;
         let unit_rows = T * TILE_ROWS;
         let units = rows.div_ceil(unit_rows);
-        let scratch = || vec![EMPTY; T * kb];
+        let scratch = || vec![K::EMPTY; T * kb];
         super::super::pool::parallel_for_with(units, scratch, |tiles, range| {
             for unit in range {
                 let r0 = unit * unit_rows;
                 let n = unit_rows.min(rows - r0);
                 for (t, part) in tiles.chunks_exact_mut(kb).enumerate() {
-                    pack(w, (r0 + t * TILE_ROWS).min(rows), part);
+                    K::pack(w, (r0 + t * TILE_ROWS).min(rows), part);
                 }
-                let parts: [&[Tile]; T] = std::array::from_fn(|t| &tiles[t * kb..(t + 1) * kb]);
+                let parts: [&[K::Tile]; T] = std::array::from_fn(|t| &tiles[t * kb..(t + 1) * kb]);
                 let act = |r: usize| &yq[r * kb..(r + 1) * kb];
                 let store = |r: usize, acc: &[[f32; TILE_ROWS]; T]| {
                     let mut flat = [0f32; T * TILE_ROWS];
@@ -534,7 +570,7 @@ mod tiles {
                 while r + MR <= m {
                     (r..r + MR).for_each(fetch);
                     let mut acc = [[[0f32; TILE_ROWS]; MR]; T];
-                    kernel_for(isa, parts, std::array::from_fn(|i| act(r + i)), &mut acc);
+                    K::kernel(isa, parts, std::array::from_fn(|i| act(r + i)), &mut acc);
                     #[allow(clippy::needless_range_loop)] // `i` picks one row of every tile set
                     for i in 0..MR {
                         store(r + i, &std::array::from_fn(|t| acc[t][i]));
@@ -543,7 +579,7 @@ mod tiles {
                 }
                 for r in r..m {
                     let mut acc = [[[0f32; TILE_ROWS]; 1]; T];
-                    kernel_for(isa, parts, [act(r)], &mut acc);
+                    K::kernel(isa, parts, [act(r)], &mut acc);
                     store(r, &std::array::from_fn(|t| acc[t][0]));
                 }
             }
@@ -551,6 +587,196 @@ mod tiles {
         // SAFETY: the units cover all `rows` columns of all `m` rows, each written above.
         unsafe { out.set_len(m * rows) };
         out
+    }
+
+    /// A layout of unpacked weight tiles and the kernel that multiplies on it.
+    trait Kind {
+        type Tile: Copy + Send;
+        const EMPTY: Self::Tile;
+        /// Unpacks rows `r0..r0 + 8` of `w` (rows past the end contribute zero) into `tiles`.
+        fn pack(w: &QRows, r0: usize, tiles: &mut [Self::Tile]);
+        /// `acc[t][i][rho] = acts[i] · row rho of tile set t`.
+        fn kernel<const R: usize>(
+            isa: Isa,
+            tiles: [&[Self::Tile]; T],
+            acts: [&[BlockQ8K]; R],
+            acc: &mut [[[f32; TILE_ROWS]; R]; T],
+        );
+    }
+
+    /// The Q4_K codes as they are, scaled per sub-block of 32 inside the kernel (any x86 path).
+    struct Q4;
+
+    impl Kind for Q4 {
+        type Tile = Tile;
+        const EMPTY: Tile = EMPTY;
+        fn pack(w: &QRows, r0: usize, tiles: &mut [Tile]) {
+            pack(w, r0, tiles)
+        }
+        fn kernel<const R: usize>(
+            isa: Isa,
+            tiles: [&[Tile]; T],
+            acts: [&[BlockQ8K]; R],
+            acc: &mut [[[f32; TILE_ROWS]; R]; T],
+        ) {
+            kernel_for(isa, tiles, acts, acc)
+        }
+    }
+
+    /// The weights re-quantized to 8 bits with one scale per superblock ([`scalar::requantize_q4k`]):
+    /// the kernel's inner loop is `vpdpbusd` alone, a block of 256 values into one 32-bit sum, with
+    /// no scaling per sub-block (a `vpmulld` and an add for every 8 `vpdpbusd` on [`Q4`]). The extra
+    /// rounding is far below Q4_K's own (8 bits against 4, `docs/quantization.md`).
+    struct Q8;
+
+    impl Kind for Q8 {
+        type Tile = Tile8;
+        const EMPTY: Tile8 = Tile8 {
+            codes: [0; QK_K * TILE_ROWS],
+            scale: [0.0; TILE_ROWS],
+        };
+        fn pack(w: &QRows, r0: usize, tiles: &mut [Tile8]) {
+            let n = TILE_ROWS.min(w.rows - r0);
+            if n < TILE_ROWS {
+                tiles.fill(Self::EMPTY);
+            }
+            for rho in 0..n {
+                for (blk, tile) in w.blocks::<BlockQ4K>(r0 + rho).iter().zip(tiles.iter_mut()) {
+                    // SAFETY: the 8-bit tiles run only where the CPU has AVX-512 (and so AVX2).
+                    unsafe { requantize_avx2(blk, rho, tile) };
+                }
+            }
+        }
+        fn kernel<const R: usize>(
+            _: Isa,
+            tiles: [&[Tile8]; T],
+            acts: [&[BlockQ8K]; R],
+            acc: &mut [[[f32; TILE_ROWS]; R]; T],
+        ) {
+            // SAFETY: `Q8` is only chosen for `Isa::Avx512`, handed out only on CPUs with VNNI.
+            unsafe { kernel8::<T, R>(tiles, acts, acc) }
+        }
+    }
+
+    /// One superblock (256 values) of 8 weight rows re-quantized to 8 bits, for [`kernel8`].
+    #[repr(C, align(32))]
+    #[derive(Clone, Copy)]
+    pub struct Tile8 {
+        /// `[step 64][row 8][4 values]`: each value's 8-bit code plus 128 (`vpdpbusd` wants the
+        /// unsigned operand here; the kernel takes `128 x` the activations' sum back off).
+        pub codes: [u8; QK_K * TILE_ROWS],
+        /// Each row's scale for this superblock.
+        pub scale: [f32; TILE_ROWS],
+    }
+
+    /// [`scalar::requantize_q4k`] of one block into row `rho` of `tile`, the same values, rounding
+    /// and scale.
+    #[target_feature(enable = "avx2")]
+    unsafe fn requantize_avx2(blk: &BlockQ4K, rho: usize, tile: &mut Tile8) {
+        use core::arch::x86_64::*;
+        let (d, dmin) = (
+            f16::from_bits(blk.d).to_f32(),
+            f16::from_bits(blk.dmin).to_f32(),
+        );
+        let mut v = [_mm256_setzero_ps(); 32];
+        let mut amax = _mm256_setzero_ps();
+        for sub in 0..8 {
+            let (sc, mn) = scalar::scale_min_q4k(&blk.scales, sub);
+            // As `scalar::dequantize_q4k`: (d sc) q - dmin mn, each product rounded.
+            let (vs, vm) = (
+                _mm256_set1_ps(d * sc as f32),
+                _mm256_set1_ps(dmin * mn as f32),
+            );
+            for k in 0..4 {
+                let at = blk.qs.as_ptr().add(32 * (sub / 2) + 8 * k);
+                let bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(at as *const __m128i));
+                let shift = _mm_cvtsi32_si128(4 * (sub % 2) as i32);
+                let code = _mm256_and_si256(_mm256_srl_epi32(bytes, shift), _mm256_set1_epi32(15));
+                let x = _mm256_sub_ps(_mm256_mul_ps(vs, _mm256_cvtepi32_ps(code)), vm);
+                amax = _mm256_max_ps(amax, _mm256_andnot_ps(_mm256_set1_ps(-0.0), x));
+                v[4 * sub + k] = x;
+            }
+        }
+        let mut lanes = [0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), amax);
+        let amax = lanes.iter().fold(0f32, |a, &x| a.max(x));
+        let codes = tile.codes.as_mut_ptr();
+        if amax == 0.0 {
+            for step in 0..QK_K / 4 {
+                std::ptr::write_unaligned(codes.add(step * 32 + rho * 4) as *mut u32, 0x8080_8080);
+            }
+            tile.scale[rho] = 0.0;
+            return;
+        }
+        let iscale = _mm256_set1_ps(127.0 / amax);
+        // The packs interleave 128-bit lanes: dwords of 4 codes come out as values 0, 8, 16, 24,
+        // 4, 12, 20, 28 (in fours); this puts them back in order.
+        let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+        for sub in 0..8 {
+            let q: [__m256i; 4] =
+                std::array::from_fn(|k| _mm256_cvtps_epi32(_mm256_mul_ps(v[4 * sub + k], iscale)));
+            let bytes = _mm256_packs_epi16(
+                _mm256_packs_epi32(q[0], q[1]),
+                _mm256_packs_epi32(q[2], q[3]),
+            );
+            let bytes = _mm256_xor_si256(
+                _mm256_permutevar8x32_epi32(bytes, order),
+                _mm256_set1_epi8(-128),
+            );
+            let mut words = [0u32; 8];
+            _mm256_storeu_si256(words.as_mut_ptr() as *mut __m256i, bytes);
+            for (k, word) in words.into_iter().enumerate() {
+                std::ptr::write_unaligned(
+                    codes.add((8 * sub + k) * 32 + rho * 4) as *mut u32,
+                    word,
+                );
+            }
+        }
+        tile.scale[rho] = amax / 127.0;
+    }
+
+    /// `acc[t][i][rho] = acts[i] · row rho of tile set t` on 8-bit tiles: per superblock, one 32-bit
+    /// sum per (tile, activation row) by `vpdpbusd` alone, then `128 x` the activations' sum off and
+    /// both scales on in one multiply-add.
+    #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn kernel8<const T: usize, const R: usize>(
+        tiles: [&[Tile8]; T],
+        acts: [&[BlockQ8K]; R],
+        acc: &mut [[[f32; TILE_ROWS]; R]; T],
+    ) {
+        use core::arch::x86_64::*;
+        let mut accf = [[_mm256_setzero_ps(); R]; T];
+        for b in 0..tiles[0].len() {
+            let mut isum = [[_mm256_setzero_si256(); R]; T];
+            for step in 0..QK_K / 4 {
+                let wv: [__m256i; T] = std::array::from_fn(|t| {
+                    _mm256_load_si256(tiles[t][b].codes.as_ptr().add(step * 32) as *const __m256i)
+                });
+                for i in 0..R {
+                    let a4 = _mm256_set1_epi32(std::ptr::read_unaligned(
+                        acts[i][b].qs.as_ptr().add(4 * step) as *const i32,
+                    ));
+                    for t in 0..T {
+                        isum[t][i] = _mm256_dpbusd_epi32(isum[t][i], wv[t], a4);
+                    }
+                }
+            }
+            for i in 0..R {
+                let sum: i32 = acts[i][b].bsums.iter().map(|&s| s as i32).sum();
+                let offset = _mm256_set1_epi32(-128 * sum);
+                let yd = _mm256_set1_ps(acts[i][b].d);
+                for t in 0..T {
+                    let scale = _mm256_mul_ps(_mm256_load_ps(tiles[t][b].scale.as_ptr()), yd);
+                    let exact = _mm256_add_epi32(isum[t][i], offset);
+                    accf[t][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(exact), scale, accf[t][i]);
+                }
+            }
+        }
+        for t in 0..T {
+            for i in 0..R {
+                _mm256_storeu_ps(acc[t][i].as_mut_ptr(), accf[t][i]);
+            }
+        }
     }
 
     /// [`kernel`] on the instruction set `isa` names.
@@ -739,6 +965,40 @@ pub mod scalar {
                 summ += scale_min_q4k(&b.scales, sub).1 as i32 * bsum;
             }
             sum += a.d * (h(b.d) * sumi as f32 - h(b.dmin) * summ as f32);
+        }
+        sum
+    }
+
+    /// Block `b` of a Q4_K row re-quantized to 8 bits with one scale (the many-row product's
+    /// tiles on VNNI CPUs): its values as [`dequantize_q4k`] gives them, times `127 / max |value|`,
+    /// rounded to nearest even; the scale is `max |value| / 127` (0 for an all-zero block).
+    pub fn requantize_q4k(b: &BlockQ4K) -> (f32, [i8; QK_K]) {
+        let mut v = [0f32; QK_K];
+        dequantize_q4k(std::slice::from_ref(b), &mut v);
+        let amax = v.iter().fold(0f32, |a, x| a.max(x.abs()));
+        let mut q = [0i8; QK_K];
+        if amax == 0.0 {
+            return (0.0, q);
+        }
+        let iscale = 127.0 / amax;
+        for (q, v) in q.iter_mut().zip(&v) {
+            *q = (v * iscale).round_ties_even() as i8;
+        }
+        (amax / 127.0, q)
+    }
+
+    /// `x · y` as the 8-bit tiles compute it: per block, the integer sum of the re-quantized weights
+    /// times the activations, then both scales in one fused multiply-add into the f32 sum.
+    pub fn dot_q4k_requantized(x: &[BlockQ4K], y: &[BlockQ8K]) -> f32 {
+        let mut sum = 0f32;
+        for (b, a) in x.iter().zip(y) {
+            let (scale, q) = requantize_q4k(b);
+            let isum: i32 = q
+                .iter()
+                .zip(&a.qs)
+                .map(|(&w, &a)| w as i32 * a as i32)
+                .sum();
+            sum = (isum as f32).mul_add(scale * a.d, sum);
         }
         sum
     }
@@ -1151,6 +1411,57 @@ mod tests {
         }
     }
 
+    /// The 8-bit tiles (VNNI) equal their scalar reference exactly (same integers, same fused
+    /// multiply-adds in the same order), and stay within the re-quantization's rounding of the Q4_K
+    /// product, on odd shapes; the re-quantization itself matches its reference on every block.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn requantized_tiles_match_their_reference() {
+        if !Isa::available().contains(&Isa::Avx512) {
+            return;
+        }
+        let mut rng = rand::rngs::StdRng::seed_from_u64(8);
+        for (rows, blocks, m) in [(8, 1, 4), (13, 2, 7), (3, 3, 5), (41, 1, 11), (25, 4, 1)] {
+            let cols = blocks * QK_K;
+            let mut w = random(&mut rng, rows * cols, 0.5);
+            // An all-zero block (scale 0) and a block of one value (every code at the extreme).
+            w[..QK_K].fill(0.0);
+            if rows > 1 {
+                w[cols..cols + QK_K].fill(-0.3);
+            }
+            let x = random(&mut rng, m * cols, 2.0);
+            let (_, bytes) = quantized(&w, rows, cols, GgmlDType::Q4K);
+            let mat = QRows::new(Format::Q4K, rows, cols, &bytes).unwrap();
+            let got = tiles::matmul_q4k_on(Isa::Avx512, true, &mat, &x, m, &Epilogue::default());
+            let q4 = matvec(Isa::Scalar, &[mat], &x, m).remove(0);
+            for r in 0..m {
+                let yq = quantize_q8k(&x[r * cols..(r + 1) * cols]);
+                for row in 0..rows {
+                    let want = scalar::dot_q4k_requantized(mat.blocks(row), &yq);
+                    let at = r * rows + row;
+                    assert_eq!(got[at], want, "{rows}x{cols} m={m} at ({r}, {row})");
+                    // Each weight moves by at most half a step of 1/127 of its block's largest.
+                    let bound: f32 = mat
+                        .blocks::<BlockQ4K>(row)
+                        .iter()
+                        .zip(&yq)
+                        .map(|(b, a)| {
+                            let (scale, _) = scalar::requantize_q4k(b);
+                            let act: f32 = a.qs.iter().map(|&q| (q as f32 * a.d).abs()).sum();
+                            0.5 * scale * act
+                        })
+                        .sum();
+                    assert!(
+                        (got[at] - q4[at]).abs() <= bound * 1.01 + 1e-6,
+                        "{rows}x{cols} m={m} at ({r}, {row}): {} vs {} (bound {bound})",
+                        got[at],
+                        q4[at]
+                    );
+                }
+            }
+        }
+    }
+
     /// The fused epilogue (bias, then `y * sigmoid(alpha y)`, then a residual) gives what the three
     /// steps give one after the other on the reference product, on every path, with rows not a
     /// multiple of a unit (the last unit's span is short) and activation rows not a multiple of 4.
@@ -1164,20 +1475,39 @@ mod tests {
         let residual = random(&mut rng, m * rows, 3.0);
         let (_, bytes) = quantized(&w, rows, cols, GgmlDType::Q4K);
         let mat = QRows::new(Format::Q4K, rows, cols, &bytes).unwrap();
-        let plain = matvec(Isa::Scalar, &[mat], &x, m).remove(0);
+        let q4 = matvec(Isa::Scalar, &[mat], &x, m).remove(0);
         let post = Epilogue {
             bias: Some(&bias),
             gate_alpha: Some(1.702),
             residual: Some(&residual),
         };
-        for isa in Isa::available() {
-            let got = matmul_q4k(isa, &mat, &x, m, &post);
+        // Each path with its own plain product: the Q4_K tiles on every x86 path and the reference
+        // elsewhere, then the 8-bit tiles where the CPU has VNNI.
+        let mut paths: Vec<(Isa, bool)> =
+            Isa::available().into_iter().map(|i| (i, false)).collect();
+        if cfg!(target_arch = "x86_64") && paths.iter().any(|&(i, _)| i == Isa::Avx512) {
+            paths.push((Isa::Avx512, true));
+        }
+        for (isa, requantize) in paths {
+            let product = |post: &Epilogue| -> Vec<f32> {
+                #[cfg(target_arch = "x86_64")]
+                if isa.avx2() {
+                    return tiles::matmul_q4k_on(isa, requantize, &mat, &x, m, post);
+                }
+                matmul_q4k(isa, &mat, &x, m, post)
+            };
+            let plain = if requantize {
+                product(&Epilogue::default())
+            } else {
+                q4.clone()
+            };
+            let got = product(&post);
             for (i, g) in got.iter().enumerate() {
                 let y = (plain[i] + bias[i % rows]) as f64;
                 let want = y / (1.0 + (-1.702 * y).exp()) + residual[i] as f64;
                 assert!(
                     (*g as f64 - want).abs() <= 1e-4 * (1.0 + want.abs()),
-                    "{isa:?} at {i}: {g} vs {want}"
+                    "{isa:?} {requantize} at {i}: {g} vs {want}"
                 );
             }
             // Each step alone, too: a bias or a residual that went to the wrong column fails here.
@@ -1191,14 +1521,14 @@ mod tests {
                     ..Default::default()
                 },
             ] {
-                let got = matmul_q4k(isa, &mat, &x, m, &post);
+                let got = product(&post);
                 for (i, g) in got.iter().enumerate() {
                     let add = post.bias.map_or(0.0, |b| b[i % rows])
                         + post.residual.map_or(0.0, |r| r[i]);
                     let want = plain[i] + add;
                     assert!(
                         (g - want).abs() <= 1e-4 * (1.0 + want.abs()),
-                        "{isa:?} at {i}"
+                        "{isa:?} {requantize} at {i}"
                     );
                 }
             }
