@@ -141,6 +141,9 @@ impl Layout<'_> {
     }
 }
 
+/// How many rows ahead [`pack`] asks for its operands.
+const AHEAD: usize = 4;
+
 /// Packs rows `start..start + d.len` of head `h`.
 fn pack(
     src: &Layout,
@@ -156,6 +159,14 @@ fn pack(
     let mut values = vec![0u16; d.keys * d.dpad];
     let (mut row, mut words) = (vec![0f32; qw], vec![0u16; qw]);
     for j in 0..d.len {
+        // The rows lie a whole token's q, k and v of every head apart (the fused layout): each
+        // read would wait on memory without a request made a few rows ahead.
+        if j + AHEAD < d.len {
+            for which in 0..3 {
+                let x = src.row(which, h, start + j + AHEAD, shape);
+                super::prefetch(x.as_ptr(), x.len());
+            }
+        }
         src.load(0, h, start + j, shape, &mut row[..d.dim]);
         row[..d.dim].iter_mut().for_each(|r| *r *= scale);
         to_bf16(&row, &mut queries[j * qw..][..qw]);

@@ -548,23 +548,10 @@ mod tiles {
                 // across rows that are `rows` apart, where each read waits on memory: fetched
                 // while the kernel computes the rows they belong to.
                 let fetch = |r: usize| {
-                    let lines = |base: *const f32| {
-                        let (first, last) = (base.wrapping_add(r0), base.wrapping_add(r0 + n - 1));
-                        let mut at = first as usize & !63;
-                        while at <= last as usize {
-                            // SAFETY: a prefetch is a hint; it neither faults nor changes memory.
-                            unsafe {
-                                core::arch::x86_64::_mm_prefetch::<
-                                    { core::arch::x86_64::_MM_HINT_T0 },
-                                >(at as *const i8)
-                            };
-                            at += 64;
-                        }
-                    };
                     if let Some(res) = post.residual {
-                        lines(res.as_ptr().wrapping_add(r * rows));
+                        super::super::prefetch(res.as_ptr().wrapping_add(r * rows + r0), n);
                     }
-                    lines((out_ptr as *const f32).wrapping_add(r * rows));
+                    super::super::prefetch((out_ptr as *const f32).wrapping_add(r * rows + r0), n);
                 };
                 let mut r = 0;
                 while r + MR <= m {
