@@ -65,13 +65,23 @@ fn scalar_one(v: f32, alpha: f32, up: f32) -> f32 {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
+pub(super) mod avx2 {
     use core::arch::x86_64::*;
 
     use crate::kernels::x86::exp;
 
     /// `out[i] = x[i] * sigmoid(alpha * x[i]) * up[i]` for `i < n`; `out` may be `x` (each vector
     /// is read before it is written). The caller guarantees `n` values behind every pointer.
+    /// `v * sigmoid(alpha v)` of 8 values, given `-alpha` in every lane (also the fused epilogue
+    /// of the many-row products, which must give the same values as this pass).
+    #[inline(always)]
+    pub unsafe fn gated(v: __m256, minus_alpha: __m256) -> __m256 {
+        _mm256_div_ps(
+            v,
+            _mm256_add_ps(_mm256_set1_ps(1.0), exp(_mm256_mul_ps(minus_alpha, v))),
+        )
+    }
+
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn sigmoid_gated(
         x: *const f32,
@@ -80,9 +90,9 @@ mod avx2 {
         out: *mut f32,
         n: usize,
     ) {
-        let (minus_alpha, one) = (_mm256_set1_ps(-alpha), _mm256_set1_ps(1.0));
+        let minus_alpha = _mm256_set1_ps(-alpha);
         let gate = |v: __m256, u: Option<__m256>| {
-            let y = _mm256_div_ps(v, _mm256_add_ps(one, exp(_mm256_mul_ps(minus_alpha, v))));
+            let y = gated(v, minus_alpha);
             u.map_or(y, |u| _mm256_mul_ps(y, u))
         };
         let mut i = 0;
