@@ -303,11 +303,18 @@ fn tile(
     let mut sums = [0f32; TILE];
     for i in 0..rows {
         let row = &mut scores[i * d.keys..][..d.len];
-        sums[i] = super::attention::exp_minus_max(Isa::Avx512, row);
         let p = &mut ps[i * d.keys..][..d.keys];
-        to_bf16(row, &mut p[..d.len]);
-        // The padded keys' values are zero, but stale bits here could be a NaN.
-        p[d.len..].fill(0);
+        // SAFETY: as above.
+        #[cfg(target_arch = "x86_64")]
+        {
+            sums[i] = unsafe { x86::softmax_weights(row, p) };
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            sums[i] = super::attention::exp_minus_max(Isa::Scalar, row);
+            to_bf16(row, &mut p[..d.len]);
+            p[d.len..].fill(0);
+        }
     }
     // SAFETY: as above.
     #[cfg(target_arch = "x86_64")]
@@ -479,6 +486,51 @@ mod x86 {
         }
     }
 
+    /// One row's softmax weights in one pass after the max: `p[j] = bf16(e^(s[j] - max))` for the
+    /// row's scores `s`, zero for the padded keys `p[s.len()..]` (stale bits there could be a NaN),
+    /// returning the f32 sum of the unrounded exps. The same values as
+    /// [`super::super::attention::exp_minus_max`] then [`to_bf16`] (the same exp, 16 lanes at a
+    /// time), without writing the exps back and reading them again.
+    #[target_feature(enable = "avx512f,avx512bf16,avx512bw,avx512vl")]
+    pub unsafe fn softmax_weights(s: &[f32], p: &mut [u16]) -> f32 {
+        use crate::kernels::x86::exp16;
+        let n = s.len();
+        assert!(p.len() >= n);
+        let tail = ((1u32 << (n % 16)) - 1) as u16;
+        let full = n - n % 16;
+        let mut mv = _mm512_set1_ps(f32::NEG_INFINITY);
+        let mut i = 0;
+        while i < full {
+            mv = _mm512_max_ps(mv, _mm512_loadu_ps(s.as_ptr().add(i)));
+            i += 16;
+        }
+        if tail != 0 {
+            mv = _mm512_max_ps(mv, _mm512_mask_loadu_ps(mv, tail, s.as_ptr().add(full)));
+        }
+        let m = _mm512_set1_ps(_mm512_reduce_max_ps(mv));
+        let out = p.as_mut_ptr();
+        let store = |at: usize, e: __m512, mask: u16| {
+            let h = std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(e));
+            _mm256_mask_storeu_epi16(out.add(at) as *mut i16, mask, h);
+        };
+        let mut acc = _mm512_setzero_ps();
+        i = 0;
+        while i < full {
+            let e = exp16(_mm512_sub_ps(_mm512_loadu_ps(s.as_ptr().add(i)), m));
+            acc = _mm512_add_ps(acc, e);
+            store(i, e, u16::MAX);
+            i += 16;
+        }
+        if tail != 0 {
+            let x = _mm512_maskz_loadu_ps(tail, s.as_ptr().add(full));
+            let e = _mm512_maskz_mov_ps(tail, exp16(_mm512_sub_ps(x, m)));
+            acc = _mm512_add_ps(acc, e);
+            store(full, e, tail);
+        }
+        p[n..].fill(0);
+        _mm512_reduce_add_ps(acc)
+    }
+
     /// Rounds `src` to bf16 (to nearest, ties to even, as the reference), 16 values at a time.
     #[target_feature(enable = "avx512f,avx512bf16,avx512vl")]
     pub unsafe fn to_bf16(src: &[f32], dst: &mut [u16]) {
@@ -552,6 +604,35 @@ mod tests {
                 v: &v,
             };
             assert_kernel_matches(src, heads, dim, &segments, scale, &want);
+        }
+    }
+
+    /// The one-pass softmax weights equal the exps of `exp_minus_max` rounded by `to_bf16`, bit for
+    /// bit, with zeros over the padding, and the same sum up to the order of f32 additions, on rows
+    /// shorter than, equal to and longer than a vector, with a tail and without.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn softmax_weights_equal_exp_then_rounding() {
+        if !available(Isa::detect()) {
+            return;
+        }
+        for len in [1, 15, 16, 17, 70, 1024] {
+            let s: Vec<f32> = data(len, len).iter().map(|x| 9.0 * x).collect();
+            let mut want_e = s.clone();
+            let want_sum = super::super::attention::exp_minus_max(Isa::Avx2, &mut want_e);
+            let mut want = vec![0u16; len + 9];
+            want[..len]
+                .iter_mut()
+                .zip(&want_e)
+                .for_each(|(w, &e)| *w = round(e));
+            let mut got = vec![0xffffu16; len + 9];
+            // SAFETY: `available` said the CPU has AVX-512 BF16 (and F, BW, VL).
+            let sum = unsafe { x86::softmax_weights(&s, &mut got) };
+            assert_eq!(got, want, "len {len}");
+            assert!(
+                (sum - want_sum).abs() <= 1e-6 * want_sum,
+                "len {len}: {sum} vs {want_sum}"
+            );
         }
     }
 

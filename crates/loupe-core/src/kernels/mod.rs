@@ -159,6 +159,19 @@ mod x86 {
         ))
     }
 
+    /// `ln 2` in two parts, a short one exact in f32 and the rest, so `n ln2` loses no bits.
+    const LN2_HI: f32 = 355.0 / 512.0;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    /// Cephes' polynomial for `(e^r - 1 - r) / r^2`, highest degree first.
+    const EXP_POLY: [f32; 6] = [
+        1.987_569_1e-4,
+        1.398_199_9e-3,
+        8.333_452e-3,
+        4.166_579_6e-2,
+        0.166_666_65,
+        0.5,
+    ];
+
     /// `e^x` for each lane, `x` in [-87, 88] (clamped): `x = n ln2 + r` with `|r| <= ln2 / 2`,
     /// `e^r` by Cephes' degree-7 polynomial (within 2 ulp of the correctly rounded value), `2^n`
     /// written into the exponent bits.
@@ -171,18 +184,11 @@ mod x86 {
         let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
             _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
         );
-        // ln 2 in two parts (a short one, exact in f32, and the rest), so `n ln2` loses no bits.
-        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(355.0 / 512.0), x);
-        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
-        let mut p = _mm256_set1_ps(1.987_569_1e-4);
-        for c in [
-            1.398_199_9e-3,
-            8.333_452e-3,
-            4.166_579_6e-2,
-            0.166_666_65,
-            0.5,
-        ] {
-            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_HI), x);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_LO), r);
+        let mut p = _mm256_set1_ps(EXP_POLY[0]);
+        for c in &EXP_POLY[1..] {
+            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(*c));
         }
         let y = _mm256_fmadd_ps(
             p,
@@ -194,5 +200,60 @@ mod x86 {
             _mm256_set1_epi32(127),
         ));
         _mm256_mul_ps(y, _mm256_castsi256_ps(pow2n))
+    }
+
+    /// [`exp`] on 16 lanes, the same value in every lane (the same clamp, steps and rounding;
+    /// `vscalefps` multiplies by `2^n`, exact for the clamped range's normal powers).
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn exp16(x: __m512) -> __m512 {
+        let x = _mm512_min_ps(
+            _mm512_max_ps(x, _mm512_set1_ps(-87.0)),
+            _mm512_set1_ps(88.0),
+        );
+        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
+        );
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_HI), x);
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_LO), r);
+        let mut p = _mm512_set1_ps(EXP_POLY[0]);
+        for c in &EXP_POLY[1..] {
+            p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(*c));
+        }
+        let y = _mm512_fmadd_ps(
+            p,
+            _mm512_mul_ps(r, r),
+            _mm512_add_ps(r, _mm512_set1_ps(1.0)),
+        );
+        _mm512_scalef_ps(y, n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The 16-lane exp gives the 8-lane one's value in every lane, over the clamped range and past
+    /// both ends of it.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn exp16_equals_exp() {
+        use core::arch::x86_64::*;
+        if !super::Isa::available().contains(&super::Isa::Avx512) {
+            return;
+        }
+        let xs: Vec<f32> = (0..4096).map(|i| -100.0 + i as f32 * 0.047).collect();
+        for c in xs.chunks_exact(16) {
+            let (mut wide, mut two) = ([0f32; 16], [0f32; 16]);
+            // SAFETY: the CPU has AVX-512 F (and so AVX2 and FMA); the arrays hold 16 values.
+            unsafe {
+                _mm512_storeu_ps(
+                    wide.as_mut_ptr(),
+                    super::x86::exp16(_mm512_loadu_ps(c.as_ptr())),
+                );
+                for h in 0..2 {
+                    let e = super::x86::exp(_mm256_loadu_ps(c.as_ptr().add(8 * h)));
+                    _mm256_storeu_ps(two.as_mut_ptr().add(8 * h), e);
+                }
+            }
+            assert_eq!(wide, two, "{c:?}");
+        }
     }
 }
