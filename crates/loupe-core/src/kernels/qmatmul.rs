@@ -419,6 +419,41 @@ mod tiles {
         }
     }
 
+    /// The 8 x 8 matrix of 4-byte words `r[row][k]` (8 rows of 32 bytes) transposed: `out[k][row]`.
+    #[inline(always)]
+    unsafe fn transpose_words(
+        r: [core::arch::x86_64::__m256i; 8],
+    ) -> [core::arch::x86_64::__m256i; 8] {
+        use core::arch::x86_64::*;
+        // Pairs of rows, then quads, then the two 128-bit halves.
+        let t: [__m256i; 8] = std::array::from_fn(|k| {
+            let (a, b) = (r[2 * (k / 2)], r[2 * (k / 2) + 1]);
+            if k % 2 == 0 {
+                _mm256_unpacklo_epi32(a, b)
+            } else {
+                _mm256_unpackhi_epi32(a, b)
+            }
+        });
+        // u[q][s]: rows 4q..4q+4, words s and s+4 (s in 0..4).
+        let u: [[__m256i; 4]; 2] = std::array::from_fn(|q| {
+            let (t0, t1, t2, t3) = (t[4 * q], t[4 * q + 1], t[4 * q + 2], t[4 * q + 3]);
+            [
+                _mm256_unpacklo_epi64(t0, t2),
+                _mm256_unpackhi_epi64(t0, t2),
+                _mm256_unpacklo_epi64(t1, t3),
+                _mm256_unpackhi_epi64(t1, t3),
+            ]
+        });
+        std::array::from_fn(|k| {
+            let (lo, hi) = (u[0][k % 4], u[1][k % 4]);
+            if k < 4 {
+                _mm256_permute2x128_si256(lo, hi, 0x20)
+            } else {
+                _mm256_permute2x128_si256(lo, hi, 0x31)
+            }
+        })
+    }
+
     /// [`pack_codes`] for all 8 rows of a tile at once: the 8 rows' 32-byte runs are an 8 x 8
     /// matrix of 4-byte words (row x step), and the tile wants it transposed (step x row).
     #[target_feature(enable = "avx2")]
@@ -426,43 +461,19 @@ mod tiles {
         use core::arch::x86_64::*;
         let low = _mm256_set1_epi8(0x0f);
         for j in 0..4 {
-            let r: [__m256i; 8] = std::array::from_fn(|rho| {
+            let words = transpose_words(std::array::from_fn(|rho| {
                 _mm256_loadu_si256(blks[rho].qs.as_ptr().add(32 * j) as *const __m256i)
-            });
-            // Pairs of rows, then quads, then the two 128-bit halves: words (rho, step) -> (step, rho).
-            let t: [__m256i; 8] = std::array::from_fn(|k| {
-                let (a, b) = (r[2 * (k / 2)], r[2 * (k / 2) + 1]);
-                if k % 2 == 0 {
-                    _mm256_unpacklo_epi32(a, b)
-                } else {
-                    _mm256_unpackhi_epi32(a, b)
-                }
-            });
-            // u[q][s]: rows 4q..4q+4, steps s and s+4 (s in 0..4).
-            let u: [[__m256i; 4]; 2] = std::array::from_fn(|q| {
-                let (t0, t1, t2, t3) = (t[4 * q], t[4 * q + 1], t[4 * q + 2], t[4 * q + 3]);
-                [
-                    _mm256_unpacklo_epi64(t0, t2),
-                    _mm256_unpackhi_epi64(t0, t2),
-                    _mm256_unpacklo_epi64(t1, t3),
-                    _mm256_unpackhi_epi64(t1, t3),
-                ]
-            });
-            for (s, (lo, hi)) in u[0].into_iter().zip(u[1]).enumerate() {
-                for (step, words) in [
-                    (s, _mm256_permute2x128_si256(lo, hi, 0x20)),
-                    (s + 4, _mm256_permute2x128_si256(lo, hi, 0x31)),
+            }));
+            for (step, words) in words.into_iter().enumerate() {
+                for (sub, nibbles) in [
+                    (2 * j, _mm256_and_si256(words, low)),
+                    (
+                        2 * j + 1,
+                        _mm256_and_si256(_mm256_srli_epi16(words, 4), low),
+                    ),
                 ] {
-                    for (sub, nibbles) in [
-                        (2 * j, _mm256_and_si256(words, low)),
-                        (
-                            2 * j + 1,
-                            _mm256_and_si256(_mm256_srli_epi16(words, 4), low),
-                        ),
-                    ] {
-                        let o = (sub * 8 + step) * 32;
-                        _mm256_store_si256(codes.as_mut_ptr().add(o) as *mut __m256i, nibbles);
-                    }
+                    let o = (sub * 8 + step) * 32;
+                    _mm256_store_si256(codes.as_mut_ptr().add(o) as *mut __m256i, nibbles);
                 }
             }
         }
@@ -675,14 +686,21 @@ mod tiles {
         };
         fn pack(w: &QRows, r0: usize, tiles: &mut [Tile8]) {
             let n = TILE_ROWS.min(w.rows - r0);
-            if n < TILE_ROWS {
-                tiles.fill(Self::EMPTY);
-            }
-            for rho in 0..n {
-                for (blk, tile) in w.blocks::<BlockQ4K>(r0 + rho).iter().zip(tiles.iter_mut()) {
-                    // SAFETY: the 8-bit tiles run only where the CPU has AVX-512 (and so AVX2).
-                    unsafe { requantize_avx2(blk, rho, tile) };
+            let rows: Vec<&[BlockQ4K]> = (0..n).map(|rho| w.blocks(r0 + rho)).collect();
+            // Each row's codes in value order (rows past the end: code 0, scale 0).
+            let mut codes = [[0x80u8; QK_K]; TILE_ROWS];
+            for (b, tile) in tiles.iter_mut().enumerate() {
+                tile.scale = [0.0; TILE_ROWS];
+                for blocks in rows.iter().filter_map(|r| r.get(b + 2)) {
+                    let at = blocks as *const BlockQ4K as *const f32;
+                    super::super::prefetch(at, std::mem::size_of::<BlockQ4K>() / 4);
                 }
+                for (rho, blocks) in rows.iter().enumerate() {
+                    // SAFETY: the 8-bit tiles run only where the CPU has AVX-512 (and so AVX2).
+                    tile.scale[rho] = unsafe { requantize_avx2(&blocks[b], &mut codes[rho]) };
+                }
+                // SAFETY: as above.
+                unsafe { interleave_avx2(&codes, &mut tile.codes) };
             }
         }
         fn kernel<const R: usize>(
@@ -707,10 +725,10 @@ mod tiles {
         pub scale: [f32; TILE_ROWS],
     }
 
-    /// [`scalar::requantize_q4k`] of one block into row `rho` of `tile`, the same values, rounding
-    /// and scale.
+    /// [`scalar::requantize_q4k`] of one block: its codes plus 128 into `out` in value order, the
+    /// same values, rounding and scale (returned).
     #[target_feature(enable = "avx2")]
-    unsafe fn requantize_avx2(blk: &BlockQ4K, rho: usize, tile: &mut Tile8) {
+    unsafe fn requantize_avx2(blk: &BlockQ4K, out: &mut [u8; QK_K]) -> f32 {
         use core::arch::x86_64::*;
         let (d, dmin) = (
             f16::from_bits(blk.d).to_f32(),
@@ -738,13 +756,9 @@ mod tiles {
         let mut lanes = [0f32; 8];
         _mm256_storeu_ps(lanes.as_mut_ptr(), amax);
         let amax = lanes.iter().fold(0f32, |a, &x| a.max(x));
-        let codes = tile.codes.as_mut_ptr();
         if amax == 0.0 {
-            for step in 0..QK_K / 4 {
-                std::ptr::write_unaligned(codes.add(step * 32 + rho * 4) as *mut u32, 0x8080_8080);
-            }
-            tile.scale[rho] = 0.0;
-            return;
+            out.fill(0x80);
+            return 0.0;
         }
         let iscale = _mm256_set1_ps(127.0 / amax);
         // The packs interleave 128-bit lanes: dwords of 4 codes come out as values 0, 8, 16, 24,
@@ -761,16 +775,27 @@ mod tiles {
                 _mm256_permutevar8x32_epi32(bytes, order),
                 _mm256_set1_epi8(-128),
             );
-            let mut words = [0u32; 8];
-            _mm256_storeu_si256(words.as_mut_ptr() as *mut __m256i, bytes);
-            for (k, word) in words.into_iter().enumerate() {
-                std::ptr::write_unaligned(
-                    codes.add((8 * sub + k) * 32 + rho * 4) as *mut u32,
-                    word,
+            _mm256_storeu_si256(out.as_mut_ptr().add(32 * sub) as *mut __m256i, bytes);
+        }
+        amax / 127.0
+    }
+
+    /// 8 rows of codes in value order into the tile's `[step][row][4 values]`: per 32 values, the
+    /// rows' 8 words each transposed to the 8 steps' rows.
+    #[target_feature(enable = "avx2")]
+    unsafe fn interleave_avx2(rows: &[[u8; QK_K]; TILE_ROWS], codes: &mut [u8; QK_K * TILE_ROWS]) {
+        use core::arch::x86_64::*;
+        for sub in 0..QK_K / 32 {
+            let words = transpose_words(std::array::from_fn(|rho| {
+                _mm256_loadu_si256(rows[rho].as_ptr().add(32 * sub) as *const __m256i)
+            }));
+            for (k, w) in words.into_iter().enumerate() {
+                _mm256_store_si256(
+                    codes.as_mut_ptr().add((8 * sub + k) * 32) as *mut __m256i,
+                    w,
                 );
             }
         }
-        tile.scale[rho] = amax / 127.0;
     }
 
     /// `acc[t][i][rho] = acts[i] · row rho of tile set t` on 8-bit tiles: per superblock, one 32-bit
