@@ -322,6 +322,22 @@ impl Epilogue<'_> {
     }
 }
 
+/// Whether [`matmul_f32_8bit`] runs on this CPU for `m` activation rows of `cols` values: a VNNI
+/// CPU, at least `REQUANT_ROWS` rows (below, quantizing the weights per call costs more than the
+/// 8-bit products save), rows of whole 256-value blocks.
+pub fn f32_8bit_applies(isa: Isa, m: usize, cols: usize) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return isa == Isa::Avx512 && m >= tiles::REQUANT_ROWS && cols > 0 && cols.is_multiple_of(QK_K);
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (isa, m, cols);
+        false
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+pub use tiles::matmul_f32_8bit;
+
 /// `out[r * rows + j] = post(x_r · row j of w)` for the `m` rows of `x`, `w` in Q4_K: the many-row
 /// product (prefill, vision tower). Each block of 8 weight rows is unpacked once and used for every
 /// row of `x`; the blocks of rows are spread over candle's thread pool.
@@ -494,9 +510,9 @@ mod tiles {
 
     pub fn matmul_q4k(isa: Isa, w: &QRows, x: &[f32], m: usize, post: &Epilogue) -> Vec<f32> {
         if isa == Isa::Avx512 && m >= REQUANT_ROWS {
-            run::<Q8>(isa, w, x, m, post)
+            run::<Q8>(isa, &Source::Q4K(w), x, m, post)
         } else {
-            run::<Q4>(isa, w, x, m, post)
+            run::<Q4>(isa, &Source::Q4K(w), x, m, post)
         }
     }
 
@@ -512,16 +528,62 @@ mod tiles {
     ) -> Vec<f32> {
         if requantize {
             assert_eq!(isa, Isa::Avx512);
-            run::<Q8>(isa, w, x, m, post)
+            run::<Q8>(isa, &Source::Q4K(w), x, m, post)
         } else {
-            run::<Q4>(isa, w, x, m, post)
+            run::<Q4>(isa, &Source::Q4K(w), x, m, post)
+        }
+    }
+
+    /// `out[r * rows + j] = post(x_r · row j of w)` for f32 weights `w` (`rows x cols`, `cols` a
+    /// multiple of 256) on the 8-bit tiles: each row's 256-value blocks quantized per call as
+    /// [`scalar::quantize_8bit`] does. For dense matrices the policy allows at 8 bits (the vision
+    /// merger of a quantized tower, `docs/quantization.md`); only on a VNNI CPU ([`Isa::Avx512`]).
+    pub fn matmul_f32_8bit(
+        isa: Isa,
+        w: &[f32],
+        rows: usize,
+        x: &[f32],
+        m: usize,
+        post: &Epilogue,
+    ) -> Vec<f32> {
+        assert_eq!(isa, Isa::Avx512);
+        let cols = x.len() / m.max(1);
+        assert!(cols.is_multiple_of(QK_K) && w.len() == rows * cols && x.len() == m * cols);
+        post.check(m, rows);
+        run::<Q8>(isa, &Source::F32 { w, rows, cols }, x, m, post)
+    }
+
+    /// The weights a product unpacks its tiles from.
+    enum Source<'a> {
+        Q4K(&'a QRows<'a>),
+        /// Row-major f32, `rows x cols`.
+        F32 {
+            w: &'a [f32],
+            rows: usize,
+            cols: usize,
+        },
+    }
+
+    impl Source<'_> {
+        fn rows(&self) -> usize {
+            match self {
+                Source::Q4K(q) => q.rows,
+                Source::F32 { rows, .. } => *rows,
+            }
+        }
+
+        fn cols(&self) -> usize {
+            match self {
+                Source::Q4K(q) => q.cols,
+                Source::F32 { cols, .. } => *cols,
+            }
         }
     }
 
     /// The product on tiles of kind `K`: each unit of `T` tiles is unpacked once and meets every
     /// activation row, `MR` rows per kernel call.
-    fn run<K: Kind>(isa: Isa, w: &QRows, x: &[f32], m: usize, post: &Epilogue) -> Vec<f32> {
-        let (rows, kb) = (w.rows, w.cols / QK_K);
+    fn run<K: Kind>(isa: Isa, w: &Source, x: &[f32], m: usize, post: &Epilogue) -> Vec<f32> {
+        let (rows, kb) = (w.rows(), w.cols() / QK_K);
         let yq = quantize_rows(isa, x, m);
         // Not zeroed first: every value is written once below (all m rows of every unit's columns).
         let mut out = Vec::<f32>::with_capacity(m * rows);
@@ -643,7 +705,7 @@ mod tiles {
         type Tile: Copy + Send;
         const EMPTY: Self::Tile;
         /// Unpacks rows `r0..r0 + 8` of `w` (rows past the end contribute zero) into `tiles`.
-        fn pack(w: &QRows, r0: usize, tiles: &mut [Self::Tile]);
+        fn pack(w: &Source, r0: usize, tiles: &mut [Self::Tile]);
         /// `acc[t][i][rho] = acts[i] · row rho of tile set t`.
         fn kernel<const R: usize>(
             isa: Isa,
@@ -659,8 +721,11 @@ mod tiles {
     impl Kind for Q4 {
         type Tile = Tile;
         const EMPTY: Tile = EMPTY;
-        fn pack(w: &QRows, r0: usize, tiles: &mut [Tile]) {
-            pack(w, r0, tiles)
+        fn pack(w: &Source, r0: usize, tiles: &mut [Tile]) {
+            match w {
+                Source::Q4K(w) => pack(w, r0, tiles),
+                Source::F32 { .. } => unreachable!("the Q4_K tiles unpack Q4_K blocks only"),
+            }
         }
         fn kernel<const R: usize>(
             isa: Isa,
@@ -684,20 +749,30 @@ mod tiles {
             codes: [0; QK_K * TILE_ROWS],
             scale: [0.0; TILE_ROWS],
         };
-        fn pack(w: &QRows, r0: usize, tiles: &mut [Tile8]) {
-            let n = TILE_ROWS.min(w.rows - r0);
-            let rows: Vec<&[BlockQ4K]> = (0..n).map(|rho| w.blocks(r0 + rho)).collect();
+        fn pack(w: &Source, r0: usize, tiles: &mut [Tile8]) {
+            let n = TILE_ROWS.min(w.rows() - r0);
             // Each row's codes in value order (rows past the end: code 0, scale 0).
             let mut codes = [[0x80u8; QK_K]; TILE_ROWS];
             for (b, tile) in tiles.iter_mut().enumerate() {
                 tile.scale = [0.0; TILE_ROWS];
-                for blocks in rows.iter().filter_map(|r| r.get(b + 2)) {
-                    let at = blocks as *const BlockQ4K as *const f32;
-                    super::super::prefetch(at, std::mem::size_of::<BlockQ4K>() / 4);
-                }
-                for (rho, blocks) in rows.iter().enumerate() {
+                for (rho, row) in codes.iter_mut().enumerate().take(n) {
                     // SAFETY: the 8-bit tiles run only where the CPU has AVX-512 (and so AVX2).
-                    tile.scale[rho] = unsafe { requantize_avx2(&blocks[b], &mut codes[rho]) };
+                    tile.scale[rho] = unsafe {
+                        match w {
+                            Source::Q4K(q) => {
+                                let blocks = q.blocks::<BlockQ4K>(r0 + rho);
+                                if let Some(ahead) = blocks.get(b + 2) {
+                                    let at = ahead as *const BlockQ4K as *const f32;
+                                    super::super::prefetch(at, size_of::<BlockQ4K>() / 4);
+                                }
+                                requantize_avx2(&blocks[b], row)
+                            }
+                            Source::F32 { w, cols, .. } => {
+                                let at = (r0 + rho) * cols + b * QK_K;
+                                quantize_avx2(&w[at..at + QK_K], row)
+                            }
+                        }
+                    };
                 }
                 // SAFETY: as above.
                 unsafe { interleave_avx2(&codes, &mut tile.codes) };
@@ -753,6 +828,34 @@ mod tiles {
                 v[4 * sub + k] = x;
             }
         }
+        to_codes(&v, amax, out)
+    }
+
+    /// [`scalar::quantize_8bit`] of 256 f32 values: their codes plus 128 into `out`, the scale
+    /// returned.
+    #[target_feature(enable = "avx2")]
+    unsafe fn quantize_avx2(x: &[f32], out: &mut [u8; QK_K]) -> f32 {
+        use core::arch::x86_64::*;
+        assert_eq!(x.len(), QK_K);
+        let mut amax = _mm256_setzero_ps();
+        let v: [__m256; 32] = std::array::from_fn(|k| {
+            let v = _mm256_loadu_ps(x.as_ptr().add(8 * k));
+            amax = _mm256_max_ps(amax, _mm256_andnot_ps(_mm256_set1_ps(-0.0), v));
+            v
+        });
+        to_codes(&v, amax, out)
+    }
+
+    /// 256 values' codes plus 128 into `out` in value order, given the lanes' largest magnitudes:
+    /// times `127 / max`, rounded to nearest even (the CPU's default rounding, as the reference's
+    /// `round_ties_even`). Returns the scale, `max / 127`.
+    #[inline(always)]
+    unsafe fn to_codes(
+        v: &[core::arch::x86_64::__m256; 32],
+        amax: core::arch::x86_64::__m256,
+        out: &mut [u8; QK_K],
+    ) -> f32 {
+        use core::arch::x86_64::*;
         let mut lanes = [0f32; 8];
         _mm256_storeu_ps(lanes.as_mut_ptr(), amax);
         let amax = lanes.iter().fold(0f32, |a, &x| a.max(x));
@@ -1038,13 +1141,19 @@ pub mod scalar {
     pub fn requantize_q4k(b: &BlockQ4K) -> (f32, [i8; QK_K]) {
         let mut v = [0f32; QK_K];
         dequantize_q4k(std::slice::from_ref(b), &mut v);
+        quantize_8bit(&v)
+    }
+
+    /// 256 values at 8 bits with one scale: times `127 / max |value|`, rounded to nearest even; the
+    /// scale is `max |value| / 127` (0 for all zeros).
+    pub fn quantize_8bit(v: &[f32]) -> (f32, [i8; QK_K]) {
         let amax = v.iter().fold(0f32, |a, x| a.max(x.abs()));
         let mut q = [0i8; QK_K];
         if amax == 0.0 {
             return (0.0, q);
         }
         let iscale = 127.0 / amax;
-        for (q, v) in q.iter_mut().zip(&v) {
+        for (q, v) in q.iter_mut().zip(v) {
             *q = (v * iscale).round_ties_even() as i8;
         }
         (amax / 127.0, q)
@@ -1053,9 +1162,17 @@ pub mod scalar {
     /// `x · y` as the 8-bit tiles compute it: per block, the integer sum of the re-quantized weights
     /// times the activations, then both scales in one fused multiply-add into the f32 sum.
     pub fn dot_q4k_requantized(x: &[BlockQ4K], y: &[BlockQ8K]) -> f32 {
+        dot_8bit(x.iter().map(requantize_q4k), y)
+    }
+
+    /// `w · y` for f32 weights `w` as the 8-bit tiles compute it ([`quantize_8bit`] per block).
+    pub fn dot_f32_8bit(w: &[f32], y: &[BlockQ8K]) -> f32 {
+        dot_8bit(w.chunks_exact(QK_K).map(quantize_8bit), y)
+    }
+
+    fn dot_8bit(x: impl Iterator<Item = (f32, [i8; QK_K])>, y: &[BlockQ8K]) -> f32 {
         let mut sum = 0f32;
-        for (b, a) in x.iter().zip(y) {
-            let (scale, q) = requantize_q4k(b);
+        for ((scale, q), a) in x.zip(y) {
             let isum: i32 = q
                 .iter()
                 .zip(&a.qs)
@@ -1519,6 +1636,60 @@ mod tests {
                         "{rows}x{cols} m={m} at ({r}, {row}): {} vs {} (bound {bound})",
                         got[at],
                         q4[at]
+                    );
+                }
+            }
+        }
+    }
+
+    /// f32 weights on the 8-bit tiles equal their scalar reference exactly, with a bias, on odd
+    /// shapes (a short last unit, activation rows not a multiple of 4, an all-zero block), and stay
+    /// within half a step of each block's scale of the f32 product.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn f32_weights_on_8bit_tiles_match_their_reference() {
+        if !Isa::available().contains(&Isa::Avx512) {
+            return;
+        }
+        let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+        for (rows, blocks, m) in [(8, 1, 4), (29, 2, 7), (3, 3, 1)] {
+            let cols = blocks * QK_K;
+            let mut w = random(&mut rng, rows * cols, 0.5);
+            w[..QK_K].fill(0.0);
+            let x = random(&mut rng, m * cols, 2.0);
+            let bias = random(&mut rng, rows, 1.0);
+            let post = Epilogue {
+                bias: Some(&bias),
+                ..Default::default()
+            };
+            let got = tiles::matmul_f32_8bit(Isa::Avx512, &w, rows, &x, m, &post);
+            for r in 0..m {
+                let xr = &x[r * cols..(r + 1) * cols];
+                let yq = quantize_q8k(xr);
+                for row in 0..rows {
+                    let wr = &w[row * cols..(row + 1) * cols];
+                    let want = scalar::dot_f32_8bit(wr, &yq) + bias[row];
+                    assert_eq!(
+                        got[r * rows + row],
+                        want,
+                        "{rows}x{cols} m={m} ({r}, {row})"
+                    );
+                    let exact: f32 = wr.iter().zip(xr).map(|(a, b)| a * b).sum::<f32>() + bias[row];
+                    let bound: f32 = wr
+                        .chunks_exact(QK_K)
+                        .zip(&yq)
+                        .map(|(wb, a)| {
+                            let step = scalar::quantize_8bit(wb).0;
+                            let act: f32 = a.qs.iter().map(|&q| (q as f32 * a.d).abs()).sum();
+                            let wmax = wb.iter().fold(0f32, |m, v| m.max(v.abs()));
+                            // The weights' rounding, and the activations' (half a step each).
+                            0.5 * step * act + 0.5 * a.d.abs() * wmax * QK_K as f32
+                        })
+                        .sum();
+                    assert!(
+                        (got[r * rows + row] - exact).abs() <= bound * 1.01 + 1e-5,
+                        "{rows}x{cols} ({r}, {row}): {} vs {exact}",
+                        got[r * rows + row]
                     );
                 }
             }

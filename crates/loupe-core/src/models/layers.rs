@@ -20,6 +20,10 @@ use crate::load::weights::{QMatrix, Weights};
 pub enum Matrix {
     Dense(Tensor),
     Quantized(Arc<QMatrix>),
+    /// f32 weights that a product of many rows may run on the 8-bit tiles (each 256-value block
+    /// quantized per call, `kernels::qmatmul::matmul_f32_8bit`), where the policy allows it: the
+    /// vision merger of a quantized tower. Elsewhere (few rows, no VNNI) as [`Matrix::Dense`].
+    Dense8(Tensor),
 }
 
 impl Matrix {
@@ -47,7 +51,7 @@ impl Matrix {
             return Ok(y.remove(0));
         }
         Ok(match self {
-            Matrix::Dense(w) => x.matmul(&w.t()?)?,
+            Matrix::Dense(w) | Matrix::Dense8(w) => x.matmul(&w.t()?)?,
             Matrix::Quantized(q) => {
                 let xf = x.to_dtype(DType::F32)?;
                 let y = match q.candle()? {
@@ -69,7 +73,7 @@ impl Matrix {
     /// Rows of the matrix (embedding lookup), in f32 when quantized.
     fn rows(&self, ids: &Tensor) -> Result<Tensor> {
         Ok(match self {
-            Matrix::Dense(w) => w.index_select(ids, 0)?,
+            Matrix::Dense(w) | Matrix::Dense8(w) => w.index_select(ids, 0)?,
             Matrix::Quantized(q) => q.rows_f32(ids)?,
         })
     }
@@ -103,6 +107,9 @@ fn product_in_place(
     let (m, k) = x.dims2()?;
     if isa == Isa::Scalar || !x.device().is_cpu() {
         return Ok(None);
+    }
+    if let [(Matrix::Dense8(w), bias)] = ms {
+        return dense_8bit(isa, w, *bias, x, after);
     }
     let mut parts = Vec::with_capacity(ms.len());
     for (matrix, _) in ms {
@@ -171,6 +178,43 @@ fn product_in_place(
         .map(|(y, q)| Ok(Tensor::from_vec(y, (m, q.rows()), x.device())?.to_dtype(x.dtype())?))
         .collect::<Result<Vec<_>>>()?;
     Ok(Some(outs))
+}
+
+/// [`product_in_place`] of one [`Matrix::Dense8`]: on the 8-bit tiles where they apply (a VNNI
+/// CPU, enough rows, rows of whole 256-value blocks), else `None`.
+fn dense_8bit(
+    isa: crate::kernels::Isa,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    x: &Tensor,
+    after: After,
+) -> Result<Option<Vec<Tensor>>> {
+    use crate::kernels::qmatmul::{f32_8bit_applies, Epilogue};
+    let (m, k) = x.dims2()?;
+    let (rows, cols) = w.dims2()?;
+    if cols != k || w.dtype() != DType::F32 || !f32_8bit_applies(isa, m, k) {
+        return Ok(None);
+    }
+    let bias = bias
+        .map(|b| b.to_dtype(DType::F32)?.to_vec1::<f32>())
+        .transpose()?;
+    let y = with_f32_values(w, |wv| {
+        with_f32_values(x, |xv| {
+            with_optional_f32_values(after.residual, |residual| {
+                let post = Epilogue {
+                    bias: bias.as_deref(),
+                    gate_alpha: after.gate_alpha,
+                    residual,
+                };
+                #[cfg(target_arch = "x86_64")]
+                return crate::kernels::qmatmul::matmul_f32_8bit(isa, wv, rows, xv, m, &post);
+                #[cfg(not(target_arch = "x86_64"))]
+                unreachable!("f32_8bit_applies is false off x86: {post:?} {wv:?} {xv:?}")
+            })
+        })
+    })???;
+    let y = Tensor::from_vec(y, (m, rows), x.device())?.to_dtype(x.dtype())?;
+    Ok(Some(vec![y]))
 }
 
 /// [`with_f32_values`] of a tensor that may be absent.
@@ -258,6 +302,17 @@ impl Linear {
 
     pub fn out_dim(&self) -> usize {
         self.out_dim
+    }
+
+    /// The same projection, its f32 weights allowed to multiply at 8 bits in products of many rows
+    /// ([`Matrix::Dense8`]): for the vision merger when the tower's blocks are quantized (the
+    /// policy in `docs/quantization.md`). Quantized or non-f32 weights are left as they are.
+    pub fn allow_8bit(self) -> Self {
+        let weight = match self.weight {
+            Matrix::Dense(w) if w.dtype() == DType::F32 => Matrix::Dense8(w),
+            other => other,
+        };
+        Linear { weight, ..self }
     }
 
     /// Whether the weight is block-quantized (its products are approximate already).
