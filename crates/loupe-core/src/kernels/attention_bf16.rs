@@ -1,21 +1,31 @@
-//! The vision tower's attention with bf16 operands and f32 sums: AVX-512 BF16's `vdpbf16ps`
-//! multiplies two pairs of bf16 values and adds both products into each f32 lane in one instruction,
-//! twice the work of an f32 FMA. Why our own: the f32 products of [`super::attention`] were 15-20%
-//! of a 448² encode once the linear layers ran in VNNI; `gemm` has no bf16 kernels on x86.
+//! The vision tower's attention in low precision, for quantized towers: the scores `q k^T` on
+//! 8-bit codes with 32-bit integer sums (AVX-512 VNNI's `vpdpbusd`, 64 products per instruction),
+//! the weighted sum `p v` on bf16 operands with f32 sums (AVX-512 BF16's `vdpbf16ps`). Why our own:
+//! the f32 products of [`super::attention`] were 15-20% of a 448² encode once the linear layers ran
+//! in VNNI, and `gemm` has no 8-bit or bf16 kernels on x86; the scores were then a third of a 896²
+//! encode's attention on bf16, and 8-bit operands multiply twice as fast here.
 //!
-//! Where the values are rounded to bf16 (the scalar reference [`reference`] rounds at the same
-//! points): the queries once scaled, the keys, the values, and the softmax weights `p` before they
-//! meet the values. Scores, the softmax, the row sums of `p` and every sum of products stay f32.
-//! The models ask for it only where the projections feeding attention are already quantized, whose
-//! error is far above bf16's 8-bit mantissa (`docs/quantization.md`).
+//! Where the values are rounded (the scalar reference [`reference`] rounds at the same points):
+//! - each query row, once scaled, to 8-bit codes with one scale (its largest magnitude over 127);
+//! - the keys minus their mean over the segment (per dim: a shift of every score of a query row by the
+//!   same amount, which the softmax does not see; SageAttention's smoothing, so a dim where all keys
+//!   share an offset costs no precision), each key row to 8-bit codes with one scale;
+//! - the values, and the softmax weights `p` before they meet the values, to bf16.
 //!
-//! Layouts (bf16 bits as `u16`, for one segment and head; `keys` padded with zero rows to a multiple
-//! of 16, `dim` with zero columns to even for the pairs and to a multiple of 16 for the values):
-//! - keys: blocks of 16 keys, `[block][pair of dims][key 16][2]`, so one 64-byte load gives 16 keys'
-//!   values of dims `2p, 2p + 1` and a broadcast query pair meets all of them;
-//! - values: `[pair of keys][dim][2]`, so one load gives 16 dims of two consecutive keys and a
+//! A score is the exact integer sum of the codes' products times both scales; the softmax, the row
+//! sums of `p` and every sum of the weighted product stay f32. The models ask for it only where the
+//! projections feeding attention are already quantized, whose error is far above these roundings
+//! (`docs/quantization.md`).
+//!
+//! Layouts (for one segment and head; `keys` padded with zero rows to a multiple of 16, `dim` with
+//! zeros to a multiple of 4 for the codes and to a multiple of 16 for the values):
+//! - keys: codes plus 128 (`vpdpbusd` wants the unsigned operand there), blocks of 16 keys,
+//!   `[block][quad of dims][key 16][4]`, so one 64-byte load gives 16 keys' codes of dims
+//!   `4s..4s + 4` and a broadcast quad of one query's codes meets all of them;
+//! - values: bf16 `[pair of keys][dim][2]`, so one load gives 16 dims of two consecutive keys and a
 //!   broadcast pair of softmax weights meets all of them;
-//! - queries and softmax weights: rows of bf16 as they are, read as 4-byte pairs.
+//! - queries: rows of codes as they are, read 4 at a time; softmax weights: rows of bf16, read as
+//!   4-byte pairs.
 
 use std::cell::RefCell;
 
@@ -30,7 +40,8 @@ const R: usize = 4;
 /// Key blocks (of 16) per score-kernel call.
 const JB: usize = 4;
 
-/// Whether the CPU behind `isa` has AVX-512 BF16 (`vdpbf16ps`).
+/// Whether the CPU behind `isa` has AVX-512 VNNI (`vpdpbusd`, part of [`Isa::Avx512`]) and BF16
+/// (`vdpbf16ps`).
 pub fn available(isa: Isa) -> bool {
     #[cfg(target_arch = "x86_64")]
     return isa == Isa::Avx512 && std::arch::is_x86_feature_detected!("avx512bf16");
@@ -52,9 +63,15 @@ fn value(b: u16) -> f32 {
 /// One segment and head's queries, keys and values, packed.
 #[derive(Default)]
 struct Packed {
-    /// `(d.keys, 2 * d.pairs)`: the queries times the scale, zero rows and columns as padding.
-    queries: Vec<u16>,
-    keys: Vec<u16>,
+    /// `(d.keys, 4 * d.quads)`: each query row's 8-bit codes (times the scale), zero padding.
+    queries: Vec<i8>,
+    /// Per query row: its codes' scale, and `-128 x` the sum of its codes (what the keys' `+128`
+    /// adds to every integer sum).
+    query_scale: Vec<f32>,
+    query_offset: Vec<i32>,
+    /// The keys' codes plus 128 in the layout above, and each key's scale (0 for padding).
+    keys: Vec<u8>,
+    key_scale: Vec<f32>,
     values: Vec<u16>,
 }
 
@@ -65,8 +82,8 @@ struct Dims {
     dim: usize,
     /// Keys (and query rows) padded to a multiple of 16.
     keys: usize,
-    /// Pairs of dims (the score product's depth).
-    pairs: usize,
+    /// Quads of dims (the score product's depth).
+    quads: usize,
     /// Dims padded to a multiple of 16 (the value product's width).
     dpad: usize,
 }
@@ -77,10 +94,46 @@ impl Dims {
             len,
             dim,
             keys: len.div_ceil(16) * 16,
-            pairs: dim.div_ceil(2),
+            quads: dim.div_ceil(4),
             dpad: dim.div_ceil(16) * 16,
         }
     }
+}
+
+/// `x` as 8-bit codes with one scale: `codes[i] = round(x[i] * 127 / max |x|)` (ties to even),
+/// returning `max |x| / 127` (0, with zero codes, when `x` is all zeros). The reference of
+/// `x86::quantize`.
+pub fn quantize(x: &[f32], codes: &mut [i8]) -> f32 {
+    let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
+    if amax == 0.0 {
+        codes[..x.len()].fill(0);
+        return 0.0;
+    }
+    let iscale = 127.0 / amax;
+    for (c, v) in codes.iter_mut().zip(x) {
+        *c = (v * iscale).round_ties_even() as i8;
+    }
+    amax / 127.0
+}
+
+/// [`quantize`] on the SIMD path where the CPU has one.
+fn quantize_row(x: &[f32], codes: &mut [i8]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: only reached where `available` said the CPU has AVX-512 (F, BW, VL).
+    return unsafe { x86::quantize(x, codes) };
+    #[cfg(not(target_arch = "x86_64"))]
+    quantize(x, codes)
+}
+
+/// The mean over `len` rows of `dim` values (`rows` holds them one after another): sums in row
+/// order, then one division per dim.
+fn mean_rows(rows: &[f32], dim: usize, len: usize) -> Vec<f32> {
+    let mut mean = vec![0f32; dim];
+    for row in rows.chunks_exact(dim).take(len) {
+        mean.iter_mut().zip(row).for_each(|(m, &x)| *m += x);
+    }
+    mean.iter_mut().for_each(|m| *m /= len as f32);
+    mean
 }
 
 /// Where the attention's operands lie.
@@ -153,11 +206,16 @@ fn pack(
     d: Dims,
     scale: f32,
 ) -> Packed {
-    let qw = 2 * d.pairs;
-    let mut queries = vec![0u16; d.keys * qw];
-    let mut keys = vec![0u16; d.keys * qw];
+    let qw = 4 * d.quads;
+    let mut queries = vec![0i8; d.keys * qw];
+    let mut query_scale = vec![0f32; d.keys];
+    let mut query_offset = vec![0i32; d.keys];
+    let mut keys = vec![0x80u8; d.keys * qw];
+    let mut key_scale = vec![0f32; d.keys];
     let mut values = vec![0u16; d.keys * d.dpad];
-    let (mut row, mut words) = (vec![0f32; qw], vec![0u16; qw]);
+    // The keys, rotated, kept until their mean is known.
+    let mut k = vec![0f32; d.len * d.dim];
+    let (mut row, mut words) = (vec![0f32; d.dim], vec![0u16; d.dim]);
     for j in 0..d.len {
         // The rows lie a whole token's q, k and v of every head apart (the fused layout): each
         // read would wait on memory without a request made a few rows ahead.
@@ -167,25 +225,37 @@ fn pack(
                 super::prefetch(x.as_ptr(), x.len());
             }
         }
-        src.load(0, h, start + j, shape, &mut row[..d.dim]);
-        row[..d.dim].iter_mut().for_each(|r| *r *= scale);
-        to_bf16(&row, &mut queries[j * qw..][..qw]);
-        src.load(1, h, start + j, shape, &mut row[..d.dim]);
+        src.load(0, h, start + j, shape, &mut row);
+        row.iter_mut().for_each(|r| *r *= scale);
+        let codes = &mut queries[j * qw..][..d.dim];
+        query_scale[j] = quantize_row(&row, codes);
+        query_offset[j] = -128 * codes.iter().map(|&c| c as i32).sum::<i32>();
+        src.load(1, h, start + j, shape, &mut k[j * d.dim..][..d.dim]);
+        src.load(2, h, start + j, shape, &mut row);
         to_bf16(&row, &mut words);
-        let (blk, lane) = (j / 16, j % 16);
-        for p in 0..d.pairs {
-            let dst = ((blk * d.pairs + p) * 16 + lane) * 2;
-            keys[dst..dst + 2].copy_from_slice(&words[2 * p..2 * p + 2]);
-        }
-        src.load(2, h, start + j, shape, &mut row[..d.dim]);
-        to_bf16(&row[..d.dim], &mut words[..d.dim]);
-        for (t, &w) in words[..d.dim].iter().enumerate() {
+        for (t, &w) in words.iter().enumerate() {
             values[((j / 2) * d.dpad + t) * 2 + j % 2] = w;
+        }
+    }
+    let mean = mean_rows(&k, d.dim, d.len);
+    let mut codes = vec![0i8; d.dim];
+    for j in 0..d.len {
+        row.iter_mut()
+            .zip(&k[j * d.dim..][..d.dim])
+            .zip(&mean)
+            .for_each(|((r, &x), &m)| *r = x - m);
+        key_scale[j] = quantize_row(&row, &mut codes);
+        let (blk, lane) = (j / 16, j % 16);
+        for (t, &c) in codes.iter().enumerate() {
+            keys[((blk * d.quads + t / 4) * 16 + lane) * 4 + t % 4] = (c as u8) ^ 0x80;
         }
     }
     Packed {
         queries,
+        query_scale,
+        query_offset,
         keys,
+        key_scale,
         values,
     }
 }
@@ -293,12 +363,12 @@ fn tile(
             buf.resize(len, 0.0);
         }
     }
-    let qs = &kv.queries[span.start * 2 * d.pairs..][..padded * 2 * d.pairs];
-    // SAFETY: `available` said the CPU has AVX-512 F and BF16 (checked by `segment_attention`); the
-    // buffers hold `padded` rows of what each product reads and writes.
+    let qs = span.start..span.start + padded;
+    // SAFETY: `available` said the CPU has AVX-512 F, VNNI and BF16 (checked by
+    // `segment_attention`); the buffers hold `padded` rows of what each product reads and writes.
     #[cfg(target_arch = "x86_64")]
     unsafe {
-        x86::scores(qs, &kv.keys, d, padded, scores)
+        x86::scores(kv, qs, d, scores)
     };
     let mut sums = [0f32; TILE];
     for i in 0..rows {
@@ -339,7 +409,8 @@ fn to_bf16(src: &[f32], dst: &mut [u16]) {
     dst.iter_mut().zip(src).for_each(|(d, &s)| *d = round(s));
 }
 
-/// The reference: the same rounding points, one value at a time, f32 sums in plain order.
+/// The reference: the same rounding points, one value at a time, exact integer sums for the scores
+/// and f32 sums in plain order for the weighted sum.
 #[allow(clippy::too_many_arguments)]
 pub fn reference(
     q: &[f32],
@@ -357,12 +428,25 @@ pub fn reference(
     for &len in segments {
         for h in 0..heads {
             let row = |j: usize| (h * n + start + j) * dim;
+            let rows = &k[row(0)..row(len)];
+            let mean = mean_rows(rows, dim, len);
+            let keys: Vec<(f32, Vec<i8>)> = rows
+                .chunks_exact(dim)
+                .map(|kj| {
+                    let centred: Vec<f32> = kj.iter().zip(&mean).map(|(&x, &m)| x - m).collect();
+                    let mut codes = vec![0i8; dim];
+                    (quantize(&centred, &mut codes), codes)
+                })
+                .collect();
             for i in 0..len {
-                let qi: Vec<f32> = q[row(i)..][..dim].iter().map(|&x| r(x * scale)).collect();
-                let mut s: Vec<f32> = (0..len)
-                    .map(|j| {
-                        let kj = &k[row(j)..][..dim];
-                        qi.iter().zip(kj).map(|(a, &b)| a * r(b)).sum()
+                let qi: Vec<f32> = q[row(i)..][..dim].iter().map(|&x| x * scale).collect();
+                let mut qc = vec![0i8; dim];
+                let sq = quantize(&qi, &mut qc);
+                let mut s: Vec<f32> = keys
+                    .iter()
+                    .map(|(sk, kc)| {
+                        let dot: i32 = qc.iter().zip(kc).map(|(&a, &b)| a as i32 * b as i32).sum();
+                        dot as f32 * (sk * sq)
                     })
                     .collect();
                 let sum = super::attention::exp_minus_max(Isa::Scalar, &mut s);
@@ -383,19 +467,116 @@ pub fn reference(
 mod x86 {
     use core::arch::x86_64::*;
 
-    use super::{Dims, JB, R};
+    use super::{Dims, Packed, JB, R};
 
-    /// `scores = q k^T` for `rows` (a multiple of [`R`]) rows of bf16 queries `qs` (`2 * pairs` per
-    /// row) against the packed keys; `scores` is `rows x d.keys`.
-    #[target_feature(enable = "avx512f,avx512bf16")]
-    pub unsafe fn scores(qs: &[u16], keys: &[u16], d: Dims, rows: usize, scores: &mut [f32]) {
-        let panel = Panel {
-            blocks: d.keys / 16,
-            steps: d.pairs,
-            step: 32,
-            block: d.pairs * 32,
+    /// `scores = q k^T` for query rows `qs` (as many as a multiple of [`R`]) of the packed segment
+    /// against all its keys; `scores` is `qs.len() x d.keys`. [`JB`] blocks of 16 keys per kernel
+    /// call: `R x JB` integer sums in registers, one load per block and one broadcast per row each
+    /// quad of dims.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub unsafe fn scores(kv: &Packed, qs: std::ops::Range<usize>, d: Dims, scores: &mut [f32]) {
+        let qw = 4 * d.quads;
+        let blocks = d.keys / 16;
+        assert!(qs.end <= d.keys && scores.len() >= qs.len() * d.keys);
+        for (i, first) in qs.clone().step_by(R).enumerate() {
+            let rows = first..first + R;
+            let q: [*const i8; R] =
+                std::array::from_fn(|r| kv.queries.as_ptr().add((first + r) * qw));
+            let a = Query {
+                codes: q,
+                scale: kv.query_scale[rows.clone()].try_into().expect("R rows"),
+                offset: kv.query_offset[rows].try_into().expect("R rows"),
+            };
+            let mut b = 0;
+            while b < blocks {
+                let w = (blocks - b).min(JB);
+                let keys = kv.keys.as_ptr().add(b * 16 * qw);
+                let key_scale = kv.key_scale.as_ptr().add(b * 16);
+                let o: [*mut f32; R] =
+                    std::array::from_fn(|r| scores.as_mut_ptr().add((i * R + r) * d.keys + b * 16));
+                match w {
+                    1 => kernel8::<1>(&a, keys, key_scale, d.quads, o),
+                    2 => kernel8::<2>(&a, keys, key_scale, d.quads, o),
+                    3 => kernel8::<3>(&a, keys, key_scale, d.quads, o),
+                    _ => kernel8::<4>(&a, keys, key_scale, d.quads, o),
+                }
+                b += w;
+            }
+        }
+    }
+
+    /// [`R`] query rows' codes, scales and offsets.
+    struct Query {
+        codes: [*const i8; R],
+        scale: [f32; R],
+        offset: [i32; R],
+    }
+
+    /// [`R`] query rows against `B` blocks of 16 keys starting at `keys` (their scales at
+    /// `key_scale`): per row and block, the integer sum of the codes' products (the `+128` of the
+    /// keys taken back off), then times the key's scale times the query's.
+    #[inline(always)]
+    unsafe fn kernel8<const B: usize>(
+        q: &Query,
+        keys: *const u8,
+        key_scale: *const f32,
+        quads: usize,
+        out: [*mut f32; R],
+    ) {
+        let mut acc = [[_mm512_setzero_si512(); B]; R];
+        for s in 0..quads {
+            let blocks: [__m512i; B] = std::array::from_fn(|b| {
+                _mm512_loadu_si512(keys.add((b * quads + s) * 64) as *const __m512i)
+            });
+            for (sums, codes) in acc.iter_mut().zip(q.codes) {
+                let quad = _mm512_set1_epi32((codes.add(4 * s) as *const i32).read_unaligned());
+                for (sum, block) in sums.iter_mut().zip(blocks) {
+                    *sum = _mm512_dpbusd_epi32(*sum, block, quad);
+                }
+            }
+        }
+        for (r, sums) in acc.iter().enumerate() {
+            let (offset, sq) = (_mm512_set1_epi32(q.offset[r]), _mm512_set1_ps(q.scale[r]));
+            for (b, sum) in sums.iter().enumerate() {
+                let scale = _mm512_mul_ps(_mm512_loadu_ps(key_scale.add(16 * b)), sq);
+                let exact = _mm512_cvtepi32_ps(_mm512_add_epi32(*sum, offset));
+                _mm512_storeu_ps(out[r].add(16 * b), _mm512_mul_ps(exact, scale));
+            }
+        }
+    }
+
+    /// [`super::quantize`], 16 values at a time: the same largest magnitude, scale and codes
+    /// (`vcvtps2dq` rounds to nearest even, as `round_ties_even`).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    pub unsafe fn quantize(x: &[f32], codes: &mut [i8]) -> f32 {
+        let n = x.len();
+        assert!(codes.len() >= n);
+        let mask = |at: usize| -> u16 {
+            let left = n - at;
+            if left >= 16 {
+                u16::MAX
+            } else {
+                ((1u32 << left) - 1) as u16
+            }
         };
-        product((qs, 2 * d.pairs), rows, keys, panel, JB, (scores, d.keys));
+        let mut amax = _mm512_setzero_ps();
+        for at in (0..n).step_by(16) {
+            let v = _mm512_maskz_loadu_ps(mask(at), x.as_ptr().add(at));
+            amax = _mm512_max_ps(amax, _mm512_abs_ps(v));
+        }
+        let amax = _mm512_reduce_max_ps(amax);
+        if amax == 0.0 {
+            codes[..n].fill(0);
+            return 0.0;
+        }
+        let iscale = _mm512_set1_ps(127.0 / amax);
+        for at in (0..n).step_by(16) {
+            let m = mask(at);
+            let v = _mm512_maskz_loadu_ps(m, x.as_ptr().add(at));
+            let c = _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(v, iscale)));
+            _mm_mask_storeu_epi8(codes.as_mut_ptr().add(at), m, c);
+        }
+        amax / 127.0
     }
 
     /// `os = ps v` for `rows` (a multiple of [`R`]) rows of bf16 softmax weights `ps` (`d.keys` per
@@ -634,6 +815,81 @@ mod tests {
                 "len {len}: {sum} vs {want_sum}"
             );
         }
+    }
+
+    /// The SIMD quantization equals the reference bit for bit: lengths with and without a tail,
+    /// exact ties (a value of largest magnitude 127 makes every integer and half-integer exact), an
+    /// all-zero row, negative zero.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn quantize_equals_its_reference() {
+        if !available(Isa::detect()) {
+            return;
+        }
+        let mut rows: Vec<Vec<f32>> = [1, 15, 16, 17, 80, 112]
+            .iter()
+            .map(|&len| data(len, len).iter().map(|x| 3.0 * x).collect())
+            .collect();
+        rows.push(
+            (0..40)
+                .map(|i| (i as f32 - 20.0) * 0.5)
+                .chain([127.0])
+                .collect(),
+        );
+        rows.push(vec![0.0; 19]);
+        rows.push(vec![-0.0, 1e-30, -2.5, 2.5]);
+        for x in rows {
+            let (mut want, mut got) = (vec![0i8; x.len()], vec![7i8; x.len() + 3]);
+            let sw = quantize(&x, &mut want);
+            // SAFETY: `available` said the CPU has AVX-512 (F, BW, VL).
+            let sg = unsafe { x86::quantize(&x, &mut got) };
+            assert_eq!(sg.to_bits(), sw.to_bits(), "{x:?}");
+            assert_eq!(&got[..x.len()], &want[..], "{x:?}");
+            assert_eq!(&got[x.len()..], &[7, 7, 7], "wrote past the row");
+        }
+    }
+
+    /// Keys sharing a large offset in some dims (as a projection's bias gives them) change no
+    /// softmax, and the smoothing (the keys' mean taken off before their 8-bit rounding) keeps that
+    /// true here: the result stays within the same bound of f32 attention on the offset keys as on
+    /// the plain ones. Without it, one key scale would span the offset and the other dims' codes
+    /// would round to a few levels.
+    #[test]
+    fn shared_key_offsets_cost_no_precision() {
+        let (heads, dim, segments) = (2, 40, vec![70, 33]);
+        let n: usize = segments.iter().sum();
+        let (q, v) = (data(heads * n * dim, 6), data(heads * n * dim, 7));
+        let mut k = data(heads * n * dim, 8);
+        for (i, x) in k.iter_mut().enumerate() {
+            if i % dim == 3 || i % dim == 17 {
+                *x += 60.0;
+            }
+        }
+        let scale = 1.0 / (dim as f32).sqrt();
+        let want = reference(&q, &k, &v, heads, dim, &segments, scale);
+        let exact = super::super::attention::segment_attention(
+            Isa::Scalar,
+            &q,
+            &k,
+            &v,
+            heads,
+            dim,
+            &segments,
+            scale,
+            super::super::attention::Products::F32,
+        );
+        for (i, (w, e)) in want.iter().zip(&exact).enumerate() {
+            assert!(
+                (w - e).abs() < 3e-2 * (1.0 + e.abs()),
+                "reference at {i}: {w} vs f32 {e}"
+            );
+        }
+        let src = Layout::Split {
+            q: &q,
+            k: &k,
+            v: &v,
+        };
+        assert_kernel_matches(src, heads, dim, &segments, scale, &want);
     }
 
     /// The kernel on `src`, on every path that has it, within 1e-3 of the reference's `want`.
