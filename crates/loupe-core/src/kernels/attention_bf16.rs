@@ -741,10 +741,9 @@ mod tests {
             .collect()
     }
 
-    /// The reference against f32 attention (so it computes attention, to bf16's precision), and the
-    /// kernel against the reference (same rounding points, so only the order of f32 sums and the
-    /// vectorized exp differ) on odd shapes: head dims odd, not a multiple of 16, above 96 (two
-    /// value passes); segments shorter than, equal to and longer than a tile and a key block.
+    /// [`assert_reference_and_kernel`] on odd shapes: head dims odd, not a multiple of 4 or 16,
+    /// above 96 (two value passes); segments shorter than, equal to and longer than a tile and a
+    /// key block.
     #[test]
     fn bf16_segment_attention_matches_reference() {
         for (heads, dim, segments) in [
@@ -760,32 +759,48 @@ mod tests {
                 data(heads * n * dim, 2),
                 data(heads * n * dim, 3),
             );
-            let scale = 1.0 / (dim as f32).sqrt();
-            let want = reference(&q, &k, &v, heads, dim, &segments, scale);
-            let exact = super::super::attention::segment_attention(
-                Isa::Scalar,
-                &q,
-                &k,
-                &v,
-                heads,
-                dim,
-                &segments,
-                scale,
-                super::super::attention::Products::F32,
-            );
-            for (i, (w, e)) in want.iter().zip(&exact).enumerate() {
-                assert!(
-                    (w - e).abs() < 3e-2 * (1.0 + e.abs()),
-                    "reference h{heads} d{dim} {segments:?} at {i}: {w} vs f32 {e}"
-                );
-            }
-            let src = Layout::Split {
-                q: &q,
-                k: &k,
-                v: &v,
-            };
-            assert_kernel_matches(src, heads, dim, &segments, scale, &want);
+            assert_reference_and_kernel(&q, &k, &v, heads, dim, &segments);
         }
+    }
+
+    /// The reference against f32 attention within 3e-2 (so it computes attention, to the precision
+    /// of its roundings), and the kernel against the reference (same rounding points, so only the
+    /// order of f32 sums and the vectorized exp differ), `q`, `k`, `v` laid out per head.
+    fn assert_reference_and_kernel(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        heads: usize,
+        dim: usize,
+        segments: &[usize],
+    ) {
+        let scale = 1.0 / (dim as f32).sqrt();
+        let want = reference(q, k, v, heads, dim, segments, scale);
+        let exact = super::super::attention::segment_attention(
+            Isa::Scalar,
+            q,
+            k,
+            v,
+            heads,
+            dim,
+            segments,
+            scale,
+            super::super::attention::Products::F32,
+        );
+        for (i, (w, e)) in want.iter().zip(&exact).enumerate() {
+            assert!(
+                (w - e).abs() < 3e-2 * (1.0 + e.abs()),
+                "reference h{heads} d{dim} {segments:?} at {i}: {w} vs f32 {e}"
+            );
+        }
+        assert_kernel_matches(
+            Layout::Split { q, k, v },
+            heads,
+            dim,
+            segments,
+            scale,
+            &want,
+        );
     }
 
     /// The one-pass softmax weights equal the exps of `exp_minus_max` rounded by `to_bf16`, bit for
@@ -865,31 +880,7 @@ mod tests {
                 *x += 60.0;
             }
         }
-        let scale = 1.0 / (dim as f32).sqrt();
-        let want = reference(&q, &k, &v, heads, dim, &segments, scale);
-        let exact = super::super::attention::segment_attention(
-            Isa::Scalar,
-            &q,
-            &k,
-            &v,
-            heads,
-            dim,
-            &segments,
-            scale,
-            super::super::attention::Products::F32,
-        );
-        for (i, (w, e)) in want.iter().zip(&exact).enumerate() {
-            assert!(
-                (w - e).abs() < 3e-2 * (1.0 + e.abs()),
-                "reference at {i}: {w} vs f32 {e}"
-            );
-        }
-        let src = Layout::Split {
-            q: &q,
-            k: &k,
-            v: &v,
-        };
-        assert_kernel_matches(src, heads, dim, &segments, scale, &want);
+        assert_reference_and_kernel(&q, &k, &v, heads, dim, &segments);
     }
 
     /// The kernel on `src`, on every path that has it, within 1e-3 of the reference's `want`.
