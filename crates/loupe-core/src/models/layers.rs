@@ -209,7 +209,10 @@ fn dense_8bit(
                 #[cfg(target_arch = "x86_64")]
                 return crate::kernels::qmatmul::matmul_f32_8bit(isa, wv, rows, xv, m, &post);
                 #[cfg(not(target_arch = "x86_64"))]
-                unreachable!("f32_8bit_applies is false off x86: {post:?} {wv:?} {xv:?}")
+                {
+                    let _ = (post, wv, xv);
+                    unreachable!("f32_8bit_applies is false off x86")
+                }
             })
         })
     })???;
@@ -305,9 +308,9 @@ impl Linear {
     }
 
     /// The same projection, its f32 weights allowed to multiply at 8 bits in products of many rows
-    /// ([`Matrix::Dense8`]): for the vision merger when the tower's blocks are quantized (the
-    /// policy in `docs/quantization.md`). Quantized or non-f32 weights are left as they are.
-    pub fn allow_8bit(self) -> Self {
+    /// ([`Matrix::Dense8`]): for the vision merger when the tower's blocks are quantized
+    /// ([`load_merger_mlp`]). Quantized or non-f32 weights are left as they are.
+    fn allow_8bit(self) -> Self {
         let weight = match self.weight {
             Matrix::Dense(w) if w.dtype() == DType::F32 => Matrix::Dense8(w),
             other => other,
@@ -846,6 +849,22 @@ pub fn mrope_cos_sin(
         })
         .collect();
     cos_sin(&angles, positions.len(), inv_freq.len(), dtype, dev)
+}
+
+/// The vision merger's two projections (`visual.merger.mlp.0` and `.2`, `m2` wide in, `out` out of
+/// the second). In a tower whose blocks are quantized they may multiply at 8 bits (the policy in
+/// `docs/quantization.md`).
+pub fn load_merger_mlp(
+    w: &Weights,
+    m2: usize,
+    out: usize,
+    tower_quantized: bool,
+) -> Result<(Linear, Linear)> {
+    let policy = |l: Linear| if tower_quantized { l.allow_8bit() } else { l };
+    Ok((
+        policy(Linear::load(w, "visual.merger.mlp.0", m2, m2, true)?),
+        policy(Linear::load(w, "visual.merger.mlp.2", m2, out, true)?),
+    ))
 }
 
 /// A ViT's patch embedding (`visual.patch_embed.proj`): a Conv3d whose stride is its kernel, so a

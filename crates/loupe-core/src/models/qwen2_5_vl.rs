@@ -10,8 +10,8 @@
 use candle_core::{Device, Tensor};
 
 use super::layers::{
-    frame_lengths, inv_freq, load_patch_embed, vision_attention, vision_rotary, GatedMlp, Linear,
-    RmsNorm, Taps,
+    frame_lengths, inv_freq, load_merger_mlp, load_patch_embed, vision_attention, vision_rotary,
+    GatedMlp, Linear, RmsNorm, Taps,
 };
 use super::qwen2_vl::activation;
 use super::VisionEncoder;
@@ -64,23 +64,16 @@ impl VisionTower {
             .collect::<Result<Vec<_>>>()?;
         let m2 = e * v.spatial_merge_size * v.spatial_merge_size;
         let head_dim = e / v.num_heads;
-        // A quantized tower's merger may multiply at 8 bits (`docs/quantization.md`).
         let quantized = blocks.first().is_some_and(|b| b.qkv.is_quantized());
-        let merger_policy = |l: Linear| if quantized { l.allow_8bit() } else { l };
+        let (merger_fc1, merger_fc2) = load_merger_mlp(w, m2, v.hidden_size, quantized)?;
         let block = 2 * e + (3 * e * e + 3 * e) + (e * e + e) + 3 * e * hidden + 2 * hidden + e;
         let merger = e + (m2 * m2 + m2) + (m2 * v.hidden_size + v.hidden_size);
         Ok(VisionTower {
             patch_embed: load_patch_embed(cfg, w, false)?,
             blocks,
             ln_q: RmsNorm::load(w, "visual.merger.ln_q", e, 1e-6)?,
-            merger_fc1: merger_policy(Linear::load(w, "visual.merger.mlp.0", m2, m2, true)?),
-            merger_fc2: merger_policy(Linear::load(
-                w,
-                "visual.merger.mlp.2",
-                m2,
-                v.hidden_size,
-                true,
-            )?),
+            merger_fc1,
+            merger_fc2,
             heads: v.num_heads,
             head_dim,
             merge: v.spatial_merge_size,

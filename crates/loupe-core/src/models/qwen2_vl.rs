@@ -8,9 +8,9 @@ use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
 
 use super::layers::{
-    attention, frame_lengths, inv_freq, load_lm_head, load_patch_embed, mrope_cos_sin, rope,
-    vision_attention, vision_rotary, Activation, Embedding, GatedMlp, LayerNorm, Linear, Matrix,
-    RmsNorm, Taps,
+    attention, frame_lengths, inv_freq, load_lm_head, load_merger_mlp, load_patch_embed,
+    mrope_cos_sin, rope, vision_attention, vision_rotary, Activation, Embedding, GatedMlp,
+    LayerNorm, Linear, Matrix, RmsNorm, Taps,
 };
 use super::{qwen2_5_vl, qwen3_vl, VisionEncoder};
 use crate::error::{Error, Result};
@@ -119,21 +119,14 @@ impl VisionTower {
             .collect::<Result<Vec<_>>>()?;
         let m2 = e * v.spatial_merge_size * v.spatial_merge_size;
         let head_dim = e / v.num_heads;
-        // A quantized tower's merger may multiply at 8 bits (`docs/quantization.md`).
         let quantized = blocks.first().is_some_and(|b| b.qkv.is_quantized());
-        let merger_policy = |l: Linear| if quantized { l.allow_8bit() } else { l };
+        let (merger_fc1, merger_fc2) = load_merger_mlp(w, m2, v.hidden_size, quantized)?;
         Ok(VisionTower {
             patch_embed: load_patch_embed(cfg, w, false)?,
             blocks,
             ln_q: LayerNorm::load(w, "visual.merger.ln_q", e, 1e-6)?,
-            merger_fc1: merger_policy(Linear::load(w, "visual.merger.mlp.0", m2, m2, true)?),
-            merger_fc2: merger_policy(Linear::load(
-                w,
-                "visual.merger.mlp.2",
-                m2,
-                v.hidden_size,
-                true,
-            )?),
+            merger_fc1,
+            merger_fc2,
             act: activation(&v.hidden_act, "vision_config.hidden_act")?,
             heads: v.num_heads,
             head_dim,
