@@ -3,8 +3,9 @@
 //! [`decode_attention`]: a few query rows against the KV cache, read where it lies. Why our own: at
 //! decode the general path (candle matmul, mask, softmax, matmul) copies the narrowed K and V of
 //! every layer and repeats the KV heads for grouped queries, which costs more than the arithmetic.
-//! Here each query head reads its KV head's rows in place (grouped-query attention needs no copies),
-//! one pass for the scores, one for the weighted sum, heads spread over candle's pool.
+//! Here the query heads of a KV head read its rows in place together (grouped-query attention needs
+//! no copies, and a row read once serves up to three heads), one pass for the scores, one for the
+//! weighted sum, with the sums in registers; runs of heads spread over candle's pool.
 //!
 //! [`segment_attention`]: the vision tower's attention, every patch of an image (or window) against
 //! every other, thousands of rows. Why our own: the general path builds blocks of the score matrix
@@ -34,8 +35,16 @@ pub struct Shape {
     pub row_stride: usize,
 }
 
+/// Query heads that one work unit of [`decode_attention`] takes through its KV head's rows together.
+const HEADS_PER_UNIT: usize = 3;
+
 /// Causal attention of `q` over the first `keys` rows of `k` and `v`: query row `i` of `rows` sees
 /// keys `0..keys - rows + i + 1`; scores are scaled by `scale`.
+///
+/// Work units are a KV head and a run of up to [`HEADS_PER_UNIT`] of its query heads: the run reads
+/// each key and value row once for all its heads (grouped-query attention), four keys at a time,
+/// with the sums held in registers instead of a horizontal sum per key and an output row loaded and
+/// stored per value row.
 pub fn decode_attention(
     isa: Isa,
     q: &[f32],
@@ -52,22 +61,35 @@ pub fn decode_attention(
     assert!(k.len() >= last && v.len() >= last);
     let mut out = vec![0f32; q.len()];
     let out_ptr = out.as_mut_ptr() as usize;
-    let scratch = || vec![0f32; s.keys];
-    super::pool::parallel_for_with(s.heads, scratch, |scores, heads| {
-        for h in heads {
-            let base = (h / group) * s.head_stride;
+    let per_unit = HEADS_PER_UNIT.min(group);
+    let runs = group.div_ceil(per_unit);
+    let scratch = || vec![0f32; per_unit * s.keys];
+    super::pool::parallel_for_with(s.kv_heads * runs, scratch, |scores, units| {
+        for unit in units {
+            let (g, run) = (unit / runs, unit % runs);
+            let first = g * group + run * per_unit;
+            let heads = first..(first + per_unit).min((g + 1) * group);
+            let base = g * s.head_stride;
+            let kv = (&k[base..], &v[base..], s.row_stride);
             for i in 0..s.rows {
                 let visible = s.keys - s.rows + i + 1;
-                let qi = &q[(h * s.rows + i) * s.dim..][..s.dim];
-                // SAFETY: output row (h, i) is written by this head's iteration alone.
-                let o = unsafe {
-                    std::slice::from_raw_parts_mut(
-                        (out_ptr as *mut f32).add((h * s.rows + i) * s.dim),
-                        s.dim,
-                    )
-                };
-                let kv = (&k[base..], &v[base..], s.row_stride);
-                attend_row(isa, qi, kv, scale, &mut scores[..visible], o);
+                let at = |h: usize| (h * s.rows + i) * s.dim;
+                let qs: Vec<&[f32]> = heads.clone().map(|h| &q[at(h)..][..s.dim]).collect();
+                // SAFETY: output rows (h, i) of this unit's heads are written by this unit alone.
+                let mut os: Vec<&mut [f32]> = heads
+                    .clone()
+                    .map(|h| unsafe {
+                        std::slice::from_raw_parts_mut((out_ptr as *mut f32).add(at(h)), s.dim)
+                    })
+                    .collect();
+                attend_rows(
+                    isa,
+                    &qs,
+                    kv,
+                    scale,
+                    &mut scores[..qs.len() * visible],
+                    &mut os,
+                );
             }
         }
     });
@@ -250,6 +272,61 @@ impl Tile<'_> {
     }
 }
 
+/// Query rows `qs` (heads of one KV head) against the first `n = scores.len() / qs.len()` rows of
+/// `kv = (k, v, row_stride)`: `os[h] += softmax(scale * qs[h] k^T) v`, with `scores` as scratch
+/// (head `h`'s scores at `h * n`). At most [`HEADS_PER_UNIT`] heads.
+fn attend_rows(
+    isa: Isa,
+    qs: &[&[f32]],
+    (k, v, row_stride): (&[f32], &[f32], usize),
+    scale: f32,
+    scores: &mut [f32],
+    os: &mut [&mut [f32]],
+) {
+    let dim = qs[0].len();
+    let n = scores.len() / qs.len();
+    let grouped = isa.avx2() && dim.is_multiple_of(8) && qs.len() <= HEADS_PER_UNIT;
+    if grouped {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `avx2()` paths are only handed out when the CPU has AVX2 and FMA; the kernel reads
+        // rows `0..n` of `k` at `j * row_stride` (`dim` values each), inside `k` as the caller checked.
+        unsafe {
+            match qs.len() {
+                1 => avx2::grouped_scores::<1>(qs, k, row_stride, scale, scores),
+                2 => avx2::grouped_scores::<2>(qs, k, row_stride, scale, scores),
+                _ => avx2::grouped_scores::<3>(qs, k, row_stride, scale, scores),
+            }
+        }
+    } else {
+        for (qh, sh) in qs.iter().zip(scores.chunks_exact_mut(n)) {
+            for (j, sc) in sh.iter_mut().enumerate() {
+                *sc = dot(isa, qh, &k[j * row_stride..][..dim]) * scale;
+            }
+        }
+    }
+    for sh in scores.chunks_exact_mut(n) {
+        let sum = exp_minus_max(isa, sh);
+        sh.iter_mut().for_each(|p| *p /= sum);
+    }
+    if grouped {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above, for the rows of `v`.
+        unsafe {
+            match qs.len() {
+                1 => avx2::grouped_values::<1>(scores, v, row_stride, os),
+                2 => avx2::grouped_values::<2>(scores, v, row_stride, os),
+                _ => avx2::grouped_values::<3>(scores, v, row_stride, os),
+            }
+        }
+    } else {
+        for (sh, o) in scores.chunks_exact(n).zip(os.iter_mut()) {
+            for (j, &p) in sh.iter().enumerate() {
+                axpy(isa, p, &v[j * row_stride..][..dim], o);
+            }
+        }
+    }
+}
+
 /// One query row `qi` against the first `scores.len()` rows of `kv = (k, v, row_stride)` (row `j` of
 /// each at `j * row_stride`): `o += softmax(scale * qi k^T) v`, with `scores` as scratch.
 fn attend_row(
@@ -394,6 +471,123 @@ mod avx2 {
             o[j] += p * x[j];
         }
     }
+
+    /// How many cache rows ahead of the one being read [`prefetch`] asks for.
+    const AHEAD: usize = 16;
+
+    /// Asks for the cache lines of `len` values from `p` (a hint: never faults, past an end either).
+    #[inline(always)]
+    unsafe fn prefetch(p: *const f32, len: usize) {
+        for line in (0..len).step_by(16) {
+            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(line) as *const i8);
+        }
+    }
+
+    /// `scores[h * n + j] = scale * qs[h] · k_j` for the `H` heads (`n = scores.len() / H`, row `j`
+    /// of `k` at `j * row_stride`; the dim a multiple of 8): four keys at a time, each loaded once
+    /// for all heads, the 4 x H sums in registers and reduced four keys to one vector by `hadd`.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn grouped_scores<const H: usize>(
+        qs: &[&[f32]],
+        k: &[f32],
+        row_stride: usize,
+        scale: f32,
+        scores: &mut [f32],
+    ) {
+        let dim = qs[0].len();
+        let n = scores.len() / H;
+        let q: [*const f32; H] = std::array::from_fn(|h| qs[h].as_ptr());
+        let kp = k.as_ptr();
+        let sv = _mm_set1_ps(scale);
+        let mut j = 0;
+        while j + 4 <= n {
+            let mut acc = [[_mm256_setzero_ps(); 4]; H];
+            let rows: [*const f32; 4] = std::array::from_fn(|t| kp.add((j + t) * row_stride));
+            // The cache is read once per token, mostly from memory: ask for rows well ahead.
+            for t in 0..4 {
+                prefetch(kp.wrapping_add((j + AHEAD + t) * row_stride), dim);
+            }
+            for c in (0..dim).step_by(8) {
+                let kv: [__m256; 4] = std::array::from_fn(|t| _mm256_loadu_ps(rows[t].add(c)));
+                for h in 0..H {
+                    let qv = _mm256_loadu_ps(q[h].add(c));
+                    for t in 0..4 {
+                        acc[h][t] = _mm256_fmadd_ps(qv, kv[t], acc[h][t]);
+                    }
+                }
+            }
+            for (h, a) in acc.iter().enumerate() {
+                let s = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+                let s = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+                _mm_storeu_ps(scores.as_mut_ptr().add(h * n + j), _mm_mul_ps(s, sv));
+            }
+            j += 4;
+        }
+        for j in j..n {
+            let row = kp.add(j * row_stride);
+            let mut acc = [_mm256_setzero_ps(); H];
+            for c in (0..dim).step_by(8) {
+                let kv = _mm256_loadu_ps(row.add(c));
+                for h in 0..H {
+                    acc[h] = _mm256_fmadd_ps(_mm256_loadu_ps(q[h].add(c)), kv, acc[h]);
+                }
+            }
+            for h in 0..H {
+                scores[h * n + j] = hsum256(acc[h]) * scale;
+            }
+        }
+    }
+
+    /// `os[h] += Σ_j p[h * n + j] v_j` for the `H` heads (`n = p.len() / H`): 32 output values of
+    /// every head at a time held in registers over all the value rows, each row's piece loaded once.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn grouped_values<const H: usize>(
+        p: &[f32],
+        v: &[f32],
+        row_stride: usize,
+        os: &mut [&mut [f32]],
+    ) {
+        let dim = os[0].len();
+        let mut c = 0;
+        while c + 32 <= dim {
+            values_piece::<H, 4>(p, v, row_stride, c, os);
+            c += 32;
+        }
+        while c < dim {
+            values_piece::<H, 1>(p, v, row_stride, c, os);
+            c += 8;
+        }
+    }
+
+    /// [`grouped_values`] for output values `c..c + 8 W` of every head.
+    #[inline(always)]
+    unsafe fn values_piece<const H: usize, const W: usize>(
+        p: &[f32],
+        v: &[f32],
+        row_stride: usize,
+        c: usize,
+        os: &mut [&mut [f32]],
+    ) {
+        let n = p.len() / H;
+        let mut acc = [[_mm256_setzero_ps(); W]; H];
+        for j in 0..n {
+            let row = v.as_ptr().add(j * row_stride + c);
+            prefetch(row.wrapping_add(AHEAD * row_stride), 8 * W);
+            let vv: [__m256; W] = std::array::from_fn(|t| _mm256_loadu_ps(row.add(8 * t)));
+            for h in 0..H {
+                let ph = _mm256_broadcast_ss(&p[h * n + j]);
+                for t in 0..W {
+                    acc[h][t] = _mm256_fmadd_ps(ph, vv[t], acc[h][t]);
+                }
+            }
+        }
+        for (o, acc) in os.iter_mut().zip(&acc) {
+            for (t, a) in acc.iter().enumerate() {
+                let o = o.as_mut_ptr().add(c + 8 * t);
+                _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), *a));
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -402,7 +596,7 @@ mod tests {
 
     /// Every path against an f64 softmax attention, on odd shapes: head dims that are not a multiple
     /// of 8 or 16, grouped and plain heads, one and several query rows, a strided cache with room
-    /// past its length.
+    /// past its length, groups larger than a work unit's run of heads.
     #[test]
     fn decode_attention_matches_reference_on_every_path() {
         for (heads, kv_heads, rows, dim, keys, cap) in [
@@ -410,6 +604,11 @@ mod tests {
             (6, 1, 3, 19, 40, 64),
             (3, 3, 2, 128, 300, 300),
             (2, 1, 1, 33, 1, 4),
+            // Grouped runs of 3 query heads and their remainders, dims of 32s and 8s, keys in
+            // fours and not.
+            (12, 2, 1, 128, 517, 600),
+            (8, 1, 2, 24, 7, 9),
+            (5, 1, 1, 40, 3, 3),
         ] {
             let r = |n: usize, seed: usize| -> Vec<f32> {
                 (0..n)
