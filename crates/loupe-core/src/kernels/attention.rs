@@ -274,56 +274,33 @@ impl Tile<'_> {
 
 /// Query rows `qs` (heads of one KV head) against the first `n = scores.len() / qs.len()` rows of
 /// `kv = (k, v, row_stride)`: `os[h] += softmax(scale * qs[h] k^T) v`, with `scores` as scratch
-/// (head `h`'s scores at `h * n`). At most [`HEADS_PER_UNIT`] heads.
+/// (head `h`'s scores at `h * n`). Up to [`HEADS_PER_UNIT`] heads together on AVX2 (dims of 8s),
+/// else [`attend_row`] per head.
 fn attend_rows(
     isa: Isa,
     qs: &[&[f32]],
-    (k, v, row_stride): (&[f32], &[f32], usize),
+    kv: (&[f32], &[f32], usize),
     scale: f32,
     scores: &mut [f32],
     os: &mut [&mut [f32]],
 ) {
-    let dim = qs[0].len();
     let n = scores.len() / qs.len();
-    let grouped = isa.avx2() && dim.is_multiple_of(8) && qs.len() <= HEADS_PER_UNIT;
-    if grouped {
-        #[cfg(target_arch = "x86_64")]
+    #[cfg(target_arch = "x86_64")]
+    if isa.avx2() && qs[0].len().is_multiple_of(8) && qs.len() <= HEADS_PER_UNIT {
         // SAFETY: `avx2()` paths are only handed out when the CPU has AVX2 and FMA; the kernel reads
-        // rows `0..n` of `k` at `j * row_stride` (`dim` values each), inside `k` as the caller checked.
+        // rows `0..n` of `k` and `v` at `j * row_stride` (`dim` values each), inside them as the
+        // caller checked.
         unsafe {
             match qs.len() {
-                1 => avx2::grouped_scores::<1>(qs, k, row_stride, scale, scores),
-                2 => avx2::grouped_scores::<2>(qs, k, row_stride, scale, scores),
-                _ => avx2::grouped_scores::<3>(qs, k, row_stride, scale, scores),
+                1 => avx2::attend_grouped::<1>(qs, kv, scale, scores, os),
+                2 => avx2::attend_grouped::<2>(qs, kv, scale, scores, os),
+                _ => avx2::attend_grouped::<3>(qs, kv, scale, scores, os),
             }
         }
-    } else {
-        for (qh, sh) in qs.iter().zip(scores.chunks_exact_mut(n)) {
-            for (j, sc) in sh.iter_mut().enumerate() {
-                *sc = dot(isa, qh, &k[j * row_stride..][..dim]) * scale;
-            }
-        }
+        return;
     }
-    for sh in scores.chunks_exact_mut(n) {
-        let sum = exp_minus_max(isa, sh);
-        sh.iter_mut().for_each(|p| *p /= sum);
-    }
-    if grouped {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: as above, for the rows of `v`.
-        unsafe {
-            match qs.len() {
-                1 => avx2::grouped_values::<1>(scores, v, row_stride, os),
-                2 => avx2::grouped_values::<2>(scores, v, row_stride, os),
-                _ => avx2::grouped_values::<3>(scores, v, row_stride, os),
-            }
-        }
-    } else {
-        for (sh, o) in scores.chunks_exact(n).zip(os.iter_mut()) {
-            for (j, &p) in sh.iter().enumerate() {
-                axpy(isa, p, &v[j * row_stride..][..dim], o);
-            }
-        }
+    for ((qh, o), sh) in qs.iter().zip(os.iter_mut()).zip(scores.chunks_exact_mut(n)) {
+        attend_row(isa, qh, kv, scale, sh, o);
     }
 }
 
@@ -483,11 +460,28 @@ mod avx2 {
         }
     }
 
+    /// [`super::attend_rows`] for `H` heads: their scores, a softmax per head, the weighted sum.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn attend_grouped<const H: usize>(
+        qs: &[&[f32]],
+        (k, v, row_stride): (&[f32], &[f32], usize),
+        scale: f32,
+        scores: &mut [f32],
+        os: &mut [&mut [f32]],
+    ) {
+        grouped_scores::<H>(qs, k, row_stride, scale, scores);
+        for sh in scores.chunks_exact_mut(scores.len() / H) {
+            let sum = exp_minus_max(sh);
+            sh.iter_mut().for_each(|p| *p /= sum);
+        }
+        grouped_values::<H>(scores, v, row_stride, os);
+    }
+
     /// `scores[h * n + j] = scale * qs[h] · k_j` for the `H` heads (`n = scores.len() / H`, row `j`
     /// of `k` at `j * row_stride`; the dim a multiple of 8): four keys at a time, each loaded once
     /// for all heads, the 4 x H sums in registers and reduced four keys to one vector by `hadd`.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn grouped_scores<const H: usize>(
+    unsafe fn grouped_scores<const H: usize>(
         qs: &[&[f32]],
         k: &[f32],
         row_stride: usize,
@@ -541,7 +535,7 @@ mod avx2 {
     /// `os[h] += Σ_j p[h * n + j] v_j` for the `H` heads (`n = p.len() / H`): 32 output values of
     /// every head at a time held in registers over all the value rows, each row's piece loaded once.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn grouped_values<const H: usize>(
+    unsafe fn grouped_values<const H: usize>(
         p: &[f32],
         v: &[f32],
         row_stride: usize,
