@@ -5,7 +5,8 @@
 //! every layer and repeats the KV heads for grouped queries, which costs more than the arithmetic.
 //! Here the query heads of a KV head read its rows in place together (grouped-query attention needs
 //! no copies, and a row read once serves up to three heads), one pass for the scores, one for the
-//! weighted sum, with the sums in registers; runs of heads spread over candle's pool.
+//! weighted sum, with the sums in registers; runs of heads spread over candle's pool. The cache may
+//! hold f32 or f16 rows ([`CacheValue`]); f16 rows are widened as they are loaded (F16C).
 //!
 //! [`segment_attention`]: the vision tower's attention, every patch of an image (or window) against
 //! every other, thousands of rows. Why our own: the general path builds blocks of the score matrix
@@ -35,6 +36,48 @@ pub struct Shape {
     pub row_stride: usize,
 }
 
+/// What the KV cache holds, read as f32: `f32`, or `f16` (half the bytes read per token and kept per
+/// token; the cache of a quantized decoder, `generate/kv_cache.rs`).
+pub trait CacheValue: Copy + Send + Sync + 'static {
+    fn to_f32(self) -> f32;
+
+    /// Eight values from `p` as f32 lanes.
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and F16C, and `p` points to eight readable values.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load8(p: *const Self) -> core::arch::x86_64::__m256;
+}
+
+impl CacheValue for f32 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn load8(p: *const f32) -> core::arch::x86_64::__m256 {
+        core::arch::x86_64::_mm256_loadu_ps(p)
+    }
+}
+
+impl CacheValue for half::f16 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        half::f16::to_f32(self)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    unsafe fn load8(p: *const half::f16) -> core::arch::x86_64::__m256 {
+        use core::arch::x86_64::*;
+        _mm256_cvtph_ps(_mm_loadu_si128(p.cast()))
+    }
+}
+
 /// Query heads that one work unit of [`decode_attention`] takes through its KV head's rows together.
 const HEADS_PER_UNIT: usize = 3;
 
@@ -45,11 +88,11 @@ const HEADS_PER_UNIT: usize = 3;
 /// each key and value row once for all its heads (grouped-query attention), four keys at a time,
 /// with the sums held in registers instead of a horizontal sum per key and an output row loaded and
 /// stored per value row.
-pub fn decode_attention(
+pub fn decode_attention<T: CacheValue>(
     isa: Isa,
     q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    k: &[T],
+    v: &[T],
     s: Shape,
     scale: f32,
 ) -> Vec<f32> {
@@ -276,10 +319,10 @@ impl Tile<'_> {
 /// `kv = (k, v, row_stride)`: `os[h] += softmax(scale * qs[h] k^T) v`, with `scores` as scratch
 /// (head `h`'s scores at `h * n`). Up to [`HEADS_PER_UNIT`] heads together on AVX2 (dims of 8s),
 /// else [`attend_row`] per head.
-fn attend_rows(
+fn attend_rows<T: CacheValue>(
     isa: Isa,
     qs: &[&[f32]],
-    kv: (&[f32], &[f32], usize),
+    kv: (&[T], &[T], usize),
     scale: f32,
     scores: &mut [f32],
     os: &mut [&mut [f32]],
@@ -287,14 +330,14 @@ fn attend_rows(
     let n = scores.len() / qs.len();
     #[cfg(target_arch = "x86_64")]
     if isa.avx2() && qs[0].len().is_multiple_of(8) && qs.len() <= HEADS_PER_UNIT {
-        // SAFETY: `avx2()` paths are only handed out when the CPU has AVX2 and FMA; the kernel reads
+        // SAFETY: `avx2()` paths are only handed out when the CPU has AVX2, FMA and F16C; the kernel reads
         // rows `0..n` of `k` and `v` at `j * row_stride` (`dim` values each), inside them as the
         // caller checked.
         unsafe {
             match qs.len() {
-                1 => avx2::attend_grouped::<1>(qs, kv, scale, scores, os),
-                2 => avx2::attend_grouped::<2>(qs, kv, scale, scores, os),
-                _ => avx2::attend_grouped::<3>(qs, kv, scale, scores, os),
+                1 => avx2::attend_grouped::<T, 1>(qs, kv, scale, scores, os),
+                2 => avx2::attend_grouped::<T, 2>(qs, kv, scale, scores, os),
+                _ => avx2::attend_grouped::<T, 3>(qs, kv, scale, scores, os),
             }
         }
         return;
@@ -306,10 +349,10 @@ fn attend_rows(
 
 /// One query row `qi` against the first `scores.len()` rows of `kv = (k, v, row_stride)` (row `j` of
 /// each at `j * row_stride`): `o += softmax(scale * qi k^T) v`, with `scores` as scratch.
-fn attend_row(
+fn attend_row<T: CacheValue>(
     isa: Isa,
     qi: &[f32],
-    (k, v, row_stride): (&[f32], &[f32], usize),
+    (k, v, row_stride): (&[T], &[T], usize),
     scale: f32,
     scores: &mut [f32],
     o: &mut [f32],
@@ -342,22 +385,23 @@ pub(super) fn exp_minus_max(isa: Isa, s: &mut [f32]) -> f32 {
     }
 }
 
-fn dot(isa: Isa, a: &[f32], b: &[f32]) -> f32 {
+fn dot<T: CacheValue>(isa: Isa, a: &[f32], b: &[T]) -> f32 {
     match isa {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `Isa::Avx2` and `Isa::Avx512` are only handed out when the CPU has AVX2 and FMA.
+        // SAFETY: `Isa::Avx2` and `Isa::Avx512` are only handed out when the CPU has AVX2, FMA and
+        // F16C.
         Isa::Avx2 | Isa::Avx512 => unsafe { avx2::dot(a, b) },
-        _ => a.iter().zip(b).map(|(x, y)| x * y).sum(),
+        _ => a.iter().zip(b).map(|(x, y)| x * y.to_f32()).sum(),
     }
 }
 
 /// `o += p * x`.
-fn axpy(isa: Isa, p: f32, x: &[f32], o: &mut [f32]) {
+fn axpy<T: CacheValue>(isa: Isa, p: f32, x: &[T], o: &mut [f32]) {
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as in `dot`.
         Isa::Avx2 | Isa::Avx512 => unsafe { avx2::axpy(p, x, o) },
-        _ => o.iter_mut().zip(x).for_each(|(o, x)| *o += p * x),
+        _ => o.iter_mut().zip(x).for_each(|(o, x)| *o += p * x.to_f32()),
     }
 }
 
@@ -365,29 +409,30 @@ fn axpy(isa: Isa, p: f32, x: &[f32], o: &mut [f32]) {
 mod avx2 {
     use core::arch::x86_64::*;
 
+    use super::CacheValue;
     use crate::kernels::x86::{exp, hsum256};
 
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot<T: CacheValue>(a: &[f32], b: &[T]) -> f32 {
         let n = a.len().min(b.len());
         let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
         let mut i = 0;
         while i + 16 <= n {
             s0 = _mm256_fmadd_ps(
                 _mm256_loadu_ps(a.as_ptr().add(i)),
-                _mm256_loadu_ps(b.as_ptr().add(i)),
+                T::load8(b.as_ptr().add(i)),
                 s0,
             );
             s1 = _mm256_fmadd_ps(
                 _mm256_loadu_ps(a.as_ptr().add(i + 8)),
-                _mm256_loadu_ps(b.as_ptr().add(i + 8)),
+                T::load8(b.as_ptr().add(i + 8)),
                 s1,
             );
             i += 16;
         }
         let mut sum = hsum256(_mm256_add_ps(s0, s1));
         for j in i..n {
-            sum += a[j] * b[j];
+            sum += a[j] * b[j].to_f32();
         }
         sum
     }
@@ -430,22 +475,22 @@ mod avx2 {
         hsum256(acc)
     }
 
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn axpy(p: f32, x: &[f32], o: &mut [f32]) {
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn axpy<T: CacheValue>(p: f32, x: &[T], o: &mut [f32]) {
         let n = x.len().min(o.len());
         let pv = _mm256_set1_ps(p);
         let mut i = 0;
         while i + 8 <= n {
             let y = _mm256_fmadd_ps(
                 pv,
-                _mm256_loadu_ps(x.as_ptr().add(i)),
+                T::load8(x.as_ptr().add(i)),
                 _mm256_loadu_ps(o.as_ptr().add(i)),
             );
             _mm256_storeu_ps(o.as_mut_ptr().add(i), y);
             i += 8;
         }
         for j in i..n {
-            o[j] += p * x[j];
+            o[j] += p * x[j].to_f32();
         }
     }
 
@@ -454,36 +499,36 @@ mod avx2 {
 
     /// Asks for the cache lines of `len` values from `p` (a hint: never faults, past an end either).
     #[inline(always)]
-    unsafe fn prefetch(p: *const f32, len: usize) {
-        for line in (0..len).step_by(16) {
-            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(line) as *const i8);
+    unsafe fn prefetch<T>(p: *const T, len: usize) {
+        for line in (0..len * size_of::<T>()).step_by(64) {
+            _mm_prefetch::<_MM_HINT_T0>((p as *const i8).wrapping_add(line));
         }
     }
 
     /// [`super::attend_rows`] for `H` heads: their scores, a softmax per head, the weighted sum.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn attend_grouped<const H: usize>(
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn attend_grouped<T: CacheValue, const H: usize>(
         qs: &[&[f32]],
-        (k, v, row_stride): (&[f32], &[f32], usize),
+        (k, v, row_stride): (&[T], &[T], usize),
         scale: f32,
         scores: &mut [f32],
         os: &mut [&mut [f32]],
     ) {
-        grouped_scores::<H>(qs, k, row_stride, scale, scores);
+        grouped_scores::<T, H>(qs, k, row_stride, scale, scores);
         for sh in scores.chunks_exact_mut(scores.len() / H) {
             let sum = exp_minus_max(sh);
             sh.iter_mut().for_each(|p| *p /= sum);
         }
-        grouped_values::<H>(scores, v, row_stride, os);
+        grouped_values::<T, H>(scores, v, row_stride, os);
     }
 
     /// `scores[h * n + j] = scale * qs[h] · k_j` for the `H` heads (`n = scores.len() / H`, row `j`
     /// of `k` at `j * row_stride`; the dim a multiple of 8): four keys at a time, each loaded once
     /// for all heads, the 4 x H sums in registers and reduced four keys to one vector by `hadd`.
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn grouped_scores<const H: usize>(
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn grouped_scores<T: CacheValue, const H: usize>(
         qs: &[&[f32]],
-        k: &[f32],
+        k: &[T],
         row_stride: usize,
         scale: f32,
         scores: &mut [f32],
@@ -496,13 +541,13 @@ mod avx2 {
         let mut j = 0;
         while j + 4 <= n {
             let mut acc = [[_mm256_setzero_ps(); 4]; H];
-            let rows: [*const f32; 4] = std::array::from_fn(|t| kp.add((j + t) * row_stride));
+            let rows: [*const T; 4] = std::array::from_fn(|t| kp.add((j + t) * row_stride));
             // The cache is read once per token, mostly from memory: ask for rows well ahead.
             for t in 0..4 {
                 prefetch(kp.wrapping_add((j + AHEAD + t) * row_stride), dim);
             }
             for c in (0..dim).step_by(8) {
-                let kv: [__m256; 4] = std::array::from_fn(|t| _mm256_loadu_ps(rows[t].add(c)));
+                let kv: [__m256; 4] = std::array::from_fn(|t| T::load8(rows[t].add(c)));
                 for h in 0..H {
                     let qv = _mm256_loadu_ps(q[h].add(c));
                     for t in 0..4 {
@@ -521,7 +566,7 @@ mod avx2 {
             let row = kp.add(j * row_stride);
             let mut acc = [_mm256_setzero_ps(); H];
             for c in (0..dim).step_by(8) {
-                let kv = _mm256_loadu_ps(row.add(c));
+                let kv = T::load8(row.add(c));
                 for h in 0..H {
                     acc[h] = _mm256_fmadd_ps(_mm256_loadu_ps(q[h].add(c)), kv, acc[h]);
                 }
@@ -534,30 +579,30 @@ mod avx2 {
 
     /// `os[h] += Σ_j p[h * n + j] v_j` for the `H` heads (`n = p.len() / H`): 32 output values of
     /// every head at a time held in registers over all the value rows, each row's piece loaded once.
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn grouped_values<const H: usize>(
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn grouped_values<T: CacheValue, const H: usize>(
         p: &[f32],
-        v: &[f32],
+        v: &[T],
         row_stride: usize,
         os: &mut [&mut [f32]],
     ) {
         let dim = os[0].len();
         let mut c = 0;
         while c + 32 <= dim {
-            values_piece::<H, 4>(p, v, row_stride, c, os);
+            values_piece::<T, H, 4>(p, v, row_stride, c, os);
             c += 32;
         }
         while c < dim {
-            values_piece::<H, 1>(p, v, row_stride, c, os);
+            values_piece::<T, H, 1>(p, v, row_stride, c, os);
             c += 8;
         }
     }
 
     /// [`grouped_values`] for output values `c..c + 8 W` of every head.
     #[inline(always)]
-    unsafe fn values_piece<const H: usize, const W: usize>(
+    unsafe fn values_piece<T: CacheValue, const H: usize, const W: usize>(
         p: &[f32],
-        v: &[f32],
+        v: &[T],
         row_stride: usize,
         c: usize,
         os: &mut [&mut [f32]],
@@ -567,7 +612,7 @@ mod avx2 {
         for j in 0..n {
             let row = v.as_ptr().add(j * row_stride + c);
             prefetch(row.wrapping_add(AHEAD * row_stride), 8 * W);
-            let vv: [__m256; W] = std::array::from_fn(|t| _mm256_loadu_ps(row.add(8 * t)));
+            let vv: [__m256; W] = std::array::from_fn(|t| T::load8(row.add(8 * t)));
             for h in 0..H {
                 let ph = _mm256_broadcast_ss(&p[h * n + j]);
                 for t in 0..W {
@@ -586,11 +631,13 @@ mod avx2 {
 
 #[cfg(test)]
 mod tests {
+    use half::f16;
+
     use super::*;
 
     /// Every path against an f64 softmax attention, on odd shapes: head dims that are not a multiple
     /// of 8 or 16, grouped and plain heads, one and several query rows, a strided cache with room
-    /// past its length, groups larger than a work unit's run of heads.
+    /// past its length, groups larger than a work unit's run of heads; an f32 and an f16 cache.
     #[test]
     fn decode_attention_matches_reference_on_every_path() {
         for (heads, kv_heads, rows, dim, keys, cap) in [
@@ -621,42 +668,68 @@ mod tests {
                 row_stride: dim,
             };
             let scale = 1.0 / (dim as f32).sqrt();
-            let mut want = vec![0f64; q.len()];
-            for h in 0..heads {
-                let base = (h / (heads / kv_heads)) * cap * dim;
-                for i in 0..rows {
-                    let visible = keys - rows + i + 1;
-                    let qi = &q[(h * rows + i) * dim..][..dim];
-                    let s: Vec<f64> = (0..visible)
-                        .map(|j| {
-                            let kj = &k[base + j * dim..][..dim];
-                            qi.iter()
-                                .zip(kj)
-                                .map(|(a, b)| *a as f64 * *b as f64)
-                                .sum::<f64>()
-                                * scale as f64
-                        })
-                        .collect();
-                    let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                    let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
-                    for (j, sj) in s.iter().enumerate() {
-                        for t in 0..dim {
-                            want[(h * rows + i) * dim + t] +=
-                                (sj - m).exp() / z * v[base + j * dim + t] as f64;
-                        }
+            let want = reference(&q, &k, &v, shape, scale);
+            // An f16 cache: the same kernel on the rounded keys and values.
+            let (kh, vh): (Vec<f16>, Vec<f16>) = (
+                k.iter().map(|&x| f16::from_f32(x)).collect(),
+                v.iter().map(|&x| f16::from_f32(x)).collect(),
+            );
+            let wide = |x: &[f16]| x.iter().map(|h| h.to_f32()).collect::<Vec<f32>>();
+            let want_h = reference(&q, &wide(&kh), &wide(&vh), shape, scale);
+            assert!(want.iter().zip(&want_h).any(|(a, b)| a != b));
+            for isa in Isa::available() {
+                let got = decode_attention(isa, &q, &k, &v, shape, scale);
+                let got_h = decode_attention(isa, &q, &kh, &vh, shape, scale);
+                for (cache, got, want) in [("f32", got, &want), ("f16", got_h, &want_h)] {
+                    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+                        assert!(
+                            (*g as f64 - w).abs() < 1e-5,
+                            "{isa:?} {cache} {heads}/{kv_heads} d{dim} at {i}: {g} vs {w}"
+                        );
                     }
                 }
             }
-            for isa in Isa::available() {
-                let got = decode_attention(isa, &q, &k, &v, shape, scale);
-                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-                    assert!(
-                        (*g as f64 - w).abs() < 1e-5,
-                        "{isa:?} {heads}/{kv_heads} d{dim} at {i}: {g} vs {w}"
-                    );
+        }
+    }
+
+    /// Causal softmax attention in f64 over `Shape`'s strided cache.
+    fn reference(q: &[f32], k: &[f32], v: &[f32], s: Shape, scale: f32) -> Vec<f64> {
+        let Shape {
+            heads,
+            kv_heads,
+            rows,
+            dim,
+            keys,
+            head_stride,
+            row_stride,
+        } = s;
+        let mut want = vec![0f64; q.len()];
+        for h in 0..heads {
+            let base = (h / (heads / kv_heads)) * head_stride;
+            for i in 0..rows {
+                let visible = keys - rows + i + 1;
+                let qi = &q[(h * rows + i) * dim..][..dim];
+                let s: Vec<f64> = (0..visible)
+                    .map(|j| {
+                        let kj = &k[base + j * row_stride..][..dim];
+                        qi.iter()
+                            .zip(kj)
+                            .map(|(a, b)| *a as f64 * *b as f64)
+                            .sum::<f64>()
+                            * scale as f64
+                    })
+                    .collect();
+                let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
+                for (j, sj) in s.iter().enumerate() {
+                    for t in 0..dim {
+                        want[(h * rows + i) * dim + t] +=
+                            (sj - m).exp() / z * v[base + j * row_stride + t] as f64;
+                    }
                 }
             }
         }
+        want
     }
 
     /// Vision attention on every path against an f64 reference: head dims not a multiple of 8,

@@ -673,14 +673,17 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, causal: bool) -
             return Ok(out);
         }
     }
+    // A cache kept in a narrower type than the queries (f16 under a quantized decoder) is widened
+    // for the general path.
+    let (k, v) = (&k.to_dtype(q.dtype())?, &v.to_dtype(q.dtype())?);
     let (b, h, _, _) = q.dims4()?;
     let sk = k.dim(2)?;
     let rows = (ATTENTION_BLOCK_BYTES / (4 * b * h * sk).max(1)).max(16);
     attention_in_blocks(q, k, v, scale, causal, rows)
 }
 
-/// Causal attention of a few f32 query rows (decode) in our kernel, reading K and V where they lie in
-/// the cache; `None` when the operands do not fit it (then the general path runs).
+/// Causal attention of a few f32 query rows (decode) in our kernel, reading K and V (f32 or f16)
+/// where they lie in the cache; `None` when the operands do not fit it (then the general path runs).
 fn decode_attention_in_place(
     q: &Tensor,
     k: &Tensor,
@@ -692,10 +695,12 @@ fn decode_attention_in_place(
     let isa = Isa::detect();
     let (b, h, sq, d) = q.dims4()?;
     let (_, kvh, sk, _) = k.dims4()?;
-    let f32_cpu = [q, k, v]
-        .iter()
-        .all(|t| t.dtype() == DType::F32 && t.device().is_cpu());
-    if isa == Isa::Scalar || b != 1 || sq > MATVEC_MAX_ROWS || sq > sk || !f32_cpu {
+    let kv_dtype = k.dtype();
+    let fits = q.dtype() == DType::F32
+        && matches!(kv_dtype, DType::F32 | DType::F16)
+        && v.dtype() == kv_dtype
+        && [q, k, v].iter().all(|t| t.device().is_cpu());
+    if isa == Isa::Scalar || b != 1 || sq > MATVEC_MAX_ROWS || sq > sk || !fits {
         return Ok(None);
     }
     let (ks, kl) = k.storage_and_layout();
@@ -707,8 +712,6 @@ fn decode_attention_in_place(
     if stride != vl.stride() || stride[3] != 1 || kvh == 0 || h % kvh != 0 {
         return Ok(None);
     }
-    let kd = &kc.as_slice::<f32>()?[kl.start_offset()..];
-    let vd = &vc.as_slice::<f32>()?[vl.start_offset()..];
     let shape = Shape {
         heads: h,
         kv_heads: kvh,
@@ -719,7 +722,17 @@ fn decode_attention_in_place(
         row_stride: stride[2],
     };
     let qv = q.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-    let out = decode_attention(isa, &qv, kd, vd, shape, scale as f32);
+    let (ko, vo) = (kl.start_offset(), vl.start_offset());
+    let out = if kv_dtype == DType::F16 {
+        let (kd, vd) = (
+            &kc.as_slice::<half::f16>()?[ko..],
+            &vc.as_slice::<half::f16>()?[vo..],
+        );
+        decode_attention(isa, &qv, kd, vd, shape, scale as f32)
+    } else {
+        let (kd, vd) = (&kc.as_slice::<f32>()?[ko..], &vc.as_slice::<f32>()?[vo..]);
+        decode_attention(isa, &qv, kd, vd, shape, scale as f32)
+    };
     Ok(Some(Tensor::from_vec(out, (b, h, sq, d), q.device())?))
 }
 

@@ -320,8 +320,12 @@ impl Qwen2Vl {
         &self.device
     }
 
+    /// A cache for this decoder: f16 keys and values under quantized weights on a CPU
+    /// ([`crate::generate::kv_cache::cache_dtype`]).
     pub fn new_cache(&self) -> KvCache {
-        KvCache::new(self.layers.len())
+        let quantized = self.lm_head.is_quantized();
+        let dtype = crate::generate::kv_cache::cache_dtype(self.dtype, quantized, &self.device);
+        KvCache::with_dtype(self.layers.len(), dtype)
     }
 
     /// Runs the vision tower: `(merged tokens, hidden)` for all images, in order.
