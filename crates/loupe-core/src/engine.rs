@@ -13,7 +13,7 @@ use crate::generate::{
     Constraint, ConstraintFactory, GenerateParams, Generation, Grammar, PrefixCache, Prompt, Reuse,
 };
 use crate::image::{self, ImageInput, Preprocessor};
-use crate::load::config::GenerationConfig;
+use crate::load::config::{GenerationConfig, Qwen2VlConfig};
 use crate::load::weights::Weights;
 use crate::load::ModelFiles;
 use crate::models::{qwen2_vl, qwen3_5, VisionLanguageModel};
@@ -91,27 +91,64 @@ impl Engine {
     pub fn load(model: &str, opts: &LoadOptions) -> Result<Self> {
         let t0 = Instant::now();
         let files = ModelFiles::find_with(model, opts.mmproj.as_deref())?;
-        let (cfg, tokenizer, template) = files.read_model()?;
+        let (cfg, template) = files.read_model()?;
         let model_type = cfg.model_type.clone();
+        let (text_only, image_token_id) = (!cfg.has_vision(), cfg.image_token_id);
         let pre_cfg = files.preprocessor()?;
         let generation_config = match &files.generation_config {
             Some(p) => GenerationConfig::from_file(p)?,
             None => GenerationConfig::default(),
         };
-        let image_pad = match tokenizer.id_to_token(cfg.image_token_id) {
+        // The tokenizer (a vocabulary of 151k entries to parse) loads on a second thread while the
+        // weights are mapped and the model is built.
+        let (tokenizer, loaded) = std::thread::scope(|s| {
+            let tokenizer = s.spawn(|| files.read_tokenizer());
+            let loaded = Self::load_model(&files, cfg, opts);
+            let tokenizer = tokenizer
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            (tokenizer, loaded)
+        });
+        let tokenizer = tokenizer?;
+        let (model, dtype, stored_dtype) = loaded?;
+        let image_pad = match tokenizer.id_to_token(image_token_id) {
             Some(t) => t,
             // A text-only model takes no images; its vocabulary may lack the placeholder.
-            None if !cfg.has_vision() => "<|image_pad|>".into(),
+            None if text_only => "<|image_pad|>".into(),
             None => {
                 return Err(Error::Tokenizer {
                     path: files.tokenizer.clone(),
                     msg: format!(
-                        "config.json's image_token_id {} is not in the vocabulary",
-                        cfg.image_token_id
+                        "config.json's image_token_id {image_token_id} is not in the vocabulary"
                     ),
                 })
             }
         };
+        Ok(Engine {
+            files,
+            model_type,
+            tokenizer,
+            template,
+            preprocessor: Preprocessor::new(pre_cfg),
+            generation_config,
+            model,
+            dtype,
+            quant: opts.quant,
+            stored_dtype,
+            load_ms: t0.elapsed().as_secs_f64() * 1e3,
+            image_pad,
+            text_only,
+            constraints: OnceLock::new(),
+        })
+    }
+
+    /// Maps the weights and builds the model: `(model, compute dtype, stored dtype)`.
+    #[allow(clippy::type_complexity)]
+    fn load_model(
+        files: &ModelFiles,
+        cfg: Qwen2VlConfig,
+        opts: &LoadOptions,
+    ) -> Result<(Box<dyn VisionLanguageModel>, DType, Option<String>)> {
         let prequantized = files
             .weights
             .iter()
@@ -141,28 +178,12 @@ impl Engine {
         let weights = Weights::open(&files.weights, dtype, &opts.device, files.sanitize())?
             .with_quant(opts.quant, qwen2_vl::quant_policy);
         let stored_dtype = weights.stored_dtype();
-        let text_only = !cfg.has_vision();
-        let model: Box<dyn VisionLanguageModel> = if model_type == "qwen3_5" {
+        let model: Box<dyn VisionLanguageModel> = if cfg.model_type == "qwen3_5" {
             Box::new(qwen3_5::Qwen35::load(cfg, &weights)?)
         } else {
             Box::new(qwen2_vl::Qwen2Vl::load(cfg, &weights)?)
         };
-        Ok(Engine {
-            files,
-            model_type,
-            tokenizer,
-            template,
-            preprocessor: Preprocessor::new(pre_cfg),
-            generation_config,
-            model,
-            dtype,
-            quant: opts.quant,
-            stored_dtype,
-            load_ms: t0.elapsed().as_secs_f64() * 1e3,
-            image_pad,
-            text_only,
-            constraints: OnceLock::new(),
-        })
+        Ok((model, dtype, stored_dtype))
     }
 
     /// Loads image files in order, naming the file that fails.
@@ -332,7 +353,7 @@ pub struct ModelInfo {
 impl ModelInfo {
     pub fn read(model: &str) -> Result<Self> {
         let files = ModelFiles::find(model)?;
-        let (cfg, _, _) = files.read_model()?;
+        let (cfg, _) = files.read_model()?;
         let model_type = cfg.model_type.clone();
         let pre = files.preprocessor()?;
         let w = Weights::open(&files.weights, DType::F32, &Device::Cpu, files.sanitize())?;

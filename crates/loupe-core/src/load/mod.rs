@@ -197,14 +197,19 @@ impl ModelFiles {
         })
     }
 
-    /// The config, tokenizer and chat template: from the files, or from a lone GGUF's metadata.
-    pub fn read_model(
-        &self,
-    ) -> Result<(
-        config::Qwen2VlConfig,
-        crate::tokenize::Tokenizer,
-        crate::tokenize::ChatTemplate,
-    )> {
+    /// The tokenizer: from `tokenizer.json`, or from a lone GGUF's metadata.
+    pub fn read_tokenizer(&self) -> Result<crate::tokenize::Tokenizer> {
+        match &self.gguf {
+            Some(GgufFiles { text: g, .. }) => crate::tokenize::Tokenizer::from_bytes(
+                g.tokenizer_json()?.as_bytes(),
+                &self.tokenizer,
+            ),
+            None => crate::tokenize::Tokenizer::from_file(&self.tokenizer),
+        }
+    }
+
+    /// The config and chat template: from the files, or from a lone GGUF's metadata.
+    pub fn read_model(&self) -> Result<(config::Qwen2VlConfig, crate::tokenize::ChatTemplate)> {
         if let Some(GgufFiles { text: g, vision }) = &self.gguf {
             let cfg =
                 config::Qwen2VlConfig::from_value(&self.config, &g.config_json(vision.as_deref())?)
@@ -221,10 +226,6 @@ impl ModelFiles {
                         }
                         (e, _) => e,
                     })?;
-            let tok = crate::tokenize::Tokenizer::from_bytes(
-                g.tokenizer_json()?.as_bytes(),
-                &self.tokenizer,
-            )?;
             let mut template = crate::tokenize::ChatTemplate::from_source(
                 g.chat_template().ok_or_else(|| {
                     Error::config(
@@ -235,7 +236,7 @@ impl ModelFiles {
                 })?,
             )?;
             template.text_content = !cfg.has_vision();
-            return Ok((cfg, tok, template));
+            return Ok((cfg, template));
         }
         config::require_supported(&self.config)?;
         let cfg = config::Qwen2VlConfig::from_file(&self.config)?;
@@ -244,11 +245,7 @@ impl ModelFiles {
             self.tokenizer_config.as_deref(),
         )?;
         template.text_content = !cfg.has_vision();
-        Ok((
-            cfg,
-            crate::tokenize::Tokenizer::from_file(&self.tokenizer)?,
-            template,
-        ))
+        Ok((cfg, template))
     }
 
     /// How stored tensor names map to the names the model files use.
