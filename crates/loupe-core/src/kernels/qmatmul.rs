@@ -774,8 +774,7 @@ mod tiles {
                         }
                     };
                 }
-                // SAFETY: as above.
-                unsafe { interleave_avx2(&codes, &mut tile.codes) };
+                interleave8(&codes, &mut tile.codes);
             }
         }
         fn kernel<const R: usize>(
@@ -790,10 +789,10 @@ mod tiles {
     }
 
     /// One superblock (256 values) of 8 weight rows re-quantized to 8 bits, for [`kernel8`].
-    #[repr(C, align(32))]
+    #[repr(C, align(64))]
     #[derive(Clone, Copy)]
     pub struct Tile8 {
-        /// `[step 64][row 8][4 values]`: each value's 8-bit code plus 128 (`vpdpbusd` wants the
+        /// `[step 32][row 8][8 values]`: each value's 8-bit code plus 128 (`vpdpbusd` wants the
         /// unsigned operand here; the kernel takes `128 x` the activations' sum back off).
         pub codes: [u8; QK_K * TILE_ROWS],
         /// Each row's scale for this superblock.
@@ -883,27 +882,21 @@ mod tiles {
         amax / 127.0
     }
 
-    /// 8 rows of codes in value order into the tile's `[step][row][4 values]`: per 32 values, the
-    /// rows' 8 words each transposed to the 8 steps' rows.
-    #[target_feature(enable = "avx2")]
-    unsafe fn interleave_avx2(rows: &[[u8; QK_K]; TILE_ROWS], codes: &mut [u8; QK_K * TILE_ROWS]) {
-        use core::arch::x86_64::*;
-        for sub in 0..QK_K / 32 {
-            let words = transpose_words(std::array::from_fn(|rho| {
-                _mm256_loadu_si256(rows[rho].as_ptr().add(32 * sub) as *const __m256i)
-            }));
-            for (k, w) in words.into_iter().enumerate() {
-                _mm256_store_si256(
-                    codes.as_mut_ptr().add((8 * sub + k) * 32) as *mut __m256i,
-                    w,
-                );
+    /// 8 rows of codes in value order into an 8-bit tile's `[step][row][8 values]`.
+    fn interleave8(rows: &[[u8; QK_K]; TILE_ROWS], codes: &mut [u8; QK_K * TILE_ROWS]) {
+        for (step, out) in codes.chunks_exact_mut(8 * TILE_ROWS).enumerate() {
+            for (row, o) in rows.iter().zip(out.chunks_exact_mut(8)) {
+                o.copy_from_slice(&row[8 * step..8 * step + 8]);
             }
         }
     }
 
-    /// `acc[t][i][rho] = acts[i] · row rho of tile set t` on 8-bit tiles: per superblock, one 32-bit
-    /// sum per (tile, activation row) by `vpdpbusd` alone, then `128 x` the activations' sum off and
-    /// both scales on in one multiply-add.
+    /// `acc[t][i][rho] = acts[i] · row rho of tile set t` on 8-bit tiles: per superblock, 32-bit sums
+    /// per (tile, activation row) by `vpdpbusd` alone in 512-bit registers (each row's 8 values of a
+    /// step in one 64-bit lane pair, against 8 activation bytes broadcast), folded to one sum per row,
+    /// then `128 x` the activations' sum off and both scales on in one multiply-add. 512-bit
+    /// registers double the products per instruction where the CPU runs them at full width (Intel's
+    /// server cores: 350-366 against 170-181 GMAC/s per core, `docs/benchmarks.md`, session 15).
     #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")]
     unsafe fn kernel8<const T: usize, const R: usize>(
         tiles: [&[Tile8]; T],
@@ -913,17 +906,17 @@ mod tiles {
         use core::arch::x86_64::*;
         let mut accf = [[_mm256_setzero_ps(); R]; T];
         for b in 0..tiles[0].len() {
-            let mut isum = [[_mm256_setzero_si256(); R]; T];
-            for step in 0..QK_K / 4 {
-                let wv: [__m256i; T] = std::array::from_fn(|t| {
-                    _mm256_load_si256(tiles[t][b].codes.as_ptr().add(step * 32) as *const __m256i)
+            let mut isum = [[_mm512_setzero_si512(); R]; T];
+            for step in 0..QK_K / 8 {
+                let wv: [__m512i; T] = std::array::from_fn(|t| {
+                    _mm512_load_si512(tiles[t][b].codes.as_ptr().add(step * 64) as *const __m512i)
                 });
                 for i in 0..R {
-                    let a4 = _mm256_set1_epi32(std::ptr::read_unaligned(
-                        acts[i][b].qs.as_ptr().add(4 * step) as *const i32,
+                    let a8 = _mm512_set1_epi64(std::ptr::read_unaligned(
+                        acts[i][b].qs.as_ptr().add(8 * step) as *const i64,
                     ));
                     for t in 0..T {
-                        isum[t][i] = _mm256_dpbusd_epi32(isum[t][i], wv[t], a4);
+                        isum[t][i] = _mm512_dpbusd_epi32(isum[t][i], wv[t], a8);
                     }
                 }
             }
@@ -932,8 +925,11 @@ mod tiles {
                 let offset = _mm256_set1_epi32(-128 * sum);
                 let yd = _mm256_set1_ps(acts[i][b].d);
                 for t in 0..T {
+                    // Row rho's sum is 32-bit lanes 2 rho and 2 rho + 1.
+                    let s = isum[t][i];
+                    let rows = _mm512_cvtepi64_epi32(_mm512_add_epi32(s, _mm512_srli_epi64(s, 32)));
                     let scale = _mm256_mul_ps(_mm256_load_ps(tiles[t][b].scale.as_ptr()), yd);
-                    let exact = _mm256_add_epi32(isum[t][i], offset);
+                    let exact = _mm256_add_epi32(rows, offset);
                     accf[t][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(exact), scale, accf[t][i]);
                 }
             }
