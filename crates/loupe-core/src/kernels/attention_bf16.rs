@@ -52,6 +52,36 @@ pub fn available(isa: Isa) -> bool {
     }
 }
 
+/// Whether the weighted sum widens its bf16 operands to f32 and multiplies them with FMA instead of
+/// `vdpbf16ps`: on Intel's cores, whose `vdpbf16ps` gives 41 GMAC/s against FMA's 69-84 (session 15,
+/// `docs/benchmarks.md`); AMD's Zen 4 runs `vdpbf16ps` at 104-114 against FMA's 58 (session 13).
+/// The operands are the same bf16 values, the sums f32 either way (in another order).
+/// `LOUPE_WEIGHTED=fma` or `=bf16` picks one (for comparing them).
+fn widen_weighted() -> bool {
+    use std::sync::OnceLock;
+    static WIDEN: OnceLock<bool> = OnceLock::new();
+    *WIDEN.get_or_init(|| match std::env::var("LOUPE_WEIGHTED").as_deref() {
+        Ok("fma") => true,
+        Ok("bf16") => false,
+        _ => intel(),
+    })
+}
+
+/// Whether the CPU is Intel's (CPUID vendor `GenuineIntel`).
+fn intel() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let v = core::arch::x86_64::__cpuid(0);
+        let vendor: Vec<u8> = [v.ebx, v.edx, v.ecx]
+            .iter()
+            .flat_map(|r| r.to_le_bytes())
+            .collect();
+        vendor == b"GenuineIntel"
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
 fn round(x: f32) -> u16 {
     bf16::from_f32(x).to_bits()
 }
@@ -389,7 +419,11 @@ fn tile(
     // SAFETY: as above.
     #[cfg(target_arch = "x86_64")]
     unsafe {
-        x86::weighted(ps, &kv.values, d, padded, os)
+        if widen_weighted() {
+            x86::weighted_fma(ps, &kv.values, d, padded, os)
+        } else {
+            x86::weighted(ps, &kv.values, d, padded, os)
+        }
     };
     for i in 0..rows {
         let inv = 1.0 / sums[i];
@@ -591,6 +625,76 @@ mod x86 {
         };
         // Up to 6 blocks (96 dims) per call: 24 sums, 6 loads and a broadcast in 32 registers.
         product((ps, d.keys), rows, values, panel, 6, (os, d.dpad));
+    }
+
+    /// [`weighted`] with each bf16 pair widened to two f32 values (a bf16 is the high half of its f32)
+    /// and multiplied by FMA: for CPUs whose `vdpbf16ps` is slower than two FMAs
+    /// ([`super::widen_weighted`]).
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn weighted_fma(ps: &[u16], values: &[u16], d: Dims, rows: usize, os: &mut [f32]) {
+        let panel = Panel {
+            blocks: d.dpad / 16,
+            steps: d.keys / 2,
+            step: d.dpad * 2,
+            block: 32,
+        };
+        for i in (0..rows).step_by(R) {
+            let a: [*const u16; R] = std::array::from_fn(|r| ps.as_ptr().add((i + r) * d.keys));
+            let mut b = 0;
+            while b < panel.blocks {
+                // Up to 5 blocks per call: 20 sums, 8 broadcast weights and a widened pair.
+                let w = (panel.blocks - b).min(5);
+                let at = values.as_ptr().add(b * panel.block);
+                let o: [*mut f32; R] =
+                    std::array::from_fn(|r| os.as_mut_ptr().add((i + r) * d.dpad + b * 16));
+                match w {
+                    1 => kernel_fma::<1>(a, at, &panel, o),
+                    2 => kernel_fma::<2>(a, at, &panel, o),
+                    3 => kernel_fma::<3>(a, at, &panel, o),
+                    4 => kernel_fma::<4>(a, at, &panel, o),
+                    _ => kernel_fma::<5>(a, at, &panel, o),
+                }
+                b += w;
+            }
+        }
+    }
+
+    /// [`kernel`] on widened operands: per step, each row's weight pair as two broadcast f32 values,
+    /// each block's 16 value pairs as two f32 vectors (even keys, odd keys), two FMAs per sum.
+    #[inline(always)]
+    unsafe fn kernel_fma<const B: usize>(
+        a: [*const u16; R],
+        packed: *const u16,
+        panel: &Panel,
+        out: [*mut f32; R],
+    ) {
+        let high = _mm512_set1_epi32(0xffff_0000u32 as i32);
+        let mut acc = [[_mm512_setzero_ps(); B]; R];
+        for s in 0..panel.steps {
+            let pairs: [(__m512, __m512); R] = std::array::from_fn(|r| {
+                let pair = (a[r].add(2 * s) as *const u32).read_unaligned();
+                (
+                    _mm512_set1_ps(f32::from_bits(pair << 16)),
+                    _mm512_set1_ps(f32::from_bits(pair & 0xffff_0000)),
+                )
+            });
+            #[allow(clippy::needless_range_loop)] // `b` picks a block of every row's sums
+            for b in 0..B {
+                let x =
+                    _mm512_loadu_si512(packed.add(b * panel.block + s * panel.step) as *const _);
+                let even = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
+                let odd = _mm512_castsi512_ps(_mm512_and_si512(x, high));
+                for r in 0..R {
+                    acc[r][b] = _mm512_fmadd_ps(pairs[r].0, even, acc[r][b]);
+                    acc[r][b] = _mm512_fmadd_ps(pairs[r].1, odd, acc[r][b]);
+                }
+            }
+        }
+        for (row, sums) in out.iter().zip(&acc) {
+            for (b, sum) in sums.iter().enumerate() {
+                _mm512_storeu_ps(row.add(b * 16), *sum);
+            }
+        }
     }
 
     /// A packed operand: `blocks` blocks of 16 lanes, each lane a bf16 pair per step; block `b`'s
@@ -801,6 +905,57 @@ mod tests {
             scale,
             &want,
         );
+    }
+
+    /// Both weighted-sum kernels (`vdpbf16ps`, and the operands widened for FMA) against an f64
+    /// product of the same bf16 values, on widths of 1 to 6 blocks of 16 dims (every call width and
+    /// a remainder), several row groups, key counts of one and many vector steps.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn both_weighted_kernels_match_the_product() {
+        if !available(Isa::detect()) {
+            return;
+        }
+        for (dpad, keys, rows) in [(16, 16, 4), (80, 48, 8), (96, 64, 4), (48, 16, 12)] {
+            let d = Dims {
+                len: keys,
+                dim: dpad,
+                keys,
+                quads: dpad / 4,
+                dpad,
+            };
+            let ps: Vec<u16> = data(rows * keys, 6)
+                .iter()
+                .map(|x| round(x.abs()))
+                .collect();
+            // `[pair of keys][dim][2]`.
+            let values: Vec<u16> = data(keys * dpad, 7).iter().map(|&x| round(x)).collect();
+            let at = |j: usize, c: usize| values[(j / 2) * dpad * 2 + c * 2 + j % 2];
+            let mut want = vec![0f64; rows * dpad];
+            for i in 0..rows {
+                for c in 0..dpad {
+                    want[i * dpad + c] = (0..keys)
+                        .map(|j| value(ps[i * keys + j]) as f64 * value(at(j, c)) as f64)
+                        .sum();
+                }
+            }
+            let mut got = vec![0f32; rows * dpad];
+            let mut got_fma = vec![0f32; rows * dpad];
+            // SAFETY: `available` said the CPU has AVX-512 BF16 (and F); the operands hold `rows`
+            // rows of `keys` weights, `keys` rows of `dpad` values and `rows x dpad` outputs.
+            unsafe {
+                x86::weighted(&ps, &values, d, rows, &mut got);
+                x86::weighted_fma(&ps, &values, d, rows, &mut got_fma);
+            }
+            for (name, got) in [("bf16", &got), ("fma", &got_fma)] {
+                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                    assert!(
+                        (*g as f64 - w).abs() < 1e-5 * (1.0 + w.abs()),
+                        "{name} d{dpad} k{keys} r{rows} at {i}: {g} vs {w}"
+                    );
+                }
+            }
+        }
     }
 
     /// The one-pass softmax weights equal the exps of `exp_minus_max` rounded by `to_bf16`, bit for
