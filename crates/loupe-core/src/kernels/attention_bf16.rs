@@ -617,14 +617,9 @@ mod x86 {
     /// row) against the packed values; `os` is `rows x d.dpad`.
     #[target_feature(enable = "avx512f,avx512bf16")]
     pub unsafe fn weighted(ps: &[u16], values: &[u16], d: Dims, rows: usize, os: &mut [f32]) {
-        let panel = Panel {
-            blocks: d.dpad / 16,
-            steps: d.keys / 2,
-            step: d.dpad * 2,
-            block: 32,
-        };
+        let panel = Panel::values(d);
         // Up to 6 blocks (96 dims) per call: 24 sums, 6 loads and a broadcast in 32 registers.
-        product((ps, d.keys), rows, values, panel, 6, (os, d.dpad));
+        product::<false>((ps, d.keys), rows, values, panel, 6, (os, d.dpad));
     }
 
     /// [`weighted`] with each bf16 pair widened to two f32 values (a bf16 is the high half of its f32)
@@ -632,31 +627,9 @@ mod x86 {
     /// ([`super::widen_weighted`]).
     #[target_feature(enable = "avx512f")]
     pub unsafe fn weighted_fma(ps: &[u16], values: &[u16], d: Dims, rows: usize, os: &mut [f32]) {
-        let panel = Panel {
-            blocks: d.dpad / 16,
-            steps: d.keys / 2,
-            step: d.dpad * 2,
-            block: 32,
-        };
-        for i in (0..rows).step_by(R) {
-            let a: [*const u16; R] = std::array::from_fn(|r| ps.as_ptr().add((i + r) * d.keys));
-            let mut b = 0;
-            while b < panel.blocks {
-                // Up to 5 blocks per call: 20 sums, 8 broadcast weights and a widened pair.
-                let w = (panel.blocks - b).min(5);
-                let at = values.as_ptr().add(b * panel.block);
-                let o: [*mut f32; R] =
-                    std::array::from_fn(|r| os.as_mut_ptr().add((i + r) * d.dpad + b * 16));
-                match w {
-                    1 => kernel_fma::<1>(a, at, &panel, o),
-                    2 => kernel_fma::<2>(a, at, &panel, o),
-                    3 => kernel_fma::<3>(a, at, &panel, o),
-                    4 => kernel_fma::<4>(a, at, &panel, o),
-                    _ => kernel_fma::<5>(a, at, &panel, o),
-                }
-                b += w;
-            }
-        }
+        let panel = Panel::values(d);
+        // Up to 5 blocks per call: 20 sums, 8 broadcast weights and a widened pair.
+        product::<true>((ps, d.keys), rows, values, panel, 5, (os, d.dpad));
     }
 
     /// [`kernel`] on widened operands: per step, each row's weight pair as two broadcast f32 values,
@@ -706,11 +679,23 @@ mod x86 {
         block: usize,
     }
 
+    impl Panel {
+        /// The packed values (`[pair of keys][dim][2]`): a block is 16 dims, a step a pair of keys.
+        fn values(d: Dims) -> Self {
+            Panel {
+                blocks: d.dpad / 16,
+                steps: d.keys / 2,
+                step: d.dpad * 2,
+                block: 32,
+            }
+        }
+    }
+
     /// `out[i][16 b..16 b + 16] = sum over steps s of a[i]'s pair s times block b's step s`, for rows
     /// `i < rows` (a multiple of [`R`]) of `a` and of `out` (each given with its row stride), at most
-    /// `widest` (1..=6) blocks per kernel call.
+    /// `widest` (1..=6) blocks per kernel call: on [`kernel`], or on [`kernel_fma`] when `WIDEN`.
     #[inline(always)]
-    unsafe fn product(
+    unsafe fn product<const WIDEN: bool>(
         (a, a_stride): (&[u16], usize),
         rows: usize,
         packed: &[u16],
@@ -726,13 +711,18 @@ mod x86 {
                 let at = packed.as_ptr().add(b * panel.block);
                 let o: [*mut f32; R] =
                     std::array::from_fn(|r| out.as_mut_ptr().add((i + r) * out_stride + b * 16));
-                match w {
-                    1 => kernel::<1>(a, at, &panel, o),
-                    2 => kernel::<2>(a, at, &panel, o),
-                    3 => kernel::<3>(a, at, &panel, o),
-                    4 => kernel::<4>(a, at, &panel, o),
-                    5 => kernel::<5>(a, at, &panel, o),
-                    _ => kernel::<6>(a, at, &panel, o),
+                match (WIDEN, w) {
+                    (false, 1) => kernel::<1>(a, at, &panel, o),
+                    (false, 2) => kernel::<2>(a, at, &panel, o),
+                    (false, 3) => kernel::<3>(a, at, &panel, o),
+                    (false, 4) => kernel::<4>(a, at, &panel, o),
+                    (false, 5) => kernel::<5>(a, at, &panel, o),
+                    (false, _) => kernel::<6>(a, at, &panel, o),
+                    (true, 1) => kernel_fma::<1>(a, at, &panel, o),
+                    (true, 2) => kernel_fma::<2>(a, at, &panel, o),
+                    (true, 3) => kernel_fma::<3>(a, at, &panel, o),
+                    (true, 4) => kernel_fma::<4>(a, at, &panel, o),
+                    (true, _) => kernel_fma::<5>(a, at, &panel, o),
                 }
                 b += w;
             }
