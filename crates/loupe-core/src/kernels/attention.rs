@@ -151,9 +151,9 @@ thread_local! {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Products {
     F32,
-    /// bf16 operands with f32 sums where the CPU multiplies them faster ([`super::attention_bf16`]:
-    /// AVX-512 BF16); f32 elsewhere.
-    Bf16,
+    /// Integer operands (8-bit scores, 16-bit weighted sum) where the CPU multiplies them fast
+    /// ([`super::attention_int`]: AVX-512 VNNI); f32 elsewhere.
+    Int,
 }
 
 /// Attention without a mask within runs of rows: `q`, `k`, `v` are `(heads, n, dim)` contiguous,
@@ -171,10 +171,10 @@ pub fn segment_attention(
     scale: f32,
     products: Products,
 ) -> Vec<f32> {
-    use super::attention_bf16 as bf16;
-    if products == Products::Bf16 && bf16::available(isa) {
-        let src = bf16::Layout::Split { q, k, v };
-        return bf16::segment_attention(isa, src, heads, dim, segments, scale);
+    use super::attention_int as int;
+    if products == Products::Int && int::available(isa) {
+        let src = int::Layout::Split { q, k, v };
+        return int::segment_attention(isa, src, heads, dim, segments, scale);
     }
     let n: usize = segments.iter().sum();
     assert!(q.len() == heads * n * dim && k.len() == q.len() && v.len() == q.len());

@@ -6,7 +6,7 @@
 
 pub mod activation;
 pub mod attention;
-pub mod attention_bf16;
+pub mod attention_int;
 pub mod norm;
 pub mod pool;
 pub mod qmatmul;

@@ -970,18 +970,18 @@ pub fn vision_attention(
 ) -> Result<Tensor> {
     let proj = |attn: &Tensor| proj.forward_then(attn, None, Some(residual));
     let n = h.dim(0)?;
-    // With quantized projections, q, k and v already carry errors far above bf16's rounding, so the
-    // attention products may run on bf16 operands where the CPU has fast ones.
+    // With quantized projections, q, k and v already carry errors far above the roundings of
+    // `kernels::attention_int`, so the attention products may run on its integer operands.
     let products = if qkv.is_quantized() {
-        Products::Bf16
+        Products::Int
     } else {
         Products::F32
     };
     let qkv = qkv.forward(h)?;
     let scale = 1.0 / (head_dim as f64).sqrt();
-    if products == Products::Bf16 {
+    if products == Products::Int {
         let rope = (cos, sin);
-        if let Some(attn) = fused_bf16_attention(&qkv, rope, heads, head_dim, segments, scale)? {
+        if let Some(attn) = fused_int_attention(&qkv, rope, heads, head_dim, segments, scale)? {
             return proj(&attn);
         }
     }
@@ -1014,9 +1014,9 @@ pub fn vision_attention(
 }
 
 /// Attention within `segments` straight from the fused projection's `(n, 3 * heads * dim)` f32
-/// output, rotary applied while the bf16 kernel packs its operands (no copies for the heads' layout
+/// output, rotary applied while the integer kernel packs its operands (no copies for the heads' layout
 /// or the rotary), returned as `(n, heads * dim)`; `None` where that kernel cannot run.
-fn fused_bf16_attention(
+fn fused_int_attention(
     qkv: &Tensor,
     (cos, sin): (&Tensor, &Tensor),
     heads: usize,
@@ -1024,7 +1024,7 @@ fn fused_bf16_attention(
     segments: &[usize],
     scale: f64,
 ) -> Result<Option<Tensor>> {
-    use crate::kernels::attention_bf16::{available, segment_attention, Layout};
+    use crate::kernels::attention_int::{available, segment_attention, Layout};
     use crate::kernels::Isa;
     let isa = Isa::detect();
     let n = qkv.dim(0)?;

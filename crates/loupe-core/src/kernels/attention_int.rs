@@ -1,35 +1,39 @@
-//! The vision tower's attention in low precision, for quantized towers: the scores `q k^T` on
-//! 8-bit codes with 32-bit integer sums (AVX-512 VNNI's `vpdpbusd`, 64 products per instruction),
-//! the weighted sum `p v` on bf16 operands with f32 sums (AVX-512 BF16's `vdpbf16ps`). Why our own:
-//! the f32 products of [`super::attention`] were 15-20% of a 448² encode once the linear layers ran
-//! in VNNI, and `gemm` has no 8-bit or bf16 kernels on x86; the scores were then a third of a 896²
-//! encode's attention on bf16, and 8-bit operands multiply twice as fast here.
+//! The vision tower's attention on integer operands, for quantized towers: the scores `q k^T` on
+//! 8-bit codes (AVX-512 VNNI's `vpdpbusd`, 64 products per instruction), the weighted sum `p v` on
+//! 16-bit codes (VNNI's `vpdpwssd`, 32 products per instruction), both with 32-bit integer sums. Why
+//! our own: the f32 products of [`super::attention`] were 15-20% of a 448² encode once the linear
+//! layers ran in VNNI, and `gemm` has no integer kernels on x86. At 896² the attention over 4096
+//! patches weighs as much as the projections; `vpdpwssd` runs at 154 GMAC/s per core on the Intel
+//! Xeon of session 16, against 69-84 for f32 FMA and 41 for bf16's `vdpbf16ps`.
 //!
 //! Where the values are rounded (the scalar reference [`reference`] rounds at the same points):
 //! - each query row, once scaled, to 8-bit codes with one scale (its largest magnitude over 127);
 //! - the keys minus their mean over the segment (per dim: a shift of every score of a query row by the
 //!   same amount, which the softmax does not see; SageAttention's smoothing, so a dim where all keys
 //!   share an offset costs no precision), each key row to 8-bit codes with one scale;
-//! - the values, and the softmax weights `p` before they meet the values, to bf16.
+//! - the values to 16-bit codes with one scale per dim over the segment (its largest magnitude over
+//!   [`V_LEVELS`]: 12 bits with the sign);
+//! - the softmax weights `p` to 16-bit codes with one scale per row and block of [`KB`] keys (the
+//!   block's largest weight over [`P_LEVELS`]: 14 bits), so a block of small weights keeps its
+//!   relative precision; what is lost is below 2^-15 of its block's largest.
 //!
-//! A score is the exact integer sum of the codes' products times both scales; the softmax, the row
-//! sums of `p` and every sum of the weighted product stay f32. The models ask for it only where the
-//! projections feeding attention are already quantized, whose error is far above these roundings
-//! (`docs/quantization.md`).
+//! A score is the exact integer sum of the codes' products times both scales; a block's part of the
+//! weighted sum is exact in 32 bits (`KB * P_LEVELS * V_LEVELS < 2^31`), taken into an f32 sum at the
+//! block's end times its scale. The softmax and its row sums (of the unrounded weights) stay f32. The
+//! models ask for this only where the projections feeding attention are already quantized, whose
+//! error is far above these roundings (`docs/quantization.md`).
 //!
 //! Layouts (for one segment and head; `keys` padded with zero rows to a multiple of 16, `dim` with
 //! zeros to a multiple of 4 for the codes and to a multiple of 16 for the values):
 //! - keys: codes plus 128 (`vpdpbusd` wants the unsigned operand there), blocks of 16 keys,
 //!   `[block][quad of dims][key 16][4]`, so one 64-byte load gives 16 keys' codes of dims
 //!   `4s..4s + 4` and a broadcast quad of one query's codes meets all of them;
-//! - values: bf16 `[pair of keys][dim][2]`, so one load gives 16 dims of two consecutive keys and a
+//! - values: codes `[pair of keys][dim][2]`, so one load gives 16 dims of two consecutive keys and a
 //!   broadcast pair of softmax weights meets all of them;
-//! - queries: rows of codes as they are, read 4 at a time; softmax weights: rows of bf16, read as
+//! - queries: rows of codes as they are, read 4 at a time; softmax weights: rows of codes, read as
 //!   4-byte pairs.
 
 use std::cell::RefCell;
-
-use half::bf16;
 
 use super::Isa;
 
@@ -39,55 +43,52 @@ const TILE: usize = 32;
 const R: usize = 4;
 /// Key blocks (of 16) per score-kernel call.
 const JB: usize = 4;
+/// Keys per block of the weighted sum: one scale for a row's softmax weights over the block, and
+/// its integer sums taken into f32 at its end.
+const KB: usize = 64;
+/// The largest code of a softmax weight (the block's largest weight).
+const P_LEVELS: f32 = 16383.0;
+/// The largest magnitude of a value's code (the dim's largest magnitude over the segment).
+const V_LEVELS: f32 = 2047.0;
+// A block's integer sums cannot overflow, even with a weight rounded up to one code past the top.
+const _: () = assert!(KB as u64 * (P_LEVELS as u64 + 1) * V_LEVELS as u64 <= i32::MAX as u64);
 
-/// Whether the CPU behind `isa` has AVX-512 VNNI (`vpdpbusd`, part of [`Isa::Avx512`]) and BF16
-/// (`vdpbf16ps`).
+/// Whether the CPU behind `isa` has AVX-512 VNNI (`vpdpbusd`, `vpdpwssd`: [`Isa::Avx512`]).
 pub fn available(isa: Isa) -> bool {
-    #[cfg(target_arch = "x86_64")]
-    return isa == Isa::Avx512 && std::arch::is_x86_feature_detected!("avx512bf16");
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        let _ = isa;
-        false
+    isa == Isa::Avx512
+}
+
+/// The scale and its inverse that map magnitudes up to `amax` onto codes up to `levels`: `(amax /
+/// levels, levels / amax)`; both 0 (every code 0) when `amax` is 0 or so small (below 1e-34, as a
+/// block of weights e^-87 under its row's largest) that the inverse is not a finite f32.
+fn levels(amax: f32, levels: f32) -> (f32, f32) {
+    let iscale = levels / amax;
+    if iscale.is_finite() {
+        (amax / levels, iscale)
+    } else {
+        (0.0, 0.0)
     }
 }
 
-/// Whether the weighted sum widens its bf16 operands to f32 and multiplies them with FMA instead of
-/// `vdpbf16ps`: on Intel's cores, whose `vdpbf16ps` gives 41 GMAC/s against FMA's 69-84 (session 15,
-/// `docs/benchmarks.md`); AMD's Zen 4 runs `vdpbf16ps` at 104-114 against FMA's 58 (session 13).
-/// The operands are the same bf16 values, the sums f32 either way (in another order).
-/// `LOUPE_WEIGHTED=fma` or `=bf16` picks one (for comparing them).
-fn widen_weighted() -> bool {
-    use std::sync::OnceLock;
-    static WIDEN: OnceLock<bool> = OnceLock::new();
-    *WIDEN.get_or_init(|| match std::env::var("LOUPE_WEIGHTED").as_deref() {
-        Ok("fma") => true,
-        Ok("bf16") => false,
-        _ => intel(),
-    })
+/// `x` times `iscale`, rounded to the nearest integer (ties to even, as `vcvtps2dq`).
+fn code(x: f32, iscale: f32) -> i32 {
+    (x * iscale).round_ties_even() as i32
 }
 
-/// Whether the CPU is Intel's (CPUID vendor `GenuineIntel`).
-fn intel() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        let v = core::arch::x86_64::__cpuid(0);
-        let vendor: Vec<u8> = [v.ebx, v.edx, v.ecx]
-            .iter()
-            .flat_map(|r| r.to_le_bytes())
-            .collect();
-        vendor == b"GenuineIntel"
+/// A row's softmax weights `e` as 16-bit codes in `p` (as many slots as the padded keys, zeros past
+/// `e.len()`): per block of [`KB`] keys, its largest weight is [`P_LEVELS`]; `scales` gets each
+/// block's scale. The reference of `x86::softmax_codes` after the exps.
+pub fn weight_codes(e: &[f32], p: &mut [i16], scales: &mut [f32]) {
+    for (b, (codes, scale)) in p.chunks_mut(KB).zip(scales.iter_mut()).enumerate() {
+        let first = (b * KB).min(e.len());
+        let e = &e[first..(first + codes.len()).min(e.len())];
+        let (s, iscale) = levels(e.iter().fold(0f32, |a, &x| a.max(x)), P_LEVELS);
+        *scale = s;
+        codes.fill(0);
+        for (c, &x) in codes.iter_mut().zip(e) {
+            *c = code(x, iscale) as i16;
+        }
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
-}
-
-fn round(x: f32) -> u16 {
-    bf16::from_f32(x).to_bits()
-}
-
-fn value(b: u16) -> f32 {
-    bf16::from_bits(b).to_f32()
 }
 
 /// One segment and head's queries, keys and values, packed.
@@ -102,7 +103,9 @@ struct Packed {
     /// The keys' codes plus 128 in the layout above, and each key's scale (0 for padding).
     keys: Vec<u8>,
     key_scale: Vec<f32>,
-    values: Vec<u16>,
+    /// The values' 16-bit codes in the layout above, and each dim's scale (0 for padding).
+    values: Vec<i16>,
+    value_scale: Vec<f32>,
 }
 
 /// The padded sizes of a segment of `len` keys with head dim `dim`.
@@ -164,6 +167,17 @@ fn mean_rows(rows: &[f32], dim: usize, len: usize) -> Vec<f32> {
     }
     mean.iter_mut().for_each(|m| *m /= len as f32);
     mean
+}
+
+/// Each column's largest magnitude over the rows of `dim` values in `rows`.
+fn column_amax(rows: &[f32], dim: usize) -> Vec<f32> {
+    let mut amax = vec![0f32; dim];
+    for row in rows.chunks_exact(dim) {
+        amax.iter_mut()
+            .zip(row)
+            .for_each(|(m, &x)| *m = m.max(x.abs()));
+    }
+    amax
 }
 
 /// Where the attention's operands lie.
@@ -242,10 +256,12 @@ fn pack(
     let mut query_offset = vec![0i32; d.keys];
     let mut keys = vec![0x80u8; d.keys * qw];
     let mut key_scale = vec![0f32; d.keys];
-    let mut values = vec![0u16; d.keys * d.dpad];
-    // The keys, rotated, kept until their mean is known.
+    let mut values = vec![0i16; d.keys * d.dpad];
+    let mut value_scale = vec![0f32; d.dpad];
+    // The keys, rotated, kept until their mean is known; the values until their largest magnitudes.
     let mut k = vec![0f32; d.len * d.dim];
-    let (mut row, mut words) = (vec![0f32; d.dim], vec![0u16; d.dim]);
+    let mut v = vec![0f32; d.len * d.dim];
+    let mut row = vec![0f32; d.dim];
     for j in 0..d.len {
         // The rows lie a whole token's q, k and v of every head apart (the fused layout): each
         // read would wait on memory without a request made a few rows ahead.
@@ -261,11 +277,7 @@ fn pack(
         query_scale[j] = quantize_row(&row, codes);
         query_offset[j] = -128 * codes.iter().map(|&c| c as i32).sum::<i32>();
         src.load(1, h, start + j, shape, &mut k[j * d.dim..][..d.dim]);
-        src.load(2, h, start + j, shape, &mut row);
-        to_bf16(&row, &mut words);
-        for (t, &w) in words.iter().enumerate() {
-            values[((j / 2) * d.dpad + t) * 2 + j % 2] = w;
-        }
+        src.load(2, h, start + j, shape, &mut v[j * d.dim..][..d.dim]);
     }
     let mean = mean_rows(&k, d.dim, d.len);
     let mut codes = vec![0i8; d.dim];
@@ -280,6 +292,21 @@ fn pack(
             keys[((blk * d.quads + t / 4) * 16 + lane) * 4 + t % 4] = (c as u8) ^ 0x80;
         }
     }
+    let iscale: Vec<f32> = column_amax(&v, d.dim)
+        .iter()
+        .zip(&mut value_scale)
+        .map(|(&amax, scale)| {
+            let (s, is) = levels(amax, V_LEVELS);
+            *scale = s;
+            is
+        })
+        .collect();
+    for (j, x) in v.chunks_exact(d.dim).enumerate() {
+        let pair = &mut values[(j / 2) * d.dpad * 2..][..d.dpad * 2];
+        for (t, (&x, &is)) in x.iter().zip(&iscale).enumerate() {
+            pair[t * 2 + j % 2] = code(x, is) as i16;
+        }
+    }
     Packed {
         queries,
         query_scale,
@@ -287,16 +314,26 @@ fn pack(
         keys,
         key_scale,
         values,
+        value_scale,
     }
 }
 
-thread_local! {
-    /// Each pool thread's scratch (scores, softmax weights, output rows), kept between calls.
-    static SCRATCH: RefCell<(Vec<f32>, Vec<u16>, Vec<f32>)> =
-        const { RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
+/// Each pool thread's scratch, kept between calls.
+#[derive(Default)]
+struct Scratch {
+    scores: Vec<f32>,
+    /// Softmax weights' codes, and their scales per row and block of [`KB`] keys.
+    weights: Vec<i16>,
+    weight_scale: Vec<f32>,
+    /// Output rows before the values' and the softmax's scales.
+    out: Vec<f32>,
 }
 
-/// [`super::segment_attention`] with bf16 operands, on a CPU where [`available`] says yes, from
+thread_local! {
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+}
+
+/// [`super::segment_attention`] on integer operands, on a CPU where [`available`] says yes, from
 /// operands laid out as `src` says. Returns `(n, heads, dim)`.
 pub fn segment_attention(
     isa: Isa,
@@ -378,73 +415,71 @@ fn tile(
     kv: &Packed,
     d: Dims,
     span: std::ops::Range<usize>,
-    (scores, ps, os): &mut (Vec<f32>, Vec<u16>, Vec<f32>),
+    s: &mut Scratch,
     mut o: super::StridedRows,
 ) {
     let rows = span.len();
+    let kblocks = d.keys.div_ceil(KB);
     // Padded query rows (zero, inside the packed queries) run through the kernels too; their
     // results are never read, so the buffers are only grown, not cleared.
     let padded = rows.div_ceil(R) * R;
-    if ps.len() < padded * d.keys {
-        ps.resize(padded * d.keys, 0);
-    }
-    for (buf, len) in [(&mut *scores, padded * d.keys), (&mut *os, padded * d.dpad)] {
+    let grow = |buf: &mut Vec<f32>, len: usize| {
         if buf.len() < len {
             buf.resize(len, 0.0);
         }
+    };
+    grow(&mut s.scores, padded * d.keys);
+    grow(&mut s.weight_scale, padded * kblocks);
+    grow(&mut s.out, padded * d.dpad);
+    if s.weights.len() < padded * d.keys {
+        s.weights.resize(padded * d.keys, 0);
     }
     let qs = span.start..span.start + padded;
-    // SAFETY: `available` said the CPU has AVX-512 F, VNNI and BF16 (checked by
-    // `segment_attention`); the buffers hold `padded` rows of what each product reads and writes.
+    // SAFETY: `available` said the CPU has AVX-512 F, BW and VNNI (checked by `segment_attention`);
+    // the buffers hold `padded` rows of what each product reads and writes.
     #[cfg(target_arch = "x86_64")]
     unsafe {
-        x86::scores(kv, qs, d, scores)
+        x86::scores(kv, qs, d, &mut s.scores)
     };
     let mut sums = [0f32; TILE];
-    for i in 0..rows {
-        let row = &mut scores[i * d.keys..][..d.len];
-        let p = &mut ps[i * d.keys..][..d.keys];
+    for (i, sum) in sums.iter_mut().enumerate().take(rows) {
+        let row = &mut s.scores[i * d.keys..][..d.len];
+        let p = &mut s.weights[i * d.keys..][..d.keys];
+        let scales = &mut s.weight_scale[i * kblocks..][..kblocks];
         // SAFETY: as above.
         #[cfg(target_arch = "x86_64")]
         {
-            sums[i] = unsafe { x86::softmax_weights(row, p) };
+            *sum = unsafe { x86::softmax_codes(row, p, scales) };
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
-            sums[i] = super::attention::exp_minus_max(Isa::Scalar, row);
-            to_bf16(row, &mut p[..d.len]);
-            p[d.len..].fill(0);
+            *sum = super::attention::exp_minus_max(Isa::Scalar, row);
+            weight_codes(row, p, scales);
         }
     }
     // SAFETY: as above.
     #[cfg(target_arch = "x86_64")]
     unsafe {
-        if widen_weighted() {
-            x86::weighted_fma(ps, &kv.values, d, padded, os)
-        } else {
-            x86::weighted(ps, &kv.values, d, padded, os)
-        }
+        x86::weighted(
+            &s.weights,
+            &s.weight_scale,
+            &kv.values,
+            d,
+            padded,
+            &mut s.out,
+        )
     };
-    for i in 0..rows {
-        let inv = 1.0 / sums[i];
-        for (x, &y) in o.row(i).iter_mut().zip(&os[i * d.dpad..]) {
-            *x = y * inv;
+    for (i, sum) in sums.iter().enumerate().take(rows) {
+        let inv = 1.0 / sum;
+        let y = &s.out[i * d.dpad..];
+        for ((x, &y), &vs) in o.row(i).iter_mut().zip(y).zip(&kv.value_scale) {
+            *x = y * (vs * inv);
         }
     }
 }
 
-fn to_bf16(src: &[f32], dst: &mut [u16]) {
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: only reached where `available` said the CPU has AVX-512 BF16.
-    unsafe {
-        x86::to_bf16(src, dst)
-    };
-    #[cfg(not(target_arch = "x86_64"))]
-    dst.iter_mut().zip(src).for_each(|(d, &s)| *d = round(s));
-}
-
 /// The reference: the same rounding points, one value at a time, exact integer sums for the scores
-/// and f32 sums in plain order for the weighted sum.
+/// and for each block of the weighted sum, f64 sums across blocks.
 #[allow(clippy::too_many_arguments)]
 pub fn reference(
     q: &[f32],
@@ -456,7 +491,6 @@ pub fn reference(
     scale: f32,
 ) -> Vec<f32> {
     let n: usize = segments.iter().sum();
-    let r = |x: f32| value(round(x));
     let mut out = vec![0f32; n * heads * dim];
     let mut start = 0;
     for &len in segments {
@@ -472,6 +506,16 @@ pub fn reference(
                     (quantize(&centred, &mut codes), codes)
                 })
                 .collect();
+            let values = &v[row(0)..row(len)];
+            let (value_scale, iscale): (Vec<f32>, Vec<f32>) = column_amax(values, dim)
+                .iter()
+                .map(|&amax| levels(amax, V_LEVELS))
+                .unzip();
+            let value_codes: Vec<i64> = values
+                .chunks_exact(dim)
+                .flat_map(|x| x.iter().zip(&iscale).map(|(&x, &is)| code(x, is) as i64))
+                .collect();
+            let padded = len.div_ceil(16) * 16;
             for i in 0..len {
                 let qi: Vec<f32> = q[row(i)..][..dim].iter().map(|&x| x * scale).collect();
                 let mut qc = vec![0i8; dim];
@@ -484,12 +528,21 @@ pub fn reference(
                     })
                     .collect();
                 let sum = super::attention::exp_minus_max(Isa::Scalar, &mut s);
+                let mut p = vec![0i16; padded];
+                let mut p_scale = vec![0f32; padded.div_ceil(KB)];
+                weight_codes(&s, &mut p, &mut p_scale);
                 let o = &mut out[((start + i) * heads + h) * dim..][..dim];
-                for (j, &p) in s.iter().enumerate() {
-                    let vj = &v[row(j)..][..dim];
-                    o.iter_mut().zip(vj).for_each(|(o, &x)| *o += r(p) * r(x));
+                for (t, o) in o.iter_mut().enumerate() {
+                    let blocks = p[..len].chunks(KB).zip(&p_scale).enumerate();
+                    let dot: f64 = blocks
+                        .map(|(b, (p, &ps))| {
+                            let codes = p.iter().enumerate().map(|(j, &c)| (b * KB + j, c as i64));
+                            let exact: i64 = codes.map(|(j, c)| c * value_codes[j * dim + t]).sum();
+                            exact as f64 * ps as f64
+                        })
+                        .sum();
+                    *o = (dot * value_scale[t] as f64 / sum as f64) as f32;
                 }
-                o.iter_mut().for_each(|x| *x /= sum);
             }
         }
         start += len;
@@ -501,7 +554,7 @@ pub fn reference(
 mod x86 {
     use core::arch::x86_64::*;
 
-    use super::{Dims, Packed, JB, R};
+    use super::{Dims, Packed, JB, KB, R};
 
     /// `scores = q k^T` for query rows `qs` (as many as a multiple of [`R`]) of the packed segment
     /// against all its keys; `scores` is `qs.len() x d.keys`. [`JB`] blocks of 16 keys per kernel
@@ -613,215 +666,163 @@ mod x86 {
         amax / 127.0
     }
 
-    /// `os = ps v` for `rows` (a multiple of [`R`]) rows of bf16 softmax weights `ps` (`d.keys` per
-    /// row) against the packed values; `os` is `rows x d.dpad`.
-    #[target_feature(enable = "avx512f,avx512bf16")]
-    pub unsafe fn weighted(ps: &[u16], values: &[u16], d: Dims, rows: usize, os: &mut [f32]) {
-        let panel = Panel::values(d);
-        // Up to 6 blocks (96 dims) per call: 24 sums, 6 loads and a broadcast in 32 registers.
-        product::<false>((ps, d.keys), rows, values, panel, 6, (os, d.dpad));
-    }
-
-    /// [`weighted`] with each bf16 pair widened to two f32 values (a bf16 is the high half of its f32)
-    /// and multiplied by FMA: for CPUs whose `vdpbf16ps` is slower than two FMAs
-    /// ([`super::widen_weighted`]).
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn weighted_fma(ps: &[u16], values: &[u16], d: Dims, rows: usize, os: &mut [f32]) {
-        let panel = Panel::values(d);
-        // Up to 5 blocks per call: 20 sums, 8 broadcast weights and a widened pair.
-        product::<true>((ps, d.keys), rows, values, panel, 5, (os, d.dpad));
-    }
-
-    /// [`kernel`] on widened operands: per step, each row's weight pair as two broadcast f32 values,
-    /// each block's 16 value pairs as two f32 vectors (even keys, odd keys), two FMAs per sum.
-    #[inline(always)]
-    unsafe fn kernel_fma<const B: usize>(
-        a: [*const u16; R],
-        packed: *const u16,
-        panel: &Panel,
-        out: [*mut f32; R],
-    ) {
-        let high = _mm512_set1_epi32(0xffff_0000u32 as i32);
-        let mut acc = [[_mm512_setzero_ps(); B]; R];
-        for s in 0..panel.steps {
-            let pairs: [(__m512, __m512); R] = std::array::from_fn(|r| {
-                let pair = (a[r].add(2 * s) as *const u32).read_unaligned();
-                (
-                    _mm512_set1_ps(f32::from_bits(pair << 16)),
-                    _mm512_set1_ps(f32::from_bits(pair & 0xffff_0000)),
-                )
-            });
-            #[allow(clippy::needless_range_loop)] // `b` picks a block of every row's sums
-            for b in 0..B {
-                let x =
-                    _mm512_loadu_si512(packed.add(b * panel.block + s * panel.step) as *const _);
-                let even = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
-                let odd = _mm512_castsi512_ps(_mm512_and_si512(x, high));
-                for r in 0..R {
-                    acc[r][b] = _mm512_fmadd_ps(pairs[r].0, even, acc[r][b]);
-                    acc[r][b] = _mm512_fmadd_ps(pairs[r].1, odd, acc[r][b]);
-                }
-            }
-        }
-        for (row, sums) in out.iter().zip(&acc) {
-            for (b, sum) in sums.iter().enumerate() {
-                _mm512_storeu_ps(row.add(b * 16), *sum);
-            }
-        }
-    }
-
-    /// A packed operand: `blocks` blocks of 16 lanes, each lane a bf16 pair per step; block `b`'s
-    /// step `s` is the 64 bytes at `b * block + s * step` (in `u16`s).
-    struct Panel {
-        blocks: usize,
-        steps: usize,
-        step: usize,
-        block: usize,
-    }
-
-    impl Panel {
-        /// The packed values (`[pair of keys][dim][2]`): a block is 16 dims, a step a pair of keys.
-        fn values(d: Dims) -> Self {
-            Panel {
-                blocks: d.dpad / 16,
-                steps: d.keys / 2,
-                step: d.dpad * 2,
-                block: 32,
-            }
-        }
-    }
-
-    /// `out[i][16 b..16 b + 16] = sum over steps s of a[i]'s pair s times block b's step s`, for rows
-    /// `i < rows` (a multiple of [`R`]) of `a` and of `out` (each given with its row stride), at most
-    /// `widest` (1..=6) blocks per kernel call: on [`kernel`], or on [`kernel_fma`] when `WIDEN`.
-    #[inline(always)]
-    unsafe fn product<const WIDEN: bool>(
-        (a, a_stride): (&[u16], usize),
+    /// `os = ps v` for `rows` (a multiple of [`R`]) rows of softmax weights' codes `ps` (`d.keys`
+    /// per row; their scales `ps_scale`, one per row and block of [`KB`] keys) against the packed
+    /// values' codes; `os` is `rows x d.dpad`, before the values' scales. Key blocks outermost, so a
+    /// block's values (64 keys of 80 dims are 10 KB) stay in L1 for every row group of the tile.
+    #[target_feature(enable = "avx512f,avx512vnni")]
+    pub unsafe fn weighted(
+        ps: &[i16],
+        ps_scale: &[f32],
+        values: &[i16],
+        d: Dims,
         rows: usize,
-        packed: &[u16],
-        panel: Panel,
-        widest: usize,
-        (out, out_stride): (&mut [f32], usize),
+        os: &mut [f32],
     ) {
-        for i in (0..rows).step_by(R) {
-            let a: [*const u16; R] = std::array::from_fn(|r| a.as_ptr().add((i + r) * a_stride));
-            let mut b = 0;
-            while b < panel.blocks {
-                let w = (panel.blocks - b).min(widest);
-                let at = packed.as_ptr().add(b * panel.block);
-                let o: [*mut f32; R] =
-                    std::array::from_fn(|r| out.as_mut_ptr().add((i + r) * out_stride + b * 16));
-                match (WIDEN, w) {
-                    (false, 1) => kernel::<1>(a, at, &panel, o),
-                    (false, 2) => kernel::<2>(a, at, &panel, o),
-                    (false, 3) => kernel::<3>(a, at, &panel, o),
-                    (false, 4) => kernel::<4>(a, at, &panel, o),
-                    (false, 5) => kernel::<5>(a, at, &panel, o),
-                    (false, _) => kernel::<6>(a, at, &panel, o),
-                    (true, 1) => kernel_fma::<1>(a, at, &panel, o),
-                    (true, 2) => kernel_fma::<2>(a, at, &panel, o),
-                    (true, 3) => kernel_fma::<3>(a, at, &panel, o),
-                    (true, 4) => kernel_fma::<4>(a, at, &panel, o),
-                    (true, _) => kernel_fma::<5>(a, at, &panel, o),
+        let kblocks = d.keys.div_ceil(KB);
+        let blocks = d.dpad / 16;
+        assert!(rows.is_multiple_of(R) && d.keys.is_multiple_of(2));
+        assert!(ps.len() >= rows * d.keys && ps_scale.len() >= rows * kblocks);
+        assert!(values.len() >= d.keys * d.dpad && os.len() >= rows * d.dpad);
+        for kb in 0..kblocks {
+            let first = kb * KB;
+            let steps = (d.keys.min(first + KB) - first) / 2;
+            // Pair `first / 2` of keys, each pair `2 * d.dpad` codes.
+            let panel = values.as_ptr().add(first * d.dpad);
+            for i in (0..rows).step_by(R) {
+                let a: [*const i16; R] =
+                    std::array::from_fn(|r| ps.as_ptr().add((i + r) * d.keys + first));
+                let scale: [f32; R] = std::array::from_fn(|r| ps_scale[(i + r) * kblocks + kb]);
+                let mut b = 0;
+                while b < blocks {
+                    // Up to 6 blocks (96 dims) per call: 24 sums, 6 loads and a broadcast.
+                    let w = (blocks - b).min(6);
+                    let at = Block {
+                        values: panel.add(b * 32),
+                        step: 2 * d.dpad,
+                        steps,
+                        first: kb == 0,
+                    };
+                    let o: [*mut f32; R] =
+                        std::array::from_fn(|r| os.as_mut_ptr().add((i + r) * d.dpad + b * 16));
+                    match w {
+                        1 => kernel::<1>(a, scale, &at, o),
+                        2 => kernel::<2>(a, scale, &at, o),
+                        3 => kernel::<3>(a, scale, &at, o),
+                        4 => kernel::<4>(a, scale, &at, o),
+                        5 => kernel::<5>(a, scale, &at, o),
+                        _ => kernel::<6>(a, scale, &at, o),
+                    }
+                    b += w;
                 }
-                b += w;
             }
         }
     }
 
-    /// [`R`] rows against `B` blocks of the panel starting at `packed`: `R x B` sums in registers,
-    /// one broadcast pair per row and one load per block each step.
+    /// Where a kernel call's values lie: 16 dims' codes of a pair of keys at `values + s * step`
+    /// for step `s < steps`, the next 16 dims 32 codes on; `first` when it is the first key block
+    /// (the output is written, not added to).
+    struct Block {
+        values: *const i16,
+        step: usize,
+        steps: usize,
+        first: bool,
+    }
+
+    /// [`R`] rows of weights (`a`, their block scales `scale`) against `B` blocks of 16 dims: `R x B`
+    /// integer sums in registers, one broadcast pair per row and one load per block each step; at
+    /// the end each sum, as f32 times its row's scale, is stored or added to `out`.
     #[inline(always)]
     unsafe fn kernel<const B: usize>(
-        a: [*const u16; R],
-        packed: *const u16,
-        panel: &Panel,
+        a: [*const i16; R],
+        scale: [f32; R],
+        at: &Block,
         out: [*mut f32; R],
     ) {
-        let mut acc = [[_mm512_setzero_ps(); B]; R];
-        for s in 0..panel.steps {
-            let blocks: [__m512bh; B] = std::array::from_fn(|b| {
-                std::mem::transmute(_mm512_loadu_si512(
-                    packed.add(b * panel.block + s * panel.step) as *const __m512i,
-                ))
+        let mut acc = [[_mm512_setzero_si512(); B]; R];
+        for s in 0..at.steps {
+            let v: [__m512i; B] = std::array::from_fn(|b| {
+                _mm512_loadu_si512(at.values.add(s * at.step + b * 32) as *const __m512i)
             });
             for r in 0..R {
-                let pair: __m512bh = std::mem::transmute(_mm512_set1_epi32(
-                    (a[r].add(2 * s) as *const i32).read_unaligned(),
-                ));
+                let pair = _mm512_set1_epi32((a[r].add(2 * s) as *const i32).read_unaligned());
                 for b in 0..B {
-                    acc[r][b] = _mm512_dpbf16_ps(acc[r][b], pair, blocks[b]);
+                    acc[r][b] = _mm512_dpwssd_epi32(acc[r][b], pair, v[b]);
                 }
             }
         }
-        for (row, sums) in out.iter().zip(&acc) {
-            for (b, sum) in sums.iter().enumerate() {
-                _mm512_storeu_ps(row.add(b * 16), *sum);
+        for r in 0..R {
+            let sc = _mm512_set1_ps(scale[r]);
+            for (b, sum) in acc[r].iter().enumerate() {
+                let o = out[r].add(16 * b);
+                let x = _mm512_cvtepi32_ps(*sum);
+                let y = if at.first {
+                    _mm512_mul_ps(x, sc)
+                } else {
+                    _mm512_fmadd_ps(x, sc, _mm512_loadu_ps(o))
+                };
+                _mm512_storeu_ps(o, y);
             }
         }
     }
 
-    /// One row's softmax weights in one pass after the max: `p[j] = bf16(e^(s[j] - max))` for the
-    /// row's scores `s`, zero for the padded keys `p[s.len()..]` (stale bits there could be a NaN),
-    /// returning the f32 sum of the unrounded exps. The same values as
-    /// [`super::super::attention::exp_minus_max`] then [`to_bf16`] (the same exp, 16 lanes at a
-    /// time), without writing the exps back and reading them again.
-    #[target_feature(enable = "avx512f,avx512bf16,avx512bw,avx512vl")]
-    pub unsafe fn softmax_weights(s: &[f32], p: &mut [u16]) -> f32 {
+    /// One row's softmax weights as codes: the exps `e^(s[j] - max)` of the row's scores `s`,
+    /// written over them, then coded as [`super::weight_codes`] codes them (zeros for the padded
+    /// keys `p[s.len()..]`, `p.len()` a multiple of 16); returns the f32 sum of the unrounded exps.
+    /// The same exps as [`super::super::attention::exp_minus_max`] (16 lanes at a time). Each
+    /// block's largest exp is found in the first pass and its codes made in a second, so no block
+    /// waits on its own reduction and division.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    pub unsafe fn softmax_codes(s: &mut [f32], p: &mut [i16], scales: &mut [f32]) -> f32 {
         use crate::kernels::x86::exp16;
-        let n = s.len();
-        assert!(p.len() >= n);
-        let tail = ((1u32 << (n % 16)) - 1) as u16;
+        let (n, keys) = (s.len(), p.len());
+        assert!(n <= keys && keys.is_multiple_of(16) && scales.len() >= keys.div_ceil(KB));
         let full = n - n % 16;
+        let tail = ((1u32 << (n % 16)) - 1) as u16;
+        let x = s.as_mut_ptr();
         let mut mv = _mm512_set1_ps(f32::NEG_INFINITY);
-        let mut i = 0;
-        while i < full {
-            mv = _mm512_max_ps(mv, _mm512_loadu_ps(s.as_ptr().add(i)));
-            i += 16;
+        for at in (0..full).step_by(16) {
+            mv = _mm512_max_ps(mv, _mm512_loadu_ps(x.add(at)));
         }
         if tail != 0 {
-            mv = _mm512_max_ps(mv, _mm512_mask_loadu_ps(mv, tail, s.as_ptr().add(full)));
+            mv = _mm512_max_ps(mv, _mm512_mask_loadu_ps(mv, tail, x.add(full)));
         }
         let m = _mm512_set1_ps(_mm512_reduce_max_ps(mv));
-        let out = p.as_mut_ptr();
-        let store = |at: usize, e: __m512, mask: u16| {
-            let h = std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(e));
-            _mm256_mask_storeu_epi16(out.add(at) as *mut i16, mask, h);
-        };
         let mut acc = _mm512_setzero_ps();
-        i = 0;
-        while i < full {
-            let e = exp16(_mm512_sub_ps(_mm512_loadu_ps(s.as_ptr().add(i)), m));
-            acc = _mm512_add_ps(acc, e);
-            store(i, e, u16::MAX);
-            i += 16;
+        for (kb, first) in (0..n).step_by(KB).enumerate() {
+            let mut top = _mm512_setzero_ps();
+            for at in (first..n.min(first + KB)).step_by(16) {
+                let mask = if at < full { u16::MAX } else { tail };
+                let e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, x.add(at)), m));
+                let e = _mm512_maskz_mov_ps(mask, e);
+                acc = _mm512_add_ps(acc, e);
+                top = _mm512_max_ps(top, e);
+                _mm512_mask_storeu_ps(x.add(at), mask, e);
+            }
+            scales[kb] = _mm512_reduce_max_ps(top);
         }
-        if tail != 0 {
-            let x = _mm512_maskz_loadu_ps(tail, s.as_ptr().add(full));
-            let e = _mm512_maskz_mov_ps(tail, exp16(_mm512_sub_ps(x, m)));
-            acc = _mm512_add_ps(acc, e);
-            store(full, e, tail);
+        for (kb, first) in (0..keys).step_by(KB).enumerate() {
+            let (scale, iscale) = if first < n {
+                super::levels(scales[kb], super::P_LEVELS)
+            } else {
+                (0.0, 0.0)
+            };
+            scales[kb] = scale;
+            let iscale = _mm512_set1_ps(iscale);
+            for at in (first..keys.min(first + KB)).step_by(16) {
+                let mask = if at < full {
+                    u16::MAX
+                } else if at == full {
+                    tail
+                } else {
+                    0
+                };
+                let e = _mm512_maskz_loadu_ps(mask, x.add(at));
+                let codes = _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(e, iscale)));
+                _mm256_storeu_si256(p.as_mut_ptr().add(at) as *mut __m256i, codes);
+            }
         }
-        p[n..].fill(0);
         _mm512_reduce_add_ps(acc)
-    }
-
-    /// Rounds `src` to bf16 (to nearest, ties to even, as the reference), 16 values at a time.
-    #[target_feature(enable = "avx512f,avx512bf16,avx512vl")]
-    pub unsafe fn to_bf16(src: &[f32], dst: &mut [u16]) {
-        let n = src.len().min(dst.len());
-        let mut i = 0;
-        while i + 16 <= n {
-            let h = _mm512_cvtneps_pbh(_mm512_loadu_ps(src.as_ptr().add(i)));
-            _mm256_storeu_si256(
-                dst.as_mut_ptr().add(i) as *mut __m256i,
-                std::mem::transmute::<__m256bh, __m256i>(h),
-            );
-            i += 16;
-        }
-        for j in i..n {
-            dst[j] = super::round(src[j]);
-        }
     }
 }
 
@@ -839,7 +840,7 @@ mod tests {
     /// above 96 (two value passes); segments shorter than, equal to and longer than a tile and a
     /// key block.
     #[test]
-    fn bf16_segment_attention_matches_reference() {
+    fn integer_segment_attention_matches_reference() {
         for (heads, dim, segments) in [
             (1, 8, vec![1]),
             (2, 19, vec![5, 32, 70]),
@@ -897,16 +898,25 @@ mod tests {
         );
     }
 
-    /// Both weighted-sum kernels (`vdpbf16ps`, and the operands widened for FMA) against an f64
-    /// product of the same bf16 values, on widths of 1 to 6 blocks of 16 dims (every call width and
-    /// a remainder), several row groups, key counts of one and many vector steps.
+    /// The weighted-sum kernel against the exact integer sums of each key block times its scale
+    /// (summed in f64), on widths of 1 to 7 blocks of 16 dims (every call width and a remainder),
+    /// several row groups, key counts of one step, one block and a partial last block; and at the
+    /// codes' extremes (every weight and value code at its largest, same sign), where a block's sum
+    /// is 2^31 less 0.05%.
     #[test]
     #[cfg(target_arch = "x86_64")]
-    fn both_weighted_kernels_match_the_product() {
+    fn weighted_kernel_matches_the_exact_sums() {
         if !available(Isa::detect()) {
             return;
         }
-        for (dpad, keys, rows) in [(16, 16, 4), (80, 48, 8), (96, 64, 4), (48, 16, 12)] {
+        let cases = [
+            (16, 2, 4, false),
+            (80, 48, 8, false),
+            (96, 64, 4, false),
+            (112, 150, 12, false),
+            (48, 128, 4, true),
+        ];
+        for (dpad, keys, rows, extreme) in cases {
             let d = Dims {
                 len: keys,
                 dim: dpad,
@@ -914,66 +924,85 @@ mod tests {
                 quads: dpad / 4,
                 dpad,
             };
-            let ps: Vec<u16> = data(rows * keys, 6)
-                .iter()
-                .map(|x| round(x.abs()))
-                .collect();
+            let kblocks = keys.div_ceil(KB);
+            let (ps, values): (Vec<i16>, Vec<i16>) = if extreme {
+                let p = P_LEVELS as i16;
+                (vec![p; rows * keys], vec![V_LEVELS as i16; keys * dpad])
+            } else {
+                let ps = data(rows * keys, 6)
+                    .into_iter()
+                    .map(|x| (x.abs() * 8191.0) as i16);
+                let vs = data(keys * dpad, 7)
+                    .into_iter()
+                    .map(|x| (x * 1023.0) as i16);
+                (ps.collect(), vs.collect())
+            };
+            let ps_scale: Vec<f32> = data(rows * kblocks, 8).iter().map(|x| x.abs()).collect();
             // `[pair of keys][dim][2]`.
-            let values: Vec<u16> = data(keys * dpad, 7).iter().map(|&x| round(x)).collect();
-            let at = |j: usize, c: usize| values[(j / 2) * dpad * 2 + c * 2 + j % 2];
-            let mut want = vec![0f64; rows * dpad];
+            let at = |j: usize, c: usize| values[(j / 2) * dpad * 2 + c * 2 + j % 2] as i64;
+            let mut got = vec![0f32; rows * dpad];
+            // SAFETY: `available` said the CPU has AVX-512 VNNI (and F); the operands hold `rows`
+            // rows of `keys` weights and of `kblocks` scales, `keys` rows of `dpad` values and
+            // `rows x dpad` outputs.
+            unsafe { x86::weighted(&ps, &ps_scale, &values, d, rows, &mut got) };
             for i in 0..rows {
                 for c in 0..dpad {
-                    want[i * dpad + c] = (0..keys)
-                        .map(|j| value(ps[i * keys + j]) as f64 * value(at(j, c)) as f64)
-                        .sum();
-                }
-            }
-            let mut got = vec![0f32; rows * dpad];
-            let mut got_fma = vec![0f32; rows * dpad];
-            // SAFETY: `available` said the CPU has AVX-512 BF16 (and F); the operands hold `rows`
-            // rows of `keys` weights, `keys` rows of `dpad` values and `rows x dpad` outputs.
-            unsafe {
-                x86::weighted(&ps, &values, d, rows, &mut got);
-                x86::weighted_fma(&ps, &values, d, rows, &mut got_fma);
-            }
-            for (name, got) in [("bf16", &got), ("fma", &got_fma)] {
-                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                    let (mut want, mut size) = (0f64, 0f64);
+                    for b in 0..kblocks {
+                        let block = b * KB..keys.min(b * KB + KB);
+                        let p = |j: usize| ps[i * keys + j] as i64;
+                        let exact: i64 = block.clone().map(|j| p(j) * at(j, c)).sum();
+                        let abs: i64 = block.map(|j| (p(j) * at(j, c)).abs()).sum();
+                        let scale = ps_scale[i * kblocks + b] as f64;
+                        want += exact as f64 * scale;
+                        size += abs as f64 * scale;
+                    }
+                    let g = got[i * dpad + c] as f64;
                     assert!(
-                        (*g as f64 - w).abs() < 1e-5 * (1.0 + w.abs()),
-                        "{name} d{dpad} k{keys} r{rows} at {i}: {g} vs {w}"
+                        (g - want).abs() <= 1e-6 * size,
+                        "d{dpad} k{keys} r{rows} at {i},{c}: {g} vs {want}"
                     );
                 }
             }
         }
     }
 
-    /// The one-pass softmax weights equal the exps of `exp_minus_max` rounded by `to_bf16`, bit for
-    /// bit, with zeros over the padding, and the same sum up to the order of f32 additions, on rows
-    /// shorter than, equal to and longer than a vector, with a tail and without.
+    /// The one-pass softmax codes equal the exps of `exp_minus_max` coded by `weight_codes`, bit for
+    /// bit, scales included, with zeros over the padding, and the same sum up to the order of f32
+    /// additions: rows shorter than, equal to and longer than a vector and a key block, with a tail
+    /// and without, with blocks whose weights all underflow to zero.
     #[test]
     #[cfg(target_arch = "x86_64")]
-    fn softmax_weights_equal_exp_then_rounding() {
+    fn softmax_codes_equal_exp_then_coding() {
         if !available(Isa::detect()) {
             return;
         }
-        for len in [1, 15, 16, 17, 70, 1024] {
-            let s: Vec<f32> = data(len, len).iter().map(|x| 9.0 * x).collect();
-            let mut want_e = s.clone();
-            let want_sum = super::super::attention::exp_minus_max(Isa::Avx2, &mut want_e);
-            let mut want = vec![0u16; len + 9];
-            want[..len]
-                .iter_mut()
-                .zip(&want_e)
-                .for_each(|(w, &e)| *w = round(e));
-            let mut got = vec![0xffffu16; len + 9];
-            // SAFETY: `available` said the CPU has AVX-512 BF16 (and F, BW, VL).
-            let sum = unsafe { x86::softmax_weights(&s, &mut got) };
+        for len in [1, 15, 16, 17, 64, 70, 200, 1024] {
+            let mut s: Vec<f32> = data(len, len).iter().map(|x| 9.0 * x).collect();
+            if len > 128 {
+                // The second block far below the first: every weight in it underflows.
+                s[64..128].iter_mut().for_each(|x| *x -= 200.0);
+            }
+            let keys = len.div_ceil(16) * 16;
+            let kblocks = keys.div_ceil(KB);
+            let mut e = s.clone();
+            let want_sum = super::super::attention::exp_minus_max(Isa::Avx2, &mut e);
+            let (mut want, mut want_scale) = (vec![0i16; keys], vec![0f32; kblocks]);
+            weight_codes(&e, &mut want, &mut want_scale);
+            let (mut got, mut got_scale) = (vec![-1i16; keys], vec![-1f32; kblocks]);
+            // SAFETY: `available` said the CPU has AVX-512 (F, BW, VL).
+            let mut scores = s.clone();
+            let sum = unsafe { x86::softmax_codes(&mut scores, &mut got, &mut got_scale) };
             assert_eq!(got, want, "len {len}");
+            assert_eq!(got_scale, want_scale, "len {len}");
+            assert_eq!(scores, e, "len {len}: the exps, written over the scores");
             assert!(
                 (sum - want_sum).abs() <= 1e-6 * want_sum,
                 "len {len}: {sum} vs {want_sum}"
             );
+            if len > 128 {
+                assert_eq!(want_scale[1], 0.0, "the underflowing block");
+            }
         }
     }
 
@@ -1052,7 +1081,7 @@ mod tests {
     /// The fused projection's output read in place, rotary applied while packing, against the
     /// reference on q, k, v laid out per head and rotated beforehand (rotate-half, as candle's rope).
     #[test]
-    fn bf16_attention_reads_the_fused_projection_in_place() {
+    fn integer_attention_reads_the_fused_projection_in_place() {
         for (heads, dim, segments) in [(2, 80, vec![33, 70]), (3, 18, vec![5])] {
             let n: usize = segments.iter().sum();
             let half = dim / 2;
