@@ -75,6 +75,47 @@ fn code(x: f32, iscale: f32) -> i32 {
     (x * iscale).round_ties_even() as i32
 }
 
+/// Taylor's coefficients of `2^f` (`ln 2^k / k!`), highest degree first: within 2e-7 of it,
+/// relatively, for `|f| <= 1/2`.
+const EXP2_POLY: [f32; 7] = [
+    1.540_353e-4,
+    1.333_355_8e-3,
+    9.618_129e-3,
+    5.550_411e-2,
+    0.240_226_5,
+    std::f32::consts::LN_2,
+    1.0,
+];
+
+/// `2^t` for `t <= 0` (below -126 as -126, where a weight is 1e-38 of the row's largest): `t = n + f`
+/// with `n` the nearest integer, `2^f` by [`EXP2_POLY`], `2^n` put in by an exact product (rounded
+/// only where the result is subnormal). Fewer steps than [`super::attention`]'s `e^x`, which also
+/// serves positive arguments: the softmax here only sees scores at or below their row's largest.
+/// The reference of `x86::exp2`.
+fn exp2(t: f32) -> f32 {
+    let t = t.max(-126.0);
+    let n = t.round_ties_even();
+    let f = t - n;
+    let p = EXP2_POLY[1..]
+        .iter()
+        .fold(EXP2_POLY[0], |p, &c| p.mul_add(f, c));
+    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+/// A row's softmax weights from its scores `s` (each still to be multiplied by the query's scale
+/// `qscale`), written over them: `e[j] = 2^(s[j] c - max c)` with `c = qscale log2(e)`, one fused
+/// multiply-subtract per score; returns their sum (in order). The reference of the exps of
+/// `x86::softmax_codes`.
+pub fn softmax_exps(s: &mut [f32], qscale: f32) -> f32 {
+    let m = s.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
+    let c = qscale * std::f32::consts::LOG2_E;
+    let mc = m * c;
+    s.iter_mut().fold(0.0, |sum, x| {
+        *x = exp2(x.mul_add(c, -mc));
+        sum + *x
+    })
+}
+
 /// A row's softmax weights `e` as 16-bit codes in `p` (as many slots as the padded keys, zeros past
 /// `e.len()`): per block of [`KB`] keys, its largest weight is [`P_LEVELS`]; `scales` gets each
 /// block's scale. The reference of `x86::softmax_codes` after the exps.
@@ -446,14 +487,15 @@ fn tile(
         let row = &mut s.scores[i * d.keys..][..d.len];
         let p = &mut s.weights[i * d.keys..][..d.keys];
         let scales = &mut s.weight_scale[i * kblocks..][..kblocks];
+        let qs = kv.query_scale[span.start + i];
         // SAFETY: as above.
         #[cfg(target_arch = "x86_64")]
         {
-            *sum = unsafe { x86::softmax_codes(row, p, scales) };
+            *sum = unsafe { x86::softmax_codes(row, qs, p, scales) };
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
-            *sum = super::attention::exp_minus_max(Isa::Scalar, row);
+            *sum = softmax_exps(row, qs);
             weight_codes(row, p, scales);
         }
     }
@@ -524,10 +566,10 @@ pub fn reference(
                     .iter()
                     .map(|(sk, kc)| {
                         let dot: i32 = qc.iter().zip(kc).map(|(&a, &b)| a as i32 * b as i32).sum();
-                        dot as f32 * (sk * sq)
+                        dot as f32 * sk
                     })
                     .collect();
-                let sum = super::attention::exp_minus_max(Isa::Scalar, &mut s);
+                let sum = softmax_exps(&mut s, sq);
                 let mut p = vec![0i16; padded];
                 let mut p_scale = vec![0f32; padded.div_ceil(KB)];
                 weight_codes(&s, &mut p, &mut p_scale);
@@ -566,13 +608,13 @@ mod x86 {
         let blocks = d.keys / 16;
         assert!(qs.end <= d.keys && scores.len() >= qs.len() * d.keys);
         for (i, first) in qs.clone().step_by(R).enumerate() {
-            let rows = first..first + R;
             let q: [*const i8; R] =
                 std::array::from_fn(|r| kv.queries.as_ptr().add((first + r) * qw));
             let a = Query {
                 codes: q,
-                scale: kv.query_scale[rows.clone()].try_into().expect("R rows"),
-                offset: kv.query_offset[rows].try_into().expect("R rows"),
+                offset: kv.query_offset[first..first + R]
+                    .try_into()
+                    .expect("R rows"),
             };
             let mut b = 0;
             while b < blocks {
@@ -592,16 +634,16 @@ mod x86 {
         }
     }
 
-    /// [`R`] query rows' codes, scales and offsets.
+    /// [`R`] query rows' codes and offsets.
     struct Query {
         codes: [*const i8; R],
-        scale: [f32; R],
         offset: [i32; R],
     }
 
     /// [`R`] query rows against `B` blocks of 16 keys starting at `keys` (their scales at
-    /// `key_scale`): per row and block, the integer sum of the codes' products (the `+128` of the
-    /// keys taken back off), then times the key's scale times the query's.
+    /// `key_scale`): per row and block, the integer sum of the codes' products (starting from the
+    /// row's offset, which takes the `+128` of the keys back off), then times the key's scale. The
+    /// query's scale is left to the softmax ([`softmax_codes`]), one multiply there per score.
     #[inline(always)]
     unsafe fn kernel8<const B: usize>(
         q: &Query,
@@ -610,7 +652,8 @@ mod x86 {
         quads: usize,
         out: [*mut f32; R],
     ) {
-        let mut acc = [[_mm512_setzero_si512(); B]; R];
+        let mut acc: [[__m512i; B]; R] =
+            std::array::from_fn(|r| [_mm512_set1_epi32(q.offset[r]); B]);
         for s in 0..quads {
             let blocks: [__m512i; B] = std::array::from_fn(|b| {
                 _mm512_loadu_si512(keys.add((b * quads + s) * 64) as *const __m512i)
@@ -622,12 +665,11 @@ mod x86 {
                 }
             }
         }
-        for (r, sums) in acc.iter().enumerate() {
-            let (offset, sq) = (_mm512_set1_epi32(q.offset[r]), _mm512_set1_ps(q.scale[r]));
+        let scale: [__m512; B] = std::array::from_fn(|b| _mm512_loadu_ps(key_scale.add(16 * b)));
+        for (o, sums) in out.iter().zip(&acc) {
             for (b, sum) in sums.iter().enumerate() {
-                let scale = _mm512_mul_ps(_mm512_loadu_ps(key_scale.add(16 * b)), sq);
-                let exact = _mm512_cvtepi32_ps(_mm512_add_epi32(*sum, offset));
-                _mm512_storeu_ps(out[r].add(16 * b), _mm512_mul_ps(exact, scale));
+                let exact = _mm512_cvtepi32_ps(*sum);
+                _mm512_storeu_ps(o.add(16 * b), _mm512_mul_ps(exact, scale[b]));
             }
         }
     }
@@ -766,38 +808,75 @@ mod x86 {
         }
     }
 
-    /// One row's softmax weights as codes: the exps `e^(s[j] - max)` of the row's scores `s`,
-    /// written over them, then coded as [`super::weight_codes`] codes them (zeros for the padded
-    /// keys `p[s.len()..]`, `p.len()` a multiple of 16); returns the f32 sum of the unrounded exps.
-    /// The same exps as [`super::super::attention::exp_minus_max`] (16 lanes at a time). Each
-    /// block's largest exp is found in the first pass and its codes made in a second, so no block
-    /// waits on its own reduction and division.
+    /// [`super::exp2`] on 16 lanes, the same value in every lane (the same clamp, steps and
+    /// rounding; `vscalefps` multiplies by `2^n`).
+    #[inline(always)]
+    unsafe fn exp2(t: __m512) -> __m512 {
+        let t = _mm512_max_ps(t, _mm512_set1_ps(-126.0));
+        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(t);
+        let f = _mm512_sub_ps(t, n);
+        let mut p = _mm512_set1_ps(super::EXP2_POLY[0]);
+        for c in &super::EXP2_POLY[1..] {
+            p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(*c));
+        }
+        _mm512_scalef_ps(p, n)
+    }
+
+    /// One row's softmax weights as codes: the exps of [`super::softmax_exps`] (the row's scores
+    /// `s`, before the query's scale `qscale`), written over the scores, then coded as
+    /// [`super::weight_codes`] codes them (zeros for the padded keys `p[s.len()..]`, `p.len()` a
+    /// multiple of 16); returns the f32 sum of the unrounded exps. Each block's largest exp is found
+    /// in the first pass and its codes made in a second, so no block waits on its own reduction and
+    /// division.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-    pub unsafe fn softmax_codes(s: &mut [f32], p: &mut [i16], scales: &mut [f32]) -> f32 {
-        use crate::kernels::x86::exp16;
+    pub unsafe fn softmax_codes(
+        s: &mut [f32],
+        qscale: f32,
+        p: &mut [i16],
+        scales: &mut [f32],
+    ) -> f32 {
         let (n, keys) = (s.len(), p.len());
         assert!(n <= keys && keys.is_multiple_of(16) && scales.len() >= keys.div_ceil(KB));
         let full = n - n % 16;
         let tail = ((1u32 << (n % 16)) - 1) as u16;
         let x = s.as_mut_ptr();
-        let mut mv = _mm512_set1_ps(f32::NEG_INFINITY);
-        for at in (0..full).step_by(16) {
-            mv = _mm512_max_ps(mv, _mm512_loadu_ps(x.add(at)));
+        // Four running maxima, so the loads (from L2: the tile's scores outgrow L1) overlap rather
+        // than wait on one chain of `vmaxps`.
+        let mut mv = [_mm512_set1_ps(f32::NEG_INFINITY); 4];
+        let mut at = 0;
+        while at + 64 <= full {
+            for (i, m) in mv.iter_mut().enumerate() {
+                *m = _mm512_max_ps(*m, _mm512_loadu_ps(x.add(at + 16 * i)));
+            }
+            at += 64;
+        }
+        while at < full {
+            mv[0] = _mm512_max_ps(mv[0], _mm512_loadu_ps(x.add(at)));
+            at += 16;
         }
         if tail != 0 {
-            mv = _mm512_max_ps(mv, _mm512_mask_loadu_ps(mv, tail, x.add(full)));
+            mv[1] = _mm512_max_ps(mv[1], _mm512_mask_loadu_ps(mv[1], tail, x.add(full)));
         }
-        let m = _mm512_set1_ps(_mm512_reduce_max_ps(mv));
+        let mv = _mm512_max_ps(_mm512_max_ps(mv[0], mv[1]), _mm512_max_ps(mv[2], mv[3]));
+        let c = qscale * std::f32::consts::LOG2_E;
+        let mc = _mm512_set1_ps(_mm512_reduce_max_ps(mv) * c);
+        let c = _mm512_set1_ps(c);
         let mut acc = _mm512_setzero_ps();
         for (kb, first) in (0..n).step_by(KB).enumerate() {
             let mut top = _mm512_setzero_ps();
             for at in (first..n.min(first + KB)).step_by(16) {
-                let mask = if at < full { u16::MAX } else { tail };
-                let e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, x.add(at)), m));
-                let e = _mm512_maskz_mov_ps(mask, e);
+                let e = if at < full {
+                    let e = exp2(_mm512_fmsub_ps(_mm512_loadu_ps(x.add(at)), c, mc));
+                    _mm512_storeu_ps(x.add(at), e);
+                    e
+                } else {
+                    let t = _mm512_fmsub_ps(_mm512_maskz_loadu_ps(tail, x.add(at)), c, mc);
+                    let e = _mm512_maskz_mov_ps(tail, exp2(t));
+                    _mm512_mask_storeu_ps(x.add(at), tail, e);
+                    e
+                };
                 acc = _mm512_add_ps(acc, e);
                 top = _mm512_max_ps(top, e);
-                _mm512_mask_storeu_ps(x.add(at), mask, e);
             }
             scales[kb] = _mm512_reduce_max_ps(top);
         }
@@ -810,14 +889,12 @@ mod x86 {
             scales[kb] = scale;
             let iscale = _mm512_set1_ps(iscale);
             for at in (first..keys.min(first + KB)).step_by(16) {
-                let mask = if at < full {
-                    u16::MAX
-                } else if at == full {
-                    tail
+                let e = if at < full {
+                    _mm512_loadu_ps(x.add(at))
                 } else {
-                    0
+                    let mask = if at == full { tail } else { 0 };
+                    _mm512_maskz_loadu_ps(mask, x.add(at))
                 };
-                let e = _mm512_maskz_loadu_ps(mask, x.add(at));
                 let codes = _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(e, iscale)));
                 _mm256_storeu_si256(p.as_mut_ptr().add(at) as *mut __m256i, codes);
             }
@@ -967,7 +1044,7 @@ mod tests {
         }
     }
 
-    /// The one-pass softmax codes equal the exps of `exp_minus_max` coded by `weight_codes`, bit for
+    /// The softmax codes equal the exps of `softmax_exps` coded by `weight_codes`, bit for
     /// bit, scales included, with zeros over the padding, and the same sum up to the order of f32
     /// additions: rows shorter than, equal to and longer than a vector and a key block, with a tail
     /// and without, with blocks whose weights all underflow to zero.
@@ -981,18 +1058,19 @@ mod tests {
             let mut s: Vec<f32> = data(len, len).iter().map(|x| 9.0 * x).collect();
             if len > 128 {
                 // The second block far below the first: every weight in it underflows.
-                s[64..128].iter_mut().for_each(|x| *x -= 200.0);
+                s[64..128].iter_mut().for_each(|x| *x -= 400.0);
             }
             let keys = len.div_ceil(16) * 16;
             let kblocks = keys.div_ceil(KB);
             let mut e = s.clone();
-            let want_sum = super::super::attention::exp_minus_max(Isa::Avx2, &mut e);
+            let qscale = 0.37;
+            let want_sum = softmax_exps(&mut e, qscale);
             let (mut want, mut want_scale) = (vec![0i16; keys], vec![0f32; kblocks]);
             weight_codes(&e, &mut want, &mut want_scale);
             let (mut got, mut got_scale) = (vec![-1i16; keys], vec![-1f32; kblocks]);
             // SAFETY: `available` said the CPU has AVX-512 (F, BW, VL).
             let mut scores = s.clone();
-            let sum = unsafe { x86::softmax_codes(&mut scores, &mut got, &mut got_scale) };
+            let sum = unsafe { x86::softmax_codes(&mut scores, qscale, &mut got, &mut got_scale) };
             assert_eq!(got, want, "len {len}");
             assert_eq!(got_scale, want_scale, "len {len}");
             assert_eq!(scores, e, "len {len}: the exps, written over the scores");
@@ -1004,6 +1082,19 @@ mod tests {
                 assert_eq!(want_scale[1], 0.0, "the underflowing block");
             }
         }
+    }
+
+    /// The softmax's `2^t` within 3e-7 of f64's, relatively, over the whole range it serves above
+    /// the subnormals, integers and halves included; the clamp at -126 below it.
+    #[test]
+    fn exp2_is_within_3e7_of_f64() {
+        for i in 0..=120_000 {
+            let t = -(i as f32) * 1e-3;
+            let (got, want) = (exp2(t) as f64, (t as f64).exp2());
+            assert!((got - want).abs() <= 3e-7 * want, "2^{t}: {got} vs {want}");
+        }
+        assert_eq!(exp2(-1000.0), exp2(-126.0));
+        assert_eq!(exp2(0.0), 1.0);
     }
 
     /// The SIMD quantization equals the reference bit for bit: lengths with and without a tail,
