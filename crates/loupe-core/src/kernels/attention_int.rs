@@ -936,8 +936,8 @@ mod tests {
     }
 
     /// The reference against f32 attention within 3e-2 (so it computes attention, to the precision
-    /// of its roundings), and the kernel against the reference (same rounding points, so only the
-    /// order of f32 sums and the vectorized exp differ), `q`, `k`, `v` laid out per head.
+    /// of its roundings), and the kernel against the reference (same rounding points and the same
+    /// `2^t`, so only the order of the f32 sums differs), `q`, `k`, `v` laid out per head.
     fn assert_reference_and_kernel(
         q: &[f32],
         k: &[f32],
