@@ -11,6 +11,10 @@ pub struct InfoArgs {
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
+    /// Accept stored tensors that the model does not read (by default an error: a checkpoint of
+    /// another architecture under a known model_type).
+    #[arg(long)]
+    pub allow_unused_tensors: bool,
 }
 
 fn human(n: usize) -> String {
@@ -32,7 +36,7 @@ fn bytes(n: u64) -> String {
 }
 
 pub fn info(args: InfoArgs) -> Result<()> {
-    let i = ModelInfo::read(&args.model)?;
+    let i = ModelInfo::read(&args.model, args.allow_unused_tensors)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&i).unwrap_or_default());
         return Ok(());

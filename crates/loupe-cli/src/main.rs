@@ -21,6 +21,20 @@ use clap::{Parser, Subcommand};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Raise (or lower) a bound on what a file may make Loupe read, decode or render, e.g.
+    /// `--allow image-pixels=400000000`; repeatable. Names and defaults: docs/reliability.md.
+    #[arg(long = "allow", global = true, value_name = "NAME=VALUE")]
+    limits: Vec<String>,
+}
+
+/// Applies the `--allow` settings for the whole process.
+fn set_limits(settings: &[String]) -> loupe_core::Result<()> {
+    let mut limits = loupe_core::limits::Limits::default();
+    for s in settings {
+        limits.apply(s)?;
+    }
+    loupe_core::limits::set(limits);
+    Ok(())
 }
 
 #[derive(Subcommand)]
@@ -78,6 +92,10 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    if let Err(e) = set_limits(&cli.limits) {
+        eprintln!("loupe: {e}");
+        return ExitCode::from(EXIT_BAD_INPUT);
+    }
     let ok = |r: loupe_core::Result<()>| r.map(|()| ExitCode::SUCCESS).map_err(|e| e.to_string());
     let result = match cli.command {
         Command::Run(a) => ok(run::run(*a)),

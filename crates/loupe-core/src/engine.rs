@@ -80,6 +80,8 @@ pub struct Engine {
     pub quant: Option<GgmlDType>,
     pub stored_dtype: Option<String>,
     pub load_ms: f64,
+    /// Tokens the model attends over (`max_position_embeddings`): prompt plus answer.
+    pub context_length: usize,
     image_pad: String,
     /// A language model without a vision tower.
     text_only: bool,
@@ -93,6 +95,7 @@ impl Engine {
         let files = ModelFiles::find_with(model, opts.mmproj.as_deref())?;
         let (cfg, template) = files.read_model()?;
         let model_type = cfg.model_type.clone();
+        let context_length = cfg.text.max_position_embeddings;
         let (text_only, image_token_id) = (!cfg.has_vision(), cfg.image_token_id);
         let pre_cfg = files.preprocessor()?;
         let generation_config = match &files.generation_config {
@@ -110,7 +113,14 @@ impl Engine {
             (tokenizer, loaded)
         });
         let tokenizer = tokenizer?;
-        let (model, dtype, stored_dtype) = loaded?;
+        let (model, dtype, stored_dtype, unused) = loaded?;
+        if !unused.is_empty() {
+            tracing::info!(
+                "{} stored tensors are not used by the model: {}",
+                unused.len(),
+                unused.join(", ")
+            );
+        }
         let image_pad = match tokenizer.id_to_token(image_token_id) {
             Some(t) => t,
             // A text-only model takes no images; its vocabulary may lack the placeholder.
@@ -136,19 +146,26 @@ impl Engine {
             quant: opts.quant,
             stored_dtype,
             load_ms: t0.elapsed().as_secs_f64() * 1e3,
+            context_length,
             image_pad,
             text_only,
             constraints: OnceLock::new(),
         })
     }
 
-    /// Maps the weights and builds the model: `(model, compute dtype, stored dtype)`.
+    /// Maps the weights and builds the model: `(model, compute dtype, stored dtype, stored tensors
+    /// the model did not read)`.
     #[allow(clippy::type_complexity)]
     fn load_model(
         files: &ModelFiles,
         cfg: Qwen2VlConfig,
         opts: &LoadOptions,
-    ) -> Result<(Box<dyn VisionLanguageModel>, DType, Option<String>)> {
+    ) -> Result<(
+        Box<dyn VisionLanguageModel>,
+        DType,
+        Option<String>,
+        Vec<String>,
+    )> {
         let prequantized = files
             .weights
             .iter()
@@ -183,7 +200,7 @@ impl Engine {
         } else {
             Box::new(qwen2_vl::Qwen2Vl::load(cfg, &weights)?)
         };
-        Ok((model, dtype, stored_dtype))
+        Ok((model, dtype, stored_dtype, weights.unused()))
     }
 
     /// Loads image files in order, naming the file that fails.
@@ -285,6 +302,27 @@ impl Engine {
         reuse: Option<&mut Reuse>,
         on_text: &mut dyn FnMut(&str),
     ) -> Result<Generation> {
+        if prompt.ids.len() >= self.context_length {
+            return Err(Error::InvalidInput(format!(
+                "the prompt is {} tokens, and the model's context is {} (max_position_embeddings in {}); \
+                 shorten the prompt or lower the image pixels",
+                prompt.ids.len(),
+                self.context_length,
+                self.files.config.display()
+            )));
+        }
+        // The answer stops where the context ends (finish_reason `length`).
+        let room = self.context_length - prompt.ids.len();
+        let capped;
+        let params = if params.max_tokens > room {
+            capped = GenerateParams {
+                max_tokens: room,
+                ..params.clone()
+            };
+            &capped
+        } else {
+            params
+        };
         let constraint = params
             .grammar
             .as_ref()
@@ -351,11 +389,45 @@ pub struct ModelInfo {
 }
 
 impl ModelInfo {
-    pub fn read(model: &str) -> Result<Self> {
+    /// Reads what a model is, after checking everything `loupe run` would: the configs, the
+    /// tokenizer, the chat template (rendered once), and every tensor the model reads, present
+    /// with its shape and a dtype Loupe reads (the model is built on the mapped weights, which
+    /// costs a fraction of a second and no copy where the dtype matches). Stored tensors that the
+    /// model does not read are an error unless `allow_unused`.
+    pub fn read(model: &str, allow_unused: bool) -> Result<Self> {
         let files = ModelFiles::find(model)?;
-        let (cfg, _) = files.read_model()?;
+        let (cfg, template) = files.read_model()?;
         let model_type = cfg.model_type.clone();
         let pre = files.preprocessor()?;
+        let tokenizer = files.read_tokenizer()?;
+        template.render(&[crate::tokenize::Message::user(0, "Hello")], true)?;
+        if cfg.has_vision() && tokenizer.id_to_token(cfg.image_token_id).is_none() {
+            return Err(Error::Tokenizer {
+                path: files.tokenizer.clone(),
+                msg: format!(
+                    "config.json's image_token_id {} is not in the vocabulary",
+                    cfg.image_token_id
+                ),
+            });
+        }
+        let (_, _, _, unused) = Engine::load_model(&files, cfg.clone(), &LoadOptions::default())?;
+        if !unused.is_empty() && !allow_unused {
+            let shown: Vec<&str> = unused.iter().take(5).map(String::as_str).collect();
+            return Err(Error::Weights {
+                path: files.weights.first().cloned().unwrap_or_default(),
+                msg: format!(
+                    "{} stored tensors are not read by the {model_type} model ({}{}); \
+                     is this another architecture? (--allow-unused-tensors to accept)",
+                    unused.len(),
+                    shown.join(", "),
+                    if unused.len() > shown.len() {
+                        ", ..."
+                    } else {
+                        ""
+                    }
+                ),
+            });
+        }
         let w = Weights::open(&files.weights, DType::F32, &Device::Cpu, files.sanitize())?;
         let params_vision = w.param_count("visual.");
         let params_text = w.param_count("") - params_vision;

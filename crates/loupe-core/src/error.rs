@@ -62,6 +62,15 @@ pub enum Error {
     #[error("{0}")]
     InvalidInput(String),
 
+    /// A size a file or a request controls is over its limit.
+    #[error("{what}: {found}, over the limit of {limit} (raise it with --allow {name}=N)")]
+    Limit {
+        what: String,
+        found: String,
+        limit: u64,
+        name: String,
+    },
+
     #[error("grammar: {0}")]
     Grammar(String),
 
@@ -103,8 +112,9 @@ pub(crate) fn first_line(e: &impl std::fmt::Display) -> String {
 }
 
 /// Reads a JSON file into `T`, naming the file in every error.
+/// The file may be at most the `json-bytes` limit.
 pub(crate) fn read_json<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> Result<T> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bytes = crate::limits::read_file(path, crate::limits::get().json_bytes, "json-bytes")?;
     serde_json::from_slice(&bytes).map_err(|source| Error::Json {
         path: path.to_path_buf(),
         source,

@@ -9,6 +9,7 @@ pub mod error;
 pub mod generate;
 pub mod image;
 pub mod kernels;
+pub mod limits;
 pub mod load;
 pub mod models;
 pub mod tokenize;

@@ -233,7 +233,9 @@ impl<'e> Inspector<'e> {
         upright: &mut Option<RgbImage>,
     ) -> std::result::Result<(), String> {
         let t = Instant::now();
-        let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let max = loupe_core::limits::get().image_bytes;
+        let bytes =
+            loupe_core::limits::read_file(path, max, "image-bytes").map_err(|e| e.to_string())?;
         rec.image_sha256 = Some(hex(&Sha256::digest(&bytes)));
         let image = loupe_core::image::decode(&bytes)
             .map_err(|m| format!("image {}: {m}", path.display()))?;

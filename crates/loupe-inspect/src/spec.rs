@@ -172,7 +172,13 @@ fn line_of(src: &str, offset: usize) -> usize {
 
 impl Spec {
     pub fn load(path: &Path) -> Result<Spec> {
-        let src = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let limits = loupe_core::limits::get();
+        let bytes = loupe_core::limits::read_file(path, limits.text_bytes, "text-bytes")?;
+        let src = String::from_utf8(bytes).map_err(|e| Error::Spec {
+            path: path.into(),
+            line: 1,
+            msg: format!("not UTF-8 text (byte {})", e.utf8_error().valid_up_to()),
+        })?;
         Spec::parse(&src, path)
     }
 

@@ -13,10 +13,6 @@ use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader};
 
 use crate::error::{Error, Result};
 
-/// The largest source image accepted, in pixels: Pillow's decompression-bomb limit, so a file that the
-/// reference refuses is refused here too.
-pub const MAX_SOURCE_PIXELS: u64 = 178_956_970;
-
 /// An 8-bit RGB image in row-major order, upright (EXIF orientation applied).
 #[derive(Debug, Clone)]
 pub struct RgbImage {
@@ -31,7 +27,18 @@ pub struct RgbImage {
 /// Reads an image file (JPEG, PNG, WebP, GIF, BMP, TIFF) the way the reference does: EXIF orientation
 /// applied, transparency composited onto white, grayscale expanded to RGB.
 pub fn load(path: &Path) -> Result<RgbImage> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bytes = crate::limits::read_file(path, crate::limits::get().image_bytes, "image-bytes")
+        .map_err(|e| match e {
+            Error::Limit {
+                found, limit, name, ..
+            } => Error::Limit {
+                what: format!("image {}", path.display()),
+                found,
+                limit,
+                name,
+            },
+            e => e,
+        })?;
     decode(&bytes).map_err(|msg| Error::image(path, msg))
 }
 
@@ -54,12 +61,20 @@ pub fn decode(bytes: &[u8]) -> std::result::Result<RgbImage, String> {
     if w == 0 || h == 0 {
         return Err(format!("the image has no pixels ({w}x{h})"));
     }
-    if u64::from(w) * u64::from(h) > MAX_SOURCE_PIXELS {
+    let max_pixels = crate::limits::get().image_pixels;
+    if u64::from(w) * u64::from(h) > max_pixels {
         return Err(format!(
-            "{w}x{h} is {} pixels, over the limit of {MAX_SOURCE_PIXELS}",
+            "{w}x{h} is {} pixels, over the limit of {max_pixels} (raise it with --allow image-pixels=N)",
             u64::from(w) * u64::from(h)
         ));
     }
+    // The decoder's own allocations (a frame buffer, ICC or EXIF chunks) are bounded too: the
+    // decoded frame at 8 bytes a pixel (16-bit RGBA), plus room for its metadata.
+    let mut limits = image::Limits::default();
+    limits.max_alloc = Some(u64::from(w) * u64::from(h) * 8 + (64 << 20));
+    decoder
+        .set_limits(limits)
+        .map_err(|e| format!("cannot decode: {e}"))?;
     let orientation = decoder
         .orientation()
         .map_err(|e| format!("cannot read EXIF: {e}"))?;

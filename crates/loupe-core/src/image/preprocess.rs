@@ -107,6 +107,17 @@ impl Preprocessor {
         if let Some(m) = max_pixels {
             self.cfg.max_pixels = m;
         }
+        let budget = crate::limits::get().model_pixels;
+        for (flag, v) in [("--min-pixels", min_pixels), ("--max-pixels", max_pixels)] {
+            if let Some(v) = v.filter(|&v| v as u64 > budget || v == 0) {
+                return Err(Error::Limit {
+                    what: flag.into(),
+                    found: format!("{v} pixels"),
+                    limit: budget,
+                    name: "model-pixels".into(),
+                });
+            }
+        }
         if self.cfg.min_pixels > self.cfg.max_pixels {
             return Err(Error::InvalidInput(format!(
                 "--min-pixels {} is larger than --max-pixels {}",
@@ -129,6 +140,16 @@ impl Preprocessor {
     pub fn target_size(&self, input: &ImageInput) -> Result<(usize, usize)> {
         let img = &input.image;
         if !self.cfg.do_resize {
+            let budget = crate::limits::get().model_pixels;
+            let pixels = (img.height as u64).saturating_mul(img.width as u64);
+            if pixels > budget {
+                return Err(Error::Limit {
+                    what: format!("image {} (do_resize is off)", input.source.display()),
+                    found: format!("{}x{} = {pixels} pixels", img.width, img.height),
+                    limit: budget,
+                    name: "model-pixels".into(),
+                });
+            }
             return Ok((img.height, img.width));
         }
         smart_resize(

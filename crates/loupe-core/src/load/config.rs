@@ -86,7 +86,7 @@ pub struct VisionConfig {
     #[serde(default = "default_mlp_ratio")]
     pub mlp_ratio: f64,
     pub num_heads: usize,
-    #[serde(default = "default_in_channels", alias = "in_chans")]
+    #[serde(default = "default_in_channels")]
     pub in_channels: usize,
     #[serde(default = "default_patch")]
     pub patch_size: usize,
@@ -124,7 +124,7 @@ struct Qwen25VisionConfig {
     num_heads: usize,
     #[serde(default = "default_act_silu")]
     hidden_act: String,
-    #[serde(default = "default_in_channels", alias = "in_chans")]
+    #[serde(default = "default_in_channels")]
     in_channels: usize,
     #[serde(default = "default_patch")]
     patch_size: usize,
@@ -171,7 +171,7 @@ struct Qwen3VisionConfig {
     num_heads: usize,
     #[serde(default = "default_act_gelu_tanh")]
     hidden_act: String,
-    #[serde(default = "default_in_channels", alias = "in_chans")]
+    #[serde(default = "default_in_channels")]
     in_channels: usize,
     #[serde(default = "default_patch16")]
     patch_size: usize,
@@ -335,14 +335,86 @@ impl Qwen2VlConfig {
             });
         }
 
-        // Text fields: nested `text_config` (transformers 5) wins over top-level (published layout).
+        // Text fields: nested under `text_config` (transformers 5) or at the top level (published
+        // layout); a field written in both places must say the same in both.
         let mut text_obj: Map<String, Value> = top.clone();
-        let nested = top.get("text_config").and_then(Value::as_object);
+        let nested = match top.get("text_config") {
+            None | Some(Value::Null) => None,
+            Some(Value::Object(n)) => Some(n),
+            Some(other) => {
+                return Err(Error::config(
+                    path,
+                    "text_config",
+                    format!("expected an object, found {other}"),
+                ))
+            }
+        };
         if let Some(nested) = nested {
+            // transformers reads only `text_config` when it exists: the top-level copies that a
+            // re-save leaves behind are dead keys, and a fine-tune that resizes the vocabulary
+            // leaves them stale. So `text_config` wins, with a warning where they disagree.
+            for key in TEXT_FIELDS {
+                let both = [
+                    (format!("text_config.{key}"), nested.get(*key)),
+                    (key.to_string(), top.get(*key)),
+                ];
+                if let [(_, Some(a)), (_, Some(b))] = &both {
+                    if !a.is_null() && !b.is_null() && !same_value(a, b) {
+                        tracing::warn!(
+                            "{}: text_config.{key} = {a} is used; the top-level {key} = {b} is ignored, as transformers ignores it",
+                            path.display()
+                        );
+                    }
+                }
+            }
             for (k, v) in nested {
-                text_obj.insert(k.clone(), v.clone());
+                if !v.is_null() || !text_obj.contains_key(k) {
+                    text_obj.insert(k.clone(), v.clone());
+                }
             }
         }
+        // Older checkpoints write `rope_scaling`, transformers 5 `rope_parameters`: one field.
+        let rope_prefix = if nested.is_some() { "text_config." } else { "" };
+        let rope_value = agreed(
+            path,
+            &[
+                (
+                    &format!("{rope_prefix}rope_parameters.mrope_section"),
+                    text_obj
+                        .get("rope_parameters")
+                        .and_then(|r| r.get("mrope_section")),
+                ),
+                (
+                    &format!("{rope_prefix}rope_scaling.mrope_section"),
+                    text_obj
+                        .get("rope_scaling")
+                        .and_then(|r| r.get("mrope_section")),
+                ),
+            ],
+        )?
+        .cloned();
+        let theta_value = agreed(
+            path,
+            &[
+                (
+                    &format!("{rope_prefix}rope_parameters.rope_theta"),
+                    text_obj
+                        .get("rope_parameters")
+                        .and_then(|r| r.get("rope_theta")),
+                ),
+                (
+                    &format!("{rope_prefix}rope_scaling.rope_theta"),
+                    text_obj
+                        .get("rope_scaling")
+                        .and_then(|r| r.get("rope_theta")),
+                ),
+                (
+                    &format!("{rope_prefix}rope_theta"),
+                    text_obj.get("rope_theta"),
+                ),
+            ],
+        )?
+        .cloned();
         let mut text: TextConfig = serde_json::from_value(Value::Object(text_obj.clone()))
             .map_err(|e| {
                 Error::config(
@@ -356,9 +428,8 @@ impl Qwen2VlConfig {
             .get("rope_parameters")
             .or_else(|| text_obj.get("rope_scaling"))
             .and_then(Value::as_object);
-        text.rope_theta = rope
-            .and_then(|r| r.get("rope_theta"))
-            .or_else(|| text_obj.get("rope_theta"))
+        text.rope_theta = theta_value
+            .as_ref()
             .map(|v| {
                 v.as_f64().ok_or_else(|| {
                     Error::config(path, "rope_theta", format!("expected a number, found {v}"))
@@ -370,8 +441,8 @@ impl Qwen2VlConfig {
                 "qwen3_5" => 10_000.0,
                 _ => 1_000_000.0,
             });
-        text.mrope_section = match rope.and_then(|r| r.get("mrope_section")) {
-            Some(v) => serde_json::from_value(v.clone())
+        text.mrope_section = match rope_value {
+            Some(v) => serde_json::from_value(v)
                 .map_err(|e| Error::config(path, "mrope_section", e.to_string()))?,
             None if model_type == "qwen3_vl" => vec![24, 20, 20],
             None if model_type == "qwen3_5" => vec![11, 11, 10],
@@ -419,11 +490,22 @@ impl Qwen2VlConfig {
 
         let no_vision =
             json!({"depth": 0, "embed_dim": 0, "hidden_size": text.hidden_size, "num_heads": 0});
-        let vision_value = match top.get("vision_config") {
-            _ if model_type == "qwen2" => &no_vision,
-            Some(v) => v,
+        let mut vision_obj = match top.get("vision_config") {
+            _ if model_type == "qwen2" => no_vision,
+            Some(v @ Value::Object(_)) => v.clone(),
+            Some(other) => {
+                return Err(Error::config(
+                    path,
+                    "vision_config",
+                    format!("expected an object, found {other}"),
+                ))
+            }
             None => return Err(Error::config(path, "vision_config", "missing")),
         };
+        if let Value::Object(obj) = &mut vision_obj {
+            merge_alias(path, obj, "vision_config.", "in_channels", "in_chans")?;
+        }
+        let vision_value = &vision_obj;
         let vision_err = |e: serde_json::Error| {
             Error::config(path, field_of(&e, true, "vision_config"), e.to_string())
         };
@@ -474,11 +556,15 @@ impl Qwen2VlConfig {
             vision_start_token_id: token("vision_start_token_id", base)?,
             vision_end_token_id: token("vision_end_token_id", base + 1)?,
             model_type,
-            dtype: top
-                .get("torch_dtype")
-                .or_else(|| top.get("dtype"))
-                .and_then(Value::as_str)
-                .map(str::to_owned),
+            dtype: agreed(
+                path,
+                &[
+                    ("dtype", top.get("dtype")),
+                    ("torch_dtype", top.get("torch_dtype")),
+                ],
+            )?
+            .and_then(Value::as_str)
+            .map(str::to_owned),
             text,
             vision,
         };
@@ -510,6 +596,41 @@ impl Qwen2VlConfig {
             if value == 0 {
                 return Err(Error::config(path, name, "must be greater than 0"));
             }
+        }
+        if t.max_position_embeddings == 0 {
+            return Err(Error::config(
+                path,
+                "max_position_embeddings",
+                "must be greater than 0",
+            ));
+        }
+        if t.head_dim == Some(0) {
+            return Err(Error::config(path, "head_dim", "must be greater than 0"));
+        }
+        let reals = [
+            ("rms_norm_eps", t.rms_norm_eps),
+            ("rope_theta", t.rope_theta),
+            ("vision_config.mlp_ratio", v.mlp_ratio),
+            ("vision_config.rope_theta", v.rope_theta),
+        ];
+        for (name, value) in reals {
+            if !self.has_vision() && name.starts_with("vision_config") {
+                continue;
+            }
+            if !(value.is_finite() && value > 0.0) {
+                return Err(Error::config(
+                    path,
+                    name,
+                    format!("{value} must be a positive number"),
+                ));
+            }
+        }
+        if !(t.partial_rotary_factor > 0.0 && t.partial_rotary_factor <= 1.0) {
+            return Err(Error::config(
+                path,
+                "partial_rotary_factor",
+                format!("{} must be in (0, 1]", t.partial_rotary_factor),
+            ));
         }
         if !t.num_attention_heads.is_multiple_of(t.num_key_value_heads) {
             return Err(Error::config(
@@ -573,7 +694,12 @@ impl Qwen2VlConfig {
         let half = t.head_dim() / 2;
         // Interleaved sections (Qwen3-VL) only bound how many frequencies turn with the height and
         // width; the temporal stream takes the rest, so they need not sum to head_dim / 2.
-        let sums = t.mrope_interleaved || t.mrope_section.iter().sum::<usize>() == half;
+        let total = t.mrope_section.iter().sum::<usize>();
+        let sums = if t.mrope_interleaved {
+            total <= half
+        } else {
+            total == half
+        };
         if !t.head_dim().is_multiple_of(2) || !sums || t.mrope_section.len() != 3 {
             return Err(Error::config(
                 path,
@@ -672,6 +798,86 @@ impl Qwen2VlConfig {
     }
 }
 
+/// Two or more keys that name one field (`in_channels` and `in_chans`, `dtype` and `torch_dtype`,
+/// a text field at the top level and under `text_config`): the value they agree on, or an error
+/// naming both keys when they disagree. Absent and `null` keys do not count. Numbers agree when
+/// they are equal as numbers (`3` and `3.0`).
+pub(crate) fn agreed<'a>(
+    path: &Path,
+    candidates: &[(&str, Option<&'a Value>)],
+) -> Result<Option<&'a Value>> {
+    let mut found: Option<(&str, &Value)> = None;
+    for (name, value) in candidates {
+        let Some(v) = value.filter(|v| !v.is_null()) else {
+            continue;
+        };
+        match found {
+            None => found = Some((name, v)),
+            Some((first, w)) if !same_value(v, w) => {
+                return Err(Error::config(
+                    path,
+                    first,
+                    format!("`{first}` = {w} and `{name}` = {v} name the same field and disagree"),
+                ))
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(found.map(|(_, v)| v))
+}
+
+fn same_value(a: &Value, b: &Value) -> bool {
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) => x.as_f64() == y.as_f64(),
+        (Value::Array(x), Value::Array(y)) => {
+            x.len() == y.len() && x.iter().zip(y).all(|(a, b)| same_value(a, b))
+        }
+        _ => a == b,
+    }
+}
+
+/// Renames `alias` to `canonical` in `obj`, checking that they agree where both are present
+/// (transformers 5 writes both `in_channels` and `in_chans` when it re-saves a published config).
+fn merge_alias(
+    path: &Path,
+    obj: &mut Map<String, Value>,
+    prefix: &str,
+    canonical: &str,
+    alias: &str,
+) -> Result<()> {
+    let (c, a) = (format!("{prefix}{canonical}"), format!("{prefix}{alias}"));
+    let value = agreed(path, &[(&c, obj.get(canonical)), (&a, obj.get(alias))])?.cloned();
+    obj.remove(alias);
+    if let Some(v) = value {
+        obj.insert(canonical.to_owned(), v);
+    }
+    Ok(())
+}
+
+/// The text fields that may appear both at the top level (published layout) and under
+/// `text_config` (transformers 5).
+const TEXT_FIELDS: &[&str] = &[
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "rms_norm_eps",
+    "hidden_act",
+    "max_position_embeddings",
+    "attention_bias",
+    "layer_types",
+    "linear_conv_kernel_dim",
+    "linear_key_head_dim",
+    "linear_value_head_dim",
+    "linear_num_key_heads",
+    "linear_num_value_heads",
+    "rope_theta",
+    "partial_rotary_factor",
+];
+
 /// Pulls the field name out of a serde error ("missing field `x`", "invalid type ... for key `x`").
 fn field_of(e: &serde_json::Error, nested: bool, prefix: &str) -> String {
     let msg = e.to_string();
@@ -763,13 +969,20 @@ impl PreprocessorConfig {
                 )),
             }
         };
-        // `size` first, so that explicit `min_pixels` / `max_pixels` win, as in transformers.
-        if let Some(size) = obj.get("size").and_then(Value::as_object) {
-            if let Some(x) = size.get("shortest_edge") {
-                c.min_pixels = uint("size.shortest_edge", x)?;
-            }
-            if let Some(x) = size.get("longest_edge") {
-                c.max_pixels = uint("size.longest_edge", x)?;
+        // The pixel range has two names: `min_pixels` / `max_pixels` (published checkpoints) and
+        // `size.shortest_edge` / `size.longest_edge` (transformers 5, which writes both on save).
+        let size = obj.get("size").and_then(Value::as_object);
+        for (field, canonical, alias) in [
+            (&mut c.min_pixels, "min_pixels", "shortest_edge"),
+            (&mut c.max_pixels, "max_pixels", "longest_edge"),
+        ] {
+            let alias_key = format!("size.{alias}");
+            let both = [
+                (canonical, obj.get(canonical)),
+                (alias_key.as_str(), size.and_then(|s| s.get(alias))),
+            ];
+            if let Some(x) = agreed(path, &both)? {
+                *field = uint(canonical, x)?;
             }
         }
         for (k, x) in obj {
@@ -777,8 +990,6 @@ impl PreprocessorConfig {
                 continue;
             }
             match k.as_str() {
-                "min_pixels" => c.min_pixels = uint(k, x)?,
-                "max_pixels" => c.max_pixels = uint(k, x)?,
                 "patch_size" => c.patch_size = uint(k, x)?,
                 "temporal_patch_size" => c.temporal_patch_size = uint(k, x)?,
                 "merge_size" => c.merge_size = uint(k, x)?,
@@ -801,6 +1012,23 @@ impl PreprocessorConfig {
                 path,
                 "patch_size",
                 "patch, merge and temporal sizes must be > 0",
+            ));
+        }
+        if c.patch_size > 1024 || c.merge_size > 64 || c.temporal_patch_size > 64 {
+            return Err(Error::config(
+                path,
+                "patch_size",
+                format!(
+                    "patch {}, merge {}, temporal {}: over the largest sizes read (1024, 64, 64)",
+                    c.patch_size, c.merge_size, c.temporal_patch_size
+                ),
+            ));
+        }
+        if c.min_pixels == 0 || c.max_pixels == 0 {
+            return Err(Error::config(
+                path,
+                "max_pixels",
+                "min_pixels and max_pixels must be greater than 0",
             ));
         }
         if c.min_pixels > c.max_pixels {
@@ -826,7 +1054,32 @@ impl PreprocessorConfig {
         if c.image_std.contains(&0.0) {
             return Err(Error::config(path, "image_std", "must not contain 0"));
         }
+        for (name, xs) in [
+            ("image_mean", &c.image_mean[..]),
+            ("image_std", &c.image_std[..]),
+            ("rescale_factor", &[c.rescale_factor][..]),
+        ] {
+            if xs.iter().any(|x| !x.is_finite()) {
+                return Err(Error::config(path, name, "must be finite numbers"));
+            }
+        }
+        c.clamp_to_budget(path);
         Ok(c)
+    }
+
+    /// Clamps the pixel range to the `model-pixels` limit, so that a file asking for 10^12 pixels
+    /// resizes small images to the limit instead of allocating without bound.
+    pub fn clamp_to_budget(&mut self, path: &Path) {
+        let budget = usize::try_from(crate::limits::get().model_pixels).unwrap_or(usize::MAX);
+        if self.max_pixels > budget {
+            tracing::warn!(
+                "{}: max_pixels {} clamped to the model-pixels limit {budget} (--allow model-pixels=N)",
+                path.display(),
+                self.max_pixels
+            );
+            self.max_pixels = budget;
+        }
+        self.min_pixels = self.min_pixels.min(self.max_pixels);
     }
 }
 

@@ -40,11 +40,20 @@ pub enum Projector {
 impl GgufModel {
     /// Reads the header (metadata and tensor table), not the tensors.
     pub fn open(path: &Path) -> Result<Self> {
-        let mut f = File::open(path).map_err(|e| Error::io(path, e))?;
-        let content = gguf_file::Content::read(&mut f).map_err(|e| Error::Weights {
+        let f = File::open(path).map_err(|e| Error::io(path, e))?;
+        // SAFETY: a read-only mapping of a file we do not modify (as for the weights).
+        let map = unsafe { memmap2::Mmap::map(&f) }.map_err(|e| Error::io(path, e))?;
+        super::gguf_check::check(&map, crate::limits::get()).map_err(|msg| Error::Weights {
             path: path.into(),
-            msg: format!("not a valid GGUF file ({})", crate::error::first_line(&e)),
+            msg: format!("not a valid GGUF file: {msg}"),
         })?;
+        let content =
+            gguf_file::Content::read(&mut std::io::Cursor::new(&map[..])).map_err(|e| {
+                Error::Weights {
+                    path: path.into(),
+                    msg: format!("not a valid GGUF file ({})", crate::error::first_line(&e)),
+                }
+            })?;
         let arch = match content.metadata.get("general.architecture") {
             Some(Gv::String(s)) => s.clone(),
             _ => {

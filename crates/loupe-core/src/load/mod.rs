@@ -2,6 +2,7 @@
 
 pub mod config;
 pub mod gguf;
+pub mod gguf_check;
 pub mod quantize;
 pub mod weights;
 
@@ -316,6 +317,17 @@ fn shards_from_index(dir: &Path, index: &Path) -> Result<Vec<PathBuf>> {
     files
         .into_iter()
         .map(|f| {
+            // A shard is a file beside the index: no absolute path, no `..`, no folder.
+            let plain = Path::new(&f)
+                .components()
+                .all(|c| matches!(c, std::path::Component::Normal(_)));
+            if !plain || f.contains('/') || f.contains('\\') {
+                return Err(Error::config(
+                    index,
+                    "weight_map",
+                    format!("names shard `{f}`, which is not a file name beside the index"),
+                ));
+            }
             let p = dir.join(&f);
             if p.is_file() {
                 Ok(p)

@@ -174,6 +174,8 @@ pub struct Weights {
     dtype: DType,
     quant: Option<GgmlDType>,
     policy: QuantPolicy,
+    /// The names the model asked for, so that [`Weights::unused`] can list what it never read.
+    used: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 fn no_policy(_: &str, _: GgmlDType) -> Option<GgmlDType> {
@@ -231,6 +233,7 @@ impl Weights {
             dtype,
             quant: None,
             policy: no_policy,
+            used: Default::default(),
         })
     }
 
@@ -253,6 +256,10 @@ impl Weights {
             let file = File::open(path).map_err(|e| Error::io(path, e))?;
             // SAFETY: as for safetensors above: a read-only mapping of a file we do not modify.
             let map = Arc::new(unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?);
+            super::gguf_check::check(&map, crate::limits::get()).map_err(|msg| Error::Weights {
+                path: path.clone(),
+                msg: format!("not a valid GGUF file: {msg}"),
+            })?;
             let content =
                 gguf_file::Content::read(&mut std::io::Cursor::new(&map[..])).map_err(bad)?;
             for (name, info) in &content.tensor_infos {
@@ -298,6 +305,7 @@ impl Weights {
             dtype,
             quant: None,
             policy: no_policy,
+            used: Default::default(),
         })
     }
 
@@ -389,6 +397,7 @@ impl Weights {
     /// A matrix stored block-quantized (GGUF), shape-checked, left in the file mapping; `None` when
     /// it is stored as floats. A matrix stored in row pieces is joined into one copy of its blocks.
     pub fn get_quantized(&self, name: &str, shape: &[usize]) -> Result<Option<QMatrix>> {
+        self.mark_used(name);
         let &[rows, cols] = shape else {
             return Ok(None);
         };
@@ -450,6 +459,33 @@ impl Weights {
             });
         }
         Ok(())
+    }
+
+    fn mark_used(&self, name: &str) {
+        if let Ok(mut used) = self.used.lock() {
+            used.insert(name.to_owned());
+        }
+    }
+
+    /// The stored tensors the model never asked for (sanitized names, sorted); pieces of one
+    /// tensor (`name:0`, `name:1`) count as that tensor.
+    pub fn unused(&self) -> Vec<String> {
+        let used = self.used.lock().map(|u| u.clone()).unwrap_or_default();
+        let whole = |n: &str| match n.rsplit_once(':') {
+            Some((base, k)) if k.bytes().all(|b| b.is_ascii_digit()) => base.to_owned(),
+            _ => n.to_owned(),
+        };
+        let mut names: Vec<String> = self
+            .index
+            .keys()
+            .map(String::as_str)
+            .chain(self.gguf.keys().map(String::as_str))
+            .map(whole)
+            .filter(|n| !used.contains(n))
+            .collect();
+        names.sort();
+        names.dedup();
+        names
     }
 
     pub fn device(&self) -> &Device {
@@ -547,6 +583,7 @@ impl Weights {
 
     /// Loads `name` in an explicit dtype (norms and biases may be kept in f32).
     pub fn get_as(&self, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
+        self.mark_used(name);
         if let Some(t) = self.gguf.get(name) {
             // Tensors of more than 4 dims are stored as (dim0, rest) (GGUF's limit).
             let flattened = shape.len() > 4

@@ -18,7 +18,11 @@ pub struct Tokenizer {
 
 impl Tokenizer {
     pub fn from_file(path: &Path) -> Result<Self> {
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let bytes = crate::limits::read_file(
+            path,
+            crate::limits::get().tokenizer_bytes,
+            "tokenizer-bytes",
+        )?;
         Self::from_bytes(&bytes, path)
     }
 

@@ -75,7 +75,9 @@ impl ChatTemplate {
         };
         let source = match chat_template {
             Some(p) if p.extension().is_some_and(|e| e == "jinja") => {
-                std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?
+                let bytes = crate::limits::read_file(p, crate::limits::get().text_bytes, "text-bytes")?;
+                String::from_utf8(bytes)
+                    .map_err(|_| Error::config(p, "chat_template", "is not UTF-8 text"))?
             }
             Some(p) => {
                 let v: Value = read_json(p)?;
@@ -97,6 +99,9 @@ impl ChatTemplate {
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        // A template is code from the checkpoint: bound the steps it may take (nested loops would
+        // otherwise run for hours) and, at render, the text it may write.
+        env.set_fuel(Some(crate::limits::get().template_steps));
         env.add_function(
             "raise_exception",
             |msg: String| -> std::result::Result<String, JinjaError> {
@@ -150,8 +155,55 @@ impl ChatTemplate {
             Some(on) => context! { enable_thinking => on, ..ctx },
             None => ctx,
         };
-        tmpl.render(ctx)
-            .map_err(|e| Error::Template(format!("cannot render: {e}")))
+        let limit = crate::limits::get();
+        let mut out = BoundedText {
+            text: Vec::new(),
+            max: limit.template_bytes,
+        };
+        match tmpl.render_captured_to(ctx, &mut out) {
+            Ok(_) => {}
+            Err(_) if out.text.len() as u64 > limit.template_bytes => {
+                return Err(Error::Limit {
+                    what: "chat template".into(),
+                    found: "the rendered prompt grew past the limit".into(),
+                    limit: limit.template_bytes,
+                    name: "template-bytes".into(),
+                })
+            }
+            Err(e) if e.kind() == ErrorKind::OutOfFuel => {
+                return Err(Error::Limit {
+                    what: "chat template".into(),
+                    found: "rendering ran out of steps".into(),
+                    limit: limit.template_steps,
+                    name: "template-steps".into(),
+                })
+            }
+            Err(e) => return Err(Error::Template(format!("cannot render: {e}"))),
+        }
+        String::from_utf8(out.text)
+            .map_err(|_| Error::Template("the rendered prompt is not UTF-8".into()))
+    }
+}
+
+/// Collects rendered text, failing the render once it passes `max` bytes.
+struct BoundedText {
+    text: Vec<u8>,
+    max: u64,
+}
+
+impl std::io::Write for BoundedText {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if (self.text.len() + buf.len()) as u64 > self.max {
+            // Remember that the limit was hit (the length tells the caller why the render failed).
+            self.text.resize(self.max as usize + 1, 0);
+            return Err(std::io::Error::other("the rendered template is too large"));
+        }
+        self.text.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
@@ -172,6 +224,33 @@ fn template_field(v: &Value) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nested_loops_run_out_of_steps_instead_of_hanging() {
+        let source =
+            "{% for a in range(100000) %}{% for b in range(100000) %}x{% endfor %}{% endfor %}";
+        let t = ChatTemplate::from_source(source.into()).unwrap();
+        let started = std::time::Instant::now();
+        let e = t.render(&[Message::user(0, "Hi")], true).unwrap_err();
+        assert!(
+            matches!(e, Error::Limit { ref name, .. } if name == "template-steps"),
+            "{e}"
+        );
+        // The bound is on steps, not time; this only shows the steps are few enough not to hang.
+        assert!(started.elapsed().as_secs() < 60);
+    }
+
+    #[test]
+    fn a_huge_rendered_prompt_is_refused() {
+        // Few steps, much text: each step writes 100 MB.
+        let source = "{% for a in range(50) %}{{ 'x' * 100000000 }}{% endfor %}";
+        let t = ChatTemplate::from_source(source.into()).unwrap();
+        let e = t.render(&[Message::user(0, "Hi")], true).unwrap_err();
+        assert!(
+            matches!(e, Error::Limit { ref name, .. } if name == "template-bytes"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn enable_thinking_is_passed_only_when_set() {
