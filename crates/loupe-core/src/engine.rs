@@ -410,7 +410,12 @@ impl ModelInfo {
                 ),
             });
         }
-        let (_, _, _, unused) = Engine::load_model(&files, cfg.clone(), &LoadOptions::default())?;
+        let (_, _, _, mut unused) =
+            Engine::load_model(&files, cfg.clone(), &LoadOptions::default())?;
+        // Qwen3.5's multi-token-prediction head (`mtp.*`, `mtp_num_hidden_layers`) ships with the
+        // published checkpoints; Loupe does not draft with it yet, and it is no sign of a wrong
+        // architecture.
+        unused.retain(|n| !n.starts_with("mtp."));
         if !unused.is_empty() && !allow_unused {
             let shown: Vec<&str> = unused.iter().take(5).map(String::as_str).collect();
             return Err(Error::Weights {
