@@ -138,6 +138,11 @@ pub struct InspectArgs {
     /// Print each record as a JSON line on stdout instead of a summary line.
     #[arg(long)]
     pub json: bool,
+    /// Continue an interrupted run: keep the records already in --out, and skip every image that
+    /// the audit log (or results.jsonl) holds for this spec without an error and whose file is
+    /// unchanged (same SHA-256).
+    #[arg(long)]
+    pub resume: bool,
     /// Images and folders to inspect.
     pub paths: Vec<PathBuf>,
 }
@@ -197,9 +202,51 @@ pub fn inspect(args: InspectArgs) -> Result<ExitCode> {
         ));
     }
     let mut session = args.session.open()?;
-    let outputs = RunOutputs::create(&args.session.out)?;
     let spec = session.spec.clone();
     let audit = session.audit.take();
+    let prior = if args.resume {
+        RunOutputs::read_records(&args.session.out)?
+    } else {
+        Vec::new()
+    };
+    let (files, skipped) = if args.resume {
+        // What is done: the audit log says (a record in results.jsonl may lack its audit row when
+        // the run died between the two); without an audit log, results.jsonl.
+        let done: HashSet<(String, String)> = match &audit {
+            Some(a) => a.done(&spec.sha256)?,
+            None => prior
+                .iter()
+                .filter(|r| r.error.is_none() && r.spec_sha256 == spec.sha256)
+                .filter_map(|r| Some((r.image.display().to_string(), r.image_sha256.clone()?)))
+                .collect(),
+        };
+        let before = files.len();
+        let rest: Vec<PathBuf> = files
+            .into_iter()
+            .filter(|f| {
+                let Ok(bytes) = std::fs::read(f) else {
+                    return true;
+                };
+                let sha = loupe_inspect::spec::hex(&audit::sha256(&bytes));
+                !done.contains(&(f.display().to_string(), sha))
+            })
+            .collect();
+        let skipped = before - rest.len();
+        (rest, skipped)
+    } else {
+        (files, 0)
+    };
+    let outputs = if args.resume {
+        // Records of images about to be inspected again are replaced by their new ones.
+        let again: HashSet<&Path> = files.iter().map(PathBuf::as_path).collect();
+        let kept = prior
+            .into_iter()
+            .filter(|r| !again.contains(r.image.as_path()))
+            .collect();
+        RunOutputs::resume(&args.session.out, kept)?
+    } else {
+        RunOutputs::create(&args.session.out)?
+    };
     let mut inspector = session.inspector()?;
 
     let mut run = Run {
@@ -247,8 +294,13 @@ pub fn inspect(args: InspectArgs) -> Result<ExitCode> {
     let (encoded, reused) = inspector.feature_cache_stats();
     drop(inspector);
     let report = run.outputs.finish(&run.spec.name)?;
+    let resumed = if args.resume {
+        format!(" | {skipped} already inspected, skipped")
+    } else {
+        String::new()
+    };
     eprintln!(
-        "{} | report {} | images through the vision tower {encoded}, cached features reused {reused}",
+        "{}{resumed} | report {} | images through the vision tower {encoded}, cached features reused {reused}",
         run.tally.message(),
         report.display()
     );

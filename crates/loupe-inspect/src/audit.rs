@@ -44,6 +44,11 @@ pub struct AuditLog {
     conn: Connection,
 }
 
+/// SHA-256 of some bytes (image and weights hashes).
+pub fn sha256(bytes: &[u8]) -> Vec<u8> {
+    Sha256::digest(bytes).to_vec()
+}
+
 /// `$LOUPE_DB`, else `$XDG_DATA_HOME/loupe/audit.sqlite`, else `~/.local/share/loupe/audit.sqlite`.
 pub fn default_path() -> PathBuf {
     if let Some(p) = std::env::var_os("LOUPE_DB") {
@@ -147,6 +152,24 @@ impl AuditLog {
         let id = tx.last_insert_rowid();
         tx.commit().map_err(err)?;
         Ok(id)
+    }
+
+    /// The images already inspected under the spec with this hash, without an error: their path
+    /// as recorded and their SHA-256 (`--resume` skips an image whose file still has that hash).
+    pub fn done(&self, spec_sha256: &str) -> Result<std::collections::HashSet<(String, String)>> {
+        let err = db_err::<rusqlite::Error>(&self.path);
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT image, image_sha256 FROM inspections
+                 WHERE spec_sha256 = ?1 AND error IS NULL AND image_sha256 IS NOT NULL",
+            )
+            .map_err(err)?;
+        let rows = stmt
+            .query_map(params![spec_sha256], |r| Ok((r.get(0)?, r.get(1)?)))
+            .map_err(err)?;
+        rows.collect::<rusqlite::Result<_>>()
+            .map_err(db_err(&self.path))
     }
 
     /// Newest first.

@@ -79,7 +79,7 @@ impl BoxConvention {
 }
 
 /// The geometry of one image: as stored in the file, as shown (EXIF applied), as given to the model.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct Frame {
     /// Width and height of the file's stored pixel grid.
     pub stored: (usize, usize),
@@ -131,7 +131,7 @@ impl Frame {
 
 /// A box in pixel coordinates: `(x1, y1)` top-left and `(x2, y2)` bottom-right corners, continuous
 /// (a box covering pixel column 0 only spans x 0..1).
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize)]
 pub struct PixelBox {
     pub x1: f64,
     pub y1: f64,

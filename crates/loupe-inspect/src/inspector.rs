@@ -42,7 +42,8 @@ impl ReuseMode {
     }
 }
 
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct RecordTimings {
     /// Reading and decoding the file.
     pub read_ms: f64,
@@ -55,7 +56,7 @@ pub struct RecordTimings {
 }
 
 /// Everything known about one inspected image: the JSON Lines row, the audit row, the report card.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Record {
     pub time: String,
     pub image: PathBuf,

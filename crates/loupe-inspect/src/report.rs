@@ -31,29 +31,103 @@ fn create(path: &Path) -> Result<File> {
     File::create(path).map_err(|e| Error::io(path, e))
 }
 
+const CSV_HEADER: [&str; 10] = [
+    "image",
+    "verdict",
+    "model_verdict",
+    "defects",
+    "classes",
+    "boxes",
+    "fail_score",
+    "error",
+    "total_ms",
+    "image_sha256",
+];
+
+fn csv_row(record: &Record) -> [String; 10] {
+    let classes: Vec<&str> = record.defects.iter().map(|d| d.class.as_str()).collect();
+    let boxes: Vec<String> = record
+        .defects
+        .iter()
+        .map(|d| format!("{:?}", d.box_px))
+        .collect();
+    [
+        record.image.display().to_string(),
+        record.verdict.map_or("error", Outcome::as_str).to_owned(),
+        record.model_verdict.map_or("", Outcome::as_str).to_owned(),
+        record.defects.len().to_string(),
+        classes.join(";"),
+        boxes.join(";"),
+        record
+            .fail_score
+            .map_or(String::new(), |s| format!("{s:.4}")),
+        record.error.clone().unwrap_or_default(),
+        format!("{:.1}", record.timings.total_ms),
+        record.image_sha256.clone().unwrap_or_default(),
+    ]
+}
+
 impl RunOutputs {
     pub fn create(dir: &Path) -> Result<RunOutputs> {
+        Self::open(dir, Vec::new())
+    }
+
+    /// The records of an earlier run's `results.jsonl` in `dir` (none when there is no file); a
+    /// line torn by a crash is dropped.
+    pub fn read_records(dir: &Path) -> Result<Vec<Record>> {
+        let jl = dir.join("results.jsonl");
+        let text = match std::fs::read_to_string(&jl) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(Error::io(&jl, e)),
+        };
+        Ok(text
+            .lines()
+            .filter_map(|line| serde_json::from_str::<Record>(line).ok())
+            .collect())
+    }
+
+    /// Continues the run in `dir` (`--resume`) with `records` kept from it: `results.jsonl` and
+    /// `results.csv` are rewritten with them, and new records follow.
+    pub fn resume(dir: &Path, records: Vec<Record>) -> Result<RunOutputs> {
+        let mut cards = Vec::new();
+        for record in records {
+            let stem = record
+                .image
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "image".into());
+            let rel = format!("overlays/{:04}-{stem}.png", cards.len());
+            cards.push(Card {
+                overlay: dir.join(&rel).is_file().then_some(rel),
+                record,
+                thumbnail: None,
+            });
+        }
+        Self::open(dir, cards)
+    }
+
+    fn open(dir: &Path, cards: Vec<Card>) -> Result<RunOutputs> {
         std::fs::create_dir_all(dir.join("overlays")).map_err(|e| Error::io(dir, e))?;
-        let jsonl = BufWriter::new(create(&dir.join("results.jsonl"))?);
-        let mut csv = csv::Writer::from_writer(create(&dir.join("results.csv"))?);
-        csv.write_record([
-            "image",
-            "verdict",
-            "model_verdict",
-            "defects",
-            "classes",
-            "boxes",
-            "fail_score",
-            "error",
-            "total_ms",
-            "image_sha256",
-        ])
-        .map_err(|e| Error::output(dir.join("results.csv"), e))?;
+        let jl = dir.join("results.jsonl");
+        let mut jsonl = BufWriter::new(create(&jl)?);
+        let cp = dir.join("results.csv");
+        let mut csv = csv::Writer::from_writer(create(&cp)?);
+        csv.write_record(CSV_HEADER)
+            .map_err(|e| Error::output(&cp, e))?;
+        for c in &cards {
+            let line = serde_json::to_string(&c.record).map_err(|e| Error::output(&jl, e))?;
+            writeln!(jsonl, "{line}").map_err(|e| Error::io(&jl, e))?;
+            csv.write_record(csv_row(&c.record))
+                .map_err(|e| Error::output(&cp, e))?;
+        }
+        jsonl.flush().map_err(|e| Error::io(&jl, e))?;
+        csv.flush().map_err(|e| Error::io(&cp, e))?;
         Ok(RunOutputs {
             dir: dir.to_path_buf(),
             jsonl,
             csv,
-            cards: Vec::new(),
+            cards,
         })
     }
 
@@ -63,28 +137,9 @@ impl RunOutputs {
         let jl = self.dir.join("results.jsonl");
         writeln!(self.jsonl, "{line}").map_err(|e| Error::io(&jl, e))?;
         self.jsonl.flush().map_err(|e| Error::io(&jl, e))?;
-        let classes: Vec<&str> = record.defects.iter().map(|d| d.class.as_str()).collect();
-        let boxes: Vec<String> = record
-            .defects
-            .iter()
-            .map(|d| format!("{:?}", d.box_px))
-            .collect();
         let cp = self.dir.join("results.csv");
         self.csv
-            .write_record([
-                record.image.display().to_string(),
-                record.verdict.map_or("error", Outcome::as_str).to_owned(),
-                record.model_verdict.map_or("", Outcome::as_str).to_owned(),
-                record.defects.len().to_string(),
-                classes.join(";"),
-                boxes.join(";"),
-                record
-                    .fail_score
-                    .map_or(String::new(), |s| format!("{s:.4}")),
-                record.error.clone().unwrap_or_default(),
-                format!("{:.1}", record.timings.total_ms),
-                record.image_sha256.clone().unwrap_or_default(),
-            ])
+            .write_record(csv_row(record))
             .map_err(|e| Error::output(&cp, e))?;
         self.csv.flush().map_err(|e| Error::io(&cp, e))?;
 

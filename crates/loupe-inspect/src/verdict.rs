@@ -22,7 +22,7 @@ impl Outcome {
 }
 
 /// One defect the model found.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Finding {
     pub class: String,
     /// The box as the model wrote it, in its convention.
@@ -33,6 +33,7 @@ pub struct Finding {
     /// The box in the file's stored pixel grid (differs from `box` for EXIF-rotated files).
     pub box_stored: [i64; 4],
     pub note: String,
+    /// Not written; a record read back (`--resume`) gets it from `box`.
     #[serde(skip)]
     pub pixel_box: PixelBox,
 }
