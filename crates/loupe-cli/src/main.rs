@@ -75,6 +75,10 @@ fn main() -> ExitCode {
     tune_allocator();
     // A bug must still end in one line, not a backtrace.
     std::panic::set_hook(Box::new(|info| {
+        // A third-party parser's panic on a malformed file, turned into an error by the engine.
+        if loupe_core::error::panic_is_contained() {
+            return;
+        }
         let msg = info
             .payload()
             .downcast_ref::<&str>()

@@ -74,6 +74,14 @@ fn prepare(case: &Value, dir: &Path) {
             std::fs::write(&p, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
         }
     }
+    if let Some(copies) = case["copy"].as_object() {
+        for (file, from) in copies {
+            let src = root()
+                .join("tests/bad_inputs/files")
+                .join(from.as_str().unwrap());
+            std::fs::copy(src, dir.join(file)).unwrap();
+        }
+    }
     if let Some(writes) = case["write"].as_object() {
         for (file, text) in writes {
             std::fs::write(dir.join(file), text.as_str().unwrap()).unwrap();

@@ -120,3 +120,28 @@ pub(crate) fn read_json<T: serde::de::DeserializeOwned>(path: &std::path::Path) 
         source,
     })
 }
+
+thread_local! {
+    static CONTAINED: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// Runs a third-party parser that may panic on malformed input (libjpeg through mozjpeg,
+/// `tokenizers`' decoder and normalizer readers), turning a panic into `Err(message)`. While it
+/// runs, [`panic_is_contained`] is true on this thread, so the binary's panic hook stays quiet.
+pub fn contain<T>(f: impl FnOnce() -> T) -> std::result::Result<T, String> {
+    CONTAINED.with(|c| c.set(c.get() + 1));
+    let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    CONTAINED.with(|c| c.set(c.get() - 1));
+    out.map_err(|payload| {
+        payload
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "the parser failed".into())
+    })
+}
+
+/// True while [`contain`] runs on this thread: a panic now is a malformed input, handled.
+pub fn panic_is_contained() -> bool {
+    CONTAINED.with(|c| c.get() > 0)
+}

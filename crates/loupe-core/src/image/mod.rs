@@ -116,17 +116,10 @@ fn decode_jpeg(bytes: &[u8]) -> std::result::Result<Option<image::RgbImage>, Str
         started.finish()?;
         Ok(image::RgbImage::from_raw(w, h, data))
     };
-    match std::panic::catch_unwind(run) {
+    match crate::error::contain(run) {
         Ok(Ok(img)) => Ok(img),
         Ok(Err(e)) => Err(format!("cannot decode JPEG: {e}")),
-        Err(payload) => {
-            let msg = payload
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "libjpeg error".into());
-            Err(format!("cannot decode JPEG: {msg}"))
-        }
+        Err(msg) => Err(format!("cannot decode JPEG: {msg}")),
     }
 }
 

@@ -45,13 +45,19 @@ impl Tokenizer {
             PostProcessorWrapper,
             DecoderWrapper,
         >;
-        let inner = match serde_json::from_slice::<BpeTokenizer>(bytes) {
-            Ok(bpe) => tokenizers::Tokenizer::from(bpe),
-            Err(_) => tokenizers::Tokenizer::from_bytes(bytes).map_err(|e| Error::Tokenizer {
-                path: path.into(),
-                msg: format!("cannot parse tokenizer.json: {e}"),
-            })?,
+        let bad = |msg: String| Error::Tokenizer {
+            path: path.into(),
+            msg: format!("cannot parse tokenizer.json: {msg}"),
         };
+        // JSON syntax first: `tokenizers`' component readers panic (`expect`) on a syntax error met
+        // inside a component, and on some malformed components; what remains is contained.
+        serde_json::from_slice::<serde::de::IgnoredAny>(bytes).map_err(|e| bad(e.to_string()))?;
+        let inner = crate::error::contain(|| match serde_json::from_slice::<BpeTokenizer>(bytes) {
+            Ok(bpe) => Ok(tokenizers::Tokenizer::from(bpe)),
+            Err(_) => tokenizers::Tokenizer::from_bytes(bytes).map_err(|e| e.to_string()),
+        })
+        .map_err(bad)?
+        .map_err(bad)?;
         Ok(Tokenizer {
             inner,
             path: path.into(),
