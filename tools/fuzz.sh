@@ -4,6 +4,7 @@
 # (fuzz/seeds/TARGET) and the working corpus (fuzz/corpus/TARGET, not committed).
 # Crashes, hangs and OOMs land in fuzz/artifacts/TARGET/; each becomes a regression test before it
 # is fixed. Appends a line to fuzz/runs.tsv: date, target, seconds, inputs executed, result.
+# FUZZ_SEED=N fixes libFuzzer's random seed (CI does, so a smoke run is repeatable).
 #
 #   tools/fuzz.sh TARGET SECONDS        e.g. tools/fuzz.sh gguf 600
 #   tools/fuzz.sh all SECONDS           every target in turn
@@ -39,7 +40,7 @@ set +e
 # checks bound); ASan would triple the cost per input on 2 cores.
 cargo +nightly fuzz run -s none --release "$target" "fuzz/corpus/$target" "fuzz/seeds/$target" -- \
   -max_total_time="$seconds" -rss_limit_mb=2048 -timeout=10 -max_len=1048576 \
-  -print_final_stats=1 > "$log" 2>&1
+  -print_final_stats=1 ${FUZZ_SEED:+-seed=$FUZZ_SEED} > "$log" 2>&1
 status=$?
 set -e
 grep -E "^(==[0-9]+==|SUMMARY|Test unit written|thread .* panicked)" "$log" || true
