@@ -39,11 +39,10 @@ def ids(c):
     return {k: c[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")}
 
 
-def qwen2_vl():
-    c = load("qwen2_vl", "gqa2_tied_published")
-    v = c["vision_config"]
+def flat(c, model_type, arch, dtype, vision):
+    """The published Qwen2-VL / Qwen2.5-VL layout: text fields at the top level."""
     return {
-        "architectures": ["Qwen2VLForConditionalGeneration"],
+        "architectures": [arch],
         "attention_dropout": 0.0,
         "bos_token_id": 420,
         "eos_token_id": c["eos_token_id"],
@@ -55,7 +54,7 @@ def qwen2_vl():
         "intermediate_size": c["intermediate_size"],
         "max_position_embeddings": c["max_position_embeddings"],
         "max_window_layers": c["num_hidden_layers"],
-        "model_type": "qwen2_vl",
+        "model_type": model_type,
         "num_attention_heads": c["num_attention_heads"],
         "num_hidden_layers": c["num_hidden_layers"],
         "num_key_value_heads": c["num_key_value_heads"],
@@ -63,59 +62,41 @@ def qwen2_vl():
         "rope_theta": c["rope_theta"],
         "sliding_window": c["max_position_embeddings"],
         "tie_word_embeddings": c["tie_word_embeddings"],
-        "torch_dtype": "float32",
+        "torch_dtype": dtype,
         "transformers_version": "4.41.2",
         "use_cache": True,
         "use_sliding_window": False,
-        "vision_config": {
-            "depth": v["depth"], "embed_dim": v["embed_dim"], "mlp_ratio": v["mlp_ratio"],
-            "num_heads": v["num_heads"], "in_chans": 3, "hidden_size": v["hidden_size"],
-            "patch_size": 14, "spatial_merge_size": 2, "spatial_patch_size": 14, "temporal_patch_size": 2,
-        },
+        "vision_config": vision,
         "rope_scaling": {"type": "mrope", "mrope_section": c["rope_scaling"]["mrope_section"]},
         "vocab_size": c["vocab_size"],
-    }, "gqa2_tied_published"
+    }
+
+
+def qwen2_vl():
+    name = "gqa2_tied_published"
+    c = load("qwen2_vl", name)
+    v = c["vision_config"]
+    vision = {
+        "depth": v["depth"], "embed_dim": v["embed_dim"], "mlp_ratio": v["mlp_ratio"],
+        "num_heads": v["num_heads"], "in_chans": 3, "hidden_size": v["hidden_size"],
+        "patch_size": 14, "spatial_merge_size": 2, "spatial_patch_size": 14, "temporal_patch_size": 2,
+    }
+    return flat(c, "qwen2_vl", "Qwen2VLForConditionalGeneration", "float32", vision), name
 
 
 def qwen2_5_vl():
-    c = load("qwen2_5_vl", "win112_mqa4_untied_bf16_published")
+    name = "win112_mqa4_untied_bf16_published"
+    c = load("qwen2_5_vl", name)
     v = c["vision_config"]
-    return {
-        "architectures": ["Qwen2_5_VLForConditionalGeneration"],
-        "attention_dropout": 0.0,
-        "bos_token_id": 420,
-        "eos_token_id": c["eos_token_id"],
-        **ids(c),
-        "vision_token_id": 431,
-        "hidden_act": "silu",
-        "hidden_size": c["hidden_size"],
-        "initializer_range": 0.02,
-        "intermediate_size": c["intermediate_size"],
-        "max_position_embeddings": c["max_position_embeddings"],
-        "max_window_layers": c["num_hidden_layers"],
-        "model_type": "qwen2_5_vl",
-        "num_attention_heads": c["num_attention_heads"],
-        "num_hidden_layers": c["num_hidden_layers"],
-        "num_key_value_heads": c["num_key_value_heads"],
-        "rms_norm_eps": c["rms_norm_eps"],
-        "rope_theta": c["rope_theta"],
-        "sliding_window": c["max_position_embeddings"],
-        "tie_word_embeddings": c["tie_word_embeddings"],
-        "torch_dtype": "bfloat16",
-        "transformers_version": "4.41.2",
-        "use_cache": True,
-        "use_sliding_window": False,
-        "vision_config": {
-            "depth": v["depth"], "hidden_act": "silu", "hidden_size": v["hidden_size"],
-            "intermediate_size": v["intermediate_size"], "num_heads": v["num_heads"], "in_chans": 3,
-            "out_hidden_size": v["out_hidden_size"], "patch_size": 14, "spatial_merge_size": 2,
-            "spatial_patch_size": 14, "window_size": v["window_size"],
-            "fullatt_block_indexes": v["fullatt_block_indexes"], "tokens_per_second": v["tokens_per_second"],
-            "temporal_patch_size": 2,
-        },
-        "rope_scaling": {"type": "mrope", "mrope_section": c["rope_scaling"]["mrope_section"]},
-        "vocab_size": c["vocab_size"],
-    }, "win112_mqa4_untied_bf16_published"
+    vision = {
+        "depth": v["depth"], "hidden_act": "silu", "hidden_size": v["hidden_size"],
+        "intermediate_size": v["intermediate_size"], "num_heads": v["num_heads"], "in_chans": 3,
+        "out_hidden_size": v["out_hidden_size"], "patch_size": 14, "spatial_merge_size": 2,
+        "spatial_patch_size": 14, "window_size": v["window_size"],
+        "fullatt_block_indexes": v["fullatt_block_indexes"], "tokens_per_second": v["tokens_per_second"],
+        "temporal_patch_size": 2,
+    }
+    return flat(c, "qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", "bfloat16", vision), name
 
 
 def qwen3_vl():
