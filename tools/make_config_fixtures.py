@@ -2,7 +2,7 @@
 """Config fixtures as the ecosystem writes them, for every family Loupe runs.
 
 For each family, `published/` holds the key set of the published checkpoints' `config.json` and
-`preprocessor_config.json` (Qwen2-VL-2B/7B-Instruct, Qwen2.5-VL-3B/7B-Instruct, Qwen3-VL-2B/4B-Instruct,
+`preprocessor_config.json` (and `generation_config.json` where the published file was found) (Qwen2-VL-2B/7B-Instruct, Qwen2.5-VL-3B/7B-Instruct, Qwen3-VL-2B/4B-Instruct,
 Qwen3.5 small sizes: the keys, their nesting and their spelling as those files have them), with the sizes
 of a committed tiny checkpoint so that the weights of `tests/fixtures/<family>/<weights>/` fit them.
 `resaved/` is the same pair after a load and `save_pretrained` with the pinned transformers
@@ -24,7 +24,7 @@ import pathlib
 import shutil
 
 import transformers
-from transformers import AutoConfig, AutoImageProcessor
+from transformers import AutoConfig, AutoImageProcessor, GenerationConfig
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 FIX = ROOT / "tests" / "fixtures"
@@ -178,6 +178,18 @@ def preprocessor(family, weights):
             "processor_class": "Qwen3VLProcessor", "image_processor_type": "Qwen2VLImageProcessorFast"}
 
 
+# generation_config.json as published (Qwen2.5-VL-3B-Instruct's and Qwen3-VL-2B/4B-Instruct's, read
+# verbatim), the token ids moved to the tiny vocabulary (151643 -> 420, 151645 -> 422). Qwen2-VL's
+# and Qwen3.5's published files were not found: none is written for them.
+GENERATION = {
+    "qwen2_5_vl": {"bos_token_id": 420, "pad_token_id": 420, "do_sample": True, "eos_token_id": [422, 420],
+                   "repetition_penalty": 1.05, "temperature": 0.000001, "transformers_version": "4.49.0"},
+    "qwen3_vl": {"bos_token_id": 420, "pad_token_id": 420, "do_sample": True, "eos_token_id": [422, 420],
+                 "top_k": 20, "top_p": 0.8, "repetition_penalty": 1.0, "temperature": 0.7,
+                 "transformers_version": "4.56.0"},
+}
+
+
 def main():
     assert transformers.__version__ == "5.23.0", transformers.__version__
     manifest = {}
@@ -192,6 +204,9 @@ def main():
         (pub / "preprocessor_config.json").write_text(json.dumps(preprocessor(family, weights), indent=2) + "\n")
         AutoConfig.from_pretrained(pub).save_pretrained(res)
         AutoImageProcessor.from_pretrained(pub).save_pretrained(res)
+        if family in GENERATION:
+            (pub / "generation_config.json").write_text(json.dumps(GENERATION[family], indent=2) + "\n")
+            GenerationConfig.from_pretrained(pub).save_pretrained(res)
         manifest[family] = weights
     (OUT / "weights.json").write_text(json.dumps(manifest, indent=2) + "\n")
 

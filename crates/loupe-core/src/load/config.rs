@@ -67,9 +67,13 @@ pub struct TextConfig {
 }
 
 impl TextConfig {
+    /// `head_dim`, else hidden size over heads (0 for zero heads, which validation refuses).
     pub fn head_dim(&self) -> usize {
-        self.head_dim
-            .unwrap_or(self.hidden_size / self.num_attention_heads)
+        self.head_dim.unwrap_or_else(|| {
+            self.hidden_size
+                .checked_div(self.num_attention_heads)
+                .unwrap_or(0)
+        })
     }
 }
 
@@ -479,6 +483,11 @@ impl Qwen2VlConfig {
                 })
                 .collect();
         }
+        if model_type != "qwen3_5" && text.layer_types.is_empty() {
+            // transformers 5 writes `layer_types` for every family (all full attention where
+            // `use_sliding_window` is off); the published files leave it out.
+            text.layer_types = vec!["full_attention".to_owned(); text.num_hidden_layers];
+        }
         if !qwen3 {
             text.attention_bias = false;
         }
@@ -651,6 +660,31 @@ impl Qwen2VlConfig {
                     t.num_attention_heads, t.hidden_size
                 ),
             ));
+        }
+        if self.model_type != "qwen3_5" {
+            // Sliding-window layers (Qwen2's `use_sliding_window`) are not implemented: refuse
+            // them rather than attend over the whole context where the checkpoint would not.
+            if let Some(bad) = t.layer_types.iter().find(|l| *l != "full_attention") {
+                return Err(Error::config(
+                    path,
+                    "layer_types",
+                    format!(
+                        "`{bad}` layers are not supported for {} (only full_attention)",
+                        self.model_type
+                    ),
+                ));
+            }
+            if t.layer_types.len() != t.num_hidden_layers {
+                return Err(Error::config(
+                    path,
+                    "layer_types",
+                    format!(
+                        "{} entries for {} layers",
+                        t.layer_types.len(),
+                        t.num_hidden_layers
+                    ),
+                ));
+            }
         }
         if self.model_type == "qwen3_5" {
             if t.layer_types.len() != t.num_hidden_layers {
