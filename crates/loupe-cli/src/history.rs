@@ -32,26 +32,14 @@ pub struct HistoryArgs {
 }
 
 pub fn history(args: HistoryArgs) -> Result<ExitCode> {
-    if let Some(v) = &args.verdict {
-        if !matches!(v.as_str(), "pass" | "fail" | "error") {
-            return Err(Error::InvalidInput(format!(
-                "--verdict `{v}` is not one of pass, fail, error"
-            )));
-        }
-    }
-    let since = args
-        .since
-        .as_deref()
-        .map(|s| {
-            let full = if s.len() == 10 {
-                format!("{s}T00:00:00Z")
-            } else {
-                s.to_owned()
-            };
-            humantime::parse_rfc3339_weak(&full)
-                .map_err(|e| Error::InvalidInput(format!("--since `{s}`: {e}")))
-        })
-        .transpose()?;
+    let filter = Filter::parse(
+        args.verdict.as_deref(),
+        args.spec.as_deref(),
+        args.image.as_deref(),
+        args.since.as_deref(),
+        args.limit,
+    )
+    .map_err(|e| Error::InvalidInput(format!("--{e}")))?;
     let path = args.db.clone().unwrap_or_else(audit::default_path);
     if !path.is_file() {
         return Err(Error::InvalidInput(format!(
@@ -60,13 +48,7 @@ pub fn history(args: HistoryArgs) -> Result<ExitCode> {
         )));
     }
     let log = AuditLog::open(&path)?;
-    let rows = log.history(&Filter {
-        verdict: args.verdict.clone(),
-        spec: args.spec.clone(),
-        image: args.image.clone(),
-        since,
-        limit: args.limit,
-    })?;
+    let rows = log.history(&filter)?;
     for r in &rows {
         if args.json {
             println!("{}", serde_json::to_string(r).unwrap_or_default());

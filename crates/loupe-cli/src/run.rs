@@ -3,7 +3,7 @@
 use std::io::Write;
 use std::path::PathBuf;
 
-use loupe_core::generate::{GenerateParams, Grammar, SamplingParams};
+use loupe_core::generate::{GenerateParams, Grammar, SamplingParams, SamplingRequest};
 use loupe_core::{Error, Result};
 use loupe_inspect::boxes::{parse_groundings, BoxConvention, Frame};
 
@@ -93,24 +93,15 @@ impl RunArgs {
     }
 
     fn sampling(&self, gc: &loupe_core::load::config::GenerationConfig) -> SamplingParams {
-        let sample_default = gc.do_sample.unwrap_or(false);
-        let temperature = self.temperature.unwrap_or(if sample_default {
-            gc.temperature.unwrap_or(1.0)
-        } else {
-            0.0
-        });
-        let from_gc = self.temperature.is_none() && sample_default;
-        SamplingParams {
-            temperature,
-            top_k: self.top_k.or(if from_gc { gc.top_k } else { None }),
-            top_p: self.top_p.or(if from_gc { gc.top_p } else { None }),
+        let req = SamplingRequest {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
             min_p: self.min_p,
-            repetition_penalty: self
-                .repetition_penalty
-                .or(gc.repetition_penalty)
-                .unwrap_or(1.0),
+            repetition_penalty: self.repetition_penalty,
             seed: self.seed,
-        }
+        };
+        SamplingParams::resolve(&req, gc)
     }
 }
 

@@ -302,27 +302,7 @@ impl Engine {
         reuse: Option<&mut Reuse>,
         on_text: &mut dyn FnMut(&str),
     ) -> Result<Generation> {
-        if prompt.ids.len() >= self.context_length {
-            return Err(Error::InvalidInput(format!(
-                "the prompt is {} tokens, and the model's context is {} (max_position_embeddings in {}); \
-                 shorten the prompt or lower the image pixels",
-                prompt.ids.len(),
-                self.context_length,
-                self.files.config.display()
-            )));
-        }
-        // The answer stops where the context ends (finish_reason `length`).
-        let room = self.context_length - prompt.ids.len();
-        let capped;
-        let params = if params.max_tokens > room {
-            capped = GenerateParams {
-                max_tokens: room,
-                ..params.clone()
-            };
-            &capped
-        } else {
-            params
-        };
+        let params = self.fit(prompt, params)?;
         let constraint = params
             .grammar
             .as_ref()
@@ -332,11 +312,53 @@ impl Engine {
             self.model.as_ref(),
             &self.tokenizer,
             prompt,
-            params,
+            &params,
             constraint,
             reuse,
             on_text,
         )
+    }
+
+    /// Starts one answer to be stepped token by token (a server interleaves several): the
+    /// prompt's images are encoded and the prompt prefilled here. `constraint` is the matcher for
+    /// `params.grammar` (made with [`Engine::constraint`] beforehand, so a bad schema fails before
+    /// any model work).
+    pub fn sequence(
+        &self,
+        prompt: &Prompt,
+        params: &GenerateParams,
+        constraint: Option<Constraint>,
+        features: Option<&mut crate::generate::FeatureCache>,
+    ) -> Result<crate::generate::Sequence<'_>> {
+        let params = self.fit(prompt, params)?;
+        crate::generate::Sequence::start(
+            self.model.as_ref(),
+            &self.tokenizer,
+            prompt,
+            &params,
+            constraint,
+            features,
+            None,
+        )
+    }
+
+    /// The prompt checked against the context, and `max_tokens` capped to the room left after it
+    /// (the answer then stops with finish_reason `length`).
+    pub fn fit(&self, prompt: &Prompt, params: &GenerateParams) -> Result<GenerateParams> {
+        if prompt.ids.len() >= self.context_length {
+            return Err(Error::InvalidInput(format!(
+                "the prompt is {} tokens, and the model's context is {} (max_position_embeddings in {}); \
+                 shorten the prompt or lower the image pixels",
+                prompt.ids.len(),
+                self.context_length,
+                self.files.config.display()
+            )));
+        }
+        let room = self.context_length - prompt.ids.len();
+        Ok(GenerateParams {
+            max_tokens: params.max_tokens.min(room),
+            ..params.clone()
+        })
     }
 
     /// A fresh matcher for `grammar`; an invalid schema or grammar fails here.

@@ -88,6 +88,44 @@ pub struct Filter {
     pub limit: usize,
 }
 
+impl Filter {
+    /// A filter from its text form (the `loupe history` flags, the `/v1/history` query): `verdict`
+    /// one of pass, fail, error; `since` an RFC 3339 time or a date (`2026-11-24`).
+    pub fn parse(
+        verdict: Option<&str>,
+        spec: Option<&str>,
+        image: Option<&str>,
+        since: Option<&str>,
+        limit: usize,
+    ) -> Result<Filter> {
+        if let Some(v) = verdict {
+            if !matches!(v, "pass" | "fail" | "error") {
+                return Err(Error::InvalidInput(format!(
+                    "verdict `{v}` is not one of pass, fail, error"
+                )));
+            }
+        }
+        let since = since
+            .map(|s| {
+                let full = if s.len() == 10 {
+                    format!("{s}T00:00:00Z")
+                } else {
+                    s.to_owned()
+                };
+                humantime::parse_rfc3339_weak(&full)
+                    .map_err(|e| Error::InvalidInput(format!("since `{s}`: {e}")))
+            })
+            .transpose()?;
+        Ok(Filter {
+            verdict: verdict.map(str::to_owned),
+            spec: spec.map(str::to_owned),
+            image: image.map(str::to_owned),
+            since,
+            limit,
+        })
+    }
+}
+
 impl AuditLog {
     pub fn open(path: &Path) -> Result<AuditLog> {
         let err = db_err(path);

@@ -218,9 +218,29 @@ impl<'e> Inspector<'e> {
     /// the decoded upright image comes back too when it could be read (for the overlay).
     pub fn inspect(&mut self, path: &Path) -> (Record, Option<RgbImage>) {
         let t0 = Instant::now();
-        let mut rec = self.empty_record(path);
+        let max = loupe_core::limits::get().image_bytes;
+        match loupe_core::limits::read_file(path, max, "image-bytes") {
+            Ok(bytes) => self.inspect_bytes(path, &bytes, t0),
+            Err(e) => {
+                let mut rec = self.empty_record(path);
+                rec.error = Some(e.to_string());
+                rec.timings.total_ms = ms(t0);
+                (rec, None)
+            }
+        }
+    }
+
+    /// Inspects an image already in memory (an upload); `name` is what the record calls it and
+    /// `t0` when the work on it began (the total time counts from there).
+    pub fn inspect_bytes(
+        &mut self,
+        name: &Path,
+        bytes: &[u8],
+        t0: Instant,
+    ) -> (Record, Option<RgbImage>) {
+        let mut rec = self.empty_record(name);
         let mut upright = None;
-        if let Err(e) = self.inspect_into(path, &mut rec, &mut upright) {
+        if let Err(e) = self.inspect_into(name, bytes, &mut rec, &mut upright) {
             rec.error = Some(e);
         }
         rec.timings.total_ms = ms(t0);
@@ -230,15 +250,13 @@ impl<'e> Inspector<'e> {
     fn inspect_into(
         &mut self,
         path: &Path,
+        bytes: &[u8],
         rec: &mut Record,
         upright: &mut Option<RgbImage>,
     ) -> std::result::Result<(), String> {
         let t = Instant::now();
-        let max = loupe_core::limits::get().image_bytes;
-        let bytes =
-            loupe_core::limits::read_file(path, max, "image-bytes").map_err(|e| e.to_string())?;
-        rec.image_sha256 = Some(hex(&Sha256::digest(&bytes)));
-        let image = loupe_core::image::decode(&bytes)
+        rec.image_sha256 = Some(hex(&Sha256::digest(bytes)));
+        let image = loupe_core::image::decode(bytes)
             .map_err(|m| format!("image {}: {m}", path.display()))?;
         let input = ImageInput {
             source: path.to_path_buf(),

@@ -11,12 +11,13 @@ use candle_core::Tensor;
 
 pub use constraint::{Constraint, ConstraintFactory, Grammar};
 pub use reuse::{FeatureCache, PrefixCache, Reuse};
-pub use sampler::{Sampler, SamplingParams};
+pub use sampler::{Sampler, SamplingParams, SamplingRequest};
 
 use crate::error::{Error, Result};
 use crate::image::PixelBatch;
 use crate::models::VisionLanguageModel;
 use crate::tokenize::{TextStream, Tokenizer};
+use kv_cache::KvCache;
 
 /// A prompt ready for the model: token ids (image placeholders expanded) and the images' pixels.
 #[derive(Debug, Clone, Default)]
@@ -90,109 +91,199 @@ pub fn generate(
     tokenizer: &Tokenizer,
     prompt: &Prompt,
     params: &GenerateParams,
-    mut constraint: Option<Constraint>,
+    constraint: Option<Constraint>,
     reuse: Option<&mut Reuse>,
     on_text: &mut dyn FnMut(&str),
 ) -> Result<Generation> {
-    let mut timings = Timings::default();
-    let image_token = model.image_token_id();
-    if prompt.pixels.grids.is_empty() && prompt.ids.contains(&image_token) {
-        return Err(Error::InvalidInput(
-            "the prompt has image placeholder tokens but no images".into(),
-        ));
-    }
-    let mut own_cache;
     let (features, prefix) = match reuse {
-        Some(Reuse { features, prefix }) => (
-            Some(features),
-            prefix.as_mut().filter(|p| p.matches(prompt)),
-        ),
+        Some(Reuse { features, prefix }) => (Some(features), prefix.as_mut()),
         None => (None, None),
     };
-    // The part of the prompt still to run: all of it, or what follows a cached prefix.
-    let (start, first_image) = prefix.as_ref().map_or((0, 0), |p| (p.len(), p.n_images()));
-
-    let t0 = Instant::now();
-    let n_images = prompt.pixels.grids.len();
-    let image_features = if first_image == n_images {
-        None
-    } else {
-        let rest;
-        let pixels = if first_image == 0 {
-            &prompt.pixels
-        } else {
-            rest = prompt.pixels.images(first_image..n_images);
-            &rest
-        };
-        // Without reuse the batch goes through the tower whole, with no hashing or splitting.
-        Some(match features {
-            Some(cache) => cache.encode(model, pixels)?,
-            None => model.encode_images(pixels)?,
-        })
-    };
-    timings.vision_ms = ms(t0);
-
-    let t1 = Instant::now();
-    let (positions, delta) = model.prompt_positions(&prompt.ids, &prompt.pixels.grids)?;
-    let embeds = model.embed(&prompt.ids[start..], image_features.as_ref())?;
-    let cache = match prefix {
-        Some(p) => p.rewind()?,
-        None => {
-            own_cache = model.new_cache();
-            &mut own_cache
-        }
-    };
-    cache.rope_delta = delta;
-    let mut logits = last_row(&model.forward(&embeds, &positions[start..], cache, false)?)?;
-    timings.prefill_ms = ms(t1);
-    let t2 = Instant::now();
-    let mut sampler = Sampler::new(params.sampling.clone());
-    let mut stream = TextStream::new(tokenizer, params.stop_strings.clone());
-    let mut history = prompt.ids.clone();
-    let mut tokens = Vec::new();
-    let mut logprobs = Vec::new();
-    let mut finish = FinishReason::Length;
-    while tokens.len() < params.max_tokens {
-        if let Some(c) = constraint.as_mut() {
-            c.mask_logits(&mut logits)?;
-        }
-        let next = sampler.sample(&logits, &history);
-        logprobs.push(log_softmax_at(&logits, next as usize));
-        tokens.push(next);
-        history.push(next);
-        if params.eos_token_ids.contains(&next) {
-            finish = FinishReason::Stop;
-            break;
-        }
-        if let Some(c) = constraint.as_mut() {
-            c.commit(next)?;
-        }
-        let piece = stream.push(next)?;
+    let mut seq = Sequence::start(
+        model, tokenizer, prompt, params, constraint, features, prefix,
+    )?;
+    while !seq.is_finished() {
+        let piece = seq.step()?;
         if !piece.is_empty() {
             on_text(&piece);
         }
-        if stream.stopped() || constraint.as_ref().is_some_and(Constraint::is_finished) {
-            finish = FinishReason::Stop;
-            break;
-        }
-        if tokens.len() == params.max_tokens {
-            break;
-        }
-        let pos = cache.len() as i64 + cache.rope_delta;
-        let embeds = model.embed(&[next], None)?;
-        logits = last_row(&model.forward(&embeds, &[[pos; 3]], cache, false)?)?;
     }
-    let rest = stream.finish()?;
-    if !rest.is_empty() {
-        on_text(&rest);
+    seq.finish(on_text)
+}
+
+/// The decoder's cache of one answer: its own, or a prefilled prefix's, borrowed.
+enum CacheSlot<'a> {
+    Owned(KvCache),
+    Prefix(&'a mut KvCache),
+}
+
+impl CacheSlot<'_> {
+    fn get(&mut self) -> &mut KvCache {
+        match self {
+            CacheSlot::Owned(c) => c,
+            CacheSlot::Prefix(c) => c,
+        }
     }
-    timings.decode_ms = ms(t2);
-    Ok(Generation {
-        text: stream.text().to_owned(),
-        tokens,
-        logprobs,
-        prompt_tokens: prompt.ids.len(),
-        finish_reason: finish,
-        timings,
-    })
+}
+
+/// One answer being generated, a token at a time: the prompt is encoded and prefilled by `start`;
+/// each `step` samples a token and runs the model on it. A server steps several in turn and drops
+/// one whose client has gone.
+pub struct Sequence<'a> {
+    model: &'a dyn VisionLanguageModel,
+    cache: CacheSlot<'a>,
+    constraint: Option<Constraint>,
+    sampler: Sampler,
+    stream: TextStream<'a>,
+    eos_token_ids: Vec<u32>,
+    max_tokens: usize,
+    history: Vec<u32>,
+    tokens: Vec<u32>,
+    logprobs: Vec<f32>,
+    /// Logits for the next token.
+    logits: Vec<f32>,
+    finish: Option<FinishReason>,
+    prompt_tokens: usize,
+    timings: Timings,
+    decode_start: Instant,
+}
+
+impl<'a> Sequence<'a> {
+    /// Encodes the prompt's images (those not in `features`) and prefills the prompt (after
+    /// `prefix`, when the prompt continues it; the answer then borrows the prefix's cache).
+    pub fn start(
+        model: &'a dyn VisionLanguageModel,
+        tokenizer: &'a Tokenizer,
+        prompt: &Prompt,
+        params: &GenerateParams,
+        constraint: Option<Constraint>,
+        features: Option<&mut FeatureCache>,
+        prefix: Option<&'a mut PrefixCache>,
+    ) -> Result<Self> {
+        let mut timings = Timings::default();
+        let image_token = model.image_token_id();
+        if prompt.pixels.grids.is_empty() && prompt.ids.contains(&image_token) {
+            return Err(Error::InvalidInput(
+                "the prompt has image placeholder tokens but no images".into(),
+            ));
+        }
+        let prefix = prefix.filter(|p| p.matches(prompt));
+        // The part of the prompt still to run: all of it, or what follows a cached prefix.
+        let (start, first_image) = prefix.as_ref().map_or((0, 0), |p| (p.len(), p.n_images()));
+
+        let t0 = Instant::now();
+        let n_images = prompt.pixels.grids.len();
+        let image_features = if first_image == n_images {
+            None
+        } else {
+            let rest;
+            let pixels = if first_image == 0 {
+                &prompt.pixels
+            } else {
+                rest = prompt.pixels.images(first_image..n_images);
+                &rest
+            };
+            // Without reuse the batch goes through the tower whole, with no hashing or splitting.
+            Some(match features {
+                Some(cache) => cache.encode(model, pixels)?,
+                None => model.encode_images(pixels)?,
+            })
+        };
+        timings.vision_ms = ms(t0);
+
+        let t1 = Instant::now();
+        let (positions, delta) = model.prompt_positions(&prompt.ids, &prompt.pixels.grids)?;
+        let embeds = model.embed(&prompt.ids[start..], image_features.as_ref())?;
+        let mut cache = match prefix {
+            Some(p) => CacheSlot::Prefix(p.rewind()?),
+            None => CacheSlot::Owned(model.new_cache()),
+        };
+        cache.get().rope_delta = delta;
+        let logits = last_row(&model.forward(&embeds, &positions[start..], cache.get(), false)?)?;
+        timings.prefill_ms = ms(t1);
+        Ok(Sequence {
+            model,
+            cache,
+            constraint,
+            sampler: Sampler::new(params.sampling.clone()),
+            stream: TextStream::new(tokenizer, params.stop_strings.clone()),
+            eos_token_ids: params.eos_token_ids.clone(),
+            max_tokens: params.max_tokens,
+            history: prompt.ids.clone(),
+            tokens: Vec::new(),
+            logprobs: Vec::new(),
+            logits,
+            finish: (params.max_tokens == 0).then_some(FinishReason::Length),
+            prompt_tokens: prompt.ids.len(),
+            timings,
+            decode_start: Instant::now(),
+        })
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.finish.is_some()
+    }
+
+    /// Tokens generated so far.
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+
+    /// Samples the next token, and unless it ends the answer runs the model on it. Returns the text
+    /// this token completed (often empty mid-character or while a stop string may be starting).
+    pub fn step(&mut self) -> Result<String> {
+        if self.finish.is_some() {
+            return Ok(String::new());
+        }
+        let logits = &mut self.logits;
+        if let Some(c) = self.constraint.as_mut() {
+            c.mask_logits(logits)?;
+        }
+        let next = self.sampler.sample(logits, &self.history);
+        self.logprobs.push(log_softmax_at(logits, next as usize));
+        self.tokens.push(next);
+        self.history.push(next);
+        if self.eos_token_ids.contains(&next) {
+            self.finish = Some(FinishReason::Stop);
+            return Ok(String::new());
+        }
+        if let Some(c) = self.constraint.as_mut() {
+            c.commit(next)?;
+        }
+        let piece = self.stream.push(next)?;
+        if self.stream.stopped()
+            || self
+                .constraint
+                .as_ref()
+                .is_some_and(Constraint::is_finished)
+        {
+            self.finish = Some(FinishReason::Stop);
+        } else if self.tokens.len() >= self.max_tokens {
+            self.finish = Some(FinishReason::Length);
+        } else {
+            let cache = self.cache.get();
+            let pos = cache.len() as i64 + cache.rope_delta;
+            let embeds = self.model.embed(&[next], None)?;
+            self.logits = last_row(&self.model.forward(&embeds, &[[pos; 3]], cache, false)?)?;
+        }
+        Ok(piece)
+    }
+
+    /// The whole answer; `on_text` gets the text still held back (a partial stop string that never
+    /// completed).
+    pub fn finish(mut self, on_text: &mut dyn FnMut(&str)) -> Result<Generation> {
+        let rest = self.stream.finish()?;
+        if !rest.is_empty() {
+            on_text(&rest);
+        }
+        self.timings.decode_ms = ms(self.decode_start);
+        Ok(Generation {
+            text: self.stream.text().to_owned(),
+            tokens: self.tokens,
+            logprobs: self.logprobs,
+            prompt_tokens: self.prompt_tokens,
+            finish_reason: self.finish.unwrap_or(FinishReason::Length),
+            timings: self.timings,
+        })
+    }
 }

@@ -14,15 +14,29 @@ use super::kv_cache::KvCache;
 use super::Prompt;
 
 /// Vision features by SHA-256 of an image's model pixels and grid: an image seen before (a reference
-/// image, the same part photographed twice) is not encoded again.
+/// image, the same part photographed twice) is not encoded again. It keeps the most recently used
+/// [`FeatureCache::CAPACITY`] images, so a process that runs for weeks holds a bounded amount.
 #[derive(Default)]
 pub struct FeatureCache {
-    map: HashMap<[u8; 32], Tensor>,
+    map: HashMap<[u8; 32], (Tensor, u64)>,
+    /// Use counter: the entry with the smallest stamp goes first when the cache is full.
+    clock: u64,
     pub hits: usize,
     pub misses: usize,
 }
 
 impl FeatureCache {
+    /// Images kept: a spec's references and the parts of a burst, with room to spare.
+    pub const CAPACITY: usize = 64;
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
     fn key(pixels: &PixelBatch) -> [u8; 32] {
         let mut h = Sha256::new();
         for g in &pixels.grids {
@@ -46,15 +60,27 @@ impl FeatureCache {
         for i in 0..pixels.grids.len() {
             let one = pixels.images(i..i + 1);
             let key = Self::key(&one);
-            let feats = match self.map.get(&key) {
-                Some(t) => {
+            self.clock += 1;
+            let feats = match self.map.get_mut(&key) {
+                Some((t, stamp)) => {
                     self.hits += 1;
+                    *stamp = self.clock;
                     t.clone()
                 }
                 None => {
                     self.misses += 1;
                     let t = model.encode_images(&one)?;
-                    self.map.insert(key, t.clone());
+                    if self.map.len() >= Self::CAPACITY {
+                        let oldest = self
+                            .map
+                            .iter()
+                            .min_by_key(|(_, (_, s))| *s)
+                            .map(|(k, _)| *k);
+                        if let Some(k) = oldest {
+                            self.map.remove(&k);
+                        }
+                    }
+                    self.map.insert(key, (t.clone(), self.clock));
                     t
                 }
             };

@@ -29,31 +29,76 @@ impl Default for SamplingParams {
     }
 }
 
+/// The sampling settings a caller asked for; what is left out comes from the checkpoint.
+#[derive(Debug, Clone, Default)]
+pub struct SamplingRequest {
+    pub temperature: Option<f64>,
+    pub top_k: Option<usize>,
+    pub top_p: Option<f64>,
+    pub min_p: Option<f64>,
+    pub repetition_penalty: Option<f64>,
+    pub seed: u64,
+}
+
 impl SamplingParams {
-    /// Checks ranges, naming the flag at fault.
+    /// What is asked, completed from `generation_config.json`: sampling with its temperature, top-k
+    /// and top-p when it says `do_sample` and no temperature is asked, else greedy; its repetition
+    /// penalty unless one is asked.
+    pub fn resolve(req: &SamplingRequest, gc: &crate::load::config::GenerationConfig) -> Self {
+        let sample_default = gc.do_sample.unwrap_or(false);
+        let temperature = req.temperature.unwrap_or(if sample_default {
+            gc.temperature.unwrap_or(1.0)
+        } else {
+            0.0
+        });
+        let from_gc = req.temperature.is_none() && sample_default;
+        SamplingParams {
+            temperature,
+            top_k: req.top_k.or(if from_gc { gc.top_k } else { None }),
+            top_p: req.top_p.or(if from_gc { gc.top_p } else { None }),
+            min_p: req.min_p,
+            repetition_penalty: req
+                .repetition_penalty
+                .or(gc.repetition_penalty)
+                .unwrap_or(1.0),
+            seed: req.seed,
+        }
+    }
+
+    /// Checks ranges, naming the flag at fault (`--top-p`).
     pub fn validate(&self) -> Result<(), String> {
+        self.check(|field| format!("--{}", field.replace('_', "-")))
+    }
+
+    /// Checks ranges; `name` turns a field (`top_p`) into what the caller calls it.
+    pub fn check(&self, name: impl Fn(&str) -> String) -> Result<(), String> {
         if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
             return Err(format!(
-                "--temperature {} must be 0 or more",
+                "{} {} must be 0 or more",
+                name("temperature"),
                 self.temperature
             ));
         }
         if let Some(p) = self.top_p {
             if !(p > 0.0 && p <= 1.0) {
-                return Err(format!("--top-p {p} must be in (0, 1]"));
+                return Err(format!("{} {p} must be in (0, 1]", name("top_p")));
             }
         }
         if let Some(p) = self.min_p {
             if !(0.0..=1.0).contains(&p) {
-                return Err(format!("--min-p {p} must be in [0, 1]"));
+                return Err(format!("{} {p} must be in [0, 1]", name("min_p")));
             }
         }
         if self.top_k == Some(0) {
-            return Err("--top-k 0 keeps no token; leave it out to disable top-k".into());
+            return Err(format!(
+                "{} 0 keeps no token; leave it out to disable top-k",
+                name("top_k")
+            ));
         }
         if !(self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite()) {
             return Err(format!(
-                "--repetition-penalty {} must be greater than 0",
+                "{} {} must be greater than 0",
+                name("repetition_penalty"),
                 self.repetition_penalty
             ));
         }
