@@ -7,6 +7,7 @@ mod info;
 mod inspect;
 mod quantize;
 mod run;
+mod serve;
 
 use std::process::ExitCode;
 
@@ -54,6 +55,8 @@ enum Command {
     Eval(Box<eval::EvalArgs>),
     /// List and filter the audit log of past inspections.
     History(history::HistoryArgs),
+    /// Serve the model: OpenAI-compatible chat API with images, inspection API, live page.
+    Serve(Box<serve::ServeArgs>),
 }
 
 /// Exit code for bad input (files, flags, prompt), as documented.
@@ -109,6 +112,9 @@ fn main() -> ExitCode {
         Command::Inspect(a) => inspect::inspect(*a).map_err(|e| e.to_string()),
         Command::Eval(a) => eval::eval(*a).map_err(|e| e.to_string()),
         Command::History(a) => history::history(a).map_err(|e| e.to_string()),
+        Command::Serve(a) => serve::serve(*a)
+            .map(|()| ExitCode::SUCCESS)
+            .map_err(|e| e.to_string()),
     };
     match result {
         Ok(code) => code,
