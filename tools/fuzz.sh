@@ -3,7 +3,7 @@
 # with a 2 GiB RSS limit and a 10 s per-input timeout, starting from the committed seeds
 # (fuzz/seeds/TARGET) and the working corpus (fuzz/corpus/TARGET, not committed).
 # Crashes, hangs and OOMs land in fuzz/artifacts/TARGET/; each becomes a regression test before it
-# is fixed. Appends a line to fuzz/runs.tsv: date, target, seconds, inputs executed, result.
+# is fixed. Appends a line to fuzz/runs.tsv: date, target, seconds it ran, inputs executed, result.
 # FUZZ_SEED=N fixes libFuzzer's random seed (CI does, so a smoke run is repeatable).
 #
 #   tools/fuzz.sh TARGET SECONDS        e.g. tools/fuzz.sh gguf 600
@@ -35,6 +35,9 @@ fi
 
 mkdir -p "fuzz/corpus/$target" "fuzz/artifacts/$target"
 log="$(mktemp)"
+# Built first, so the time recorded is the fuzzing alone.
+cargo +nightly fuzz build -s none --release "$target" > "$log" 2>&1 || { cat "$log"; rm -f "$log"; exit 1; }
+started=$SECONDS
 set +e
 # -s none: no sanitizer (the code under test is safe Rust but for libjpeg, whose input the header
 # checks bound); ASan would triple the cost per input on 2 cores.
@@ -42,12 +45,14 @@ cargo +nightly fuzz run -s none --release "$target" "fuzz/corpus/$target" "fuzz/
   -max_total_time="$seconds" -rss_limit_mb=2048 -timeout=10 -max_len=1048576 \
   -print_final_stats=1 ${FUZZ_SEED:+-seed=$FUZZ_SEED} > "$log" 2>&1
 status=$?
+ran=$((SECONDS - started))
 set -e
 grep -E "^(==[0-9]+==|SUMMARY|Test unit written|thread .* panicked)" "$log" || true
 execs=$(grep -oE "stat::number_of_executed_units: *[0-9]+" "$log" | grep -oE "[0-9]+$" | tail -1)
 result=ok
 [ "$status" -eq 0 ] || result="FAILED (exit $status; see fuzz/artifacts/$target)"
-printf '%s\t%s\t%s\t%s\t%s\n' "$(date -u +%F)" "$target" "$seconds" "${execs:-?}" "$result" >> fuzz/runs.tsv
+# The time it ran (a crash stops it early).
+printf '%s\t%s\t%s\t%s\t%s\n' "$(date -u +%F)" "$target" "$ran" "${execs:-?}" "$result" >> fuzz/runs.tsv
 rm -f "$log"
-echo "fuzz $target: ${seconds}s, ${execs:-?} inputs, $result"
+echo "fuzz $target: ${ran}s, ${execs:-?} inputs, $result"
 [ "$result" = ok ]

@@ -285,6 +285,10 @@ fn default_fullatt() -> Vec<usize> {
 }
 
 /// The model families Loupe runs, by `model_type`.
+/// The most layers, heads or blocks a config may ask for (the largest published models have a few
+/// hundred): a count over it is refused before anything is sized by it.
+const MAX_COUNT: usize = 4096;
+
 pub const SUPPORTED_MODEL_TYPES: &[&str] =
     &["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5", "qwen2"];
 
@@ -470,6 +474,20 @@ impl Qwen2VlConfig {
             .or_else(|| text_obj.get("partial_rotary_factor"))
             .and_then(Value::as_f64)
             .unwrap_or(if model_type == "qwen3_5" { 0.25 } else { 1.0 });
+        // Counts that size what is built before any tensor is checked against them.
+        for (name, n) in [
+            ("num_hidden_layers", text.num_hidden_layers),
+            ("num_attention_heads", text.num_attention_heads),
+            ("num_key_value_heads", text.num_key_value_heads),
+        ] {
+            if n > MAX_COUNT {
+                return Err(Error::config(
+                    path,
+                    name,
+                    format!("{n} is over {MAX_COUNT}; no checkpoint Loupe reads has so many"),
+                ));
+            }
+        }
         if model_type == "qwen3_5" && text.layer_types.is_empty() {
             // Every fourth layer attends over everything, the others are linear attention.
             text.layer_types = (0..text.num_hidden_layers)
@@ -604,6 +622,13 @@ impl Qwen2VlConfig {
             }
             if value == 0 {
                 return Err(Error::config(path, name, "must be greater than 0"));
+            }
+            if name.ends_with("depth") && value > MAX_COUNT {
+                return Err(Error::config(
+                    path,
+                    name,
+                    format!("{value} is over {MAX_COUNT}; no checkpoint Loupe reads has so many"),
+                ));
             }
         }
         if t.max_position_embeddings == 0 {

@@ -91,10 +91,15 @@ impl<'a> Reader<'a> {
         };
         if let Some(n) = size {
             let b = self.take(n, &format!("metadata `{key}`"))?;
+            // Integers as candle reads them for `general.alignment`: unsigned, or signed and not
+            // negative (a signed 0 once reached candle's division).
             return Ok(match (kind, b) {
                 (0, [x]) => Some(u64::from(*x)),
+                (1, [x]) => u64::try_from(*x as i8).ok(),
                 (2, [a, b]) => Some(u64::from(u16::from_le_bytes([*a, *b]))),
+                (3, [a, b]) => u64::try_from(i16::from_le_bytes([*a, *b])).ok(),
                 (4, [a, b, c, d]) => Some(u64::from(u32::from_le_bytes([*a, *b, *c, *d]))),
+                (5, [a, b, c, d]) => u64::try_from(i32::from_le_bytes([*a, *b, *c, *d])).ok(),
                 (7, [x]) if *x > 1 => {
                     return Err(format!("metadata `{key}`: bool value {x} is not 0 or 1"))
                 }
@@ -195,7 +200,7 @@ pub fn check(bytes: &[u8], limits: Limits) -> Result<(), Problem> {
     let mut keys = HashSet::new();
     for _ in 0..entries {
         let key = r.string("a metadata key")?;
-        let key = String::from_utf8_lossy(key).into_owned();
+        let key = gguf_text(key);
         let kind = r.u32(&format!("metadata `{key}` type"))?;
         let value = r.value(kind, &key, 0)?;
         if key == "general.alignment" {
@@ -210,7 +215,7 @@ pub fn check(bytes: &[u8], limits: Limits) -> Result<(), Problem> {
     let mut names = HashSet::new();
     let mut ranges = Vec::with_capacity(tensors.min(1 << 16) as usize);
     for _ in 0..tensors {
-        let name = String::from_utf8_lossy(r.string("a tensor name")?).into_owned();
+        let name = gguf_text(r.string("a tensor name")?);
         let n_dims = r.u32(&format!("tensor `{name}` dims"))?;
         if n_dims == 0 || n_dims > 4 {
             return Err(format!(
@@ -269,6 +274,13 @@ pub fn check(bytes: &[u8], limits: Limits) -> Result<(), Problem> {
         prev = name;
     }
     Ok(())
+}
+
+/// A GGUF string as candle reads it: trailing NUL bytes dropped (writers add them), invalid UTF-8
+/// replaced. Keys are compared in this form, so `general.alignment\0` is the alignment.
+fn gguf_text(bytes: &[u8]) -> String {
+    let end = bytes.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
+    String::from_utf8_lossy(&bytes[..end]).into_owned()
 }
 
 #[cfg(test)]
