@@ -18,6 +18,9 @@ use serde_json::{json, Value};
 
 const MODEL: &str = "gqa2_tied_published";
 
+/// Status, body (JSON, or the text when it is not JSON), headers.
+type Resp = (u16, Value, Vec<(String, String)>);
+
 struct Server {
     child: Child,
     port: u16,
@@ -78,7 +81,7 @@ impl Server {
         path: &str,
         headers: &[(&str, &str)],
         body: Option<Vec<u8>>,
-    ) -> (u16, Value, Vec<(String, String)>) {
+    ) -> Resp {
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_global(Some(Duration::from_secs(300)))
@@ -115,7 +118,7 @@ impl Server {
         (status, v, hs)
     }
 
-    fn post_json(&self, path: &str, body: &Value) -> (u16, Value, Vec<(String, String)>) {
+    fn post_json(&self, path: &str, body: &Value) -> Resp {
         self.call(
             "POST",
             path,
@@ -169,7 +172,7 @@ fn data_uri(path: &Path) -> String {
 }
 
 /// Asserts an OpenAI-shaped error with this status whose message names `what`.
-fn is_error(resp: &(u16, Value, Vec<(String, String)>), status: u16, what: &str) {
+fn is_error(resp: &Resp, status: u16, what: &str) {
     let (st, v, _) = resp;
     assert_eq!(*st, status, "status for {what}: {v}");
     let msg = v["error"]["message"]
@@ -317,7 +320,7 @@ fn openai_api_matches_loupe_run_and_refuses_bad_requests() {
     let tmp = tempfile::tempdir().unwrap();
     let big = tmp.path().join("big.png");
     image::RgbImage::new(300, 200).save(&big).unwrap();
-    let bad: Vec<((u16, Value, Vec<(String, String)>), u16, &str)> = vec![
+    let bad: Vec<(Resp, u16, &str)> = vec![
         (srv.call("POST", "/v1/chat/completions", &[("Content-Type", "application/json")], Some(b"{\"model\": ".to_vec())), 400, "not valid JSON"),
         (srv.post_json("/v1/chat/completions", &json!({"model": "no-such-model", "messages": [{"role": "user", "content": "hi"}]})), 404, "no-such-model"),
         (srv.post_json("/v1/chat/completions", &json!({"model": MODEL})), 400, "messages"),
@@ -422,7 +425,7 @@ fn a_full_queue_is_503_and_a_gone_client_is_cancelled() {
     let mut first = [0u8; 64];
     sock.read_exact(&mut first).unwrap();
     // While it runs (one slot, a queue of one), a burst: some wait, the rest get 503 with Retry-After.
-    let burst: Vec<(u16, Value, Vec<(String, String)>)> = std::thread::scope(|sc| {
+    let burst: Vec<Resp> = std::thread::scope(|sc| {
         let hs: Vec<_> = (0..4)
             .map(|_| {
                 sc.spawn(|| {
