@@ -37,7 +37,7 @@ fn write_y4m(image: &Path, out: &Path, frames: usize) -> (u32, u32) {
     let img = image::open(image).unwrap().to_rgb8();
     let (w, h) = (img.width() & !1, img.height() & !1);
     let mut f = std::io::BufWriter::new(std::fs::File::create(out).unwrap());
-    write!(f, "YUV4MPEG2 W{w} H{h} F10:1 Ip A1:1 C420jpeg\n").unwrap();
+    writeln!(f, "YUV4MPEG2 W{w} H{h} F10:1 Ip A1:1 C420jpeg").unwrap();
     let px = |x: u32, y: u32| {
         let p = img.get_pixel(x, y);
         (f64::from(p[0]), f64::from(p[1]), f64::from(p[2]))
