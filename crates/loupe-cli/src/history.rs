@@ -41,13 +41,13 @@ pub fn history(args: HistoryArgs) -> Result<ExitCode> {
     )
     .map_err(|e| Error::InvalidInput(format!("--{e}")))?;
     let path = args.db.clone().unwrap_or_else(audit::default_path);
-    if !path.is_file() {
+    if !audit::is_postgres(&path) && !path.is_file() {
         return Err(Error::InvalidInput(format!(
             "no audit log at {} (run `loupe inspect` first, or give --db)",
             path.display()
         )));
     }
-    let log = AuditLog::open(&path)?;
+    let mut log = AuditLog::open(&path)?;
     let rows = log.history(&filter)?;
     for r in &rows {
         if args.json {

@@ -203,7 +203,7 @@ pub fn inspect(args: InspectArgs) -> Result<ExitCode> {
     }
     let mut session = args.session.open()?;
     let spec = session.spec.clone();
-    let audit = session.audit.take();
+    let mut audit = session.audit.take();
     let prior = if args.resume {
         RunOutputs::read_records(&args.session.out)?
     } else {
@@ -212,7 +212,7 @@ pub fn inspect(args: InspectArgs) -> Result<ExitCode> {
     let (files, skipped) = if args.resume {
         // What is done: the audit log says (a record in results.jsonl may lack its audit row when
         // the run died between the two); without an audit log, results.jsonl.
-        let done: HashSet<(String, String)> = match &audit {
+        let done: HashSet<(String, String)> = match &mut audit {
             Some(a) => a.done(&spec.sha256)?,
             None => prior
                 .iter()
