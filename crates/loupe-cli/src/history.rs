@@ -8,7 +8,8 @@ use loupe_inspect::{Error, Result};
 
 #[derive(clap::Args, Debug)]
 pub struct HistoryArgs {
-    /// Audit database (default: $LOUPE_DB, else the user's data folder, loupe/audit.sqlite).
+    /// Audit database: a SQLite file or postgres://user@host/db (default: $LOUPE_DB, else the user's
+    /// data folder, loupe/audit.sqlite).
     #[arg(long)]
     pub db: Option<PathBuf>,
     /// Only this verdict: pass, fail or error.

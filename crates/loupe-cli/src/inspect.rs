@@ -26,7 +26,8 @@ pub struct SessionArgs {
     /// Folder for overlays, results.jsonl, results.csv and report.html.
     #[arg(long, default_value = "loupe-out")]
     pub out: PathBuf,
-    /// Audit database (default: $LOUPE_DB, else the user's data folder, loupe/audit.sqlite).
+    /// Audit database: a SQLite file or postgres://user@host/db (default: $LOUPE_DB, else the user's
+    /// data folder, loupe/audit.sqlite).
     #[arg(long)]
     pub db: Option<PathBuf>,
     /// Do not write the audit log.

@@ -49,12 +49,17 @@ pub struct ServeArgs {
     /// The model's id in /v1/models (default: the model folder's or file's name).
     #[arg(long)]
     pub name: Option<String>,
-    /// Audit database for inspections (default: $LOUPE_DB, else the user's data folder).
+    /// Audit database for inspections: a SQLite file or postgres://user@host/db (default: $LOUPE_DB,
+    /// else the user's data folder).
     #[arg(long)]
     pub db: Option<PathBuf>,
     /// Keep no audit log.
-    #[arg(long, conflicts_with = "db")]
+    #[arg(long, conflicts_with_all = ["db", "mqtt"])]
     pub no_audit: bool,
+    /// Publish every verdict (its JSON record, QoS 1) to mqtt://host[:port]/topic; kept in the audit
+    /// database while the broker is away.
+    #[arg(long)]
+    pub mqtt: Option<String>,
     /// What inspections reuse between images: prefix, features or none.
     #[arg(long, default_value = "prefix")]
     pub reuse: String,
@@ -62,6 +67,12 @@ pub struct ServeArgs {
 
 pub fn serve(args: ServeArgs) -> Result<()> {
     let reuse = ReuseMode::parse(&args.reuse).map_err(Error::InvalidInput)?;
+    let mqtt = args
+        .mqtt
+        .as_deref()
+        .map(loupe_server::mqtt::Target::parse)
+        .transpose()
+        .map_err(Error::InvalidInput)?;
     if args.parallel == 0 || args.max_queue == 0 || args.max_tokens == 0 {
         return Err(Error::InvalidInput(
             "--parallel, --max-queue and --max-tokens must be at least 1".into(),
@@ -138,6 +149,7 @@ pub fn serve(args: ServeArgs) -> Result<()> {
         model_aliases: vec![model_arg],
         db,
         reuse,
+        mqtt,
     };
     loupe_server::serve(engine, specs, opts).map_err(Error::InvalidInput)
 }

@@ -10,6 +10,7 @@ pub mod error;
 mod images;
 mod inspect;
 pub mod metrics;
+pub mod mqtt;
 mod openai;
 mod worker;
 
@@ -17,6 +18,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -60,6 +62,8 @@ pub struct Options {
     /// The audit database; `None` keeps none.
     pub db: Option<PathBuf>,
     pub reuse: ReuseMode,
+    /// Where every verdict is published (through the audit database's outbox).
+    pub mqtt: Option<mqtt::Target>,
 }
 
 struct Inner {
@@ -312,6 +316,13 @@ pub fn serve(engine: Engine, specs: Vec<Spec>, opts: Options) -> Result<(), Stri
                 .map_err(|e| format!("--allow-path {}: {e}", p.display()))
         })
         .collect::<Result<Vec<_>, _>>()?;
+    if opts.mqtt.is_some() && opts.db.is_none() {
+        return Err(
+            "--mqtt needs the audit database (its outbox keeps the messages while the \
+                    broker is away): drop --no-audit"
+                .into(),
+        );
+    }
     let (audit, weights_sha256) = match &opts.db {
         Some(db) => {
             let mut a = AuditLog::open(db).map_err(|e| e.to_string())?;
@@ -324,6 +335,8 @@ pub fn serve(engine: Engine, specs: Vec<Spec>, opts: Options) -> Result<(), Stri
     };
     let engine = Arc::new(engine);
     let metrics = Arc::new(Metrics::new());
+    let metrics_for_mqtt = metrics.clone();
+    let waker = mqtt::Waker::default();
     let overlays = Arc::new(Overlays::default());
     let (jobs, queue) = mpsc::channel(opts.max_queue.max(1));
     let spec_infos = specs
@@ -344,6 +357,7 @@ pub fn serve(engine: Engine, specs: Vec<Spec>, opts: Options) -> Result<(), Stri
             .cloned()
             .unwrap_or_else(|| opts.model_name.clone()),
         parallel: opts.parallel.max(1),
+        mqtt: opts.mqtt.as_ref().map(|t| (t.topic.clone(), waker.clone())),
     };
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let worker = {
@@ -376,6 +390,18 @@ pub fn serve(engine: Engine, specs: Vec<Spec>, opts: Options) -> Result<(), Stri
         .thread_name("loupe-http")
         .build()
         .map_err(|e| format!("cannot start the HTTP runtime: {e}"))?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let publisher = match (&opts.mqtt, &opts.db) {
+        (Some(target), Some(db)) => Some(runtime.spawn(mqtt::publish(
+            target.clone(),
+            db.clone(),
+            waker,
+            stop_rx,
+            Duration::from_secs(5),
+            metrics_for_mqtt,
+        ))),
+        _ => None,
+    };
     let result = runtime.block_on(async move {
         let addr = format!("{}:{}", opts.host, opts.port);
         let listener = tokio::net::TcpListener::bind(&addr)
@@ -401,11 +427,15 @@ pub fn serve(engine: Engine, specs: Vec<Spec>, opts: Options) -> Result<(), Stri
             .map_err(|e| format!("server: {e}"))
     });
     // The router, and with it the queue's sender, is gone: the model thread finishes what it holds
-    // and returns.
+    // and returns; then the publisher sends what the last inspections queued (for a few seconds at
+    // most; the rest stays in the outbox for the next start).
+    let joined = worker.join();
+    let _ = stop_tx.send(true);
+    if let Some(p) = publisher {
+        let _ = runtime.block_on(p);
+    }
     drop(runtime);
-    worker
-        .join()
-        .map_err(|_| "the model thread panicked".to_string())?;
+    joined.map_err(|_| "the model thread panicked".to_string())?;
     eprintln!("loupe serve: stopped");
     result
 }

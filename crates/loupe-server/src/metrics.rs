@@ -30,6 +30,8 @@ pub struct Metrics {
     pub prefill_tokens_per_second: Histogram,
     pub decode_tokens_per_second: Histogram,
     pub inspections: Family<VerdictLabels, Counter>,
+    pub mqtt_published: Counter,
+    pub mqtt_connected: Gauge,
 }
 
 impl Default for Metrics {
@@ -97,7 +99,21 @@ impl Metrics {
             "Inspections by spec and verdict (pass, fail, error)",
             inspections.clone(),
         );
+        let mqtt_published = Counter::default();
+        registry.register(
+            "mqtt_published",
+            "Verdicts the MQTT broker acknowledged",
+            mqtt_published.clone(),
+        );
+        let mqtt_connected = Gauge::default();
+        registry.register(
+            "mqtt_connected",
+            "1 while connected to the MQTT broker",
+            mqtt_connected.clone(),
+        );
         Metrics {
+            mqtt_published,
+            mqtt_connected,
             registry,
             requests,
             queue_depth,

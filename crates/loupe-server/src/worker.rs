@@ -92,6 +92,8 @@ pub struct WorkerSetup {
     pub weights_sha256: Option<String>,
     pub model_id: String,
     pub parallel: usize,
+    /// The topic every verdict is queued for, and the publisher to wake.
+    pub mqtt: Option<(String, crate::mqtt::Waker)>,
 }
 
 /// Runs the model thread until the job queue closes and every running answer is done. Reports on
@@ -152,6 +154,7 @@ pub fn run(
                         &spec_name,
                         &classes,
                         audit.as_mut(),
+                        setup.mqtt.as_ref(),
                         &mut next_id,
                         &metrics,
                         &overlays,
@@ -269,6 +272,7 @@ fn inspect(
     spec_name: &str,
     classes: &[String],
     audit: Option<&mut AuditLog>,
+    mqtt: Option<&(String, crate::mqtt::Waker)>,
     next_id: &mut i64,
     metrics: &Metrics,
     overlays: &Overlays,
@@ -292,9 +296,19 @@ fn inspect(
         record.output_tokens,
     );
     // The row is written before the answer goes out: what a client was told is in the log.
-    let id = match audit {
-        Some(a) => match a.append(&record) {
-            Ok(id) => id,
+    // With MQTT, the message is queued in the same transaction as the row.
+    let appended = audit.map(|a| match mqtt {
+        Some((topic, _)) => a.append_and_queue(&record, topic),
+        None => a.append(&record),
+    });
+    let id = match appended {
+        Some(r) => match r {
+            Ok(id) => {
+                if let Some((_, waker)) = mqtt {
+                    waker.wake();
+                }
+                id
+            }
             Err(e) => {
                 let _ = j
                     .reply
