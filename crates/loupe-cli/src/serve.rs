@@ -28,9 +28,13 @@ pub struct ServeArgs {
     /// Read the API key from this file (first line).
     #[arg(long)]
     pub api_key_file: Option<PathBuf>,
-    /// Answers generated at once, their tokens interleaved.
+    /// Answers generated at once; each decode step runs them as one batch.
     #[arg(long, default_value_t = 4)]
     pub parallel: usize,
+    /// Run the decode steps of the answers one after the other instead of as one batch (for
+    /// measuring what batching gains).
+    #[arg(long)]
+    pub no_batch: bool,
     /// Requests that may wait for the model; more are answered 503 with Retry-After.
     #[arg(long, default_value_t = 64)]
     pub max_queue: usize,
@@ -141,6 +145,7 @@ pub fn serve(args: ServeArgs) -> Result<()> {
         port: args.port,
         api_key,
         parallel: args.parallel,
+        batch: !args.no_batch,
         max_queue: args.max_queue,
         allow_paths: args.allow_paths.clone(),
         max_body_bytes: args.max_body_bytes,

@@ -46,8 +46,10 @@ pub struct Options {
     pub port: u16,
     /// Required as `Authorization: Bearer KEY` on `/v1/*` and `/metrics` when set.
     pub api_key: Option<String>,
-    /// Answers generated at once (their tokens interleaved).
+    /// Answers generated at once.
     pub parallel: usize,
+    /// Their decode steps run as one batched forward (else one after the other).
+    pub batch: bool,
     /// Requests waiting for the model beyond the running ones; more get 503.
     pub max_queue: usize,
     /// Folders that `file://` image URLs may name.
@@ -357,6 +359,7 @@ pub fn serve(engine: Engine, specs: Vec<Spec>, opts: Options) -> Result<(), Stri
             .cloned()
             .unwrap_or_else(|| opts.model_name.clone()),
         parallel: opts.parallel.max(1),
+        batch: opts.batch,
         mqtt: opts.mqtt.as_ref().map(|t| (t.topic.clone(), waker.clone())),
     };
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();

@@ -92,6 +92,8 @@ pub struct WorkerSetup {
     pub weights_sha256: Option<String>,
     pub model_id: String,
     pub parallel: usize,
+    /// Run the decode steps of the running answers as one batch (else one after the other).
+    pub batch: bool,
     /// The topic every verdict is queued for, and the publisher to wake.
     pub mqtt: Option<(String, crate::mqtt::Waker)>,
 }
@@ -167,14 +169,28 @@ pub fn run(
                 }
             }
         }
-        // One token of each running answer.
+        // Answers whose client went away end here, before their next token.
         let mut i = 0;
         while i < running.len() {
-            if running[i].step(&metrics) {
-                i += 1;
+            if running[i].events.is_closed() {
+                metrics.cancelled.inc();
+                running[i].dropped = true;
+                running.swap_remove(i).end(&metrics);
             } else {
-                let r = running.swap_remove(i);
-                r.end(&metrics);
+                i += 1;
+            }
+        }
+        // One token of each running answer: one batched forward, or one forward each.
+        let results = if setup.batch {
+            let mut seqs: Vec<&mut Sequence> = running.iter_mut().map(|r| &mut r.seq).collect();
+            Sequence::step_batch(&mut seqs)
+        } else {
+            running.iter_mut().map(|r| r.seq.step()).collect()
+        };
+        // From the back, so that swap_remove moves only answers already handled.
+        for (i, result) in results.into_iter().enumerate().rev() {
+            if !running[i].stepped(result, &metrics) {
+                running.swap_remove(i).end(&metrics);
             }
         }
     }
@@ -213,14 +229,9 @@ fn start<'e>(engine: &'e Engine, j: ChatJob, metrics: &Metrics) -> Option<Runnin
 }
 
 impl Running<'_> {
-    /// One token; `false` once the answer is over (finished, failed or abandoned).
-    fn step(&mut self, metrics: &Metrics) -> bool {
-        if self.events.is_closed() {
-            metrics.cancelled.inc();
-            self.dropped = true;
-            return false;
-        }
-        match self.seq.step() {
+    /// Sends what one step gave; `false` once the answer is over (finished or failed).
+    fn stepped(&mut self, result: loupe_core::Result<String>, metrics: &Metrics) -> bool {
+        match result {
             Ok(piece) => {
                 if !self.first_token {
                     self.first_token = true;

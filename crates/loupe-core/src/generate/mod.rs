@@ -232,8 +232,86 @@ impl<'a> Sequence<'a> {
     /// Samples the next token, and unless it ends the answer runs the model on it. Returns the text
     /// this token completed (often empty mid-character or while a stop string may be starting).
     pub fn step(&mut self) -> Result<String> {
+        let (piece, next) = self.sample()?;
+        if let Some(token) = next {
+            let logits = self
+                .model
+                .forward_decode(&[token], &mut [self.cache.get()])?;
+            self.logits = last_row(&logits)?;
+        }
+        Ok(piece)
+    }
+
+    /// [`Sequence::step`] of several answers of one model, their model steps run as one batch
+    /// ([`VisionLanguageModel::forward_decode`]): the same tokens as stepping each alone, the
+    /// weights read once for all. One result per answer, in order; an answer whose sampling fails
+    /// gets its error and the others go on.
+    pub fn step_batch(seqs: &mut [&mut Sequence<'a>]) -> Vec<Result<String>> {
+        let mut results = Vec::with_capacity(seqs.len());
+        let mut going = Vec::new();
+        let mut tokens = Vec::new();
+        for (i, seq) in seqs.iter_mut().enumerate() {
+            match seq.sample() {
+                Ok((piece, next)) => {
+                    results.push(Ok(piece));
+                    if let Some(t) = next {
+                        going.push(i);
+                        tokens.push(t);
+                    }
+                }
+                Err(e) => results.push(Err(e)),
+            }
+        }
+        let Some(&first) = going.first() else {
+            return results;
+        };
+        let model = seqs[first].model;
+        if going
+            .iter()
+            .any(|&i| !std::ptr::addr_eq(seqs[i].model, model))
+        {
+            for &i in &going {
+                results[i] = Err(Error::InvalidInput(
+                    "a decode batch mixes answers of different models".into(),
+                ));
+            }
+            return results;
+        }
+        let mut caches: Vec<&mut KvCache> = seqs
+            .iter_mut()
+            .enumerate()
+            .filter(|(i, _)| going.binary_search(i).is_ok())
+            .map(|(_, seq)| seq.cache.get())
+            .collect();
+        let rows = model
+            .forward_decode(&tokens, &mut caches)
+            .and_then(|logits| {
+                (0..going.len())
+                    .map(|r| Ok(logits.get(r)?.to_vec1::<f32>()?))
+                    .collect::<Result<Vec<_>>>()
+            });
+        drop(caches);
+        match rows {
+            Ok(rows) => {
+                for (&i, row) in going.iter().zip(rows) {
+                    seqs[i].logits = row;
+                }
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                for &i in &going {
+                    results[i] = Err(Error::InvalidInput(msg.clone()));
+                }
+            }
+        }
+        results
+    }
+
+    /// Samples the next token and settles whether the answer ends; returns the text it completed
+    /// and, when the answer goes on, the token the model must run on next.
+    fn sample(&mut self) -> Result<(String, Option<u32>)> {
         if self.finish.is_some() {
-            return Ok(String::new());
+            return Ok((String::new(), None));
         }
         let logits = &mut self.logits;
         if let Some(c) = self.constraint.as_mut() {
@@ -245,7 +323,7 @@ impl<'a> Sequence<'a> {
         self.history.push(next);
         if self.eos_token_ids.contains(&next) {
             self.finish = Some(FinishReason::Stop);
-            return Ok(String::new());
+            return Ok((String::new(), None));
         }
         if let Some(c) = self.constraint.as_mut() {
             c.commit(next)?;
@@ -261,12 +339,9 @@ impl<'a> Sequence<'a> {
         } else if self.tokens.len() >= self.max_tokens {
             self.finish = Some(FinishReason::Length);
         } else {
-            let cache = self.cache.get();
-            let pos = cache.len() as i64 + cache.rope_delta;
-            let embeds = self.model.embed(&[next], None)?;
-            self.logits = last_row(&self.model.forward(&embeds, &[[pos; 3]], cache, false)?)?;
+            return Ok((piece, Some(next)));
         }
-        Ok(piece)
+        Ok((piece, None))
     }
 
     /// The whole answer; `on_text` gets the text still held back (a partial stop string that never

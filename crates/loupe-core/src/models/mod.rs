@@ -61,6 +61,18 @@ pub trait VisionLanguageModel: Send + Sync {
         cache: &mut KvCache,
         all_logits: bool,
     ) -> Result<Tensor>;
+    /// One decode step of several answers: `tokens[i]` continues `caches[i]`; f32 logits
+    /// `(answers, vocab)`. By default one answer after the other; a decoder that can runs them as
+    /// one batch, reading its weights once for all.
+    fn forward_decode(&self, tokens: &[u32], caches: &mut [&mut KvCache]) -> Result<Tensor> {
+        let mut rows = Vec::with_capacity(tokens.len());
+        for (&token, cache) in tokens.iter().zip(caches.iter_mut()) {
+            let pos = cache.len() as i64 + cache.rope_delta;
+            let embeds = self.embed(&[token], None)?;
+            rows.push(self.forward(&embeds, &[[pos; 3]], cache, false)?);
+        }
+        Ok(Tensor::cat(&rows, 0)?)
+    }
     fn new_cache(&self) -> KvCache;
     /// Token ids of the image placeholder and the vision start marker.
     fn image_token_id(&self) -> u32;
@@ -129,6 +141,9 @@ impl VisionLanguageModel for qwen2_vl::Qwen2Vl {
         all_logits: bool,
     ) -> Result<Tensor> {
         qwen2_vl::Qwen2Vl::forward(self, embeds, positions, cache, all_logits)
+    }
+    fn forward_decode(&self, tokens: &[u32], caches: &mut [&mut KvCache]) -> Result<Tensor> {
+        qwen2_vl::Qwen2Vl::forward_decode(self, tokens, caches)
     }
     fn new_cache(&self) -> KvCache {
         qwen2_vl::Qwen2Vl::new_cache(self)

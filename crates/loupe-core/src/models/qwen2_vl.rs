@@ -384,6 +384,40 @@ impl Qwen2Vl {
         cache: &mut KvCache,
         all_logits: bool,
     ) -> Result<Tensor> {
+        self.run(embeds, positions, &mut [cache], all_logits)
+    }
+
+    /// One decode step of several answers at once: `tokens[i]` continues `caches[i]`. The
+    /// projections and the MLP run on all the rows together (the weights are read once for them);
+    /// attention runs per answer against its own cache. Returns f32 logits `(answers, vocab)`.
+    pub fn forward_decode(&self, tokens: &[u32], caches: &mut [&mut KvCache]) -> Result<Tensor> {
+        if tokens.len() != caches.len() || tokens.is_empty() {
+            return Err(Error::InvalidInput(format!(
+                "a decode batch of {} tokens for {} caches",
+                tokens.len(),
+                caches.len()
+            )));
+        }
+        let positions: Vec<[i64; 3]> = caches
+            .iter()
+            .map(|c| [c.len() as i64 + c.rope_delta; 3])
+            .collect();
+        let embeds = self.embed(tokens, None)?;
+        if caches.len() == 1 {
+            return self.run(&embeds, &positions, caches, false);
+        }
+        self.run(&embeds, &positions, caches, true)
+    }
+
+    /// The decoder over `embeds`: with one cache, all rows are one sequence continuing it; with
+    /// several, row `i` is one token of the sequence in `caches[i]`.
+    fn run(
+        &self,
+        embeds: &Tensor,
+        positions: &[[i64; 3]],
+        caches: &mut [&mut KvCache],
+        all_logits: bool,
+    ) -> Result<Tensor> {
         let t = &self.cfg.text;
         let (b, seq, width) = embeds.dims3()?;
         let hd = t.head_dim();
@@ -394,7 +428,13 @@ impl Qwen2Vl {
         let dim = t.hidden_size;
         let deepstack = width / dim - 1;
         let mut x = embeds.narrow(2, 0, dim)?;
-        for (i, (layer, kv)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate() {
+        if caches.len() != 1 && caches.len() != seq {
+            return Err(Error::InvalidInput(format!(
+                "{} caches for {seq} rows: one, or one per row",
+                caches.len()
+            )));
+        }
+        for (i, layer) in self.layers.iter().enumerate() {
             let h = layer.input_layernorm.forward(&x)?;
             let qkv = Linear::forward_many(&[&layer.q_proj, &layer.k_proj, &layer.v_proj], &h)?;
             let heads = |y: &Tensor, n: usize, norm: Option<&RmsNorm>| -> Result<Tensor> {
@@ -409,8 +449,22 @@ impl Qwen2Vl {
             let q = rope(&heads(&qkv[0], t.num_attention_heads, q_norm)?, &cos, &sin)?;
             let k = rope(&heads(&qkv[1], t.num_key_value_heads, k_norm)?, &cos, &sin)?;
             let v = heads(&qkv[2], t.num_key_value_heads, None)?;
-            let (k, v) = kv.append(&k, &v)?;
-            let attn = attention(&q, &k, &v, scale, true)?
+            let attn = match caches {
+                [cache] => {
+                    let (k, v) = cache.layers[i].append(&k, &v)?;
+                    attention(&q, &k, &v, scale, true)?
+                }
+                _ => {
+                    let mut rows = Vec::with_capacity(seq);
+                    for (r, cache) in caches.iter_mut().enumerate() {
+                        let one = |x: &Tensor| x.narrow(2, r, 1)?.contiguous();
+                        let (k, v) = cache.layers[i].append(&one(&k)?, &one(&v)?)?;
+                        rows.push(attention(&one(&q)?, &k, &v, scale, true)?);
+                    }
+                    Tensor::cat(&rows, 2)?
+                }
+            };
+            let attn = attn
                 .transpose(1, 2)?
                 .reshape((b, seq, t.num_attention_heads * hd))?;
             x = layer.o_proj.forward_then(&attn, None, Some(&x))?;
