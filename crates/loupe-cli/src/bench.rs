@@ -20,6 +20,10 @@ pub struct BenchArgs {
     /// Square image sizes to encode, in pixels (give the flag with no value to skip images).
     #[arg(long, value_delimiter = ',', num_args = 0.., default_value = "448,896")]
     pub image_sizes: Vec<usize>,
+    /// Also decode this many answers at once, as `loupe serve` batches them (e.g. `2,4,16`): each
+    /// continues a copy of the prefill's cache; reports all answers' tokens per second.
+    #[arg(long, value_delimiter = ',', num_args = 0..)]
+    pub batch_sizes: Vec<usize>,
     /// Repetitions of each measurement (the best is reported).
     #[arg(long, default_value_t = 1)]
     pub repeat: usize,
@@ -110,6 +114,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     })?;
 
     // Decode: one token at a time after the prefill, the greedy token fed back (EOS ignored).
+    let prefilled = (!args.batch_sizes.is_empty()).then(|| cache.clone());
     let mut next = ids[ids.len() - 1];
     let t = Instant::now();
     for _ in 0..args.decode_tokens {
@@ -122,6 +127,36 @@ pub fn bench(args: BenchArgs) -> Result<()> {
             .to_vec1::<u32>()?[0];
     }
     let decode_ms = t.elapsed().as_secs_f64() * 1e3;
+
+    // Batched decode: n answers, each on its own copy of the prefilled cache, one forward per step.
+    let mut batched = serde_json::Map::new();
+    for (&n, prefilled) in args
+        .batch_sizes
+        .iter()
+        .zip(std::iter::repeat(&prefilled).flatten())
+    {
+        if n == 0 || n > 256 {
+            return Err(Error::InvalidInput(format!(
+                "--batch-sizes: {n} is not between 1 and 256"
+            )));
+        }
+        let mut caches: Vec<_> = (0..n).map(|_| prefilled.clone()).collect();
+        let mut tokens: Vec<u32> = (0..n).map(|i| ids[i % ids.len()]).collect();
+        let t = Instant::now();
+        for _ in 0..args.decode_tokens {
+            let mut refs: Vec<_> = caches.iter_mut().collect();
+            let logits = model.forward_decode(&tokens, &mut refs)?;
+            tokens = logits.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?;
+        }
+        let ms = t.elapsed().as_secs_f64() * 1e3;
+        batched.insert(
+            format!("{n}"),
+            serde_json::json!({
+                "ms_per_step": ms / args.decode_tokens as f64,
+                "tok_s": (n * args.decode_tokens) as f64 / (ms / 1e3),
+            }),
+        );
+    }
 
     let out = serde_json::json!({
         "model": engine.files.dir.display().to_string(),
@@ -136,6 +171,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         "decode_tokens": args.decode_tokens,
         "decode_ms": decode_ms,
         "decode_tok_s": args.decode_tokens as f64 / (decode_ms / 1e3),
+        "batched_decode": batched,
         "peak_rss_bytes": peak_rss_bytes(),
     });
     println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());

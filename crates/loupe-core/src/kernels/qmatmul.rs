@@ -150,6 +150,20 @@ impl<'a> QRows<'a> {
         }
     }
 
+    /// [`Self::dot`] of row `row` with each of `R` activation rows, equal to `R` calls of it bit for
+    /// bit; on the SIMD path a Q4_K row is unpacked once for all of them.
+    pub fn dot_rows<const R: usize>(&self, isa: Isa, row: usize, ys: [&[BlockQ8K]; R]) -> [f32; R] {
+        match (self.format, isa) {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as in `dot`.
+            (Format::Q4K, Isa::Avx2) => unsafe { avx2::dot_q4k_rows(self.blocks(row), ys) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `Isa::Avx512` is only handed out when the CPU has AVX-512 F, BW, VL and VNNI.
+            (Format::Q4K, Isa::Avx512) => unsafe { avx512::dot_q4k_rows(self.blocks(row), ys) },
+            _ => ys.map(|y| self.dot(isa, row, y)),
+        }
+    }
+
     /// Row `row` expanded to f32 (for tests and embedding lookups).
     pub fn dequantize_row(&self, row: usize, out: &mut [f32]) {
         match self.format {
@@ -265,10 +279,26 @@ pub fn matvec(isa: Isa, ws: &[QRows], x: &[f32], m: usize) -> Vec<Vec<f32>> {
             let r0 = (unit - starts[i]) * ROW_BLOCK;
             let out = ptrs[i] as *mut f32;
             for row in r0..(r0 + ROW_BLOCK).min(w.rows) {
-                for (r, y) in yq.iter().enumerate() {
-                    let v = w.dot(isa, row, y);
-                    // SAFETY: every (matrix, r, row) is written by exactly one unit, inside `outs`.
-                    unsafe { *out.add(r * w.rows + row) = v };
+                // Up to 4 activation rows per pass over the weight row (batched decode).
+                for (ci, ys) in yq.chunks(4).enumerate() {
+                    let mut vals = [0f32; 4];
+                    match ys {
+                        [a, b, c, d] => vals = w.dot_rows(isa, row, [a, b, c, d].map(|y| &y[..])),
+                        [a, b, c] => vals[..3].copy_from_slice(&w.dot_rows(
+                            isa,
+                            row,
+                            [a, b, c].map(|y| &y[..]),
+                        )),
+                        [a, b] => {
+                            vals[..2].copy_from_slice(&w.dot_rows(isa, row, [a, b].map(|y| &y[..])))
+                        }
+                        [a] => vals[0] = w.dot(isa, row, a),
+                        _ => unreachable!("chunks of 1 to 4"),
+                    }
+                    for (k, v) in vals.into_iter().take(ys.len()).enumerate() {
+                        // SAFETY: every (matrix, r, row) is written by exactly one unit, inside `outs`.
+                        unsafe { *out.add((4 * ci + k) * w.rows + row) = v };
+                    }
                 }
             }
         }
@@ -1220,10 +1250,10 @@ mod avx2 {
     use crate::kernels::x86::{hsum128, hsum256};
 
     /// How far ahead of the block being read the weights are prefetched, in bytes.
-    const PREFETCH: usize = 2048;
+    pub(super) const PREFETCH: usize = 2048;
 
     #[inline(always)]
-    unsafe fn h(bits: u16) -> f32 {
+    pub(super) unsafe fn h(bits: u16) -> f32 {
         _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
     }
 
@@ -1293,7 +1323,7 @@ mod avx2 {
     /// The 8 scales and 8 mins of a Q4_K block as bytes: `[scales 0..8, mins 0..8]` (the 6-bit
     /// fields of `scale_min_q4k`, unpacked four at a time in 32-bit words).
     #[inline(always)]
-    fn scales_mins_q4k(scales: &[u8; 12]) -> [u32; 4] {
+    pub(super) fn scales_mins_q4k(scales: &[u8; 12]) -> [u32; 4] {
         let w =
             |i: usize| u32::from_le_bytes([scales[i], scales[i + 1], scales[i + 2], scales[i + 3]]);
         let (w0, w1, w2) = (w(0), w(4), w(8));
@@ -1362,6 +1392,66 @@ mod avx2 {
         hsum256(acc) - hsum128(acc_min)
     }
 
+    /// [`dot_q4k`] of one weight row with `R` activation rows at once: each block's scales and
+    /// nibbles are unpacked once for all of them (batched decode). Per row the same integer and
+    /// float operations in the same order as [`dot_q4k`], so the results are bit for bit its own.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_q4k_rows<const R: usize>(x: &[BlockQ4K], ys: [&[BlockQ8K]; R]) -> [f32; R] {
+        let m4 = _mm256_set1_epi8(0x0F);
+        let spread: [__m256i; 8] = std::array::from_fn(|k| {
+            let lo = (2 * k) as i8;
+            _mm256_set1_epi16(i16::from_le_bytes([lo as u8, (lo + 1) as u8]))
+        });
+        let mut acc = [_mm256_setzero_ps(); R];
+        let mut acc_min = [_mm_setzero_ps(); R];
+        for (i, b) in x.iter().enumerate() {
+            let ahead = (b as *const BlockQ4K as *const i8).wrapping_add(PREFETCH);
+            _mm_prefetch::<_MM_HINT_T0>(ahead);
+            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64));
+            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(128));
+            let sm = scales_mins_q4k(&b.scales);
+            let sm = _mm_set_epi32(sm[3] as i32, sm[2] as i32, sm[1] as i32, sm[0] as i32);
+            let scales = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(sm));
+            let mins = _mm_cvtepu8_epi16(_mm_unpackhi_epi64(sm, sm));
+            let (d, dmin) = (h(b.d), h(b.dmin));
+            for r in 0..R {
+                let a = &ys[r][i];
+                let bsums = _mm256_loadu_si256(a.bsums.as_ptr() as *const __m256i);
+                let pairs = _mm_hadd_epi16(
+                    _mm256_castsi256_si128(bsums),
+                    _mm256_extracti128_si256(bsums, 1),
+                );
+                acc_min[r] = _mm_fmadd_ps(
+                    _mm_set1_ps(a.d * dmin),
+                    _mm_cvtepi32_ps(_mm_madd_epi16(mins, pairs)),
+                    acc_min[r],
+                );
+            }
+            let mut sumi = [_mm256_setzero_si256(); R];
+            for j in 0..4 {
+                let q = load(b.qs.as_ptr().add(32 * j));
+                let lo = _mm256_and_si256(q, m4);
+                let hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
+                let s_lo = _mm256_shuffle_epi8(scales, spread[2 * j]);
+                let s_hi = _mm256_shuffle_epi8(scales, spread[2 * j + 1]);
+                for r in 0..R {
+                    let a = &ys[r][i];
+                    let ylo = load(a.qs.as_ptr().add(64 * j) as *const u8);
+                    let yhi = load(a.qs.as_ptr().add(64 * j + 32) as *const u8);
+                    let plo = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, ylo), s_lo);
+                    let phi = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, yhi), s_hi);
+                    sumi[r] = _mm256_add_epi32(sumi[r], _mm256_add_epi32(plo, phi));
+                }
+            }
+            for r in 0..R {
+                let a = &ys[r][i];
+                acc[r] =
+                    _mm256_fmadd_ps(_mm256_set1_ps(a.d * d), _mm256_cvtepi32_ps(sumi[r]), acc[r]);
+            }
+        }
+        std::array::from_fn(|r| hsum256(acc[r]) - hsum128(acc_min[r]))
+    }
+
     /// Per half block (128 values): the four 32-value groups rebuilt from `ql` nibbles and `qh`
     /// bit pairs as unsigned codes 0..64; the offset of 32 is taken out once per block as
     /// 32 · Σ scale·(sum of 16 activations), since sub-block `g` of the scales covers exactly the
@@ -1427,6 +1517,77 @@ mod avx2 {
             );
         }
         hsum256(acc)
+    }
+}
+
+/// The AVX-512 (VNNI) matrix-vector kernel: 64 values per instruction instead of 32.
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use core::arch::x86_64::*;
+
+    use super::avx2::{h, scales_mins_q4k, PREFETCH};
+    use super::{BlockQ4K, BlockQ8K};
+    use crate::kernels::x86::{hsum128, hsum256};
+
+    /// [`super::avx2::dot_q4k_rows`] on 512-bit registers: per 64 values of a row one `maddubs`
+    /// (both sub-blocks' nibbles against their 64 activations) and one `vpdpwssd` (times each
+    /// sub-block's scale, summed into 32 bits). The two halves of the 32-bit sums added at the end of
+    /// a block are exactly the AVX2 kernel's integer sums (integer adds in any order), and the float
+    /// operations after them are the same, so every path gives the same bits.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+    pub unsafe fn dot_q4k_rows<const R: usize>(x: &[BlockQ4K], ys: [&[BlockQ8K]; R]) -> [f32; R] {
+        let m4 = _mm512_set1_epi8(0x0F);
+        let mut acc = [_mm256_setzero_ps(); R];
+        let mut acc_min = [_mm_setzero_ps(); R];
+        for (i, b) in x.iter().enumerate() {
+            let ahead = (b as *const BlockQ4K as *const i8).wrapping_add(PREFETCH);
+            _mm_prefetch::<_MM_HINT_T0>(ahead);
+            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64));
+            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(128));
+            let sm = scales_mins_q4k(&b.scales);
+            let sc: [u8; 8] = std::array::from_fn(|k| (sm[k / 4] >> (8 * (k % 4))) as u8);
+            let sm = _mm_set_epi32(sm[3] as i32, sm[2] as i32, sm[1] as i32, sm[0] as i32);
+            let mins = _mm_cvtepu8_epi16(_mm_unpackhi_epi64(sm, sm));
+            let (d, dmin) = (h(b.d), h(b.dmin));
+            for r in 0..R {
+                let a = &ys[r][i];
+                let bsums = _mm256_loadu_si256(a.bsums.as_ptr() as *const __m256i);
+                let pairs = _mm_hadd_epi16(
+                    _mm256_castsi256_si128(bsums),
+                    _mm256_extracti128_si256(bsums, 1),
+                );
+                acc_min[r] = _mm_fmadd_ps(
+                    _mm_set1_ps(a.d * dmin),
+                    _mm_cvtepi32_ps(_mm_madd_epi16(mins, pairs)),
+                    acc_min[r],
+                );
+            }
+            let mut sumi = [_mm512_setzero_si512(); R];
+            for j in 0..4 {
+                // Low nibbles (sub-block 2j) in the low half, high nibbles (2j + 1) in the high half:
+                // the order of the activations' 64 codes from 64j on.
+                let q = _mm256_loadu_si256(b.qs.as_ptr().add(32 * j) as *const __m256i);
+                let q = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(q), _mm256_srli_epi16(q, 4));
+                let w = _mm512_and_si512(q, m4);
+                let s = _mm512_inserti64x4::<1>(
+                    _mm512_set1_epi16(sc[2 * j] as i16),
+                    _mm256_set1_epi16(sc[2 * j + 1] as i16),
+                );
+                for r in 0..R {
+                    let y = _mm512_loadu_si512(ys[r][i].qs.as_ptr().add(64 * j) as *const __m512i);
+                    sumi[r] = _mm512_dpwssd_epi32(sumi[r], _mm512_maddubs_epi16(w, y), s);
+                }
+            }
+            for r in 0..R {
+                let a = &ys[r][i];
+                let v = _mm256_add_epi32(
+                    _mm512_castsi512_si256(sumi[r]),
+                    _mm512_extracti64x4_epi64::<1>(sumi[r]),
+                );
+                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(a.d * d), _mm256_cvtepi32_ps(v), acc[r]);
+            }
+        }
+        std::array::from_fn(|r| hsum256(acc[r]) - hsum128(acc_min[r]))
     }
 }
 
@@ -1526,6 +1687,42 @@ mod tests {
                         "{dtype:?} {isa:?} vs scalar at {i}: {g} vs {}",
                         scalar[i]
                     );
+                }
+            }
+        }
+    }
+
+    /// Batched decode must not change a token: `m` activation rows in one call give, bit for bit,
+    /// what each row gives alone, on every path (the SIMD path unpacks a Q4_K row once for 4 rows).
+    #[test]
+    fn matvec_rows_together_equal_rows_alone() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        for dtype in [GgmlDType::Q4K, GgmlDType::Q6K] {
+            let (rows, cols) = (23, 3 * QK_K);
+            let w = random(&mut rng, rows * cols, 0.5);
+            let (_, bytes) = quantized(&w, rows, cols, dtype);
+            let mat = QRows::new(format(dtype), rows, cols, &bytes).unwrap();
+            for m in 1..=9 {
+                let x = random(&mut rng, m * cols, 3.0);
+                let mut simd: Option<Vec<f32>> = None;
+                for isa in Isa::available() {
+                    let together = matvec(isa, &[mat], &x, m).remove(0);
+                    // The AVX2 and AVX-512 kernels compute the same integers and the same float
+                    // steps: one CPU kind gives the tokens the other does.
+                    if isa.avx2() {
+                        match &simd {
+                            Some(first) => assert_eq!(first, &together, "{dtype:?} {isa:?} m={m}"),
+                            None => simd = Some(together.clone()),
+                        }
+                    }
+                    for r in 0..m {
+                        let alone = matvec(isa, &[mat], &x[r * cols..(r + 1) * cols], 1).remove(0);
+                        assert_eq!(
+                            &together[r * rows..(r + 1) * rows],
+                            &alone[..],
+                            "{dtype:?} {isa:?} m={m} row {r}"
+                        );
+                    }
                 }
             }
         }
