@@ -19,6 +19,7 @@ print("|---|---|---|---|---|---|")
 what = {
     "config": "config.json / preprocessor / generation config of every family",
     "gguf": "GGUF header walk, candle's parser, metadata to config, tokenizer, template",
+    "http": "loupe serve's request bodies (chat JSON, inspection JSON and multipart, history query) through the router and model thread",
     "image": "image decode (header bound first), resize, normalize, patchify",
     "json_schema": "a --json-schema compiled to a token constraint (llguidance)",
     "safetensors": "safetensors header, offsets, every tensor read",

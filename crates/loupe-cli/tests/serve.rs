@@ -496,3 +496,79 @@ fn inspect_api_matches_loupe_inspect_and_keeps_every_audit_row() {
     assert_eq!(h.code, 0, "{}", h.stderr);
     assert_eq!(h.stdout.lines().count(), samples.len(), "{}", h.stdout);
 }
+
+/// 24 clients at once for a few seconds, chats and inspections mixed, more than the slots and the
+/// queue hold (tools/load_test.py, standard library only): every answer is a 200 or a 503, none is
+/// broken, every accepted inspection is in the audit log, and afterwards no slot is left taken.
+#[test]
+fn many_clients_at_once_get_answers_or_503_and_lose_no_audit_row() {
+    let python = std::env::var_os("LOUPE_PYTHON").unwrap_or_else(|| "python3".into());
+    if Command::new(&python).arg("-V").output().is_err() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI needs python3 for the load test"
+        );
+        eprintln!("skipped: no python3 for tools/load_test.py");
+        return;
+    }
+    let demo = root().join("models/loupe-parts-demo");
+    let tmp = tempfile::tempdir().unwrap();
+    let db = tmp.path().join("audit.sqlite");
+    let srv = Server::start(&[
+        "--spec",
+        s(&demo.join("spec.toml")),
+        "--db",
+        s(&db),
+        "--parallel",
+        "4",
+        "--max-queue",
+        "8",
+    ]);
+    let summary = tmp.path().join("load.json");
+    let out = Command::new(&python)
+        .arg(root().join("tools/load_test.py"))
+        .args(["--url", &srv.url(""), "--image"])
+        .arg(demo.join("samples/test/crack/000.png"))
+        .args(["--clients", "24", "--seconds", "4", "--mix", "0.5"])
+        .args(["--max-tokens", "8", "--pid", &srv.pid().to_string()])
+        .arg("--json")
+        .arg(&summary)
+        .output()
+        .unwrap();
+    let report: Value = serde_json::from_slice(&std::fs::read(&summary).unwrap()).unwrap();
+    assert!(
+        out.status.success(),
+        "{report:#}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let count = |k: &str| report["statuses"][k].as_u64().unwrap_or(0);
+    assert!(
+        count("chat 200") > 0 && count("inspect 200") > 0,
+        "{report:#}"
+    );
+    for (k, _) in report["statuses"].as_object().unwrap() {
+        assert!(k.ends_with(" 200") || k.ends_with(" 503"), "{report:#}");
+    }
+    assert_eq!(report["audit_rows_missing"], 0, "{report:#}");
+    assert_eq!(
+        report["audit_rows_checked"].as_u64(),
+        Some(count("inspect 200")),
+        "{report:#}"
+    );
+    // The last answers' slots free just after their final bytes: give the model thread a moment.
+    let idle = |m: &str| {
+        ["loupe_queue_depth 0", "loupe_running_requests 0"]
+            .iter()
+            .all(|g| m.lines().any(|l| l == *g))
+    };
+    let mut metrics = String::new();
+    for _ in 0..50 {
+        let (_, m, _) = srv.call("GET", "/metrics", &[], None);
+        metrics = m.as_str().unwrap().to_owned();
+        if idle(&metrics) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(idle(&metrics), "slots left taken after the load: {metrics}");
+}

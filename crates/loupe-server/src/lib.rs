@@ -307,9 +307,34 @@ fn router(state: AppState, max_body_bytes: usize) -> Router {
         .with_state(state)
 }
 
-/// Serves `engine` until SIGINT or SIGTERM; then stops taking connections, lets running requests
-/// finish, and returns once the model thread has written its last audit row.
-pub fn serve(engine: Engine, specs: Vec<Spec>, opts: Options) -> Result<(), String> {
+/// A server without a socket: the router over the loaded model and the model thread behind it.
+/// `serve` binds it to an address; tests and the fuzz target call the router in-process.
+pub struct App {
+    router: Router,
+    worker: std::thread::JoinHandle<()>,
+    waker: mqtt::Waker,
+    metrics: Arc<Metrics>,
+}
+
+impl App {
+    /// The routes, ready for `tower::ServiceExt::oneshot` or `axum::serve`.
+    pub fn router(&self) -> Router {
+        self.router.clone()
+    }
+
+    /// Drops the router (once no clone of it is left, the model thread finishes what it holds and
+    /// returns) and waits for the model thread.
+    pub fn finish(self) -> Result<(), String> {
+        drop(self.router);
+        self.worker
+            .join()
+            .map_err(|_| "the model thread panicked".to_string())
+    }
+}
+
+/// Loads what `serve` needs besides the socket: the audit log, the model thread (returns once it is
+/// ready) and the router.
+pub fn app(engine: Engine, specs: Vec<Spec>, opts: &Options) -> Result<App, String> {
     let allow_paths = opts
         .allow_paths
         .iter()
@@ -337,7 +362,6 @@ pub fn serve(engine: Engine, specs: Vec<Spec>, opts: Options) -> Result<(), Stri
     };
     let engine = Arc::new(engine);
     let metrics = Arc::new(Metrics::new());
-    let metrics_for_mqtt = metrics.clone();
     let waker = mqtt::Waker::default();
     let overlays = Arc::new(Overlays::default());
     let (jobs, queue) = mpsc::channel(opts.max_queue.max(1));
@@ -374,6 +398,7 @@ pub fn serve(engine: Engine, specs: Vec<Spec>, opts: Options) -> Result<(), Stri
         .recv()
         .map_err(|_| "the model thread stopped while starting".to_string())??;
 
+    let metrics_for_app = metrics.clone();
     let state = AppState(Arc::new(Inner {
         engine,
         model_name: opts.model_name.clone(),
@@ -388,6 +413,19 @@ pub fn serve(engine: Engine, specs: Vec<Spec>, opts: Options) -> Result<(), Stri
         db: opts.db.clone(),
         ids: AtomicU64::new(0),
     }));
+    Ok(App {
+        router: router(state, opts.max_body_bytes),
+        worker,
+        waker,
+        metrics: metrics_for_app,
+    })
+}
+
+/// Serves `engine` until SIGINT or SIGTERM; then stops taking connections, lets running requests
+/// finish, and returns once the model thread has written its last audit row.
+pub fn serve(engine: Engine, specs: Vec<Spec>, opts: Options) -> Result<(), String> {
+    let n_specs = specs.len();
+    let app = app(engine, specs, &opts)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("loupe-http")
@@ -398,13 +436,14 @@ pub fn serve(engine: Engine, specs: Vec<Spec>, opts: Options) -> Result<(), Stri
         (Some(target), Some(db)) => Some(runtime.spawn(mqtt::publish(
             target.clone(),
             db.clone(),
-            waker,
+            app.waker.clone(),
             stop_rx,
             Duration::from_secs(5),
-            metrics_for_mqtt,
+            app.metrics.clone(),
         ))),
         _ => None,
     };
+    let routes = app.router();
     let result = runtime.block_on(async move {
         let addr = format!("{}:{}", opts.host, opts.port);
         let listener = tokio::net::TcpListener::bind(&addr)
@@ -421,10 +460,10 @@ pub fn serve(engine: Engine, specs: Vec<Spec>, opts: Options) -> Result<(), Stri
         eprintln!(
             "loupe serve: listening on http://{local} (model {}, {} spec{})",
             opts.model_name,
-            state.specs.len(),
-            if state.specs.len() == 1 { "" } else { "s" }
+            n_specs,
+            if n_specs == 1 { "" } else { "s" }
         );
-        axum::serve(listener, router(state, opts.max_body_bytes))
+        axum::serve(listener, routes)
             .with_graceful_shutdown(shutdown_signal())
             .await
             .map_err(|e| format!("server: {e}"))
@@ -432,13 +471,13 @@ pub fn serve(engine: Engine, specs: Vec<Spec>, opts: Options) -> Result<(), Stri
     // The router, and with it the queue's sender, is gone: the model thread finishes what it holds
     // and returns; then the publisher sends what the last inspections queued (for a few seconds at
     // most; the rest stays in the outbox for the next start).
-    let joined = worker.join();
+    let joined = app.finish();
     let _ = stop_tx.send(true);
     if let Some(p) = publisher {
         let _ = runtime.block_on(p);
     }
     drop(runtime);
-    joined.map_err(|_| "the model thread panicked".to_string())?;
+    joined?;
     eprintln!("loupe serve: stopped");
     result
 }
