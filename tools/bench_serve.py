@@ -1,10 +1,17 @@
 #!/usr/bin/env python3
-"""Serving throughput, batched against --no-batch: starts `loupe serve` once per mode, drives it with
-tools/load_test.py at each client count (streamed text chats, greedy, --max-tokens each) and prints
-the Markdown rows for docs/benchmarks.md (CPU named).
+"""Serving benchmarks for docs/benchmarks.md (CPU named), one of two:
+
+Throughput, batched against --no-batch: starts `loupe serve` once per mode, drives it with
+tools/load_test.py at each client count (streamed text chats, greedy, --max-tokens each):
 
     python3 tools/bench_serve.py --loupe target/release/loupe --model bench-models/qwen2-vl-2b-q4k.gguf \
         --clients 1,4,16 --max-tokens 32 [--parallel 16] [--threads 2]
+
+The server's overhead on one inspection: `loupe inspect` on N copies of one image (per-image time of
+images 2..N, the prefix reused) against N requests to `/v1/inspect` one after another (after one to
+warm up), the record's own time and the client's wall time:
+
+    python3 tools/bench_serve.py --inspect-spec models/loupe-parts-demo/spec.toml [--image P] [--n 8]
 """
 
 import argparse
@@ -45,10 +52,75 @@ def start(loupe, model, parallel, threads, batch):
     sys.exit(f"bench_serve: the server stopped before listening ({proc.wait()})")
 
 
+def median(xs):
+    xs = sorted(xs)
+    return xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2
+
+
+def inspect_overhead(args):
+    import base64
+    import shutil
+    import urllib.request
+
+    with tempfile.TemporaryDirectory() as tmp:
+        imgs = Path(tmp) / "imgs"
+        imgs.mkdir()
+        for i in range(args.n):
+            shutil.copy(args.image, imgs / f"part_{i:02}.png")
+        cmd = [args.loupe, "inspect", "--spec", args.inspect_spec, "--no-audit", "--json",
+               "--out", str(Path(tmp) / "out"), str(imgs)]
+        if args.threads:
+            cmd += ["--threads", str(args.threads)]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode not in (0, 1):
+            sys.exit(f"bench_serve: loupe inspect failed: {out.stderr}")
+        cli = [json.loads(line)["timings"]["total_ms"] for line in out.stdout.splitlines()][1:]
+
+        srv = [args.loupe, "serve", "--spec", args.inspect_spec, "--port", "0", "--no-audit"]
+        if args.threads:
+            srv += ["--threads", str(args.threads)]
+        proc = subprocess.Popen(srv, stderr=subprocess.PIPE, text=True)
+        url = None
+        for line in proc.stderr:
+            m = re.search(r"listening on (http://\S+)", line)
+            if m:
+                url = m.group(1)
+                threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()
+                break
+        if url is None:
+            sys.exit("bench_serve: the server stopped before listening")
+        body = json.dumps({"image": base64.b64encode(open(args.image, "rb").read()).decode()}).encode()
+        rec_ms, wall_ms = [], []
+        try:
+            for i in range(args.n + 1):
+                req = urllib.request.Request(url + "/v1/inspect", data=body,
+                                             headers={"content-type": "application/json"})
+                t0 = time.perf_counter()
+                with urllib.request.urlopen(req) as resp:
+                    rec = json.load(resp)
+                dt = (time.perf_counter() - t0) * 1e3
+                if i > 0:  # the first warms the prefix
+                    rec_ms.append(rec["timings"]["total_ms"])
+                    wall_ms.append(dt)
+        finally:
+            proc.terminate()
+            proc.wait()
+    print(f"CPU: {cpu_name()}; spec {args.inspect_spec}; image {args.image}; medians of {args.n - 1} "
+          f"(CLI, images 2..{args.n}) and {args.n} (server, after one warm-up)\n")
+    print("| measure | ms |")
+    print("|---|---|")
+    print(f"| `loupe inspect`, per image (record total) | {median(cli):.1f} |")
+    print(f"| `/v1/inspect`, the record's total | {median(rec_ms):.1f} |")
+    print(f"| `/v1/inspect`, client wall time | {median(wall_ms):.1f} |")
+    print(f"| server overhead (wall - CLI per image) | {median(wall_ms) - median(cli):.1f} |")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--loupe", default="target/release/loupe")
-    ap.add_argument("--model", required=True)
+    ap.add_argument("--model", help="the model (throughput)")
+    ap.add_argument("--inspect-spec", help="measure the server's overhead on inspections under this spec")
+    ap.add_argument("--n", type=int, default=8, help="inspections per side (--inspect-spec)")
     ap.add_argument("--image", default=str(HERE.parent / "models/loupe-parts-demo/samples/test/crack/000.png"))
     ap.add_argument("--clients", default="1,4,16")
     ap.add_argument("--requests", type=int, default=2, help="requests per client")
@@ -56,6 +128,10 @@ def main():
     ap.add_argument("--parallel", type=int, default=16)
     ap.add_argument("--threads", type=int)
     args = ap.parse_args()
+    if args.inspect_spec:
+        return inspect_overhead(args)
+    if not args.model:
+        sys.exit("bench_serve: --model (throughput) or --inspect-spec (inspection overhead)")
 
     clients = [int(c) for c in args.clients.split(",")]
     results = {}
