@@ -6,6 +6,7 @@
 //! Data flow: `spec` -> `schema` -> engine (constrained) -> `verdict` (+ `boxes`) -> `overlay`,
 //! `report`, `audit`; `eval` runs the same path over a dataset and scores it.
 
+pub mod anomaly;
 pub mod audit;
 pub mod boxes;
 pub mod error;

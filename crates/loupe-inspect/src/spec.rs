@@ -29,6 +29,15 @@ struct RawSpec {
     rule: RawRule,
     #[serde(default)]
     boxes: RawBoxes,
+    anomaly: Option<RawAnomaly>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAnomaly {
+    bank: Option<Spanned<String>>,
+    combine: Option<Spanned<String>>,
+    threshold: Option<Spanned<f64>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -65,6 +74,45 @@ struct RawBoxes {
 
 fn yes() -> bool {
     true
+}
+
+/// How an anomaly detector's flag and the VLM's verdict make the record's verdict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Combine {
+    /// The detector alone decides.
+    Anomaly,
+    /// The VLM alone decides (the detector's score is recorded).
+    Vlm,
+    /// Fail when either flags the part.
+    Either,
+    /// Fail only when both do.
+    Both,
+    /// The detector decides; the VLM is asked which defect class each flagged region is.
+    Classify,
+}
+
+impl Combine {
+    pub fn parse(s: &str) -> Option<Combine> {
+        Some(match s {
+            "anomaly" => Combine::Anomaly,
+            "vlm" => Combine::Vlm,
+            "either" => Combine::Either,
+            "both" => Combine::Both,
+            "classify" => Combine::Classify,
+            _ => return None,
+        })
+    }
+}
+
+/// The spec's `[anomaly]` section: the detector `loupe learn` wrote, and how it combines with the VLM.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct AnomalySettings {
+    /// The bank file (relative to the spec); `loupe learn` writes it.
+    pub bank: PathBuf,
+    pub combine: Combine,
+    /// Overrides the bank's calibrated threshold.
+    pub threshold: Option<f32>,
 }
 
 /// Pixel budget of each image (defaults: the model's preprocessor_config.json).
@@ -163,6 +211,7 @@ pub struct Spec {
     pub box_convention: Option<BoxConvention>,
     /// SHA-256 of the spec file's bytes (the audit log records it).
     pub sha256: String,
+    pub anomaly: Option<AnomalySettings>,
 }
 
 /// 1-based line of a byte offset.
@@ -327,6 +376,45 @@ impl Spec {
                 ));
             }
         }
+        let anomaly = match &raw.anomaly {
+            None => None,
+            Some(a) => {
+                let bank = match &a.bank {
+                    Some(b) if b.get_ref().trim().is_empty() => {
+                        return Err(err(b.span().start, "`anomaly.bank` is empty".into()))
+                    }
+                    Some(b) => dir.join(b.get_ref()),
+                    None => dir.join(format!("{name}.anomaly.safetensors")),
+                };
+                let combine = match &a.combine {
+                    None => Combine::Either,
+                    Some(c) => Combine::parse(c.get_ref()).ok_or_else(|| {
+                        err(
+                            c.span().start,
+                            format!(
+                                "`anomaly.combine` `{}` is not one of anomaly, vlm, either, both, classify",
+                                c.get_ref()
+                            ),
+                        )
+                    })?,
+                };
+                let threshold = match &a.threshold {
+                    Some(t) if !(t.get_ref().is_finite() && *t.get_ref() >= 0.0) => {
+                        return Err(err(
+                            t.span().start,
+                            format!("`anomaly.threshold` {} is not a score (>= 0)", t.get_ref()),
+                        ))
+                    }
+                    Some(t) => Some(*t.get_ref() as f32),
+                    None => None,
+                };
+                Some(AnomalySettings {
+                    bank,
+                    combine,
+                    threshold,
+                })
+            }
+        };
         let model = raw.model.as_ref().map(|m| {
             let m = m.get_ref();
             let local = dir.join(m);
@@ -353,6 +441,7 @@ impl Spec {
             },
             box_convention,
             sha256: hex(&Sha256::digest(src.as_bytes())),
+            anomaly,
         })
     }
 
@@ -401,6 +490,39 @@ fail_on = ["scratch"]
 
     fn parse(src: &str) -> Result<Spec> {
         Spec::parse(src, Path::new("/nonexistent/s.toml"))
+    }
+
+    #[test]
+    fn anomaly_section_defaults_and_bad_values() {
+        assert_eq!(parse(GOOD).unwrap().anomaly, None);
+        let a = parse(&format!("{GOOD}\n[anomaly]\n"))
+            .unwrap()
+            .anomaly
+            .unwrap();
+        assert_eq!(a.combine, Combine::Either);
+        assert!(a.bank.ends_with("washers.anomaly.safetensors"), "{a:?}");
+        let a = parse(&format!(
+            "{GOOD}\n[anomaly]\nbank = \"b.safetensors\"\ncombine = \"classify\"\nthreshold = 2.5\n"
+        ))
+        .unwrap()
+        .anomaly
+        .unwrap();
+        assert_eq!((a.combine, a.threshold), (Combine::Classify, Some(2.5)));
+        let e = parse(&format!("{GOOD}\n[anomaly]\ncombine = \"maybe\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("`anomaly.combine` `maybe`") && e.contains(":16:"),
+            "{e}"
+        );
+        let e = parse(&format!("{GOOD}\n[anomaly]\nthreshold = -1.0\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`anomaly.threshold` -1"), "{e}");
+        let e = parse(&format!("{GOOD}\n[anomaly]\nbanks = \"x\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("banks"), "{e}");
     }
 
     #[test]

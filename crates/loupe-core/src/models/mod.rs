@@ -41,13 +41,35 @@ pub(crate) fn pixel_tensor(
 /// merge-block order, to merged image tokens `(tokens, text hidden)`.
 pub trait VisionEncoder: Send + Sync {
     fn forward(&self, pixels: &Tensor, grids: &[[usize; 3]], taps: &Taps) -> Result<Tensor>;
+    /// The output of block `layer` (from 0), `(patches, width)` in the preprocessor's patch order,
+    /// running only the blocks up to it: the patch features anomaly detection learns from.
+    fn block_features(&self, pixels: &Tensor, grids: &[[usize; 3]], layer: usize)
+        -> Result<Tensor>;
+    /// Blocks in the tower.
+    fn depth(&self) -> usize;
     fn param_count(&self) -> usize;
+}
+
+/// `layer` checked against a tower of `depth` blocks.
+fn check_layer(layer: usize, depth: usize) -> Result<()> {
+    if layer >= depth {
+        return Err(Error::InvalidInput(format!(
+            "vision layer {layer} does not exist: the tower has blocks 0..{}",
+            depth.saturating_sub(1)
+        )));
+    }
+    Ok(())
 }
 
 /// What the generation loop needs from a vision-language model.
 pub trait VisionLanguageModel: Send + Sync {
     /// Vision tower: `(image tokens, hidden)` for every image of the batch, in order.
     fn encode_images(&self, pixels: &PixelBatch) -> Result<Tensor>;
+    /// Block `layer`'s patch features `(patches, width)` of every image, in the preprocessor's
+    /// patch order ([`VisionEncoder::block_features`]), and the tower's depth.
+    fn patch_features(&self, pixels: &PixelBatch, layer: usize) -> Result<Tensor>;
+    /// Blocks of the vision tower (0 for a text-only model).
+    fn vision_depth(&self) -> usize;
     /// Positions of the prompt tokens (one row per token, one column per rotary stream) and the offset
     /// of decode positions after the prompt.
     fn prompt_positions(&self, ids: &[u32], grids: &[[usize; 3]]) -> Result<(Vec<[i64; 3]>, i64)>;
@@ -80,11 +102,22 @@ pub trait VisionLanguageModel: Send + Sync {
     fn param_counts(&self) -> (usize, usize);
     fn architecture(&self) -> &'static str;
     fn vocab_size(&self) -> usize;
+    /// Named intermediates of the forward pass, captured on request (tests, debugging).
+    fn taps(&self) -> &Taps;
 }
 
 impl VisionLanguageModel for qwen3_5::Qwen35 {
     fn encode_images(&self, pixels: &PixelBatch) -> Result<Tensor> {
         qwen3_5::Qwen35::encode_images(self, pixels)
+    }
+    fn patch_features(&self, pixels: &PixelBatch, layer: usize) -> Result<Tensor> {
+        qwen3_5::Qwen35::patch_features(self, pixels, layer)
+    }
+    fn vision_depth(&self) -> usize {
+        qwen3_5::Qwen35::vision_depth(self)
+    }
+    fn taps(&self) -> &Taps {
+        &self.taps
     }
     fn prompt_positions(&self, ids: &[u32], grids: &[[usize; 3]]) -> Result<(Vec<[i64; 3]>, i64)> {
         mrope_positions(
@@ -132,6 +165,15 @@ impl VisionLanguageModel for qwen2_vl::Qwen2Vl {
     }
     fn embed(&self, ids: &[u32], image_features: Option<&Tensor>) -> Result<Tensor> {
         qwen2_vl::Qwen2Vl::embed(self, ids, image_features)
+    }
+    fn patch_features(&self, pixels: &PixelBatch, layer: usize) -> Result<Tensor> {
+        qwen2_vl::Qwen2Vl::patch_features(self, pixels, layer)
+    }
+    fn vision_depth(&self) -> usize {
+        qwen2_vl::Qwen2Vl::vision_depth(self)
+    }
+    fn taps(&self) -> &Taps {
+        &self.taps
     }
     fn forward(
         &self,

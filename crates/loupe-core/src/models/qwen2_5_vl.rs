@@ -127,6 +127,32 @@ impl VisionEncoder for VisionTower {
     }
 
     fn forward(&self, pixels: &Tensor, grids: &[[usize; 3]], taps: &Taps) -> Result<Tensor> {
+        self.run(pixels, grids, taps, None)
+    }
+
+    fn block_features(
+        &self,
+        pixels: &Tensor,
+        grids: &[[usize; 3]],
+        layer: usize,
+    ) -> Result<Tensor> {
+        self.run(pixels, grids, &Taps::default(), Some(layer))
+    }
+
+    fn depth(&self) -> usize {
+        self.blocks.len()
+    }
+}
+
+impl VisionTower {
+    /// The tower; with `until`, only the blocks up to that one, whose output is returned.
+    fn run(
+        &self,
+        pixels: &Tensor,
+        grids: &[[usize; 3]],
+        taps: &Taps,
+        until: Option<usize>,
+    ) -> Result<Tensor> {
         let (dev, unit) = (pixels.device(), self.merge * self.merge);
         let (order, windows) = window_order(grids, self.merge, self.window);
         let (cos, sin) = vision_rotary(&self.inv_freq, self.merge, grids, pixels.dtype(), dev)?;
@@ -161,6 +187,14 @@ impl VisionEncoder for VisionTower {
                 .mlp
                 .forward_then(&blk.norm2.forward(&after_attn)?, Some(&after_attn))?;
             taps.record("vision.block", Some(i), &x);
+            if until == Some(i) {
+                // Back from window order to the preprocessor's.
+                let mut inverse = vec![0u32; order.len()];
+                for (pos, &unit_idx) in order.iter().enumerate() {
+                    inverse[unit_idx as usize] = pos as u32;
+                }
+                return take_units(&x, &inverse, unit, dev);
+            }
         }
         let (n, e) = x.dims2()?;
         let x = self.ln_q.forward(&x)?.reshape((n / unit, e * unit))?;

@@ -147,6 +147,32 @@ impl VisionEncoder for VisionTower {
     }
 
     fn forward(&self, pixels: &Tensor, grids: &[[usize; 3]], taps: &Taps) -> Result<Tensor> {
+        self.run(pixels, grids, taps, None)
+    }
+
+    fn block_features(
+        &self,
+        pixels: &Tensor,
+        grids: &[[usize; 3]],
+        layer: usize,
+    ) -> Result<Tensor> {
+        self.run(pixels, grids, &Taps::default(), Some(layer))
+    }
+
+    fn depth(&self) -> usize {
+        self.blocks.len()
+    }
+}
+
+impl VisionTower {
+    /// The tower; with `until`, only the blocks up to that one, whose output is returned.
+    fn run(
+        &self,
+        pixels: &Tensor,
+        grids: &[[usize; 3]],
+        taps: &Taps,
+        until: Option<usize>,
+    ) -> Result<Tensor> {
         let n = pixels.dim(0)?;
         let (cos, sin) = vision_rotary(
             &self.inv_freq,
@@ -176,6 +202,9 @@ impl VisionEncoder for VisionTower {
             let h = blk.fc1.forward_then(&h, Some(self.act), None)?;
             x = blk.fc2.forward_then(&h, None, Some(&after_attn))?;
             taps.record("vision.block", Some(i), &x);
+            if until == Some(i) {
+                return Ok(x);
+            }
         }
         let m2 = self.merge * self.merge;
         let e = x.dim(1)?;
@@ -337,6 +366,22 @@ impl Qwen2Vl {
         };
         let x = super::pixel_tensor(pixels, &self.cfg, self.dtype, &self.device)?;
         vision.forward(&x, &pixels.grids, &self.taps)
+    }
+
+    /// Block `layer`'s patch features ([`VisionEncoder::block_features`]).
+    pub fn patch_features(&self, pixels: &PixelBatch, layer: usize) -> Result<Tensor> {
+        let Some(vision) = &self.vision else {
+            return Err(Error::InvalidInput(
+                "this is a text-only model: it has no vision tower to take features from".into(),
+            ));
+        };
+        super::check_layer(layer, vision.depth())?;
+        let x = super::pixel_tensor(pixels, &self.cfg, self.dtype, &self.device)?;
+        vision.block_features(&x, &pixels.grids, layer)
+    }
+
+    pub fn vision_depth(&self) -> usize {
+        self.vision.as_ref().map_or(0, |v| v.depth())
     }
 
     /// M-RoPE positions of the prompt and the decode delta ([`super::mrope_positions`]).

@@ -192,6 +192,21 @@ impl Qwen35 {
         self.vision.forward(&x, &pixels.grids, &self.taps)
     }
 
+    /// Block `layer`'s patch features ([`VisionEncoder::block_features`]).
+    pub fn patch_features(
+        &self,
+        pixels: &crate::image::PixelBatch,
+        layer: usize,
+    ) -> Result<Tensor> {
+        super::check_layer(layer, self.vision.depth())?;
+        let x = super::pixel_tensor(pixels, &self.cfg, self.dtype, &self.device)?;
+        self.vision.block_features(&x, &pixels.grids, layer)
+    }
+
+    pub fn vision_depth(&self) -> usize {
+        self.vision.depth()
+    }
+
     /// cos/sin `(seq, rotary_dim / 2)`, interleaved M-RoPE (t, h, w, t, h, w, ... while each stream has
     /// frequencies left in `mrope_section`).
     fn text_rotary(&self, positions: &[[i64; 3]]) -> Result<(Tensor, Tensor)> {

@@ -178,6 +178,32 @@ impl VisionEncoder for VisionTower {
     }
 
     fn forward(&self, pixels: &Tensor, grids: &[[usize; 3]], taps: &Taps) -> Result<Tensor> {
+        self.run(pixels, grids, taps, None)
+    }
+
+    fn block_features(
+        &self,
+        pixels: &Tensor,
+        grids: &[[usize; 3]],
+        layer: usize,
+    ) -> Result<Tensor> {
+        self.run(pixels, grids, &Taps::default(), Some(layer))
+    }
+
+    fn depth(&self) -> usize {
+        self.blocks.len()
+    }
+}
+
+impl VisionTower {
+    /// The tower; with `until`, only the blocks up to that one, whose output is returned.
+    fn run(
+        &self,
+        pixels: &Tensor,
+        grids: &[[usize; 3]],
+        taps: &Taps,
+        until: Option<usize>,
+    ) -> Result<Tensor> {
         let (dev, unit) = (pixels.device(), self.merge * self.merge);
         let (cos, sin) = vision_rotary(&self.inv_freq, self.merge, grids, pixels.dtype(), dev)?;
         let x = self.patch_embed.forward(pixels)?;
@@ -204,6 +230,9 @@ impl VisionEncoder for VisionTower {
             let h = blk.fc1.forward_then(&h, Some(self.act), None)?;
             x = blk.fc2.forward_then(&h, None, Some(&after_attn))?;
             taps.record("vision.block", Some(i), &x);
+            if until == Some(i) {
+                return Ok(x);
+            }
             for (block, merger) in &self.deepstack {
                 if *block == i {
                     levels.push(merger.forward(&x, unit)?);

@@ -1,0 +1,488 @@
+//! Anomaly detection learned from good parts only, beside the VLM: a detector file (a "bank") that
+//! `loupe learn` writes and a spec's `[anomaly]` section names.
+//!
+//! Two methods ([`Method`]): the classical variation model ([`variation`]) and a PatchCore-style
+//! patch-feature memory bank on the loaded VLM's vision tower ([`patchcore`]). Both give a per-pixel
+//! anomaly map and an image score (the map's maximum); the threshold comes from held-out good images
+//! ([`calibrate`]), never from a guess.
+//!
+//! The file is safetensors: the learned tensors, and in its metadata (`loupe_anomaly`) a JSON header
+//! with the method, model, layer, image size, threshold, calibration and the hashes of the images it
+//! was learned and calibrated on.
+
+pub mod calibrate;
+pub mod patchcore;
+pub mod variation;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use loupe_core::image::RgbImage;
+use loupe_core::Engine;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, Result};
+use calibrate::Calibration;
+use variation::{Gray, VariationModel};
+
+/// The metadata key of the JSON header.
+const HEADER_KEY: &str = "loupe_anomaly";
+/// The header's format version.
+const FORMAT: u32 = 1;
+/// The largest bank file read (a bank of 200k features of 1280 values in f32 is 1 GiB).
+pub const MAX_BANK_BYTES: u64 = 4 << 30;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Method {
+    /// Aligned golden template: per-pixel mean and spread.
+    Variation,
+    /// Patch features of the VLM's vision tower, nearest neighbour in a coreset.
+    Patchcore,
+}
+
+impl std::str::FromStr for Method {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "variation" => Ok(Method::Variation),
+            "patchcore" => Ok(Method::Patchcore),
+            o => Err(format!("method `{o}` is not one of variation, patchcore")),
+        }
+    }
+}
+
+/// What a bank file says about itself.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Header {
+    pub format: u32,
+    pub method: Method,
+    /// Patchcore: the model whose tower made the features (its `model_type`, depth and width, which
+    /// must match the model that scores).
+    pub model_type: Option<String>,
+    pub vision_depth: Option<usize>,
+    pub layer: Option<usize>,
+    pub feature_dim: Option<usize>,
+    /// The size images are brought to before scoring.
+    pub width: usize,
+    pub height: usize,
+    /// An image scoring above this is anomalous.
+    pub threshold: f32,
+    pub calibration: Calibration,
+    /// Images learned from and held out for the threshold.
+    pub trained_on: usize,
+    pub calibrated_on: usize,
+    /// SHA-256 over the sorted SHA-256 of each image's file, per set.
+    pub training_set_sha256: String,
+    pub calibration_set_sha256: String,
+    pub coreset_fraction: Option<f64>,
+    pub max_rotation: Option<f32>,
+    pub seed: u64,
+}
+
+enum Data {
+    Variation(VariationModel),
+    Patchcore { features: Vec<f32>, dim: usize },
+}
+
+/// A learned detector.
+pub struct Bank {
+    pub header: Header,
+    data: Data,
+}
+
+/// The anomaly of one image: its score and the map it came from, at the bank's size, in the image's
+/// own frame (scale it to the image to place boxes).
+#[derive(Debug, Clone)]
+pub struct Scored {
+    pub score: f32,
+    pub map: Gray,
+}
+
+/// How `learn` runs.
+#[derive(Debug, Clone)]
+pub struct LearnOptions {
+    pub method: Method,
+    /// Patchcore: the tower block features come from.
+    pub layer: Option<usize>,
+    pub width: usize,
+    pub height: usize,
+    /// Patchcore: the share of all patch features kept.
+    pub coreset_fraction: f64,
+    /// The share of good images held out to set the threshold.
+    pub holdout: f64,
+    pub far: f64,
+    pub confidence: f64,
+    pub seed: u64,
+    /// Variation: the largest rotation searched, in degrees.
+    pub max_rotation: f32,
+}
+
+/// What `learn` reports as it goes: (stage, done, total).
+pub type Progress<'a> = &'a mut dyn FnMut(&str, usize, usize);
+
+/// The outcome of `learn`: the bank and the calibration table of its held-out scores.
+pub struct Learned {
+    pub bank: Bank,
+    pub table: Vec<std::result::Result<Calibration, (f64, usize)>>,
+    pub held_out_scores: Vec<f32>,
+}
+
+fn set_hash(hashes: &[String]) -> String {
+    let mut sorted = hashes.to_vec();
+    sorted.sort();
+    let mut h = Sha256::new();
+    for s in sorted {
+        h.update(s.as_bytes());
+        h.update(b"\n");
+    }
+    format!("{:x}", h.finalize())
+}
+
+fn file_sha256(path: &Path) -> Result<String> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    Ok(format!("{:x}", Sha256::digest(&bytes)))
+}
+
+fn load_image(path: &Path) -> Result<RgbImage> {
+    Ok(loupe_core::image::load(path)?)
+}
+
+/// The default layer for patch features: two thirds up the tower (PatchCore takes mid-level features:
+/// local enough to place a defect, abstract enough to ignore noise).
+pub fn default_layer(depth: usize) -> usize {
+    (depth * 2 / 3).saturating_sub(1)
+}
+
+/// Learns a detector from good images: a seeded share held out ([`LearnOptions::holdout`]), the rest
+/// learned from, the threshold set on the held-out scores for `far` at `confidence`.
+pub fn learn(
+    engine: Option<&Engine>,
+    goods: &[PathBuf],
+    opts: &LearnOptions,
+    progress: Progress,
+) -> Result<Learned> {
+    if !(0.0..1.0).contains(&opts.holdout) || opts.holdout == 0.0 {
+        return Err(Error::InvalidInput(format!(
+            "--holdout {} is not between 0 and 1",
+            opts.holdout
+        )));
+    }
+    if !(opts.coreset_fraction > 0.0 && opts.coreset_fraction <= 1.0) {
+        return Err(Error::InvalidInput(format!(
+            "--coreset {} is not in (0, 1]",
+            opts.coreset_fraction
+        )));
+    }
+    let mut order: Vec<PathBuf> = goods.to_vec();
+    order.sort();
+    order.dedup();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(opts.seed);
+    order.shuffle(&mut rng);
+    let n_hold = ((order.len() as f64) * opts.holdout).round() as usize;
+    let needed = calibrate::images_needed(opts.far, opts.confidence);
+    if n_hold < needed || order.len() - n_hold < 2 {
+        return Err(Error::InvalidInput(format!(
+            "{} good images: holding out {} leaves too few; a false-alarm rate of {} at {} \
+             confidence needs at least {needed} held out and 2 to learn from (give more good \
+             images, a larger --holdout, or a larger --far)",
+            order.len(),
+            n_hold,
+            opts.far,
+            opts.confidence
+        )));
+    }
+    let (held, train) = order.split_at(n_hold);
+    let hashes =
+        |ps: &[PathBuf]| -> Result<Vec<String>> { ps.iter().map(|p| file_sha256(p)).collect() };
+    let (train_hash, held_hash) = (set_hash(&hashes(train)?), set_hash(&hashes(held)?));
+
+    let (w, h) = (opts.width, opts.height);
+    let mut header = Header {
+        format: FORMAT,
+        method: opts.method,
+        model_type: None,
+        vision_depth: None,
+        layer: None,
+        feature_dim: None,
+        width: w,
+        height: h,
+        threshold: f32::INFINITY,
+        calibration: Calibration {
+            far: opts.far,
+            confidence: opts.confidence,
+            threshold: f32::INFINITY,
+            exceedances: 0,
+            achieved: 0.0,
+            n: 0,
+        },
+        trained_on: train.len(),
+        calibrated_on: held.len(),
+        training_set_sha256: train_hash,
+        calibration_set_sha256: held_hash,
+        coreset_fraction: None,
+        max_rotation: None,
+        seed: opts.seed,
+    };
+    let data = match opts.method {
+        Method::Variation => {
+            let mut grays = Vec::with_capacity(train.len());
+            for (i, p) in train.iter().enumerate() {
+                grays.push(Gray::from_rgb(&load_image(p)?, w, h));
+                progress("reading good images", i + 1, train.len());
+            }
+            let mut done = 0;
+            let model = VariationModel::learn(&grays, opts.max_rotation, || {
+                done += 1;
+                progress("aligning", done, grays.len());
+            })
+            .ok_or_else(|| Error::InvalidInput("the variation model needs 2 good images".into()))?;
+            header.max_rotation = Some(opts.max_rotation);
+            Data::Variation(model)
+        }
+        Method::Patchcore => {
+            let engine = engine.ok_or_else(|| {
+                Error::InvalidInput("the patchcore method needs the spec's model".into())
+            })?;
+            let depth = engine.model.vision_depth();
+            let layer = opts.layer.unwrap_or_else(|| default_layer(depth));
+            let mut all = Vec::new();
+            let mut dim = 0;
+            for (i, p) in train.iter().enumerate() {
+                let g = patchcore::features(engine, &load_image(p)?, w, h, layer)?;
+                dim = g.dim;
+                all.extend_from_slice(&g.v);
+                progress("patch features", i + 1, train.len());
+            }
+            let n = all.len() / dim.max(1);
+            let keep = ((n as f64 * opts.coreset_fraction).ceil() as usize).clamp(1, n);
+            let kept =
+                patchcore::coreset(&all, dim, keep, opts.seed, |k| progress("coreset", k, keep));
+            let mut features = Vec::with_capacity(kept.len() * dim);
+            for i in kept {
+                features.extend_from_slice(&all[i * dim..(i + 1) * dim]);
+            }
+            header.model_type = Some(engine.model_type.clone());
+            header.vision_depth = Some(depth);
+            header.layer = Some(layer);
+            header.feature_dim = Some(dim);
+            header.coreset_fraction = Some(opts.coreset_fraction);
+            Data::Patchcore { features, dim }
+        }
+    };
+    let mut bank = Bank { header, data };
+    let mut held_out_scores = Vec::with_capacity(held.len());
+    for (i, p) in held.iter().enumerate() {
+        held_out_scores.push(bank.score(engine, &load_image(p)?)?.score);
+        progress("calibrating", i + 1, held.len());
+    }
+    let cal =
+        calibrate::calibrate(&held_out_scores, opts.far, opts.confidence).ok_or_else(|| {
+            Error::InvalidInput(format!(
+            "no threshold bounds a false-alarm rate of {} at {} confidence with {} held-out images",
+            opts.far,
+            opts.confidence,
+            held.len()
+        ))
+        })?;
+    bank.header.threshold = cal.threshold;
+    bank.header.calibration = cal;
+    let table = calibrate::table(&held_out_scores, opts.confidence);
+    Ok(Learned {
+        bank,
+        table,
+        held_out_scores,
+    })
+}
+
+impl Bank {
+    /// The score and map of one image.
+    pub fn score(&self, engine: Option<&Engine>, img: &RgbImage) -> Result<Scored> {
+        let (w, h) = (self.header.width, self.header.height);
+        match &self.data {
+            Data::Variation(model) => {
+                let map = model.deviation(&Gray::from_rgb(img, w, h));
+                let score = map.v.iter().copied().fold(0.0, f32::max);
+                Ok(Scored { score, map })
+            }
+            Data::Patchcore { features, dim } => {
+                let engine = engine.ok_or_else(|| {
+                    Error::InvalidInput("a patchcore bank scores with its model loaded".into())
+                })?;
+                self.check_model(engine)?;
+                let layer = self.header.layer.unwrap_or(0);
+                let g = patchcore::features(engine, img, w, h, layer)?;
+                let d = patchcore::nearest(features, &g.v, *dim)?;
+                let score = d.iter().copied().fold(0.0, f32::max);
+                Ok(Scored {
+                    score,
+                    map: Gray {
+                        w: g.gw,
+                        h: g.gh,
+                        v: d,
+                    },
+                })
+            }
+        }
+    }
+
+    /// A patchcore bank only scores with a tower like the one it was learned with.
+    pub fn check_model(&self, engine: &Engine) -> Result<()> {
+        let h = &self.header;
+        if h.method != Method::Patchcore {
+            return Ok(());
+        }
+        let depth = engine.model.vision_depth();
+        if h.model_type.as_deref() != Some(engine.model_type.as_str())
+            || h.vision_depth != Some(depth)
+        {
+            return Err(Error::InvalidInput(format!(
+                "the anomaly bank was learned on a {} tower of {} blocks; the model is {} with {depth}",
+                h.model_type.as_deref().unwrap_or("?"),
+                h.vision_depth.unwrap_or(0),
+                engine.model_type
+            )));
+        }
+        Ok(())
+    }
+
+    /// Writes the bank (to a temporary file beside `path`, then renamed: never half a file).
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let (w, h) = (self.header.width, self.header.height);
+        // (name, shape, little-endian f32 bytes)
+        let mut tensors: Vec<(&str, Vec<usize>, Vec<u8>)> = Vec::new();
+        let bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+        match &self.data {
+            Data::Variation(m) => {
+                tensors.push(("mean", vec![h, w], bytes(&m.mean.v)));
+                tensors.push(("spread", vec![h, w], bytes(&m.spread)));
+            }
+            Data::Patchcore { features, dim } => {
+                tensors.push((
+                    "features",
+                    vec![features.len() / dim, *dim],
+                    bytes(features),
+                ));
+            }
+        }
+        let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+            .iter()
+            .map(|(name, shape, data)| {
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), data)
+                    .map(|v| (name.to_string(), v))
+                    .map_err(|e| Error::output(path, e))
+            })
+            .collect::<Result<_>>()?;
+        let header = serde_json::to_string(&self.header).map_err(|e| Error::output(path, e))?;
+        let meta = HashMap::from([(HEADER_KEY.to_string(), header)]);
+        let tmp = path.with_extension("partial");
+        safetensors::serialize_to_file(views, Some(meta), &tmp)
+            .map_err(|e| Error::output(&tmp, e))?;
+        std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    }
+
+    /// Reads a bank, checking its header against its tensors.
+    pub fn load(path: &Path) -> Result<Bank> {
+        let bad =
+            |msg: String| Error::InvalidInput(format!("anomaly bank {}: {msg}", path.display()));
+        let len = std::fs::metadata(path)
+            .map_err(|e| Error::io(path, e))?
+            .len();
+        if len > MAX_BANK_BYTES {
+            return Err(bad(format!(
+                "{len} bytes is over the {MAX_BANK_BYTES}-byte limit"
+            )));
+        }
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
+            .map_err(|e| bad(format!("not a safetensors file: {e}")))?;
+        let st = safetensors::SafeTensors::deserialize(&bytes)
+            .map_err(|e| bad(format!("not a safetensors file: {e}")))?;
+        let header_json = meta
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get(HEADER_KEY))
+            .ok_or_else(|| {
+                bad(format!(
+                    "no `{HEADER_KEY}` header: not written by loupe learn"
+                ))
+            })?;
+        let header: Header =
+            serde_json::from_str(header_json).map_err(|e| bad(format!("header: {e}")))?;
+        if header.format != FORMAT {
+            return Err(bad(format!(
+                "format {} (this Loupe reads {FORMAT})",
+                header.format
+            )));
+        }
+        let (w, h) = (header.width, header.height);
+        if w == 0 || h == 0 || w * h > 1 << 24 || !header.threshold.is_finite() {
+            return Err(bad(format!(
+                "size {w}x{h} or threshold {} out of range",
+                header.threshold
+            )));
+        }
+        let tensor = |name: &str, shape: &[usize]| -> Result<Vec<f32>> {
+            let t = st
+                .tensor(name)
+                .map_err(|_| bad(format!("no tensor `{name}`")))?;
+            if t.dtype() != safetensors::Dtype::F32 || t.shape() != shape {
+                return Err(bad(format!(
+                    "tensor `{name}` is {:?} {:?}, expected F32 {shape:?}",
+                    t.dtype(),
+                    t.shape()
+                )));
+            }
+            Ok(t.data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect())
+        };
+        let data = match header.method {
+            Method::Variation => {
+                let mean = tensor("mean", &[h, w])?;
+                let spread = tensor("spread", &[h, w])?;
+                if spread.iter().any(|s| s.is_nan() || *s <= 0.0) {
+                    return Err(bad("a spread is not positive".into()));
+                }
+                Data::Variation(VariationModel {
+                    mean: Gray { w, h, v: mean },
+                    spread,
+                    max_rotation: header.max_rotation.unwrap_or(0.0).clamp(0.0, 45.0),
+                })
+            }
+            Method::Patchcore => {
+                let dim = header
+                    .feature_dim
+                    .ok_or_else(|| bad("no feature_dim".into()))?;
+                let t = st
+                    .tensor("features")
+                    .map_err(|_| bad("no tensor `features`".into()))?;
+                let n = t.shape().first().copied().unwrap_or(0);
+                if n == 0 || header.layer.is_none() {
+                    return Err(bad("an empty bank or no layer".into()));
+                }
+                Data::Patchcore {
+                    features: tensor("features", &[n, dim])?,
+                    dim,
+                }
+            }
+        };
+        Ok(Bank { header, data })
+    }
+
+    /// Features (patchcore) or pixels (variation) the bank holds.
+    pub fn len(&self) -> usize {
+        match &self.data {
+            Data::Variation(m) => m.spread.len(),
+            Data::Patchcore { features, dim } => features.len() / dim,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}

@@ -1,0 +1,267 @@
+//! The patch-feature memory bank (PatchCore's recipe) on the loaded VLM's own vision tower.
+//!
+//! Each good image, resized to the bank's size, runs the tower up to one block; its patch features
+//! are averaged over their 3x3 neighbourhood on the patch grid (local context, as PatchCore pools),
+//! and a greedy k-centre coreset keeps a stated fraction of all of them (distances measured on a
+//! seeded random projection to [`PROJECTION_DIM`] dimensions, as PatchCore does, to keep the
+//! selection fast). A new image's patch scores are the distances to their nearest bank feature.
+//!
+//! The nearest-neighbour search is exact: one matrix product of the image's patches against the bank
+//! (candle's SIMD GEMM), `|q|^2 + |b|^2 - 2 q.b`, in blocks. Banks here hold thousands to a few tens of
+//! thousands of features (a coreset of tens of good images), where an exact product costs tens of
+//! milliseconds and returns no approximate neighbour; an index (HNSW and the like) pays off at millions.
+
+use candle_core::{Device, Tensor};
+use loupe_core::image::{resize_rgb, Filter, ImageInput, RgbImage};
+use loupe_core::Engine;
+use rand::{Rng, SeedableRng};
+
+use crate::error::{Error, Result};
+
+/// Dimensions of the random projection the coreset selection measures distances in.
+pub const PROJECTION_DIM: usize = 128;
+/// Bank features compared per block of the exact search.
+const BANK_BLOCK: usize = 8192;
+
+/// The patch grid of one image: `gh x gw` features of `dim` values, row-major (raster order).
+#[derive(Debug, Clone)]
+pub struct PatchGrid {
+    pub gh: usize,
+    pub gw: usize,
+    pub dim: usize,
+    pub v: Vec<f32>,
+}
+
+/// Block `layer`'s patch features of `img` resized to `w x h` (multiples of the tower's patch and
+/// merge size), in raster order, averaged over 3x3 neighbourhoods.
+pub fn features(
+    engine: &Engine,
+    img: &RgbImage,
+    w: usize,
+    h: usize,
+    layer: usize,
+) -> Result<PatchGrid> {
+    let cfg = &engine.preprocessor.cfg;
+    let (p, m) = (cfg.patch_size, cfg.merge_size);
+    if w == 0 || h == 0 || !w.is_multiple_of(p * m) || !h.is_multiple_of(p * m) {
+        return Err(Error::InvalidInput(format!(
+            "anomaly image size {w}x{h} is not a multiple of {} (the tower's patch {p} x merge {m})",
+            p * m
+        )));
+    }
+    let resized = RgbImage {
+        width: w,
+        height: h,
+        data: resize_rgb(&img.data, img.width, img.height, w, h, Filter::Bilinear),
+        orientation: 1,
+    };
+    let pre = engine
+        .preprocessor
+        .clone()
+        .with_pixels(Some(w * h), Some(w * h))?;
+    let px = pre.preprocess(&[ImageInput {
+        source: "<anomaly>".into(),
+        image: resized,
+    }])?;
+    let (gh, gw) = (h / p, w / p);
+    if px.grids != [[1, gh, gw]] {
+        return Err(Error::InvalidInput(format!(
+            "the preprocessor made a {:?} patch grid of a {w}x{h} image, not 1x{gh}x{gw}",
+            px.grids
+        )));
+    }
+    let t = engine
+        .model
+        .patch_features(&px, layer)?
+        .to_dtype(candle_core::DType::F32)
+        .map_err(loupe_core::Error::from)?;
+    let (n, dim) = t.dims2().map_err(loupe_core::Error::from)?;
+    let flat = t
+        .flatten_all()
+        .and_then(|t| t.to_vec1::<f32>())
+        .map_err(loupe_core::Error::from)?;
+    if n != gh * gw {
+        return Err(Error::InvalidInput(format!(
+            "the tower gave {n} patch features for a {gh}x{gw} grid"
+        )));
+    }
+    // The preprocessor's order: merge blocks of m x m patches, row-major, each block row-major.
+    let mut raster = vec![0f32; n * dim];
+    for (k, row) in flat.chunks_exact(dim).enumerate() {
+        let (block, inner) = (k / (m * m), k % (m * m));
+        let (by, bx) = (block / (gw / m), block % (gw / m));
+        let (y, x) = (by * m + inner / m, bx * m + inner % m);
+        raster[(y * gw + x) * dim..(y * gw + x + 1) * dim].copy_from_slice(row);
+    }
+    Ok(pool3(&PatchGrid {
+        gh,
+        gw,
+        dim,
+        v: raster,
+    }))
+}
+
+/// Each feature replaced by the mean of its 3x3 neighbourhood (the neighbours present at edges).
+pub fn pool3(g: &PatchGrid) -> PatchGrid {
+    let mut v = vec![0f32; g.v.len()];
+    for y in 0..g.gh {
+        for x in 0..g.gw {
+            let out = &mut v[(y * g.gw + x) * g.dim..(y * g.gw + x + 1) * g.dim];
+            let mut n = 0f32;
+            for yy in y.saturating_sub(1)..(y + 2).min(g.gh) {
+                for xx in x.saturating_sub(1)..(x + 2).min(g.gw) {
+                    let src = &g.v[(yy * g.gw + xx) * g.dim..(yy * g.gw + xx + 1) * g.dim];
+                    for (o, s) in out.iter_mut().zip(src) {
+                        *o += s;
+                    }
+                    n += 1.0;
+                }
+            }
+            out.iter_mut().for_each(|o| *o /= n);
+        }
+    }
+    PatchGrid { v, ..*g }
+}
+
+/// Greedy k-centre coreset: `keep` rows of `features` (`n x dim`), each next one the farthest from
+/// those already kept, distances in a seeded random projection. Starts from a seeded random row.
+pub fn coreset(
+    features: &[f32],
+    dim: usize,
+    keep: usize,
+    seed: u64,
+    mut progress: impl FnMut(usize),
+) -> Vec<usize> {
+    let n = features.len() / dim.max(1);
+    if keep >= n {
+        return (0..n).collect();
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let pd = PROJECTION_DIM.min(dim);
+    // Gaussian-like projection (sum of uniforms), scaled: distances shrink by a common factor only.
+    let proj: Vec<f32> = (0..dim * pd)
+        .map(|_| (0..4).map(|_| rng.random::<f32>() - 0.5).sum::<f32>())
+        .collect();
+    let mut z = vec![0f32; n * pd];
+    for (row, out) in features.chunks_exact(dim).zip(z.chunks_exact_mut(pd)) {
+        for (k, &f) in row.iter().enumerate() {
+            if f != 0.0 {
+                let pr = &proj[k * pd..(k + 1) * pd];
+                for (o, p) in out.iter_mut().zip(pr) {
+                    *o += f * p;
+                }
+            }
+        }
+    }
+    let mut min_d = vec![f32::INFINITY; n];
+    let mut chosen = Vec::with_capacity(keep);
+    let mut next = rng.random_range(0..n);
+    for _ in 0..keep {
+        chosen.push(next);
+        let c = z[next * pd..(next + 1) * pd].to_vec();
+        let mut far = (f32::MIN, 0);
+        for (i, (row, md)) in z.chunks_exact(pd).zip(min_d.iter_mut()).enumerate() {
+            let d: f32 = row.iter().zip(&c).map(|(a, b)| (a - b) * (a - b)).sum();
+            if d < *md {
+                *md = d;
+            }
+            if *md > far.0 {
+                far = (*md, i);
+            }
+        }
+        next = far.1;
+        progress(chosen.len());
+    }
+    chosen
+}
+
+/// For each row of `queries` (`q x dim`), the distance to its nearest row of `bank` (`n x dim`):
+/// exact, by matrix products in blocks of [`BANK_BLOCK`] bank rows.
+pub fn nearest(bank: &[f32], queries: &[f32], dim: usize) -> Result<Vec<f32>> {
+    let e = |e: candle_core::Error| Error::Engine(loupe_core::Error::from(e));
+    let q = queries.len() / dim;
+    let qt = Tensor::from_slice(queries, (q, dim), &Device::Cpu).map_err(e)?;
+    let qn = qt.sqr().and_then(|t| t.sum_keepdim(1)).map_err(e)?; // (q, 1)
+    let mut best = vec![f32::INFINITY; q];
+    for block in bank.chunks(BANK_BLOCK * dim) {
+        let b = block.len() / dim;
+        let bt = Tensor::from_slice(block, (b, dim), &Device::Cpu).map_err(e)?;
+        let bn = bt
+            .sqr()
+            .and_then(|t| t.sum_keepdim(1))
+            .and_then(|t| t.t())
+            .map_err(e)?; // (1, b)
+        let d2 = qt
+            .matmul(&bt.t().map_err(e)?)
+            .and_then(|p| p.affine(-2.0, 0.0))
+            .and_then(|p| p.broadcast_add(&qn))
+            .and_then(|p| p.broadcast_add(&bn))
+            .and_then(|p| p.min(1))
+            .and_then(|p| p.to_vec1::<f32>())
+            .map_err(e)?;
+        for (bst, d) in best.iter_mut().zip(d2) {
+            *bst = bst.min(d);
+        }
+    }
+    Ok(best.into_iter().map(|d| d.max(0.0).sqrt()).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exact_search_equals_brute_force() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let dim = 17;
+        let bank: Vec<f32> = (0..300 * dim).map(|_| rng.random::<f32>() - 0.5).collect();
+        let queries: Vec<f32> = (0..40 * dim).map(|_| rng.random::<f32>() - 0.5).collect();
+        let got = nearest(&bank, &queries, dim).unwrap();
+        for (qi, q) in queries.chunks_exact(dim).enumerate() {
+            let want = bank
+                .chunks_exact(dim)
+                .map(|b| b.iter().zip(q).map(|(x, y)| (x - y) * (x - y)).sum::<f32>())
+                .fold(f32::INFINITY, f32::min)
+                .sqrt();
+            assert!(
+                (got[qi] - want).abs() < 1e-4,
+                "query {qi}: {} vs {want}",
+                got[qi]
+            );
+        }
+    }
+
+    #[test]
+    fn coreset_covers_every_cluster() {
+        // 5 tight clusters of 50 points: a coreset of 5 takes one from each.
+        let mut rng = rand::rngs::StdRng::seed_from_u64(4);
+        let dim = 8;
+        let mut f = Vec::new();
+        for c in 0..5 {
+            for _ in 0..50 {
+                for k in 0..dim {
+                    f.push(if k == c { 10.0 } else { 0.0 } + rng.random::<f32>() * 0.1);
+                }
+            }
+        }
+        let kept = coreset(&f, dim, 5, 9, |_| {});
+        let mut clusters: Vec<usize> = kept.iter().map(|&i| i / 50).collect();
+        clusters.sort();
+        assert_eq!(clusters, vec![0, 1, 2, 3, 4]);
+        assert_eq!(coreset(&f, dim, 1000, 9, |_| {}).len(), 250);
+    }
+
+    #[test]
+    fn pooling_averages_the_neighbourhood() {
+        let g = PatchGrid {
+            gh: 2,
+            gw: 3,
+            dim: 1,
+            v: vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0],
+        };
+        let p = pool3(&g);
+        // Corner (0, 0): mean of 1, 2, 4, 5; middle top (0, 1): mean of all six.
+        assert_eq!(p.v[0], 3.0);
+        assert_eq!(p.v[1], 3.5);
+    }
+}
