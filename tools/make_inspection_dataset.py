@@ -3,7 +3,7 @@
 PCB pad, bolt head) under varied light, position, rotation, scale and noise, good or with one drawn
 defect (scratch, dent, crack, missing_hole, stain) and its pixel mask.
 
-    /work/venv/bin/python tools/make_inspection_dataset.py --out DIR --seed 1 --good 40 --per-defect 20
+    .venv/bin/python tools/make_inspection_dataset.py --out DIR --seed 1 --good 40 --per-defect 20 [--parts washer]
 
 Writes
     DIR/train/good/NNN.png                      good parts (reference images, training data)
@@ -32,9 +32,9 @@ def rotate(points, angle, cx, cy):
     return [(cx + (x - cx) * c - (y - cy) * s, cy + (x - cx) * s + (y - cy) * c) for x, y in points]
 
 
-def draw_part(rng, size):
+def draw_part(rng, size, parts=PARTS):
     """Returns (RGB float image, part mask (bool), hole centres [(x, y, r)], part name)."""
-    part = PARTS[rng.integers(len(PARTS))]
+    part = parts[rng.integers(len(parts))]
     # Background: a brushed conveyor with a light gradient.
     base = rng.uniform(40, 90)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
@@ -172,7 +172,11 @@ def main():
     ap.add_argument("--good", type=int, default=20, help="good parts under test/good")
     ap.add_argument("--per-defect", type=int, default=10, help="defective parts per class under test/")
     ap.add_argument("--defects", default=",".join(DEFECTS))
+    ap.add_argument("--parts", default=",".join(PARTS), help="part kinds drawn (one kind: a dataset for an anomaly detector)")
     a = ap.parse_args()
+    parts = [p for p in a.parts.split(",") if p]
+    if any(p not in PARTS for p in parts) or not parts:
+        ap.error(f"--parts: each of {', '.join(PARTS)}")
     rng = np.random.default_rng(a.seed)
     kinds = [k for k in a.defects.split(",") if k]
     rows = []
@@ -184,7 +188,7 @@ def main():
         n = counters.get((split, kind), 0)
         counters[(split, kind)] = n + 1
         while True:
-            img, part_mask, holes, part, metal = draw_part(rng, a.size)
+            img, part_mask, holes, part, metal = draw_part(rng, a.size, parts)
             if kind == "missing_hole" and not holes:
                 continue
             dm = None

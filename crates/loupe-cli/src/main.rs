@@ -5,6 +5,7 @@ mod eval;
 mod history;
 mod info;
 mod inspect;
+mod learn;
 mod quantize;
 mod run;
 mod serve;
@@ -51,6 +52,9 @@ enum Command {
     /// Pass/fail verdicts with defect boxes for images, folders or a watched folder, with reports.
     /// Exit code: 0 all pass, 1 some fail, 2 an image or the run had an error.
     Inspect(Box<inspect::InspectArgs>),
+    /// Learn an anomaly detector from good images only (variation model or patch-feature bank), its
+    /// threshold calibrated on held-out good images.
+    Learn(Box<learn::LearnArgs>),
     /// How well a spec and model inspect a labelled dataset (MVTec AD layout).
     Eval(Box<eval::EvalArgs>),
     /// List and filter the audit log of past inspections.
@@ -110,6 +114,9 @@ fn main() -> ExitCode {
         Command::Bench(a) => ok(bench::bench(a)),
         Command::Quantize(a) => ok(quantize::quantize(a)),
         Command::Inspect(a) => inspect::inspect(*a).map_err(|e| e.to_string()),
+        Command::Learn(a) => learn::learn(*a)
+            .map(|()| ExitCode::SUCCESS)
+            .map_err(|e| e.to_string()),
         Command::Eval(a) => eval::eval(*a).map_err(|e| e.to_string()),
         Command::History(a) => history::history(a).map_err(|e| e.to_string()),
         Command::Serve(a) => serve::serve(*a)

@@ -79,6 +79,9 @@ pub struct Header {
     pub training_set_sha256: String,
     pub calibration_set_sha256: String,
     pub coreset_fraction: Option<f64>,
+    /// Patchcore: features averaged over 3x3 patches.
+    #[serde(default)]
+    pub pool: bool,
     pub max_rotation: Option<f32>,
     pub seed: u64,
 }
@@ -112,6 +115,8 @@ pub struct LearnOptions {
     pub height: usize,
     /// Patchcore: the share of all patch features kept.
     pub coreset_fraction: f64,
+    /// Patchcore: average each feature over its 3x3 patch neighbourhood.
+    pub pool: bool,
     /// The share of good images held out to set the threshold.
     pub holdout: f64,
     pub far: f64,
@@ -224,6 +229,7 @@ pub fn learn(
         training_set_sha256: train_hash,
         calibration_set_sha256: held_hash,
         coreset_fraction: None,
+        pool: opts.pool,
         max_rotation: None,
         seed: opts.seed,
     };
@@ -252,7 +258,7 @@ pub fn learn(
             let mut all = Vec::new();
             let mut dim = 0;
             for (i, p) in train.iter().enumerate() {
-                let g = patchcore::features(engine, &load_image(p)?, w, h, layer)?;
+                let g = patchcore::features(engine, &load_image(p)?, w, h, layer, opts.pool)?;
                 dim = g.dim;
                 all.extend_from_slice(&g.v);
                 progress("patch features", i + 1, train.len());
@@ -314,7 +320,7 @@ impl Bank {
                 })?;
                 self.check_model(engine)?;
                 let layer = self.header.layer.unwrap_or(0);
-                let g = patchcore::features(engine, img, w, h, layer)?;
+                let g = patchcore::features(engine, img, w, h, layer, self.header.pool)?;
                 let d = patchcore::nearest(features, &g.v, *dim)?;
                 let score = d.iter().copied().fold(0.0, f32::max);
                 Ok(Scored {

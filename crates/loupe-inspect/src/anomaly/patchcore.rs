@@ -1,8 +1,11 @@
 //! The patch-feature memory bank (PatchCore's recipe) on the loaded VLM's own vision tower.
 //!
-//! Each good image, resized to the bank's size, runs the tower up to one block; its patch features
-//! are averaged over their 3x3 neighbourhood on the patch grid (local context, as PatchCore pools),
-//! and a greedy k-centre coreset keeps a stated fraction of all of them (distances measured on a
+//! Each good image, resized to the bank's size, runs the tower up to one block; with `--pool`, its
+//! patch features are averaged over their 3x3 neighbourhood on the patch grid (PatchCore's local
+//! context). Off by default: PatchCore pools a CNN map of 8-pixel stride, while a ViT patch is 14
+//! pixels, so 3x3 patches span 42 and average away a defect smaller than a patch (measured on the
+//! synthetic washers of `tests/anomaly.rs`: 6 of 12 dents flagged pooled, 12 of 12 not). A greedy
+//! k-centre coreset keeps a stated fraction of all of them (distances measured on a
 //! seeded random projection to [`PROJECTION_DIM`] dimensions, as PatchCore does, to keep the
 //! selection fast). A new image's patch scores are the distances to their nearest bank feature.
 //!
@@ -33,13 +36,14 @@ pub struct PatchGrid {
 }
 
 /// Block `layer`'s patch features of `img` resized to `w x h` (multiples of the tower's patch and
-/// merge size), in raster order, averaged over 3x3 neighbourhoods.
+/// merge size), in raster order; with `pool`, averaged over 3x3 neighbourhoods.
 pub fn features(
     engine: &Engine,
     img: &RgbImage,
     w: usize,
     h: usize,
     layer: usize,
+    pool: bool,
 ) -> Result<PatchGrid> {
     let cfg = &engine.preprocessor.cfg;
     let (p, m) = (cfg.patch_size, cfg.merge_size);
@@ -93,12 +97,13 @@ pub fn features(
         let (y, x) = (by * m + inner / m, bx * m + inner % m);
         raster[(y * gw + x) * dim..(y * gw + x + 1) * dim].copy_from_slice(row);
     }
-    Ok(pool3(&PatchGrid {
+    let g = PatchGrid {
         gh,
         gw,
         dim,
         v: raster,
-    }))
+    };
+    Ok(if pool { pool3(&g) } else { g })
 }
 
 /// Each feature replaced by the mean of its 3x3 neighbourhood (the neighbours present at edges).

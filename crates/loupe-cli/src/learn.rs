@@ -1,0 +1,174 @@
+//! `loupe learn`: an anomaly detector from good images only, written as one bank file, with the
+//! threshold calibrated on held-out good images and the calibration table printed.
+
+use std::path::PathBuf;
+
+use loupe_inspect::anomaly::{self, LearnOptions, Method};
+use loupe_inspect::inspector::collect_images;
+use loupe_inspect::{Error, Result, Spec};
+
+use crate::ModelArgs;
+
+#[derive(clap::Args, Debug)]
+pub struct LearnArgs {
+    /// The inspection spec: its model (patchcore) and its `[anomaly]` bank path (the default --out).
+    #[arg(long)]
+    pub spec: PathBuf,
+    /// Folders or files of good images.
+    #[arg(required = true)]
+    pub good: Vec<PathBuf>,
+    /// The bank file to write (default: the spec's `anomaly.bank`, else `<spec name>.anomaly.safetensors`
+    /// beside the spec).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// variation (aligned golden template, no model) or patchcore (the model's vision tower).
+    #[arg(long, default_value = "patchcore")]
+    pub method: String,
+    /// Patchcore: the vision tower block the features come from (default: two thirds up the tower).
+    #[arg(long)]
+    pub layer: Option<usize>,
+    /// Side of the square images are brought to (patchcore: a multiple of the tower's patch x merge
+    /// size, default 224; variation: default 256).
+    #[arg(long)]
+    pub size: Option<usize>,
+    /// Patchcore: the share of all patch features the coreset keeps.
+    #[arg(long, default_value_t = 0.1)]
+    pub coreset: f64,
+    /// Patchcore: average each patch feature over its 3x3 neighbourhood (PatchCore's local context;
+    /// off by default, since a 14-pixel ViT patch is already coarse).
+    #[arg(long)]
+    pub pool: bool,
+    /// The share of good images held out to calibrate the threshold.
+    #[arg(long, default_value_t = 0.3)]
+    pub holdout: f64,
+    /// The false-alarm rate the threshold bounds on good parts.
+    #[arg(long, default_value_t = 0.05)]
+    pub far: f64,
+    /// The confidence of that bound.
+    #[arg(long, default_value_t = 0.95)]
+    pub confidence: f64,
+    /// Variation: the largest rotation searched when aligning, in degrees.
+    #[arg(long, default_value_t = 5.0)]
+    pub max_rotation: f32,
+    /// Seed of the held-out split, the coreset's start and projection.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[command(flatten)]
+    pub model: ModelArgs,
+}
+
+pub fn learn(args: LearnArgs) -> Result<()> {
+    let spec = Spec::load(&args.spec)?;
+    let method: Method = args.method.parse().map_err(Error::InvalidInput)?;
+    if !(args.max_rotation >= 0.0 && args.max_rotation <= 45.0) {
+        return Err(Error::InvalidInput(format!(
+            "--max-rotation {} is not between 0 and 45 degrees",
+            args.max_rotation
+        )));
+    }
+    let goods = collect_images(&args.good)?;
+    if goods.is_empty() {
+        return Err(Error::InvalidInput(
+            "no good images found in the paths given".into(),
+        ));
+    }
+    let engine = match method {
+        Method::Patchcore => Some(args.model.load_or(spec.model.as_deref())?),
+        Method::Variation => None,
+    };
+    let size = match (method, args.size) {
+        (_, Some(s)) => s,
+        (Method::Patchcore, None) => 224,
+        (Method::Variation, None) => 256,
+    };
+    if size == 0 || size > 4096 {
+        return Err(Error::InvalidInput(format!(
+            "--size {size} is not between 1 and 4096"
+        )));
+    }
+    let out = args
+        .out
+        .clone()
+        .or_else(|| spec.anomaly.as_ref().map(|a| a.bank.clone()))
+        .unwrap_or_else(|| {
+            args.spec
+                .parent()
+                .unwrap_or(std::path::Path::new("."))
+                .join(format!("{}.anomaly.safetensors", spec.name))
+        });
+    let opts = LearnOptions {
+        method,
+        layer: args.layer,
+        width: size,
+        height: size,
+        coreset_fraction: args.coreset,
+        pool: args.pool,
+        holdout: args.holdout,
+        far: args.far,
+        confidence: args.confidence,
+        seed: args.seed,
+        max_rotation: args.max_rotation,
+    };
+    let bar = crate::progress_bar(
+        goods.len() as u64,
+        "{msg:>20} [{bar:30}] {pos}/{len} {elapsed_precise}",
+    );
+    let mut progress = |stage: &str, done: usize, total: usize| {
+        if bar.message() != stage {
+            bar.set_message(stage.to_string());
+            bar.set_length(total as u64);
+        }
+        bar.set_position(done as u64);
+    };
+    let t0 = std::time::Instant::now();
+    let learned = anomaly::learn(engine.as_ref(), &goods, &opts, &mut progress)?;
+    bar.finish_and_clear();
+    learned.bank.save(&out)?;
+    let h = &learned.bank.header;
+    eprintln!(
+        "loupe learn: {} good images ({} learned from, {} held out) in {:.1} s: {} bank of {} {} -> {}",
+        goods.len(),
+        h.trained_on,
+        h.calibrated_on,
+        t0.elapsed().as_secs_f64(),
+        args.method,
+        learned.bank.len(),
+        if method == Method::Patchcore {
+            format!("features (layer {})", h.layer.unwrap_or(0))
+        } else {
+            "pixels".to_string()
+        },
+        out.display()
+    );
+    println!(
+        "calibration on {} held-out good images, confidence {}:",
+        h.calibrated_on, args.confidence
+    );
+    println!("| false-alarm rate at most | threshold | held-out above it | confidence reached |");
+    println!("|---|---|---|---|");
+    for row in &learned.table {
+        match row {
+            Ok(c) => println!(
+                "| {:.0}% | {:.4} | {} | {:.3} |",
+                c.far * 100.0,
+                c.threshold,
+                c.exceedances,
+                c.achieved
+            ),
+            Err((far, needed)) => println!(
+                "| {:.0}% | - | - | needs {needed} held-out images |",
+                far * 100.0
+            ),
+        }
+    }
+    let c = &h.calibration;
+    println!(
+        "threshold {:.4}: at most {:.0}% false alarms on good parts with {:.1}% confidence ({} of {} held-out images above it)",
+        h.threshold,
+        c.far * 100.0,
+        c.achieved * 100.0,
+        c.exceedances,
+        c.n
+    );
+    Ok(())
+}
