@@ -11,10 +11,11 @@ use loupe_core::Engine;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
+use crate::anomaly::Bank;
 use crate::boxes::{BoxConvention, Frame};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::schema::verdict_schema;
-use crate::spec::{hex, RefLabel, Spec};
+use crate::spec::{hex, Combine, RefLabel, Spec};
 use crate::verdict::{parse_answer, Finding, Outcome};
 
 /// What is reused from one image to the next (`--reuse`, for measuring what reuse saves).
@@ -77,9 +78,85 @@ pub struct Record {
     pub output_tokens: usize,
     pub error: Option<String>,
     pub timings: RecordTimings,
+    /// The anomaly detector's part, when the spec has `[anomaly]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub anomaly: Option<AnomalyFinding>,
     /// The prompt text, image placeholders collapsed (for the audit log).
     #[serde(skip)]
     pub prompt: String,
+}
+
+/// What the anomaly detector found on one image.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct AnomalyFinding {
+    pub score: f32,
+    pub threshold: f32,
+    /// `score > threshold`.
+    pub anomalous: bool,
+    /// Connected regions of the anomaly map above the threshold (the 16 largest), boxes
+    /// `[x1, y1, x2, y2]` in pixels of the image as shown.
+    pub regions: Vec<[i64; 4]>,
+    pub ms: f64,
+}
+
+/// The 4-connected regions of `map` (`w x h`) above `threshold`, largest first, at most `max`, as
+/// boxes scaled to an image of `img_w x img_h`.
+pub fn regions(
+    map: &[f32],
+    w: usize,
+    h: usize,
+    threshold: f32,
+    img_w: usize,
+    img_h: usize,
+    max: usize,
+) -> Vec<[i64; 4]> {
+    let mut seen = vec![false; map.len()];
+    let mut found: Vec<(usize, [usize; 4])> = Vec::new();
+    for start in 0..map.len() {
+        if seen[start] || map[start].is_nan() || map[start] <= threshold {
+            continue;
+        }
+        let (mut bx, mut size, mut stack) = ([usize::MAX, usize::MAX, 0, 0], 0, vec![start]);
+        seen[start] = true;
+        while let Some(i) = stack.pop() {
+            let (x, y) = (i % w, i / w);
+            size += 1;
+            bx = [bx[0].min(x), bx[1].min(y), bx[2].max(x), bx[3].max(y)];
+            let mut push = |j: usize| {
+                if !seen[j] && map[j] > threshold {
+                    seen[j] = true;
+                    stack.push(j);
+                }
+            };
+            if x > 0 {
+                push(i - 1);
+            }
+            if x + 1 < w {
+                push(i + 1);
+            }
+            if y > 0 {
+                push(i - w);
+            }
+            if y + 1 < h {
+                push(i + w);
+            }
+        }
+        found.push((size, bx));
+    }
+    found.sort_by_key(|f| std::cmp::Reverse(f.0));
+    let (sx, sy) = (img_w as f64 / w as f64, img_h as f64 / h as f64);
+    found
+        .into_iter()
+        .take(max)
+        .map(|(_, b)| {
+            [
+                (b[0] as f64 * sx).floor() as i64,
+                (b[1] as f64 * sy).floor() as i64,
+                ((b[2] + 1) as f64 * sx).ceil() as i64,
+                ((b[3] + 1) as f64 * sy).ceil() as i64,
+            ]
+        })
+        .collect()
 }
 
 pub struct Inspector<'e> {
@@ -94,6 +171,8 @@ pub struct Inspector<'e> {
     refs: Vec<ImageInput>,
     reuse: Reuse,
     vision_start: Option<u32>,
+    /// The spec's anomaly detector, its threshold (the spec's override, else the bank's) and rule.
+    anomaly: Option<(Bank, f32, Combine)>,
 }
 
 fn ms(t: Instant) -> f64 {
@@ -117,6 +196,31 @@ impl<'e> Inspector<'e> {
         let refs = Engine::load_images(&paths)?;
         // Check the schema compiles before the first image.
         engine.constraint(&Grammar::JsonSchema(verdict_schema(&spec, 1000)))?;
+        let anomaly = match &spec.anomaly {
+            None => None,
+            Some(a) => {
+                if a.combine == Combine::Classify {
+                    return Err(Error::InvalidInput(format!(
+                        "{}: `anomaly.combine = \"classify\"` is not supported yet; use anomaly, vlm, \
+                         either or both",
+                        spec.path.display()
+                    )));
+                }
+                if !a.bank.is_file() {
+                    return Err(Error::InvalidInput(format!(
+                        "{}: the `[anomaly]` bank {} does not exist; write it with `loupe learn \
+                         --spec {} GOOD_IMAGES...`",
+                        spec.path.display(),
+                        a.bank.display(),
+                        spec.path.display()
+                    )));
+                }
+                let bank = Bank::load(&a.bank)?;
+                bank.check_model(engine)?;
+                let threshold = a.threshold.unwrap_or(bank.header.threshold);
+                Some((bank, threshold, a.combine))
+            }
+        };
         Ok(Inspector {
             engine,
             convention,
@@ -127,6 +231,7 @@ impl<'e> Inspector<'e> {
             refs,
             reuse: Reuse::default(),
             vision_start: engine.tokenizer.token_to_id("<|vision_start|>"),
+            anomaly,
             spec,
         })
     }
@@ -210,6 +315,7 @@ impl<'e> Inspector<'e> {
             output_tokens: 0,
             error: None,
             timings: RecordTimings::default(),
+            anomaly: None,
             prompt: String::new(),
         }
     }
@@ -274,6 +380,39 @@ impl<'e> Inspector<'e> {
         rec.frame = Some(frame);
         rec.timings.read_ms = ms(t);
 
+        if let Some((bank, threshold, combine)) = &self.anomaly {
+            let t = Instant::now();
+            let scored = bank
+                .score(Some(self.engine), &input.image)
+                .map_err(|e| e.to_string())?;
+            let anomalous = scored.score > *threshold;
+            rec.anomaly = Some(AnomalyFinding {
+                score: scored.score,
+                threshold: *threshold,
+                anomalous,
+                regions: regions(
+                    &scored.map.v,
+                    scored.map.w,
+                    scored.map.h,
+                    *threshold,
+                    input.image.width,
+                    input.image.height,
+                    16,
+                ),
+                ms: ms(t),
+            });
+            if *combine == Combine::Anomaly {
+                // The detector alone decides: no answer to wait for.
+                rec.verdict = Some(if anomalous {
+                    Outcome::Fail
+                } else {
+                    Outcome::Pass
+                });
+                *upright = Some(input.image);
+                return Ok(());
+            }
+        }
+
         rec.prompt = self
             .engine
             .template
@@ -302,7 +441,12 @@ impl<'e> Inspector<'e> {
         rec.timings.decode_ms = out.timings.decode_ms;
         let v = parse_answer(&out.text, &self.spec, self.convention, &frame)?;
         rec.fail_score = self.fail_score(&out, v.model_verdict);
-        rec.verdict = Some(v.verdict);
+        let flagged = rec.anomaly.as_ref().map(|a| a.anomalous);
+        rec.verdict = Some(match (self.anomaly.as_ref().map(|a| a.2), flagged) {
+            (Some(Combine::Either), Some(true)) => Outcome::Fail,
+            (Some(Combine::Both), Some(false)) => Outcome::Pass,
+            _ => v.verdict,
+        });
         rec.model_verdict = Some(v.model_verdict);
         rec.defects = v.defects;
         Ok(())

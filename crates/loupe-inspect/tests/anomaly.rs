@@ -192,3 +192,101 @@ fn bad_banks_and_too_few_images_are_clear_errors() {
     let e = Bank::load(&not_bank).err().unwrap().to_string();
     assert!(e.contains("not a safetensors file"), "{e}");
 }
+
+/// The spec's `[anomaly]` in the inspector: the record carries score, threshold and the region
+/// boxes, and `combine` decides the verdict (`anomaly` without running the VLM at all).
+#[test]
+fn inspector_records_the_anomaly_and_combines_it_with_the_vlm() {
+    use loupe_inspect::inspector::{Inspector, ReuseMode};
+    use loupe_inspect::verdict::Outcome;
+    let demo = root().join("models/loupe-parts-demo");
+    let engine = loupe_core::Engine::load(demo.to_str().unwrap(), &Default::default()).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let train = goods(&tmp.path().join("good"), 64, 1);
+    let learned =
+        anomaly::learn(None, &train, &opts(Method::Variation), &mut |_, _, _| {}).unwrap();
+    learned
+        .bank
+        .save(&tmp.path().join("washers.anomaly.safetensors"))
+        .unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(42);
+    let good = tmp.path().join("part_good.png");
+    washer(&mut rng, None).save(&good).unwrap();
+    let dented = tmp.path().join("part_dent.png");
+    washer(&mut rng, Some((-25.0, 0.0))).save(&dented).unwrap();
+    let spec_for = |combine: &str| {
+        let p = tmp.path().join(format!("{combine}.toml"));
+        std::fs::write(
+            &p,
+            format!(
+                "name = \"washers\"\ninstructions = \"Inspect the washer.\"\n[[defects]]\nname = \"dent\"\n\
+                 [anomaly]\nbank = \"washers.anomaly.safetensors\"\ncombine = \"{combine}\"\n"
+            ),
+        )
+        .unwrap();
+        loupe_inspect::Spec::load(&p).unwrap()
+    };
+
+    let mut alone = Inspector::new(&engine, spec_for("anomaly"), ReuseMode::Prefix).unwrap();
+    let (rec, _) = alone.inspect(&dented);
+    let a = rec.anomaly.clone().expect("an anomaly finding");
+    assert!(a.anomalous && a.score > a.threshold, "{a:?}");
+    assert_eq!(rec.verdict, Some(Outcome::Fail));
+    assert_eq!(
+        (rec.model_verdict, rec.output_tokens),
+        (None, 0),
+        "the VLM did not run"
+    );
+    // The largest region covers the dent (its centre is 5 px from the part's, which moves 5 px).
+    let r = a.regions[0];
+    let (dx, dy) = (56.0 - 25.0, 56.0);
+    assert!(
+        (r[0] as f32) < dx + 6.0
+            && (r[2] as f32) > dx - 6.0
+            && (r[1] as f32) < dy + 6.0
+            && (r[3] as f32) > dy - 6.0,
+        "region {r:?} misses the dent at ({dx}, {dy})"
+    );
+    let (rec, _) = alone.inspect(&good);
+    assert_eq!(rec.verdict, Some(Outcome::Pass), "{:?}", rec.anomaly);
+
+    // `either` fails the dented part whatever the VLM says; `both` passes it unless the VLM fails it.
+    let mut either = Inspector::new(&engine, spec_for("either"), ReuseMode::Prefix).unwrap();
+    let (rec, _) = either.inspect(&dented);
+    assert!(
+        rec.model_verdict.is_some() && rec.output_tokens > 0,
+        "the VLM ran: {:?}",
+        rec.error
+    );
+    assert_eq!(rec.verdict, Some(Outcome::Fail));
+    let mut vlm = Inspector::new(&engine, spec_for("vlm"), ReuseMode::Prefix).unwrap();
+    let (by_vlm, _) = vlm.inspect(&dented);
+    assert!(
+        by_vlm.anomaly.as_ref().is_some_and(|a| a.anomalous),
+        "vlm still records the score"
+    );
+    let mut both = Inspector::new(&engine, spec_for("both"), ReuseMode::Prefix).unwrap();
+    let (rec, _) = both.inspect(&dented);
+    assert_eq!(rec.verdict, by_vlm.verdict);
+    let (rec, _) = both.inspect(&good);
+    assert_eq!(rec.verdict, Some(Outcome::Pass));
+
+    // A missing bank and the rule not built yet are refused with the spec named.
+    std::fs::remove_file(tmp.path().join("washers.anomaly.safetensors")).unwrap();
+    let e = Inspector::new(&engine, spec_for("either"), ReuseMode::Prefix)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("either.toml") && e.contains("loupe learn"),
+        "{e}"
+    );
+    let e = Inspector::new(&engine, spec_for("classify"), ReuseMode::Prefix)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("classify") && e.contains("not supported yet"),
+        "{e}"
+    );
+}
