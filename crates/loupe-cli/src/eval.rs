@@ -45,6 +45,7 @@ pub fn eval(args: EvalArgs) -> Result<ExitCode> {
             "verdict": rec.verdict,
             "defects": rec.defects,
             "fail_score": rec.fail_score,
+            "anomaly": rec.anomaly,
             "truth_boxes": truth_boxes.iter().map(|b| b.rounded()).collect::<Vec<_>>(),
             "error": rec.error,
         }));
@@ -55,6 +56,7 @@ pub fn eval(args: EvalArgs) -> Result<ExitCode> {
             predicted_classes: rec.defects.iter().map(|d| d.class.clone()).collect(),
             predicted_boxes: rec.defects.iter().map(|d| d.pixel_box).collect(),
             fail_score: rec.fail_score,
+            anomaly_score: rec.anomaly.as_ref().map(|a| a.score as f64),
         });
         pb.inc(1);
     }
@@ -123,6 +125,10 @@ td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}th{background:#f3f
         ("overkill rate (good parts rejected)", pct(m.overkill_rate)),
         ("miss rate (defective parts passed)", pct(m.miss_rate)),
         ("AUROC (fail score)", opt(m.auroc, |x| format!("{x:.3}"))),
+        (
+            "AUROC (anomaly score)",
+            opt(m.anomaly_auroc, |x| format!("{x:.3}")),
+        ),
         (
             "mean box IoU (failed defective images)",
             opt(m.mean_iou, |x| format!("{x:.3}")),

@@ -31,6 +31,8 @@ pub struct Scored {
     pub predicted_classes: Vec<String>,
     pub predicted_boxes: Vec<PixelBox>,
     pub fail_score: Option<f64>,
+    /// The anomaly detector's score, when the spec has one.
+    pub anomaly_score: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -59,6 +61,8 @@ pub struct Metrics {
     /// Area under the ROC curve of the fail score (ties count half); `None` without scores or
     /// without both classes.
     pub auroc: Option<f64>,
+    /// The same AUROC of the anomaly detector's score (a spec with `[anomaly]`).
+    pub anomaly_auroc: Option<f64>,
     /// Mean over ground-truth boxes of failed defective images of the best IoU with a predicted box.
     pub mean_iou: Option<f64>,
     /// Share of ground-truth boxes (of all defective images) matched by a prediction with IoU >= 0.5.
@@ -104,6 +108,7 @@ pub fn score(samples: &[Scored]) -> Metrics {
     let mut per: BTreeMap<String, (usize, usize, usize)> = BTreeMap::new();
     let (mut pos_scores, mut neg_scores) = (Vec::new(), Vec::new());
     let mut all_scored = true;
+    let (mut pos_anomaly, mut neg_anomaly, mut all_anomaly) = (Vec::new(), Vec::new(), true);
     let (mut iou_sum, mut iou_n) = (0.0, 0usize);
     let (mut hits, mut gt_total) = (0usize, 0usize);
     for s in samples {
@@ -146,6 +151,11 @@ pub fn score(samples: &[Scored]) -> Metrics {
             Some(sc) => neg_scores.push(sc),
             None => all_scored = false,
         }
+        match s.anomaly_score {
+            Some(sc) if defective => pos_anomaly.push(sc),
+            Some(sc) => neg_anomaly.push(sc),
+            None => all_anomaly = false,
+        }
         if defective {
             gt_total += s.truth_boxes.len();
             for t in &s.truth_boxes {
@@ -185,6 +195,11 @@ pub fn score(samples: &[Scored]) -> Metrics {
         miss_rate: ratio(fn_, defective),
         auroc: if all_scored {
             auroc(&pos_scores, &neg_scores)
+        } else {
+            None
+        },
+        anomaly_auroc: if all_anomaly {
+            auroc(&pos_anomaly, &neg_anomaly)
         } else {
             None
         },
@@ -331,6 +346,7 @@ mod tests {
             predicted_classes: classes.iter().map(|c| c.to_string()).collect(),
             predicted_boxes: vec![],
             fail_score: Some(score),
+            anomaly_score: None,
         }
     }
 
@@ -367,6 +383,17 @@ mod tests {
         assert!((m.miss_rate - 2.0 / 6.0).abs() < 1e-12);
         // AUROC: positives {.9,.8,.3,.95,.6,.5} vs negatives {.1,.2,.35,.7}: pairs won = 4+4+2+4+3+3 = 20 of 24.
         assert!((m.auroc.unwrap() - 20.0 / 24.0).abs() < 1e-12);
+        // No anomaly scores: no anomaly AUROC. The same scores as anomaly scores: the same AUROC.
+        assert_eq!(m.anomaly_auroc, None);
+        let with_anomaly: Vec<Scored> = v
+            .iter()
+            .cloned()
+            .map(|mut s| {
+                s.anomaly_score = s.fail_score;
+                s
+            })
+            .collect();
+        assert_eq!(score(&with_anomaly).anomaly_auroc, m.auroc);
         // IoU over truth boxes of failed defective images: (1 + 1/3) / 2; recall@0.5: 1 of 3 truth boxes.
         assert!((m.mean_iou.unwrap() - (1.0 + 1.0 / 3.0) / 2.0).abs() < 1e-12);
         assert!((m.box_recall_at_50.unwrap() - 1.0 / 3.0).abs() < 1e-12);
