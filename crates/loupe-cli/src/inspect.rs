@@ -93,7 +93,16 @@ pub fn record(
     upright: Option<&loupe_core::image::RgbImage>,
 ) -> Result<()> {
     let classes: Vec<String> = spec.defects.iter().map(|d| d.name.clone()).collect();
-    let ov = upright.map(|img| overlay::draw(img, rec.verdict, &rec.defects, &classes, &spec.name));
+    let ov = upright.map(|img| {
+        overlay::draw(
+            img,
+            rec.verdict,
+            &rec.defects,
+            rec.anomaly.as_ref(),
+            &classes,
+            &spec.name,
+        )
+    });
     outputs.add(rec, ov.as_ref())?;
     if let Some(a) = audit {
         a.append(rec)?;

@@ -97,6 +97,9 @@ pub struct AnomalyFinding {
     /// `[x1, y1, x2, y2]` in pixels of the image as shown.
     pub regions: Vec<[i64; 4]>,
     pub ms: f64,
+    /// The map itself (for the overlay's heatmap; not written).
+    #[serde(skip)]
+    pub map: Option<crate::anomaly::variation::Gray>,
 }
 
 /// The 4-connected regions of `map` (`w x h`) above `threshold`, largest first, at most `max`, as
@@ -400,6 +403,7 @@ impl<'e> Inspector<'e> {
                     16,
                 ),
                 ms: ms(t),
+                map: Some(scored.map),
             });
             if *combine == Combine::Anomaly {
                 // The detector alone decides: no answer to wait for.

@@ -4,12 +4,15 @@
 use font8x8::UnicodeFonts;
 use image::{Rgb, RgbImage};
 
+use crate::inspector::AnomalyFinding;
 use crate::verdict::{Finding, Outcome};
 
 const PASS: Rgb<u8> = Rgb([22, 140, 60]);
 const FAIL: Rgb<u8> = Rgb([200, 30, 30]);
 const ERROR: Rgb<u8> = Rgb([110, 110, 110]);
 const WHITE: Rgb<u8> = Rgb([255, 255, 255]);
+/// The anomaly detector's regions: a colour no defect class has.
+pub const ANOMALY: Rgb<u8> = Rgb([255, 0, 255]);
 
 /// Distinct, colour-blind-friendly colours for defect classes (Okabe-Ito).
 pub const PALETTE: [[u8; 3]; 7] = [
@@ -60,11 +63,44 @@ fn text_width(s: &str, scale: i64) -> i64 {
     s.chars().count() as i64 * 8 * scale
 }
 
+fn outline(img: &mut RgbImage, [x1, y1, x2, y2]: [i64; 4], thick: i64, c: Rgb<u8>) {
+    fill(img, x1 - thick, y1 - thick, x2 + thick, y1, c);
+    fill(img, x1 - thick, y2, x2 + thick, y2 + thick, c);
+    fill(img, x1 - thick, y1, x1, y2, c);
+    fill(img, x2, y1, x2 + thick, y2, c);
+}
+
+/// Tints `body` red where the anomaly map is high: from half the threshold (clear) to twice it
+/// (half red), the map scaled to the image.
+fn heatmap(body: &mut RgbImage, a: &AnomalyFinding) {
+    let Some(map) = &a.map else { return };
+    let (w, h) = (body.width() as usize, body.height() as usize);
+    if map.w == 0 || map.h == 0 || a.threshold <= 0.0 {
+        return;
+    }
+    for y in 0..h {
+        for x in 0..w {
+            let v = map.v[(y * map.h / h) * map.w + x * map.w / w];
+            let alpha = ((v / a.threshold - 0.5) / 1.5).clamp(0.0, 1.0) * 0.5;
+            if alpha > 0.0 {
+                let p = body.get_pixel_mut(x as u32, y as u32);
+                p.0 = [
+                    (p.0[0] as f32 * (1.0 - alpha) + 255.0 * alpha) as u8,
+                    (p.0[1] as f32 * (1.0 - alpha)) as u8,
+                    (p.0[2] as f32 * (1.0 - alpha)) as u8,
+                ];
+            }
+        }
+    }
+}
+
 /// The overlay of one inspected image. `verdict` is `None` for an answer that could not be read.
+/// With an anomaly finding, the map is tinted in as a heatmap and its regions outlined.
 pub fn draw(
     upright: &loupe_core::image::RgbImage,
     verdict: Option<Outcome>,
     defects: &[Finding],
+    anomaly: Option<&AnomalyFinding>,
     classes: &[String],
     title: &str,
 ) -> RgbImage {
@@ -72,8 +108,11 @@ pub fn draw(
     let scale = i64::from((w.min(h) / 320).max(1));
     let banner = 12 * scale;
     let mut img = RgbImage::new(w, h + banner as u32);
-    let body =
+    let mut body =
         RgbImage::from_raw(w, h, upright.data.clone()).unwrap_or_else(|| RgbImage::new(w, h));
+    if let Some(a) = anomaly {
+        heatmap(&mut body, a);
+    }
     image::imageops::replace(&mut img, &body, 0, banner);
 
     let (colour, word) = match verdict {
@@ -83,21 +122,31 @@ pub fn draw(
     };
     fill(&mut img, 0, 0, i64::from(w), banner, colour);
     let n = defects.len();
-    let line = format!(
+    let mut line = format!(
         "{word}  {title}  {n} defect{}",
         if n == 1 { "" } else { "s" }
     );
+    if let Some(a) = anomaly {
+        line.push_str(&format!("  anomaly {:.2}/{:.2}", a.score, a.threshold));
+    }
     text(&mut img, 2 * scale, 2 * scale, &line, scale, WHITE);
 
     let thick = 2 * scale;
+    if let Some(a) = anomaly.filter(|a| a.anomalous) {
+        for r in &a.regions {
+            outline(
+                &mut img,
+                [r[0], r[1] + banner, r[2], r[3] + banner],
+                thick,
+                ANOMALY,
+            );
+        }
+    }
     for d in defects {
         let c = class_colour(classes, &d.class);
         let [x1, y1, x2, y2] = d.box_px;
         let (y1, y2) = (y1 + banner, y2 + banner);
-        fill(&mut img, x1 - thick, y1 - thick, x2 + thick, y1, c);
-        fill(&mut img, x1 - thick, y2, x2 + thick, y2 + thick, c);
-        fill(&mut img, x1 - thick, y1, x1, y2, c);
-        fill(&mut img, x2, y1, x2 + thick, y2, c);
+        outline(&mut img, [x1, y1, x2, y2], thick, c);
         let label = &d.class;
         let lw = text_width(label, scale) + 4 * scale;
         let lh = 10 * scale;

@@ -247,6 +247,27 @@ fn inspector_records_the_anomaly_and_combines_it_with_the_vlm() {
             && (r[3] as f32) > dy - 6.0,
         "region {r:?} misses the dent at ({dx}, {dy})"
     );
+    // The overlay outlines the region in the anomaly colour and tints the dent red.
+    let (rec, upright) = alone.inspect(&dented);
+    let ov = loupe_inspect::overlay::draw(
+        upright.as_ref().unwrap(),
+        rec.verdict,
+        &rec.defects,
+        rec.anomaly.as_ref(),
+        &["dent".to_string()],
+        "washers",
+    );
+    let banner = ov.height() - SIZE;
+    let outlined = ov
+        .enumerate_pixels()
+        .filter(|(_, y, p)| *y >= banner && p.0 == loupe_inspect::overlay::ANOMALY.0)
+        .count();
+    assert!(outlined > 20, "{outlined} outline pixels");
+    let centre = ov.get_pixel(56 - 25, 56 + banner).0;
+    assert!(
+        centre[0] as i32 - centre[1] as i32 > 20,
+        "the dent is not tinted: {centre:?}"
+    );
     let (rec, _) = alone.inspect(&good);
     assert_eq!(rec.verdict, Some(Outcome::Pass), "{:?}", rec.anomaly);
 

@@ -344,7 +344,14 @@ fn inspect(
         })
         .inc();
     if let Some(img) = upright {
-        let ov = overlay::draw(&img, record.verdict, &record.defects, classes, spec_name);
+        let ov = overlay::draw(
+            &img,
+            record.verdict,
+            &record.defects,
+            record.anomaly.as_ref(),
+            classes,
+            spec_name,
+        );
         let mut png = Vec::new();
         if ov
             .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
