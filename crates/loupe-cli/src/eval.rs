@@ -15,12 +15,16 @@ use crate::progress_bar;
 pub struct EvalArgs {
     #[command(flatten)]
     pub session: SessionArgs,
-    /// Dataset folder with test/good, test/<defect>/ and ground_truth/<defect>/*_mask.png.
+    /// The labelled images: an MVTec AD folder (test/good, test/<defect>/, ground_truth/<defect>/
+    /// *_mask.png), a folder of class folders (good/, one per defect), or a CSV of path,label.
     pub dataset: PathBuf,
+    /// With a CSV whose labels are numbers: the rule that makes one defective, e.g. '>=0.5'.
+    #[arg(long)]
+    pub defect_if: Option<String>,
 }
 
 pub fn eval(args: EvalArgs) -> Result<ExitCode> {
-    let samples = read_dataset(&args.dataset)?;
+    let samples = read_dataset(&args.dataset, args.defect_if.as_deref())?;
     let mut session = args.session.open()?;
     let mut outputs = RunOutputs::create(&args.session.out)?;
     let spec = session.spec.clone();

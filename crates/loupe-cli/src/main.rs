@@ -55,7 +55,7 @@ enum Command {
     /// Learn an anomaly detector from good images only (variation model or patch-feature bank), its
     /// threshold calibrated on held-out good images.
     Learn(Box<learn::LearnArgs>),
-    /// How well a spec and model inspect a labelled dataset (MVTec AD layout).
+    /// How well a spec and model inspect a labelled dataset (MVTec AD, class folders or a CSV).
     Eval(Box<eval::EvalArgs>),
     /// List and filter the audit log of past inspections.
     History(history::HistoryArgs),

@@ -244,7 +244,7 @@ fn bad_specs_and_arguments_are_one_line_with_exit_2() {
         ),
         (
             &["eval", "--spec", s(&sp), "--no-audit", s(tmp.path())],
-            "no `test/` folder",
+            "not a dataset: expected test/good",
         ),
         (&["history", "--db", s(&no_db)], "no audit log"),
     ];

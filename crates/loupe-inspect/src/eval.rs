@@ -222,23 +222,41 @@ pub fn score(samples: &[Scored]) -> Metrics {
     }
 }
 
-/// The samples of an MVTec-layout dataset folder (the folder itself or its `test/`), sorted.
-pub fn read_dataset(root: &Path) -> Result<Vec<Sample>> {
+/// The samples of a labelled dataset, in one of three layouts:
+/// - MVTec AD: `test/good/`, `test/<defect>/`, masks in `ground_truth/<defect>/<stem>_mask.png`;
+/// - class folders: `good/` and one folder per defect class (masks as above when present);
+/// - a CSV file with `path` and `label` columns (paths relative to the file): the label a class
+///   name, or with `defect_if` (e.g. `>=0.5`) a number, defective when the rule holds.
+///
+/// Sorted by class then file name (CSV: in file order).
+pub fn read_dataset(root: &Path, defect_if: Option<&str>) -> Result<Vec<Sample>> {
     let err = |msg: String| Error::Dataset {
         path: root.to_path_buf(),
         msg,
     };
-    let test = if root.join("test").is_dir() {
+    if root.is_file() {
+        return read_csv(root, defect_if);
+    }
+    if defect_if.is_some() {
+        return Err(err(
+            "--defect-if applies to a CSV of labels, not a folder".into()
+        ));
+    }
+    let classes_dir = if root.join("test").is_dir() {
         root.join("test")
+    } else if root.join("good").is_dir() {
+        root.to_path_buf()
     } else {
         return Err(err(
-            "no `test/` folder (expected test/good, test/<defect>/)".into(),
+            "not a dataset: expected test/good and test/<defect>/ (MVTec AD), good/ and \
+             <defect>/ folders, or a CSV file of path,label"
+                .into(),
         ));
     };
-    let mut classes: Vec<PathBuf> = std::fs::read_dir(&test)
-        .map_err(|e| Error::io(&test, e))?
+    let mut classes: Vec<PathBuf> = std::fs::read_dir(&classes_dir)
+        .map_err(|e| Error::io(&classes_dir, e))?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.is_dir())
+        .filter(|p| p.is_dir() && p.file_name().is_some_and(|n| n != "ground_truth"))
         .collect();
     classes.sort();
     let mut out = Vec::new();
@@ -275,7 +293,120 @@ pub fn read_dataset(root: &Path) -> Result<Vec<Sample>> {
         }
     }
     if out.is_empty() {
-        return Err(err("no images under test/".into()));
+        return Err(err(format!("no images under {}", classes_dir.display())));
+    }
+    if !out.iter().any(|s| s.class == "good") {
+        return Err(err("no good images (a `good/` folder)".into()));
+    }
+    Ok(out)
+}
+
+/// A `--defect-if` rule: `>=0.5`, `>0.5`, `<=0.5`, `<0.5` or `==1`.
+pub fn parse_rule(rule: &str) -> std::result::Result<(String, f64), String> {
+    let r = rule.trim();
+    let op = [">=", "<=", "==", ">", "<"]
+        .into_iter()
+        .find(|op| r.starts_with(op))
+        .ok_or_else(|| format!("--defect-if `{rule}`: start with >=, >, <=, < or =="))?;
+    let v: f64 = r[op.len()..].trim().parse().map_err(|_| {
+        format!(
+            "--defect-if `{rule}`: `{}` is not a number",
+            r[op.len()..].trim()
+        )
+    })?;
+    Ok((op.to_string(), v))
+}
+
+fn rule_holds((op, v): &(String, f64), x: f64) -> bool {
+    match op.as_str() {
+        ">=" => x >= *v,
+        "<=" => x <= *v,
+        "==" => x == *v,
+        ">" => x > *v,
+        _ => x < *v,
+    }
+}
+
+fn read_csv(path: &Path, defect_if: Option<&str>) -> Result<Vec<Sample>> {
+    let err = |line: usize, msg: String| Error::Dataset {
+        path: path.to_path_buf(),
+        msg: if line > 0 {
+            format!("line {line}: {msg}")
+        } else {
+            msg
+        },
+    };
+    let rule = defect_if
+        .map(parse_rule)
+        .transpose()
+        .map_err(|m| err(0, m))?;
+    let limits = loupe_core::limits::get();
+    let bytes = loupe_core::limits::read_file(path, limits.text_bytes, "text-bytes")?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut rd = csv::Reader::from_reader(bytes.as_slice());
+    let headers = rd.headers().map_err(|e| err(1, e.to_string()))?.clone();
+    let col = |name: &str| {
+        headers
+            .iter()
+            .position(|h| h.trim() == name)
+            .ok_or_else(|| {
+                err(
+                    1,
+                    format!("no `{name}` column (the header needs path,label)"),
+                )
+            })
+    };
+    let (pc, lc) = (col("path")?, col("label")?);
+    let mut out = Vec::new();
+    for (i, row) in rd.records().enumerate() {
+        let line = i + 2;
+        let row = row.map_err(|e| err(line, e.to_string()))?;
+        let (p, label) = (
+            row.get(pc).unwrap_or("").trim(),
+            row.get(lc).unwrap_or("").trim(),
+        );
+        if p.is_empty() {
+            return Err(err(line, "empty path".into()));
+        }
+        let image = dir.join(p);
+        if !image.is_file() {
+            return Err(err(
+                line,
+                format!("image {} does not exist", image.display()),
+            ));
+        }
+        let class = match &rule {
+            Some(r) => {
+                let x: f64 = label.parse().map_err(|_| {
+                    err(
+                        line,
+                        format!("label `{label}` is not a number (--defect-if is set)"),
+                    )
+                })?;
+                if rule_holds(r, x) { "defect" } else { "good" }.to_string()
+            }
+            None if label.is_empty() => return Err(err(line, "empty label".into())),
+            None if label.parse::<f64>().is_ok() => {
+                return Err(err(
+                    line,
+                    format!(
+                    "label `{label}` is a number: say which are defective with --defect-if '>=0.5'"
+                ),
+                ))
+            }
+            None => label.to_string(),
+        };
+        out.push(Sample {
+            image,
+            class,
+            mask: None,
+        });
+    }
+    if out.is_empty() {
+        return Err(err(0, "no rows".into()));
+    }
+    if !out.iter().any(|s| s.class == "good") {
+        return Err(err(0, "no row is labelled good".into()));
     }
     Ok(out)
 }
@@ -348,6 +479,87 @@ mod tests {
             fail_score: Some(score),
             anomaly_score: None,
         }
+    }
+
+    #[test]
+    fn reads_all_three_layouts_and_refuses_bad_ones() {
+        let tmp = tempfile::tempdir().unwrap();
+        let touch = |p: &Path| {
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, b"x").unwrap();
+        };
+        // MVTec AD, with one mask.
+        let mv = tmp.path().join("mvtec");
+        for f in [
+            "test/good/0.png",
+            "test/good/1.png",
+            "test/dent/0.png",
+            "ground_truth/dent/0_mask.png",
+        ] {
+            touch(&mv.join(f));
+        }
+        let s = read_dataset(&mv, None).unwrap();
+        let classes: Vec<&str> = s.iter().map(|x| x.class.as_str()).collect();
+        assert_eq!(classes, ["dent", "good", "good"]);
+        assert!(s[0]
+            .mask
+            .as_ref()
+            .unwrap()
+            .ends_with("ground_truth/dent/0_mask.png"));
+        // Class folders.
+        let cf = tmp.path().join("folders");
+        for f in ["good/a.png", "scratch/b.jpg", "scratch/notes.txt"] {
+            touch(&cf.join(f));
+        }
+        let s = read_dataset(&cf, None).unwrap();
+        assert_eq!(s.len(), 2);
+        assert_eq!(
+            (s[0].class.as_str(), s[1].class.as_str()),
+            ("good", "scratch")
+        );
+        // CSV with class names, then with scores.
+        let csv = tmp.path().join("labels.csv");
+        std::fs::write(
+            &csv,
+            "path,label\nfolders/good/a.png,good\nfolders/scratch/b.jpg,scratch\n",
+        )
+        .unwrap();
+        let s = read_dataset(&csv, None).unwrap();
+        assert_eq!(
+            (s[0].class.as_str(), s[1].class.as_str()),
+            ("good", "scratch")
+        );
+        std::fs::write(
+            &csv,
+            "label,path\n0.1,folders/good/a.png\n0.7,folders/scratch/b.jpg\n",
+        )
+        .unwrap();
+        let s = read_dataset(&csv, Some(">=0.5")).unwrap();
+        assert_eq!(
+            (s[0].class.as_str(), s[1].class.as_str()),
+            ("good", "defect")
+        );
+        let e = read_dataset(&csv, None).unwrap_err().to_string();
+        assert!(e.contains("line 2") && e.contains("--defect-if"), "{e}");
+        let e = read_dataset(&csv, Some("about 0.5"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--defect-if `about 0.5`"), "{e}");
+        std::fs::write(
+            &csv,
+            "path,label\nfolders/good/a.png,good\nmissing.png,dent\n",
+        )
+        .unwrap();
+        let e = read_dataset(&csv, None).unwrap_err().to_string();
+        assert!(
+            e.contains("labels.csv") && e.contains("line 3") && e.contains("missing.png"),
+            "{e}"
+        );
+        std::fs::write(&csv, "file,label\nfolders/good/a.png,good\n").unwrap();
+        let e = read_dataset(&csv, None).unwrap_err().to_string();
+        assert!(e.contains("no `path` column"), "{e}");
+        let e = read_dataset(tmp.path(), None).unwrap_err().to_string();
+        assert!(e.contains("not a dataset"), "{e}");
     }
 
     /// Ten images worked by hand: 4 good (one rejected), 6 defective (one passed, one error).
