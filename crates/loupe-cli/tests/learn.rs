@@ -1,0 +1,162 @@
+//! `loupe learn` from the command line: good images in, a bank file and the calibration table out,
+//! the spec's `[anomaly]` then used by `loupe inspect`; bad flags and too few images are one clear line.
+
+mod common;
+
+use std::path::Path;
+
+use common::{fails_clearly, loupe, root, s};
+use image::{Rgb, RgbImage};
+
+/// A bright ring on a dark background, shifted by `(dx, dy)`, with a seeded speckle; with `dent`, a
+/// dark spot on the ring.
+fn ring(dx: i32, dy: i32, seed: u32, dent: bool) -> RgbImage {
+    RgbImage::from_fn(112, 112, |x, y| {
+        let (fx, fy) = (x as i32 - 56 - dx, y as i32 - 56 - dy);
+        let r2 = fx * fx + fy * fy;
+        let mut v: i32 = if (169..1296).contains(&r2) { 200 } else { 60 };
+        if dent && (fx + 25).pow(2) + fy * fy < 25 {
+            v = 60;
+        }
+        let h = (x.wrapping_mul(73) ^ y.wrapping_mul(151) ^ seed.wrapping_mul(977)) % 7;
+        let g = (v + h as i32 - 3) as u8;
+        Rgb([g, g, g])
+    })
+}
+
+fn write_goods(dir: &Path, n: u32) {
+    std::fs::create_dir_all(dir).unwrap();
+    for i in 0..n {
+        let (dx, dy) = ((i % 7) as i32 - 3, (i % 5) as i32 - 2);
+        ring(dx, dy, i, false)
+            .save(dir.join(format!("{i:03}.png")))
+            .unwrap();
+    }
+}
+
+#[test]
+fn learn_writes_a_bank_that_inspect_uses() {
+    let tmp = tempfile::tempdir().unwrap();
+    let good = tmp.path().join("good");
+    write_goods(&good, 44);
+    let spec = tmp.path().join("rings.toml");
+    let demo = root().join("models/loupe-parts-demo");
+    std::fs::write(
+        &spec,
+        format!(
+            "name = \"rings\"\nmodel = \"{}\"\ninstructions = \"Inspect the ring.\"\n[[defects]]\nname = \"dent\"\n\
+             [anomaly]\ncombine = \"anomaly\"\n",
+            demo.display()
+        ),
+    )
+    .unwrap();
+    let out = loupe(&[
+        "learn",
+        "--spec",
+        s(&spec),
+        "--method",
+        "variation",
+        "--size",
+        "112",
+        "--holdout",
+        "0.7",
+        "--far",
+        "0.1",
+        s(&good),
+    ]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    // 44 images, 31 held out: a 10% bound at 95% needs 29.
+    assert!(
+        out.stdout
+            .contains("calibration on 31 held-out good images"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout
+            .contains("| 5% | - | - | needs 59 held-out images |"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.contains("at most 10% false alarms"),
+        "{}",
+        out.stdout
+    );
+    let bank = tmp.path().join("rings.anomaly.safetensors");
+    assert!(bank.is_file(), "the default bank path beside the spec");
+    assert!(
+        out.stderr.contains("13 learned from, 31 held out"),
+        "{}",
+        out.stderr
+    );
+
+    // The spec's [anomaly] names that bank by default: inspect flags the dent, passes a good ring.
+    let dented = tmp.path().join("dented.png");
+    ring(1, 0, 99, true).save(&dented).unwrap();
+    let fine = tmp.path().join("fine.png");
+    ring(-1, 1, 98, false).save(&fine).unwrap();
+    let out_dir = tmp.path().join("out");
+    let out = loupe(&[
+        "inspect",
+        "--spec",
+        s(&spec),
+        "--no-audit",
+        "--json",
+        "--out",
+        s(&out_dir),
+        s(&dented),
+        s(&fine),
+    ]);
+    assert_eq!(out.code, 1, "one part fails: {}", out.stderr);
+    let recs: Vec<serde_json::Value> = out
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let by = |name: &str| {
+        recs.iter()
+            .find(|r| r["image"].as_str().unwrap().ends_with(name))
+            .unwrap()
+    };
+    assert_eq!(by("dented.png")["verdict"], "fail");
+    assert_eq!(by("dented.png")["anomaly"]["anomalous"], true);
+    assert_eq!(by("fine.png")["verdict"], "pass");
+    assert_eq!(
+        by("fine.png")["output_tokens"],
+        0,
+        "combine = anomaly runs no VLM"
+    );
+
+    // Bad input: one clear line each.
+    fails_clearly(
+        &loupe(&["learn", "--spec", s(&spec), "--method", "magic", s(&good)]),
+        "method `magic` is not one of variation, patchcore",
+    );
+    fails_clearly(
+        &loupe(&[
+            "learn",
+            "--spec",
+            s(&spec),
+            "--method",
+            "variation",
+            "--far",
+            "0.01",
+            s(&good),
+        ]),
+        "needs at least 299 held out",
+    );
+    let empty = tmp.path().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    fails_clearly(
+        &loupe(&[
+            "learn",
+            "--spec",
+            s(&spec),
+            "--method",
+            "variation",
+            s(&empty),
+        ]),
+        "no good images",
+    );
+}
