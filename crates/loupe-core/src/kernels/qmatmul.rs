@@ -1250,11 +1250,36 @@ mod avx2 {
     use crate::kernels::x86::{hsum128, hsum256};
 
     /// How far ahead of the block being read the weights are prefetched, in bytes.
-    pub(super) const PREFETCH: usize = 2048;
+    const PREFETCH: usize = 2048;
 
     #[inline(always)]
     pub(super) unsafe fn h(bits: u16) -> f32 {
         _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+    }
+
+    /// Prefetches the weights [`PREFETCH`] bytes ahead of block `b` (one Q4_K block: 3 lines).
+    #[inline(always)]
+    pub(super) unsafe fn prefetch_q4k(b: &BlockQ4K) {
+        let ahead = (b as *const BlockQ4K as *const i8).wrapping_add(PREFETCH);
+        _mm_prefetch::<_MM_HINT_T0>(ahead);
+        _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64));
+        _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(128));
+    }
+
+    /// `acc` plus one Q4_K block's mins term against activation block `a`: `a.d * dmin` times the
+    /// 6-bit mins (16-bit, `mins`) dotted with the activations' sums of 32 (pairs of `bsums`).
+    #[inline(always)]
+    pub(super) unsafe fn mins_term(acc: __m128, mins: __m128i, a: &BlockQ8K, dmin: f32) -> __m128 {
+        let bsums = _mm256_loadu_si256(a.bsums.as_ptr() as *const __m256i);
+        let pairs = _mm_hadd_epi16(
+            _mm256_castsi256_si128(bsums),
+            _mm256_extracti128_si256(bsums, 1),
+        );
+        _mm_fmadd_ps(
+            _mm_set1_ps(a.d * dmin),
+            _mm_cvtepi32_ps(_mm_madd_epi16(mins, pairs)),
+            acc,
+        )
     }
 
     #[inline(always)]
@@ -1352,24 +1377,12 @@ mod avx2 {
         let mut acc = _mm256_setzero_ps();
         let mut acc_min = _mm_setzero_ps();
         for (b, a) in x.iter().zip(y) {
-            let ahead = (b as *const BlockQ4K as *const i8).wrapping_add(PREFETCH);
-            _mm_prefetch::<_MM_HINT_T0>(ahead);
-            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64));
-            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(128));
+            prefetch_q4k(b);
             let sm = scales_mins_q4k(&b.scales);
             let sm = _mm_set_epi32(sm[3] as i32, sm[2] as i32, sm[1] as i32, sm[0] as i32);
             let scales = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(sm));
             let mins = _mm_cvtepu8_epi16(_mm_unpackhi_epi64(sm, sm));
-            let bsums = _mm256_loadu_si256(a.bsums.as_ptr() as *const __m256i);
-            let pairs = _mm_hadd_epi16(
-                _mm256_castsi256_si128(bsums),
-                _mm256_extracti128_si256(bsums, 1),
-            );
-            acc_min = _mm_fmadd_ps(
-                _mm_set1_ps(a.d * h(b.dmin)),
-                _mm_cvtepi32_ps(_mm_madd_epi16(mins, pairs)),
-                acc_min,
-            );
+            acc_min = mins_term(acc_min, mins, a, h(b.dmin));
             let mut sumi = _mm256_setzero_si256();
             for j in 0..4 {
                 let q = load(b.qs.as_ptr().add(32 * j));
@@ -1405,27 +1418,14 @@ mod avx2 {
         let mut acc = [_mm256_setzero_ps(); R];
         let mut acc_min = [_mm_setzero_ps(); R];
         for (i, b) in x.iter().enumerate() {
-            let ahead = (b as *const BlockQ4K as *const i8).wrapping_add(PREFETCH);
-            _mm_prefetch::<_MM_HINT_T0>(ahead);
-            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64));
-            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(128));
+            prefetch_q4k(b);
             let sm = scales_mins_q4k(&b.scales);
             let sm = _mm_set_epi32(sm[3] as i32, sm[2] as i32, sm[1] as i32, sm[0] as i32);
             let scales = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(sm));
             let mins = _mm_cvtepu8_epi16(_mm_unpackhi_epi64(sm, sm));
             let (d, dmin) = (h(b.d), h(b.dmin));
             for r in 0..R {
-                let a = &ys[r][i];
-                let bsums = _mm256_loadu_si256(a.bsums.as_ptr() as *const __m256i);
-                let pairs = _mm_hadd_epi16(
-                    _mm256_castsi256_si128(bsums),
-                    _mm256_extracti128_si256(bsums, 1),
-                );
-                acc_min[r] = _mm_fmadd_ps(
-                    _mm_set1_ps(a.d * dmin),
-                    _mm_cvtepi32_ps(_mm_madd_epi16(mins, pairs)),
-                    acc_min[r],
-                );
+                acc_min[r] = mins_term(acc_min[r], mins, &ys[r][i], dmin);
             }
             let mut sumi = [_mm256_setzero_si256(); R];
             for j in 0..4 {
@@ -1525,7 +1525,7 @@ mod avx2 {
 mod avx512 {
     use core::arch::x86_64::*;
 
-    use super::avx2::{h, scales_mins_q4k, PREFETCH};
+    use super::avx2::{h, mins_term, prefetch_q4k, scales_mins_q4k};
     use super::{BlockQ4K, BlockQ8K};
     use crate::kernels::x86::{hsum128, hsum256};
 
@@ -1540,27 +1540,14 @@ mod avx512 {
         let mut acc = [_mm256_setzero_ps(); R];
         let mut acc_min = [_mm_setzero_ps(); R];
         for (i, b) in x.iter().enumerate() {
-            let ahead = (b as *const BlockQ4K as *const i8).wrapping_add(PREFETCH);
-            _mm_prefetch::<_MM_HINT_T0>(ahead);
-            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64));
-            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(128));
+            prefetch_q4k(b);
             let sm = scales_mins_q4k(&b.scales);
             let sc: [u8; 8] = std::array::from_fn(|k| (sm[k / 4] >> (8 * (k % 4))) as u8);
             let sm = _mm_set_epi32(sm[3] as i32, sm[2] as i32, sm[1] as i32, sm[0] as i32);
             let mins = _mm_cvtepu8_epi16(_mm_unpackhi_epi64(sm, sm));
             let (d, dmin) = (h(b.d), h(b.dmin));
             for r in 0..R {
-                let a = &ys[r][i];
-                let bsums = _mm256_loadu_si256(a.bsums.as_ptr() as *const __m256i);
-                let pairs = _mm_hadd_epi16(
-                    _mm256_castsi256_si128(bsums),
-                    _mm256_extracti128_si256(bsums, 1),
-                );
-                acc_min[r] = _mm_fmadd_ps(
-                    _mm_set1_ps(a.d * dmin),
-                    _mm_cvtepi32_ps(_mm_madd_epi16(mins, pairs)),
-                    acc_min[r],
-                );
+                acc_min[r] = mins_term(acc_min[r], mins, &ys[r][i], dmin);
             }
             let mut sumi = [_mm512_setzero_si512(); R];
             for j in 0..4 {

@@ -40,11 +40,28 @@ pub(crate) fn pixel_tensor(
 /// A vision tower: patches `(patches, patch values)` of the images in `grids`, in the preprocessor's
 /// merge-block order, to merged image tokens `(tokens, text hidden)`.
 pub trait VisionEncoder: Send + Sync {
-    fn forward(&self, pixels: &Tensor, grids: &[[usize; 3]], taps: &Taps) -> Result<Tensor>;
+    /// The tower. With `until`, only the blocks up to that one, whose output `(patches, width)` is
+    /// returned in the preprocessor's patch order.
+    fn run(
+        &self,
+        pixels: &Tensor,
+        grids: &[[usize; 3]],
+        taps: &Taps,
+        until: Option<usize>,
+    ) -> Result<Tensor>;
+    fn forward(&self, pixels: &Tensor, grids: &[[usize; 3]], taps: &Taps) -> Result<Tensor> {
+        self.run(pixels, grids, taps, None)
+    }
     /// The output of block `layer` (from 0), `(patches, width)` in the preprocessor's patch order,
     /// running only the blocks up to it: the patch features anomaly detection learns from.
-    fn block_features(&self, pixels: &Tensor, grids: &[[usize; 3]], layer: usize)
-        -> Result<Tensor>;
+    fn block_features(
+        &self,
+        pixels: &Tensor,
+        grids: &[[usize; 3]],
+        layer: usize,
+    ) -> Result<Tensor> {
+        self.run(pixels, grids, &Taps::default(), Some(layer))
+    }
     /// Blocks in the tower.
     fn depth(&self) -> usize;
     fn param_count(&self) -> usize;

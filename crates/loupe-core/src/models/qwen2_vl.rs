@@ -146,26 +146,10 @@ impl VisionEncoder for VisionTower {
         self.params
     }
 
-    fn forward(&self, pixels: &Tensor, grids: &[[usize; 3]], taps: &Taps) -> Result<Tensor> {
-        self.run(pixels, grids, taps, None)
-    }
-
-    fn block_features(
-        &self,
-        pixels: &Tensor,
-        grids: &[[usize; 3]],
-        layer: usize,
-    ) -> Result<Tensor> {
-        self.run(pixels, grids, &Taps::default(), Some(layer))
-    }
-
     fn depth(&self) -> usize {
         self.blocks.len()
     }
-}
 
-impl VisionTower {
-    /// The tower; with `until`, only the blocks up to that one, whose output is returned.
     fn run(
         &self,
         pixels: &Tensor,
