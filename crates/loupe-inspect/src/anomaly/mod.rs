@@ -147,13 +147,18 @@ fn set_hash(hashes: &[String]) -> String {
     format!("{:x}", h.finalize())
 }
 
-fn file_sha256(path: &Path) -> Result<String> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    Ok(format!("{:x}", Sha256::digest(&bytes)))
-}
-
-fn load_image(path: &Path) -> Result<RgbImage> {
-    Ok(loupe_core::image::load(path)?)
+/// Reads an image file once (within the `image-bytes` limit): its SHA-256 goes to `hashes`, the
+/// decoded image comes back.
+fn read_image(path: &Path, hashes: &mut Vec<String>) -> Result<RgbImage> {
+    let limit = loupe_core::limits::get().image_bytes;
+    let bytes = loupe_core::limits::read_file(path, limit, "image-bytes")?;
+    hashes.push(format!("{:x}", Sha256::digest(&bytes)));
+    loupe_core::image::decode(&bytes).map_err(|msg| {
+        Error::Engine(loupe_core::Error::Image {
+            path: path.to_path_buf(),
+            msg,
+        })
+    })
 }
 
 /// The default layer for patch features: two thirds up the tower (PatchCore takes mid-level features:
@@ -201,9 +206,7 @@ pub fn learn(
         )));
     }
     let (held, train) = order.split_at(n_hold);
-    let hashes =
-        |ps: &[PathBuf]| -> Result<Vec<String>> { ps.iter().map(|p| file_sha256(p)).collect() };
-    let (train_hash, held_hash) = (set_hash(&hashes(train)?), set_hash(&hashes(held)?));
+    let (mut train_hashes, mut held_hashes) = (Vec::new(), Vec::new());
 
     let (w, h) = (opts.width, opts.height);
     let mut header = Header {
@@ -226,8 +229,8 @@ pub fn learn(
         },
         trained_on: train.len(),
         calibrated_on: held.len(),
-        training_set_sha256: train_hash,
-        calibration_set_sha256: held_hash,
+        training_set_sha256: String::new(),
+        calibration_set_sha256: String::new(),
         coreset_fraction: None,
         pool: opts.pool,
         max_rotation: None,
@@ -237,7 +240,7 @@ pub fn learn(
         Method::Variation => {
             let mut grays = Vec::with_capacity(train.len());
             for (i, p) in train.iter().enumerate() {
-                grays.push(Gray::from_rgb(&load_image(p)?, w, h));
+                grays.push(Gray::from_rgb(&read_image(p, &mut train_hashes)?, w, h));
                 progress("reading good images", i + 1, train.len());
             }
             let mut done = 0;
@@ -258,7 +261,8 @@ pub fn learn(
             let mut all = Vec::new();
             let mut dim = 0;
             for (i, p) in train.iter().enumerate() {
-                let g = patchcore::features(engine, &load_image(p)?, w, h, layer, opts.pool)?;
+                let img = read_image(p, &mut train_hashes)?;
+                let g = patchcore::features(engine, &img, w, h, layer, opts.pool)?;
                 dim = g.dim;
                 all.extend_from_slice(&g.v);
                 progress("patch features", i + 1, train.len());
@@ -282,7 +286,7 @@ pub fn learn(
     let mut bank = Bank { header, data };
     let mut held_out_scores = Vec::with_capacity(held.len());
     for (i, p) in held.iter().enumerate() {
-        held_out_scores.push(bank.score(engine, &load_image(p)?)?.score);
+        held_out_scores.push(bank.score(engine, &read_image(p, &mut held_hashes)?)?.score);
         progress("calibrating", i + 1, held.len());
     }
     let cal =
@@ -294,6 +298,8 @@ pub fn learn(
             held.len()
         ))
         })?;
+    bank.header.training_set_sha256 = set_hash(&train_hashes);
+    bank.header.calibration_set_sha256 = set_hash(&held_hashes);
     bank.header.threshold = cal.threshold;
     bank.header.calibration = cal;
     let table = calibrate::table(&held_out_scores, opts.confidence);
@@ -454,11 +460,11 @@ impl Bank {
                 if spread.iter().any(|s| s.is_nan() || *s <= 0.0) {
                     return Err(bad("a spread is not positive".into()));
                 }
-                Data::Variation(VariationModel {
-                    mean: Gray { w, h, v: mean },
+                Data::Variation(VariationModel::new(
+                    Gray { w, h, v: mean },
                     spread,
-                    max_rotation: header.max_rotation.unwrap_or(0.0).clamp(0.0, 45.0),
-                })
+                    header.max_rotation.unwrap_or(0.0).clamp(0.0, 45.0),
+                ))
             }
             Method::Patchcore => {
                 let dim = header

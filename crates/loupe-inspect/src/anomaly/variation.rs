@@ -97,6 +97,7 @@ pub fn warp(g: &Gray, m: Motion) -> (Gray, Vec<bool>) {
 }
 
 /// 2D FFTs of one size, planned once.
+#[derive(Clone)]
 pub struct Fft2 {
     w: usize,
     h: usize,
@@ -226,15 +227,30 @@ pub fn align(fft: &Fft2, reference: &[Complex<f32>], g: &Gray, max_rotation: f32
     best.1
 }
 
-/// The learned template: per-pixel mean and spread of the aligned good images.
-#[derive(Debug, Clone)]
+/// The learned template: per-pixel mean and spread of the aligned good images, and what aligning to
+/// the mean needs (its FFT plan and spectrum, made once rather than per scored image).
+#[derive(Clone)]
 pub struct VariationModel {
     pub mean: Gray,
     pub spread: Vec<f32>,
     pub max_rotation: f32,
+    fft: Fft2,
+    mean_spectrum: Vec<Complex<f32>>,
 }
 
 impl VariationModel {
+    pub fn new(mean: Gray, spread: Vec<f32>, max_rotation: f32) -> VariationModel {
+        let fft = Fft2::new(mean.w, mean.h);
+        let mean_spectrum = fft.spectrum(&mean);
+        VariationModel {
+            mean,
+            spread,
+            max_rotation,
+            fft,
+            mean_spectrum,
+        }
+    }
+
     /// Learns from good images (at least 2): each aligned to the first, the mean taken, then each
     /// aligned again to that mean; the mean and spread (standard deviation, at least [`MIN_SPREAD`])
     /// of the second alignment. Pixels outside an aligned image do not count for it.
@@ -301,18 +317,13 @@ impl VariationModel {
                 (var.sqrt() as f32).max(MIN_SPREAD)
             })
             .collect();
-        Some(VariationModel {
-            mean: reference,
-            spread,
-            max_rotation,
-        })
+        Some(VariationModel::new(reference, spread, max_rotation))
     }
 
     /// The deviation of `g` in spreads, per pixel, in `g`'s own frame (so boxes land on the image),
     /// smoothed over 3x3; 0 where the aligned image had no pixel.
     pub fn deviation(&self, g: &Gray) -> Gray {
-        let fft = Fft2::new(self.mean.w, self.mean.h);
-        let m = align(&fft, &fft.spectrum(&self.mean), g, self.max_rotation);
+        let m = align(&self.fft, &self.mean_spectrum, g, self.max_rotation);
         let (aligned, inside) = warp(g, m);
         let z: Vec<f32> = (0..aligned.v.len())
             .map(|i| {
