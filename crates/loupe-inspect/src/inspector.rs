@@ -12,7 +12,7 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use crate::anomaly::Bank;
-use crate::boxes::{BoxConvention, Frame};
+use crate::boxes::{BoxConvention, Frame, PixelBox};
 use crate::error::{Error, Result};
 use crate::schema::verdict_schema;
 use crate::spec::{hex, Combine, RefLabel, Spec};
@@ -100,6 +100,49 @@ pub struct AnomalyFinding {
     /// The map itself (for the overlay's heatmap; not written).
     #[serde(skip)]
     pub map: Option<crate::anomaly::variation::Gray>,
+}
+
+/// The class a region gets when it is none of the spec's (`combine = "classify"`).
+pub const OTHER: &str = "other";
+
+/// The answer for one flagged region: `{"class": one of the spec's or "other", "note"}`.
+pub fn region_schema(spec: &Spec) -> serde_json::Value {
+    let mut classes: Vec<&str> = spec.defects.iter().map(|d| d.name.as_str()).collect();
+    classes.push(OTHER);
+    serde_json::json!({
+        "type": "object",
+        "properties": {
+            "class": {"enum": classes},
+            "note": {"type": "string", "maxLength": spec.decoding.max_note_chars}
+        },
+        "required": ["class", "note"],
+        "additionalProperties": false
+    })
+}
+
+/// The square around `region` (`[x1, y1, x2, y2]`) twice its longer side (at least 32 px), moved
+/// inside the image and cut to it.
+pub fn crop_around(img: &RgbImage, region: &[i64; 4]) -> RgbImage {
+    let (w, h) = (img.width as i64, img.height as i64);
+    let side = ((region[2] - region[0]).max(region[3] - region[1]) * 2)
+        .max(32)
+        .min(w.min(h))
+        .max(1);
+    let (cx, cy) = ((region[0] + region[2]) / 2, (region[1] + region[3]) / 2);
+    let x0 = (cx - side / 2).clamp(0, w - side) as usize;
+    let y0 = (cy - side / 2).clamp(0, h - side) as usize;
+    let s = side as usize;
+    let mut data = Vec::with_capacity(s * s * 3);
+    for y in y0..y0 + s {
+        let row = (y * img.width + x0) * 3;
+        data.extend_from_slice(&img.data[row..row + s * 3]);
+    }
+    RgbImage {
+        width: s,
+        height: s,
+        data,
+        orientation: 1,
+    }
 }
 
 /// The 4-connected regions of `map` (`w x h`) above `threshold`, largest first, at most `max`, as
@@ -197,18 +240,14 @@ impl<'e> Inspector<'e> {
             .with_pixels(spec.image.min_pixels, spec.image.max_pixels)?;
         let paths: Vec<&Path> = spec.references.iter().map(|r| r.image.as_path()).collect();
         let refs = Engine::load_images(&paths)?;
-        // Check the schema compiles before the first image.
+        // Check the schemas compile before the first image.
         engine.constraint(&Grammar::JsonSchema(verdict_schema(&spec, 1000)))?;
+        if spec.anomaly.as_ref().map(|a| a.combine) == Some(Combine::Classify) {
+            engine.constraint(&Grammar::JsonSchema(region_schema(&spec)))?;
+        }
         let anomaly = match &spec.anomaly {
             None => None,
             Some(a) => {
-                if a.combine == Combine::Classify {
-                    return Err(Error::InvalidInput(format!(
-                        "{}: `anomaly.combine = \"classify\"` is not supported yet; use anomaly, vlm, \
-                         either or both",
-                        spec.path.display()
-                    )));
-                }
                 if !a.bank.is_file() {
                     return Err(Error::InvalidInput(format!(
                         "{}: the `[anomaly]` bank {} does not exist; write it with `loupe learn \
@@ -405,7 +444,13 @@ impl<'e> Inspector<'e> {
                 ms: ms(t),
                 map: Some(scored.map),
             });
-            if *combine == Combine::Anomaly {
+            if *combine == Combine::Classify && anomalous {
+                let regions = rec.anomaly.as_ref().map(|a| a.regions.clone());
+                self.classify_regions(&input, &regions.unwrap_or_default(), &frame, rec)?;
+                *upright = Some(input.image);
+                return Ok(());
+            }
+            if matches!(*combine, Combine::Anomaly | Combine::Classify) {
                 // The detector alone decides: no answer to wait for.
                 rec.verdict = Some(if anomalous {
                     Outcome::Fail
@@ -453,6 +498,86 @@ impl<'e> Inspector<'e> {
         });
         rec.model_verdict = Some(v.model_verdict);
         rec.defects = v.defects;
+        Ok(())
+    }
+
+    /// `combine = "classify"` on a flagged part: each region (the largest first, at most
+    /// `decoding.max_defects`) is cut out with as much context again around it and the VLM names
+    /// its class (or `other`). The part fails unless every region is a class the rule tolerates.
+    fn classify_regions(
+        &mut self,
+        part: &ImageInput,
+        regions: &[[i64; 4]],
+        frame: &Frame,
+        rec: &mut Record,
+    ) -> std::result::Result<(), String> {
+        let mut content = vec![Content::Text {
+            text: self.spec.region_preamble(),
+        }];
+        content.push(Content::Image);
+        let mut messages = Vec::new();
+        if let Some(s) = &self.spec.system {
+            messages.push(Message::system(s));
+        }
+        messages.push(Message {
+            role: "user".into(),
+            content,
+        });
+        rec.prompt = self
+            .engine
+            .template
+            .render(&messages, true)
+            .map_err(|e| e.to_string())?;
+        let params = GenerateParams {
+            grammar: Some(Grammar::JsonSchema(region_schema(&self.spec))),
+            ..self.params(0)
+        };
+        let mut answers = Vec::new();
+        for r in regions.iter().take(self.spec.decoding.max_defects) {
+            let crop = ImageInput {
+                source: part.source.clone(),
+                image: crop_around(&part.image, r),
+            };
+            let prompt = self
+                .engine
+                .prompt_from_messages(&messages, &[crop], &self.preprocessor)
+                .map_err(|e| e.to_string())?;
+            let out = self
+                .engine
+                .generate_with(&prompt, &params, None, &mut |_| {})
+                .map_err(|e| e.to_string())?;
+            rec.prompt_tokens += out.prompt_tokens;
+            rec.output_tokens += out.tokens.len();
+            rec.timings.vision_ms += out.timings.vision_ms;
+            rec.timings.prefill_ms += out.timings.prefill_ms;
+            rec.timings.decode_ms += out.timings.decode_ms;
+            #[derive(serde::Deserialize)]
+            struct Named {
+                class: String,
+                #[serde(default)]
+                note: String,
+            }
+            let named: Named = serde_json::from_str(&out.text).map_err(|e| {
+                format!(
+                    "the answer for region {r:?} is not complete ({e}); raise decoding.max_tokens \
+                     if it was cut"
+                )
+            })?;
+            let px = PixelBox::ordered(r[0] as f64, r[1] as f64, r[2] as f64, r[3] as f64);
+            answers.push(out.text);
+            rec.defects.push(Finding {
+                class: named.class,
+                box_model: self.convention.from_pixels(&px, frame),
+                box_px: *r,
+                box_stored: frame.to_stored(&px).rounded(),
+                note: named.note,
+                pixel_box: px,
+            });
+        }
+        rec.raw_output = answers.join("\n");
+        let tolerated = |c: &str| c != OTHER && !self.spec.rule.fail_on.iter().any(|f| f == c);
+        let fail = rec.defects.is_empty() || !rec.defects.iter().all(|d| tolerated(&d.class));
+        rec.verdict = Some(if fail { Outcome::Fail } else { Outcome::Pass });
         Ok(())
     }
 
@@ -552,4 +677,33 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_crop_is_twice_the_region_and_stays_inside_the_image() {
+        let img = RgbImage {
+            width: 100,
+            height: 80,
+            data: (0..100 * 80 * 3).map(|i| (i % 251) as u8).collect(),
+            orientation: 1,
+        };
+        let c = crop_around(&img, &[40, 30, 60, 40]);
+        assert_eq!((c.width, c.height), (40, 40));
+        // Centred on (50, 35): the crop starts at (30, 15); its first pixel is that one.
+        assert_eq!(
+            c.data[..3],
+            img.data[(15 * 100 + 30) * 3..(15 * 100 + 30) * 3 + 3]
+        );
+        // At the corner it is moved inside; a small region still gets 32 px of context.
+        let c = crop_around(&img, &[95, 75, 100, 80]);
+        assert_eq!((c.width, c.height), (32, 32));
+        let last = img.data.len() - 3;
+        assert_eq!(c.data[c.data.len() - 3..], img.data[last..]);
+        // Bigger than the image: cut to its shorter side.
+        assert_eq!(crop_around(&img, &[0, 0, 100, 80]).width, 80);
+    }
 }

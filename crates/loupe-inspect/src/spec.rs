@@ -445,9 +445,8 @@ impl Spec {
         })
     }
 
-    /// The text the model reads before the reference images: the instructions, the defect classes,
-    /// and the answer format.
-    pub fn preamble(&self, convention: BoxConvention) -> String {
+    /// The instructions and the list of defect classes with their descriptions.
+    fn instructions_and_classes(&self) -> String {
         let mut s = self.instructions.clone();
         s.push_str("\n\nDefect classes:\n");
         for d in &self.defects {
@@ -457,6 +456,24 @@ impl Spec {
                 s.push_str(&format!("- {}: {}\n", d.name, d.description));
             }
         }
+        s
+    }
+
+    /// The question for one flagged region (`combine = "classify"`): the instructions, the classes,
+    /// and what to answer.
+    pub fn region_preamble(&self) -> String {
+        let mut s = self.instructions_and_classes();
+        s.push_str(
+            "\nAn anomaly detector flagged the middle of this close-up of the part. Which defect \
+             class is it? Answer in JSON: {\"class\": one of the classes or \"other\", \"note\"}.",
+        );
+        s
+    }
+
+    /// The text the model reads before the reference images: the instructions, the defect classes,
+    /// and the answer format.
+    pub fn preamble(&self, convention: BoxConvention) -> String {
+        let mut s = self.instructions_and_classes();
         s.push_str(&format!(
             "\nAnswer in JSON: {{\"verdict\": \"pass\" or \"fail\", \"defects\": [{{\"class\", \"box\": [x1, y1, x2, y2], \"note\"}}]}}, boxes {}.",
             convention.describe()

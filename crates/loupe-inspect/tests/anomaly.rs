@@ -292,7 +292,31 @@ fn inspector_records_the_anomaly_and_combines_it_with_the_vlm() {
     let (rec, _) = both.inspect(&good);
     assert_eq!(rec.verdict, Some(Outcome::Pass));
 
-    // A missing bank and the rule not built yet are refused with the spec named.
+    // `classify`: the detector decides, and the VLM names each flagged region from a close-up; a
+    // good part costs no answer at all.
+    let mut classify = Inspector::new(&engine, spec_for("classify"), ReuseMode::Prefix).unwrap();
+    let (rec, _) = classify.inspect(&dented);
+    assert_eq!(rec.error, None);
+    assert_eq!(rec.verdict, Some(Outcome::Fail));
+    let a = rec.anomaly.as_ref().unwrap();
+    assert!(!rec.defects.is_empty() && rec.output_tokens > 0, "{rec:?}");
+    assert_eq!(
+        rec.defects.len(),
+        a.regions.len().min(classify.spec.decoding.max_defects)
+    );
+    for (d, r) in rec.defects.iter().zip(&a.regions) {
+        assert_eq!(d.box_px, *r, "each finding is its region");
+        assert!(["dent", "other"].contains(&d.class.as_str()), "{}", d.class);
+    }
+    let (rec, _) = classify.inspect(&good);
+    assert_eq!(
+        (rec.verdict, rec.output_tokens),
+        (Some(Outcome::Pass), 0),
+        "{:?}",
+        rec.anomaly
+    );
+
+    // A missing bank is refused with the spec named.
     std::fs::remove_file(tmp.path().join("washers.anomaly.safetensors")).unwrap();
     let e = Inspector::new(&engine, spec_for("either"), ReuseMode::Prefix)
         .err()
@@ -300,14 +324,6 @@ fn inspector_records_the_anomaly_and_combines_it_with_the_vlm() {
         .to_string();
     assert!(
         e.contains("either.toml") && e.contains("loupe learn"),
-        "{e}"
-    );
-    let e = Inspector::new(&engine, spec_for("classify"), ReuseMode::Prefix)
-        .err()
-        .unwrap()
-        .to_string();
-    assert!(
-        e.contains("classify") && e.contains("not supported yet"),
         "{e}"
     );
 }
