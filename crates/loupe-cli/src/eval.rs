@@ -1,9 +1,10 @@
-//! `loupe eval`: inspect a labelled dataset (MVTec AD layout) and score the spec and model.
+//! `loupe eval`: inspect a labelled dataset (MVTec AD, class folders, a CSV) and score the spec, the
+//! model and the anomaly detector; `eval.html` draws the ROC curves and score histograms as SVG.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use loupe_inspect::eval::{mask_boxes, read_dataset, score, Metrics, Scored};
+use loupe_inspect::eval::{mask_boxes, roc, score, split, Metrics, PixelMap, Scored};
 use loupe_inspect::report::{escape, RunOutputs};
 use loupe_inspect::verdict::Outcome;
 use loupe_inspect::{Error, Result};
@@ -21,10 +22,23 @@ pub struct EvalArgs {
     /// With a CSV whose labels are numbers: the rule that makes one defective, e.g. '>=0.5'.
     #[arg(long)]
     pub defect_if: Option<String>,
+    /// Class folders and CSV: leave out this share of the good images, the ones `loupe learn
+    /// --dataset` learned from with the same --split and --seed.
+    #[arg(long)]
+    pub split: Option<f64>,
+    /// Seed of --split.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
 }
 
 pub fn eval(args: EvalArgs) -> Result<ExitCode> {
-    let samples = read_dataset(&args.dataset, args.defect_if.as_deref())?;
+    let samples = split(
+        &args.dataset,
+        args.defect_if.as_deref(),
+        args.split,
+        args.seed,
+    )?
+    .test;
     let mut session = args.session.open()?;
     let mut outputs = RunOutputs::create(&args.session.out)?;
     let spec = session.spec.clone();
@@ -61,6 +75,20 @@ pub fn eval(args: EvalArgs) -> Result<ExitCode> {
             predicted_boxes: rec.defects.iter().map(|d| d.pixel_box).collect(),
             fail_score: rec.fail_score,
             anomaly_score: rec.anomaly.as_ref().map(|a| a.score as f64),
+            anomalous: rec.anomaly.as_ref().map(|a| a.anomalous),
+            // Pixel truth is known for good parts and for masked defective ones.
+            pixels: match (&rec.anomaly, &rec.frame) {
+                (Some(a), Some(f)) if s.class == "good" || s.mask.is_some() => match &a.map {
+                    Some(m) => Some(PixelMap::new(
+                        m,
+                        s.mask.as_deref(),
+                        f.upright.0,
+                        f.upright.1,
+                    )?),
+                    None => None,
+                },
+                _ => None,
+            },
         });
         pb.inc(1);
     }
@@ -82,8 +110,11 @@ pub fn eval(args: EvalArgs) -> Result<ExitCode> {
     let text = serde_json::to_string_pretty(&out).map_err(|e| Error::output(&jp, e))?;
     std::fs::write(&jp, text).map_err(|e| Error::io(&jp, e))?;
     let hp = dir.join("eval.html");
-    std::fs::write(&hp, eval_html(&spec.name, &args.dataset, &metrics, mean_ms))
-        .map_err(|e| Error::io(&hp, e))?;
+    std::fs::write(
+        &hp,
+        eval_html(&spec.name, &args.dataset, &metrics, &scored, mean_ms),
+    )
+    .map_err(|e| Error::io(&hp, e))?;
     println!(
         "{}",
         serde_json::to_string_pretty(
@@ -100,11 +131,115 @@ pub fn eval(args: EvalArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+fn f3(x: f64) -> String {
+    format!("{x:.3}")
+}
+
+/// The scores of defective and of good parts, or both empty when any image has none.
+fn scores(scored: &[Scored], f: fn(&Scored) -> Option<f64>) -> (Vec<f64>, Vec<f64>) {
+    let (mut pos, mut neg) = (Vec::new(), Vec::new());
+    for s in scored {
+        match f(s) {
+            Some(v) if s.class == "good" => neg.push(v),
+            Some(v) => pos.push(v),
+            None => return (vec![], vec![]),
+        }
+    }
+    (pos, neg)
+}
+
+const W: f64 = 320.0;
+const H: f64 = 240.0;
+const PAD: f64 = 36.0;
+
+fn svg_frame(title: &str, x_label: &str, y_label: &str) -> String {
+    format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" \
+         style=\"margin-right:24px;font:11px system-ui,sans-serif\">\
+         <rect x=\"{PAD}\" y=\"8\" width=\"{W}\" height=\"{H}\" fill=\"none\" stroke=\"#999\"/>\
+         <text x=\"{cx}\" y=\"{by}\" text-anchor=\"middle\">{x_label}</text>\
+         <text x=\"10\" y=\"{cy}\" transform=\"rotate(-90 10 {cy})\" text-anchor=\"middle\">{y_label}</text>\
+         <text x=\"{cx}\" y=\"22\" text-anchor=\"middle\">{title}</text>",
+        w = W + PAD + 8.0,
+        h = H + PAD + 8.0,
+        cx = PAD + W / 2.0,
+        cy = 8.0 + H / 2.0,
+        by = H + PAD,
+    )
+}
+
+/// The ROC curve (false-positive rate across, true-positive rate up) with the chance diagonal.
+pub fn roc_svg(pos: &[f64], neg: &[f64]) -> String {
+    let pts: Vec<String> = roc(pos, neg)
+        .iter()
+        .map(|(x, y)| format!("{:.1},{:.1}", PAD + x * W, 8.0 + (1.0 - y) * H))
+        .collect();
+    let area = loupe_inspect::eval::auroc(pos, neg).unwrap_or(0.0);
+    format!(
+        "{}<line x1=\"{PAD}\" y1=\"{b}\" x2=\"{r}\" y2=\"8\" stroke=\"#ccc\" stroke-dasharray=\"4\"/>\
+         <polyline class=\"roc\" fill=\"none\" stroke=\"#1f6feb\" stroke-width=\"2\" points=\"{}\"/></svg>",
+        svg_frame(&format!("ROC, AUROC {area:.3}"), "false-positive rate", "true-positive rate"),
+        pts.join(" "),
+        b = 8.0 + H,
+        r = PAD + W,
+    )
+}
+
+/// Histograms of the scores of good parts (green) and defective parts (red), 20 bins over the
+/// range of all scores, each as a share of its own class.
+pub fn histogram_svg(pos: &[f64], neg: &[f64]) -> String {
+    const BINS: usize = 20;
+    let all = pos.iter().chain(neg);
+    let lo = all.clone().copied().fold(f64::INFINITY, f64::min);
+    let hi = all.copied().fold(f64::NEG_INFINITY, f64::max);
+    let span = if hi > lo { hi - lo } else { 1.0 };
+    let hist = |v: &[f64]| {
+        let mut c = [0.0f64; BINS];
+        for x in v {
+            c[(((x - lo) / span * BINS as f64) as usize).min(BINS - 1)] += 1.0 / v.len() as f64;
+        }
+        c
+    };
+    let (hp, hn) = (hist(pos), hist(neg));
+    let top = hp.iter().chain(&hn).copied().fold(0.0, f64::max).max(1e-9);
+    let bw = W / BINS as f64;
+    let mut bars = String::new();
+    for (c, colour) in [(&hn, "#2da44e"), (&hp, "#cf222e")] {
+        for (i, v) in c.iter().enumerate().filter(|(_, v)| **v > 0.0) {
+            let bh = v / top * (H - 24.0);
+            bars.push_str(&format!(
+                "<rect class=\"bar\" x=\"{:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{bh:.1}\" \
+                 fill=\"{colour}\" fill-opacity=\"0.5\"/>",
+                PAD + i as f64 * bw,
+                8.0 + H - bh,
+                bw
+            ));
+        }
+    }
+    format!(
+        "{}{bars}<text x=\"{PAD}\" y=\"{y}\">{lo:.3}</text><text x=\"{r}\" y=\"{y}\" \
+         text-anchor=\"end\">{hi:.3}</text></svg>",
+        svg_frame(
+            "scores: good (green), defective (red)",
+            "score",
+            "share of class"
+        ),
+        y = H + 20.0,
+        r = PAD + W,
+    )
+}
+
 fn pct(x: f64) -> String {
     format!("{:.1}%", 100.0 * x)
 }
 
-fn eval_html(spec: &str, dataset: &std::path::Path, m: &Metrics, mean_ms: f64) -> String {
+fn eval_html(
+    spec: &str,
+    dataset: &std::path::Path,
+    m: &Metrics,
+    scored: &[Scored],
+    mean_ms: f64,
+) -> String {
     let mut h = String::from(
         "<!doctype html><html><head><meta charset=\"utf-8\"><title>Loupe eval</title><style>\
 body{font:14px system-ui,sans-serif;margin:24px;color:#222}table{border-collapse:collapse;margin:10px 0 20px}\
@@ -128,11 +263,22 @@ td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}th{background:#f3f
         ("F1", format!("{:.3}", m.f1)),
         ("overkill rate (good parts rejected)", pct(m.overkill_rate)),
         ("miss rate (defective parts passed)", pct(m.miss_rate)),
-        ("AUROC (fail score)", opt(m.auroc, |x| format!("{x:.3}"))),
+        ("AUROC (fail score)", opt(m.auroc, f3)),
+        ("AUPRC (fail score)", opt(m.auprc, f3)),
+        ("AUROC (anomaly score)", opt(m.anomaly_auroc, f3)),
+        ("AUPRC (anomaly score)", opt(m.anomaly_auprc, f3)),
         (
-            "AUROC (anomaly score)",
-            opt(m.anomaly_auroc, |x| format!("{x:.3}")),
+            "detector alone at its threshold: F1",
+            opt(m.anomaly_at_threshold.as_ref().map(|b| b.f1), f3),
         ),
+        (
+            "detector alone: overkill / miss",
+            m.anomaly_at_threshold.as_ref().map_or("n/a".into(), |b| {
+                format!("{} / {}", pct(b.overkill_rate), pct(b.miss_rate))
+            }),
+        ),
+        ("pixel AUROC (anomaly map)", opt(m.pixel_auroc, f3)),
+        ("PRO up to 30% pixel FPR", opt(m.pro, f3)),
         (
             "mean box IoU (failed defective images)",
             opt(m.mean_iou, |x| format!("{x:.3}")),
@@ -148,7 +294,22 @@ td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}th{background:#f3f
             escape(&v)
         ));
     }
-    h.push_str("</table><h2>Per class</h2><table><tr><th>class</th><th>images</th><th>verdict recall</th><th>class accuracy</th></tr>");
+    h.push_str("</table>");
+    let curves = [
+        ("fail score", scores(scored, |s| s.fail_score)),
+        ("anomaly score", scores(scored, |s| s.anomaly_score)),
+    ];
+    for (name, (pos, neg)) in curves
+        .iter()
+        .filter(|(_, (p, n))| !p.is_empty() && !n.is_empty())
+    {
+        h.push_str(&format!(
+            "<h2>{name}</h2><p>{}{}</p>",
+            roc_svg(pos, neg),
+            histogram_svg(pos, neg)
+        ));
+    }
+    h.push_str("<h2>Per class</h2><table><tr><th>class</th><th>images</th><th>verdict recall</th><th>class accuracy</th></tr>");
     for (c, s) in &m.per_class {
         h.push_str(&format!(
             "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",

@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use loupe_inspect::anomaly::{self, LearnOptions, Method};
+use loupe_inspect::eval::split;
 use loupe_inspect::inspector::collect_images;
 use loupe_inspect::{Error, Result, Spec};
 
@@ -15,8 +16,19 @@ pub struct LearnArgs {
     #[arg(long)]
     pub spec: PathBuf,
     /// Folders or files of good images.
-    #[arg(required = true)]
+    #[arg(required_unless_present = "dataset")]
     pub good: Vec<PathBuf>,
+    /// Learn from a labelled dataset's good images instead: MVTec AD's train/good, or for class
+    /// folders and a CSV the --split share of good images drawn with --seed (`loupe eval` with the
+    /// same --split and --seed leaves them out).
+    #[arg(long, conflicts_with = "good")]
+    pub dataset: Option<PathBuf>,
+    /// With --dataset (class folders, CSV): the share of good images to learn from.
+    #[arg(long, default_value_t = 0.5)]
+    pub split: f64,
+    /// With --dataset, a CSV of numeric labels: the rule that makes one defective, e.g. '>=0.5'.
+    #[arg(long)]
+    pub defect_if: Option<String>,
     /// The bank file to write (default: the spec's `anomaly.bank`, else `<spec name>.anomaly.safetensors`
     /// beside the spec).
     #[arg(long)]
@@ -50,7 +62,7 @@ pub struct LearnArgs {
     /// Variation: the largest rotation searched when aligning, in degrees.
     #[arg(long, default_value_t = 5.0)]
     pub max_rotation: f32,
-    /// Seed of the held-out split, the coreset's start and projection.
+    /// Seed of the held-out split, the coreset's start and projection, and of --split.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     #[command(flatten)]
@@ -66,7 +78,21 @@ pub fn learn(args: LearnArgs) -> Result<()> {
             args.max_rotation
         )));
     }
-    let goods = collect_images(&args.good)?;
+    let goods = match &args.dataset {
+        Some(d) => {
+            let mvtec = d.join("test").is_dir();
+            let share = (!mvtec).then_some(args.split);
+            let sp = split(d, args.defect_if.as_deref(), share, args.seed)?;
+            if sp.train_good.is_empty() {
+                return Err(Error::InvalidInput(format!(
+                    "{}: no good images to learn from (an MVTec AD folder needs train/good/)",
+                    d.display()
+                )));
+            }
+            sp.train_good
+        }
+        None => collect_images(&args.good)?,
+    };
     if goods.is_empty() {
         return Err(Error::InvalidInput(
             "no good images found in the paths given".into(),

@@ -160,3 +160,117 @@ fn learn_writes_a_bank_that_inspect_uses() {
         "no good images",
     );
 }
+
+/// A class-folder dataset with masks: `loupe learn --dataset --split` learns from half its good
+/// rings, and `loupe eval` with the same split scores the rest and the dents, image and pixel level,
+/// with the curves drawn in eval.html.
+#[test]
+fn learn_and_eval_share_a_seeded_split_and_score_the_maps() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("rings");
+    write_goods(&data.join("good"), 80);
+    std::fs::create_dir_all(data.join("dent")).unwrap();
+    std::fs::create_dir_all(data.join("ground_truth/dent")).unwrap();
+    for i in 0..10u32 {
+        let (dx, dy) = ((i % 5) as i32 - 2, (i % 3) as i32 - 1);
+        ring(dx, dy, 500 + i, true)
+            .save(data.join(format!("dent/{i:03}.png")))
+            .unwrap();
+        let mask = image::GrayImage::from_fn(112, 112, |x, y| {
+            let (fx, fy) = (x as i32 - 56 - dx + 25, y as i32 - 56 - dy);
+            image::Luma([if fx * fx + fy * fy < 25 { 255 } else { 0 }])
+        });
+        mask.save(data.join(format!("ground_truth/dent/{i:03}_mask.png")))
+            .unwrap();
+    }
+    let spec = tmp.path().join("rings.toml");
+    let demo = root().join("models/loupe-parts-demo");
+    std::fs::write(
+        &spec,
+        format!(
+            "name = \"rings\"\nmodel = \"{}\"\ninstructions = \"Inspect the ring.\"\n[[defects]]\nname = \"dent\"\n\
+             [anomaly]\ncombine = \"anomaly\"\n",
+            demo.display()
+        ),
+    )
+    .unwrap();
+    let out = loupe(&[
+        "learn",
+        "--spec",
+        s(&spec),
+        "--method",
+        "variation",
+        "--size",
+        "112",
+        "--holdout",
+        "0.75",
+        "--far",
+        "0.1",
+        "--dataset",
+        s(&data),
+        "--split",
+        "0.5",
+        "--seed",
+        "3",
+    ]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(
+        out.stderr
+            .contains("40 good images (10 learned from, 30 held out)"),
+        "{}",
+        out.stderr
+    );
+    let o = tmp.path().join("eval");
+    let out = loupe(&[
+        "eval",
+        "--spec",
+        s(&spec),
+        "--no-audit",
+        "--out",
+        s(&o),
+        "--split",
+        "0.5",
+        "--seed",
+        "3",
+        s(&data),
+    ]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let e: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(o.join("eval.json")).unwrap()).unwrap();
+    let m = &e["metrics"];
+    assert_eq!(
+        (m["good"].as_u64(), m["defective"].as_u64()),
+        (Some(40), Some(10))
+    );
+    // None of the 40 images learned from is scored.
+    let scored: Vec<String> = e["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["image"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(scored.len(), 50);
+    for key in ["anomaly_auroc", "anomaly_auprc", "pixel_auroc", "pro"] {
+        let v = m[key].as_f64().unwrap_or(-1.0);
+        assert!(v > 0.8 && v <= 1.0, "{key} = {v}: {m}");
+    }
+    let at = &m["anomaly_at_threshold"];
+    assert!(at["miss_rate"].as_f64().unwrap() <= 0.2, "{at}");
+    let html = std::fs::read_to_string(o.join("eval.html")).unwrap();
+    assert!(html.contains("<polyline class=\"roc\"") && html.contains("class=\"bar\""));
+    assert!(html.contains("PRO up to 30% pixel FPR"));
+
+    // A split share out of range is one clear line.
+    fails_clearly(
+        &loupe(&[
+            "eval",
+            "--spec",
+            s(&spec),
+            "--no-audit",
+            "--split",
+            "1.5",
+            s(&data),
+        ]),
+        "--split 1.5 is not between 0 and 1",
+    );
+}

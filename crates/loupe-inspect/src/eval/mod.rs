@@ -1,15 +1,20 @@
-//! Evaluation on a labelled dataset in the MVTec AD layout: `test/good/*`, `test/<defect>/*` and
-//! `ground_truth/<defect>/<name>_mask.png`. Image-level verdict metrics (a defective part is the
-//! positive class), a confusion matrix over classes, overkill and miss rates, AUROC of the fail score,
-//! and box IoU against the boxes of the masks' connected regions.
+//! Evaluation on a labelled dataset (MVTec AD, class folders, or a CSV of labels). Image-level verdict
+//! metrics (a defective part is the positive class), a confusion matrix over classes, overkill and
+//! miss rates, AUROC and average precision of the fail and anomaly scores, the anomaly detector at its
+//! calibrated threshold, pixel AUROC and PRO of the anomaly maps where masks exist, and box IoU
+//! against the boxes of the masks' connected regions.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
+use crate::anomaly::variation::Gray;
 use crate::boxes::PixelBox;
 use crate::error::{Error, Result};
+
+pub mod curves;
+pub use curves::{auroc, average_precision, roc};
 
 /// One labelled image.
 #[derive(Debug, Clone)]
@@ -33,6 +38,111 @@ pub struct Scored {
     pub fail_score: Option<f64>,
     /// The anomaly detector's score, when the spec has one.
     pub anomaly_score: Option<f64>,
+    /// Whether the detector flagged the part (its score above the threshold).
+    pub anomalous: Option<bool>,
+    /// The anomaly map against the truth mask, on a common grid (pixel AUROC, PRO).
+    pub pixels: Option<PixelMap>,
+}
+
+/// An anomaly map and the truth mask on the same grid (the image's, at most [`PIXEL_GRID`] on its
+/// longer side).
+#[derive(Debug, Clone)]
+pub struct PixelMap {
+    pub w: usize,
+    pub h: usize,
+    pub score: Vec<f32>,
+    pub truth: Vec<bool>,
+}
+
+/// The longer side of the grid pixel metrics are computed on.
+pub const PIXEL_GRID: usize = 256;
+
+/// The false-positive rate PRO is integrated up to (MVTec AD's protocol).
+pub const PRO_MAX_FPR: f64 = 0.3;
+
+impl PixelMap {
+    /// `map` (covering the whole upright image of `img_w x img_h`) resized bilinearly to the grid,
+    /// unscored (NaN) pixels as 0, and the mask (`None`: a good part, nothing defective) taken by
+    /// nearest neighbour.
+    pub fn new(map: &Gray, mask: Option<&Path>, img_w: usize, img_h: usize) -> Result<PixelMap> {
+        let scale = (PIXEL_GRID as f64 / img_w.max(img_h).max(1) as f64).min(1.0);
+        let w = ((img_w as f64 * scale).round() as usize).max(1);
+        let h = ((img_h as f64 * scale).round() as usize).max(1);
+        let score = resize_bilinear(map, w, h);
+        let truth = match mask {
+            None => vec![false; w * h],
+            Some(p) => {
+                let m = read_mask(p)?;
+                let (mw, mh) = (m.width() as usize, m.height() as usize);
+                let mut t = Vec::with_capacity(w * h);
+                for y in 0..h {
+                    let my = ((y as f64 + 0.5) * mh as f64 / h as f64) as usize;
+                    for x in 0..w {
+                        let mx = ((x as f64 + 0.5) * mw as f64 / w as f64) as usize;
+                        t.push(m.as_raw()[my.min(mh - 1) * mw + mx.min(mw - 1)] > 127);
+                    }
+                }
+                t
+            }
+        };
+        Ok(PixelMap { w, h, score, truth })
+    }
+}
+
+/// Bilinear resize with pixel centres aligned (`align_corners = False`), NaN read as 0.
+fn resize_bilinear(g: &Gray, w: usize, h: usize) -> Vec<f32> {
+    let at = |x: usize, y: usize| {
+        let v = g.v[y * g.w + x];
+        if v.is_nan() {
+            0.0
+        } else {
+            v
+        }
+    };
+    let coord = |o: usize, n_out: usize, n_in: usize| {
+        let c = ((o as f64 + 0.5) * n_in as f64 / n_out as f64 - 0.5).clamp(0.0, (n_in - 1) as f64);
+        let i = c.floor() as usize;
+        (i, (i + 1).min(n_in - 1), (c - i as f64) as f32)
+    };
+    let mut out = Vec::with_capacity(w * h);
+    for y in 0..h {
+        let (y0, y1, fy) = coord(y, h, g.h);
+        for x in 0..w {
+            let (x0, x1, fx) = coord(x, w, g.w);
+            let top = at(x0, y0) * (1.0 - fx) + at(x1, y0) * fx;
+            let bottom = at(x0, y1) * (1.0 - fx) + at(x1, y1) * fx;
+            out.push(top * (1.0 - fy) + bottom * fy);
+        }
+    }
+    out
+}
+
+/// Precision, recall and F1 of "fail", with overkill and miss rates.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Binary {
+    pub precision: f64,
+    pub recall: f64,
+    pub f1: f64,
+    pub overkill_rate: f64,
+    pub miss_rate: f64,
+}
+
+impl Binary {
+    fn new(tp: usize, fp: usize, tn: usize, fn_: usize) -> Binary {
+        let precision = ratio(tp, tp + fp);
+        let recall = ratio(tp, tp + fn_);
+        Binary {
+            precision,
+            recall,
+            f1: if precision + recall > 0.0 {
+                2.0 * precision * recall / (precision + recall)
+            } else {
+                0.0
+            },
+            overkill_rate: ratio(fp, tn + fp),
+            miss_rate: ratio(fn_, tp + fn_),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -61,8 +171,17 @@ pub struct Metrics {
     /// Area under the ROC curve of the fail score (ties count half); `None` without scores or
     /// without both classes.
     pub auroc: Option<f64>,
+    /// Average precision (area under the precision-recall curve) of the fail score.
+    pub auprc: Option<f64>,
     /// The same AUROC of the anomaly detector's score (a spec with `[anomaly]`).
     pub anomaly_auroc: Option<f64>,
+    pub anomaly_auprc: Option<f64>,
+    /// The detector alone at its threshold (the calibrated one, or the spec's override).
+    pub anomaly_at_threshold: Option<Binary>,
+    /// AUROC over all pixels of the anomaly maps against the masks (every defective image masked).
+    pub pixel_auroc: Option<f64>,
+    /// Per-region overlap up to a 30% pixel false-positive rate, normalised (MVTec AD's AUPRO).
+    pub pro: Option<f64>,
     /// Mean over ground-truth boxes of failed defective images of the best IoU with a predicted box.
     pub mean_iou: Option<f64>,
     /// Share of ground-truth boxes (of all defective images) matched by a prediction with IoU >= 0.5.
@@ -81,26 +200,6 @@ fn ratio(a: usize, b: usize) -> f64 {
     }
 }
 
-/// Mann-Whitney AUROC of `scores` (positives vs negatives), ties counted half.
-pub fn auroc(pos: &[f64], neg: &[f64]) -> Option<f64> {
-    if pos.is_empty() || neg.is_empty() {
-        return None;
-    }
-    let mut wins = 0.0;
-    for p in pos {
-        for n in neg {
-            wins += if p > n {
-                1.0
-            } else if p == n {
-                0.5
-            } else {
-                0.0
-            };
-        }
-    }
-    Some(wins / (pos.len() * neg.len()) as f64)
-}
-
 pub fn score(samples: &[Scored]) -> Metrics {
     let (mut tp, mut fp, mut tn, mut fn_) = (0, 0, 0, 0);
     let mut errors = 0;
@@ -109,6 +208,7 @@ pub fn score(samples: &[Scored]) -> Metrics {
     let (mut pos_scores, mut neg_scores) = (Vec::new(), Vec::new());
     let mut all_scored = true;
     let (mut pos_anomaly, mut neg_anomaly, mut all_anomaly) = (Vec::new(), Vec::new(), true);
+    let mut flagged = Some([0usize; 4]);
     let (mut iou_sum, mut iou_n) = (0.0, 0usize);
     let (mut hits, mut gt_total) = (0usize, 0usize);
     for s in samples {
@@ -156,6 +256,19 @@ pub fn score(samples: &[Scored]) -> Metrics {
             Some(sc) => neg_anomaly.push(sc),
             None => all_anomaly = false,
         }
+        // [tp, fp, tn, fn] of the detector's own flag.
+        flagged = match (flagged, s.anomalous) {
+            (Some(mut c), Some(a)) => {
+                c[match (defective, a) {
+                    (true, true) => 0,
+                    (false, true) => 1,
+                    (false, false) => 2,
+                    (true, false) => 3,
+                }] += 1;
+                Some(c)
+            }
+            _ => None,
+        };
         if defective {
             gt_total += s.truth_boxes.len();
             for t in &s.truth_boxes {
@@ -174,35 +287,36 @@ pub fn score(samples: &[Scored]) -> Metrics {
             }
         }
     }
-    let good = tn + fp;
-    let defective = tp + fn_;
-    let precision = ratio(tp, tp + fp);
-    let recall = ratio(tp, tp + fn_);
+    let verdict = Binary::new(tp, fp, tn, fn_);
+    let (pixel_auroc, pro) = pixel_metrics(samples);
     Metrics {
         images: samples.len(),
-        good,
-        defective,
+        good: tn + fp,
+        defective: tp + fn_,
         errors,
         accuracy: ratio(tp + tn, samples.len()),
-        precision,
-        recall,
-        f1: if precision + recall > 0.0 {
-            2.0 * precision * recall / (precision + recall)
-        } else {
-            0.0
-        },
-        overkill_rate: ratio(fp, good),
-        miss_rate: ratio(fn_, defective),
-        auroc: if all_scored {
-            auroc(&pos_scores, &neg_scores)
-        } else {
-            None
-        },
-        anomaly_auroc: if all_anomaly {
-            auroc(&pos_anomaly, &neg_anomaly)
-        } else {
-            None
-        },
+        precision: verdict.precision,
+        recall: verdict.recall,
+        f1: verdict.f1,
+        overkill_rate: verdict.overkill_rate,
+        miss_rate: verdict.miss_rate,
+        auroc: all_scored
+            .then(|| auroc(&pos_scores, &neg_scores))
+            .flatten(),
+        auprc: all_scored
+            .then(|| average_precision(&pos_scores, &neg_scores))
+            .flatten(),
+        anomaly_auroc: all_anomaly
+            .then(|| auroc(&pos_anomaly, &neg_anomaly))
+            .flatten(),
+        anomaly_auprc: all_anomaly
+            .then(|| average_precision(&pos_anomaly, &neg_anomaly))
+            .flatten(),
+        anomaly_at_threshold: flagged
+            .filter(|_| !samples.is_empty())
+            .map(|[tp, fp, tn, fn_]| Binary::new(tp, fp, tn, fn_)),
+        pixel_auroc,
+        pro,
         mean_iou: (iou_n > 0).then(|| iou_sum / iou_n as f64),
         box_recall_at_50: (gt_total > 0).then(|| ratio(hits, gt_total)),
         confusion,
@@ -220,6 +334,76 @@ pub fn score(samples: &[Scored]) -> Metrics {
             })
             .collect(),
     }
+}
+
+/// Pixel AUROC and PRO over every image's map, when every image has one (the caller gives a
+/// defective image one only with its mask; good images count as all-good pixels).
+fn pixel_metrics(samples: &[Scored]) -> (Option<f64>, Option<f64>) {
+    if samples.is_empty() || samples.iter().any(|s| s.pixels.is_none()) {
+        return (None, None);
+    }
+    let (mut pos, mut neg) = (Vec::new(), Vec::new());
+    let mut region_px: Vec<curves::RegionPixel> = Vec::new();
+    let mut sizes: Vec<usize> = Vec::new();
+    for s in samples {
+        let Some(p) = &s.pixels else { continue };
+        let (labels, n) = components8(&p.truth, p.w, p.h);
+        let base = sizes.len() as u32;
+        sizes.extend(std::iter::repeat_n(0, n));
+        for (i, (&sc, &t)) in p.score.iter().zip(&p.truth).enumerate() {
+            if t {
+                pos.push(sc as f64);
+                let r = base + labels[i];
+                sizes[r as usize] += 1;
+                region_px.push((sc, Some(r)));
+            } else {
+                neg.push(sc as f64);
+                region_px.push((sc, None));
+            }
+        }
+    }
+    (
+        auroc(&pos, &neg),
+        curves::pro(&mut region_px, &sizes, PRO_MAX_FPR),
+    )
+}
+
+/// The 8-connected regions of the `on` pixels of a `w x h` grid: each pixel's region index (0 for
+/// off pixels too: read it only where `on`), and the number of regions.
+pub fn components8(on: &[bool], w: usize, h: usize) -> (Vec<u32>, usize) {
+    let mut label = vec![u32::MAX; w * h];
+    let mut n = 0u32;
+    let mut stack = Vec::new();
+    for start in 0..w * h {
+        if !on[start] || label[start] != u32::MAX {
+            continue;
+        }
+        label[start] = n;
+        stack.push(start);
+        while let Some(i) = stack.pop() {
+            let (x, y) = ((i % w) as i64, (i / w) as i64);
+            for dy in -1..=1 {
+                for dx in -1..=1 {
+                    let (nx, ny) = (x + dx, y + dy);
+                    if nx < 0 || ny < 0 || nx >= w as i64 || ny >= h as i64 {
+                        continue;
+                    }
+                    let j = ny as usize * w + nx as usize;
+                    if on[j] && label[j] == u32::MAX {
+                        label[j] = n;
+                        stack.push(j);
+                    }
+                }
+            }
+        }
+        n += 1;
+    }
+    for l in &mut label {
+        if *l == u32::MAX {
+            *l = 0;
+        }
+    }
+    (label, n as usize)
 }
 
 /// The samples of a labelled dataset, in one of three layouts:
@@ -299,6 +483,79 @@ pub fn read_dataset(root: &Path, defect_if: Option<&str>) -> Result<Vec<Sample>>
         return Err(err("no good images (a `good/` folder)".into()));
     }
     Ok(out)
+}
+
+/// Which images of a dataset learning may use, and which the evaluation scores.
+#[derive(Debug, Clone)]
+pub struct Split {
+    /// Good images to learn from (`loupe learn --dataset`).
+    pub train_good: Vec<PathBuf>,
+    /// The images to evaluate on.
+    pub test: Vec<Sample>,
+}
+
+/// Splits a dataset, reproducibly. MVTec AD keeps its own split: `train/good/` to learn from, all of
+/// `test/` to evaluate. For class folders and a CSV, `train` (a share between 0 and 1) of the good
+/// images, drawn with `seed`, go to learning and the rest to the evaluation; without `train`
+/// everything is evaluated.
+pub fn split(root: &Path, defect_if: Option<&str>, train: Option<f64>, seed: u64) -> Result<Split> {
+    use rand::seq::SliceRandom;
+    use rand::SeedableRng;
+    let err = |msg: String| Error::Dataset {
+        path: root.to_path_buf(),
+        msg,
+    };
+    let mut samples = read_dataset(root, defect_if)?;
+    if root.is_dir() && root.join("test").is_dir() {
+        if train.is_some() {
+            return Err(err(
+                "an MVTec AD folder has its own train/good; --split is for class folders and CSV \
+                 files"
+                    .into(),
+            ));
+        }
+        let good = root.join("train").join("good");
+        let train_good = if good.is_dir() {
+            crate::inspector::collect_images(&[good])?
+        } else {
+            vec![]
+        };
+        return Ok(Split {
+            train_good,
+            test: samples,
+        });
+    }
+    let Some(share) = train else {
+        return Ok(Split {
+            train_good: vec![],
+            test: samples,
+        });
+    };
+    if !(share > 0.0 && share < 1.0) {
+        return Err(err(format!("--split {share} is not between 0 and 1")));
+    }
+    let mut good: Vec<usize> = (0..samples.len())
+        .filter(|&i| samples[i].class == "good")
+        .collect();
+    good.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed));
+    let n = (good.len() as f64 * share).round() as usize;
+    if n == 0 || n == good.len() {
+        return Err(err(format!(
+            "--split {share} of {} good images leaves none to learn from or none to test",
+            good.len()
+        )));
+    }
+    let mut to_train = good[..n].to_vec();
+    to_train.sort_unstable();
+    let mut train_good = Vec::with_capacity(n);
+    for &i in to_train.iter().rev() {
+        train_good.push(samples.remove(i).image);
+    }
+    train_good.reverse();
+    Ok(Split {
+        train_good,
+        test: samples,
+    })
 }
 
 /// A `--defect-if` rule: `>=0.5`, `>0.5`, `<=0.5`, `<0.5` or `==1`.
@@ -411,54 +668,31 @@ fn read_csv(path: &Path, defect_if: Option<&str>) -> Result<Vec<Sample>> {
     Ok(out)
 }
 
-/// Bounding boxes of the 8-connected regions of non-zero pixels of a mask, in pixel coordinates.
-pub fn mask_boxes(path: &Path) -> Result<Vec<PixelBox>> {
-    let img = image::open(path)
+fn read_mask(path: &Path) -> Result<image::GrayImage> {
+    Ok(image::open(path)
         .map_err(|e| Error::Dataset {
             path: path.to_path_buf(),
             msg: format!("cannot read mask: {e}"),
         })?
-        .to_luma8();
+        .to_luma8())
+}
+
+/// Bounding boxes of the 8-connected regions of non-zero pixels of a mask, in pixel coordinates.
+pub fn mask_boxes(path: &Path) -> Result<Vec<PixelBox>> {
+    let img = read_mask(path)?;
     let (w, h) = (img.width() as usize, img.height() as usize);
     let on: Vec<bool> = img.as_raw().iter().map(|&v| v > 127).collect();
-    let mut seen = vec![false; w * h];
-    let mut boxes = Vec::new();
-    let mut stack = Vec::new();
-    for start in 0..w * h {
-        if !on[start] || seen[start] {
-            continue;
-        }
-        seen[start] = true;
-        stack.push(start);
-        let (mut x0, mut y0, mut x1, mut y1) = (usize::MAX, usize::MAX, 0, 0);
-        while let Some(i) = stack.pop() {
-            let (x, y) = (i % w, i / w);
-            x0 = x0.min(x);
-            y0 = y0.min(y);
-            x1 = x1.max(x);
-            y1 = y1.max(y);
-            for dy in -1i64..=1 {
-                for dx in -1i64..=1 {
-                    let (nx, ny) = (x as i64 + dx, y as i64 + dy);
-                    if nx < 0 || ny < 0 || nx >= w as i64 || ny >= h as i64 {
-                        continue;
-                    }
-                    let j = ny as usize * w + nx as usize;
-                    if on[j] && !seen[j] {
-                        seen[j] = true;
-                        stack.push(j);
-                    }
-                }
-            }
-        }
-        boxes.push(PixelBox::ordered(
-            x0 as f64,
-            y0 as f64,
-            (x1 + 1) as f64,
-            (y1 + 1) as f64,
-        ));
+    let (labels, n) = components8(&on, w, h);
+    let mut b = vec![[usize::MAX, usize::MAX, 0, 0]; n];
+    for (i, _) in on.iter().enumerate().filter(|(_, &o)| o) {
+        let (x, y, r) = (i % w, i / w, &mut b[labels[i] as usize]);
+        *r = [r[0].min(x), r[1].min(y), r[2].max(x), r[3].max(y)];
     }
-    Ok(boxes)
+    Ok(b.into_iter()
+        .map(|[x0, y0, x1, y1]| {
+            PixelBox::ordered(x0 as f64, y0 as f64, (x1 + 1) as f64, (y1 + 1) as f64)
+        })
+        .collect())
 }
 
 #[cfg(test)]
@@ -478,6 +712,8 @@ mod tests {
             predicted_boxes: vec![],
             fail_score: Some(score),
             anomaly_score: None,
+            anomalous: None,
+            pixels: None,
         }
     }
 
@@ -560,6 +796,29 @@ mod tests {
         assert!(e.contains("no `path` column"), "{e}");
         let e = read_dataset(tmp.path(), None).unwrap_err().to_string();
         assert!(e.contains("not a dataset"), "{e}");
+
+        // Splits: MVTec AD keeps its own; class folders split their good images by seed.
+        touch(&mv.join("train/good/5.png"));
+        let sp = split(&mv, None, None, 0).unwrap();
+        assert_eq!((sp.train_good.len(), sp.test.len()), (1, 3));
+        assert!(split(&mv, None, Some(0.5), 0).is_err());
+        for i in 0..20 {
+            touch(&cf.join(format!("good/g{i:02}.png")));
+        }
+        let a = split(&cf, None, Some(0.5), 7).unwrap();
+        // 21 good images: 11 to learn from, 10 and the scratch to test.
+        assert_eq!((a.train_good.len(), a.test.len()), (11, 11));
+        assert!(a.test.iter().all(|t| !a.train_good.contains(&t.image)));
+        let again = split(&cf, None, Some(0.5), 7).unwrap();
+        assert_eq!(
+            a.train_good, again.train_good,
+            "the same seed, the same split"
+        );
+        let other = split(&cf, None, Some(0.5), 8).unwrap();
+        assert_ne!(a.train_good, other.train_good);
+        assert_eq!(split(&cf, None, None, 7).unwrap().test.len(), 22);
+        let e = split(&cf, None, Some(1.0), 7).unwrap_err().to_string();
+        assert!(e.contains("--split 1"), "{e}");
     }
 
     /// Ten images worked by hand: 4 good (one rejected), 6 defective (one passed, one error).
@@ -606,6 +865,23 @@ mod tests {
             })
             .collect();
         assert_eq!(score(&with_anomaly).anomaly_auroc, m.auroc);
+        // Ranked: .95P .9P .8P .7N .6P .5P .35N .3P .2N .1N: AP = (1 + 1 + 1 + 4/5 + 5/6 + 6/8) / 6.
+        let ap = (3.0 + 0.8 + 5.0 / 6.0 + 0.75) / 6.0;
+        assert!((m.auprc.unwrap() - ap).abs() < 1e-12);
+        assert_eq!(m.anomaly_at_threshold, None);
+        // Flagged above 0.5: 4 of 6 defective parts (.95 .9 .8 .6) and 1 of 4 good ones (.7).
+        let flagged: Vec<Scored> = with_anomaly
+            .iter()
+            .cloned()
+            .map(|mut s| {
+                s.anomalous = s.anomaly_score.map(|a| a > 0.5);
+                s
+            })
+            .collect();
+        let at = score(&flagged).anomaly_at_threshold.unwrap();
+        assert_eq!(at, Binary::new(4, 1, 3, 2));
+        assert!((at.precision - 0.8).abs() < 1e-12 && (at.overkill_rate - 0.25).abs() < 1e-12);
+        assert_eq!(m.pixel_auroc, None);
         // IoU over truth boxes of failed defective images: (1 + 1/3) / 2; recall@0.5: 1 of 3 truth boxes.
         assert!((m.mean_iou.unwrap() - (1.0 + 1.0 / 3.0) / 2.0).abs() < 1e-12);
         assert!((m.box_recall_at_50.unwrap() - 1.0 / 3.0).abs() < 1e-12);
@@ -620,6 +896,61 @@ mod tests {
         );
         let g = &m.per_class["good"];
         assert!((g.recall - 0.75).abs() < 1e-12 && (g.class_accuracy - 0.75).abs() < 1e-12);
+    }
+
+    /// Pixel AUROC and PRO over two 2x2 maps: a good part, and a part whose defect is the diagonal
+    /// (one 8-connected region of 2 pixels).
+    #[test]
+    fn pixel_metrics_by_hand() {
+        let map = |score: [f32; 4], truth: [bool; 4]| PixelMap {
+            w: 2,
+            h: 2,
+            score: score.to_vec(),
+            truth: truth.to_vec(),
+        };
+        let mut good = s("good", Some(false), &[], 0.1);
+        good.pixels = Some(map([0.1, 0.2, 0.3, 0.4], [false; 4]));
+        let mut bad = s("dent", Some(true), &["dent"], 0.9);
+        bad.pixels = Some(map([0.9, 0.5, 0.05, 0.3], [true, false, false, true]));
+        let m = score(&[good.clone(), bad.clone()]);
+        // Defect pixels {.9, .3} against {.1 .2 .3 .4 .5 .05}: 6 + (3 + 0.5) of 12 pairs.
+        assert!((m.pixel_auroc.unwrap() - 9.5 / 12.0).abs() < 1e-12);
+        // Half the region is found before any good pixel, and the rest only after fpr 0.3.
+        assert!((m.pro.unwrap() - 0.5).abs() < 1e-9, "{:?}", m.pro);
+        // One image without a map: no pixel metrics.
+        good.pixels = None;
+        assert_eq!(score(&[good, bad]).pixel_auroc, None);
+    }
+
+    #[test]
+    fn a_map_and_mask_meet_on_the_grid() {
+        let dir = tempfile::tempdir().unwrap();
+        // A 1024 x 512 image: the grid is 256 x 128. Its mask marks the left half.
+        let mut m = image::GrayImage::new(1024, 512);
+        for y in 0..512 {
+            for x in 0..512 {
+                m.put_pixel(x, y, image::Luma([255]));
+            }
+        }
+        let p = dir.path().join("m.png");
+        m.save(&p).unwrap();
+        let g = Gray {
+            w: 2,
+            h: 1,
+            v: vec![1.0, f32::NAN],
+        };
+        let pm = PixelMap::new(&g, Some(&p), 1024, 512).unwrap();
+        assert_eq!((pm.w, pm.h), (256, 128));
+        assert_eq!(pm.truth.iter().filter(|&&t| t).count(), 128 * 128);
+        // The left end reads the first map cell, the right end the unscored one as 0, in between a
+        // bilinear ramp.
+        assert_eq!((pm.score[0], pm.score[255]), (1.0, 0.0));
+        assert!(pm.score[100] > pm.score[150] && pm.score[150] > pm.score[200]);
+        assert!(PixelMap::new(&g, None, 4, 4)
+            .unwrap()
+            .truth
+            .iter()
+            .all(|&t| !t));
     }
 
     #[test]
