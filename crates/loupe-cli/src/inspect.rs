@@ -84,7 +84,7 @@ impl Session {
     }
 }
 
-/// Records a finished image everywhere it goes: outputs (with overlay), audit log.
+/// Records a finished image everywhere it goes: outputs (with overlays), audit log.
 pub fn record(
     outputs: &mut RunOutputs,
     audit: Option<&mut AuditLog>,
@@ -93,17 +93,23 @@ pub fn record(
     upright: Option<&loupe_core::image::RgbImage>,
 ) -> Result<()> {
     let classes: Vec<String> = spec.defects.iter().map(|d| d.name.clone()).collect();
-    let ov = upright.map(|img| {
+    let draw = |img, heat| {
         overlay::draw(
             img,
             rec.verdict,
             &rec.defects,
             rec.anomaly.as_ref(),
+            heat,
             &classes,
             &spec.name,
         )
-    });
-    outputs.add(rec, ov.as_ref())?;
+    };
+    let ov = upright.map(|img| draw(img, false));
+    // With an anomaly map, a second overlay with the heatmap (the report toggles between them).
+    let heat = upright
+        .filter(|_| rec.anomaly.as_ref().is_some_and(|a| a.map.is_some()))
+        .map(|img| draw(img, true));
+    outputs.add(rec, ov.as_ref(), heat.as_ref())?;
     if let Some(a) = audit {
         a.append(rec)?;
     }

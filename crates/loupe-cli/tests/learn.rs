@@ -120,6 +120,20 @@ fn learn_writes_a_bank_that_inspect_uses() {
             .unwrap()
     };
     assert_eq!(by("dented.png")["verdict"], "fail");
+    // The report shows each overlay with and without the heatmap, behind one toggle.
+    let html = std::fs::read_to_string(out_dir.join("report.html")).unwrap();
+    assert!(html.contains("<input type=\"checkbox\" id=\"heat\" checked>"));
+    assert_eq!(html.matches("<img class=\"heat\"").count(), 2);
+    assert_eq!(html.matches("<img class=\"hv\"").count(), 2);
+    assert!(html.contains("anomaly ") && html.contains("(flagged)"));
+    let heat = out_dir.join("overlays").read_dir().unwrap().filter(|e| {
+        e.as_ref()
+            .unwrap()
+            .path()
+            .to_string_lossy()
+            .ends_with(".heat.png")
+    });
+    assert_eq!(heat.count(), 2);
     assert_eq!(by("dented.png")["anomaly"]["anomalous"], true);
     assert_eq!(by("fine.png")["verdict"], "pass");
     assert_eq!(

@@ -95,12 +95,14 @@ fn heatmap(body: &mut RgbImage, a: &AnomalyFinding) {
 }
 
 /// The overlay of one inspected image. `verdict` is `None` for an answer that could not be read.
-/// With an anomaly finding, the map is tinted in as a heatmap and its regions outlined.
+/// With an anomaly finding, its regions are outlined and, with `heat`, its map tinted in as a
+/// heatmap.
 pub fn draw(
     upright: &loupe_core::image::RgbImage,
     verdict: Option<Outcome>,
     defects: &[Finding],
     anomaly: Option<&AnomalyFinding>,
+    heat: bool,
     classes: &[String],
     title: &str,
 ) -> RgbImage {
@@ -110,7 +112,7 @@ pub fn draw(
     let mut img = RgbImage::new(w, h + banner as u32);
     let mut body =
         RgbImage::from_raw(w, h, upright.data.clone()).unwrap_or_else(|| RgbImage::new(w, h));
-    if let Some(a) = anomaly {
+    if let Some(a) = anomaly.filter(|_| heat) {
         heatmap(&mut body, a);
     }
     image::imageops::replace(&mut img, &body, 0, banner);

@@ -25,6 +25,9 @@ struct Card {
     record: Record,
     overlay: Option<String>,
     thumbnail: Option<String>,
+    /// The overlay with the anomaly heatmap, and its thumbnail.
+    heat: Option<String>,
+    heat_thumbnail: Option<String>,
 }
 
 fn create(path: &Path) -> Result<File> {
@@ -98,10 +101,13 @@ impl RunOutputs {
                 .map(|s| s.to_string_lossy().into_owned())
                 .unwrap_or_else(|| "image".into());
             let rel = format!("overlays/{:04}-{stem}.png", cards.len());
+            let heat = format!("overlays/{:04}-{stem}.heat.png", cards.len());
             cards.push(Card {
                 overlay: dir.join(&rel).is_file().then_some(rel),
+                heat: dir.join(&heat).is_file().then_some(heat),
                 record,
                 thumbnail: None,
+                heat_thumbnail: None,
             });
         }
         Self::open(dir, cards)
@@ -131,8 +137,14 @@ impl RunOutputs {
         })
     }
 
-    /// Adds a record (and its overlay, when the image could be read).
-    pub fn add(&mut self, record: &Record, overlay: Option<&image::RgbImage>) -> Result<()> {
+    /// Adds a record, its overlay when the image could be read, and the overlay with the anomaly
+    /// heatmap when there is one (`NNNN-stem.heat.png`; the report toggles between the two).
+    pub fn add(
+        &mut self,
+        record: &Record,
+        overlay: Option<&image::RgbImage>,
+        heat: Option<&image::RgbImage>,
+    ) -> Result<()> {
         let line = serde_json::to_string(record).map_err(|e| Error::output(&self.dir, e))?;
         let jl = self.dir.join("results.jsonl");
         writeln!(self.jsonl, "{line}").map_err(|e| Error::io(&jl, e))?;
@@ -143,25 +155,39 @@ impl RunOutputs {
             .map_err(|e| Error::output(&cp, e))?;
         self.csv.flush().map_err(|e| Error::io(&cp, e))?;
 
-        let (mut overlay_rel, mut thumbnail) = (None, None);
-        if let Some(img) = overlay {
-            let stem = record
-                .image
-                .file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_else(|| "image".into());
-            let rel = format!("overlays/{:04}-{stem}.png", self.cards.len());
-            let path = self.dir.join(&rel);
-            img.save(&path).map_err(|e| Error::output(&path, e))?;
-            overlay_rel = Some(rel);
-            thumbnail = Some(thumbnail_data_uri(img).map_err(|e| Error::output(&path, e))?);
-        }
+        let stem = record
+            .image
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "image".into());
+        let n = self.cards.len();
+        let (overlay, thumbnail) =
+            self.save_overlay(overlay, &format!("overlays/{n:04}-{stem}.png"))?;
+        let (heat, heat_thumbnail) =
+            self.save_overlay(heat, &format!("overlays/{n:04}-{stem}.heat.png"))?;
         self.cards.push(Card {
             record: record.clone(),
-            overlay: overlay_rel,
+            overlay,
             thumbnail,
+            heat,
+            heat_thumbnail,
         });
         Ok(())
+    }
+
+    /// Writes an overlay at `rel`: its path and thumbnail, or nothing without an image.
+    fn save_overlay(
+        &self,
+        img: Option<&image::RgbImage>,
+        rel: &str,
+    ) -> Result<(Option<String>, Option<String>)> {
+        let Some(img) = img else {
+            return Ok((None, None));
+        };
+        let path = self.dir.join(rel);
+        img.save(&path).map_err(|e| Error::output(&path, e))?;
+        let thumb = thumbnail_data_uri(img).map_err(|e| Error::output(&path, e))?;
+        Ok((Some(rel.to_owned()), Some(thumb)))
     }
 
     /// Writes (or rewrites) `report.html` with every record so far; returns its path.
@@ -247,7 +273,8 @@ h1{font-size:20px;margin:0 0 4px}.sub{color:#666;margin-bottom:16px}\
 .badge{display:inline-block;padding:1px 8px;border-radius:10px;color:#fff;font-weight:600;font-size:12px}\
 .pass{background:#168c3c}.fail{background:#c81e1e}.error{background:#6e6e6e}\
 .name{font-weight:600;word-break:break-all;margin:6px 0 2px}.meta{color:#666;font-size:12px}\
-ul{margin:4px 0;padding-left:18px}code{font-size:12px}";
+ul{margin:4px 0;padding-left:18px}code{font-size:12px}.toggle{display:block;margin:0 0 12px}\
+#heat:checked~.grid img.hv{display:none}#heat:not(:checked)~.grid img.heat{display:none}";
 
 fn render_html(title: &str, cards: &[Card]) -> String {
     let recs: Vec<&Record> = cards.iter().map(|c| &c.record).collect();
@@ -270,6 +297,12 @@ fn render_html(title: &str, cards: &[Card]) -> String {
 <div><b style=\"color:#c81e1e\">{}</b>fail</div><div><b>{}</b>errors</div><div><b>{:.0} ms</b>per image</div></div>",
         s.images, s.pass, s.fail, s.error, s.mean_ms
     ));
+    if cards.iter().any(|c| c.heat.is_some()) {
+        h.push_str(
+            "<input type=\"checkbox\" id=\"heat\" checked><label class=\"toggle\" for=\"heat\"> \
+             show the anomaly heatmap</label>",
+        );
+    }
     h.push_str("<div class=\"grid\">");
     for c in cards {
         let r = &c.record;
@@ -279,12 +312,19 @@ fn render_html(title: &str, cards: &[Card]) -> String {
             None => ("error", "ERROR"),
         };
         h.push_str("<div class=\"card\">");
-        if let (Some(t), Some(o)) = (&c.thumbnail, &c.overlay) {
-            h.push_str(&format!(
-                "<a href=\"{}\"><img src=\"{}\" alt=\"overlay\"></a>",
-                escape(o),
-                t
-            ));
+        // Without a heatmap the plain overlay always shows; with one, the toggle picks.
+        let plain_class = if c.heat.is_some() { "hv" } else { "plain" };
+        for (o, t, class) in [
+            (&c.overlay, &c.thumbnail, plain_class),
+            (&c.heat, &c.heat_thumbnail, "heat"),
+        ] {
+            if let (Some(o), Some(t)) = (o, t) {
+                h.push_str(&format!(
+                    "<a href=\"{}\"><img class=\"{class}\" src=\"{}\" alt=\"overlay\"></a>",
+                    escape(o),
+                    t
+                ));
+            }
         }
         h.push_str(&format!(
             "<div class=\"name\">{}</div><span class=\"badge {cls}\">{word}</span>",
@@ -292,6 +332,14 @@ fn render_html(title: &str, cards: &[Card]) -> String {
         ));
         if let Some(sc) = r.fail_score {
             h.push_str(&format!(" <span class=\"meta\">fail score {sc:.3}</span>"));
+        }
+        if let Some(a) = &r.anomaly {
+            h.push_str(&format!(
+                " <span class=\"meta\">anomaly {:.3} / {:.3}{}</span>",
+                a.score,
+                a.threshold,
+                if a.anomalous { " (flagged)" } else { "" }
+            ));
         }
         if let Some(e) = &r.error {
             h.push_str(&format!("<div class=\"meta\">{}</div>", escape(e)));

@@ -254,6 +254,7 @@ fn inspector_records_the_anomaly_and_combines_it_with_the_vlm() {
         rec.verdict,
         &rec.defects,
         rec.anomaly.as_ref(),
+        true,
         &["dent".to_string()],
         "washers",
     );

@@ -349,6 +349,7 @@ fn inspect(
             record.verdict,
             &record.defects,
             record.anomaly.as_ref(),
+            true,
             classes,
             spec_name,
         );

@@ -58,7 +58,21 @@ pub struct HistoryRow {
     pub defects: serde_json::Value,
     pub error: Option<String>,
     pub total_ms: Option<f64>,
+    /// The anomaly detector's score and flag, when the spec had `[anomaly]`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub anomaly_score: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub anomalous: Option<bool>,
 }
+
+/// The anomaly columns, added to a database made before they existed.
+const ANOMALY_COLUMNS: [(&str, &str, &str); 4] = [
+    // (name, SQLite type, PostgreSQL type)
+    ("anomaly_score", "REAL", "DOUBLE PRECISION"),
+    ("anomaly_threshold", "REAL", "DOUBLE PRECISION"),
+    ("anomalous", "INTEGER", "BOOLEAN"),
+    ("anomaly_regions_json", "TEXT", "TEXT"),
+];
 
 /// Filters for `loupe history`.
 #[derive(Debug, Clone, Default)]
@@ -148,6 +162,10 @@ struct Row<'a> {
     defects: String,
     verdict: Option<&'static str>,
     model_verdict: Option<&'static str>,
+    anomaly_score: Option<f64>,
+    anomaly_threshold: Option<f64>,
+    anomalous: Option<bool>,
+    anomaly_regions: Option<String>,
 }
 
 impl<'a> Row<'a> {
@@ -162,6 +180,13 @@ impl<'a> Row<'a> {
                 .map_err(|e| Error::InvalidInput(format!("defects: {e}")))?,
             verdict: r.verdict.map(|v| v.as_str()),
             model_verdict: r.model_verdict.map(|v| v.as_str()),
+            anomaly_score: r.anomaly.as_ref().map(|a| f64::from(a.score)),
+            anomaly_threshold: r.anomaly.as_ref().map(|a| f64::from(a.threshold)),
+            anomalous: r.anomaly.as_ref().map(|a| a.anomalous),
+            anomaly_regions: r
+                .anomaly
+                .as_ref()
+                .map(|a| serde_json::to_string(&a.regions).unwrap_or_default()),
         })
     }
 
@@ -327,5 +352,70 @@ mod tests {
             }
         }
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
+#[cfg(test)]
+mod anomaly_columns {
+    use super::*;
+
+    fn record(anomaly: serde_json::Value) -> Record {
+        serde_json::from_value(serde_json::json!({
+            "time": "2026-12-04T00:00:00Z", "image": "a.png", "image_sha256": null, "spec": "s",
+            "spec_sha256": "x", "model": "m", "weights_sha256": null, "verdict": "fail",
+            "model_verdict": null, "defects": [], "fail_score": null, "frame": null,
+            "raw_output": "", "prompt_tokens": 0, "output_tokens": 0, "error": null,
+            "timings": {}, "anomaly": anomaly
+        }))
+        .unwrap()
+    }
+
+    /// A database from before the anomaly columns gains them: its old rows read empty, new rows
+    /// carry score, threshold, flag and regions.
+    #[test]
+    fn an_old_database_gains_the_anomaly_columns() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.db");
+        {
+            let c = rusqlite::Connection::open(&path).unwrap();
+            c.execute_batch(
+                "CREATE TABLE inspections (id INTEGER PRIMARY KEY AUTOINCREMENT, time TEXT NOT NULL,
+                 unix_ms INTEGER NOT NULL, image TEXT NOT NULL, image_sha256 TEXT, model TEXT NOT NULL,
+                 weights_sha256 TEXT, spec TEXT NOT NULL, spec_sha256 TEXT NOT NULL, prompt TEXT NOT NULL,
+                 raw_output TEXT NOT NULL, verdict TEXT, model_verdict TEXT, defects_json TEXT NOT NULL,
+                 fail_score REAL, error TEXT, vision_ms REAL, prefill_ms REAL, decode_ms REAL, total_ms REAL);
+                 INSERT INTO inspections (time, unix_ms, image, model, spec, spec_sha256, prompt,
+                 raw_output, verdict, defects_json) VALUES ('t', 1, 'old.png', 'm', 's', 'x', '', '',
+                 'pass', '[]');",
+            )
+            .unwrap();
+        }
+        let mut log = AuditLog::open(&path).unwrap();
+        let rec = record(serde_json::json!({
+            "score": 7.5, "threshold": 5.0, "anomalous": true, "regions": [[1, 2, 3, 4]], "ms": 1.0
+        }));
+        log.append(&rec).unwrap();
+        let all = Filter {
+            limit: 10,
+            ..Filter::default()
+        };
+        let rows = log.history(&all).unwrap();
+        assert_eq!(
+            (rows[0].anomaly_score, rows[0].anomalous),
+            (Some(7.5), Some(true))
+        );
+        assert_eq!((rows[1].anomaly_score, rows[1].anomalous), (None, None));
+        let c = rusqlite::Connection::open(&path).unwrap();
+        let (t, regions): (f64, String) = c
+            .query_row(
+                "SELECT anomaly_threshold, anomaly_regions_json FROM inspections WHERE image = 'a.png'",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!((t, regions.as_str()), (5.0, "[[1,2,3,4]]"));
+        // Opening it again adds nothing twice.
+        drop(log);
+        AuditLog::open(&path).unwrap();
     }
 }

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use postgres::{Client, NoTls};
 
-use super::{db_err, Filter, HistoryRow, Outgoing, Row, Store};
+use super::{db_err, Filter, HistoryRow, Outgoing, Row, Store, ANOMALY_COLUMNS};
 use crate::error::Result;
 
 const SCHEMA: &str = "
@@ -29,7 +29,9 @@ CREATE TABLE IF NOT EXISTS inspections (
     fail_score DOUBLE PRECISION,
     error TEXT,
     vision_ms DOUBLE PRECISION, prefill_ms DOUBLE PRECISION, decode_ms DOUBLE PRECISION,
-    total_ms DOUBLE PRECISION
+    total_ms DOUBLE PRECISION,
+    anomaly_score DOUBLE PRECISION, anomaly_threshold DOUBLE PRECISION, anomalous BOOLEAN,
+    anomaly_regions_json TEXT
 );
 CREATE INDEX IF NOT EXISTS inspections_time ON inspections(unix_ms);
 CREATE TABLE IF NOT EXISTS weight_hashes (
@@ -71,6 +73,13 @@ impl PgStore {
         tx.execute("SELECT pg_advisory_xact_lock(7110070)", &[])
             .map_err(err)?;
         tx.batch_execute(SCHEMA).map_err(err)?;
+        // A database made before the anomaly columns existed gains them.
+        for (name, _, ty) in ANOMALY_COLUMNS {
+            tx.batch_execute(&format!(
+                "ALTER TABLE inspections ADD COLUMN IF NOT EXISTS {name} {ty}"
+            ))
+            .map_err(err)?;
+        }
         tx.commit().map_err(err)?;
         Ok(PgStore {
             name: name.to_path_buf(),
@@ -88,8 +97,10 @@ impl Store for PgStore {
             .query_one(
                 "INSERT INTO inspections (time, unix_ms, image, image_sha256, model, weights_sha256, spec,
                  spec_sha256, prompt, raw_output, verdict, model_verdict, defects_json, fail_score, error,
-                 vision_ms, prefill_ms, decode_ms, total_ms)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)
+                 vision_ms, prefill_ms, decode_ms, total_ms, anomaly_score, anomaly_threshold,
+             anomalous, anomaly_regions_json)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19,
+                 $20, $21, $22, $23)
                  RETURNING id",
                 &[
                     &r.time,
@@ -111,6 +122,10 @@ impl Store for PgStore {
                     &r.timings.prefill_ms,
                     &r.timings.decode_ms,
                     &r.timings.total_ms,
+                    &row.anomaly_score,
+                    &row.anomaly_threshold,
+                    &row.anomalous,
+                    &row.anomaly_regions,
                 ],
             )
             .map_err(err)?;
@@ -142,7 +157,8 @@ impl Store for PgStore {
         let rows = self
             .client
             .query(
-                "SELECT id, time, image, image_sha256, spec, model, verdict, defects_json, error, total_ms
+                "SELECT id, time, image, image_sha256, spec, model, verdict, defects_json, error, total_ms,
+                 anomaly_score, anomalous
                  FROM inspections
                  WHERE ($1::TEXT IS NULL OR COALESCE(verdict, 'error') = $1)
                    AND ($2::TEXT IS NULL OR spec = $2)
@@ -167,6 +183,8 @@ impl Store for PgStore {
                     defects: serde_json::from_str(&defects).unwrap_or(serde_json::Value::Null),
                     error: row.get(8),
                     total_ms: row.get(9),
+                    anomaly_score: row.get(10),
+                    anomalous: row.get(11),
                 }
             })
             .collect())

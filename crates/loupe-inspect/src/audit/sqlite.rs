@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use rusqlite::{params, Connection, OpenFlags};
 
-use super::{db_err, Filter, HistoryRow, Outgoing, Row, Store};
+use super::{db_err, Filter, HistoryRow, Outgoing, Row, Store, ANOMALY_COLUMNS};
 use crate::error::{Error, Result};
 
 const SCHEMA: &str = "
@@ -27,7 +27,8 @@ CREATE TABLE IF NOT EXISTS inspections (
     defects_json TEXT NOT NULL,
     fail_score REAL,
     error TEXT,
-    vision_ms REAL, prefill_ms REAL, decode_ms REAL, total_ms REAL
+    vision_ms REAL, prefill_ms REAL, decode_ms REAL, total_ms REAL,
+    anomaly_score REAL, anomaly_threshold REAL, anomalous INTEGER, anomaly_regions_json TEXT
 );
 CREATE INDEX IF NOT EXISTS inspections_time ON inspections(unix_ms);
 CREATE TABLE IF NOT EXISTS weight_hashes (
@@ -65,6 +66,7 @@ impl SqliteStore {
         conn.pragma_update(None, "synchronous", "NORMAL")
             .map_err(err)?;
         conn.execute_batch(SCHEMA).map_err(err)?;
+        add_missing_columns(&conn).map_err(err)?;
         Ok(SqliteStore {
             path: path.to_path_buf(),
             conn,
@@ -83,8 +85,10 @@ impl Store for SqliteStore {
         tx.execute(
             "INSERT INTO inspections (time, unix_ms, image, image_sha256, model, weights_sha256, spec,
              spec_sha256, prompt, raw_output, verdict, model_verdict, defects_json, fail_score, error,
-             vision_ms, prefill_ms, decode_ms, total_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)",
+             vision_ms, prefill_ms, decode_ms, total_ms, anomaly_score, anomaly_threshold,
+             anomalous, anomaly_regions_json)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19,
+             ?20, ?21, ?22, ?23)",
             params![
                 r.time,
                 row.unix_ms,
@@ -105,6 +109,10 @@ impl Store for SqliteStore {
                 r.timings.prefill_ms,
                 r.timings.decode_ms,
                 r.timings.total_ms,
+                row.anomaly_score,
+                row.anomaly_threshold,
+                row.anomalous,
+                row.anomaly_regions,
             ],
         )
         .map_err(err)?;
@@ -140,7 +148,8 @@ impl Store for SqliteStore {
         let mut stmt = self
             .conn
             .prepare(
-                "SELECT id, time, image, image_sha256, spec, model, verdict, defects_json, error, total_ms
+                "SELECT id, time, image, image_sha256, spec, model, verdict, defects_json, error, total_ms,
+                 anomaly_score, anomalous
                  FROM inspections
                  WHERE (?1 IS NULL OR COALESCE(verdict, 'error') = ?1)
                    AND (?2 IS NULL OR spec = ?2)
@@ -165,6 +174,8 @@ impl Store for SqliteStore {
                         defects: serde_json::from_str(&defects).unwrap_or(serde_json::Value::Null),
                         error: row.get(8)?,
                         total_ms: row.get(9)?,
+                        anomaly_score: row.get(10)?,
+                        anomalous: row.get(11)?,
                     })
                 },
             )
@@ -219,6 +230,20 @@ impl Store for SqliteStore {
             .map_err(db_err(&self.path))?;
         Ok(())
     }
+}
+
+/// A database written before the anomaly columns existed gains them (empty for its old rows).
+fn add_missing_columns(conn: &Connection) -> rusqlite::Result<()> {
+    let have: Vec<String> = conn
+        .prepare("SELECT name FROM pragma_table_info('inspections')")?
+        .query_map([], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    for (name, ty, _) in ANOMALY_COLUMNS {
+        if !have.iter().any(|h| h == name) {
+            conn.execute_batch(&format!("ALTER TABLE inspections ADD COLUMN {name} {ty}"))?;
+        }
+    }
+    Ok(())
 }
 
 /// Switches the database to WAL (kept in the file, so only its creator really switches). While
