@@ -1,0 +1,131 @@
+#!/usr/bin/env python3
+"""anomalib's PatchCore as a peer for `loupe learn` / `loupe eval`, on the same images.
+
+It fits anomalib's own PatchcoreModel (timm backbone, layer2 + layer3 features, 3x3 average pooling,
+k-centre greedy coreset, nearest-neighbour patch scores, Gaussian-smoothed map) on good images and
+scores an MVTec-AD-layout test folder: image AUROC and AUPRC (scikit-learn), pixel AUROC over all
+pixels, and anomalib's own AUPRO at a 30% pixel false-positive rate. It does not use anomalib's
+Lightning engine or its data modules: only the model, so the split and the preprocessing are
+exactly those stated here.
+
+No backbone weights can be downloaded on an offline machine: `--weights random` (the default) runs
+the backbone with timm's seeded random initialisation, and `--weights FILE` loads a state dict you
+have. Say which in every figure.
+
+    pip install -r tools/requirements-anomalib.txt
+    python3 tools/anomalib_peer.py --train DATA1/train/good --test DATA2 [--size 224] [--json out.json]
+"""
+
+import argparse
+import json
+import pathlib
+import sys
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def images(folder):
+    exts = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+    return sorted(p for p in pathlib.Path(folder).iterdir() if p.suffix.lower() in exts)
+
+
+def load(path, size):
+    img = Image.open(path).convert("RGB").resize((size, size), Image.BILINEAR)
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    return (x - mean) / std
+
+
+def mask_of(root, cls, stem, size):
+    p = pathlib.Path(root) / "ground_truth" / cls / f"{stem}_mask.png"
+    if cls == "good" or not p.is_file():
+        return np.zeros((size, size), dtype=bool), cls == "good" or p.is_file()
+    m = Image.open(p).convert("L").resize((size, size), Image.NEAREST)
+    return np.asarray(m) > 127, True
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--train", required=True, help="folder of good images to learn from")
+    ap.add_argument("--test", required=True, help="MVTec AD layout root (test/<class>/, ground_truth/)")
+    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--backbone", default="wide_resnet50_2")
+    ap.add_argument("--layers", nargs="+", default=["layer2", "layer3"])
+    ap.add_argument("--coreset", type=float, default=0.1)
+    ap.add_argument("--weights", default="random", help="'random' or a backbone state-dict file")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", help="write the figures here")
+    a = ap.parse_args()
+
+    import anomalib
+    from anomalib.metrics.aupro import _AUPRO
+    from anomalib.models.image.patchcore.torch_model import PatchcoreModel
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    torch.manual_seed(a.seed)
+    torch.set_num_threads(a.threads)
+    model = PatchcoreModel(layers=a.layers, backbone=a.backbone, pre_trained=False)
+    if a.weights != "random":
+        state = torch.load(a.weights, map_location="cpu")
+        model.feature_extractor.feature_extractor.load_state_dict(state, strict=False)
+
+    train = images(a.train)
+    if not train:
+        sys.exit(f"no images in {a.train}")
+    t0 = time.perf_counter()
+    model.train()
+    for i in range(0, len(train), 8):
+        model(torch.stack([load(p, a.size) for p in train[i : i + 8]]))
+    model.subsample_embedding(a.coreset)
+    fit_s = time.perf_counter() - t0
+
+    model.eval()
+    test_root = pathlib.Path(a.test) / "test"
+    scores, labels, maps, masks, all_masked = [], [], [], [], True
+    t0 = time.perf_counter()
+    n = 0
+    for cls_dir in sorted(d for d in test_root.iterdir() if d.is_dir()):
+        for p in images(cls_dir):
+            out = model(load(p, a.size).unsqueeze(0))
+            scores.append(float(out.pred_score.reshape(-1)[0]))
+            labels.append(int(cls_dir.name != "good"))
+            maps.append(out.anomaly_map.reshape(a.size, a.size).numpy())
+            m, known = mask_of(a.test, cls_dir.name, p.stem, a.size)
+            all_masked &= known
+            masks.append(m)
+            n += 1
+    ms = 1e3 * (time.perf_counter() - t0) / max(n, 1)
+
+    res = {
+        "peer": f"anomalib {anomalib.__version__} PatchcoreModel",
+        "backbone": a.backbone,
+        "weights": a.weights if a.weights != "random" else f"random (timm init, seed {a.seed})",
+        "layers": a.layers,
+        "coreset": a.coreset,
+        "size": a.size,
+        "train_images": len(train),
+        "test_images": n,
+        "memory_bank": int(model.memory_bank.shape[0]),
+        "fit_s": round(fit_s, 2),
+        "ms_per_image": round(ms, 1),
+        "image_auroc": roc_auc_score(labels, scores),
+        "image_auprc": average_precision_score(labels, scores),
+    }
+    if all_masked:
+        mp, mk = np.stack(maps), np.stack(masks)
+        res["pixel_auroc"] = roc_auc_score(mk.reshape(-1), mp.reshape(-1))
+        pro = _AUPRO(fpr_limit=0.3)
+        pro.update(torch.from_numpy(mp), torch.from_numpy(mk.astype(np.int64)))
+        res["pro"] = float(pro.compute())
+    print(json.dumps(res, indent=2))
+    if a.json:
+        pathlib.Path(a.json).write_text(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()
