@@ -55,10 +55,14 @@ pub fn info(args: InfoArgs) -> Result<()> {
         "text          {} layers, hidden {}, {} heads / {} KV heads, vocab {}",
         i.layers, i.hidden_size, i.attention_heads, i.kv_heads, i.vocab_size
     );
-    println!(
-        "vision        {} blocks, width {}, patch {}; images {}..{} pixels",
-        i.vision_depth, i.vision_width, i.patch_size, i.min_pixels, i.max_pixels
-    );
+    if i.vision_depth == 0 {
+        println!("vision        none (a text-only model)");
+    } else {
+        println!(
+            "vision        {} blocks, width {}, patch {}; images {}..{} pixels",
+            i.vision_depth, i.vision_width, i.patch_size, i.min_pixels, i.max_pixels
+        );
+    }
     println!("dtype         {dtype} (stored)");
     println!(
         "memory        weights {}, KV cache {} per 1k tokens (at {dtype})",

@@ -16,7 +16,7 @@ use crate::image::{self, ImageInput, Preprocessor};
 use crate::load::config::{GenerationConfig, Qwen2VlConfig};
 use crate::load::weights::Weights;
 use crate::load::ModelFiles;
-use crate::models::{qwen2_vl, qwen3_5, VisionLanguageModel};
+use crate::models::{llama, qwen2_vl, qwen3_5, VisionLanguageModel};
 use crate::tokenize::{ChatTemplate, Message, Tokenizer};
 
 #[derive(Debug, Clone)]
@@ -195,10 +195,10 @@ impl Engine {
         let weights = Weights::open(&files.weights, dtype, &opts.device, files.sanitize())?
             .with_quant(opts.quant, qwen2_vl::quant_policy);
         let stored_dtype = weights.stored_dtype();
-        let model: Box<dyn VisionLanguageModel> = if cfg.model_type == "qwen3_5" {
-            Box::new(qwen3_5::Qwen35::load(cfg, &weights)?)
-        } else {
-            Box::new(qwen2_vl::Qwen2Vl::load(cfg, &weights)?)
+        let model: Box<dyn VisionLanguageModel> = match cfg.model_type.as_str() {
+            "qwen3_5" => Box::new(qwen3_5::Qwen35::load(cfg, &weights)?),
+            "llama" => Box::new(llama::Llama::load(cfg, &weights)?),
+            _ => Box::new(qwen2_vl::Qwen2Vl::load(cfg, &weights)?),
         };
         Ok((model, dtype, stored_dtype, weights.unused()))
     }
@@ -471,6 +471,7 @@ impl ModelInfo {
                 "qwen2_5_vl" => "Qwen2.5-VL: ViT (RMSNorm, SwiGLU, window attention with full-attention \
                                  blocks, 2x2 merger) + Qwen2 decoder (GQA, SwiGLU, M-RoPE)",
                 "qwen2" => "Qwen2: text-only decoder (GQA, SwiGLU, RoPE)",
+                "llama" => "Llama: text-only decoder (GQA, SwiGLU, RoPE with llama3/linear scaling)",
                 "qwen3_5" => "Qwen3.5: ViT (16 px patches, learned position grid, 2x2 merger) + hybrid \
                               decoder (Gated DeltaNet linear attention, gated GQA with partial \
                               interleaved M-RoPE, SwiGLU)",

@@ -41,6 +41,12 @@ pub struct TextConfig {
     /// Qwen3: biases on the q/k/v/o projections (`attention_bias`); Qwen2 always has q/k/v biases.
     #[serde(default)]
     pub attention_bias: bool,
+    /// Llama: biases on the gate, up and down projections.
+    #[serde(default)]
+    pub mlp_bias: bool,
+    /// Llama: how the rotary frequencies are scaled (`rope_scaling` / `rope_parameters`).
+    #[serde(skip)]
+    pub rope_scaling: RopeScaling,
     /// Qwen3: RMSNorm over each head of q and k before the rotary embedding.
     #[serde(skip)]
     pub qk_norm: bool,
@@ -64,6 +70,122 @@ pub struct TextConfig {
     pub linear_num_key_heads: usize,
     #[serde(default = "default_linear_value_heads")]
     pub linear_num_value_heads: usize,
+}
+
+/// How the rotary inverse frequencies are scaled for a longer context (transformers' `rope_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub enum RopeScaling {
+    #[default]
+    None,
+    /// `linear`: every frequency divided by `factor`.
+    Linear { factor: f64 },
+    /// `llama3`: low frequencies divided by `factor`, high ones kept, a smooth ramp between.
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: f64,
+    },
+}
+
+impl RopeScaling {
+    /// Reads a `rope_scaling` / `rope_parameters` object (`rope_type` or the older `type`).
+    pub fn from_json(path: &Path, rope: Option<&Map<String, Value>>) -> Result<RopeScaling> {
+        let Some(r) = rope else {
+            return Ok(RopeScaling::None);
+        };
+        let kind = r
+            .get("rope_type")
+            .or_else(|| r.get("type"))
+            .and_then(Value::as_str)
+            .unwrap_or("default");
+        let num = |key: &str| -> Result<f64> {
+            let v = r.get(key).and_then(Value::as_f64).ok_or_else(|| {
+                Error::config(
+                    path,
+                    format!("rope_scaling.{key}"),
+                    "missing or not a number",
+                )
+            })?;
+            if !(v.is_finite() && v > 0.0) {
+                return Err(Error::config(
+                    path,
+                    format!("rope_scaling.{key}"),
+                    format!("{v} is not a positive number"),
+                ));
+            }
+            Ok(v)
+        };
+        match kind {
+            "default" => Ok(RopeScaling::None),
+            "linear" => Ok(RopeScaling::Linear {
+                factor: num("factor")?,
+            }),
+            "llama3" => {
+                let s = RopeScaling::Llama3 {
+                    factor: num("factor")?,
+                    low_freq_factor: num("low_freq_factor")?,
+                    high_freq_factor: num("high_freq_factor")?,
+                    original_max_position_embeddings: num("original_max_position_embeddings")?,
+                };
+                if let RopeScaling::Llama3 {
+                    low_freq_factor: lo,
+                    high_freq_factor: hi,
+                    ..
+                } = s
+                {
+                    if hi <= lo {
+                        return Err(Error::config(
+                            path,
+                            "rope_scaling.high_freq_factor",
+                            format!("{hi} is not above low_freq_factor {lo}"),
+                        ));
+                    }
+                }
+                Ok(s)
+            }
+            other => Err(Error::config(
+                path,
+                "rope_scaling.rope_type",
+                format!("`{other}` is not supported; Loupe reads default, linear and llama3"),
+            )),
+        }
+    }
+
+    /// `inv_freq` scaled, in f32 as transformers computes it.
+    pub fn apply(self, inv_freq: &mut [f32]) {
+        match self {
+            RopeScaling::None => {}
+            RopeScaling::Linear { factor } => {
+                for f in inv_freq {
+                    *f /= factor as f32;
+                }
+            }
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings: old,
+            } => {
+                let (factor, lo, hi, old) = (
+                    factor as f32,
+                    low_freq_factor as f32,
+                    high_freq_factor as f32,
+                    old as f32,
+                );
+                let (low_wavelen, high_wavelen) = (old / lo, old / hi);
+                for f in inv_freq {
+                    let wavelen = 2.0 * std::f32::consts::PI / *f;
+                    if wavelen > low_wavelen {
+                        *f /= factor;
+                    } else if wavelen >= high_wavelen {
+                        let smooth = (old / wavelen - lo) / (hi - lo);
+                        *f = (1.0 - smooth) * *f / factor + smooth * *f;
+                    }
+                }
+            }
+        }
+    }
 }
 
 impl TextConfig {
@@ -289,8 +411,19 @@ fn default_fullatt() -> Vec<usize> {
 /// hundred): a count over it is refused before anything is sized by it.
 const MAX_COUNT: usize = 4096;
 
-pub const SUPPORTED_MODEL_TYPES: &[&str] =
-    &["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5", "qwen2"];
+pub const SUPPORTED_MODEL_TYPES: &[&str] = &[
+    "qwen2_vl",
+    "qwen2_5_vl",
+    "qwen3_vl",
+    "qwen3_5",
+    "qwen2",
+    "llama",
+];
+
+/// False for the text-only families.
+pub fn has_vision(model_type: &str) -> bool {
+    !matches!(model_type, "qwen2" | "llama")
+}
 
 /// Reads `model_type` from a `config.json`.
 pub fn read_model_type(path: &Path) -> Result<String> {
@@ -446,7 +579,7 @@ impl Qwen2VlConfig {
             .transpose()?
             .unwrap_or(match model_type.as_str() {
                 "qwen3_vl" => 500_000.0,
-                "qwen3_5" => 10_000.0,
+                "qwen3_5" | "llama" => 10_000.0,
                 _ => 1_000_000.0,
             });
         text.mrope_section = match rope_value {
@@ -455,7 +588,7 @@ impl Qwen2VlConfig {
             None if model_type == "qwen3_vl" => vec![24, 20, 20],
             None if model_type == "qwen3_5" => vec![11, 11, 10],
             // Text-only: one stream of positions, plain RoPE.
-            None if model_type == "qwen2" => vec![text.head_dim() / 2, 0, 0],
+            None if !has_vision(&model_type) => vec![text.head_dim() / 2, 0, 0],
             None => vec![16, 24, 24],
         };
         let qwen3 = model_type == "qwen3_vl" || model_type == "qwen3_5";
@@ -506,7 +639,9 @@ impl Qwen2VlConfig {
             // `use_sliding_window` is off); the published files leave it out.
             text.layer_types = vec!["full_attention".to_owned(); text.num_hidden_layers];
         }
-        if !qwen3 {
+        if model_type == "llama" {
+            text.rope_scaling = RopeScaling::from_json(path, rope)?;
+        } else if !qwen3 {
             text.attention_bias = false;
         }
         text.tie_word_embeddings = nested
@@ -518,7 +653,7 @@ impl Qwen2VlConfig {
         let no_vision =
             json!({"depth": 0, "embed_dim": 0, "hidden_size": text.hidden_size, "num_heads": 0});
         let mut vision_obj = match top.get("vision_config") {
-            _ if model_type == "qwen2" => no_vision,
+            _ if !has_vision(&model_type) => no_vision,
             Some(v @ Value::Object(_)) => v.clone(),
             Some(other) => {
                 return Err(Error::config(
@@ -847,7 +982,7 @@ impl Qwen2VlConfig {
 
     /// False for text-only models (`qwen2`: Qwen2 and Qwen2.5 language models).
     pub fn has_vision(&self) -> bool {
-        self.model_type != "qwen2"
+        has_vision(&self.model_type)
     }
 
     pub fn vision_intermediate(&self) -> usize {

@@ -1,6 +1,8 @@
 //! The model architectures (one file each) and the shared layers they are built from.
 
+pub mod decoder;
 pub mod layers;
+pub mod llama;
 pub mod qwen2_5_vl;
 pub mod qwen2_vl;
 pub mod qwen3_5;
