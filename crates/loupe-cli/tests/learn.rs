@@ -34,12 +34,9 @@ fn write_goods(dir: &Path, n: u32) {
     }
 }
 
-#[test]
-fn learn_writes_a_bank_that_inspect_uses() {
-    let tmp = tempfile::tempdir().unwrap();
-    let good = tmp.path().join("good");
-    write_goods(&good, 44);
-    let spec = tmp.path().join("rings.toml");
+/// `rings.toml` in `dir`: the demonstration model, one class, the detector alone.
+fn rings_spec(dir: &Path) -> std::path::PathBuf {
+    let spec = dir.join("rings.toml");
     let demo = root().join("models/loupe-parts-demo");
     std::fs::write(
         &spec,
@@ -50,6 +47,15 @@ fn learn_writes_a_bank_that_inspect_uses() {
         ),
     )
     .unwrap();
+    spec
+}
+
+#[test]
+fn learn_writes_a_bank_that_inspect_uses() {
+    let tmp = tempfile::tempdir().unwrap();
+    let good = tmp.path().join("good");
+    write_goods(&good, 44);
+    let spec = rings_spec(tmp.path());
     let out = loupe(&[
         "learn",
         "--spec",
@@ -197,17 +203,7 @@ fn learn_and_eval_share_a_seeded_split_and_score_the_maps() {
         mask.save(data.join(format!("ground_truth/dent/{i:03}_mask.png")))
             .unwrap();
     }
-    let spec = tmp.path().join("rings.toml");
-    let demo = root().join("models/loupe-parts-demo");
-    std::fs::write(
-        &spec,
-        format!(
-            "name = \"rings\"\nmodel = \"{}\"\ninstructions = \"Inspect the ring.\"\n[[defects]]\nname = \"dent\"\n\
-             [anomaly]\ncombine = \"anomaly\"\n",
-            demo.display()
-        ),
-    )
-    .unwrap();
+    let spec = rings_spec(tmp.path());
     let out = loupe(&[
         "learn",
         "--spec",

@@ -6,7 +6,6 @@ mod common;
 
 use candle_core::DType;
 use common::greedy;
-use loupe_core::tokenize::Message;
 use loupe_core::{Engine, LoadOptions};
 use serde_json::Value;
 
@@ -31,18 +30,7 @@ fn reference() -> Vec<Value> {
 
 fn answers_like_transformers(e: &Engine) {
     for case in reference() {
-        let messages: Vec<Message> = case["messages"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|m| {
-                let text = m["content"].as_str().unwrap();
-                match m["role"].as_str().unwrap() {
-                    "system" => Message::system(text),
-                    _ => Message::user(0, text),
-                }
-            })
-            .collect();
+        let messages = common::text_messages(&case["messages"]);
         assert_eq!(
             e.template.render(&messages, true).unwrap(),
             case["rendered"].as_str().unwrap()

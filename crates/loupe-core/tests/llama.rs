@@ -9,7 +9,6 @@ mod common;
 use candle_core::DType;
 use common::{logit_diff, Reference};
 use loupe_core::generate::{GenerateParams, SamplingParams};
-use loupe_core::tokenize::Message;
 use loupe_core::{Engine, LoadOptions};
 
 fn engine(name: &str) -> Engine {
@@ -35,18 +34,7 @@ fn check(name: &str) {
     let prompts = r.meta["prompts"].as_object().unwrap().clone();
     assert_eq!(prompts.len(), 3);
     for (pname, p) in prompts {
-        let messages: Vec<Message> = p["messages"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|m| {
-                let text = m["content"].as_str().unwrap();
-                match m["role"].as_str().unwrap() {
-                    "system" => Message::system(text),
-                    _ => Message::user(0, text),
-                }
-            })
-            .collect();
+        let messages = common::text_messages(&p["messages"]);
         assert_eq!(
             e.template.render(&messages, true).unwrap(),
             p["rendered"].as_str().unwrap(),

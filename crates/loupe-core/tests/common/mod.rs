@@ -220,3 +220,20 @@ pub fn messages(p: &serde_json::Value) -> Vec<Message> {
     }
     out
 }
+
+/// A conversation written as transformers' `messages` (`role`, string `content`), text only.
+pub fn text_messages(messages: &serde_json::Value) -> Vec<Message> {
+    messages
+        .as_array()
+        .expect("a list of messages")
+        .iter()
+        .map(|m| {
+            let text = m["content"].as_str().unwrap();
+            match m["role"].as_str().unwrap() {
+                "system" => Message::system(text),
+                "assistant" => Message::assistant(text),
+                _ => Message::user(0, text),
+            }
+        })
+        .collect()
+}
