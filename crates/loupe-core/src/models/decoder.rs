@@ -23,7 +23,6 @@ pub struct DecoderOptions {
     pub o_bias: bool,
     /// Biases on the gate, up and down projections.
     pub mlp_bias: bool,
-    pub act: Activation,
 }
 
 struct DecoderLayer {
@@ -61,6 +60,7 @@ impl Decoder {
         inv_freq: Vec<f32>,
     ) -> Result<Self> {
         let (hd, dim) = (t.head_dim(), t.hidden_size);
+        let act = Activation::from_config(&t.hidden_act, "hidden_act")?;
         let embed = Matrix::load(w, "model.embed_tokens.weight", t.vocab_size, dim)?;
         let layers = (0..t.num_hidden_layers)
             .map(|i| {
@@ -119,7 +119,7 @@ impl Decoder {
                         &format!("{p}.mlp"),
                         dim,
                         t.intermediate_size,
-                        o.act,
+                        act,
                         o.mlp_bias,
                     )?,
                 })

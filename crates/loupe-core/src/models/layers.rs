@@ -538,6 +538,15 @@ impl Activation {
         })
     }
 
+    /// The activation a config field names (`field` says which, for the error).
+    pub fn from_config(name: &str, field: &str) -> Result<Self> {
+        Self::from_name(name).ok_or_else(|| {
+            crate::error::Error::InvalidInput(format!(
+                "config.json: {field} `{name}` is not a supported activation"
+            ))
+        })
+    }
+
     pub fn forward(self, x: &Tensor) -> Result<Tensor> {
         if let Some(y) = self.gated_in_one_pass(x, None)? {
             return Ok(y);

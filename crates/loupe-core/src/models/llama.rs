@@ -7,9 +7,8 @@ use candle_core::Tensor;
 
 use super::decoder::{Decoder, DecoderOptions};
 use super::layers::{inv_freq, Taps};
-use super::qwen2_vl::activation;
-use super::VisionLanguageModel;
-use crate::error::{Error, Result};
+use super::{text_only, VisionLanguageModel};
+use crate::error::Result;
 use crate::generate::kv_cache::KvCache;
 use crate::image::PixelBatch;
 use crate::load::config::Qwen2VlConfig;
@@ -28,7 +27,6 @@ impl Llama {
             qkv_bias: t.attention_bias,
             o_bias: t.attention_bias,
             mlp_bias: t.mlp_bias,
-            act: activation(&t.hidden_act, "hidden_act")?,
         };
         let mut freq = inv_freq(t.head_dim(), t.rope_theta);
         t.rope_scaling.apply(&mut freq);
@@ -40,19 +38,17 @@ impl Llama {
     }
 }
 
+const CANNOT_SEE: &str = "it cannot take images";
+
 /// No image placeholder: every id of a text-only prompt is text.
 const NO_IMAGE: u32 = u32::MAX;
 
 impl VisionLanguageModel for Llama {
     fn encode_images(&self, _: &PixelBatch) -> Result<Tensor> {
-        Err(Error::InvalidInput(
-            "this is a text-only model: it cannot take images".into(),
-        ))
+        Err(text_only(CANNOT_SEE))
     }
     fn patch_features(&self, _: &PixelBatch, _: usize) -> Result<Tensor> {
-        Err(Error::InvalidInput(
-            "this is a text-only model: it has no vision tower to take features from".into(),
-        ))
+        Err(text_only("it has no vision tower to take features from"))
     }
     fn vision_depth(&self) -> usize {
         0
@@ -67,7 +63,7 @@ impl VisionLanguageModel for Llama {
     }
     fn embed(&self, ids: &[u32], image_features: Option<&Tensor>) -> Result<Tensor> {
         if image_features.is_some() {
-            return self.encode_images(&PixelBatch::default());
+            return Err(text_only(CANNOT_SEE));
         }
         self.decoder.embed(ids, None, NO_IMAGE)
     }

@@ -69,6 +69,11 @@ pub trait VisionEncoder: Send + Sync {
     fn param_count(&self) -> usize;
 }
 
+/// What a text-only model answers when asked for images: `doing` says what it cannot do.
+pub(crate) fn text_only(doing: &str) -> Error {
+    Error::InvalidInput(format!("this is a text-only model: {doing}"))
+}
+
 /// `layer` checked against a tower of `depth` blocks.
 fn check_layer(layer: usize, depth: usize) -> Result<()> {
     if layer >= depth {

@@ -11,9 +11,8 @@ use candle_core::{Device, Tensor};
 
 use super::layers::{
     frame_lengths, inv_freq, load_merger_mlp, load_patch_embed, vision_attention, vision_rotary,
-    GatedMlp, Linear, RmsNorm, Taps,
+    Activation, GatedMlp, Linear, RmsNorm, Taps,
 };
-use super::qwen2_vl::activation;
 use super::VisionEncoder;
 use crate::error::Result;
 use crate::load::config::Qwen2VlConfig;
@@ -49,7 +48,7 @@ impl VisionTower {
         let e = v.embed_dim;
         let patch_dim = cfg.patch_values();
         let hidden = cfg.vision_intermediate();
-        let act = activation(&v.hidden_act, "vision_config.hidden_act")?;
+        let act = Activation::from_config(&v.hidden_act, "vision_config.hidden_act")?;
         let blocks = (0..v.depth)
             .map(|i| {
                 let p = format!("visual.blocks.{i}");

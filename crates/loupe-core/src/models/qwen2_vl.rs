@@ -13,7 +13,7 @@ use super::layers::{
     Activation, LayerNorm, Linear, Taps,
 };
 use super::{qwen2_5_vl, qwen3_vl, VisionEncoder};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::generate::kv_cache::KvCache;
 use crate::image::PixelBatch;
 use crate::load::config::Qwen2VlConfig;
@@ -63,14 +63,6 @@ pub fn quant_policy(name: &str, q: GgmlDType) -> Option<GgmlDType> {
     } else {
         None
     }
-}
-
-pub(crate) fn activation(name: &str, field: &str) -> Result<Activation> {
-    Activation::from_name(name).ok_or_else(|| {
-        Error::InvalidInput(format!(
-            "config.json: {field} `{name}` is not a supported activation"
-        ))
-    })
 }
 
 // ---------------------------------------------------------------- vision tower
@@ -127,7 +119,7 @@ impl VisionTower {
             ln_q: LayerNorm::load(w, "visual.merger.ln_q", e, 1e-6)?,
             merger_fc1,
             merger_fc2,
-            act: activation(&v.hidden_act, "vision_config.hidden_act")?,
+            act: Activation::from_config(&v.hidden_act, "vision_config.hidden_act")?,
             heads: v.num_heads,
             head_dim,
             merge: v.spatial_merge_size,
@@ -224,7 +216,6 @@ impl Qwen2Vl {
             qkv_bias,
             o_bias,
             mlp_bias: false,
-            act: activation(&t.hidden_act, "hidden_act")?,
         };
         let decoder = Decoder::load(t, w, options, inv_freq(t.head_dim(), t.rope_theta))?;
         Ok(Qwen2Vl {
@@ -247,9 +238,7 @@ impl Qwen2Vl {
     /// Runs the vision tower: `(merged tokens, hidden)` for all images, in order.
     pub fn encode_images(&self, pixels: &PixelBatch) -> Result<Tensor> {
         let Some(vision) = &self.vision else {
-            return Err(Error::InvalidInput(
-                "this is a text-only model: it cannot take images".into(),
-            ));
+            return Err(super::text_only("it cannot take images"));
         };
         let d = &self.decoder;
         let x = super::pixel_tensor(pixels, &self.cfg, d.dtype(), d.device())?;
@@ -259,8 +248,8 @@ impl Qwen2Vl {
     /// Block `layer`'s patch features ([`VisionEncoder::block_features`]).
     pub fn patch_features(&self, pixels: &PixelBatch, layer: usize) -> Result<Tensor> {
         let Some(vision) = &self.vision else {
-            return Err(Error::InvalidInput(
-                "this is a text-only model: it has no vision tower to take features from".into(),
+            return Err(super::text_only(
+                "it has no vision tower to take features from",
             ));
         };
         super::check_layer(layer, vision.depth())?;

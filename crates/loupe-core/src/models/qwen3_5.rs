@@ -17,9 +17,9 @@
 use candle_core::{DType, Device, Tensor, D};
 
 use super::layers::{
-    attention, inv_freq, load_lm_head, rope, Embedding, GatedMlp, Linear, Matrix, RmsNorm, Taps,
+    attention, inv_freq, load_lm_head, rope, Activation, Embedding, GatedMlp, Linear, Matrix,
+    RmsNorm, Taps,
 };
-use super::qwen2_vl::activation;
 use super::{qwen3_vl, VisionEncoder};
 use crate::error::Result;
 use crate::generate::kv_cache::{KvCache, LayerKv};
@@ -83,7 +83,7 @@ impl Qwen35 {
     pub fn load(cfg: Qwen2VlConfig, w: &Weights) -> Result<Self> {
         let t = &cfg.text;
         let (hd, dim, eps) = (t.head_dim(), t.hidden_size, t.rms_norm_eps);
-        let act = activation(&t.hidden_act, "hidden_act")?;
+        let act = Activation::from_config(&t.hidden_act, "hidden_act")?;
         let (nk, nv) = (t.linear_num_key_heads, t.linear_num_value_heads);
         let (dk, dv) = (t.linear_key_head_dim, t.linear_value_head_dim);
         let conv_dim = 2 * nk * dk + nv * dv;

@@ -14,7 +14,6 @@ use super::layers::{
     frame_lengths, inv_freq, load_patch_embed, patch_positions, vision_attention, vision_rotary,
     LayerNorm, Linear, Taps,
 };
-use super::qwen2_vl::activation;
 use super::VisionEncoder;
 use crate::error::Result;
 use crate::load::config::Qwen2VlConfig;
@@ -124,7 +123,7 @@ impl VisionTower {
             pos_embed: w.get("visual.pos_embed.weight", &[side * side, e])?,
             side,
             blocks,
-            act: activation(&v.hidden_act, "vision_config.hidden_act")?,
+            act: Activation::from_config(&v.hidden_act, "vision_config.hidden_act")?,
             merger: Merger::load(w, "visual.merger", e, unit, out, false)?,
             heads: v.num_heads,
             head_dim,
