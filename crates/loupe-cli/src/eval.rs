@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use loupe_inspect::eval::{mask_boxes, roc, score, split, Metrics, PixelMap, Scored};
+use loupe_inspect::eval::{mask_boxes, read_mask, roc, score, split, Metrics, PixelMap, Scored};
 use loupe_inspect::report::{escape, RunOutputs};
 use loupe_inspect::verdict::Outcome;
 use loupe_inspect::{Error, Result};
@@ -53,10 +53,9 @@ pub fn eval(args: EvalArgs) -> Result<ExitCode> {
     for s in &samples {
         let (rec, upright) = inspector.inspect(&s.image);
         record(&mut outputs, audit.as_mut(), &spec, &rec, upright.as_ref())?;
-        let truth_boxes = match &s.mask {
-            Some(m) => mask_boxes(m)?,
-            None => vec![],
-        };
+        // The mask is read once, for the truth boxes and the pixel metrics.
+        let mask = s.mask.as_deref().map(read_mask).transpose()?;
+        let truth_boxes = mask.as_ref().map(mask_boxes).unwrap_or_default();
         rows.push(serde_json::json!({
             "image": s.image,
             "class": s.class,
@@ -78,15 +77,10 @@ pub fn eval(args: EvalArgs) -> Result<ExitCode> {
             anomalous: rec.anomaly.as_ref().map(|a| a.anomalous),
             // Pixel truth is known for good parts and for masked defective ones.
             pixels: match (&rec.anomaly, &rec.frame) {
-                (Some(a), Some(f)) if s.class == "good" || s.mask.is_some() => match &a.map {
-                    Some(m) => Some(PixelMap::new(
-                        m,
-                        s.mask.as_deref(),
-                        f.upright.0,
-                        f.upright.1,
-                    )?),
-                    None => None,
-                },
+                (Some(a), Some(f)) if s.class == "good" || mask.is_some() => a
+                    .map
+                    .as_ref()
+                    .map(|m| PixelMap::new(m, mask.as_ref(), f.upright.0, f.upright.1)),
                 _ => None,
             },
         });

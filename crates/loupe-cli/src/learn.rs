@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use loupe_inspect::anomaly::{self, LearnOptions, Method};
-use loupe_inspect::eval::split;
+use loupe_inspect::eval::{is_mvtec, split};
 use loupe_inspect::inspector::collect_images;
 use loupe_inspect::{Error, Result, Spec};
 
@@ -80,8 +80,7 @@ pub fn learn(args: LearnArgs) -> Result<()> {
     }
     let goods = match &args.dataset {
         Some(d) => {
-            let mvtec = d.join("test").is_dir();
-            let share = (!mvtec).then_some(args.split);
+            let share = (!is_mvtec(d)).then_some(args.split);
             let sp = split(d, args.defect_if.as_deref(), share, args.seed)?;
             if sp.train_good.is_empty() {
                 return Err(Error::InvalidInput(format!(

@@ -1,5 +1,5 @@
-//! Ranking metrics over scores: AUROC, the ROC curve, average precision, and per-region overlap
-//! (PRO) for pixel maps. Exact, by one sort, with tied scores grouped (a tie counts half in AUROC,
+//! Ranking metrics over scores: AUROC, the ROC curve, average precision, and pixel AUROC with
+//! per-region overlap (PRO) for pixel maps. Exact, by one sort, with tied scores grouped (a tie counts half in AUROC,
 //! and a curve takes a tie group in one step), so they scale to the millions of pixels of a dataset.
 
 /// Per distinct score, highest first: `(score, positives, negatives)` with that score.
@@ -72,29 +72,45 @@ pub fn average_precision(pos: &[f64], neg: &[f64]) -> Option<f64> {
 /// One pixel for PRO: its score, and the ground-truth region it belongs to (`None`: a good pixel).
 pub type RegionPixel = (f32, Option<u32>);
 
-/// The normalised area under the per-region-overlap curve up to a false-positive rate of
-/// `max_fpr` (0.3 in MVTec AD's protocol). At each threshold, PRO is the mean over ground-truth
-/// regions of the share of the region's pixels at or above it, and the false-positive rate is the
-/// share of good pixels at or above it. The curve is integrated by trapezoids over the
-/// false-positive rate, cut at `max_fpr` (interpolated) and divided by it. `sizes[r]` is region
-/// `r`'s pixel count. `None` without regions or without good pixels.
-pub fn pro(pixels: &mut [RegionPixel], sizes: &[usize], max_fpr: f64) -> Option<f64> {
+/// Pixel AUROC and PRO of one set of pixels, in one sort.
+///
+/// AUROC counts region pixels as positives and good pixels as negatives, ties half. PRO is the
+/// normalised area under the per-region-overlap curve up to a false-positive rate of `max_fpr`
+/// (0.3 in MVTec AD's protocol): at each threshold, the mean over ground-truth regions of the share
+/// of the region's pixels at or above it, against the share of good pixels at or above it,
+/// integrated by trapezoids over the false-positive rate, cut at `max_fpr` (interpolated) and
+/// divided by it. `sizes[r]` is region `r`'s pixel count. Each is `None` where it is undefined
+/// (no region pixels, no good pixels).
+pub fn pixel_curves(
+    pixels: &mut [RegionPixel],
+    sizes: &[usize],
+    max_fpr: f64,
+) -> (Option<f64>, Option<f64>) {
     let good = pixels.iter().filter(|p| p.1.is_none()).count();
-    if sizes.is_empty() || good == 0 || !(max_fpr > 0.0 && max_fpr <= 1.0) {
-        return None;
-    }
+    let bad = pixels.len() - good;
     pixels.sort_by(|a, b| b.0.total_cmp(&a.0));
-    let (mut fp, mut overlap_sum) = (0usize, 0.0f64);
+    let (mut fp, mut tp, mut wins) = (0usize, 0usize, 0.0f64);
+    let mut overlap_sum = 0.0f64;
     let (mut last_fpr, mut last_pro, mut area) = (0.0f64, 0.0f64, 0.0f64);
+    let mut pro_done = false;
     let mut i = 0;
     while i < pixels.len() {
         let s = pixels[i].0;
+        let (mut fp_g, mut tp_g) = (0usize, 0usize);
         while i < pixels.len() && pixels[i].0 == s {
             match pixels[i].1 {
-                None => fp += 1,
-                Some(r) => overlap_sum += 1.0 / sizes[r as usize] as f64,
+                None => fp_g += 1,
+                Some(r) => {
+                    tp_g += 1;
+                    overlap_sum += 1.0 / sizes[r as usize] as f64;
+                }
             }
             i += 1;
+        }
+        wins += fp_g as f64 * (tp as f64 + 0.5 * tp_g as f64);
+        (fp, tp) = (fp + fp_g, tp + tp_g);
+        if pro_done || good == 0 || sizes.is_empty() {
+            continue;
         }
         let fpr = fp as f64 / good as f64;
         let pro = overlap_sum / sizes.len() as f64;
@@ -106,12 +122,16 @@ pub fn pro(pixels: &mut [RegionPixel], sizes: &[usize], max_fpr: f64) -> Option<
             };
             let cut = last_pro + t * (pro - last_pro);
             area += (max_fpr - last_fpr) * (last_pro + cut) / 2.0;
-            return Some(area / max_fpr);
+            pro_done = true;
+            continue;
         }
         area += (fpr - last_fpr) * (last_pro + pro) / 2.0;
         (last_fpr, last_pro) = (fpr, pro);
     }
-    Some(area / max_fpr)
+    let auroc = (good > 0 && bad > 0).then(|| wins / (good as f64 * bad as f64));
+    let pro = (good > 0 && !sizes.is_empty() && max_fpr > 0.0 && max_fpr <= 1.0)
+        .then_some(area / max_fpr);
+    (auroc, pro)
 }
 
 #[cfg(test)]
@@ -186,15 +206,20 @@ mod tests {
         px.extend((0..10).map(|i| (0.5 - 0.01 * i as f32, None)));
         // Thresholds .9 -> (fpr 0, pro .5), .8 -> (0, .75), then each good pixel adds fpr .1 at pro .75;
         // up to fpr 0.3 the curve is flat at .75 after the first step at fpr 0: area .75 * .3.
-        let a = pro(&mut px, &[2, 4], 0.3).unwrap();
+        let (roc_area, a) = pixel_curves(&mut px, &[2, 4], 0.3);
+        let a = a.unwrap();
         assert!((a - 0.75).abs() < 1e-9, "{a}");
+        // The same sweep's AUROC is the pairwise one: region pixels against good ones.
+        let (pos, neg): (Vec<_>, Vec<_>) = px.iter().partition(|p| p.1.is_some());
+        let f = |v: Vec<&RegionPixel>| v.iter().map(|p| p.0 as f64).collect::<Vec<_>>();
+        assert_eq!(roc_area, auroc(&f(pos), &f(neg)));
         // A perfect map covers every region fully before any good pixel: 1.
         let mut perfect: Vec<RegionPixel> = vec![(1.0, Some(0)), (0.0, None), (0.0, None)];
-        assert!((pro(&mut perfect, &[1], 0.3).unwrap() - 1.0).abs() < 1e-9);
+        assert!((pixel_curves(&mut perfect, &[1], 0.3).1.unwrap() - 1.0).abs() < 1e-9);
         // A map that ranks good pixels first scores near 0.
         let mut worst: Vec<RegionPixel> = (0..10).map(|_| (1.0, None)).collect();
         worst.push((0.0, Some(0)));
-        assert!(pro(&mut worst, &[1], 0.3).unwrap() < 1e-9);
-        assert_eq!(pro(&mut [(1.0, None)], &[], 0.3), None);
+        assert!(pixel_curves(&mut worst, &[1], 0.3).1.unwrap() < 1e-9);
+        assert_eq!(pixel_curves(&mut [(1.0, None)], &[], 0.3), (None, None));
     }
 }

@@ -64,15 +64,19 @@ impl PixelMap {
     /// `map` (covering the whole upright image of `img_w x img_h`) resized bilinearly to the grid,
     /// unscored (NaN) pixels as 0, and the mask (`None`: a good part, nothing defective) taken by
     /// nearest neighbour.
-    pub fn new(map: &Gray, mask: Option<&Path>, img_w: usize, img_h: usize) -> Result<PixelMap> {
+    pub fn new(
+        map: &Gray,
+        mask: Option<&image::GrayImage>,
+        img_w: usize,
+        img_h: usize,
+    ) -> PixelMap {
         let scale = (PIXEL_GRID as f64 / img_w.max(img_h).max(1) as f64).min(1.0);
         let w = ((img_w as f64 * scale).round() as usize).max(1);
         let h = ((img_h as f64 * scale).round() as usize).max(1);
         let score = resize_bilinear(map, w, h);
         let truth = match mask {
             None => vec![false; w * h],
-            Some(p) => {
-                let m = read_mask(p)?;
+            Some(m) => {
                 let (mw, mh) = (m.width() as usize, m.height() as usize);
                 let mut t = Vec::with_capacity(w * h);
                 for y in 0..h {
@@ -85,7 +89,7 @@ impl PixelMap {
                 t
             }
         };
-        Ok(PixelMap { w, h, score, truth })
+        PixelMap { w, h, score, truth }
     }
 }
 
@@ -342,7 +346,6 @@ fn pixel_metrics(samples: &[Scored]) -> (Option<f64>, Option<f64>) {
     if samples.is_empty() || samples.iter().any(|s| s.pixels.is_none()) {
         return (None, None);
     }
-    let (mut pos, mut neg) = (Vec::new(), Vec::new());
     let mut region_px: Vec<curves::RegionPixel> = Vec::new();
     let mut sizes: Vec<usize> = Vec::new();
     for s in samples {
@@ -352,20 +355,15 @@ fn pixel_metrics(samples: &[Scored]) -> (Option<f64>, Option<f64>) {
         sizes.extend(std::iter::repeat_n(0, n));
         for (i, (&sc, &t)) in p.score.iter().zip(&p.truth).enumerate() {
             if t {
-                pos.push(sc as f64);
                 let r = base + labels[i];
                 sizes[r as usize] += 1;
                 region_px.push((sc, Some(r)));
             } else {
-                neg.push(sc as f64);
                 region_px.push((sc, None));
             }
         }
     }
-    (
-        auroc(&pos, &neg),
-        curves::pro(&mut region_px, &sizes, PRO_MAX_FPR),
-    )
+    curves::pixel_curves(&mut region_px, &sizes, PRO_MAX_FPR)
 }
 
 /// The 8-connected regions of the `on` pixels of a `w x h` grid: each pixel's region index (0 for
@@ -426,7 +424,7 @@ pub fn read_dataset(root: &Path, defect_if: Option<&str>) -> Result<Vec<Sample>>
             "--defect-if applies to a CSV of labels, not a folder".into()
         ));
     }
-    let classes_dir = if root.join("test").is_dir() {
+    let classes_dir = if is_mvtec(root) {
         root.join("test")
     } else if root.join("good").is_dir() {
         root.to_path_buf()
@@ -494,6 +492,11 @@ pub struct Split {
     pub test: Vec<Sample>,
 }
 
+/// True for a folder in the MVTec AD layout (a `test/` folder), which keeps its own split.
+pub fn is_mvtec(root: &Path) -> bool {
+    root.join("test").is_dir()
+}
+
 /// Splits a dataset, reproducibly. MVTec AD keeps its own split: `train/good/` to learn from, all of
 /// `test/` to evaluate. For class folders and a CSV, `train` (a share between 0 and 1) of the good
 /// images, drawn with `seed`, go to learning and the rest to the evaluation; without `train`
@@ -506,7 +509,7 @@ pub fn split(root: &Path, defect_if: Option<&str>, train: Option<f64>, seed: u64
         msg,
     };
     let mut samples = read_dataset(root, defect_if)?;
-    if root.is_dir() && root.join("test").is_dir() {
+    if is_mvtec(root) {
         if train.is_some() {
             return Err(err(
                 "an MVTec AD folder has its own train/good; --split is for class folders and CSV \
@@ -668,7 +671,8 @@ fn read_csv(path: &Path, defect_if: Option<&str>) -> Result<Vec<Sample>> {
     Ok(out)
 }
 
-fn read_mask(path: &Path) -> Result<image::GrayImage> {
+/// A mask image, in gray.
+pub fn read_mask(path: &Path) -> Result<image::GrayImage> {
     Ok(image::open(path)
         .map_err(|e| Error::Dataset {
             path: path.to_path_buf(),
@@ -678,8 +682,7 @@ fn read_mask(path: &Path) -> Result<image::GrayImage> {
 }
 
 /// Bounding boxes of the 8-connected regions of non-zero pixels of a mask, in pixel coordinates.
-pub fn mask_boxes(path: &Path) -> Result<Vec<PixelBox>> {
-    let img = read_mask(path)?;
+pub fn mask_boxes(img: &image::GrayImage) -> Vec<PixelBox> {
     let (w, h) = (img.width() as usize, img.height() as usize);
     let on: Vec<bool> = img.as_raw().iter().map(|&v| v > 127).collect();
     let (labels, n) = components8(&on, w, h);
@@ -688,11 +691,11 @@ pub fn mask_boxes(path: &Path) -> Result<Vec<PixelBox>> {
         let (x, y, r) = (i % w, i / w, &mut b[labels[i] as usize]);
         *r = [r[0].min(x), r[1].min(y), r[2].max(x), r[3].max(y)];
     }
-    Ok(b.into_iter()
+    b.into_iter()
         .map(|[x0, y0, x1, y1]| {
             PixelBox::ordered(x0 as f64, y0 as f64, (x1 + 1) as f64, (y1 + 1) as f64)
         })
-        .collect())
+        .collect()
 }
 
 #[cfg(test)]
@@ -939,18 +942,14 @@ mod tests {
             h: 1,
             v: vec![1.0, f32::NAN],
         };
-        let pm = PixelMap::new(&g, Some(&p), 1024, 512).unwrap();
+        let pm = PixelMap::new(&g, Some(&read_mask(&p).unwrap()), 1024, 512);
         assert_eq!((pm.w, pm.h), (256, 128));
         assert_eq!(pm.truth.iter().filter(|&&t| t).count(), 128 * 128);
         // The left end reads the first map cell, the right end the unscored one as 0, in between a
         // bilinear ramp.
         assert_eq!((pm.score[0], pm.score[255]), (1.0, 0.0));
         assert!(pm.score[100] > pm.score[150] && pm.score[150] > pm.score[200]);
-        assert!(PixelMap::new(&g, None, 4, 4)
-            .unwrap()
-            .truth
-            .iter()
-            .all(|&t| !t));
+        assert!(PixelMap::new(&g, None, 4, 4).truth.iter().all(|&t| !t));
     }
 
     #[test]
@@ -969,7 +968,7 @@ mod tests {
         }
         let p = dir.join("m.png");
         m.save(&p).unwrap();
-        let boxes = mask_boxes(&p).unwrap();
+        let boxes = mask_boxes(&read_mask(&p).unwrap());
         assert_eq!(
             boxes,
             vec![b(3.0, 2.0, 9.0, 5.0), b(20.0, 10.0, 26.0, 16.0)]
