@@ -320,7 +320,8 @@ impl<'e> Inspector<'e> {
             .prompt_from_messages(&self.messages(), &images, &self.preprocessor)
     }
 
-    fn params(&self, max_coordinate: u32) -> GenerateParams {
+    /// The spec's decoding settings, the answer constrained to `schema`.
+    fn params(&self, schema: serde_json::Value) -> GenerateParams {
         let d = &self.spec.decoding;
         GenerateParams {
             max_tokens: d.max_tokens,
@@ -331,10 +332,7 @@ impl<'e> Inspector<'e> {
             },
             stop_strings: vec![],
             eos_token_ids: self.engine.eos_token_ids(),
-            grammar: Some(Grammar::JsonSchema(verdict_schema(
-                &self.spec,
-                max_coordinate,
-            ))),
+            grammar: Some(Grammar::JsonSchema(schema)),
         }
     }
 
@@ -473,7 +471,10 @@ impl<'e> Inspector<'e> {
         self.ensure_prefix(&prompt).map_err(|e| e.to_string())?;
         rec.timings.prefix_ms = ms(t);
 
-        let params = self.params(self.convention.max_coordinate(&frame));
+        let params = self.params(verdict_schema(
+            &self.spec,
+            self.convention.max_coordinate(&frame),
+        ));
         let reuse = match self.reuse_mode {
             ReuseMode::None => None,
             _ => Some(&mut self.reuse),
@@ -528,10 +529,7 @@ impl<'e> Inspector<'e> {
             .template
             .render(&messages, true)
             .map_err(|e| e.to_string())?;
-        let params = GenerateParams {
-            grammar: Some(Grammar::JsonSchema(region_schema(&self.spec))),
-            ..self.params(0)
-        };
+        let params = self.params(region_schema(&self.spec));
         let mut answers = Vec::new();
         for r in regions.iter().take(self.spec.decoding.max_defects) {
             let crop = ImageInput {
