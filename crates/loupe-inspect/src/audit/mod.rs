@@ -65,7 +65,8 @@ pub struct HistoryRow {
     pub anomalous: Option<bool>,
 }
 
-/// The anomaly columns, added to a database made before they existed.
+/// The anomaly columns, added after the table is made (so a database made before them gains them
+/// too).
 const ANOMALY_COLUMNS: [(&str, &str, &str); 4] = [
     // (name, SQLite type, PostgreSQL type)
     ("anomaly_score", "REAL", "DOUBLE PRECISION"),

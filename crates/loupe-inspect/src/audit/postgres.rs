@@ -29,9 +29,8 @@ CREATE TABLE IF NOT EXISTS inspections (
     fail_score DOUBLE PRECISION,
     error TEXT,
     vision_ms DOUBLE PRECISION, prefill_ms DOUBLE PRECISION, decode_ms DOUBLE PRECISION,
-    total_ms DOUBLE PRECISION,
-    anomaly_score DOUBLE PRECISION, anomaly_threshold DOUBLE PRECISION, anomalous BOOLEAN,
-    anomaly_regions_json TEXT
+    total_ms DOUBLE PRECISION
+    -- and the anomaly columns (ANOMALY_COLUMNS), added after
 );
 CREATE INDEX IF NOT EXISTS inspections_time ON inspections(unix_ms);
 CREATE TABLE IF NOT EXISTS weight_hashes (
@@ -73,7 +72,7 @@ impl PgStore {
         tx.execute("SELECT pg_advisory_xact_lock(7110070)", &[])
             .map_err(err)?;
         tx.batch_execute(SCHEMA).map_err(err)?;
-        // A database made before the anomaly columns existed gains them.
+        // The anomaly columns, in a new database and in one made before they existed.
         for (name, _, ty) in ANOMALY_COLUMNS {
             tx.batch_execute(&format!(
                 "ALTER TABLE inspections ADD COLUMN IF NOT EXISTS {name} {ty}"

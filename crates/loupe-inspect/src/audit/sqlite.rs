@@ -27,8 +27,8 @@ CREATE TABLE IF NOT EXISTS inspections (
     defects_json TEXT NOT NULL,
     fail_score REAL,
     error TEXT,
-    vision_ms REAL, prefill_ms REAL, decode_ms REAL, total_ms REAL,
-    anomaly_score REAL, anomaly_threshold REAL, anomalous INTEGER, anomaly_regions_json TEXT
+    vision_ms REAL, prefill_ms REAL, decode_ms REAL, total_ms REAL
+    -- and the anomaly columns (ANOMALY_COLUMNS), added after
 );
 CREATE INDEX IF NOT EXISTS inspections_time ON inspections(unix_ms);
 CREATE TABLE IF NOT EXISTS weight_hashes (
@@ -232,7 +232,8 @@ impl Store for SqliteStore {
     }
 }
 
-/// A database written before the anomaly columns existed gains them (empty for its old rows).
+/// The anomaly columns ([`ANOMALY_COLUMNS`], their one definition): added to a new database, and
+/// to one written before they existed (empty for its old rows).
 fn add_missing_columns(conn: &Connection) -> rusqlite::Result<()> {
     let have: Vec<String> = conn
         .prepare("SELECT name FROM pragma_table_info('inspections')")?
