@@ -234,17 +234,19 @@ impl Store for SqliteStore {
 
 /// The anomaly columns ([`ANOMALY_COLUMNS`], their one definition): added to a new database, and
 /// to one written before they existed (empty for its old rows).
+/// Under a write lock, so that writers opening one database at once add each column once.
 fn add_missing_columns(conn: &Connection) -> rusqlite::Result<()> {
-    let have: Vec<String> = conn
+    let tx = rusqlite::Transaction::new_unchecked(conn, rusqlite::TransactionBehavior::Immediate)?;
+    let have: Vec<String> = tx
         .prepare("SELECT name FROM pragma_table_info('inspections')")?
         .query_map([], |r| r.get(0))?
         .collect::<rusqlite::Result<_>>()?;
     for (name, ty, _) in ANOMALY_COLUMNS {
         if !have.iter().any(|h| h == name) {
-            conn.execute_batch(&format!("ALTER TABLE inspections ADD COLUMN {name} {ty}"))?;
+            tx.execute_batch(&format!("ALTER TABLE inspections ADD COLUMN {name} {ty}"))?;
         }
     }
-    Ok(())
+    tx.commit()
 }
 
 /// Switches the database to WAL (kept in the file, so only its creator really switches). While
