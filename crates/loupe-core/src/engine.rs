@@ -14,7 +14,6 @@ use crate::generate::{
 };
 use crate::image::{self, ImageInput, Preprocessor};
 use crate::load::config::{GenerationConfig, Qwen2VlConfig};
-use crate::load::weights::Weights;
 use crate::load::ModelFiles;
 use crate::models::{llama, qwen2_vl, qwen3_5, VisionLanguageModel};
 use crate::tokenize::{ChatTemplate, Message, Tokenizer};
@@ -184,7 +183,7 @@ impl Engine {
             d
         } else {
             // The checkpoint's own dtype: its largest tensor's (headers only), else config.json's.
-            let probe = Weights::open(&files.weights, DType::F32, &opts.device, files.sanitize())?;
+            let probe = files.open_weights(DType::F32, &opts.device)?;
             let from_file = probe
                 .stored_dtype()
                 .as_deref()
@@ -192,7 +191,8 @@ impl Engine {
             let from_config = cfg.dtype.as_deref().and_then(|d| parse_dtype(d).ok());
             from_file.or(from_config).unwrap_or(DType::F32)
         };
-        let weights = Weights::open(&files.weights, dtype, &opts.device, files.sanitize())?
+        let weights = files
+            .open_weights(dtype, &opts.device)?
             .with_quant(opts.quant, qwen2_vl::quant_policy);
         let stored_dtype = weights.stored_dtype();
         let model: Box<dyn VisionLanguageModel> = match cfg.model_type.as_str() {
@@ -455,7 +455,7 @@ impl ModelInfo {
                 ),
             });
         }
-        let w = Weights::open(&files.weights, DType::F32, &Device::Cpu, files.sanitize())?;
+        let w = files.open_weights(DType::F32, &Device::Cpu)?;
         let params_vision = w.param_count("visual.");
         let params_text = w.param_count("") - params_vision;
         let stored_dtype = w.stored_dtype();

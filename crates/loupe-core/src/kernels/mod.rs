@@ -9,6 +9,7 @@ pub mod attention;
 pub mod attention_int;
 pub mod norm;
 pub mod pool;
+pub mod q32;
 pub mod qmatmul;
 
 /// The rows of `dim` values, `stride` apart, that one piece of parallel work writes inside a larger

@@ -18,6 +18,9 @@ use serde_json::{json, Value};
 use crate::error::{Error, Result};
 
 /// The Qwen2 pre-tokenizer split (`tokenizer.ggml.pre = qwen2`).
+/// The Llama 3 split (`llama-bpe`): as Qwen2's, with numbers in runs of up to three digits.
+const LLAMA3_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
 const QWEN2_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 pub struct GgufModel {
@@ -170,6 +173,23 @@ impl GgufModel {
         self.arch == "qwen2vl"
     }
 
+    /// The head width, for a file whose q and k rows llama.cpp's converter interleaved for its
+    /// rotary layout (`llama`).
+    pub fn interleaved_rope(&self) -> Result<Option<usize>> {
+        if self.arch != "llama" {
+            return Ok(None);
+        }
+        let a = &self.arch;
+        let d = match self.uint(&format!("{a}.attention.key_length")) {
+            Ok(d) => d,
+            Err(_) => {
+                let heads = self.uint(&format!("{a}.attention.head_count"))?.max(1);
+                self.uint(&format!("{a}.embedding_length"))? / heads
+            }
+        };
+        Ok(Some(usize::try_from(d).unwrap_or(usize::MAX)))
+    }
+
     /// True for a vision file (`mmproj`).
     pub fn is_vision(&self) -> bool {
         self.arch == "clip"
@@ -216,12 +236,13 @@ impl GgufModel {
                         .into(),
                 })
             }
-            ("qwen2", Some(v)) => {
+            ("llama", None) => "llama",
+            ("qwen2" | "llama", Some(v)) => {
                 return Err(Error::config(
                     &v.path,
                     "general.architecture",
                     format!(
-                        "{} is a text-only qwen2 model; it takes no vision file",
+                        "{} is a text-only {a} model; it takes no vision file",
                         self.path.display()
                     ),
                 ))
@@ -230,7 +251,7 @@ impl GgufModel {
                 return Err(Error::UnsupportedModel {
                     path: self.path.clone(),
                     model_type: format!("{a} (GGUF general.architecture)"),
-                    supported: "qwen2, qwen2vl (with its mmproj file)".into(),
+                    supported: "qwen2, llama, qwen2vl (with its mmproj file)".into(),
                 })
             }
         };
@@ -251,7 +272,36 @@ impl GgufModel {
             "max_position_embeddings": self.uint(&format!("{a}.context_length")).unwrap_or(32768),
             "tie_word_embeddings": !self.tensors.contains_key("output.weight"),
             "eos_token_id": eos,
+            "bos_token_id": self.uint("tokenizer.ggml.bos_token_id").ok(),
         });
+        if let Ok(d) = self.uint(&format!("{a}.attention.key_length")) {
+            cfg["head_dim"] = json!(d);
+        }
+        if model_type == "llama" {
+            cfg["hidden_act"] = json!("silu");
+            cfg["rope_theta"] = json!(self.float("llama.rope.freq_base").unwrap_or(10_000.0));
+            cfg["attention_bias"] = json!(self.tensors.contains_key("blk.0.attn_q.bias"));
+            cfg["mlp_bias"] = json!(self.tensors.contains_key("blk.0.ffn_up.bias"));
+            // llama3 scaling is stored as its per-frequency divisors (`rope_freqs.weight`, read by
+            // the model); linear as a type and factor.
+            match self.meta.get("llama.rope.scaling.type") {
+                None => {}
+                Some(Gv::String(s)) if s == "none" => {}
+                Some(Gv::String(s)) if s == "linear" => {
+                    cfg["rope_scaling"] = json!({
+                        "rope_type": "linear",
+                        "factor": self.float("llama.rope.scaling.factor")?,
+                    });
+                }
+                Some(other) => return Err(Error::config(
+                    &self.path,
+                    "llama.rope.scaling.type",
+                    format!(
+                        "{other:?}: Loupe reads linear scaling from a GGUF (llama3 as rope_freqs)"
+                    ),
+                )),
+            }
+        }
         if let Some(v) = vision {
             let key = format!("{a}.rope.dimension_sections");
             let sections = self.array(&key, "unsigned integers", |v| match v {
@@ -353,15 +403,37 @@ impl GgufModel {
             Some(Gv::String(s)) => s.clone(),
             _ => "default".into(),
         };
-        if model != "gpt2" || pre != "qwen2" {
-            return Err(Error::config(
-                &self.path,
-                "tokenizer.ggml.model",
-                format!(
-                    "`{model}` with pre-tokenizer `{pre}`; Loupe reads gpt2 + qwen2 tokenizers"
-                ),
-            ));
-        }
+        let byte_level = |prefix: bool, trim: bool, regex: bool| json!({"type": "ByteLevel", "add_prefix_space": prefix, "trim_offsets": trim, "use_regex": regex});
+        let split = |pattern: &str| json!({"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": false});
+        // Each pre-tokenizer as the model's own tokenizer.json has it.
+        let (normalizer, pre_tokenizer) = match (model.as_str(), pre.as_str()) {
+            ("gpt2", "qwen2") => (
+                json!({"type": "NFC"}),
+                vec![split(QWEN2_PATTERN), byte_level(false, true, false)],
+            ),
+            ("gpt2", "llama-bpe") => (
+                Value::Null,
+                vec![split(LLAMA3_PATTERN), byte_level(false, true, false)],
+            ),
+            // SmolLM: every digit alone, then GPT-2's split.
+            ("gpt2", "smollm") => (
+                Value::Null,
+                vec![
+                    json!({"type": "Digits", "individual_digits": true}),
+                    byte_level(false, true, true),
+                ],
+            ),
+            _ => {
+                return Err(Error::config(
+                    &self.path,
+                    "tokenizer.ggml.pre",
+                    format!(
+                        "`{model}` with pre-tokenizer `{pre}`; Loupe reads gpt2 tokenizers with \
+                         the qwen2, llama-bpe or smollm pre-tokenizer"
+                    ),
+                ));
+            }
+        };
         let tokens = self.strings("tokenizer.ggml.tokens")?;
         let merges = self.strings("tokenizer.ggml.merges")?;
         let types: Vec<i64> = match self.meta.get("tokenizer.ggml.token_type") {
@@ -394,15 +466,11 @@ impl GgufModel {
                 json!([a, b])
             })
             .collect();
-        let byte_level = |prefix: bool, trim: bool, regex: bool| json!({"type": "ByteLevel", "add_prefix_space": prefix, "trim_offsets": trim, "use_regex": regex});
         let doc = json!({
             "version": "1.0", "truncation": null, "padding": null,
             "added_tokens": added,
-            "normalizer": {"type": "NFC"},
-            "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
-                {"type": "Split", "pattern": {"Regex": QWEN2_PATTERN}, "behavior": "Isolated", "invert": false},
-                byte_level(false, true, false),
-            ]},
+            "normalizer": normalizer,
+            "pre_tokenizer": {"type": "Sequence", "pretokenizers": pre_tokenizer},
             "post_processor": byte_level(true, false, true),
             "decoder": byte_level(true, true, true),
             "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
@@ -417,6 +485,15 @@ impl GgufModel {
             Some(Gv::String(s)) => Some(s.clone()),
             _ => None,
         }
+    }
+
+    /// The text of the token at `tokenizer.ggml.{which}_token_id` (`bos`, `eos`).
+    pub fn special_token(&self, which: &str) -> Option<String> {
+        let id = self
+            .uint(&format!("tokenizer.ggml.{which}_token_id"))
+            .ok()?;
+        let tokens = self.strings("tokenizer.ggml.tokens").ok()?;
+        tokens.get(usize::try_from(id).ok()?).cloned()
     }
 
     pub fn eos_token_id(&self) -> Option<u32> {

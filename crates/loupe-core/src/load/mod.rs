@@ -235,7 +235,8 @@ impl ModelFiles {
                         "missing from the GGUF metadata",
                     )
                 })?,
-            )?;
+            )?
+            .with_special_tokens(g.special_token("bos"), g.special_token("eos"));
             template.text_content = !cfg.has_vision();
             return Ok((cfg, template));
         }
@@ -249,8 +250,22 @@ impl ModelFiles {
         Ok((cfg, template))
     }
 
+    /// The model's tensors, mapped, under the names the model files use, in the checkpoint's layout.
+    pub fn open_weights(
+        &self,
+        dtype: candle_core::DType,
+        device: &candle_core::Device,
+    ) -> Result<weights::Weights> {
+        let w = weights::Weights::open(&self.weights, dtype, device, self.sanitize())?;
+        match self.gguf.as_ref().map(|g| g.text.interleaved_rope()) {
+            Some(Ok(Some(head_dim))) => w.with_interleaved_rope(head_dim),
+            Some(Err(e)) => Err(e),
+            _ => Ok(w),
+        }
+    }
+
     /// How stored tensor names map to the names the model files use.
-    pub fn sanitize(&self) -> fn(&str) -> String {
+    fn sanitize(&self) -> fn(&str) -> String {
         match &self.gguf {
             None => crate::models::qwen2_vl::sanitize,
             Some(g) => match g.vision.as_ref().map(|v| v.projector()) {

@@ -16,7 +16,6 @@ use candle_core::quantized::{ggml_file, gguf_file, GgmlDType, QTensor};
 use candle_core::{DType, Device};
 
 use super::config::{require_supported, Qwen2VlConfig};
-use super::weights::Weights;
 use super::ModelFiles;
 use crate::error::{Error, Result};
 use crate::models::qwen2_vl;
@@ -80,7 +79,7 @@ pub fn quantize_model(
         }
         None => None,
     };
-    let w = Weights::open(&files.weights, DType::F32, &Device::Cpu, files.sanitize())?;
+    let w = files.open_weights(DType::F32, &Device::Cpu)?;
     let names = w.names();
     let mut tensors: Vec<(String, QTensor)> = Vec::with_capacity(names.len());
     let mut quantized = 0;

@@ -155,6 +155,18 @@ struct GgufTensor {
     shape: Vec<usize>,
     start: usize,
     len: usize,
+    /// Rows stored in llama.cpp's interleaved rotary order, for heads of this width
+    /// ([`Weights::with_interleaved_rope`]).
+    rope_rows: Option<usize>,
+}
+
+/// Where row `r` of a projection in the checkpoint's rotary order (each head's first halves, then
+/// second halves) is stored in llama.cpp's interleaved order (the pairs side by side) for heads of
+/// `head_dim`: llama.cpp's converter permutes Llama's q and k rows this way.
+fn interleaved_row(r: usize, head_dim: usize) -> usize {
+    let half = head_dim / 2;
+    let (head, w) = (r / head_dim, r % head_dim);
+    head * head_dim + 2 * (w % half) + w / half
 }
 
 /// Every tensor of a checkpoint, by name: safetensors (mapped, across shards), or GGUF files (mapped;
@@ -286,6 +298,7 @@ impl Weights {
                     shape: info.shape.dims().to_vec(),
                     start,
                     len,
+                    rope_rows: None,
                 };
                 if gguf.insert(sanitize(name), tensor).is_some() {
                     return Err(Error::Weights {
@@ -307,6 +320,30 @@ impl Weights {
             policy: no_policy,
             used: Default::default(),
         })
+    }
+
+    /// Reads the q and k projections (weights and biases) of a llama.cpp Llama file back into the
+    /// checkpoint's row order: its converter interleaves each head's rows for its rotary layout.
+    pub fn with_interleaved_rope(mut self, head_dim: usize) -> Result<Self> {
+        for (name, t) in self.gguf.iter_mut() {
+            let qk = [".self_attn.q_proj.", ".self_attn.k_proj."]
+                .iter()
+                .any(|p| name.contains(p));
+            if !qk {
+                continue;
+            }
+            if head_dim < 2 || !head_dim.is_multiple_of(2) || !t.shape[0].is_multiple_of(head_dim) {
+                return Err(Error::Weights {
+                    path: self.gguf_files[t.file].0.clone(),
+                    msg: format!(
+                        "tensor `{name}` has {} rows, not whole heads of {head_dim}",
+                        t.shape[0]
+                    ),
+                });
+            }
+            t.rope_rows = Some(head_dim);
+        }
+        Ok(self)
     }
 
     /// The stored pieces of a tensor kept whole in the checkpoint (`name:0`, `name:1`, ...), in order.
@@ -406,6 +443,20 @@ impl Weights {
                 return Ok(None);
             }
             self.check_shape(name, &t.shape, shape)?;
+            if let Some(hd) = t.rope_rows {
+                // Rows of blocks are whole: the matrix in checkpoint order is its rows moved.
+                let bytes = &self.gguf_files[t.file].1[t.start..t.start + t.len];
+                let row = t.len / rows;
+                let mut moved = Vec::with_capacity(t.len);
+                for r in 0..rows {
+                    let from = interleaved_row(r, hd) * row;
+                    moved.extend_from_slice(&bytes[from..from + row]);
+                }
+                let q =
+                    ggml_file::qtensor_from_ggml(t.dtype, &moved, shape.to_vec(), &self.device)?;
+                release(&self.gguf_files[t.file].1, t.start, t.len);
+                return Ok(Some(QMatrix::from_qtensor(q)?));
+            }
             return Ok(Some(QMatrix {
                 dtype: t.dtype,
                 rows,
@@ -578,7 +629,16 @@ impl Weights {
                 .reshape(shape)?,
         };
         release(map, t.start, t.len);
-        Ok(out)
+        match t.rope_rows {
+            Some(hd) => {
+                let order: Vec<u32> = (0..t.shape[0])
+                    .map(|r| interleaved_row(r, hd) as u32)
+                    .collect();
+                let order = Tensor::from_vec(order, t.shape[0], &self.device)?;
+                Ok(out.index_select(&order, 0)?)
+            }
+            None => Ok(out),
+        }
     }
 
     /// Loads `name` in an explicit dtype (norms and biases may be kept in f32).
@@ -706,6 +766,19 @@ fn candle_dtype(d: safetensors::Dtype) -> Option<DType> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn interleaved_rows_are_llama_cpps_permutation_undone() {
+        // Head width 4: llama.cpp stores rows (0, 2, 1, 3) of each head, its two halves paired.
+        let order: Vec<usize> = (0..8).map(|r| interleaved_row(r, 4)).collect();
+        assert_eq!(order, [0, 2, 1, 3, 4, 6, 5, 7]);
+        // A permutation for any even width.
+        for hd in [2, 8, 64, 128] {
+            let mut seen: Vec<usize> = (0..3 * hd).map(|r| interleaved_row(r, hd)).collect();
+            seen.sort_unstable();
+            assert_eq!(seen, (0..3 * hd).collect::<Vec<_>>());
+        }
+    }
     use candle_core::Module;
 
     fn matrix(rows: usize, cols: usize, seed: f32) -> Tensor {

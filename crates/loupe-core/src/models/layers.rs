@@ -111,6 +111,11 @@ fn product_in_place(
     if let [(Matrix::Dense8(w), bias)] = ms {
         return dense_8bit(isa, w, *bias, x, after);
     }
+    if m <= MATVEC_MAX_ROWS {
+        if let Some(outs) = product_32(isa, ms, x, after)? {
+            return Ok(Some(outs));
+        }
+    }
     let mut parts = Vec::with_capacity(ms.len());
     for (matrix, _) in ms {
         let Matrix::Quantized(q) = matrix else {
@@ -170,6 +175,67 @@ fn product_in_place(
                     .map(|(q, post)| matmul_q4k(isa, q, xv, m, post))
                     .collect()
             }
+        })
+    })??;
+    let outs = outs
+        .into_iter()
+        .zip(&mats)
+        .map(|(y, q)| Ok(Tensor::from_vec(y, (m, q.rows()), x.device())?.to_dtype(x.dtype())?))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Some(outs))
+}
+
+/// [`product_in_place`] for a few rows, when every matrix is in a 32-value block format
+/// (`kernels::q32`: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0), else `None`.
+fn product_32(
+    isa: crate::kernels::Isa,
+    ms: &[(&Matrix, Option<&Tensor>)],
+    x: &Tensor,
+    after: After,
+) -> Result<Option<Vec<Tensor>>> {
+    use crate::kernels::q32::{matvec, Format32, Q32Rows};
+    use crate::kernels::qmatmul::Epilogue;
+    let (m, k) = x.dims2()?;
+    let mut parts = Vec::with_capacity(ms.len());
+    for (matrix, _) in ms {
+        let Matrix::Quantized(q) = matrix else {
+            return Ok(None);
+        };
+        let Some(format) = Format32::of(q.dtype()) else {
+            return Ok(None);
+        };
+        parts.push((format, q.dims(), q.blocks()?));
+    }
+    let Some(mats) = parts
+        .iter()
+        .map(|(format, (rows, cols), data)| Q32Rows::new(*format, *rows, *cols, data))
+        .collect::<Option<Vec<_>>>()
+        .filter(|mats| mats.iter().all(|q| q.cols() == k))
+    else {
+        return Ok(None);
+    };
+    if after.residual.is_some() && mats.len() != 1 {
+        return Err(candle_core::Error::Msg("a residual needs one matrix".into()).into());
+    }
+    let biases = ms
+        .iter()
+        .map(|(_, b)| {
+            b.map(|b| b.to_dtype(DType::F32)?.to_vec1::<f32>())
+                .transpose()
+        })
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let outs = with_f32_values(x, |xv| {
+        with_optional_f32_values(after.residual, |residual| {
+            let mut outs = matvec(isa, &mats, xv, m);
+            for ((y, q), bias) in outs.iter_mut().zip(&mats).zip(&biases) {
+                let post = Epilogue {
+                    bias: bias.as_deref(),
+                    gate_alpha: after.gate_alpha,
+                    residual,
+                };
+                post.apply_rows(isa, y, q.rows());
+            }
+            outs
         })
     })??;
     let outs = outs

@@ -1,9 +1,9 @@
 //! Llama (Llama 3.x, 3.1, 3.2; SmolLM2): the shared decoder ([`Decoder`]) with its own options:
 //! biases only where `attention_bias` (q, k, v and o) and `mlp_bias` say, one stream of plain RoPE
-//! positions, the frequencies scaled as `rope_scaling` says (`llama3`, `linear`), the head tied to the
-//! embeddings or not. Text only.
+//! positions, the frequencies scaled as `rope_scaling` says (`llama3`, `linear`; in a GGUF, llama3 as
+//! `rope_freqs.weight`), the head tied to the embeddings or not. Text only.
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 
 use super::decoder::{Decoder, DecoderOptions};
 use super::layers::{inv_freq, Taps};
@@ -30,6 +30,15 @@ impl Llama {
         };
         let mut freq = inv_freq(t.head_dim(), t.rope_theta);
         t.rope_scaling.apply(&mut freq);
+        // A llama.cpp file stores llama3 scaling as the divisor of each frequency.
+        if w.contains(ROPE_FREQS) {
+            let divisors = w
+                .get_as(ROPE_FREQS, &[freq.len()], DType::F32)?
+                .to_vec1::<f32>()?;
+            for (f, d) in freq.iter_mut().zip(divisors) {
+                *f /= d;
+            }
+        }
         Ok(Llama {
             decoder: Decoder::load(t, w, options, freq)?,
             taps: Taps::default(),
@@ -37,6 +46,9 @@ impl Llama {
         })
     }
 }
+
+/// llama.cpp's name for the llama3 frequency divisors.
+const ROPE_FREQS: &str = "rope_freqs.weight";
 
 const CANNOT_SEE: &str = "it cannot take images";
 

@@ -119,6 +119,13 @@ impl ChatTemplate {
         })
     }
 
+    /// The `bos_token` and `eos_token` the template may write (from a GGUF's metadata).
+    pub fn with_special_tokens(mut self, bos: Option<String>, eos: Option<String>) -> Self {
+        self.bos_token = bos;
+        self.eos_token = eos;
+        self
+    }
+
     /// Renders a conversation, ending with the assistant's turn opened.
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
         let tmpl = self
