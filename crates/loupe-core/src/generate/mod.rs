@@ -1,6 +1,7 @@
 //! Tokens and pixels in, tokens and text out: prefill, decode loop, stops, streaming.
 
 pub mod constraint;
+pub mod conversation;
 pub mod kv_cache;
 pub mod reuse;
 pub mod sampler;
@@ -10,6 +11,7 @@ use std::time::Instant;
 use candle_core::Tensor;
 
 pub use constraint::{Constraint, ConstraintFactory, Grammar};
+pub use conversation::Conversation;
 pub use reuse::{FeatureCache, PrefixCache, Reuse};
 pub use sampler::{Sampler, SamplingParams, SamplingRequest};
 
@@ -160,6 +162,68 @@ impl<'a> Sequence<'a> {
         features: Option<&mut FeatureCache>,
         prefix: Option<&'a mut PrefixCache>,
     ) -> Result<Self> {
+        let prefix = prefix.filter(|p| p.matches(prompt));
+        // The part of the prompt still to run: all of it, or what follows a cached prefix.
+        let (start, first_image) = prefix.as_ref().map_or((0, 0), |p| (p.len(), p.n_images()));
+        let cache = match prefix {
+            Some(p) => CacheSlot::Prefix(p.rewind()?),
+            None => CacheSlot::Owned(model.new_cache()),
+        };
+        Self::begin(
+            model,
+            tokenizer,
+            prompt,
+            params,
+            constraint,
+            features,
+            cache,
+            (start, first_image),
+        )
+    }
+
+    /// As [`Sequence::start`], continuing `cache`, which holds the first `start` ids of the prompt
+    /// and its first `first_image` images (a conversation's earlier turns).
+    #[allow(clippy::too_many_arguments)]
+    pub fn resume(
+        model: &'a dyn VisionLanguageModel,
+        tokenizer: &'a Tokenizer,
+        prompt: &Prompt,
+        params: &GenerateParams,
+        constraint: Option<Constraint>,
+        features: Option<&mut FeatureCache>,
+        cache: &'a mut KvCache,
+        (start, first_image): (usize, usize),
+    ) -> Result<Self> {
+        if cache.len() != start || start >= prompt.ids.len() {
+            return Err(Error::InvalidInput(format!(
+                "a cache of {} tokens to continue a prompt of {} from token {start}",
+                cache.len(),
+                prompt.ids.len()
+            )));
+        }
+        Self::begin(
+            model,
+            tokenizer,
+            prompt,
+            params,
+            constraint,
+            features,
+            CacheSlot::Prefix(cache),
+            (start, first_image),
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn begin(
+        model: &'a dyn VisionLanguageModel,
+        tokenizer: &'a Tokenizer,
+        prompt: &Prompt,
+        params: &GenerateParams,
+        constraint: Option<Constraint>,
+        features: Option<&mut FeatureCache>,
+        mut cache: CacheSlot<'a>,
+        (start, first_image): (usize, usize),
+    ) -> Result<Self> {
         let mut timings = Timings::default();
         let image_token = model.image_token_id();
         if prompt.pixels.grids.is_empty() && prompt.ids.contains(&image_token) {
@@ -167,10 +231,6 @@ impl<'a> Sequence<'a> {
                 "the prompt has image placeholder tokens but no images".into(),
             ));
         }
-        let prefix = prefix.filter(|p| p.matches(prompt));
-        // The part of the prompt still to run: all of it, or what follows a cached prefix.
-        let (start, first_image) = prefix.as_ref().map_or((0, 0), |p| (p.len(), p.n_images()));
-
         let t0 = Instant::now();
         let n_images = prompt.pixels.grids.len();
         let image_features = if first_image == n_images {
@@ -194,10 +254,6 @@ impl<'a> Sequence<'a> {
         let t1 = Instant::now();
         let (positions, delta) = model.prompt_positions(&prompt.ids, &prompt.pixels.grids)?;
         let embeds = model.embed(&prompt.ids[start..], image_features.as_ref())?;
-        let mut cache = match prefix {
-            Some(p) => CacheSlot::Prefix(p.rewind()?),
-            None => CacheSlot::Owned(model.new_cache()),
-        };
         cache.get().rope_delta = delta;
         let logits = last_row(&model.forward(&embeds, &positions[start..], cache.get(), false)?)?;
         timings.prefill_ms = ms(t1);

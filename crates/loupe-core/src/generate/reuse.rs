@@ -37,7 +37,7 @@ impl FeatureCache {
         self.map.is_empty()
     }
 
-    fn key(pixels: &PixelBatch) -> [u8; 32] {
+    pub(crate) fn key(pixels: &PixelBatch) -> [u8; 32] {
         let mut h = Sha256::new();
         for g in &pixels.grids {
             for d in g {
