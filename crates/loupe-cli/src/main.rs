@@ -1,6 +1,7 @@
 //! `loupe`: run small vision-language models on this machine.
 
 mod bench;
+mod chat;
 mod eval;
 mod history;
 mod info;
@@ -43,6 +44,9 @@ fn set_limits(settings: &[String]) -> loupe_core::Result<()> {
 enum Command {
     /// Answer one prompt, with images, streaming the text.
     Run(Box<run::RunArgs>),
+    /// An interactive conversation in the terminal (/image PATH attaches an image, /help lists the
+    /// commands); earlier turns stay in the model's cache.
+    Chat(Box<chat::ChatArgs>),
     /// What a model is: architecture, parameters, dtype, memory needed.
     Info(info::InfoArgs),
     /// Speed and memory of a model on this machine, as JSON.
@@ -110,6 +114,7 @@ fn main() -> ExitCode {
     let ok = |r: loupe_core::Result<()>| r.map(|()| ExitCode::SUCCESS).map_err(|e| e.to_string());
     let result = match cli.command {
         Command::Run(a) => ok(run::run(*a)),
+        Command::Chat(a) => ok(chat::chat(*a)),
         Command::Info(a) => ok(info::info(a)),
         Command::Bench(a) => ok(bench::bench(a)),
         Command::Quantize(a) => ok(quantize::quantize(a)),

@@ -30,20 +30,8 @@ pub struct RunArgs {
     /// Most tokens to generate.
     #[arg(long, default_value_t = 512)]
     pub max_tokens: usize,
-    /// Sampling temperature; 0 is greedy (default: the checkpoint's generation_config, else greedy).
-    #[arg(long)]
-    pub temperature: Option<f64>,
-    #[arg(long)]
-    pub top_k: Option<usize>,
-    #[arg(long)]
-    pub top_p: Option<f64>,
-    #[arg(long)]
-    pub min_p: Option<f64>,
-    #[arg(long)]
-    pub repetition_penalty: Option<f64>,
-    /// Seed for sampling, for reproducible runs.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
     /// Stop when the text contains this string (repeatable); the string is not printed.
     #[arg(long = "stop")]
     pub stop: Vec<String>,
@@ -91,8 +79,33 @@ impl RunArgs {
             .transpose()?
             .map(Grammar::Lark))
     }
+}
 
-    fn sampling(&self, gc: &loupe_core::load::config::GenerationConfig) -> SamplingParams {
+/// How tokens are drawn (`loupe run`, `loupe chat`).
+#[derive(clap::Args, Debug)]
+pub struct SamplingArgs {
+    /// Sampling temperature; 0 is greedy (default: the checkpoint's generation_config, else greedy).
+    #[arg(long)]
+    pub temperature: Option<f64>,
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    #[arg(long)]
+    pub top_p: Option<f64>,
+    #[arg(long)]
+    pub min_p: Option<f64>,
+    #[arg(long)]
+    pub repetition_penalty: Option<f64>,
+    /// Seed for sampling, for reproducible runs.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+impl SamplingArgs {
+    /// The settings given, the checkpoint's generation_config for the rest; checked.
+    pub fn resolve(
+        &self,
+        gc: &loupe_core::load::config::GenerationConfig,
+    ) -> Result<SamplingParams> {
         let req = SamplingRequest {
             temperature: self.temperature,
             top_k: self.top_k,
@@ -101,7 +114,9 @@ impl RunArgs {
             repetition_penalty: self.repetition_penalty,
             seed: self.seed,
         };
-        SamplingParams::resolve(&req, gc)
+        let sampling = SamplingParams::resolve(&req, gc);
+        sampling.validate().map_err(Error::InvalidInput)?;
+        Ok(sampling)
     }
 }
 
@@ -151,8 +166,7 @@ pub fn run(args: RunArgs) -> Result<()> {
     } else {
         engine.prompt(args.system.as_deref(), &args.prompt, &images, &pre)?
     };
-    let sampling = args.sampling(&engine.generation_config);
-    sampling.validate().map_err(Error::InvalidInput)?;
+    let sampling = args.sampling.resolve(&engine.generation_config)?;
     let params = GenerateParams {
         max_tokens: args.max_tokens,
         sampling,
