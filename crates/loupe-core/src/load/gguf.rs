@@ -293,13 +293,15 @@ impl GgufModel {
                         "factor": self.float("llama.rope.scaling.factor")?,
                     });
                 }
-                Some(other) => return Err(Error::config(
-                    &self.path,
-                    "llama.rope.scaling.type",
-                    format!(
+                Some(other) => {
+                    return Err(Error::config(
+                        &self.path,
+                        "llama.rope.scaling.type",
+                        format!(
                         "{other:?}: Loupe reads linear scaling from a GGUF (llama3 as rope_freqs)"
                     ),
-                )),
+                    ))
+                }
             }
         }
         if let Some(v) = vision {
