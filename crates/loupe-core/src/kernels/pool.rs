@@ -72,6 +72,28 @@ pub fn parallel_for_with<S>(
     });
 }
 
+/// Calls `f(i, row)` once for every row of every matrix `i` (`rows[i]` rows), in blocks of `block`
+/// rows numbered across the matrices and spread over candle's thread pool (the matrix-vector
+/// products: the weights of q, k and v, or gate and up, shared out as one piece of work).
+pub fn for_each_row(rows: &[usize], block: usize, f: impl Fn(usize, usize) + Sync) {
+    let block = block.max(1);
+    let mut starts = Vec::with_capacity(rows.len());
+    let mut total = 0;
+    for &r in rows {
+        starts.push(total);
+        total += r.div_ceil(block);
+    }
+    parallel_for(total, |units| {
+        for unit in units {
+            let i = starts.partition_point(|&s| s <= unit) - 1;
+            let r0 = (unit - starts[i]) * block;
+            for row in r0..(r0 + block).min(rows[i]) {
+                f(i, row);
+            }
+        }
+    });
+}
+
 /// [`parallel_for_with`] without scratch state.
 pub fn parallel_for(n: usize, f: impl Fn(Range<usize>) + Sync) {
     parallel_for_with(n, || (), |_, range| f(range))

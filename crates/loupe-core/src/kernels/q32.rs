@@ -152,26 +152,14 @@ pub fn matvec(isa: Isa, ws: &[Q32Rows], x: &[f32], m: usize) -> Vec<Vec<f32>> {
     assert!(ws.iter().all(|w| w.cols == cols) && x.len() == m * cols);
     let yq: Vec<Vec<BlockQ8x32>> = x.chunks_exact(cols.max(1)).map(quantize).collect();
     let mut outs: Vec<Vec<f32>> = ws.iter().map(|w| vec![0f32; m * w.rows]).collect();
-    let mut starts = Vec::with_capacity(ws.len() + 1);
-    let mut total = 0;
-    for w in ws {
-        starts.push(total);
-        total += w.rows.div_ceil(ROW_BLOCK);
-    }
     let ptrs: Vec<usize> = outs.iter_mut().map(|o| o.as_mut_ptr() as usize).collect();
-    super::pool::parallel_for(total, |units| {
-        for unit in units {
-            let i = starts.partition_point(|&s| s <= unit) - 1;
-            let w = &ws[i];
-            let r0 = (unit - starts[i]) * ROW_BLOCK;
-            let out = ptrs[i] as *mut f32;
-            for row in r0..(r0 + ROW_BLOCK).min(w.rows) {
-                for (r, y) in yq.iter().enumerate() {
-                    let v = w.dot(isa, row, y);
-                    // SAFETY: every (matrix, r, row) is written by exactly one unit, inside `outs`.
-                    unsafe { *out.add(r * w.rows + row) = v };
-                }
-            }
+    let rows: Vec<usize> = ws.iter().map(|w| w.rows).collect();
+    super::pool::for_each_row(&rows, ROW_BLOCK, |i, row| {
+        let (w, out) = (&ws[i], ptrs[i] as *mut f32);
+        for (r, y) in yq.iter().enumerate() {
+            let v = w.dot(isa, row, y);
+            // SAFETY: every (matrix, r, row) is written by exactly one call, inside `outs`.
+            unsafe { *out.add(r * w.rows + row) = v };
         }
     });
     outs

@@ -264,42 +264,26 @@ pub fn matvec(isa: Isa, ws: &[QRows], x: &[f32], m: usize) -> Vec<Vec<f32>> {
         .map(|row| quantize_q8k_with(isa, row))
         .collect();
     let mut outs: Vec<Vec<f32>> = ws.iter().map(|w| vec![0f32; m * w.rows]).collect();
-    // Work units: blocks of rows of each matrix, numbered across the matrices.
-    let mut starts = Vec::with_capacity(ws.len() + 1);
-    let mut total = 0;
-    for w in ws {
-        starts.push(total);
-        total += w.rows.div_ceil(ROW_BLOCK);
-    }
     let ptrs: Vec<usize> = outs.iter_mut().map(|o| o.as_mut_ptr() as usize).collect();
-    super::pool::parallel_for(total, |units| {
-        for unit in units {
-            let i = starts.partition_point(|&s| s <= unit) - 1;
-            let w = &ws[i];
-            let r0 = (unit - starts[i]) * ROW_BLOCK;
-            let out = ptrs[i] as *mut f32;
-            for row in r0..(r0 + ROW_BLOCK).min(w.rows) {
-                // Up to 4 activation rows per pass over the weight row (batched decode).
-                for (ci, ys) in yq.chunks(4).enumerate() {
-                    let mut vals = [0f32; 4];
-                    match ys {
-                        [a, b, c, d] => vals = w.dot_rows(isa, row, [a, b, c, d].map(|y| &y[..])),
-                        [a, b, c] => vals[..3].copy_from_slice(&w.dot_rows(
-                            isa,
-                            row,
-                            [a, b, c].map(|y| &y[..]),
-                        )),
-                        [a, b] => {
-                            vals[..2].copy_from_slice(&w.dot_rows(isa, row, [a, b].map(|y| &y[..])))
-                        }
-                        [a] => vals[0] = w.dot(isa, row, a),
-                        _ => unreachable!("chunks of 1 to 4"),
-                    }
-                    for (k, v) in vals.into_iter().take(ys.len()).enumerate() {
-                        // SAFETY: every (matrix, r, row) is written by exactly one unit, inside `outs`.
-                        unsafe { *out.add((4 * ci + k) * w.rows + row) = v };
-                    }
+    let rows: Vec<usize> = ws.iter().map(|w| w.rows).collect();
+    super::pool::for_each_row(&rows, ROW_BLOCK, |i, row| {
+        let w = &ws[i];
+        let out = ptrs[i] as *mut f32;
+        // Up to 4 activation rows per pass over the weight row (batched decode).
+        for (ci, ys) in yq.chunks(4).enumerate() {
+            let mut vals = [0f32; 4];
+            match ys {
+                [a, b, c, d] => vals = w.dot_rows(isa, row, [a, b, c, d].map(|y| &y[..])),
+                [a, b, c] => {
+                    vals[..3].copy_from_slice(&w.dot_rows(isa, row, [a, b, c].map(|y| &y[..])))
                 }
+                [a, b] => vals[..2].copy_from_slice(&w.dot_rows(isa, row, [a, b].map(|y| &y[..]))),
+                [a] => vals[0] = w.dot(isa, row, a),
+                _ => unreachable!("chunks of 1 to 4"),
+            }
+            for (k, v) in vals.into_iter().take(ys.len()).enumerate() {
+                // SAFETY: every (matrix, r, row) is written by exactly one call, inside `outs`.
+                unsafe { *out.add((4 * ci + k) * w.rows + row) = v };
             }
         }
     });

@@ -146,13 +146,7 @@ fn product_in_place(
             .into());
         }
     }
-    let biases = ms
-        .iter()
-        .map(|(_, b)| {
-            b.map(|b| b.to_dtype(DType::F32)?.to_vec1::<f32>())
-                .transpose()
-        })
-        .collect::<candle_core::Result<Vec<_>>>()?;
+    let biases = bias_values(ms)?;
     let outs = with_f32_values(x, |xv| {
         with_optional_f32_values(after.residual, |residual| {
             let posts: Vec<Epilogue> = biases
@@ -177,12 +171,28 @@ fn product_in_place(
             }
         })
     })??;
-    let outs = outs
-        .into_iter()
-        .zip(&mats)
-        .map(|(y, q)| Ok(Tensor::from_vec(y, (m, q.rows()), x.device())?.to_dtype(x.dtype())?))
-        .collect::<Result<Vec<_>>>()?;
-    Ok(Some(outs))
+    let rows: Vec<usize> = mats.iter().map(|q| q.rows()).collect();
+    Ok(Some(output_tensors(outs, &rows, x)?))
+}
+
+/// Each product's bias as f32 values, if it has one.
+fn bias_values(ms: &[(&Matrix, Option<&Tensor>)]) -> Result<Vec<Option<Vec<f32>>>> {
+    Ok(ms
+        .iter()
+        .map(|(_, b)| {
+            b.map(|b| b.to_dtype(DType::F32)?.to_vec1::<f32>())
+                .transpose()
+        })
+        .collect::<candle_core::Result<Vec<_>>>()?)
+}
+
+/// The products' outputs (`x`'s rows by each matrix's `rows`) as tensors of `x`'s dtype.
+fn output_tensors(outs: Vec<Vec<f32>>, rows: &[usize], x: &Tensor) -> Result<Vec<Tensor>> {
+    let m = x.dim(0)?;
+    outs.into_iter()
+        .zip(rows)
+        .map(|(y, &r)| Ok(Tensor::from_vec(y, (m, r), x.device())?.to_dtype(x.dtype())?))
+        .collect()
 }
 
 /// [`product_in_place`] for a few rows, when every matrix is in a 32-value block format
@@ -217,13 +227,7 @@ fn product_32(
     if after.residual.is_some() && mats.len() != 1 {
         return Err(candle_core::Error::Msg("a residual needs one matrix".into()).into());
     }
-    let biases = ms
-        .iter()
-        .map(|(_, b)| {
-            b.map(|b| b.to_dtype(DType::F32)?.to_vec1::<f32>())
-                .transpose()
-        })
-        .collect::<candle_core::Result<Vec<_>>>()?;
+    let biases = bias_values(ms)?;
     let outs = with_f32_values(x, |xv| {
         with_optional_f32_values(after.residual, |residual| {
             let mut outs = matvec(isa, &mats, xv, m);
@@ -238,12 +242,8 @@ fn product_32(
             outs
         })
     })??;
-    let outs = outs
-        .into_iter()
-        .zip(&mats)
-        .map(|(y, q)| Ok(Tensor::from_vec(y, (m, q.rows()), x.device())?.to_dtype(x.dtype())?))
-        .collect::<Result<Vec<_>>>()?;
-    Ok(Some(outs))
+    let rows: Vec<usize> = mats.iter().map(|q| q.rows()).collect();
+    Ok(Some(output_tensors(outs, &rows, x)?))
 }
 
 /// [`product_in_place`] of one [`Matrix::Dense8`]: on the 8-bit tiles where they apply (a VNNI
