@@ -110,21 +110,6 @@ def with_pre(tok, pre: str):
     return t
 
 
-def llama_cpp_name(hf: str) -> str:
-    """transformers' names to llama.cpp's (its converter's mapping for llama)."""
-    fixed = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-             "lm_head.weight": "output.weight"}
-    if hf in fixed:
-        return fixed[hf]
-    parts = hf.split(".")
-    rest = ".".join(parts[3:-1])
-    name = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-            "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-            "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-            "mlp.down_proj": "ffn_down"}[rest]
-    return f"blk.{parts[2]}.{name}.{parts[-1]}"
-
-
 def interleave(w: np.ndarray, heads: int) -> np.ndarray:
     """llama.cpp's row order for q and k: each head's two rotary halves interleaved."""
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
@@ -151,6 +136,8 @@ def llama3_divisors(cfg) -> list:
 
 def write_gguf(path: Path, name: str, cfg, model, tok, eos: int, bos: int, mixed: bool) -> dict:
     """The model as a llama.cpp Llama GGUF; returns the state dict as the file holds it (dequantized)."""
+    # llama.cpp's converter names Llama's tensors as it does Qwen2's.
+    llama_cpp_name = load_tool("make_gguf_fixture").llama_name
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_block_count(cfg.num_hidden_layers)
     w.add_context_length(cfg.max_position_embeddings)
@@ -217,6 +204,23 @@ def write_gguf(path: Path, name: str, cfg, model, tok, eos: int, bos: int, mixed
     return held
 
 
+def reference(model, fast, text: str, what: str, prefix: str, tensors: dict):
+    """transformers on `text`: its ids, f32 logits at every position and 20 greedy tokens, stored
+    under `prefix` in `tensors`; returns the model inputs."""
+    inp = fast(text, return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        logits = model(**inp).logits[0].float()
+        g = model.generate(**inp, max_new_tokens=20, do_sample=False, output_scores=True,
+                           return_dict_in_generate=True, eos_token_id=None)
+    new = g.sequences[0, inp["input_ids"].shape[1]:]
+    margins = [float(torch.topk(s[0], 2).values.diff().abs()) for s in g.scores]
+    assert min(margins) > 1e-3, f"{what}: near tie ({min(margins)}); change the seed"
+    tensors[f"{prefix}ids"] = inp["input_ids"][0].to(torch.int64).contiguous()
+    tensors[f"{prefix}logits"] = logits.contiguous()
+    tensors[f"{prefix}greedy"] = new.to(torch.int64).contiguous()
+    return inp
+
+
 def main() -> None:
     fixtures = load_tool("make_fixtures")
     tok = fixtures.tiny_tokenizer()
@@ -239,19 +243,10 @@ def main() -> None:
         tensors, meta = {}, {"prompts": {}}
         for pname, msgs in PROMPTS.items():
             text = fast.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-            inp = fast(text, return_tensors="pt", add_special_tokens=False)
-            with torch.no_grad():
-                logits = model(**inp).logits[0].float()
-                g = model.generate(**inp, max_new_tokens=20, do_sample=False, output_scores=True,
-                                   return_dict_in_generate=True, eos_token_id=None)
-            new = g.sequences[0, inp["input_ids"].shape[1]:]
-            margins = [float(torch.topk(s[0], 2).values.diff().abs()) for s in g.scores]
-            assert min(margins) > 1e-3, f"{name}/{pname}: near tie ({min(margins)}); change the seed"
-            tensors[f"{pname}/ids"] = inp["input_ids"][0].to(torch.int64).contiguous()
-            tensors[f"{pname}/logits"] = logits.contiguous()
-            tensors[f"{pname}/greedy"] = new.to(torch.int64).contiguous()
+            inp = reference(model, fast, text, f"{name}/{pname}", f"{pname}/", tensors)
             meta["prompts"][pname] = {"messages": msgs, "rendered": text}
-            print(name, pname, len(tensors[f"{pname}/ids"]), "tokens:", repr(fast.decode(new)))
+            print(name, pname, len(tensors[f"{pname}/ids"]), "tokens:",
+                  repr(fast.decode(tensors[f"{pname}/greedy"])))
         # The GGUFs: the same model under a published pre-tokenizer, then block-quantized.
         gtok = with_pre(tok, GGUF_PRE[name])
         gfast = PreTrainedTokenizerFast(tokenizer_object=gtok, bos_token="<|endoftext|>",
@@ -265,17 +260,7 @@ def main() -> None:
             dequantized.load_state_dict(held)
         for pname, msgs in PROMPTS.items():
             text = meta["prompts"][pname]["rendered"]
-            inp = gfast(text, return_tensors="pt", add_special_tokens=False)
-            with torch.no_grad():
-                logits = model(**inp).logits[0].float()
-                g = model.generate(**inp, max_new_tokens=20, do_sample=False, output_scores=True,
-                                   return_dict_in_generate=True, eos_token_id=None)
-            new = g.sequences[0, inp["input_ids"].shape[1]:]
-            margins = [float(torch.topk(s[0], 2).values.diff().abs()) for s in g.scores]
-            assert min(margins) > 1e-3, f"{name}/gguf/{pname}: near tie ({min(margins)}); change the seed"
-            tensors[f"gguf/{pname}/ids"] = inp["input_ids"][0].to(torch.int64).contiguous()
-            tensors[f"gguf/{pname}/logits"] = logits.contiguous()
-            tensors[f"gguf/{pname}/greedy"] = new.to(torch.int64).contiguous()
+            inp = reference(model, gfast, text, f"{name}/gguf/{pname}", f"gguf/{pname}/", tensors)
             if dequantized is not None:
                 with torch.no_grad():
                     tensors[f"mixed/{pname}/logits"] = dequantized(**inp).logits[0].float().contiguous()
