@@ -494,8 +494,14 @@ impl GgufModel {
         let id = self
             .uint(&format!("tokenizer.ggml.{which}_token_id"))
             .ok()?;
-        let tokens = self.strings("tokenizer.ggml.tokens").ok()?;
-        tokens.get(usize::try_from(id).ok()?).cloned()
+        // One entry, not a copy of the whole vocabulary.
+        match self.meta.get("tokenizer.ggml.tokens")? {
+            Gv::Array(items) => match items.get(usize::try_from(id).ok()?)? {
+                Gv::String(s) => Some(s.clone()),
+                _ => None,
+            },
+            _ => None,
+        }
     }
 
     pub fn eos_token_id(&self) -> Option<u32> {
