@@ -15,7 +15,7 @@ use crate::generate::{
 use crate::image::{self, ImageInput, Preprocessor};
 use crate::load::config::{GenerationConfig, Qwen2VlConfig};
 use crate::load::ModelFiles;
-use crate::models::{llama, qwen2_vl, qwen3_5, VisionLanguageModel};
+use crate::models::{gemma3, llama, qwen2_vl, qwen3_5, VisionLanguageModel};
 use crate::tokenize::{ChatTemplate, Message, Tokenizer};
 
 #[derive(Debug, Clone)]
@@ -197,7 +197,8 @@ impl Engine {
         let stored_dtype = weights.stored_dtype();
         let model: Box<dyn VisionLanguageModel> = match cfg.model_type.as_str() {
             "qwen3_5" => Box::new(qwen3_5::Qwen35::load(cfg, &weights)?),
-            "llama" => Box::new(llama::Llama::load(cfg, &weights)?),
+            "llama" => Box::new(llama::load(cfg, &weights)?),
+            "gemma3_text" => Box::new(gemma3::load(cfg, &weights)?),
             _ => Box::new(qwen2_vl::Qwen2Vl::load(cfg, &weights)?),
         };
         Ok((model, dtype, stored_dtype, weights.unused()))
@@ -274,15 +275,25 @@ impl Engine {
         Ok(Prompt { ids, pixels })
     }
 
-    /// End-of-sequence ids: `generation_config.json`'s, else the tokenizer's `<|im_end|>`/`<|endoftext|>`.
+    /// End-of-sequence ids: `generation_config.json`'s, else those of the families' end-of-turn and
+    /// end-of-text tokens the vocabulary has (a GGUF has no generation config): Qwen's and
+    /// SmolLM's `<|im_end|>`, `<|endoftext|>`; Gemma's `<end_of_turn>`, `<eos>`; Llama 3's
+    /// `<|eot_id|>`, `<|end_of_text|>`.
     pub fn eos_token_ids(&self) -> Vec<u32> {
         if !self.generation_config.eos_token_id.is_empty() {
             return self.generation_config.eos_token_id.clone();
         }
-        ["<|im_end|>", "<|endoftext|>"]
-            .iter()
-            .filter_map(|t| self.tokenizer.token_to_id(t))
-            .collect()
+        [
+            "<|im_end|>",
+            "<|endoftext|>",
+            "<end_of_turn>",
+            "<eos>",
+            "<|eot_id|>",
+            "<|end_of_text|>",
+        ]
+        .iter()
+        .filter_map(|t| self.tokenizer.token_to_id(t))
+        .collect()
     }
 
     pub fn generate(
@@ -472,6 +483,9 @@ impl ModelInfo {
                                  blocks, 2x2 merger) + Qwen2 decoder (GQA, SwiGLU, M-RoPE)",
                 "qwen2" => "Qwen2: text-only decoder (GQA, SwiGLU, RoPE)",
                 "llama" => "Llama: text-only decoder (GQA, SwiGLU, RoPE with llama3/linear scaling)",
+                "gemma3_text" => "Gemma 3: text-only decoder (GQA, GeGLU, q/k norm, (1 + w) \
+                                  RMSNorm before and after attention and MLP, sliding-window layers \
+                                  with their own RoPE base, every sixth global)",
                 "qwen3_5" => "Qwen3.5: ViT (16 px patches, learned position grid, 2x2 merger) + hybrid \
                               decoder (Gated DeltaNet linear attention, gated GQA with partial \
                               interleaved M-RoPE, SwiGLU)",

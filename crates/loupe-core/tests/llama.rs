@@ -12,8 +12,7 @@
 mod common;
 
 use candle_core::DType;
-use common::{logit_diff, Reference};
-use loupe_core::generate::{GenerateParams, SamplingParams};
+use common::Reference;
 use loupe_core::{Engine, LoadOptions};
 
 fn engine(name: &str) -> Engine {
@@ -28,6 +27,14 @@ fn engine(name: &str) -> Engine {
     .unwrap_or_else(|e| panic!("{name}: {e}"))
 }
 
+fn reference(name: &str) -> Reference {
+    Reference::load(
+        common::fixtures()
+            .join("llama")
+            .join(format!("{name}.safetensors")),
+    )
+}
+
 fn check(name: &str) {
     check_as(name, "", &engine(name));
 }
@@ -35,49 +42,7 @@ fn check(name: &str) {
 /// `e` (the checkpoint `name` in some form) against the reference's `{prefix}{prompt}/...` entries.
 fn check_as(name: &str, prefix: &str, e: &Engine) {
     assert_eq!(e.model_type, "llama");
-    let r = Reference::load(
-        common::fixtures()
-            .join("llama")
-            .join(format!("{name}.safetensors")),
-    );
-    let prompts = r.meta["prompts"].as_object().unwrap().clone();
-    assert_eq!(prompts.len(), 4);
-    for (pname, p) in prompts {
-        let messages = common::text_messages(&p["messages"]);
-        assert_eq!(
-            e.template.render(&messages, true).unwrap(),
-            p["rendered"].as_str().unwrap(),
-            "{name}/{pname}: the chat template"
-        );
-        let prompt = e
-            .prompt_from_messages(&messages, &[], &e.preprocessor)
-            .unwrap();
-        assert_eq!(
-            prompt.ids,
-            r.ids(&format!("{prefix}{pname}/ids")),
-            "{name}/{prefix}{pname}: ids"
-        );
-        // f32 against f32: within 1e-3 at every position (measured below 1e-5).
-        let logits = common::prompt_logits(e, &prompt);
-        let (diff, at, scale) = logit_diff(&logits, &r, &format!("{prefix}{pname}"));
-        assert!(
-            diff < 1e-3,
-            "{name}/{prefix}{pname}: logits differ by {diff} at {at} (range {scale})"
-        );
-        let params = GenerateParams {
-            max_tokens: 20,
-            sampling: SamplingParams::default(),
-            stop_strings: vec![],
-            eos_token_ids: vec![],
-            grammar: None,
-        };
-        let out = e.generate(&prompt, &params, &mut |_| {}).unwrap();
-        assert_eq!(
-            out.tokens,
-            r.ids(&format!("{prefix}{pname}/greedy")),
-            "{name}/{prefix}{pname}: greedy tokens"
-        );
-    }
+    common::text::check(name, &reference(name), prefix, e);
 }
 
 #[test]
@@ -108,46 +73,7 @@ fn linear_gguf_with_biases_and_smollm_tokenizer_matches_transformers() {
 
 #[test]
 fn every_32_block_format_matches_transformers_on_its_dequantized_weights() {
-    let e = gguf("llama3-mixed.gguf");
-    let r = Reference::load(common::fixtures().join("llama/llama3.safetensors"));
-    let prompts = r.meta["prompts"].as_object().unwrap().clone();
-    for (pname, p) in prompts {
-        let messages = common::text_messages(&p["messages"]);
-        let prompt = e
-            .prompt_from_messages(&messages, &[], &e.preprocessor)
-            .unwrap();
-        // Every row at once (the weights expanded to f32), and one row at a time as decode runs
-        // (the 8-bit activation products): both near transformers on the same dequantized weights.
-        // Keys and values are cached in f16 under quantized weights: about 0.2% of the logits'
-        // range at once (measured 0.013 of 7.9), a wrong block layout would be off by whole units.
-        let all = common::prompt_logits(&e, &prompt);
-        let (diff, at, scale) = logit_diff(&all, &r, &format!("mixed/{pname}"));
-        assert!(
-            diff < 0.01 * scale,
-            "mixed/{pname}: logits differ by {diff} at {at} (range {scale})"
-        );
-        let mut cache = e.model.new_cache();
-        let (pos, _) = e.model.prompt_positions(&prompt.ids, &[]).unwrap();
-        let n = prompt.ids.len();
-        let embeds = e.model.embed(&prompt.ids[..n - 8], None).unwrap();
-        e.model
-            .forward(&embeds, &pos[..n - 8], &mut cache, false)
-            .unwrap();
-        let want = r.f32s(&format!("mixed/{pname}/logits"));
-        let vocab = want.len() / n;
-        for (i, &id) in prompt.ids[n - 8..].iter().enumerate() {
-            let step = e.model.forward_decode(&[id], &mut [&mut cache]).unwrap();
-            let got = step.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            let row = &want[(n - 8 + i) * vocab..(n - 7 + i) * vocab];
-            let (diff, at) = common::max_abs_diff(&got, row);
-            // 8-bit activations through two layers of random weights: measured up to 5% of the
-            // range; a wrong block layout or scale is off by the whole range.
-            assert!(
-                diff < 0.1 * scale,
-                "mixed/{pname}: decode step {i} differs by {diff} at {at} (range {scale})"
-            );
-        }
-    }
+    common::text::check_mixed(&reference("llama3"), &gguf("llama3-mixed.gguf"));
 }
 
 #[test]

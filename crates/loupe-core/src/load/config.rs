@@ -70,6 +70,23 @@ pub struct TextConfig {
     pub linear_num_key_heads: usize,
     #[serde(default = "default_linear_value_heads")]
     pub linear_num_value_heads: usize,
+    /// Gemma 3: attention scores are scaled by `query_pre_attn_scalar^-0.5` (else `head_dim^-0.5`).
+    #[serde(default)]
+    pub query_pre_attn_scalar: Option<f64>,
+    /// Gemma 3: how many positions a `sliding_attention` layer sees, its own included.
+    #[serde(default)]
+    pub sliding_window: Option<usize>,
+    /// Gemma 3: the rotary base of the `sliding_attention` layers (`rope_local_base_freq`, or
+    /// `rope_parameters.sliding_attention.rope_theta`); `rope_theta` is the other layers'.
+    #[serde(skip)]
+    pub local_rope_theta: f64,
+    /// Gemma 2's cap on attention scores. Gemma 3 configs carry the field but transformers' (and
+    /// llama.cpp's) Gemma 3 never applies it, so neither does Loupe (it warns where it is set).
+    #[serde(default)]
+    pub attn_logit_softcapping: Option<f64>,
+    /// Gemma: the output logits become `cap * tanh(logit / cap)`.
+    #[serde(default)]
+    pub final_logit_softcapping: Option<f64>,
 }
 
 /// How the rotary inverse frequencies are scaled for a longer context (transformers' `rope_type`).
@@ -418,11 +435,12 @@ pub const SUPPORTED_MODEL_TYPES: &[&str] = &[
     "qwen3_5",
     "qwen2",
     "llama",
+    "gemma3_text",
 ];
 
 /// False for the text-only families.
 pub fn has_vision(model_type: &str) -> bool {
-    !matches!(model_type, "qwen2" | "llama")
+    !matches!(model_type, "qwen2" | "llama" | "gemma3_text")
 }
 
 /// Reads `model_type` from a `config.json`.
@@ -556,6 +574,9 @@ impl Qwen2VlConfig {
             ],
         )?
         .cloned();
+        if model_type == "gemma3_text" {
+            gemma3_defaults(path, &mut text_obj)?;
+        }
         let mut text: TextConfig = serde_json::from_value(Value::Object(text_obj.clone()))
             .map_err(|e| {
                 Error::config(
@@ -634,13 +655,21 @@ impl Qwen2VlConfig {
                 })
                 .collect();
         }
-        if model_type != "qwen3_5" && text.layer_types.is_empty() {
+        if !matches!(model_type.as_str(), "qwen3_5" | "gemma3_text") && text.layer_types.is_empty()
+        {
             // transformers 5 writes `layer_types` for every family (all full attention where
             // `use_sliding_window` is off); the published files leave it out.
             text.layer_types = vec!["full_attention".to_owned(); text.num_hidden_layers];
         }
+        let gemma3 = model_type == "gemma3_text";
         if model_type == "llama" {
             text.rope_scaling = RopeScaling::from_json(path, rope)?;
+        } else if gemma3 {
+            gemma3_rope(path, &text_obj, &mut text)?;
+            text.qk_norm = true;
+            if text.layer_types.is_empty() {
+                text.layer_types = gemma3_layer_types(path, &text_obj, text.num_hidden_layers)?;
+            }
         } else if !qwen3 {
             text.attention_bias = false;
         }
@@ -648,7 +677,7 @@ impl Qwen2VlConfig {
             .and_then(|n| n.get("tie_word_embeddings"))
             .or_else(|| top.get("tie_word_embeddings"))
             .and_then(Value::as_bool)
-            .unwrap_or(false);
+            .unwrap_or(gemma3);
 
         let no_vision =
             json!({"depth": 0, "embed_dim": 0, "hidden_size": text.hidden_size, "num_heads": 0});
@@ -821,7 +850,9 @@ impl Qwen2VlConfig {
                 ),
             ));
         }
-        if self.model_type != "qwen3_5" {
+        if self.model_type == "gemma3_text" {
+            self.validate_gemma3(path)?;
+        } else if self.model_type != "qwen3_5" {
             // Sliding-window layers (Qwen2's `use_sliding_window`) are not implemented: refuse
             // them rather than attend over the whole context where the checkpoint would not.
             if let Some(bad) = t.layer_types.iter().find(|l| *l != "full_attention") {
@@ -974,6 +1005,57 @@ impl Qwen2VlConfig {
         Ok(())
     }
 
+    /// Gemma 3's own fields: every layer sliding or full, a window for the sliding ones, positive
+    /// scales and caps.
+    fn validate_gemma3(&self, path: &Path) -> Result<()> {
+        let t = &self.text;
+        if t.layer_types.len() != t.num_hidden_layers {
+            return Err(Error::config(
+                path,
+                "layer_types",
+                format!(
+                    "{} entries for {} layers",
+                    t.layer_types.len(),
+                    t.num_hidden_layers
+                ),
+            ));
+        }
+        if let Some(bad) = t
+            .layer_types
+            .iter()
+            .find(|l| *l != "sliding_attention" && *l != "full_attention")
+        {
+            return Err(Error::config(
+                path,
+                "layer_types",
+                format!("`{bad}` is not sliding_attention or full_attention"),
+            ));
+        }
+        if t.sliding_window == Some(0) {
+            return Err(Error::config(
+                path,
+                "sliding_window",
+                "must be greater than 0",
+            ));
+        }
+        let reals = [
+            ("query_pre_attn_scalar", t.query_pre_attn_scalar),
+            ("attn_logit_softcapping", t.attn_logit_softcapping),
+            ("final_logit_softcapping", t.final_logit_softcapping),
+            ("rope_local_base_freq", Some(t.local_rope_theta)),
+        ];
+        for (name, value) in reals {
+            if let Some(v) = value.filter(|v| !(v.is_finite() && *v > 0.0)) {
+                return Err(Error::config(
+                    path,
+                    name,
+                    format!("{v} must be a positive number"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Values in one patch: channels x frames x rows x columns.
     pub fn patch_values(&self) -> usize {
         let v = &self.vision;
@@ -1028,6 +1110,108 @@ fn same_value(a: &Value, b: &Value) -> bool {
         }
         _ => a == b,
     }
+}
+
+/// Gemma 3's defaults (transformers' `Gemma3TextConfig`) where the file leaves them out, and its
+/// `hidden_activation` read as `hidden_act`.
+fn gemma3_defaults(path: &Path, obj: &mut Map<String, Value>) -> Result<()> {
+    merge_alias(path, obj, "", "hidden_act", "hidden_activation")?;
+    for (key, value) in [
+        ("hidden_act", json!("gelu_pytorch_tanh")),
+        ("rms_norm_eps", json!(1e-6)),
+        ("head_dim", json!(256)),
+        ("query_pre_attn_scalar", json!(256)),
+        ("sliding_window", json!(4096)),
+        ("max_position_embeddings", json!(131_072)),
+    ] {
+        if obj.get(key).is_none_or(Value::is_null) {
+            obj.insert(key.to_owned(), value);
+        }
+    }
+    Ok(())
+}
+
+/// Gemma 3's two rotary settings. transformers 5 nests them by layer type
+/// (`rope_parameters.full_attention`, `.sliding_attention`); published configs write `rope_theta`
+/// with `rope_scaling` for the full layers and `rope_local_base_freq` for the sliding ones.
+fn gemma3_rope(path: &Path, obj: &Map<String, Value>, text: &mut TextConfig) -> Result<()> {
+    let number = |v: Option<&Value>, field: &str, default: f64| -> Result<f64> {
+        match v {
+            None | Some(Value::Null) => Ok(default),
+            Some(v) => v
+                .as_f64()
+                .ok_or_else(|| Error::config(path, field, format!("expected a number, found {v}"))),
+        }
+    };
+    let by_type = obj
+        .get("rope_parameters")
+        .and_then(Value::as_object)
+        .filter(|r| r.contains_key("full_attention") || r.contains_key("sliding_attention"));
+    match by_type {
+        Some(r) => {
+            let full = r.get("full_attention").and_then(Value::as_object);
+            let sliding = r.get("sliding_attention").and_then(Value::as_object);
+            text.rope_theta = number(
+                full.and_then(|f| f.get("rope_theta")),
+                "rope_parameters.full_attention.rope_theta",
+                1_000_000.0,
+            )?;
+            text.local_rope_theta = number(
+                sliding.and_then(|f| f.get("rope_theta")),
+                "rope_parameters.sliding_attention.rope_theta",
+                10_000.0,
+            )?;
+            text.rope_scaling = RopeScaling::from_json(path, full)?;
+            if RopeScaling::from_json(path, sliding)? != RopeScaling::None {
+                return Err(Error::config(
+                    path,
+                    "rope_parameters.sliding_attention.rope_type",
+                    "the sliding layers' rotary embedding is not scaled in any Gemma 3",
+                ));
+            }
+        }
+        None => {
+            text.local_rope_theta = number(
+                obj.get("rope_local_base_freq"),
+                "rope_local_base_freq",
+                10_000.0,
+            )?;
+            let scaling = obj
+                .get("rope_scaling")
+                .or_else(|| obj.get("rope_parameters"))
+                .and_then(Value::as_object);
+            text.rope_scaling = RopeScaling::from_json(path, scaling)?;
+        }
+    }
+    Ok(())
+}
+
+/// Gemma 3's layers when the file does not list them: every `sliding_window_pattern`-th (6 by
+/// default) attends over everything, the others within the window.
+fn gemma3_layer_types(path: &Path, obj: &Map<String, Value>, layers: usize) -> Result<Vec<String>> {
+    let v = obj
+        .get("sliding_window_pattern")
+        .or_else(|| obj.get("_sliding_window_pattern"));
+    let pattern = match v {
+        None | Some(Value::Null) => 6,
+        Some(v) => v.as_u64().filter(|n| *n > 0).ok_or_else(|| {
+            Error::config(
+                path,
+                "sliding_window_pattern",
+                format!("expected a positive whole number, found {v}"),
+            )
+        })? as usize,
+    };
+    Ok((0..layers)
+        .map(|i| {
+            if (i + 1) % pattern == 0 {
+                "full_attention"
+            } else {
+                "sliding_attention"
+            }
+            .to_owned()
+        })
+        .collect())
 }
 
 /// Renames `alias` to `canonical` in `obj`, checking that they agree where both are present

@@ -237,7 +237,8 @@ impl GgufModel {
                 })
             }
             ("llama", None) => "llama",
-            ("qwen2" | "llama", Some(v)) => {
+            ("gemma3", None) => "gemma3_text",
+            ("qwen2" | "llama" | "gemma3", Some(v)) => {
                 return Err(Error::config(
                     &v.path,
                     "general.architecture",
@@ -251,7 +252,7 @@ impl GgufModel {
                 return Err(Error::UnsupportedModel {
                     path: self.path.clone(),
                     model_type: format!("{a} (GGUF general.architecture)"),
-                    supported: "qwen2, llama, qwen2vl (with its mmproj file)".into(),
+                    supported: "qwen2, llama, gemma3, qwen2vl (with its mmproj file)".into(),
                 })
             }
         };
@@ -277,32 +278,35 @@ impl GgufModel {
         if let Ok(d) = self.uint(&format!("{a}.attention.key_length")) {
             cfg["head_dim"] = json!(d);
         }
-        if model_type == "llama" {
-            cfg["hidden_act"] = json!("silu");
-            cfg["rope_theta"] = json!(self.float("llama.rope.freq_base").unwrap_or(10_000.0));
+        if model_type == "llama" || model_type == "gemma3_text" {
             cfg["attention_bias"] = json!(self.tensors.contains_key("blk.0.attn_q.bias"));
-            cfg["mlp_bias"] = json!(self.tensors.contains_key("blk.0.ffn_up.bias"));
             // llama3 scaling is stored as its per-frequency divisors (`rope_freqs.weight`, read by
             // the model); linear as a type and factor.
-            match self.meta.get("llama.rope.scaling.type") {
+            match self.meta.get(&format!("{a}.rope.scaling.type")) {
                 None => {}
                 Some(Gv::String(s)) if s == "none" => {}
                 Some(Gv::String(s)) if s == "linear" => {
                     cfg["rope_scaling"] = json!({
                         "rope_type": "linear",
-                        "factor": self.float("llama.rope.scaling.factor")?,
+                        "factor": self.float(&format!("{a}.rope.scaling.factor"))?,
                     });
                 }
-                Some(other) => {
-                    return Err(Error::config(
-                        &self.path,
-                        "llama.rope.scaling.type",
-                        format!(
+                Some(other) => return Err(Error::config(
+                    &self.path,
+                    format!("{a}.rope.scaling.type"),
+                    format!(
                         "{other:?}: Loupe reads linear scaling from a GGUF (llama3 as rope_freqs)"
                     ),
-                    ))
-                }
+                )),
             }
+        }
+        if model_type == "llama" {
+            cfg["hidden_act"] = json!("silu");
+            cfg["rope_theta"] = json!(self.float("llama.rope.freq_base").unwrap_or(10_000.0));
+            cfg["mlp_bias"] = json!(self.tensors.contains_key("blk.0.ffn_up.bias"));
+        }
+        if model_type == "gemma3_text" {
+            self.gemma3_config(&mut cfg)?;
         }
         if let Some(v) = vision {
             let key = format!("{a}.rope.dimension_sections");
@@ -330,6 +334,42 @@ impl GgufModel {
             cfg["vision_end_token_id"] = json!(id("<|vision_end|>")?);
         }
         Ok(cfg)
+    }
+
+    /// What a Gemma 3 file leaves to llama.cpp's code, as llama.cpp sets it: every sixth layer
+    /// global, the others within `gemma3.attention.sliding_window` and with rotary base 10000;
+    /// scores scaled by the head width, but for the 27B (62 layers), whose
+    /// `query_pre_attn_scalar` is hidden / heads.
+    fn gemma3_config(&self, cfg: &mut Value) -> Result<()> {
+        let heads = self.uint("gemma3.attention.head_count")?.max(1);
+        let hidden = self.uint("gemma3.embedding_length")?;
+        let layers = self.uint("gemma3.block_count")?;
+        let head_dim = self
+            .uint("gemma3.attention.key_length")
+            .unwrap_or(hidden / heads);
+        let pattern = self
+            .uint("gemma3.attention.sliding_window_pattern")
+            .unwrap_or(6)
+            .max(1);
+        cfg["hidden_activation"] = json!("gelu_pytorch_tanh");
+        cfg["head_dim"] = json!(head_dim);
+        cfg["query_pre_attn_scalar"] = json!(if layers == 62 {
+            hidden / heads
+        } else {
+            head_dim
+        });
+        cfg["sliding_window"] = json!(self.uint("gemma3.attention.sliding_window")?);
+        cfg["sliding_window_pattern"] = json!(pattern);
+        cfg["rope_local_base_freq"] = json!(10_000.0);
+        if let Ok(cap) = self.float("gemma3.final_logit_softcapping") {
+            cfg["final_logit_softcapping"] = json!(cap);
+        }
+        Ok(())
+    }
+
+    /// The published chat template of a family whose llama.cpp files may come without one.
+    pub fn published_chat_template(&self) -> Option<String> {
+        (self.arch == "gemma3").then(|| GEMMA3_TEMPLATE.to_owned())
     }
 
     /// A vision file's `vision_config`, in the checkpoint's names. Widths come from the tensors'
@@ -394,13 +434,19 @@ impl GgufModel {
         }))
     }
 
-    /// The tokenizer as a `tokenizer.json` document (byte-level BPE with the Qwen2 split): the
-    /// vocabulary and merges from the metadata; control and user-defined tokens as added tokens.
+    /// The tokenizer as a `tokenizer.json` document: byte-level BPE with the file's merges and the
+    /// pre-tokenizer `tokenizer.ggml.pre` names, or Gemma's SentencePiece BPE ([`gemma_tokenizer`]);
+    /// control and user-defined tokens as added tokens.
     pub fn tokenizer_json(&self) -> Result<String> {
         let model = match self.get("tokenizer.ggml.model")? {
             Gv::String(s) => s.clone(),
             other => format!("{other:?}"),
         };
+        if model == "llama" && self.arch == "gemma3" {
+            let tokens = self.strings("tokenizer.ggml.tokens")?;
+            let types = self.token_types(tokens.len());
+            return Ok(gemma_tokenizer(tokens, &types).to_string());
+        }
         let pre = match self.meta.get("tokenizer.ggml.pre") {
             Some(Gv::String(s)) => s.clone(),
             _ => "default".into(),
@@ -438,27 +484,9 @@ impl GgufModel {
         };
         let tokens = self.strings("tokenizer.ggml.tokens")?;
         let merges = self.strings("tokenizer.ggml.merges")?;
-        let types: Vec<i64> = match self.meta.get("tokenizer.ggml.token_type") {
-            Some(Gv::Array(items)) => items
-                .iter()
-                .map(|v| match v {
-                    Gv::I32(x) => *x as i64,
-                    Gv::U32(x) => *x as i64,
-                    _ => 1,
-                })
-                .collect(),
-            _ => vec![1; tokens.len()],
-        };
+        let added = added_tokens(&tokens, &self.token_types(tokens.len()));
         let mut vocab = serde_json::Map::new();
-        let mut added = Vec::new();
         for (id, tok) in tokens.iter().enumerate() {
-            // 3 control, 4 user-defined: whole tokens, never split.
-            if let t @ (3 | 4) = types.get(id).copied().unwrap_or(1) {
-                added.push(json!({
-                    "id": id, "content": tok, "single_word": false, "lstrip": false,
-                    "rstrip": false, "normalized": false, "special": t == 3,
-                }));
-            }
             vocab.insert(tok.clone(), json!(id));
         }
         let merges: Vec<Value> = merges
@@ -480,6 +508,21 @@ impl GgufModel {
                       "ignore_merges": false, "vocab": vocab, "merges": merges},
         });
         Ok(doc.to_string())
+    }
+
+    /// `tokenizer.ggml.token_type`, one per token (1, normal, where the file has none).
+    fn token_types(&self, n: usize) -> Vec<i64> {
+        match self.meta.get("tokenizer.ggml.token_type") {
+            Some(Gv::Array(items)) => items
+                .iter()
+                .map(|v| match v {
+                    Gv::I32(x) => *x as i64,
+                    Gv::U32(x) => *x as i64,
+                    _ => 1,
+                })
+                .collect(),
+            _ => vec![1; n],
+        }
     }
 
     pub fn chat_template(&self) -> Option<String> {
@@ -511,9 +554,158 @@ impl GgufModel {
     }
 }
 
+/// Control (3) and user-defined (4) tokens as `tokenizer.json` added tokens: matched whole in the
+/// text, never split.
+fn added_tokens(tokens: &[String], types: &[i64]) -> Vec<Value> {
+    tokens
+        .iter()
+        .enumerate()
+        .filter_map(|(id, tok)| match types.get(id).copied().unwrap_or(1) {
+            t @ (3 | 4) => Some(json!({
+                "id": id, "content": tok, "single_word": false, "lstrip": false,
+                "rstrip": false, "normalized": false, "special": t == 3,
+            })),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Gemma's SentencePiece BPE as transformers rebuilds it from a GGUF (and as Gemma's own
+/// `tokenizer.json` is): spaces written as `▁`, no pre-tokenizer split, byte fallback for what the
+/// vocabulary lacks. Two things differ from the file:
+/// - llama.cpp stores the tokens of two or more spaces as spaces; they are looked up as `▁`s;
+/// - the file has no merges. Each token gives one merge per way of cutting it into two tokens,
+///   ranked by where the token stands in the file (earlier first; Gemma's scores do not follow its
+///   merge order), then longer left part, then longer right part.
+fn gemma_tokenizer(tokens: Vec<String>, types: &[i64]) -> Value {
+    let tokens: Vec<String> = tokens
+        .into_iter()
+        .map(|t| {
+            if t.contains(' ') && t.trim().is_empty() {
+                "\u{2581}".repeat(t.chars().count())
+            } else {
+                t
+            }
+        })
+        .collect();
+    // A token spelled twice keeps its last id, as a dictionary built in order does.
+    let mut id: HashMap<&str, usize> = HashMap::with_capacity(tokens.len());
+    let mut order: Vec<&str> = Vec::with_capacity(tokens.len());
+    for (i, t) in tokens.iter().enumerate() {
+        if id.insert(t, i).is_none() {
+            order.push(t);
+        }
+    }
+    // (rank of the merged token, left chars, right chars, left, right)
+    let mut merges: Vec<(usize, usize, usize, &str, &str)> = Vec::new();
+    for piece in &order {
+        let rank = id[piece];
+        let mut local: Vec<(usize, usize, usize, &str, &str)> = piece
+            .char_indices()
+            .skip(1)
+            .filter_map(|(at, _)| {
+                let (l, r) = piece.split_at(at);
+                let (li, ri) = (*id.get(l)?, *id.get(r)?);
+                Some((li, ri, rank, l, r))
+            })
+            .collect();
+        local.sort_by_key(|&(li, ri, ..)| (li, ri));
+        merges.extend(
+            local
+                .into_iter()
+                .map(|(_, _, rank, l, r)| (rank, l.chars().count(), r.chars().count(), l, r)),
+        );
+    }
+    // Best first: the earliest token, then the longer left part, then the longer right part
+    // (a stable sort, so cuts that tie keep their order).
+    merges.sort_by(|a, b| {
+        a.0.cmp(&b.0)
+            .then_with(|| b.1.cmp(&a.1))
+            .then_with(|| b.2.cmp(&a.2))
+    });
+    let vocab: serde_json::Map<String, Value> = order
+        .iter()
+        .map(|t| ((*t).to_owned(), json!(id[t])))
+        .collect();
+    let merges: Vec<Value> = merges.iter().map(|m| json!([m.3, m.4])).collect();
+    json!({
+        "version": "1.0", "truncation": null, "padding": null,
+        "added_tokens": added_tokens(&tokens, types),
+        "normalizer": {"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"},
+        "pre_tokenizer": {"type": "Split", "pattern": {"String": " "}, "behavior": "MergedWithPrevious", "invert": false},
+        "post_processor": null,
+        "decoder": {"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "},
+            {"type": "ByteFallback"},
+            {"type": "Fuse"},
+        ]},
+        "model": {"type": "BPE", "dropout": null, "unk_token": "<unk>", "continuing_subword_prefix": null,
+                  "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true,
+                  "ignore_merges": false, "vocab": vocab, "merges": merges},
+    })
+}
+
+/// Gemma 3's chat template as published with its checkpoints (llama.cpp's Gemma 3 files may come
+/// without one): a system message goes before the first user turn, the assistant is `model`.
+const GEMMA3_TEMPLATE: &str = "{{ bos_token }}
+{%- if messages[0]['role'] == 'system' -%}
+    {%- if messages[0]['content'] is string -%}
+        {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}
+    {%- else -%}
+        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}
+    {%- endif -%}
+    {%- set loop_messages = messages[1:] -%}
+{%- else -%}
+    {%- set first_user_prefix = \"\" -%}
+    {%- set loop_messages = messages -%}
+{%- endif -%}
+{%- for message in loop_messages -%}
+    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
+        {{ raise_exception(\"Conversation roles must alternate user/assistant/user/assistant/...\") }}
+    {%- endif -%}
+    {%- if (message['role'] == 'assistant') -%}
+        {%- set role = \"model\" -%}
+    {%- else -%}
+        {%- set role = message['role'] -%}
+    {%- endif -%}
+    {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else \"\") }}
+    {%- if message['content'] is string -%}
+        {{ message['content'] | trim }}
+    {%- elif message['content'] is iterable -%}
+        {%- for item in message['content'] -%}
+            {%- if item['type'] == 'image' -%}
+                {{ '<start_of_image>' }}
+            {%- elif item['type'] == 'text' -%}
+                {{ item['text'] | trim }}
+            {%- endif -%}
+        {%- endfor -%}
+    {%- else -%}
+        {{ raise_exception(\"Invalid content type\") }}
+    {%- endif -%}
+    {{ '<end_of_turn>\n' }}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{'<start_of_turn>model\n'}}
+{%- endif -%}
+";
+
 /// llama.cpp's tensor names to the checkpoint names: Qwen2 decoders, and the Qwen2-VL vision file.
 pub fn hf_name(name: &str) -> String {
     hf_name_with(name, false)
+}
+
+/// As [`hf_name`], for Gemma 3, whose MLP input norm llama.cpp also calls `ffn_norm`: it is the
+/// checkpoint's `pre_feedforward_layernorm` (`post_attention_layernorm` is on the attention output).
+pub fn hf_name_gemma3(name: &str) -> String {
+    match name.strip_suffix(".ffn_norm.weight") {
+        Some(block) if block.starts_with("blk.") => {
+            format!(
+                "model.layers.{}.pre_feedforward_layernorm.weight",
+                &block[4..]
+            )
+        }
+        _ => hf_name(name),
+    }
 }
 
 /// As [`hf_name`], for a vision file whose blocks have a gated MLP (Qwen2.5-VL: `ffn_gate`,
@@ -551,6 +743,10 @@ fn hf_name_with(name: &str, gated_vision: bool) -> String {
     let hf = match part {
         "attn_norm" => "input_layernorm",
         "ffn_norm" => "post_attention_layernorm",
+        "attn_q_norm" => "self_attn.q_norm",
+        "attn_k_norm" => "self_attn.k_norm",
+        "post_attention_norm" => "post_attention_layernorm",
+        "post_ffw_norm" => "post_feedforward_layernorm",
         "attn_q" => "self_attn.q_proj",
         "attn_k" => "self_attn.k_proj",
         "attn_v" => "self_attn.v_proj",
@@ -618,6 +814,27 @@ mod tests {
             ("mm.2.weight", "visual.merger.mlp.2.weight"),
         ] {
             assert_eq!(hf_name(from), to);
+        }
+        for (from, to) in [
+            (
+                "blk.3.ffn_norm.weight",
+                "model.layers.3.pre_feedforward_layernorm.weight",
+            ),
+            (
+                "blk.3.post_attention_norm.weight",
+                "model.layers.3.post_attention_layernorm.weight",
+            ),
+            (
+                "blk.3.post_ffw_norm.weight",
+                "model.layers.3.post_feedforward_layernorm.weight",
+            ),
+            (
+                "blk.0.attn_k_norm.weight",
+                "model.layers.0.self_attn.k_norm.weight",
+            ),
+            ("token_embd.weight", "model.embed_tokens.weight"),
+        ] {
+            assert_eq!(hf_name_gemma3(from), to);
         }
         assert_eq!(
             hf_name_gated_vision("v.blk.1.ffn_gate.weight"),

@@ -228,13 +228,15 @@ impl ModelFiles {
                         (e, _) => e,
                     })?;
             let mut template = crate::tokenize::ChatTemplate::from_source(
-                g.chat_template().ok_or_else(|| {
-                    Error::config(
-                        &self.config,
-                        "tokenizer.chat_template",
-                        "missing from the GGUF metadata",
-                    )
-                })?,
+                g.chat_template()
+                    .or_else(|| g.published_chat_template())
+                    .ok_or_else(|| {
+                        Error::config(
+                            &self.config,
+                            "tokenizer.chat_template",
+                            "missing from the GGUF metadata",
+                        )
+                    })?,
             )?
             .with_special_tokens(g.special_token("bos"), g.special_token("eos"));
             template.text_content = !cfg.has_vision();
@@ -256,7 +258,10 @@ impl ModelFiles {
         dtype: candle_core::DType,
         device: &candle_core::Device,
     ) -> Result<weights::Weights> {
-        let w = weights::Weights::open(&self.weights, dtype, device, self.sanitize())?;
+        let mut w = weights::Weights::open(&self.weights, dtype, device, self.sanitize())?;
+        if self.gguf.as_ref().is_some_and(|g| g.text.arch == "gemma3") {
+            w = w.with_norm_offset(1.0);
+        }
         match self.gguf.as_ref().map(|g| g.text.interleaved_rope()) {
             Some(Ok(Some(head_dim))) => w.with_interleaved_rope(head_dim),
             Some(Err(e)) => Err(e),
@@ -268,6 +273,7 @@ impl ModelFiles {
     fn sanitize(&self) -> fn(&str) -> String {
         match &self.gguf {
             None => crate::models::qwen2_vl::sanitize,
+            Some(g) if g.text.arch == "gemma3" => gguf::hf_name_gemma3,
             Some(g) => match g.vision.as_ref().map(|v| v.projector()) {
                 Some(Ok(gguf::Projector::Qwen25Vl)) => gguf::hf_name_gated_vision,
                 _ => gguf::hf_name,

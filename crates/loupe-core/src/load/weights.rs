@@ -158,6 +158,8 @@ struct GgufTensor {
     /// Rows stored in llama.cpp's interleaved rotary order, for heads of this width
     /// ([`Weights::with_interleaved_rope`]).
     rope_rows: Option<usize>,
+    /// Stored with this added to every value ([`Weights::with_norm_offset`]); taken off when read.
+    offset: Option<f64>,
 }
 
 /// Where row `r` of a projection in the checkpoint's rotary order (each head's first halves, then
@@ -299,6 +301,7 @@ impl Weights {
                     start,
                     len,
                     rope_rows: None,
+                    offset: None,
                 };
                 if gguf.insert(sanitize(name), tensor).is_some() {
                     return Err(Error::Weights {
@@ -344,6 +347,17 @@ impl Weights {
             t.rope_rows = Some(head_dim);
         }
         Ok(self)
+    }
+
+    /// Reads the RMSNorm weights of a llama.cpp Gemma file back as the checkpoint stores them: its
+    /// converter adds 1 to every norm weight (Gemma scales by `1 + w`), and the model adds it itself.
+    pub fn with_norm_offset(mut self, offset: f64) -> Self {
+        for (name, t) in self.gguf.iter_mut() {
+            if name.ends_with("norm.weight") {
+                t.offset = Some(offset);
+            }
+        }
+        self
     }
 
     /// The stored pieces of a tensor kept whole in the checkpoint (`name:0`, `name:1`, ...), in order.
@@ -629,6 +643,10 @@ impl Weights {
                 .reshape(shape)?,
         };
         release(map, t.start, t.len);
+        let out = match t.offset {
+            Some(offset) => (out.to_dtype(DType::F32)? - offset)?,
+            None => out,
+        };
         match t.rope_rows {
             Some(hd) => {
                 let order: Vec<u32> = (0..t.shape[0])

@@ -748,13 +748,51 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, causal: bool) -
             return Ok(out);
         }
     }
+    general_attention(q, k, v, scale, causal, None)
+}
+
+/// Causal attention of the last `sq` positions over `sk` keys ([`attention`]) where each position
+/// sees only the last `window` keys, its own included (Gemma 3's sliding layers). A window that
+/// hides nothing is dropped, and a single query (decode) reads only its window's keys, so both
+/// stay on the fast paths.
+pub fn causal_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    window: Option<usize>,
+) -> Result<Tensor> {
+    let (sq, sk) = (q.dim(2)?, k.dim(2)?);
+    // The last query sees keys past `sk - 1 - window`: none is hidden while `sk <= window`.
+    match window.filter(|&w| sk > w) {
+        None => attention(q, k, v, scale, true),
+        Some(w) if sq == 1 => attention(
+            q,
+            &k.narrow(2, sk - w, w)?,
+            &v.narrow(2, sk - w, w)?,
+            scale,
+            true,
+        ),
+        window => general_attention(q, k, v, scale, true, window),
+    }
+}
+
+/// The blocked path of [`attention`], with an optional sliding window.
+fn general_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    causal: bool,
+    window: Option<usize>,
+) -> Result<Tensor> {
     // A cache kept in a narrower type than the queries (f16 under a quantized decoder) is widened
     // for the general path.
     let (k, v) = (&k.to_dtype(q.dtype())?, &v.to_dtype(q.dtype())?);
     let (b, h, _, _) = q.dims4()?;
     let sk = k.dim(2)?;
     let rows = (ATTENTION_BLOCK_BYTES / (4 * b * h * sk).max(1)).max(16);
-    attention_in_blocks(q, k, v, scale, causal, rows)
+    attention_in_blocks(q, k, v, scale, causal, rows, window)
 }
 
 /// Causal attention of a few f32 query rows (decode) in our kernel, reading K and V (f32 or f16)
@@ -819,11 +857,12 @@ pub fn attention_in_blocks(
     scale: f64,
     causal: bool,
     rows: usize,
+    window: Option<usize>,
 ) -> Result<Tensor> {
     let sq = q.dim(2)?;
     let sk = k.dim(2)?;
     if sq <= rows {
-        return attention_block(q, k, v, scale, causal.then_some(sk - sq));
+        return attention_block(q, k, v, scale, causal.then_some(sk - sq), window);
     }
     let v = v.contiguous()?;
     let mut outs = Vec::with_capacity(sq.div_ceil(rows));
@@ -836,6 +875,7 @@ pub fn attention_in_blocks(
             &v,
             scale,
             offset,
+            window,
         )?);
     }
     Ok(Tensor::cat(&outs, 2)?)
@@ -844,25 +884,29 @@ pub fn attention_in_blocks(
 /// Most bytes of f32 scores one attention block holds.
 pub const ATTENTION_BLOCK_BYTES: usize = 32 << 20;
 
-/// One block of queries; with `causal_offset = Some(o)`, query `i` sees keys `0..=o + i`.
+/// One block of queries; with `causal_offset = Some(o)`, query `i` sees keys `0..=o + i` (the
+/// last `window` of them where a window is given).
 fn attention_block(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     scale: f64,
     causal_offset: Option<usize>,
+    window: Option<usize>,
 ) -> Result<Tensor> {
     let (b, h, sq, d) = q.dims4()?;
     let (_, kvh, sk, _) = k.dims4()?;
     let groups = h / kvh;
     let q = q.contiguous()?.reshape((b, kvh, groups * sq, d))?;
     let scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
+    let window = window.unwrap_or(usize::MAX);
     let scores = match causal_offset {
-        Some(offset) if offset + 1 < sk => {
+        Some(offset) if offset + 1 < sk || window < sk => {
             let mask: Vec<f32> = (0..sq)
                 .flat_map(|i| {
                     (0..sk).map(move |j| {
-                        if j <= offset + i {
+                        let p = offset + i;
+                        if j <= p && p - j < window {
                             0.0
                         } else {
                             f32::NEG_INFINITY
@@ -1280,6 +1324,7 @@ mod tests {
         v: &[f32],
         dims: (usize, usize, usize, usize, usize),
         causal: bool,
+        window: Option<usize>,
     ) -> Vec<f32> {
         let (h, kvh, sq, sk, d) = dims;
         let mut out = vec![0f32; h * sq * d];
@@ -1287,8 +1332,9 @@ mod tests {
             let kv = head / (h / kvh);
             for i in 0..sq {
                 let visible = if causal { sk - sq + i + 1 } else { sk };
+                let first = window.map_or(0, |w| visible.saturating_sub(w));
                 let qi = &q[(head * sq + i) * d..(head * sq + i + 1) * d];
-                let s: Vec<f64> = (0..visible)
+                let s: Vec<f64> = (first..visible)
                     .map(|j| {
                         let kj = &k[(kv * sk + j) * d..(kv * sk + j + 1) * d];
                         qi.iter()
@@ -1300,7 +1346,8 @@ mod tests {
                     .collect();
                 let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                 let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
-                for (j, sj) in s.iter().enumerate() {
+                for (n, sj) in s.iter().enumerate() {
+                    let j = first + n;
                     let p = (sj - m).exp() / z;
                     for t in 0..d {
                         out[(head * sq + i) * d + t] +=
@@ -1338,9 +1385,50 @@ mod tests {
             let k = Tensor::from_vec(kv.clone(), (1, kvh, sk, d), &dev).unwrap();
             let v = Tensor::from_vec(vv.clone(), (1, kvh, sk, d), &dev).unwrap();
             let scale = 1.0 / (d as f64).sqrt();
-            let got = attention_in_blocks(&q, &k, &v, scale, causal, rows).unwrap();
+            let got = attention_in_blocks(&q, &k, &v, scale, causal, rows, None).unwrap();
             let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            let want = reference_attention(&qv, &kv, &vv, (h, kvh, sq, sk, d), causal);
+            let want = reference_attention(&qv, &kv, &vv, (h, kvh, sq, sk, d), causal, None);
+            let diff = got
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(diff < 1e-5, "case {n}: max diff {diff}");
+        }
+    }
+
+    /// Sliding windows (Gemma 3) against the reference: one query (decode, which reads only its
+    /// window), a few (the decode kernel's sizes), a whole prompt (blocked), a window as wide as
+    /// the keys and one wider (nothing hidden).
+    #[test]
+    fn windowed_attention_matches_reference() {
+        let dev = Device::Cpu;
+        let cases = [
+            // (heads, kv heads, queries, keys, dim, window)
+            (4, 1, 1, 30, 8, Some(7)),
+            (2, 2, 3, 12, 8, Some(4)),
+            (4, 2, 20, 20, 8, Some(5)),
+            (4, 2, 20, 20, 8, Some(1)),
+            (2, 1, 6, 6, 4, Some(6)),
+            (2, 1, 6, 6, 4, Some(50)),
+        ];
+        for (n, &(h, kvh, sq, sk, d, window)) in cases.iter().enumerate() {
+            let r = |len: usize, seed: u64| -> Vec<f32> {
+                (0..len)
+                    .map(|i| (((i as u64 * 2654435761 + seed * 89) % 1000) as f32 / 250.0) - 2.0)
+                    .collect()
+            };
+            let (qv, kv, vv) = (
+                r(h * sq * d, 5 + n as u64),
+                r(kvh * sk * d, 6),
+                r(kvh * sk * d, 7),
+            );
+            let q = Tensor::from_vec(qv.clone(), (1, h, sq, d), &dev).unwrap();
+            let k = Tensor::from_vec(kv.clone(), (1, kvh, sk, d), &dev).unwrap();
+            let v = Tensor::from_vec(vv.clone(), (1, kvh, sk, d), &dev).unwrap();
+            let got = causal_attention(&q, &k, &v, 1.0 / (d as f64).sqrt(), window).unwrap();
+            let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let want = reference_attention(&qv, &kv, &vv, (h, kvh, sq, sk, d), true, window);
             let diff = got
                 .iter()
                 .zip(&want)

@@ -1,6 +1,7 @@
 //! The model architectures (one file each) and the shared layers they are built from.
 
 pub mod decoder;
+pub mod gemma3;
 pub mod layers;
 pub mod llama;
 pub mod qwen2_5_vl;

@@ -215,7 +215,7 @@ impl Qwen2Vl {
         let options = DecoderOptions {
             qkv_bias,
             o_bias,
-            mlp_bias: false,
+            ..DecoderOptions::PLAIN
         };
         let decoder = Decoder::load(t, w, options, inv_freq(t.head_dim(), t.rope_theta))?;
         Ok(Qwen2Vl {

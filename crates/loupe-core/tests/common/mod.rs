@@ -237,3 +237,97 @@ pub fn text_messages(messages: &serde_json::Value) -> Vec<Message> {
         })
         .collect()
 }
+
+/// Checks for the text-only families (tests/llama.rs, tests/gemma3.rs) against a reference written
+/// by their fixture tools: `<prefix><prompt>/{ids,logits,greedy}` and `mixed/<prompt>/logits`.
+pub mod text {
+    use super::{logit_diff, max_abs_diff, prompt_logits, text_messages, Reference};
+    use loupe_core::generate::{GenerateParams, SamplingParams};
+    use loupe_core::Engine;
+
+    /// Stage by stage against `r`'s `{prefix}{prompt}/...` entries: the rendered chat template,
+    /// the prompt's ids, f32 logits at every position within 1e-3, 20 greedy tokens identical.
+    pub fn check(what: &str, r: &Reference, prefix: &str, e: &Engine) {
+        let prompts = r.meta["prompts"].as_object().unwrap().clone();
+        assert_eq!(prompts.len(), 4);
+        for (pname, p) in prompts {
+            let messages = text_messages(&p["messages"]);
+            assert_eq!(
+                e.template.render(&messages, true).unwrap(),
+                p["rendered"].as_str().unwrap(),
+                "{what}/{pname}: the chat template"
+            );
+            let prompt = e
+                .prompt_from_messages(&messages, &[], &e.preprocessor)
+                .unwrap();
+            assert_eq!(
+                prompt.ids,
+                r.ids(&format!("{prefix}{pname}/ids")),
+                "{what}/{prefix}{pname}: ids"
+            );
+            // f32 against f32: within 1e-3 at every position (measured below 1e-5).
+            let logits = prompt_logits(e, &prompt);
+            let (diff, at, scale) = logit_diff(&logits, r, &format!("{prefix}{pname}"));
+            assert!(
+                diff < 1e-3,
+                "{what}/{prefix}{pname}: logits differ by {diff} at {at} (range {scale})"
+            );
+            let params = GenerateParams {
+                max_tokens: 20,
+                sampling: SamplingParams::default(),
+                stop_strings: vec![],
+                eos_token_ids: vec![],
+                grammar: None,
+            };
+            let out = e.generate(&prompt, &params, &mut |_| {}).unwrap();
+            assert_eq!(
+                out.tokens,
+                r.ids(&format!("{prefix}{pname}/greedy")),
+                "{what}/{prefix}{pname}: greedy tokens"
+            );
+        }
+    }
+
+    /// A block-quantized file against transformers on its dequantized weights (`mixed/...`):
+    /// every row at once (the weights expanded to f32) within 1% of the logits' range, and the last
+    /// 8 positions one at a time as decode runs them (8-bit activation products) within 10%.
+    pub fn check_mixed(r: &Reference, e: &Engine) {
+        let prompts = r.meta["prompts"].as_object().unwrap().clone();
+        for (pname, p) in prompts {
+            let messages = text_messages(&p["messages"]);
+            let prompt = e
+                .prompt_from_messages(&messages, &[], &e.preprocessor)
+                .unwrap();
+            // Keys and values are cached in f16 under quantized weights: about 0.2% of the
+            // logits' range at once (measured 0.013 of 7.9 on Llama), a wrong block layout would
+            // be off by whole units.
+            let all = prompt_logits(e, &prompt);
+            let (diff, at, scale) = logit_diff(&all, r, &format!("mixed/{pname}"));
+            assert!(
+                diff < 0.01 * scale,
+                "mixed/{pname}: logits differ by {diff} at {at} (range {scale})"
+            );
+            let mut cache = e.model.new_cache();
+            let (pos, _) = e.model.prompt_positions(&prompt.ids, &[]).unwrap();
+            let n = prompt.ids.len();
+            let embeds = e.model.embed(&prompt.ids[..n - 8], None).unwrap();
+            e.model
+                .forward(&embeds, &pos[..n - 8], &mut cache, false)
+                .unwrap();
+            let want = r.f32s(&format!("mixed/{pname}/logits"));
+            let vocab = want.len() / n;
+            for (i, &id) in prompt.ids[n - 8..].iter().enumerate() {
+                let step = e.model.forward_decode(&[id], &mut [&mut cache]).unwrap();
+                let got = step.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                let row = &want[(n - 8 + i) * vocab..(n - 7 + i) * vocab];
+                let (diff, at) = max_abs_diff(&got, row);
+                // 8-bit activations through layers of random weights: measured up to 5% of the
+                // range on Llama; a wrong block layout or scale is off by the whole range.
+                assert!(
+                    diff < 0.1 * scale,
+                    "mixed/{pname}: decode step {i} differs by {diff} at {at} (range {scale})"
+                );
+            }
+        }
+    }
+}
