@@ -125,13 +125,23 @@ impl QMatrix {
             .into());
         }
         let cols = self.cols;
-        let looked_up = self.with_rows(|q| {
+        let lookup = |dequantize_row: &dyn Fn(usize, &mut [f32])| {
             let mut out = vec![0f32; want.len() * cols];
             for (&id, row) in want.iter().zip(out.chunks_exact_mut(cols)) {
-                q.dequantize_row(id as usize, row);
+                dequantize_row(id as usize, row);
             }
             out
-        })?;
+        };
+        // Only the rows asked for are expanded, in place in the blocks: candle's `embedding`
+        // expands the whole table first (640 MiB of f32 for Gemma 3's 262k x 640 Q8_0 table).
+        let mut looked_up = self.with_rows(|q| lookup(&|r, out| q.dequantize_row(r, out)))?;
+        if looked_up.is_none() {
+            if let Some(format) = crate::kernels::q32::Format32::of(self.dtype) {
+                let data = self.blocks()?;
+                looked_up = crate::kernels::q32::Q32Rows::new(format, self.rows, cols, &data)
+                    .map(|q| lookup(&|r, out| q.dequantize_row(r, out)));
+            }
+        }
         match looked_up {
             Some(out) => Ok(Tensor::from_vec(out, (want.len(), cols), ids.device())?),
             None => Ok(self.candle()?.embedding(ids)?),
@@ -806,7 +816,8 @@ mod tests {
         Tensor::from_vec(v, (rows, cols), &Device::Cpu).unwrap()
     }
 
-    /// A GGUF file with a Q4_K, a Q6_K, a Q8_0 and an f32 tensor; returns its path and the tensors.
+    /// A GGUF file with a Q4_K, a Q6_K, a Q8_0, a Q5_0 and an f32 tensor; returns its path and the
+    /// tensors.
     fn write_gguf(name: &str) -> (PathBuf, Vec<(String, QTensor)>) {
         let dir = std::env::temp_dir().join(format!("loupe-weights-{}-{name}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -815,6 +826,7 @@ mod tests {
             ("a.weight", GgmlDType::Q4K, 5, 512),
             ("b.weight", GgmlDType::Q6K, 3, 256),
             ("c.weight", GgmlDType::Q8_0, 4, 64),
+            ("d.weight", GgmlDType::Q5_0, 3, 96),
             ("n.weight", GgmlDType::F32, 1, 40),
         ]
         .into_iter()
@@ -839,7 +851,8 @@ mod tests {
     }
 
     /// Quantized matrices of a GGUF file are used where they lie: the same blocks as written, the
-    /// same embedding rows and products as candle's in-memory copy, before and after that copy is
+    /// same embedding rows (read from the blocks, without a copy) and products as candle's in-memory
+    /// copy, before and after that copy is
     /// made from the mapping; float tensors are read as written.
     #[test]
     fn gguf_matrices_are_read_in_place() {
@@ -867,6 +880,11 @@ mod tests {
                     .unwrap(),
             );
             assert_eq!(values(&q.rows_f32(&ids).unwrap()), want_rows, "{name}");
+            // Looking rows up expands only those rows: no copy of the whole table is made.
+            assert!(
+                q.candle.get().is_none(),
+                "{name}: the lookup copied the table"
+            );
             let x = matrix(2, cols, 9.0);
             let copy = ggml_file::qtensor_from_ggml(
                 t.dtype(),
