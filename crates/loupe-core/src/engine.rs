@@ -271,7 +271,7 @@ impl Engine {
                 text.push_str(&self.image_pad.repeat(preprocessor.tokens_for(*grid)));
             }
         }
-        let ids = self.tokenizer.encode(&text)?;
+        let ids = self.tokenizer.encode_rendered(&text)?;
         Ok(Prompt { ids, pixels })
     }
 

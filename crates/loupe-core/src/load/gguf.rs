@@ -291,13 +291,15 @@ impl GgufModel {
                         "factor": self.float(&format!("{a}.rope.scaling.factor"))?,
                     });
                 }
-                Some(other) => return Err(Error::config(
-                    &self.path,
-                    format!("{a}.rope.scaling.type"),
-                    format!(
+                Some(other) => {
+                    return Err(Error::config(
+                        &self.path,
+                        format!("{a}.rope.scaling.type"),
+                        format!(
                         "{other:?}: Loupe reads linear scaling from a GGUF (llama3 as rope_freqs)"
                     ),
-                )),
+                    ))
+                }
             }
         }
         if model_type == "llama" {
@@ -543,6 +545,15 @@ impl GgufModel {
                 Gv::String(s) => Some(s.clone()),
                 _ => None,
             },
+            _ => None,
+        }
+    }
+
+    /// The `bos` or `eos` token llama.cpp adds to each text: where `tokenizer.ggml.add_{which}_token`
+    /// is true.
+    pub fn added_special(&self, which: &str) -> Option<String> {
+        match self.meta.get(&format!("tokenizer.ggml.add_{which}_token")) {
+            Some(Gv::Bool(true)) => self.special_token(which),
             _ => None,
         }
     }

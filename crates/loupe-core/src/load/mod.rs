@@ -198,14 +198,31 @@ impl ModelFiles {
         })
     }
 
-    /// The tokenizer: from `tokenizer.json`, or from a lone GGUF's metadata.
+    /// The tokenizer: from `tokenizer.json` (with the special tokens `tokenizer_config.json` has
+    /// it add to each text), or from a lone GGUF's metadata.
     pub fn read_tokenizer(&self) -> Result<crate::tokenize::Tokenizer> {
+        use crate::tokenize::{config_specials, Tokenizer};
         match &self.gguf {
-            Some(GgufFiles { text: g, .. }) => crate::tokenize::Tokenizer::from_bytes(
-                g.tokenizer_json()?.as_bytes(),
-                &self.tokenizer,
-            ),
-            None => crate::tokenize::Tokenizer::from_file(&self.tokenizer),
+            Some(GgufFiles { text: g, .. }) => {
+                let t = Tokenizer::from_bytes(g.tokenizer_json()?.as_bytes(), &self.tokenizer)?;
+                let (bos, eos) = (g.added_special("bos"), g.added_special("eos"));
+                if bos.is_none() && eos.is_none() {
+                    return Ok(t);
+                }
+                t.with_added_specials(bos.as_deref(), eos.as_deref())
+            }
+            None => {
+                let t = Tokenizer::from_file(&self.tokenizer)?;
+                let cfg: Option<serde_json::Value> = self
+                    .tokenizer_config
+                    .as_deref()
+                    .map(read_json)
+                    .transpose()?;
+                match cfg.as_ref().and_then(config_specials) {
+                    Some((bos, eos)) => t.with_added_specials(bos.as_deref(), eos.as_deref()),
+                    None => Ok(t),
+                }
+            }
         }
     }
 

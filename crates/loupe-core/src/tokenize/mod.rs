@@ -76,6 +76,60 @@ impl Tokenizer {
             })
     }
 
+    /// Encodes text a chat template rendered, as transformers' `apply_chat_template` does: the
+    /// template writes its own special tokens (`<bos>`), so the post-processor adds none.
+    pub fn encode_rendered(&self, text: &str) -> Result<Vec<u32>> {
+        self.inner
+            .encode(text, false)
+            .map(|e| e.get_ids().to_vec())
+            .map_err(|e| Error::Tokenizer {
+                path: self.path.clone(),
+                msg: format!("cannot encode: {e}"),
+            })
+    }
+
+    /// Puts `bos` before and `eos` after each encoded text, in place of the file's post-processor,
+    /// as transformers does when `tokenizer_config.json` sets `add_bos_token` or `add_eos_token`
+    /// (and llama.cpp with a GGUF's `tokenizer.ggml.add_bos_token`). `None` adds nothing.
+    pub fn with_added_specials(mut self, bos: Option<&str>, eos: Option<&str>) -> Result<Self> {
+        use tokenizers::processors::template::TemplateProcessing;
+        let mut specials = Vec::new();
+        for tok in [bos, eos].into_iter().flatten() {
+            let id = self.token_to_id(tok).ok_or_else(|| Error::Tokenizer {
+                path: self.path.clone(),
+                msg: format!(
+                    "the special token {tok:?} it adds to each text is not in the vocabulary"
+                ),
+            })?;
+            specials.push((tok.to_owned(), id));
+        }
+        // `<bos>:0 $A:0 <eos>:0`, and the same for a pair with `$B:1`, as transformers writes it.
+        let part = |seq: &str, type_id: u8| {
+            let mut out = Vec::new();
+            out.extend(bos.map(|b| format!("{b}:{type_id}")));
+            out.push(format!("${seq}:{type_id}"));
+            out.extend(eos.map(|e| format!("{e}:{type_id}")));
+            out.join(" ")
+        };
+        let single = part("A", 0);
+        let pair = format!("{single} {}", part("B", 1));
+        let processor = TemplateProcessing::builder()
+            .try_single(single)
+            .and_then(|b| b.try_pair(pair))
+            .map_err(|e| e.to_string())
+            .and_then(|b| {
+                b.special_tokens(specials)
+                    .build()
+                    .map_err(|e| e.to_string())
+            })
+            .map_err(|msg| Error::Tokenizer {
+                path: self.path.clone(),
+                msg: format!("cannot add the special tokens: {msg}"),
+            })?;
+        self.inner.with_post_processor(Some(processor));
+        Ok(self)
+    }
+
     /// Decodes ids, keeping special tokens out of the text.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.inner.decode(ids, true).map_err(|e| Error::Tokenizer {
@@ -120,6 +174,28 @@ impl Tokenizer {
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }
+}
+
+/// The special tokens transformers adds to each text by `tokenizer_config.json`: only where the
+/// file sets `add_bos_token` or `add_eos_token` (transformers then rebuilds the post-processor from
+/// them; otherwise `tokenizer.json`'s own stands). Each is `bos_token` / `eos_token`, a string or
+/// `{"content": ...}`; a flag that is set with no such token adds nothing, as in transformers.
+pub fn config_specials(cfg: &serde_json::Value) -> Option<(Option<String>, Option<String>)> {
+    let flag = |k: &str| cfg.get(k).and_then(serde_json::Value::as_bool);
+    let token = |k: &str| {
+        let v = cfg.get(k)?;
+        v.as_str()
+            .or_else(|| v.get("content").and_then(serde_json::Value::as_str))
+            .map(str::to_owned)
+    };
+    let (bos, eos) = (flag("add_bos_token"), flag("add_eos_token"));
+    if bos.is_none() && eos.is_none() {
+        return None;
+    }
+    Some((
+        bos.unwrap_or(false).then(|| token("bos_token")).flatten(),
+        eos.unwrap_or(false).then(|| token("eos_token")).flatten(),
+    ))
 }
 
 #[cfg(test)]
