@@ -15,7 +15,7 @@ use crate::generate::{
 use crate::image::{self, ImageInput, Preprocessor};
 use crate::load::config::{GenerationConfig, Qwen2VlConfig};
 use crate::load::ModelFiles;
-use crate::models::{gemma3, llama, qwen2_vl, qwen3_5, VisionLanguageModel};
+use crate::models::{gemma3, llama, phi3, qwen2_vl, qwen3_5, VisionLanguageModel};
 use crate::tokenize::{ChatTemplate, Message, Tokenizer};
 
 #[derive(Debug, Clone)]
@@ -199,6 +199,7 @@ impl Engine {
             "qwen3_5" => Box::new(qwen3_5::Qwen35::load(cfg, &weights)?),
             "llama" => Box::new(llama::load(cfg, &weights)?),
             "gemma3_text" => Box::new(gemma3::load(cfg, &weights)?),
+            "phi3" => Box::new(phi3::load(cfg, &weights)?),
             _ => Box::new(qwen2_vl::Qwen2Vl::load(cfg, &weights)?),
         };
         Ok((model, dtype, stored_dtype, weights.unused()))
@@ -289,6 +290,7 @@ impl Engine {
             "<end_of_turn>",
             "<eos>",
             "<|eot_id|>",
+            "<|end|>",
             "<|end_of_text|>",
         ]
         .iter()
@@ -486,6 +488,8 @@ impl ModelInfo {
                 "gemma3_text" => "Gemma 3: text-only decoder (GQA, GeGLU, q/k norm, (1 + w) \
                                   RMSNorm before and after attention and MLP, sliding-window layers \
                                   with their own RoPE base, every sixth global)",
+                "phi3" => "Phi-3: text-only decoder (fused qkv and gate/up projections, SwiGLU, \
+                           RoPE with LongRoPE scaling and partial rotary, sliding window)",
                 "qwen3_5" => "Qwen3.5: ViT (16 px patches, learned position grid, 2x2 merger) + hybrid \
                               decoder (Gated DeltaNet linear attention, gated GQA with partial \
                               interleaved M-RoPE, SwiGLU)",

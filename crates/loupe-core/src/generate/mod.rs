@@ -162,7 +162,9 @@ impl<'a> Sequence<'a> {
         features: Option<&mut FeatureCache>,
         prefix: Option<&'a mut PrefixCache>,
     ) -> Result<Self> {
-        let prefix = prefix.filter(|p| p.matches(prompt));
+        // A LongRoPE model's keys depend on the length of the whole sequence (`rotary_switch`): a
+        // shared prefix's cache would serve prompts of either side, so it is not used.
+        let prefix = prefix.filter(|p| p.matches(prompt) && model.rotary_switch().is_none());
         // The part of the prompt still to run: all of it, or what follows a cached prefix.
         let (start, first_image) = prefix.as_ref().map_or((0, 0), |p| (p.len(), p.n_images()));
         let cache = match prefix {
@@ -253,6 +255,15 @@ impl<'a> Sequence<'a> {
 
         let t1 = Instant::now();
         let (positions, delta) = model.prompt_positions(&prompt.ids, &prompt.pixels.grids)?;
+        // Earlier turns cached within a LongRoPE model's pretrained context that this prompt grows
+        // past: the whole prompt runs again, in the same cache (see `rotary_switch`).
+        let start = match model.rotary_switch() {
+            Some(n) if start > 0 && start <= n && prompt.ids.len() > n && n_images == 0 => {
+                cache.get().truncate(0);
+                0
+            }
+            _ => start,
+        };
         let embeds = model.embed(&prompt.ids[start..], image_features.as_ref())?;
         cache.get().rope_delta = delta;
         let logits = last_row(&model.forward(&embeds, &positions[start..], cache.get(), false)?)?;
@@ -290,12 +301,31 @@ impl<'a> Sequence<'a> {
     pub fn step(&mut self) -> Result<String> {
         let (piece, next) = self.sample()?;
         if let Some(token) = next {
-            let logits = self
-                .model
-                .forward_decode(&[token], &mut [self.cache.get()])?;
-            self.logits = last_row(&logits)?;
+            if !self.rerun_if_switching()? {
+                let logits = self
+                    .model
+                    .forward_decode(&[token], &mut [self.cache.get()])?;
+                self.logits = last_row(&logits)?;
+            }
         }
         Ok(piece)
+    }
+
+    /// Where the next position is the first past a LongRoPE model's pretrained context
+    /// ([`VisionLanguageModel::rotary_switch`]): runs the whole sequence again from an empty cache,
+    /// with the frequencies for its new length (transformers' Phi-3 drops its cache there), and
+    /// returns true. The sequence's last token is the one to run.
+    fn rerun_if_switching(&mut self) -> Result<bool> {
+        let cache = self.cache.get();
+        if self.model.rotary_switch() != Some(cache.len()) || cache.len() + 1 != self.history.len()
+        {
+            return Ok(false);
+        }
+        cache.truncate(0);
+        let (positions, _) = self.model.prompt_positions(&self.history, &[])?;
+        let embeds = self.model.embed(&self.history, None)?;
+        self.logits = last_row(&self.model.forward(&embeds, &positions, cache, false)?)?;
+        Ok(true)
     }
 
     /// [`Sequence::step`] of several answers of one model, their model steps run as one batch
@@ -311,8 +341,14 @@ impl<'a> Sequence<'a> {
                 Ok((piece, next)) => {
                     results.push(Ok(piece));
                     if let Some(t) = next {
-                        going.push(i);
-                        tokens.push(t);
+                        match seq.rerun_if_switching() {
+                            Ok(false) => {
+                                going.push(i);
+                                tokens.push(t);
+                            }
+                            Ok(true) => {}
+                            Err(e) => results[i] = Err(e),
+                        }
                     }
                 }
                 Err(e) => results.push(Err(e)),

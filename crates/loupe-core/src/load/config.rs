@@ -84,6 +84,12 @@ pub struct TextConfig {
     /// llama.cpp's) Gemma 3 never applies it, so neither does Loupe (it warns where it is set).
     #[serde(default)]
     pub attn_logit_softcapping: Option<f64>,
+    /// Phi-3: LongRoPE (`rope_type` `longrope`, the older `su`), read by [`LongRope::from_json`].
+    #[serde(skip)]
+    pub longrope: Option<LongRope>,
+    /// Phi-3: the context the model was pretrained with (LongRoPE switches past it).
+    #[serde(default)]
+    pub original_max_position_embeddings: Option<usize>,
     /// Gemma: the output logits become `cap * tanh(logit / cap)`.
     #[serde(default)]
     pub final_logit_softcapping: Option<f64>,
@@ -213,6 +219,12 @@ impl TextConfig {
                 .checked_div(self.num_attention_heads)
                 .unwrap_or(0)
         })
+    }
+
+    /// The width of each head that turns with the rotary embedding (`partial_rotary_factor` of it,
+    /// even); the rest passes unturned.
+    pub fn rotary_dim(&self) -> usize {
+        ((self.head_dim() as f64 * self.partial_rotary_factor) as usize) & !1
     }
 }
 
@@ -423,6 +435,117 @@ fn default_fullatt() -> Vec<usize> {
     vec![7, 15, 23, 31]
 }
 
+/// LongRoPE (Phi-3): each rotary frequency divided by its own factor, the short factors while the
+/// positions of a forward pass stay within the pretrained context, the long ones past it (as
+/// transformers decides per call, by the largest position), and cos and sin scaled by
+/// `attention_factor`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LongRope {
+    pub short_factor: Vec<f64>,
+    pub long_factor: Vec<f64>,
+    pub original_max_position_embeddings: usize,
+    pub attention_factor: f64,
+}
+
+impl LongRope {
+    /// Reads `rope_scaling` / `rope_parameters` when its type is `longrope` or `su`; `rotary_dim` is
+    /// the rotated width of a head (each factor list has half as many numbers).
+    pub fn from_json(
+        path: &Path,
+        rope: Option<&Map<String, Value>>,
+        original: Option<usize>,
+        max_positions: usize,
+        rotary_dim: usize,
+    ) -> Result<Option<LongRope>> {
+        let Some(r) = rope else { return Ok(None) };
+        let kind = r
+            .get("rope_type")
+            .or_else(|| r.get("type"))
+            .and_then(Value::as_str);
+        if !matches!(kind, Some("longrope" | "su")) {
+            return Ok(None);
+        }
+        let factors = |key: &str| -> Result<Vec<f64>> {
+            let field = format!("rope_scaling.{key}");
+            let v: Vec<f64> = r
+                .get(key)
+                .and_then(Value::as_array)
+                .ok_or_else(|| Error::config(path, &field, "missing or not a list of numbers"))?
+                .iter()
+                .map(|x| x.as_f64().filter(|f| f.is_finite() && *f > 0.0))
+                .collect::<Option<_>>()
+                .ok_or_else(|| {
+                    Error::config(path, &field, "holds a value that is not a positive number")
+                })?;
+            if v.len() != rotary_dim / 2 {
+                return Err(Error::config(
+                    path,
+                    &field,
+                    format!(
+                        "has {} factors for {} rotary frequencies",
+                        v.len(),
+                        rotary_dim / 2
+                    ),
+                ));
+            }
+            Ok(v)
+        };
+        let original = r
+            .get("original_max_position_embeddings")
+            .and_then(Value::as_u64)
+            .map(|x| x as usize)
+            .or(original)
+            .filter(|&o| o > 0)
+            .ok_or_else(|| {
+                Error::config(
+                    path,
+                    "original_max_position_embeddings",
+                    "missing (longrope needs it)",
+                )
+            })?;
+        let factor = match r.get("factor").and_then(Value::as_f64) {
+            Some(f) => f,
+            None => max_positions as f64 / original as f64,
+        };
+        let attention_factor = match r.get("attention_factor").and_then(Value::as_f64) {
+            Some(a) => a,
+            None if factor <= 1.0 => 1.0,
+            None => (1.0 + factor.ln() / (original as f64).ln()).sqrt(),
+        };
+        if !(attention_factor.is_finite() && attention_factor > 0.0) {
+            return Err(Error::config(
+                path,
+                "rope_scaling.attention_factor",
+                format!("{attention_factor} is not a positive number"),
+            ));
+        }
+        Ok(Some(LongRope {
+            short_factor: factors("short_factor")?,
+            long_factor: factors("long_factor")?,
+            original_max_position_embeddings: original,
+            attention_factor,
+        }))
+    }
+
+    /// The inverse frequencies for a forward pass whose largest position is `max_position`, in f32
+    /// as transformers computes them: `1 / (factor * base^(2i / dim))`.
+    pub fn inv_freq(&self, base: f64, rotary_dim: usize, max_position: usize) -> Vec<f32> {
+        let factors = if max_position + 1 > self.original_max_position_embeddings {
+            &self.long_factor
+        } else {
+            &self.short_factor
+        };
+        factors
+            .iter()
+            .enumerate()
+            .map(|(i, f)| {
+                let p = (base as f32).powf((2 * i) as f32 / rotary_dim as f32);
+                1.0 / (*f as f32 * p)
+            })
+            .collect()
+    }
+}
+
 /// The model families Loupe runs, by `model_type`.
 /// The most layers, heads or blocks a config may ask for (the largest published models have a few
 /// hundred): a count over it is refused before anything is sized by it.
@@ -436,11 +559,12 @@ pub const SUPPORTED_MODEL_TYPES: &[&str] = &[
     "qwen2",
     "llama",
     "gemma3_text",
+    "phi3",
 ];
 
 /// False for the text-only families.
 pub fn has_vision(model_type: &str) -> bool {
-    !matches!(model_type, "qwen2" | "llama" | "gemma3_text")
+    !matches!(model_type, "qwen2" | "llama" | "gemma3_text" | "phi3")
 }
 
 /// Reads `model_type` from a `config.json`.
@@ -600,9 +724,10 @@ impl Qwen2VlConfig {
             .transpose()?
             .unwrap_or(match model_type.as_str() {
                 "qwen3_vl" => 500_000.0,
-                "qwen3_5" | "llama" => 10_000.0,
+                "qwen3_5" | "llama" | "phi3" => 10_000.0,
                 _ => 1_000_000.0,
             });
+        let rope_value_is_none = rope_value.is_none();
         text.mrope_section = match rope_value {
             Some(v) => serde_json::from_value(v)
                 .map_err(|e| Error::config(path, "mrope_section", e.to_string()))?,
@@ -628,6 +753,10 @@ impl Qwen2VlConfig {
             .or_else(|| text_obj.get("partial_rotary_factor"))
             .and_then(Value::as_f64)
             .unwrap_or(if model_type == "qwen3_5" { 0.25 } else { 1.0 });
+        if !has_vision(&model_type) && rope_value_is_none {
+            // One stream of positions over the rotated part of each head (Phi-4-mini: 3/4 of it).
+            text.mrope_section = vec![text.rotary_dim() / 2, 0, 0];
+        }
         // Counts that size what is built before any tensor is checked against them.
         for (name, n) in [
             ("num_hidden_layers", text.num_hidden_layers),
@@ -670,8 +799,21 @@ impl Qwen2VlConfig {
             if text.layer_types.is_empty() {
                 text.layer_types = gemma3_layer_types(path, &text_obj, text.num_hidden_layers)?;
             }
+        } else if model_type == "phi3" {
+            phi3_rope(path, rope, &mut text)?;
+            text.attention_bias = false;
+            if text.sliding_window.is_some() {
+                // transformers' Phi-3 masks every layer to the window when the config sets one.
+                text.layer_types = vec!["sliding_attention".to_owned(); text.num_hidden_layers];
+            }
         } else if !qwen3 {
             text.attention_bias = false;
+        }
+        if !gemma3 && model_type != "phi3" {
+            // Qwen's configs carry a `sliding_window` that applies only with `use_sliding_window`
+            // (off in every published Qwen2 / Qwen2-VL file; sliding `layer_types` are refused): the
+            // published files write 4096, the re-saved ones null. It means nothing here.
+            text.sliding_window = None;
         }
         text.tie_word_embeddings = nested
             .and_then(|n| n.get("tie_word_embeddings"))
@@ -850,8 +992,13 @@ impl Qwen2VlConfig {
                 ),
             ));
         }
+        let phi3_window = self.model_type == "phi3" && t.sliding_window.is_some();
         if self.model_type == "gemma3_text" {
             self.validate_gemma3(path)?;
+        } else if phi3_window {
+            if t.sliding_window == Some(0) {
+                return Err(Error::config(path, "sliding_window", "0 hides every key"));
+            }
         } else if self.model_type != "qwen3_5" {
             // Sliding-window layers (Qwen2's `use_sliding_window`) are not implemented: refuse
             // them rather than attend over the whole context where the checkpoint would not.
@@ -916,9 +1063,9 @@ impl Qwen2VlConfig {
                 ));
             }
         }
-        let half = t.head_dim() / 2;
+        let half = t.rotary_dim() / 2;
         // Interleaved sections (Qwen3-VL) only bound how many frequencies turn with the height and
-        // width; the temporal stream takes the rest, so they need not sum to head_dim / 2.
+        // width; the temporal stream takes the rest, so they need not sum to the rotary width / 2.
         let total = t.mrope_section.iter().sum::<usize>();
         let sums = if t.mrope_interleaved {
             total <= half
@@ -930,7 +1077,7 @@ impl Qwen2VlConfig {
                 path,
                 "mrope_section",
                 format!(
-                    "{:?} must be three numbers summing to head_dim / 2 = {half}",
+                    "{:?} must be three numbers summing to the rotary width / 2 = {half}",
                     t.mrope_section
                 ),
             ));
@@ -1110,6 +1257,25 @@ fn same_value(a: &Value, b: &Value) -> bool {
         }
         _ => a == b,
     }
+}
+
+/// Phi-3's rotary scaling: LongRoPE, or none (transformers' Phi-3 reads no other `rope_type`).
+fn phi3_rope(path: &Path, rope: Option<&Map<String, Value>>, text: &mut TextConfig) -> Result<()> {
+    text.longrope = LongRope::from_json(
+        path,
+        rope,
+        text.original_max_position_embeddings,
+        text.max_position_embeddings,
+        text.rotary_dim(),
+    )?;
+    if text.longrope.is_none() && RopeScaling::from_json(path, rope)? != RopeScaling::None {
+        return Err(Error::config(
+            path,
+            "rope_scaling.rope_type",
+            "Phi-3 reads default and longrope (su) scaling only",
+        ));
+    }
+    Ok(())
 }
 
 /// Gemma 3's defaults (transformers' `Gemma3TextConfig`) where the file leaves them out, and its

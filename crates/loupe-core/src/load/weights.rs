@@ -84,6 +84,37 @@ impl QMatrix {
         }
     }
 
+    /// Rows `start..start + len`: a view of the same blocks in the file mapping (rows of blocks are
+    /// whole), or a copy of those rows' blocks when the matrix lives in memory.
+    pub fn row_range(&self, start: usize, len: usize) -> Result<QMatrix> {
+        if start + len > self.rows || len == 0 {
+            return Err(candle_core::Error::Msg(format!(
+                "rows {start}..{} of a matrix of {} rows",
+                start + len,
+                self.rows
+            ))
+            .into());
+        }
+        let row = self.byte_len() / self.rows;
+        if let (None, Some((map, at))) = (self.candle.get(), &self.mapped) {
+            return Ok(QMatrix {
+                rows: len,
+                mapped: Some((map.clone(), at + start * row)),
+                candle: OnceLock::new(),
+                device: self.device.clone(),
+                ..*self
+            });
+        }
+        let blocks = self.blocks()?;
+        let t = ggml_file::qtensor_from_ggml(
+            self.dtype,
+            &blocks[start * row..(start + len) * row],
+            vec![len, self.cols],
+            &self.device,
+        )?;
+        QMatrix::from_qtensor(t)
+    }
+
     /// The blocks as our kernels read them, when they read this format (and the blocks are aligned).
     pub fn with_rows<T>(&self, f: impl FnOnce(QRows) -> T) -> Result<Option<T>> {
         let Some(format) = Format::of(self.dtype) else {
@@ -826,7 +857,7 @@ mod tests {
             ("a.weight", GgmlDType::Q4K, 5, 512),
             ("b.weight", GgmlDType::Q6K, 3, 256),
             ("c.weight", GgmlDType::Q8_0, 4, 64),
-            ("d.weight", GgmlDType::Q5_0, 3, 96),
+            ("d.weight", GgmlDType::Q5_0, 3, 128),
             ("n.weight", GgmlDType::F32, 1, 40),
         ]
         .into_iter()
@@ -885,6 +916,17 @@ mod tests {
                 q.candle.get().is_none(),
                 "{name}: the lookup copied the table"
             );
+            // A part of the rows (Phi-3's fused projections) is a view of the same blocks.
+            let part = q.row_range(1, rows - 1).unwrap();
+            assert!(part.mapped.is_some(), "{name}: the part was copied");
+            let part_ids = Tensor::arange(0u32, rows as u32 - 1, &Device::Cpu).unwrap();
+            let whole = t.dequantize(&Device::Cpu).unwrap();
+            assert_eq!(
+                values(&part.rows_f32(&part_ids).unwrap()),
+                values(&whole.narrow(0, 1, rows - 1).unwrap()),
+                "{name}: rows 1.."
+            );
+            assert!(q.row_range(1, rows).is_err(), "{name}: rows past the end");
             let x = matrix(2, cols, 9.0);
             let copy = ggml_file::qtensor_from_ggml(
                 t.dtype(),

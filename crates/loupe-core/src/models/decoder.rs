@@ -34,6 +34,8 @@ pub struct DecoderOptions {
     pub sandwich_norms: bool,
     /// Gemma: the token embeddings are multiplied by sqrt(hidden_size).
     pub scale_embeddings: bool,
+    /// Phi-3: q, k and v in one matrix (`qkv_proj`), gate and up in one (`gate_up_proj`).
+    pub fused_projections: bool,
 }
 
 impl DecoderOptions {
@@ -45,6 +47,7 @@ impl DecoderOptions {
         zero_centred_norms: false,
         sandwich_norms: false,
         scale_embeddings: false,
+        fused_projections: false,
     };
 }
 
@@ -127,6 +130,35 @@ impl Decoder {
                         None,
                     )
                 };
+                let (q_dim, kv_dim) = (t.num_attention_heads * hd, t.num_key_value_heads * hd);
+                let (q_proj, k_proj, v_proj) = if o.fused_projections {
+                    let [q, k, v]: [Linear; 3] = Linear::load_parts(
+                        w,
+                        &format!("{p}.self_attn.qkv_proj"),
+                        dim,
+                        &[q_dim, kv_dim, kv_dim],
+                        o.qkv_bias,
+                    )?
+                    .try_into()
+                    .map_err(|_| {
+                        candle_core::Error::Msg("qkv_proj: three parts expected".into())
+                    })?;
+                    (q, k, v)
+                } else {
+                    let proj = |name: &str, out: usize| {
+                        Linear::load(w, &format!("{p}.self_attn.{name}"), dim, out, o.qkv_bias)
+                    };
+                    (
+                        proj("q_proj", q_dim)?,
+                        proj("k_proj", kv_dim)?,
+                        proj("v_proj", kv_dim)?,
+                    )
+                };
+                let mlp = if o.fused_projections {
+                    GatedMlp::load_fused
+                } else {
+                    GatedMlp::load
+                };
                 Ok(DecoderLayer {
                     input_layernorm: norm(&format!("{p}.input_layernorm"), dim)?,
                     qk_norm: if t.qk_norm {
@@ -137,27 +169,9 @@ impl Decoder {
                     } else {
                         None
                     },
-                    q_proj: Linear::load(
-                        w,
-                        &format!("{p}.self_attn.q_proj"),
-                        dim,
-                        t.num_attention_heads * hd,
-                        o.qkv_bias,
-                    )?,
-                    k_proj: Linear::load(
-                        w,
-                        &format!("{p}.self_attn.k_proj"),
-                        dim,
-                        t.num_key_value_heads * hd,
-                        o.qkv_bias,
-                    )?,
-                    v_proj: Linear::load(
-                        w,
-                        &format!("{p}.self_attn.v_proj"),
-                        dim,
-                        t.num_key_value_heads * hd,
-                        o.qkv_bias,
-                    )?,
+                    q_proj,
+                    k_proj,
+                    v_proj,
                     o_proj: Linear::load(
                         w,
                         &format!("{p}.self_attn.o_proj"),
@@ -170,7 +184,7 @@ impl Decoder {
                     mlp_out_norm: mlp_out,
                     window: if sliding { t.sliding_window } else { None },
                     sliding,
-                    mlp: GatedMlp::load(
+                    mlp: mlp(
                         w,
                         &format!("{p}.mlp"),
                         dim,
@@ -310,7 +324,26 @@ impl Decoder {
         let t = &self.t;
         let (b, seq, width) = embeds.dims3()?;
         let hd = t.head_dim();
-        let global = self.rotary(positions, &self.inv_freq)?;
+        let global = match &self.t.longrope {
+            Some(long) => {
+                let last = positions.iter().map(|p| p[0]).max().unwrap_or(0).max(0) as usize;
+                let f = long.inv_freq(self.t.rope_theta, self.t.rotary_dim(), last);
+                let (cos, sin) = mrope_cos_sin(
+                    positions,
+                    &f,
+                    &self.t.mrope_section,
+                    false,
+                    DType::F32,
+                    &self.device,
+                )?;
+                let a = long.attention_factor;
+                (
+                    (cos * a)?.to_dtype(self.dtype)?,
+                    (sin * a)?.to_dtype(self.dtype)?,
+                )
+            }
+            None => self.rotary(positions, &self.inv_freq)?,
+        };
         let local = match &self.local_inv_freq {
             Some(f) if self.layers.iter().any(|l| l.sliding) => Some(self.rotary(positions, f)?),
             _ => None,
@@ -482,6 +515,13 @@ impl VisionLanguageModel for TextOnly {
     }
     fn forward_decode(&self, tokens: &[u32], caches: &mut [&mut KvCache]) -> Result<Tensor> {
         self.decoder.forward_decode(tokens, caches, &self.taps)
+    }
+    fn rotary_switch(&self) -> Option<usize> {
+        self.decoder
+            .t
+            .longrope
+            .as_ref()
+            .map(|l| l.original_max_position_embeddings)
     }
     fn new_cache(&self) -> KvCache {
         self.decoder.new_cache()

@@ -45,6 +45,49 @@ impl Matrix {
         }
     }
 
+    /// Loads the fused `(sum(parts), in)` matrix `name` as one matrix per part of rows, in order
+    /// (Phi-3's `qkv_proj` and `gate_up_proj`). A GGUF matrix's parts stay in the file mapping (rows
+    /// of blocks are whole); a dense one is read once and cut.
+    pub fn load_parts(
+        w: &Weights,
+        name: &str,
+        parts: &[usize],
+        in_dim: usize,
+    ) -> Result<Vec<Self>> {
+        let total: usize = parts.iter().sum();
+        let starts = parts.iter().scan(0, |at, n| {
+            let s = *at;
+            *at += n;
+            Some(s)
+        });
+        if let Some(q) = w.get_quantized(name, &[total, in_dim])? {
+            return starts
+                .zip(parts)
+                .map(|(s, &n)| Ok(Matrix::Quantized(Arc::new(q.row_range(s, n)?))))
+                .collect();
+        }
+        let quant = w.quant_for(name, in_dim);
+        let whole = match quant {
+            Some(_) => w.get_as(name, &[total, in_dim], DType::F32)?,
+            None => w.get(name, &[total, in_dim])?,
+        };
+        starts
+            .zip(parts)
+            .map(|(s, &n)| {
+                let part = whole.narrow(0, s, n)?;
+                match quant {
+                    // Values of its own: candle quantizes a tensor's whole storage, not its view
+                    // (and `copy` keeps the whole storage too).
+                    Some(q) => {
+                        let values = part.flatten_all()?.to_vec1::<f32>()?;
+                        Self::quantize(&Tensor::from_vec(values, (n, in_dim), whole.device())?, q)
+                    }
+                    None => Ok(Matrix::Dense(part.contiguous()?)),
+                }
+            })
+            .collect()
+    }
+
     /// `x W^T` for 2D `x`.
     fn matmul_t(&self, x: &Tensor) -> Result<Tensor> {
         if let Some(mut y) = product_in_place(&[(self, None)], x, After::default())? {
@@ -350,6 +393,37 @@ impl Linear {
             bias,
             out_dim,
         })
+    }
+
+    /// The fused projection `prefix` `(sum(parts), in)` as one projection per part of its rows,
+    /// in order ([`Matrix::load_parts`]), each with its part of the bias when `bias`.
+    pub fn load_parts(
+        w: &Weights,
+        prefix: &str,
+        in_dim: usize,
+        parts: &[usize],
+        bias: bool,
+    ) -> Result<Vec<Self>> {
+        let total: usize = parts.iter().sum();
+        let weights = Matrix::load_parts(w, &format!("{prefix}.weight"), parts, in_dim)?;
+        let bias = if bias {
+            Some(w.get(&format!("{prefix}.bias"), &[total])?)
+        } else {
+            None
+        };
+        let mut at = 0;
+        weights
+            .into_iter()
+            .zip(parts)
+            .map(|(weight, &n)| {
+                let b = bias
+                    .as_ref()
+                    .map(|b| b.narrow(0, at, n)?.contiguous())
+                    .transpose()?;
+                at += n;
+                Ok(Linear::new(weight, b, n))
+            })
+            .collect()
     }
 
     pub fn new(weight: Matrix, bias: Option<Tensor>, out_dim: usize) -> Self {
@@ -694,6 +768,32 @@ impl GatedMlp {
         })
     }
 
+    /// Phi-3's MLP: `gate_up_proj` holds the gate's rows, then the up projection's.
+    pub fn load_fused(
+        w: &Weights,
+        prefix: &str,
+        dim: usize,
+        hidden: usize,
+        act: Activation,
+        bias: bool,
+    ) -> Result<Self> {
+        let [gate, up]: [Linear; 2] = Linear::load_parts(
+            w,
+            &format!("{prefix}.gate_up_proj"),
+            dim,
+            &[hidden, hidden],
+            bias,
+        )?
+        .try_into()
+        .map_err(|_| candle_core::Error::Msg("gate_up_proj: two parts expected".into()))?;
+        Ok(GatedMlp {
+            gate,
+            up,
+            down: Linear::load(w, &format!("{prefix}.down_proj"), hidden, dim, bias)?,
+            act,
+        })
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.forward_then(x, None)
     }
@@ -732,9 +832,16 @@ pub fn cos_sin(
 }
 
 /// Rotary embedding in the rotate-half convention. `x`: `(b, heads, seq, head_dim)`; cos/sin:
-/// `(seq, head_dim / 2)` (both halves of the head share a frequency).
+/// `(seq, rotary_dim / 2)` (both halves of the turned part share a frequency). Where `rotary_dim`
+/// is less than the head (partial rotary: Qwen3.5, Phi-4-mini), the first `rotary_dim` values of
+/// each head turn and the rest pass as they are.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    Ok(candle_nn::rotary_emb::rope(&x.contiguous()?, cos, sin)?)
+    let (hd, rot) = (x.dim(3)?, 2 * cos.dim(1)?);
+    if rot >= hd {
+        return Ok(candle_nn::rotary_emb::rope(&x.contiguous()?, cos, sin)?);
+    }
+    let turned = candle_nn::rotary_emb::rope(&x.narrow(3, 0, rot)?.contiguous()?, cos, sin)?;
+    Ok(Tensor::cat(&[&turned, &x.narrow(3, rot, hd - rot)?], 3)?)
 }
 
 /// Scaled dot-product attention with grouped KV heads, without copying K/V per query head.

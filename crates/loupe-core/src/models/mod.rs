@@ -4,6 +4,7 @@ pub mod decoder;
 pub mod gemma3;
 pub mod layers;
 pub mod llama;
+pub mod phi3;
 pub mod qwen2_5_vl;
 pub mod qwen2_vl;
 pub mod qwen3_5;
@@ -121,6 +122,12 @@ pub trait VisionLanguageModel: Send + Sync {
         Ok(Tensor::cat(&rows, 0)?)
     }
     fn new_cache(&self) -> KvCache;
+    /// The cache length past which the rotary frequencies of every position change (LongRoPE's
+    /// pretrained context, Phi-3): an answer whose sequence grows past it is run again whole, as
+    /// transformers does, so its earlier keys turn with the new frequencies too. `None` for most.
+    fn rotary_switch(&self) -> Option<usize> {
+        None
+    }
     /// Token ids of the image placeholder and the vision start marker.
     fn image_token_id(&self) -> u32;
     /// Parameter counts `(vision, text)`.

@@ -71,9 +71,8 @@ pub struct Qwen35 {
     layers: Vec<Layer>,
     norm: RmsNorm,
     lm_head: Linear,
-    /// Frequencies of the rotary part of a head (`rotary_dim / 2` of them).
+    /// Frequencies of the rotary part of a head (`rotary_dim / 2` of them; `rope` turns that part).
     inv_freq: Vec<f32>,
-    rotary_dim: usize,
     dtype: DType,
     device: Device,
     pub taps: Taps,
@@ -152,15 +151,13 @@ impl Qwen35 {
             .collect::<Result<Vec<_>>>()?;
         let embed = Matrix::load(w, "model.embed_tokens.weight", t.vocab_size, dim)?;
         let lm_head = load_lm_head(w, &embed, t.vocab_size, dim, t.tie_word_embeddings)?;
-        let rotary_dim = ((hd as f64 * t.partial_rotary_factor) as usize) & !1;
         Ok(Qwen35 {
             vision: qwen3_vl::VisionTower::load(&cfg, w)?,
             embed_tokens: Embedding::new(embed, w.dtype()),
             layers,
             norm: RmsNorm::load_zero_centred(w, "model.norm", dim, eps)?,
             lm_head,
-            inv_freq: inv_freq(rotary_dim, t.rope_theta),
-            rotary_dim,
+            inv_freq: inv_freq(t.rotary_dim(), t.rope_theta),
             dtype: w.dtype(),
             device: w.device().clone(),
             taps: Taps::default(),
@@ -221,17 +218,6 @@ impl Qwen35 {
         )
     }
 
-    /// Rotary on the first `rotary_dim` of each head of `x` `(b, heads, seq, head_dim)`.
-    fn partial_rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-        let hd = x.dim(D::Minus1)?;
-        if self.rotary_dim == hd {
-            return rope(x, cos, sin);
-        }
-        let turned = rope(&x.narrow(3, 0, self.rotary_dim)?, cos, sin)?;
-        let kept = x.narrow(3, self.rotary_dim, hd - self.rotary_dim)?;
-        Ok(Tensor::cat(&[&turned, &kept], 3)?)
-    }
-
     fn attend(
         &self,
         a: &GatedAttention,
@@ -255,8 +241,8 @@ impl Qwen35 {
             .forward(h)?
             .reshape((b, seq, nkv, hd))?
             .transpose(1, 2)?;
-        let q = self.partial_rope(&q, &rot.0, &rot.1)?;
-        let k = self.partial_rope(&k, &rot.0, &rot.1)?;
+        let q = rope(&q, &rot.0, &rot.1)?;
+        let k = rope(&k, &rot.0, &rot.1)?;
         let (k, v) = kv.append(&k, &v)?;
         let out = attention(&q, &k, &v, 1.0 / (hd as f64).sqrt(), true)?
             .transpose(1, 2)?

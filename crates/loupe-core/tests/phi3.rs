@@ -1,0 +1,134 @@
+//! Phi-3 against transformers (tools/make_phi3_fixture.py, transformers 5.23.0) on two tiny random
+//! checkpoints: `phi3` (saved by transformers 5: `rope_parameters` with LongRoPE over 3/4 of each
+//! head, GQA, tied head) and `published` (Phi-3.5-mini's config layout: `rope_scaling` of type
+//! `longrope`, a sliding window of 7, multi-head, untied). Both pretrained on 24 positions: the
+//! `long` prompt (70 tokens) runs with the long factors throughout, the `short` one (17) is
+//! prefilled with the short factors and crosses into the long ones while it decodes. Stage by
+//! stage: the rendered chat template, the prompt's token ids, f32 logits at every position, 20
+//! greedy tokens.
+
+mod common;
+
+use candle_core::DType;
+use common::Reference;
+use loupe_core::{Engine, LoadOptions};
+
+fn fixture(name: &str) -> std::path::PathBuf {
+    common::fixtures().join("phi3").join(name)
+}
+
+fn engine(name: &str) -> Engine {
+    let e = Engine::load(
+        fixture(name).to_str().unwrap(),
+        &LoadOptions {
+            dtype: Some(DType::F32),
+            ..Default::default()
+        },
+    )
+    .unwrap_or_else(|e| panic!("{name}: {e}"));
+    assert_eq!(e.model_type, "phi3");
+    e
+}
+
+fn reference(name: &str) -> Reference {
+    Reference::load(fixture(&format!("{name}.safetensors")))
+}
+
+#[test]
+fn phi3_with_longrope_and_partial_rotary_matches_transformers() {
+    common::text::check("phi3", &reference("phi3"), "", &engine("phi3"));
+}
+
+#[test]
+fn phi3_in_the_published_config_layout_with_a_window_matches_transformers() {
+    common::text::check(
+        "published",
+        &reference("published"),
+        "",
+        &engine("published"),
+    );
+}
+
+/// The fused projections' quantized parts (Q8_0 at load) still answer as the whole would: the
+/// greedy tokens of the longest prompt match the f32 model's for a few tokens at least.
+#[test]
+fn quantized_fused_projections_load_and_run() {
+    let e = Engine::load(
+        fixture("phi3").to_str().unwrap(),
+        &LoadOptions {
+            quant: Some(candle_core::quantized::GgmlDType::Q8_0),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let r = reference("phi3");
+    let p = &r.meta["prompts"]["long"];
+    let messages = common::text_messages(&p["messages"]);
+    let prompt = e
+        .prompt_from_messages(&messages, &[], &e.preprocessor)
+        .unwrap();
+    let out = e
+        .generate(&prompt, &common::greedy(&e, 3), &mut |_| {})
+        .unwrap();
+    assert_eq!(out.tokens[..], r.ids("long/greedy")[..3]);
+}
+
+/// Phi-3's own config errors name the field.
+#[test]
+fn bad_phi3_fields_are_one_clear_error() {
+    let src = fixture("published");
+    let cfg_text = std::fs::read_to_string(src.join("config.json")).unwrap();
+    let cfg: serde_json::Value = serde_json::from_str(&cfg_text).unwrap();
+    type Change = Box<dyn Fn(&mut serde_json::Value)>;
+    let cases: Vec<(&str, Change)> = vec![
+        (
+            "rope_scaling.short_factor",
+            Box::new(|c| {
+                c["rope_scaling"]["short_factor"]
+                    .as_array_mut()
+                    .unwrap()
+                    .pop();
+            }),
+        ),
+        (
+            "rope_scaling.long_factor",
+            Box::new(|c| c["rope_scaling"]["long_factor"][0] = (-1.0).into()),
+        ),
+        (
+            "original_max_position_embeddings",
+            Box::new(|c| {
+                c.as_object_mut()
+                    .unwrap()
+                    .remove("original_max_position_embeddings");
+            }),
+        ),
+        (
+            "rope_scaling.rope_type",
+            Box::new(|c| c["rope_scaling"] = serde_json::json!({"type": "linear", "factor": 2.0})),
+        ),
+        (
+            "sliding_window",
+            Box::new(|c| c["sliding_window"] = 0.into()),
+        ),
+    ];
+    for (n, (field, change)) in cases.into_iter().enumerate() {
+        let tmp = std::env::temp_dir().join(format!("loupe-phi3-cfg-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&tmp).unwrap();
+        for f in std::fs::read_dir(&src).unwrap() {
+            let f = f.unwrap().path();
+            std::fs::copy(&f, tmp.join(f.file_name().unwrap())).unwrap();
+        }
+        let mut c = cfg.clone();
+        change(&mut c);
+        std::fs::write(tmp.join("config.json"), c.to_string()).unwrap();
+        let e = Engine::load(tmp.to_str().unwrap(), &LoadOptions::default())
+            .err()
+            .unwrap_or_else(|| panic!("{field}: accepted"))
+            .to_string();
+        assert!(
+            e.contains("config.json") && e.contains(field),
+            "{field}: {e}"
+        );
+        std::fs::remove_dir_all(&tmp).unwrap();
+    }
+}
