@@ -29,6 +29,7 @@ and no chat template (as the published 270M file):
 Writes tests/fixtures/gemma3/<name>/ (the checkpoint) and tests/fixtures/gemma3/<name>.safetensors.
 """
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -44,6 +45,16 @@ from transformers import PreTrainedTokenizerFast
 assert transformers.__version__ == "5.23.0", transformers.__version__
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_tool(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+SHARED = load_tool("text_fixtures")
 OUT = ROOT / "tests" / "fixtures" / "gemma3"
 
 # Gemma's specials in Gemma's order (pad 0, eos 1, bos 2, unk 3, mask 4), then its turn markers.
@@ -131,18 +142,7 @@ MIXED = [gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q4_1, gguf.GG
 def tiny_tokenizer() -> Tokenizer:
     """A Gemma-style tokenizer trained on inspection sentences: BPE over whole lines (no
     pre-tokenizer split, so merges may cross spaces, as Gemma's do), byte fallback."""
-    words = (
-        "the a an of to in is it on for with this that part describe what where which scratch dent crack "
-        "hole weld washer bracket bolt good bad defect pass fail box left right top edge corner there are "
-        "two one see shows metal plastic board line inspect report answer yes no please about these from"
-    ).split()
-    rng = np.random.default_rng(5)
-    corpus = []
-    for _ in range(3000):
-        n = int(rng.integers(3, 12))
-        gap = "  " if rng.random() < 0.15 else " "
-        s = gap.join(words[int(i)] for i in rng.integers(0, len(words), n))
-        corpus.append(s.capitalize() + rng.choice([".", "?", "!", ",", ":", ";"]) + " " + str(int(rng.integers(0, 100))))
+    corpus = SHARED.corpus(5, double_spaces=True)
     corpus += ["Is there a defect? Answer in JSON: {\"verdict\": \"pass\"}", "You inspect parts.\n\n"]
     tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
     tok.normalizer = normalizers.Replace(" ", "\u2581")
@@ -257,24 +257,6 @@ def write_gguf(path: Path, cfg, model, tok: Tokenizer, mixed: bool) -> dict:
     return held
 
 
-def reference(model, fast, text: str, what: str, prefix: str, tensors: dict):
-    """transformers on `text`: its ids, f32 logits at every position and 20 greedy tokens, stored
-    under `prefix` in `tensors`; returns the model inputs."""
-    inp = fast(text, return_tensors="pt", add_special_tokens=False)
-    assert inp["input_ids"].shape[1] > model.config.sliding_window, f"{what}: within the window"
-    with torch.no_grad():
-        logits = model(**inp).logits[0].float()
-        g = model.generate(**inp, max_new_tokens=20, do_sample=False, output_scores=True,
-                           return_dict_in_generate=True, eos_token_id=None)
-    new = g.sequences[0, inp["input_ids"].shape[1]:]
-    margins = [float(torch.topk(s[0], 2).values.diff().abs()) for s in g.scores]
-    assert min(margins) > 1e-3, f"{what}: near tie ({min(margins)}); change the seed"
-    tensors[f"{prefix}ids"] = inp["input_ids"][0].to(torch.int64).contiguous()
-    tensors[f"{prefix}logits"] = logits.contiguous()
-    tensors[f"{prefix}greedy"] = new.to(torch.int64).contiguous()
-    return inp
-
-
 def as_published(d: Path, pattern: int) -> None:
     """Rewrites a saved config.json in the layout of Google's published Gemma 3 configs."""
     p = d / "config.json"
@@ -320,7 +302,7 @@ def main() -> None:
         tensors, meta = {}, {"prompts": {}}
         for pname, msgs in PROMPTS.items():
             text = fast.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-            reference(model, fast, text, f"{name}/{pname}", f"{pname}/", tensors)
+            SHARED.reference(model, fast, text, f"{name}/{pname}", f"{pname}/", tensors, cfg.sliding_window)
             meta["prompts"][pname] = {"messages": msgs, "rendered": text}
             print(name, pname, len(tensors[f"{pname}/ids"]), "tokens:",
                   repr(fast.decode(tensors[f"{pname}/greedy"])))
@@ -333,7 +315,8 @@ def main() -> None:
             gfast = AutoTokenizer.from_pretrained(str(OUT), gguf_file="gemma3.gguf")
             for pname in PROMPTS:
                 text = meta["prompts"][pname]["rendered"]
-                inp = reference(model, gfast, text, f"{name}/gguf/{pname}", f"gguf/{pname}/", tensors)
+                inp = SHARED.reference(model, gfast, text, f"{name}/gguf/{pname}", f"gguf/{pname}/", tensors,
+                                       cfg.sliding_window)
                 with torch.no_grad():
                     tensors[f"mixed/{pname}/logits"] = dequantized(**inp).logits[0].float().contiguous()
                 same = tensors[f"gguf/{pname}/ids"].tolist() == tensors[f"{pname}/ids"].tolist()

@@ -204,25 +204,9 @@ def write_gguf(path: Path, name: str, cfg, model, tok, eos: int, bos: int, mixed
     return held
 
 
-def reference(model, fast, text: str, what: str, prefix: str, tensors: dict):
-    """transformers on `text`: its ids, f32 logits at every position and 20 greedy tokens, stored
-    under `prefix` in `tensors`; returns the model inputs."""
-    inp = fast(text, return_tensors="pt", add_special_tokens=False)
-    with torch.no_grad():
-        logits = model(**inp).logits[0].float()
-        g = model.generate(**inp, max_new_tokens=20, do_sample=False, output_scores=True,
-                           return_dict_in_generate=True, eos_token_id=None)
-    new = g.sequences[0, inp["input_ids"].shape[1]:]
-    margins = [float(torch.topk(s[0], 2).values.diff().abs()) for s in g.scores]
-    assert min(margins) > 1e-3, f"{what}: near tie ({min(margins)}); change the seed"
-    tensors[f"{prefix}ids"] = inp["input_ids"][0].to(torch.int64).contiguous()
-    tensors[f"{prefix}logits"] = logits.contiguous()
-    tensors[f"{prefix}greedy"] = new.to(torch.int64).contiguous()
-    return inp
-
-
 def main() -> None:
     fixtures = load_tool("make_fixtures")
+    reference = load_tool("text_fixtures").reference
     tok = fixtures.tiny_tokenizer()
     ids = {s: tok.token_to_id(s) for s in fixtures.SPECIALS}
     for name, shape in SHAPES.items():

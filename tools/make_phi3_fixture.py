@@ -19,6 +19,7 @@ Two shapes, so every option Loupe reads is exercised:
 Writes tests/fixtures/phi3/<name>/ (the checkpoint) and tests/fixtures/phi3/<name>.safetensors.
 """
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -32,6 +33,16 @@ from transformers import AutoModelForCausalLM, Phi3Config, Phi3ForCausalLM, PreT
 assert transformers.__version__ == "5.23.0", transformers.__version__
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_tool(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+SHARED = load_tool("text_fixtures")
 OUT = ROOT / "tests" / "fixtures" / "phi3"
 
 # Llama's specials first (unk 0, bos 1, eos 2), the byte tokens, then Phi-3's added tokens.
@@ -73,17 +84,7 @@ SHAPES = {
 
 def tiny_tokenizer() -> Tokenizer:
     """A Phi-3-style tokenizer trained on inspection sentences: Llama's SentencePiece BPE layout."""
-    words = (
-        "the a an of to in is it on for with this that part describe what where which scratch dent crack "
-        "hole weld washer bracket bolt good bad defect pass fail box left right top edge corner there are "
-        "two one see shows metal plastic board line inspect report answer yes no please about these from"
-    ).split()
-    rng = np.random.default_rng(7)
-    corpus = []
-    for _ in range(3000):
-        n = int(rng.integers(3, 12))
-        s = " ".join(words[int(i)] for i in rng.integers(0, len(words), n))
-        corpus.append(s.capitalize() + rng.choice([".", "?", "!", ",", ":", ";"]) + " " + str(int(rng.integers(0, 100))))
+    corpus = SHARED.corpus(7)
     tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
     tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
     tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
@@ -102,22 +103,6 @@ def longrope_factors(n: int, seed: int) -> tuple[list[float], list[float]]:
     short = (1.0 + rng.random(n) * 0.5).round(4).tolist()
     long = (1.0 + np.linspace(0, 1, n) ** 2 * 30 + rng.random(n)).round(4).tolist()
     return short, long
-
-
-def reference(model, fast, text: str, what: str, prefix: str, tensors: dict):
-    """transformers on `text`: its ids, f32 logits at every position and 20 greedy tokens."""
-    inp = fast(text, return_tensors="pt", add_special_tokens=False)
-    with torch.no_grad():
-        logits = model(**inp).logits[0].float()
-        g = model.generate(**inp, max_new_tokens=20, do_sample=False, output_scores=True,
-                           return_dict_in_generate=True, eos_token_id=None)
-    new = g.sequences[0, inp["input_ids"].shape[1]:]
-    margins = [float(torch.topk(s[0], 2).values.diff().abs()) for s in g.scores]
-    assert min(margins) > 1e-3, f"{what}: near tie ({min(margins)}); change the seed"
-    tensors[f"{prefix}ids"] = inp["input_ids"][0].to(torch.int64).contiguous()
-    tensors[f"{prefix}logits"] = logits.contiguous()
-    tensors[f"{prefix}greedy"] = new.to(torch.int64).contiguous()
-    return inp
 
 
 def as_published(d: Path) -> None:
@@ -167,7 +152,7 @@ def main() -> None:
         tensors, meta = {}, {"prompts": {}}
         for pname, msgs in PROMPTS.items():
             text = fast.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-            reference(model, fast, text, f"{name}/{pname}", f"{pname}/", tensors)
+            SHARED.reference(model, fast, text, f"{name}/{pname}", f"{pname}/", tensors)
             meta["prompts"][pname] = {"messages": msgs, "rendered": text}
             n = len(tensors[f"{pname}/ids"])
             print(name, pname, n, "tokens:", repr(fast.decode(tensors[f"{pname}/greedy"])))

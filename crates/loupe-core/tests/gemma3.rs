@@ -19,24 +19,15 @@ use common::Reference;
 use loupe_core::{Engine, LoadOptions};
 
 fn fixture(name: &str) -> std::path::PathBuf {
-    common::fixtures().join("gemma3").join(name)
+    common::text::fixture("gemma3", name)
 }
 
 fn engine(name: &str) -> Engine {
-    let e = Engine::load(
-        fixture(name).to_str().unwrap(),
-        &LoadOptions {
-            dtype: Some(DType::F32),
-            ..Default::default()
-        },
-    )
-    .unwrap_or_else(|e| panic!("{name}: {e}"));
-    assert_eq!(e.model_type, "gemma3_text");
-    e
+    common::text::engine("gemma3", name, "gemma3_text")
 }
 
 fn reference(name: &str) -> Reference {
-    Reference::load(fixture(&format!("{name}.safetensors")))
+    common::text::reference("gemma3", name)
 }
 
 #[test]

@@ -11,28 +11,15 @@
 
 mod common;
 
-use candle_core::DType;
 use common::Reference;
 use loupe_core::{Engine, LoadOptions};
 
 fn engine(name: &str) -> Engine {
-    let dir = common::fixtures().join("llama").join(name);
-    Engine::load(
-        dir.to_str().unwrap(),
-        &LoadOptions {
-            dtype: Some(DType::F32),
-            ..Default::default()
-        },
-    )
-    .unwrap_or_else(|e| panic!("{name}: {e}"))
+    common::text::engine("llama", name, "llama")
 }
 
 fn reference(name: &str) -> Reference {
-    Reference::load(
-        common::fixtures()
-            .join("llama")
-            .join(format!("{name}.safetensors")),
-    )
+    common::text::reference("llama", name)
 }
 
 fn check(name: &str) {

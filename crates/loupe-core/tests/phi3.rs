@@ -9,29 +9,19 @@
 
 mod common;
 
-use candle_core::DType;
 use common::Reference;
 use loupe_core::{Engine, LoadOptions};
 
 fn fixture(name: &str) -> std::path::PathBuf {
-    common::fixtures().join("phi3").join(name)
+    common::text::fixture("phi3", name)
 }
 
 fn engine(name: &str) -> Engine {
-    let e = Engine::load(
-        fixture(name).to_str().unwrap(),
-        &LoadOptions {
-            dtype: Some(DType::F32),
-            ..Default::default()
-        },
-    )
-    .unwrap_or_else(|e| panic!("{name}: {e}"));
-    assert_eq!(e.model_type, "phi3");
-    e
+    common::text::engine("phi3", name, "phi3")
 }
 
 fn reference(name: &str) -> Reference {
-    Reference::load(fixture(&format!("{name}.safetensors")))
+    common::text::reference("phi3", name)
 }
 
 #[test]

@@ -245,6 +245,30 @@ pub mod text {
     use loupe_core::generate::{GenerateParams, SamplingParams};
     use loupe_core::Engine;
 
+    /// `tests/fixtures/<family>/<name>`.
+    pub fn fixture(family: &str, name: &str) -> std::path::PathBuf {
+        super::fixtures().join(family).join(name)
+    }
+
+    /// A family's reference, `tests/fixtures/<family>/<name>.safetensors`.
+    pub fn reference(family: &str, name: &str) -> Reference {
+        Reference::load(fixture(family, &format!("{name}.safetensors")))
+    }
+
+    /// A fixture checkpoint loaded in f32, its `model_type` checked.
+    pub fn engine(family: &str, name: &str, model_type: &str) -> Engine {
+        let e = Engine::load(
+            fixture(family, name).to_str().unwrap(),
+            &loupe_core::LoadOptions {
+                dtype: Some(candle_core::DType::F32),
+                ..Default::default()
+            },
+        )
+        .unwrap_or_else(|e| panic!("{family}/{name}: {e}"));
+        assert_eq!(e.model_type, model_type, "{family}/{name}");
+        e
+    }
+
     /// Stage by stage against `r`'s `{prefix}{prompt}/...` entries: the rendered chat template,
     /// the prompt's ids, f32 logits at every position within 1e-3, 20 greedy tokens identical.
     pub fn check(what: &str, r: &Reference, prefix: &str, e: &Engine) {
