@@ -1358,6 +1358,65 @@ impl Taps {
 mod tests {
     use super::*;
 
+    /// The K-quants without a kernel of ours (Q2_K, Q3_K, Q5_K, llama.cpp's Q*_K_S/M files mix them
+    /// in) and the 32-value formats at prefill sizes go through candle or expand to f32: the product
+    /// at decode (1 row), small-batch (7) and prefill (20) sizes against the f32 product on the
+    /// dequantized weights (the scalar reference): equal at prefill, within what 8-bit activations
+    /// cost below it.
+    #[test]
+    fn products_of_every_other_format_match_their_dequantized_weights() {
+        let dev = Device::Cpu;
+        let (k, n) = (512, 24);
+        let v: Vec<f32> = (0..n * k)
+            .map(|i| (i as f32 * 0.5173).sin() * 0.08)
+            .collect();
+        let weights = Tensor::from_vec(v, (n, k), &dev).unwrap();
+        for q in [
+            GgmlDType::Q2K,
+            GgmlDType::Q3K,
+            GgmlDType::Q5K,
+            GgmlDType::Q4_0,
+            GgmlDType::Q8_0,
+        ] {
+            let m = Matrix::quantize(&weights, q).unwrap();
+            let Matrix::Quantized(qm) = &m else {
+                unreachable!()
+            };
+            let deq = match qm.candle().unwrap() {
+                QMatMul::QTensor(t) => t.dequantize(&dev).unwrap(),
+                _ => unreachable!(),
+            };
+            let layer = Linear::new(m.clone(), None, n);
+            for rows in [1, 7, 20] {
+                let x: Vec<f32> = (0..rows * k).map(|i| (i as f32 * 0.291).cos()).collect();
+                let x = Tensor::from_vec(x, (1, rows, k), &dev).unwrap();
+                let got = layer.forward(&x).unwrap().flatten_all().unwrap();
+                let want = x
+                    .reshape((rows, k))
+                    .unwrap()
+                    .matmul(&deq.t().unwrap())
+                    .unwrap();
+                let (got, want) = (
+                    got.to_vec1::<f32>().unwrap(),
+                    want.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                );
+                let scale = want.iter().fold(0f32, |a, w| a.max(w.abs()));
+                let worst = got
+                    .iter()
+                    .zip(&want)
+                    .fold(0f32, |a, (g, w)| a.max((g - w).abs()));
+                assert!(scale > 0.1, "{q:?}: a product of zeros proves nothing");
+                // Many rows expand the blocks to f32: the reference's own product. Fewer multiply
+                // 8-bit activations (measured up to 1.6% of the range, Q8_0 at 7 rows).
+                let bound = if rows >= DEQUANT_MIN_ROWS { 1e-5 } else { 0.02 };
+                assert!(
+                    worst <= bound * scale,
+                    "{q:?}, {rows} rows: off by {worst} (range {scale})"
+                );
+            }
+        }
+    }
+
     /// Quantized projections run in our in-place kernels (when the CPU has a SIMD path) and agree
     /// with candle's product on the same blocks; a fused q/k/v-style call equals the separate calls,
     /// bias included; many rows of Q6_K still go to candle.
