@@ -992,6 +992,18 @@ impl Qwen2VlConfig {
                 ),
             ));
         }
+        // Every family: one layer type per layer.
+        if t.layer_types.len() != t.num_hidden_layers {
+            return Err(Error::config(
+                path,
+                "layer_types",
+                format!(
+                    "{} entries for {} layers",
+                    t.layer_types.len(),
+                    t.num_hidden_layers
+                ),
+            ));
+        }
         let phi3_window = self.model_type == "phi3" && t.sliding_window.is_some();
         if self.model_type == "gemma3_text" {
             self.validate_gemma3(path)?;
@@ -1012,30 +1024,8 @@ impl Qwen2VlConfig {
                     ),
                 ));
             }
-            if t.layer_types.len() != t.num_hidden_layers {
-                return Err(Error::config(
-                    path,
-                    "layer_types",
-                    format!(
-                        "{} entries for {} layers",
-                        t.layer_types.len(),
-                        t.num_hidden_layers
-                    ),
-                ));
-            }
         }
         if self.model_type == "qwen3_5" {
-            if t.layer_types.len() != t.num_hidden_layers {
-                return Err(Error::config(
-                    path,
-                    "layer_types",
-                    format!(
-                        "{} entries for {} layers",
-                        t.layer_types.len(),
-                        t.num_hidden_layers
-                    ),
-                ));
-            }
             if let Some(bad) = t
                 .layer_types
                 .iter()
@@ -1156,17 +1146,6 @@ impl Qwen2VlConfig {
     /// scales and caps.
     fn validate_gemma3(&self, path: &Path) -> Result<()> {
         let t = &self.text;
-        if t.layer_types.len() != t.num_hidden_layers {
-            return Err(Error::config(
-                path,
-                "layer_types",
-                format!(
-                    "{} entries for {} layers",
-                    t.layer_types.len(),
-                    t.num_hidden_layers
-                ),
-            ));
-        }
         if let Some(bad) = t
             .layer_types
             .iter()
