@@ -17,20 +17,38 @@ Two shapes, so every option Loupe reads is exercised:
               `longrope` with `original_max_position_embeddings` beside it, `rope_theta`, a
               `sliding_window` of 7 (every prompt runs past it), multi-head attention, untied head.
 Writes tests/fixtures/phi3/<name>/ (the checkpoint) and tests/fixtures/phi3/<name>.safetensors.
+
+`phi3` is also written as llama.cpp's converter lays out a Phi-3 GGUF (with the `gguf` package,
+pinned; the keys, tensor names and vocabulary as its `Phi3MiniModel` writes them):
+  phi3.gguf        f32: fused `attn_qkv` and `ffn_up` (gate rows first), the LongRoPE factors as the
+                   tensors `rope_factors_long`/`rope_factors_short`, the rotary width as
+                   `rope.dimension_count`, the pretrained context as `rope.scaling.original_context_length`;
+                   a SentencePiece vocabulary with no merges and scores that are not in id order (so
+                   the merges must follow the scores). Reference `gguf/<prompt>/{ids,logits,greedy}`:
+                   the ids from transformers' own tokenizer for Phi-3 GGUFs
+                   (`AutoTokenizer.from_pretrained(gguf_file=)`), the outputs from the checkpoint (transformers
+                   reads neither LongRoPE nor the partial rotary from a GGUF).
+  phi3-mixed.gguf  every matrix block-quantized (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 in turn; a matrix whose rows
+                   are an odd number of blocks in Q4_0 or Q5_1); reference `mixed/<prompt>/logits` from
+                   transformers on the weights as the `gguf` package dequantizes them.
 """
 
+import importlib.metadata
 import importlib.util
 import json
+import math
 from pathlib import Path
 
+import gguf
 import numpy as np
 import torch
 import transformers
 from safetensors.torch import save_file
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, trainers
-from transformers import AutoModelForCausalLM, Phi3Config, Phi3ForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, AutoTokenizer, Phi3Config, Phi3ForCausalLM, PreTrainedTokenizerFast
 
 assert transformers.__version__ == "5.23.0", transformers.__version__
+assert importlib.metadata.version("gguf") == "0.17.1", importlib.metadata.version("gguf")
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -116,6 +134,104 @@ def as_published(d: Path) -> None:
     p.write_text(json.dumps(c, indent=2) + "\n")
 
 
+MIXED = [gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q4_1, gguf.GGMLQuantizationType.Q5_0,
+         gguf.GGMLQuantizationType.Q5_1, gguf.GGMLQuantizationType.Q8_0]
+# candle's own Q4_1, Q5_0 and Q8_0 products want an even number of blocks per row.
+ODD_BLOCKS = [gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q5_1]
+
+
+def llama_cpp_name(hf: str) -> str:
+    """llama.cpp's converter's name for a Phi-3 tensor."""
+    fixed = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+    if hf in fixed:
+        return fixed[hf]
+    parts = {"input_layernorm": "attn_norm", "self_attn.qkv_proj": "attn_qkv", "self_attn.o_proj": "attn_output",
+             "post_attention_layernorm": "ffn_norm", "mlp.gate_up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    layer, rest = hf.removeprefix("model.layers.").split(".", 1)
+    part, kind = rest.rsplit(".", 1)
+    return f"blk.{layer}.{parts[part]}.{kind}"
+
+
+def gguf_scores(tokens: list[str], rng) -> list[float]:
+    """SentencePiece scores as a Phi-3 file has them: 0 for control and byte pieces, -1000 for the
+    added markers, and for the others their rank, shuffled within runs of 16 so the order of the
+    scores is not the order of the ids."""
+    rank = [float(-i) for i in range(len(tokens))]
+    normal = [i for i, t in enumerate(tokens) if t not in BASE + BYTES + ADDED]
+    for at in range(0, len(normal), 16):
+        run = normal[at:at + 16]
+        for a, b in zip(run, rng.permutation(run)):
+            rank[a] = float(-b)
+    return [0.0 if t in BASE + BYTES else -1000.0 if t in ADDED else rank[i] for i, t in enumerate(tokens)]
+
+
+def write_gguf(path: Path, cfg, model, tok: Tokenizer, mixed: bool) -> dict:
+    """The model as llama.cpp's converter writes a Phi-3 GGUF; returns the state dict as the file
+    holds it (matrices dequantized)."""
+    rope = cfg.rope_parameters
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    rot = int(rope.get("partial_rotary_factor", 1.0) * cfg.hidden_size) // cfg.num_attention_heads
+    orig = rope["original_max_position_embeddings"]
+    w = gguf.GGUFWriter(str(path), "phi3")
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_rope_scaling_orig_ctx_len(orig)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_dimension_count(rot)
+    w.add_rope_freq_base(rope["rope_theta"])
+    w.add_file_type(0)
+    w.add_sliding_window(cfg.sliding_window or 0)
+    scale = cfg.max_position_embeddings / orig
+    w.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(orig)) if scale > 1.0 else 1.0)
+    assert len(rope["long_factor"]) == rot // 2 and head_dim > rot
+    vocab = tok.get_vocab(with_added_tokens=True)
+    tokens = [None] * len(vocab)
+    for t, i in vocab.items():
+        tokens[i] = t
+    types = [gguf.TokenType.UNKNOWN if t == "<unk>" else gguf.TokenType.CONTROL if t in BASE + ADDED
+             else gguf.TokenType.BYTE if t in BYTES else gguf.TokenType.NORMAL for t in tokens]
+    w.add_tokenizer_model("llama")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_scores(gguf_scores(tokens, np.random.default_rng(5)))
+    w.add_token_types(types)
+    w.add_bos_token_id(vocab["<s>"])
+    w.add_eos_token_id(vocab["<|endoftext|>"])
+    w.add_unk_token_id(vocab["<unk>"])
+    w.add_pad_token_id(vocab["<|endoftext|>"])
+    w.add_add_bos_token(False)
+    w.add_add_eos_token(False)
+    w.add_chat_template(TEMPLATE)
+    w.add_tensor("rope_factors_long.weight", np.array(rope["long_factor"], dtype=np.float32))
+    w.add_tensor("rope_factors_short.weight", np.array(rope["short_factor"], dtype=np.float32))
+    held, k = {}, 0
+    for hf, t in model.state_dict().items():
+        if hf == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        a = t.float().numpy()
+        if mixed and a.ndim == 2:
+            q = MIXED[k % len(MIXED)] if (a.shape[1] // 32) % 2 == 0 else ODD_BLOCKS[k % len(ODD_BLOCKS)]
+            k += 1
+            blocks = gguf.quants.quantize(a, q)
+            w.add_tensor(llama_cpp_name(hf), blocks, raw_shape=blocks.shape, raw_dtype=q)
+            a = gguf.quants.dequantize(blocks, q)
+        else:
+            w.add_tensor(llama_cpp_name(hf), np.ascontiguousarray(a))
+        held[hf] = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+    if cfg.tie_word_embeddings:
+        held["lm_head.weight"] = held["model.embed_tokens.weight"]
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return held
+
+
 def main() -> None:
     tok = tiny_tokenizer()
     ids = {s: tok.token_to_id(s) for s in BASE + ADDED}
@@ -156,6 +272,23 @@ def main() -> None:
             meta["prompts"][pname] = {"messages": msgs, "rendered": text}
             n = len(tensors[f"{pname}/ids"])
             print(name, pname, n, "tokens:", repr(fast.decode(tensors[f"{pname}/greedy"])))
+        if name == "phi3":
+            write_gguf(OUT / "phi3.gguf", cfg, model, tok, False)
+            held = write_gguf(OUT / "phi3-mixed.gguf", cfg, model, tok, True)
+            dequantized = Phi3ForCausalLM(cfg).eval()
+            dequantized.load_state_dict(held)
+            # transformers' own tokenizer for a Phi-3 GGUF: merges rebuilt from the scores.
+            gfast = AutoTokenizer.from_pretrained(str(OUT), gguf_file="phi3.gguf")
+            differ = 0
+            for pname in PROMPTS:
+                text = meta["prompts"][pname]["rendered"]
+                inp = SHARED.reference(model, gfast, text, f"{name}/gguf/{pname}", f"gguf/{pname}/", tensors)
+                with torch.no_grad():
+                    tensors[f"mixed/{pname}/logits"] = dequantized(**inp).logits[0].float().contiguous()
+                same = tensors[f"gguf/{pname}/ids"].tolist() == tensors[f"{pname}/ids"].tolist()
+                differ += not same
+                print(name, "gguf", pname, len(inp["input_ids"][0]), "tokens", "(same ids)" if same else "(other ids)")
+            assert differ, "the GGUF's scores change no prompt's ids; swap more"
         n_short = len(tensors["short/ids"])
         assert n_short <= cfg.original_max_position_embeddings < n_short + 20, "short must cross while decoding"
         assert len(tensors["long/ids"]) > cfg.original_max_position_embeddings, "long must start past it"

@@ -6,6 +6,12 @@
 //! prefilled with the short factors and crosses into the long ones while it decodes. Stage by
 //! stage: the rendered chat template, the prompt's token ids, f32 logits at every position, 20
 //! greedy tokens.
+//!
+//! `phi3` as llama.cpp's converter writes it (`phi3.gguf`: fused `attn_qkv` and `ffn_up`, the
+//! LongRoPE factors as `rope_factors_long/short` tensors, a SentencePiece vocabulary with scores
+//! and no merges), checked the same way against transformers' own tokenizer for Phi-3 GGUFs; and
+//! `phi3-mixed.gguf`, every matrix in one of Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, against transformers on
+//! the weights as dequantized.
 
 mod common;
 
@@ -37,6 +43,64 @@ fn phi3_in_the_published_config_layout_with_a_window_matches_transformers() {
         "",
         &engine("published"),
     );
+}
+
+fn gguf(file: &str) -> Engine {
+    let path = fixture(file);
+    let e = Engine::load(path.to_str().unwrap(), &LoadOptions::default())
+        .unwrap_or_else(|e| panic!("{file}: {e}"));
+    assert_eq!(e.model_type, "phi3");
+    e
+}
+
+#[test]
+fn phi3_gguf_as_llama_cpp_writes_it_matches_transformers() {
+    common::text::check("phi3", &reference("phi3"), "gguf/", &gguf("phi3.gguf"));
+}
+
+#[test]
+fn every_32_block_format_matches_transformers_on_phi3s_dequantized_weights() {
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixture("phi3/config.json")).unwrap()).unwrap();
+    let original = cfg["original_max_position_embeddings"]
+        .as_u64()
+        .map(|o| o as usize);
+    assert_eq!(original, Some(24));
+    common::text::check_mixed_longrope(&reference("phi3"), &gguf("phi3-mixed.gguf"), original);
+}
+
+/// A GGUF has no generation config: the stop ids come from the vocabulary (`<|end|>` ends a
+/// turn, `<|endoftext|>` the text).
+#[test]
+fn a_phi3_gguf_stops_at_its_end_of_turn() {
+    let e = gguf("phi3.gguf");
+    let ids = e.eos_token_ids();
+    for t in ["<|end|>", "<|endoftext|>"] {
+        let id = e.tokenizer.token_to_id(t).expect(t);
+        assert!(ids.contains(&id), "{t} ({id}) not among {ids:?}");
+    }
+}
+
+/// LongRoPE needs both factor tables: a GGUF with only the long one (the short tensor renamed in
+/// place) is one clear error naming the missing tensor, not a model with half its scaling.
+#[test]
+fn a_phi3_gguf_missing_a_rope_factor_table_is_one_clear_error() {
+    let mut bytes = std::fs::read(fixture("phi3.gguf")).unwrap();
+    let from = b"rope_factors_short.weight";
+    let at = bytes
+        .windows(from.len())
+        .position(|w| w == from)
+        .expect("the fixture has rope_factors_short");
+    bytes[at..at + from.len()].copy_from_slice(b"rope_factors_xxxxx.weight");
+    let path =
+        std::env::temp_dir().join(format!("loupe-phi3-one-factor-{}.gguf", std::process::id()));
+    std::fs::write(&path, &bytes).unwrap();
+    let e = Engine::load(path.to_str().unwrap(), &LoadOptions::default())
+        .err()
+        .expect("accepted a GGUF with one LongRoPE table")
+        .to_string();
+    std::fs::remove_file(&path).unwrap();
+    assert!(e.contains("rope_factors_short"), "{e}");
 }
 
 /// The fused projections' quantized parts (Q8_0 at load) still answer as the whole would: the
@@ -120,5 +184,27 @@ fn bad_phi3_fields_are_one_clear_error() {
             "{field}: {e}"
         );
         std::fs::remove_dir_all(&tmp).unwrap();
+    }
+}
+
+/// Random weights pick byte-fallback tokens that are not UTF-8 together (`<0x49><0x6B>` shows
+/// "Ik", then `<0xFA>` makes the run three U+FFFD): the stream must not panic on text it already
+/// showed changing, and ends on exactly the tokenizer's decode, as transformers prints it.
+#[test]
+fn streaming_byte_fallback_runs_that_turn_invalid_ends_on_the_full_decode() {
+    use loupe_core::tokenize::TextStream;
+    let e = gguf("phi3.gguf");
+    let r = reference("phi3");
+    for p in ["long", "short", "system"] {
+        let ids = r.ids(&format!("gguf/{p}/greedy"));
+        let mut s = TextStream::new(&e.tokenizer, Vec::new());
+        let mut shown = String::new();
+        for &id in &ids {
+            shown += &s.push(id).unwrap();
+        }
+        shown += &s.finish().unwrap();
+        let full = e.tokenizer.decode(&ids).unwrap();
+        assert_eq!(s.text(), full, "{p}");
+        assert!(!shown.is_empty(), "{p}: nothing shown");
     }
 }

@@ -28,8 +28,14 @@ pub struct GgufModel {
     meta: HashMap<String, Gv>,
     /// Tensor shapes, row-major (candle's order: the reverse of GGML's `ne`).
     tensors: HashMap<String, Vec<usize>>,
+    /// The f32 vectors a file keeps as tensors but the config needs (Phi-3's
+    /// `rope_factors_long.weight` and `rope_factors_short.weight`).
+    small: HashMap<String, Vec<f64>>,
     pub arch: String,
 }
+
+/// Vectors of at most this many values are read into the config (LongRoPE has one per rotary pair).
+const SMALL_VECTOR: usize = 1 << 16;
 
 /// The vision towers a llama.cpp vision file (`mmproj`) can hold for Loupe.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,8 +73,37 @@ impl GgufModel {
                 ))
             }
         };
+        let mut small = HashMap::new();
+        for (name, info) in &content.tensor_infos {
+            let n = info.shape.elem_count();
+            if !name.starts_with("rope_factors_") || info.shape.rank() != 1 || n > SMALL_VECTOR {
+                continue;
+            }
+            if info.ggml_dtype != candle_core::quantized::GgmlDType::F32 {
+                return Err(Error::config(
+                    path,
+                    name,
+                    format!("stored as {:?}; Loupe reads it as F32", info.ggml_dtype),
+                ));
+            }
+            // The header check bounds every tensor within the file.
+            let start = content.tensor_data_offset.saturating_add(info.offset);
+            let bytes = usize::try_from(start)
+                .ok()
+                .and_then(|s| map.get(s..s.checked_add(4 * n)?))
+                .ok_or_else(|| Error::Weights {
+                    path: path.into(),
+                    msg: format!("tensor `{name}` runs past the end of the file"),
+                })?;
+            let values = bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f64)
+                .collect();
+            small.insert(name.clone(), values);
+        }
         Ok(GgufModel {
             path: path.into(),
+            small,
             tensors: content
                 .tensor_infos
                 .iter()
@@ -238,7 +273,8 @@ impl GgufModel {
             }
             ("llama", None) => "llama",
             ("gemma3", None) => "gemma3_text",
-            ("qwen2" | "llama" | "gemma3", Some(v)) => {
+            ("phi3", None) => "phi3",
+            ("qwen2" | "llama" | "gemma3" | "phi3", Some(v)) => {
                 return Err(Error::config(
                     &v.path,
                     "general.architecture",
@@ -252,7 +288,7 @@ impl GgufModel {
                 return Err(Error::UnsupportedModel {
                     path: self.path.clone(),
                     model_type: format!("{a} (GGUF general.architecture)"),
-                    supported: "qwen2, llama, gemma3, qwen2vl (with its mmproj file)".into(),
+                    supported: "qwen2, llama, gemma3, phi3, qwen2vl (with its mmproj file)".into(),
                 })
             }
         };
@@ -310,6 +346,9 @@ impl GgufModel {
         if model_type == "gemma3_text" {
             self.gemma3_config(&mut cfg)?;
         }
+        if model_type == "phi3" {
+            self.phi3_config(&mut cfg)?;
+        }
         if let Some(v) = vision {
             let key = format!("{a}.rope.dimension_sections");
             let sections = self.array(&key, "unsigned integers", |v| match v {
@@ -365,6 +404,56 @@ impl GgufModel {
         cfg["rope_local_base_freq"] = json!(10_000.0);
         if let Ok(cap) = self.float("gemma3.final_logit_softcapping") {
             cfg["final_logit_softcapping"] = json!(cap);
+        }
+        Ok(())
+    }
+
+    /// What a Phi-3 file keeps in llama.cpp's terms: the rotary width (`rope.dimension_count`, a
+    /// part of each head for Phi-4-mini), the window (0 for none), and LongRoPE as two tensors of
+    /// per-frequency factors beside the pretrained context (`rope.scaling.original_context_length`)
+    /// and the attention factor. A file without the factors has plain RoPE.
+    fn phi3_config(&self, cfg: &mut Value) -> Result<()> {
+        let heads = self.uint("phi3.attention.head_count")?.max(1);
+        let head_dim = self.uint("phi3.embedding_length")? / heads;
+        cfg["hidden_act"] = json!("silu");
+        cfg["rope_theta"] = json!(self.float("phi3.rope.freq_base").unwrap_or(10_000.0));
+        if let Ok(rot) = self.uint("phi3.rope.dimension_count") {
+            if rot == 0 || rot > head_dim {
+                return Err(Error::config(
+                    &self.path,
+                    "phi3.rope.dimension_count",
+                    format!("{rot}: not within a head of {head_dim}"),
+                ));
+            }
+            cfg["partial_rotary_factor"] = json!(rot as f64 / head_dim as f64);
+        }
+        cfg["sliding_window"] = match self.uint("phi3.attention.sliding_window") {
+            Ok(0) | Err(_) => Value::Null,
+            Ok(w) => json!(w),
+        };
+        let long = self.small.get("rope_factors_long.weight");
+        let short = self.small.get("rope_factors_short.weight");
+        match (long, short) {
+            (None, None) => {}
+            (Some(long), Some(short)) => {
+                let original = self.uint("phi3.rope.scaling.original_context_length")?;
+                cfg["original_max_position_embeddings"] = json!(original);
+                let mut scaling = json!({
+                    "rope_type": "longrope",
+                    "long_factor": long,
+                    "short_factor": short,
+                    "original_max_position_embeddings": original,
+                });
+                if let Ok(f) = self.float("phi3.rope.scaling.attn_factor") {
+                    scaling["attention_factor"] = json!(f);
+                }
+                cfg["rope_scaling"] = scaling;
+            }
+            (Some(_), None) | (None, Some(_)) => return Err(Error::config(
+                &self.path,
+                "rope_factors_short.weight",
+                "LongRoPE needs both rope_factors_long and rope_factors_short; the file has one",
+            )),
         }
         Ok(())
     }
@@ -437,17 +526,44 @@ impl GgufModel {
     }
 
     /// The tokenizer as a `tokenizer.json` document: byte-level BPE with the file's merges and the
-    /// pre-tokenizer `tokenizer.ggml.pre` names, or Gemma's SentencePiece BPE ([`gemma_tokenizer`]);
-    /// control and user-defined tokens as added tokens.
+    /// pre-tokenizer `tokenizer.ggml.pre` names, or a SentencePiece BPE as transformers rebuilds
+    /// Gemma's and Phi-3's ([`sentencepiece_tokenizer`]); control and user-defined tokens as added
+    /// tokens.
     pub fn tokenizer_json(&self) -> Result<String> {
         let model = match self.get("tokenizer.ggml.model")? {
             Gv::String(s) => s.clone(),
             other => format!("{other:?}"),
         };
-        if model == "llama" && self.arch == "gemma3" {
+        if model == "llama" {
+            let style = match self.arch.as_str() {
+                "gemma3" => Spm::Gemma,
+                "phi3" => Spm::Phi3,
+                other => {
+                    return Err(Error::config(
+                        &self.path,
+                        "tokenizer.ggml.model",
+                        format!(
+                            "`llama` (SentencePiece) in a `{other}` file; Loupe reads it for \
+                             gemma3 and phi3"
+                        ),
+                    ))
+                }
+            };
             let tokens = self.strings("tokenizer.ggml.tokens")?;
             let types = self.token_types(tokens.len());
-            return Ok(gemma_tokenizer(tokens, &types).to_string());
+            let scores = match style {
+                // Gemma's scores do not follow its merge order; the order in the file does.
+                Spm::Gemma => (0..tokens.len()).map(|i| -(i as f64)).collect(),
+                Spm::Phi3 => self.floats("tokenizer.ggml.scores")?,
+            };
+            if scores.len() != tokens.len() {
+                return Err(Error::config(
+                    &self.path,
+                    "tokenizer.ggml.scores",
+                    format!("{} scores for {} tokens", scores.len(), tokens.len()),
+                ));
+            }
+            return Ok(sentencepiece_tokenizer(tokens, &types, &scores, style).to_string());
         }
         let pre = match self.meta.get("tokenizer.ggml.pre") {
             Some(Gv::String(s)) => s.clone(),
@@ -581,25 +697,39 @@ fn added_tokens(tokens: &[String], types: &[i64]) -> Vec<Value> {
         .collect()
 }
 
-/// Gemma's SentencePiece BPE as transformers rebuilds it from a GGUF (and as Gemma's own
-/// `tokenizer.json` is): spaces written as `▁`, no pre-tokenizer split, byte fallback for what the
-/// vocabulary lacks. Two things differ from the file:
-/// - llama.cpp stores the tokens of two or more spaces as spaces; they are looked up as `▁`s;
-/// - the file has no merges. Each token gives one merge per way of cutting it into two tokens,
-///   ranked by where the token stands in the file (earlier first; Gemma's scores do not follow its
-///   merge order), then longer left part, then longer right part.
-fn gemma_tokenizer(tokens: Vec<String>, types: &[i64]) -> Value {
+/// The SentencePiece layouts transformers rebuilds from a GGUF's vocabulary.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Spm {
+    /// Gemma's: no prefix space, words split after each space (merges may not cross one).
+    Gemma,
+    /// Phi-3's (Llama's): a `▁` put before the text, no split.
+    Phi3,
+}
+
+/// A SentencePiece BPE as transformers rebuilds it from a GGUF (and as the model's own
+/// `tokenizer.json` is): spaces written as `▁`, byte fallback for what the vocabulary lacks. The
+/// file has no merges: each token gives one merge per way of cutting it into two tokens, best
+/// first by `scores` (higher first; for Gemma the order in the file), then longer left part, then
+/// longer right part. For Gemma, llama.cpp stores the tokens of two or more spaces as spaces; they
+/// are looked up as `▁`s.
+fn sentencepiece_tokenizer(
+    tokens: Vec<String>,
+    types: &[i64],
+    scores: &[f64],
+    style: Spm,
+) -> Value {
     let tokens: Vec<String> = tokens
         .into_iter()
         .map(|t| {
-            if t.contains(' ') && t.trim().is_empty() {
+            if style == Spm::Gemma && t.contains(' ') && t.trim().is_empty() {
                 "\u{2581}".repeat(t.chars().count())
             } else {
                 t
             }
         })
         .collect();
-    // A token spelled twice keeps its last id, as a dictionary built in order does.
+    // A token spelled twice keeps its last id and its last score, as a dictionary built in order
+    // does, and its first place in the order.
     let mut id: HashMap<&str, usize> = HashMap::with_capacity(tokens.len());
     let mut order: Vec<&str> = Vec::with_capacity(tokens.len());
     for (i, t) in tokens.iter().enumerate() {
@@ -607,30 +737,28 @@ fn gemma_tokenizer(tokens: Vec<String>, types: &[i64]) -> Value {
             order.push(t);
         }
     }
-    // (rank of the merged token, left chars, right chars, left, right)
-    let mut merges: Vec<(usize, usize, usize, &str, &str)> = Vec::new();
+    // (score of the merged token, left chars, right chars, left, right)
+    let mut merges: Vec<(f64, usize, usize, &str, &str)> = Vec::new();
     for piece in &order {
-        let rank = id[piece];
-        let mut local: Vec<(usize, usize, usize, &str, &str)> = piece
+        let score = scores[id[piece]];
+        let mut local: Vec<(usize, usize, &str, &str)> = piece
             .char_indices()
             .skip(1)
             .filter_map(|(at, _)| {
                 let (l, r) = piece.split_at(at);
-                let (li, ri) = (*id.get(l)?, *id.get(r)?);
-                Some((li, ri, rank, l, r))
+                Some((*id.get(l)?, *id.get(r)?, l, r))
             })
             .collect();
         local.sort_by_key(|&(li, ri, ..)| (li, ri));
         merges.extend(
             local
                 .into_iter()
-                .map(|(_, _, rank, l, r)| (rank, l.chars().count(), r.chars().count(), l, r)),
+                .map(|(_, _, l, r)| (score, l.chars().count(), r.chars().count(), l, r)),
         );
     }
-    // Best first: the earliest token, then the longer left part, then the longer right part
-    // (a stable sort, so cuts that tie keep their order).
+    // Best first (a stable sort, so cuts that tie keep their order).
     merges.sort_by(|a, b| {
-        a.0.cmp(&b.0)
+        b.0.total_cmp(&a.0)
             .then_with(|| b.1.cmp(&a.1))
             .then_with(|| b.2.cmp(&a.2))
     });
@@ -639,18 +767,36 @@ fn gemma_tokenizer(tokens: Vec<String>, types: &[i64]) -> Value {
         .map(|t| ((*t).to_owned(), json!(id[t])))
         .collect();
     let merges: Vec<Value> = merges.iter().map(|m| json!([m.3, m.4])).collect();
+    let space = json!({"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"});
+    let mut decoders = vec![
+        json!({"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "}),
+        json!({"type": "ByteFallback"}),
+        json!({"type": "Fuse"}),
+    ];
+    let (normalizer, pre_tokenizer, unk) = match style {
+        Spm::Gemma => (
+            space,
+            json!({"type": "Split", "pattern": {"String": " "}, "behavior": "MergedWithPrevious", "invert": false}),
+            json!("<unk>"),
+        ),
+        Spm::Phi3 => {
+            decoders.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
+            (
+                json!({"type": "Sequence", "normalizers": [
+                    {"type": "Prepend", "prepend": "\u{2581}"}, space]}),
+                Value::Null,
+                Value::Null,
+            )
+        }
+    };
     json!({
         "version": "1.0", "truncation": null, "padding": null,
         "added_tokens": added_tokens(&tokens, types),
-        "normalizer": {"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"},
-        "pre_tokenizer": {"type": "Split", "pattern": {"String": " "}, "behavior": "MergedWithPrevious", "invert": false},
+        "normalizer": normalizer,
+        "pre_tokenizer": pre_tokenizer,
         "post_processor": null,
-        "decoder": {"type": "Sequence", "decoders": [
-            {"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "},
-            {"type": "ByteFallback"},
-            {"type": "Fuse"},
-        ]},
-        "model": {"type": "BPE", "dropout": null, "unk_token": "<unk>", "continuing_subword_prefix": null,
+        "decoder": {"type": "Sequence", "decoders": decoders},
+        "model": {"type": "BPE", "dropout": null, "unk_token": unk, "continuing_subword_prefix": null,
                   "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true,
                   "ignore_merges": false, "vocab": vocab, "merges": merges},
     })
@@ -717,6 +863,22 @@ pub fn hf_name_gemma3(name: &str) -> String {
         }
         _ => hf_name(name),
     }
+}
+
+/// As [`hf_name`], for Phi-3, whose fused projections llama.cpp keeps fused: `attn_qkv` is the
+/// checkpoint's `qkv_proj`, `ffn_up` its `gate_up_proj` (the gate's rows first).
+pub fn hf_name_phi3(name: &str) -> String {
+    for (part, hf) in [
+        (".attn_qkv.", "self_attn.qkv_proj"),
+        (".ffn_up.", "mlp.gate_up_proj"),
+    ] {
+        if let Some((block, kind)) = name.split_once(part) {
+            if let Some(layer) = block.strip_prefix("blk.") {
+                return format!("model.layers.{layer}.{hf}.{kind}");
+            }
+        }
+    }
+    hf_name(name)
 }
 
 /// As [`hf_name`], for a vision file whose blocks have a gated MLP (Qwen2.5-VL: `ffn_gate`,
@@ -846,6 +1008,24 @@ mod tests {
             ("token_embd.weight", "model.embed_tokens.weight"),
         ] {
             assert_eq!(hf_name_gemma3(from), to);
+        }
+        for (from, to) in [
+            (
+                "blk.2.attn_qkv.weight",
+                "model.layers.2.self_attn.qkv_proj.weight",
+            ),
+            (
+                "blk.0.ffn_up.weight",
+                "model.layers.0.mlp.gate_up_proj.weight",
+            ),
+            (
+                "blk.1.ffn_norm.weight",
+                "model.layers.1.post_attention_layernorm.weight",
+            ),
+            ("output.weight", "lm_head.weight"),
+            ("rope_factors_long.weight", "rope_factors_long.weight"),
+        ] {
+            assert_eq!(hf_name_phi3(from), to);
         }
         assert_eq!(
             hf_name_gated_vision("v.blk.1.ffn_gate.weight"),

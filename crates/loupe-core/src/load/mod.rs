@@ -291,6 +291,7 @@ impl ModelFiles {
         match &self.gguf {
             None => crate::models::qwen2_vl::sanitize,
             Some(g) if g.text.arch == "gemma3" => gguf::hf_name_gemma3,
+            Some(g) if g.text.arch == "phi3" => gguf::hf_name_phi3,
             Some(g) => match g.vision.as_ref().map(|v| v.projector()) {
                 Some(Ok(gguf::Projector::Qwen25Vl)) => gguf::hf_name_gated_vision,
                 _ => gguf::hf_name,

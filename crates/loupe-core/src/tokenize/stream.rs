@@ -34,12 +34,18 @@ impl<'a> TextStream<'a> {
             return Ok(String::new());
         }
         self.ids.push(id);
+        // A run of byte-fallback tokens (`<0xE2>`) decodes as a whole: as UTF-8 where the run is
+        // valid, else every byte as U+FFFD. So `<0x49><0x6B>` reads "Ik" until a `<0xFA>` turns
+        // the run into three U+FFFD: wait for the run to end.
+        if self.is_byte_token(id) {
+            return Ok(String::new());
+        }
         let full = self.tokenizer.decode(&self.ids)?;
         // An incomplete UTF-8 sequence decodes to U+FFFD at the end: wait for the next token.
         if full.ends_with('\u{FFFD}') {
             return Ok(String::new());
         }
-        self.text = full;
+        self.update(full);
         if let Some(cut) = self.first_stop() {
             self.text.truncate(cut);
             self.stopped = true;
@@ -54,9 +60,7 @@ impl<'a> TextStream<'a> {
     pub fn finish(&mut self) -> Result<String> {
         if !self.stopped {
             let full = self.tokenizer.decode(&self.ids)?;
-            if full.starts_with(self.text.as_str()) {
-                self.text = full;
-            }
+            self.update(full);
         }
         let end = self.text.len();
         Ok(self.take(end))
@@ -68,6 +72,31 @@ impl<'a> TextStream<'a> {
 
     pub fn text(&self) -> &str {
         &self.text
+    }
+
+    /// Takes `full`, the decode of every id so far, as the text. Text already shown cannot be taken
+    /// back: where the new decode changed it (a tokenizer whose decode of earlier ids depends on
+    /// later ones), the stream goes on after as much of it as the new text has.
+    fn update(&mut self, full: String) {
+        let shown = &self.text[..self.emitted];
+        if !full.starts_with(shown) {
+            let mut at = self.emitted.min(full.len());
+            while !full.is_char_boundary(at) {
+                at += 1;
+            }
+            self.emitted = at;
+        }
+        self.text = full;
+    }
+
+    /// Whether `id` is a byte-fallback token (`<0x00>` .. `<0xFF>`).
+    fn is_byte_token(&self, id: u32) -> bool {
+        self.tokenizer.id_to_token(id).is_some_and(|t| {
+            t.len() == 6
+                && t.starts_with("<0x")
+                && t.ends_with('>')
+                && t[3..5].bytes().all(|b| b.is_ascii_hexdigit())
+        })
     }
 
     fn take(&mut self, upto: usize) -> String {
