@@ -12,7 +12,7 @@ Writes
     DIR/labels.jsonl                            one row per image: split, class, part, pixel boxes, and
                                                 the verdict JSON a perfect model answers (Qwen2-VL 0..1000 boxes)
 
-Deterministic for a given --seed (numpy + Pillow only; versions in tools/requirements.txt).
+Deterministic for a given --seed (numpy + Pillow only: tools/requirements-dataset.txt).
 """
 
 import argparse
@@ -20,8 +20,15 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
-from PIL import Image, ImageDraw, ImageFilter
+try:
+    import numpy as np
+    from PIL import Image, ImageDraw, ImageFilter
+except ModuleNotFoundError as e:
+    raise SystemExit(
+        f"make_inspection_dataset.py needs numpy and Pillow ({e}); install the pinned versions with\n"
+        "  python3 -m venv .venv && .venv/bin/pip install -r tools/requirements-dataset.txt\n"
+        "and run it as .venv/bin/python tools/make_inspection_dataset.py ..."
+    ) from None
 
 DEFECTS = ["scratch", "dent", "crack", "missing_hole", "stain"]
 PARTS = ["washer", "bracket", "pcb_pad", "bolt_head"]

@@ -76,13 +76,17 @@ pub fn chat(args: ChatArgs) -> Result<()> {
         eos_token_ids: engine.eos_token_ids(),
         grammar: None,
     };
-    // Ctrl-C while an answer is written sets the flag (the line editor reads its own Ctrl-C).
-    let stop = Arc::new(AtomicBool::new(false));
-    signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())
-        .map_err(|e| Error::InvalidInput(format!("cannot watch Ctrl-C: {e}")))?;
     keep_output_on_interrupt();
     let mut editor = rustyline::DefaultEditor::new()
         .map_err(|e| Error::InvalidInput(format!("cannot open the terminal: {e}")))?;
+    // Ctrl-C while an answer is written sets the flag (at the prompt the line editor reads Ctrl-C
+    // as a key). Registered after the editor: rustyline sets its own SIGINT handler when it opens
+    // the terminal, replacing any set before; signal-hook keeps the editor's and calls it after
+    // ours. (rustyline's `signal-hook` feature would leave SIGINT alone, but its reader then waits
+    // on the terminal with keys already read into its buffer: typed lines hang.)
+    let stop = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())
+        .map_err(|e| Error::InvalidInput(format!("cannot watch Ctrl-C: {e}")))?;
     let mut chat = Chat {
         conversation: Conversation::new(&engine),
         engine,

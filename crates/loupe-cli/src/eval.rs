@@ -29,6 +29,10 @@ pub struct EvalArgs {
     /// Seed of --split.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Print the metrics as one JSON object (eval.json's `metrics` and `mean_ms_per_image`)
+    /// instead of the table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 pub fn eval(args: EvalArgs) -> Result<ExitCode> {
@@ -109,13 +113,14 @@ pub fn eval(args: EvalArgs) -> Result<ExitCode> {
         eval_html(&spec.name, &args.dataset, &metrics, &scored, mean_ms),
     )
     .map_err(|e| Error::io(&hp, e))?;
-    println!(
-        "{}",
-        serde_json::to_string_pretty(
-            &serde_json::json!({"metrics": metrics, "mean_ms_per_image": mean_ms})
-        )
-        .unwrap_or_default()
-    );
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({"metrics": metrics, "mean_ms_per_image": mean_ms})
+        );
+    } else {
+        print!("{}", summary_table(&metrics, mean_ms));
+    }
     eprintln!(
         "eval: {} | {} | report {}",
         jp.display(),
@@ -123,6 +128,84 @@ pub fn eval(args: EvalArgs) -> Result<ExitCode> {
         dir.join("report.html").display()
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// The metrics as a person reads them in a terminal: counts, the verdict's and the detector's
+/// rates side by side, the curves' areas, boxes, and the confusion matrix.
+fn summary_table(m: &Metrics, mean_ms: f64) -> String {
+    let opt = |x: Option<f64>| x.map_or("-".to_owned(), f3);
+    let mut t = format!(
+        "{} images: {} good, {} defective, {} errors | {mean_ms:.0} ms per image\n\n",
+        m.images, m.good, m.defective, m.errors
+    );
+    let det = m.anomaly_at_threshold.as_ref();
+    let d = |f: fn(&loupe_inspect::eval::Binary) -> f64, p: fn(f64) -> String| {
+        det.map_or("-".to_owned(), |b| p(f(b)))
+    };
+    t += &format!("{:<22}{:>10}{:>12}\n", "", "verdict", "detector");
+    let rows: [(&str, String, String); 8] = [
+        ("accuracy", pct(m.accuracy), "-".into()),
+        ("precision", f3(m.precision), d(|b| b.precision, f3)),
+        ("recall", f3(m.recall), d(|b| b.recall, f3)),
+        ("F1", f3(m.f1), d(|b| b.f1, f3)),
+        (
+            "overkill (good failed)",
+            pct(m.overkill_rate),
+            d(|b| b.overkill_rate, pct),
+        ),
+        (
+            "miss (defect passed)",
+            pct(m.miss_rate),
+            d(|b| b.miss_rate, pct),
+        ),
+        ("AUROC", opt(m.auroc), opt(m.anomaly_auroc)),
+        ("AUPRC", opt(m.auprc), opt(m.anomaly_auprc)),
+    ];
+    for (name, v, a) in rows {
+        t += &format!("{name:<22}{v:>10}{a:>12}\n");
+    }
+    if m.pixel_auroc.is_some() || m.pro.is_some() {
+        t += &format!("pixel AUROC {} | PRO {}\n", opt(m.pixel_auroc), opt(m.pro));
+    }
+    if m.mean_iou.is_some() || m.box_recall_at_50.is_some() {
+        t += &format!(
+            "boxes: mean IoU {} | recall at IoU 0.5 {}\n",
+            opt(m.mean_iou),
+            opt(m.box_recall_at_50)
+        );
+    }
+    // Confusion matrix: truth down, predicted across.
+    let mut predicted: Vec<&str> = Vec::new();
+    for row in m.confusion.values() {
+        for p in row.keys() {
+            if !predicted.contains(&p.as_str()) {
+                predicted.push(p);
+            }
+        }
+    }
+    predicted.sort_by_key(|p| (*p != "good", *p));
+    let w = m
+        .confusion
+        .keys()
+        .map(String::len)
+        .chain(predicted.iter().map(|p| p.len()))
+        .max()
+        .unwrap_or(5)
+        .max(5)
+        + 2;
+    t += &format!("\nconfusion (truth down, predicted across)\n{:<w$}", "");
+    for p in &predicted {
+        t += &format!("{p:>w$}");
+    }
+    t += "\n";
+    for (truth, row) in &m.confusion {
+        t += &format!("{truth:<w$}");
+        for p in &predicted {
+            t += &format!("{:>w$}", row.get(*p).copied().unwrap_or(0));
+        }
+        t += "\n";
+    }
+    t
 }
 
 fn f3(x: f64) -> String {

@@ -8,8 +8,8 @@ use loupe_inspect::{Error, Result};
 
 #[derive(clap::Args, Debug)]
 pub struct HistoryArgs {
-    /// Audit database: a SQLite file or postgres://user@host/db (default: $LOUPE_DB, else the user's
-    /// data folder, loupe/audit.sqlite).
+    /// Audit database: a SQLite file or postgres://user@host/db (default: $LOUPE_DB, else the SQLite
+    /// file `loupe inspect` or `serve` wrote last, else the user's data folder, loupe/audit.sqlite).
     #[arg(long)]
     pub db: Option<PathBuf>,
     /// Only this verdict: pass, fail or error.
@@ -41,34 +41,93 @@ pub fn history(args: HistoryArgs) -> Result<ExitCode> {
         args.limit,
     )
     .map_err(|e| Error::InvalidInput(format!("--{e}")))?;
-    let path = args.db.clone().unwrap_or_else(audit::default_path);
+    let (path, whence) = audit::path_to_read(args.db.as_deref());
     if !audit::is_postgres(&path) && !path.is_file() {
         return Err(Error::InvalidInput(format!(
-            "no audit log at {} (run `loupe inspect` first, or give --db)",
+            "no audit log at {} ({whence}; run `loupe inspect` first, or give --db)",
             path.display()
         )));
     }
     let mut log = AuditLog::open(&path)?;
     let rows = log.history(&filter)?;
-    for r in &rows {
-        if args.json {
+    if args.json {
+        for r in &rows {
             println!("{}", serde_json::to_string(r).unwrap_or_default());
-        } else {
-            let n = r.defects.as_array().map_or(0, Vec::len);
-            println!(
-                "{:>6}  {}  {:<5}  {:<16}  {} ({n} defect{}){}",
-                r.id,
-                r.time,
-                r.verdict.as_deref().unwrap_or("error"),
-                r.spec,
-                r.image,
-                if n == 1 { "" } else { "s" },
-                r.error
-                    .as_deref()
-                    .map(|e| format!("  {e}"))
-                    .unwrap_or_default()
-            );
         }
+        return Ok(ExitCode::SUCCESS);
+    }
+    if args.db.is_none() {
+        eprintln!("audit log: {} ({whence})", path.display());
+    }
+    if rows.is_empty() {
+        eprintln!("no inspections match");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let spec_w = rows
+        .iter()
+        .map(|r| r.spec.chars().count())
+        .max()
+        .unwrap_or(0)
+        .max(4);
+    let image_w = rows
+        .iter()
+        .map(|r| r.image.chars().count())
+        .max()
+        .unwrap_or(0)
+        .clamp(5, 60);
+    println!(
+        "{:>6}  {:<25}  {:<7}  {:<spec_w$}  {:<image_w$}  FINDINGS",
+        "ID", "TIME", "VERDICT", "SPEC", "IMAGE"
+    );
+    for r in &rows {
+        println!(
+            "{:>6}  {:<25}  {:<7}  {:<spec_w$}  {:<image_w$}  {}",
+            r.id,
+            r.time,
+            r.verdict.as_deref().unwrap_or("error"),
+            r.spec,
+            r.image,
+            findings(r)
+        );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// What was found, in a few words: the defect classes (with a count where one repeats), the
+/// anomaly score against its threshold, or the error.
+fn findings(r: &audit::HistoryRow) -> String {
+    if let Some(e) = &r.error {
+        return e.clone();
+    }
+    let mut parts = Vec::new();
+    let mut classes: Vec<(String, usize)> = Vec::new();
+    for d in r.defects.as_array().into_iter().flatten() {
+        let class = d["class"].as_str().unwrap_or("?").to_owned();
+        match classes.iter_mut().find(|(c, _)| *c == class) {
+            Some((_, n)) => *n += 1,
+            None => classes.push((class, 1)),
+        }
+    }
+    for (class, n) in classes {
+        parts.push(if n == 1 {
+            class
+        } else {
+            format!("{class} x{n}")
+        });
+    }
+    if let Some(score) = r.anomaly_score {
+        let cmp = match r.anomalous {
+            Some(true) => ">",
+            _ => "<=",
+        };
+        parts.push(match r.anomaly_threshold {
+            Some(t) => format!("anomaly {score:.3} {cmp} {t:.3}"),
+            None => format!("anomaly {score:.3}"),
+        });
+    }
+    if parts.is_empty() {
+        "-".into()
+    } else {
+        parts.join(", ")
+    }
 }

@@ -27,7 +27,7 @@ pub struct SessionArgs {
     #[arg(long, default_value = "loupe-out")]
     pub out: PathBuf,
     /// Audit database: a SQLite file or postgres://user@host/db (default: $LOUPE_DB, else the user's
-    /// data folder, loupe/audit.sqlite).
+    /// data folder, loupe/audit.sqlite). `loupe history` reads the SQLite file written last.
     #[arg(long)]
     pub db: Option<PathBuf>,
     /// Do not write the audit log.
@@ -56,9 +56,10 @@ impl SessionArgs {
         let mut audit = if self.no_audit {
             None
         } else {
-            Some(AuditLog::open(
-                &self.db.clone().unwrap_or_else(audit::default_path),
-            )?)
+            let path = self.db.clone().unwrap_or_else(audit::default_path);
+            let log = AuditLog::open(&path)?;
+            audit::note_written(&path);
+            Some(log)
         };
         let engine = self.model.load_or(spec.model.as_deref())?;
         // Hashed once per weights file; later runs read the digest from the database.
@@ -93,17 +94,7 @@ pub fn record(
     upright: Option<&loupe_core::image::RgbImage>,
 ) -> Result<()> {
     let classes: Vec<String> = spec.defects.iter().map(|d| d.name.clone()).collect();
-    let draw = |img, heat| {
-        overlay::draw(
-            img,
-            rec.verdict,
-            &rec.defects,
-            rec.anomaly.as_ref(),
-            heat,
-            &classes,
-            &spec.name,
-        )
-    };
+    let draw = |img, heat| overlay::draw(img, rec, heat, &classes, &spec.name);
     let ov = upright.map(|img| draw(img, false));
     // With an anomaly map, a second overlay with the heatmap (the report toggles between them).
     let heat = upright
@@ -121,12 +112,20 @@ pub fn summary_line(rec: &Record) -> String {
     let what = match (&rec.error, rec.verdict) {
         (Some(e), _) => format!("ERROR {e}"),
         (None, Some(v)) => {
-            let defects: Vec<String> = rec
+            let boxes: Vec<String> = rec
                 .defects
                 .iter()
                 .map(|d| format!("{} {:?}", d.class, d.box_px))
                 .collect();
-            format!("{} {}", v.as_str().to_uppercase(), defects.join(", "))
+            let mut why = rec.reason();
+            if !boxes.is_empty() {
+                // The classes with their boxes, and the anomaly score where it counted.
+                why = boxes.join(", ");
+                if let Some(a) = rec.anomaly.as_ref().filter(|a| a.anomalous) {
+                    why = format!("{why}, {}", a.summary());
+                }
+            }
+            format!("{} {why}", v.as_str().to_uppercase())
         }
         (None, None) => "ERROR".into(),
     };

@@ -13,7 +13,7 @@ mod serve;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
@@ -106,7 +106,10 @@ fn main() -> ExitCode {
         .with_env_filter(tracing_subscriber::EnvFilter::from_env("LOUPE_LOG"))
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
+    let cli = match parse_args(std::env::args_os()) {
+        Ok(cli) => cli,
+        Err(e) => return e,
+    };
     if let Err(e) = set_limits(&cli.limits) {
         eprintln!("loupe: {e}");
         return ExitCode::from(EXIT_BAD_INPUT);
@@ -135,6 +138,77 @@ fn main() -> ExitCode {
             ExitCode::from(EXIT_BAD_INPUT)
         }
     }
+}
+
+/// The command line, or the exit code after help, the version, or one `loupe:` line for a mistake.
+fn parse_args(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<Cli, ExitCode> {
+    // `--max-tokens -1` must reach the number's parser (a clear "not a whole number"), not be
+    // taken for an unknown flag whose tip would make `-1` the prompt.
+    let command = Cli::command().mut_subcommands(|c| c.allow_negative_numbers(true));
+    command
+        .try_get_matches_from(args)
+        .and_then(|m| Cli::from_arg_matches(&m))
+        .map_err(|e| {
+            use clap::error::ErrorKind;
+            match e.kind() {
+                ErrorKind::DisplayHelp
+                | ErrorKind::DisplayVersion
+                | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+                    let _ = e.print();
+                    ExitCode::from(if e.use_stderr() { EXIT_BAD_INPUT } else { 0 })
+                }
+                _ => {
+                    eprintln!("loupe: {}", one_line(&e));
+                    ExitCode::from(EXIT_BAD_INPUT)
+                }
+            }
+        })
+}
+
+/// A clap error as one line: what is wrong, and a tip where clap has one, without the usage block.
+fn one_line(e: &clap::Error) -> String {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    let text = |k| match e.get(k) {
+        Some(ContextValue::String(s)) => Some(s.clone()),
+        _ => None,
+    };
+    if matches!(
+        e.kind(),
+        ErrorKind::ValueValidation | ErrorKind::InvalidValue
+    ) {
+        if let (Some(arg), Some(value)) = (
+            text(ContextKind::InvalidArg),
+            text(ContextKind::InvalidValue),
+        ) {
+            // `--max-tokens <MAX_TOKENS>` reads as `--max-tokens`.
+            let flag = arg.split(' ').next().unwrap_or(&arg);
+            let why = std::error::Error::source(e)
+                .map(|s| s.to_string())
+                .unwrap_or_default();
+            let wanted = if why.contains("invalid digit") || why.contains("number too large") {
+                Some("a whole number, 0 or more")
+            } else if why.contains("float") {
+                Some("a number")
+            } else {
+                None
+            };
+            if let Some(wanted) = wanted {
+                return format!("{flag}: `{value}` is not {wanted}");
+            }
+        }
+    }
+    let rendered = e.render().to_string();
+    let mut parts = Vec::new();
+    for line in rendered.lines() {
+        let line = line.trim();
+        if line.starts_with("Usage:") || line.starts_with("For more information") {
+            break;
+        }
+        if !line.is_empty() {
+            parts.push(line.strip_prefix("error: ").unwrap_or(line));
+        }
+    }
+    format!("{} (--help lists the options)", parts.join(" "))
 }
 
 /// Sets the number of compute threads; must run before any parallel work starts.
@@ -215,5 +289,59 @@ impl ModelArgs {
                 ..Default::default()
             },
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_flag_and_argument_is_described_in_help() {
+        let cli = Cli::command();
+        cli.clone().debug_assert();
+        let mut missing = Vec::new();
+        for sub in cli.get_subcommands() {
+            for a in sub.get_arguments() {
+                let described = a
+                    .get_help()
+                    .is_some_and(|h| !h.to_string().trim().is_empty());
+                if !described && !a.is_hide_set() && a.get_id() != "help" {
+                    missing.push(format!("loupe {} {}", sub.get_name(), a.get_id()));
+                }
+            }
+        }
+        assert!(missing.is_empty(), "no description: {missing:?}");
+    }
+
+    fn error_line(args: &[&str]) -> String {
+        let args = std::iter::once("loupe").chain(args.iter().copied());
+        let e = Cli::command()
+            .mut_subcommands(|c| c.allow_negative_numbers(true))
+            .try_get_matches_from(args)
+            .expect_err("a parse error");
+        one_line(&e)
+    }
+
+    #[test]
+    fn numbers_out_of_range_read_as_one_line_naming_the_flag() {
+        assert_eq!(
+            error_line(&["run", "--max-tokens", "-1", "hi"]),
+            "--max-tokens: `-1` is not a whole number, 0 or more"
+        );
+        assert_eq!(
+            error_line(&["chat", "--top-p", "most"]),
+            "--top-p: `most` is not a number"
+        );
+        let unknown = error_line(&["history", "--limt", "3"]);
+        assert!(!unknown.contains('\n'), "{unknown}");
+        assert!(
+            unknown.contains("'--limit'"),
+            "clap's tip is kept: {unknown}"
+        );
+        // A negative number is a value, so it reaches the command's own range checks.
+        let cli =
+            parse_args(["loupe", "run", "--temperature", "-1", "hi"].map(std::ffi::OsString::from));
+        assert!(cli.is_ok());
     }
 }

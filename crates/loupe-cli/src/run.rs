@@ -87,13 +87,20 @@ pub struct SamplingArgs {
     /// Sampling temperature; 0 is greedy (default: the checkpoint's generation_config, else greedy).
     #[arg(long)]
     pub temperature: Option<f64>,
-    #[arg(long)]
+    /// Draw only from the K most likely tokens, K at least 1 (default: generation_config, else all).
+    #[arg(long, value_name = "K")]
     pub top_k: Option<usize>,
-    #[arg(long)]
+    /// Draw only from the most likely tokens whose probabilities add up to P, in (0, 1]; 1 keeps
+    /// all (default: generation_config).
+    #[arg(long, value_name = "P")]
     pub top_p: Option<f64>,
-    #[arg(long)]
+    /// Drop tokens less likely than P times the most likely one, in [0, 1]; 0 keeps all (default:
+    /// generation_config).
+    #[arg(long, value_name = "P")]
     pub min_p: Option<f64>,
-    #[arg(long)]
+    /// Make tokens already in the prompt or answer less likely (> 1) or more likely (< 1); 1 is off
+    /// (default: generation_config).
+    #[arg(long, value_name = "X")]
     pub repetition_penalty: Option<f64>,
     /// Seed for sampling, for reproducible runs.
     #[arg(long, default_value_t = 0)]

@@ -138,7 +138,9 @@ pub fn serve(args: ServeArgs) -> Result<()> {
     let db = if args.no_audit {
         None
     } else {
-        Some(args.db.clone().unwrap_or_else(audit::default_path))
+        let path = args.db.clone().unwrap_or_else(audit::default_path);
+        audit::note_written(&path);
+        Some(path)
     };
     let opts = loupe_server::Options {
         host: args.host.clone(),

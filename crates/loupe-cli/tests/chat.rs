@@ -124,3 +124,51 @@ fn images_attach_to_the_next_message_of_a_vision_model() {
     s.send_line("/quit").unwrap();
     s.expect(Eof).unwrap();
 }
+
+/// Ctrl-C while an answer streams stops it at once (the footer says `stopped`, short of the length
+/// the same answer has uninterrupted), and the chat goes on: the next prompt works.
+#[test]
+fn ctrl_c_stops_a_long_answer_and_the_next_prompt_works() {
+    let model = common::fixtures().join("qwen2_vl/gqa2_tied_published");
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_loupe"));
+    cmd.args(["chat", "--model", common::s(&model), "--max-tokens", "3000"])
+        .args(["--temperature", "0"]);
+    let mut s = Session::spawn(cmd).expect("spawn loupe chat in a pty");
+    s.set_expect_timeout(Some(Duration::from_secs(60)));
+    s.expect("/help for commands").unwrap();
+    ready(&mut s);
+    let tokens = |s: &mut Session, stopped: bool| -> usize {
+        let re = if stopped {
+            r"\[(\d+) tokens, [^\]]*\| stopped\]"
+        } else {
+            r"\[(\d+) tokens, [^\]]*from the cache\]"
+        };
+        let m = s.expect(Regex(re)).expect("the answer's footer");
+        String::from_utf8_lossy(m.get(1).unwrap()).parse().unwrap()
+    };
+    // The answer uninterrupted (greedy, so the same each time).
+    s.send_line("Describe the part").unwrap();
+    let whole = tokens(&mut s, false);
+    assert!(whole > 100, "a long answer to interrupt: {whole} tokens");
+    ready(&mut s);
+    s.send_line("/reset").unwrap();
+    s.expect("new conversation").unwrap();
+    ready(&mut s);
+    // The same answer, interrupted as soon as it streams.
+    s.send_line("Describe the part").unwrap();
+    s.expect("Describe the part").unwrap();
+    s.expect(Regex(r"\n[^\r\n]")).unwrap();
+    s.send(expectrl::ControlCode::EndOfText).unwrap();
+    let n = tokens(&mut s, true);
+    assert!(
+        n < whole,
+        "stopped after {n} tokens; uninterrupted it has {whole}"
+    );
+    ready(&mut s);
+    // The chat goes on.
+    s.send_line("/help").unwrap();
+    s.expect("/image PATH").unwrap();
+    ready(&mut s);
+    s.send(expectrl::ControlCode::EndOfTransmission).unwrap();
+    s.expect(Eof).unwrap();
+}

@@ -549,3 +549,30 @@ fn every_family_answers_greedily_as_transformers_from_the_command_line() {
         assert_eq!(v["text"], p["greedy_text"], "{m}");
     }
 }
+
+/// The dataset tool without numpy and Pillow (`python3 -S`: no site-packages) says what to install
+/// and where the pins are, instead of a traceback; the pins file exists and the README names it.
+#[test]
+fn the_dataset_tool_names_its_requirements_when_they_are_missing() {
+    let root = common::root();
+    let Ok(out) = Command::new("python3")
+        .args(["-S", "tools/make_inspection_dataset.py", "--help"])
+        .current_dir(&root)
+        .output()
+    else {
+        assert!(std::env::var_os("CI").is_none(), "python3 is part of CI");
+        return;
+    };
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("tools/requirements-dataset.txt") && !stderr.contains("Traceback"),
+        "{stderr}"
+    );
+    let pins = std::fs::read_to_string(root.join("tools/requirements-dataset.txt")).unwrap();
+    for pkg in ["numpy==", "pillow=="] {
+        assert!(pins.contains(pkg), "{pkg} pinned");
+    }
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    assert!(readme.contains("tools/requirements-dataset.txt"));
+}

@@ -6,7 +6,7 @@ mod common;
 
 use std::path::PathBuf;
 
-use common::{loupe, root, s};
+use common::{root, s};
 use loupe_core::generate::{GenerateParams, SamplingParams};
 use loupe_core::{Engine, LoadOptions};
 use loupe_inspect::inspector::ReuseMode;
@@ -36,13 +36,31 @@ fn labels() -> Vec<(String, String)> {
 fn readme_command_gets_the_labelled_verdicts() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("out");
-    let r = loupe(&[
+    // As the README has it (`--db` inside --out), with a data folder of the test's own.
+    let data = tmp.path().join("data");
+    let db = out.join("audit.sqlite");
+    let run = |args: &[&str]| {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_loupe"))
+            .args(args)
+            .env("XDG_DATA_HOME", &data)
+            .env_remove("LOUPE_DB")
+            .env("HF_HUB_CACHE", "/nonexistent-loupe-test-cache")
+            .output()
+            .unwrap();
+        common::Out {
+            code: o.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        }
+    };
+    let r = run(&[
         "inspect",
         "--spec",
         s(&demo().join("spec.toml")),
         "--out",
         s(&out),
-        "--no-audit",
+        "--db",
+        s(&db),
         s(&demo().join("samples/test")),
     ]);
     // Some samples are defective: exit code 1, and no errors.
@@ -78,6 +96,47 @@ fn readme_command_gets_the_labelled_verdicts() {
     );
     assert!(out.join("report.html").is_file());
     assert!(out.join("overlays").read_dir().unwrap().count() == recs.len());
+    // The model is named as written, not `models/loupe-parts-demo/.`; each overlay keeps its
+    // class folder in its name.
+    for rec in &recs {
+        let model = rec["model"].as_str().unwrap();
+        assert!(model.ends_with("models/loupe-parts-demo"), "{model}");
+    }
+    for class in ["good", "scratch", "dent", "crack", "missing_hole", "stain"] {
+        assert!(
+            out.join("overlays").read_dir().unwrap().any(|e| e
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .contains(&format!("-{class}-"))),
+            "no overlay named for {class}"
+        );
+    }
+
+    // `loupe history` without --db reads the database that inspect just wrote: a header, then one
+    // row per image, the failed ones with their classes.
+    let h = run(&["history", "--limit", "100"]);
+    assert_eq!(h.code, 0, "{}", h.stderr);
+    assert!(h.stderr.contains(s(&db)), "{}", h.stderr);
+    let lines: Vec<&str> = h.stdout.lines().collect();
+    assert_eq!(lines.len(), 1 + recs.len(), "{}", h.stdout);
+    assert!(lines[0]
+        .split_whitespace()
+        .eq(["ID", "TIME", "VERDICT", "SPEC", "IMAGE", "FINDINGS"]));
+    let classes = ["scratch", "dent", "crack", "missing_hole", "stain"];
+    for line in &lines[1..] {
+        let findings = line.rsplit("  ").next().unwrap().trim();
+        if line.contains(" fail ") {
+            assert!(
+                findings
+                    .split(", ")
+                    .all(|f| classes.contains(&f.split(' ').next().unwrap())),
+                "a failed part names its classes: {line}"
+            );
+        } else {
+            assert_eq!(findings, "-", "{line}");
+        }
+    }
 }
 
 #[test]

@@ -168,8 +168,12 @@ fn inspect_a_folder_with_a_corrupt_file_writes_every_output() {
     assert!(h.stdout.lines().count() >= 1);
     assert!(h.stdout.lines().all(|l| l.contains("\"verdict\":null")));
     let h = loupe(&["history", "--db", s(&db), "--image", "corrupt"]);
-    assert_eq!(h.stdout.lines().count(), 1);
-    assert!(h.stdout.contains("corrupt.png"));
+    let lines: Vec<&str> = h.stdout.lines().collect();
+    assert_eq!(lines.len(), 2, "a header and the one row: {}", h.stdout);
+    assert!(lines[0]
+        .split_whitespace()
+        .eq(["ID", "TIME", "VERDICT", "SPEC", "IMAGE", "FINDINGS"]));
+    assert!(lines[1].contains("corrupt.png") && lines[1].contains("error"));
 }
 
 #[test]
@@ -409,6 +413,44 @@ fn eval_scores_the_fixture_dataset() {
     }
     assert!((m["accuracy"].as_f64().unwrap() - correct as f64 / 7.0).abs() < 1e-9);
     assert!(out.join("eval.html").is_file() && out.join("report.html").is_file());
+
+    // The terminal gets a table a person reads, not the JSON: counts, the accuracy as eval.json
+    // has it, and a confusion row per truth class.
+    assert!(
+        r.stdout.starts_with("7 images: 2 good, 5 defective"),
+        "{}",
+        r.stdout
+    );
+    assert!(r.stdout.lines().count() < 30, "{}", r.stdout);
+    let accuracy = format!("{:.1}%", 100.0 * m["accuracy"].as_f64().unwrap());
+    let line = r
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("accuracy"))
+        .unwrap();
+    assert!(line.contains(&accuracy), "{line} != {accuracy}");
+    let confusion = m["confusion"].as_object().unwrap();
+    let table: Vec<&str> = r
+        .stdout
+        .lines()
+        .skip_while(|l| !l.starts_with("confusion"))
+        .collect();
+    assert_eq!(table.len(), 2 + confusion.len(), "{}", r.stdout);
+    // `--json` prints the machine form: eval.json's metrics, on one line.
+    let again = loupe(&[
+        "eval",
+        "--spec",
+        s(&spec()),
+        "--no-audit",
+        "--json",
+        "--out",
+        s(&tmp.path().join("again")),
+        s(&parts()),
+    ]);
+    assert_eq!(again.code, 0, "{}", again.stderr);
+    assert_eq!(again.stdout.lines().count(), 1);
+    let j: Value = serde_json::from_str(&again.stdout).unwrap();
+    assert_eq!(j["metrics"]["confusion"], m["confusion"]);
 }
 
 #[test]

@@ -24,6 +24,30 @@ fn ring(dx: i32, dy: i32, seed: u32, dent: bool) -> RgbImage {
     })
 }
 
+/// The cells of a CSV file written by Loupe (quoted cells may hold commas).
+fn csv_rows(path: &Path) -> Vec<Vec<String>> {
+    let text = std::fs::read_to_string(path).unwrap();
+    text.lines()
+        .map(|line| {
+            let (mut cells, mut cell, mut quoted) = (Vec::new(), String::new(), false);
+            let mut chars = line.chars().peekable();
+            while let Some(c) = chars.next() {
+                match c {
+                    '"' if quoted && chars.peek() == Some(&'"') => {
+                        cell.push('"');
+                        chars.next();
+                    }
+                    '"' => quoted = !quoted,
+                    ',' if !quoted => cells.push(std::mem::take(&mut cell)),
+                    c => cell.push(c),
+                }
+            }
+            cells.push(cell);
+            cells
+        })
+        .collect()
+}
+
 fn write_goods(dir: &Path, n: u32) {
     std::fs::create_dir_all(dir).unwrap();
     for i in 0..n {
@@ -91,6 +115,15 @@ fn learn_writes_a_bank_that_inspect_uses() {
     );
     let bank = tmp.path().join("rings.anomaly.safetensors");
     assert!(bank.is_file(), "the default bank path beside the spec");
+    // The bank is as readable as any file this user writes (a service may run as another user).
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let plain = tmp.path().join("plain");
+        std::fs::write(&plain, b"x").unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&bank), mode(&plain), "bank mode {:o}", mode(&bank));
+    }
     assert!(
         out.stderr.contains("13 learned from, 31 held out"),
         "{}",
@@ -141,6 +174,35 @@ fn learn_writes_a_bank_that_inspect_uses() {
     });
     assert_eq!(heat.count(), 2);
     assert_eq!(by("dented.png")["anomaly"]["anomalous"], true);
+    // Why it failed is in the terminal line's place, the CSV's anomaly columns and the overlay.
+    let a = &by("dented.png")["anomaly"];
+    let (score, threshold) = (
+        a["score"].as_f64().unwrap(),
+        a["threshold"].as_f64().unwrap(),
+    );
+    let mut csv = csv_rows(&out_dir.join("results.csv"));
+    let header = csv.remove(0);
+    let col = |name: &str| header.iter().position(|h| h == name).expect(name);
+    let row = csv.iter().find(|r| r[0].ends_with("dented.png")).unwrap();
+    assert_eq!(row[col("verdict")], "fail");
+    assert_eq!(row[col("anomaly_flagged")], "true");
+    assert!((row[col("anomaly_score")].parse::<f64>().unwrap() - score).abs() < 1e-3);
+    assert!((row[col("anomaly_threshold")].parse::<f64>().unwrap() - threshold).abs() < 1e-3);
+    assert!(row[col("anomaly_regions")].starts_with('['), "{row:?}");
+    assert_eq!(
+        row[col("reason")],
+        format!("anomaly {score:.3} > {threshold:.3}")
+    );
+    let overlay = out_dir.join(&row[col("overlay")]);
+    let img = image::open(&overlay).unwrap();
+    assert!(
+        img.width() >= 384,
+        "a 112-px part is drawn enlarged: {}",
+        img.width()
+    );
+    let fine = csv.iter().find(|r| r[0].ends_with("fine.png")).unwrap();
+    assert_eq!(fine[col("anomaly_flagged")], "false");
+    assert!(fine[col("reason")].contains(" <= "), "{fine:?}");
     assert_eq!(by("fine.png")["verdict"], "pass");
     assert_eq!(
         by("fine.png")["output_tokens"],
@@ -283,4 +345,79 @@ fn learn_and_eval_share_a_seeded_split_and_score_the_maps() {
         ]),
         "--split 1.5 is not between 0 and 1",
     );
+}
+
+/// `examples/inspection.toml`'s `[anomaly]` section does what its comments say: uncommented, after
+/// the `loupe learn` command they give, `loupe inspect` fails a dented part and says why.
+#[test]
+fn the_example_specs_anomaly_section_works_as_its_comments_say() {
+    let tmp = tempfile::tempdir().unwrap();
+    let example = std::fs::read_to_string(root().join("examples/inspection.toml")).unwrap();
+    let mut lines = Vec::new();
+    let mut in_block = false;
+    for line in example.lines() {
+        if line == "# [anomaly]" {
+            in_block = true;
+        }
+        if in_block && line.is_empty() {
+            in_block = false;
+        }
+        lines.push(if in_block {
+            line.strip_prefix("# ").unwrap_or(line).to_owned()
+        } else {
+            line.to_owned()
+        });
+    }
+    assert!(
+        lines.iter().any(|l| l == "[anomaly]"),
+        "the example has an [anomaly] block"
+    );
+    // The example's paths are relative to examples/.
+    let text = lines
+        .join("\n")
+        .replace("\"../", &format!("\"{}/", root().display()));
+    let spec = tmp.path().join("inspection.toml");
+    std::fs::write(&spec, text + "\n").unwrap();
+    let good = tmp.path().join("good");
+    write_goods(&good, 40);
+    let learned = loupe(&[
+        "learn",
+        "--spec",
+        s(&spec),
+        "--method",
+        "variation",
+        "--size",
+        "112",
+        "--holdout",
+        "0.5",
+        "--far",
+        "0.2",
+        s(&good),
+    ]);
+    assert_eq!(learned.code, 0, "{}", learned.stderr);
+    assert!(tmp
+        .path()
+        .join("parts-line-demo.anomaly.safetensors")
+        .is_file());
+    let dented = tmp.path().join("dented.png");
+    ring(0, 0, 7, true).save(&dented).unwrap();
+    let out = tmp.path().join("out");
+    let r = loupe(&[
+        "inspect",
+        "--spec",
+        s(&spec),
+        "--no-audit",
+        "--out",
+        s(&out),
+        s(&dented),
+    ]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(
+        r.stdout.contains("FAIL") && r.stdout.contains("anomaly "),
+        "{}",
+        r.stdout
+    );
+    let rows = csv_rows(&out.join("results.csv"));
+    let col = rows[0].iter().position(|h| h == "anomaly_flagged").unwrap();
+    assert_eq!(rows[1][col], "true");
 }

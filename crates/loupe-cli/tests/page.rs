@@ -244,6 +244,7 @@ fn check_viewport(exe: &Path, video: &Path, frame: (u32, u32), port: u16, size: 
         let st = b.eval(
             "JSON.stringify({verdict: document.body.dataset.verdict || null, \
               banner: document.getElementById('banner').textContent, last: window.loupeLast || null, \
+              hint: document.getElementById('hint').hidden, \
               video: (() => { const r = document.getElementById('video').getBoundingClientRect(); \
                 return {x: r.x, y: r.y, w: r.width, h: r.height}; })(), \
               palette: ['#ff3b30', '#ffcc00', '#34c759', '#0a84ff', '#af52de', '#ff9500', '#5ac8fa', '#ff2d55'], \
@@ -262,6 +263,7 @@ fn check_viewport(exe: &Path, video: &Path, frame: (u32, u32), port: u16, size: 
         );
         std::thread::sleep(Duration::from_millis(250));
     };
+    assert_eq!(state["hint"], true, "the hint is gone once the camera runs");
     let rec = &state["last"]["record"];
     let verdict = rec["verdict"].as_str().unwrap();
     assert_eq!(state["verdict"], verdict);
@@ -336,6 +338,36 @@ fn check_viewport(exe: &Path, video: &Path, frame: (u32, u32), port: u16, size: 
     }
 }
 
+/// With nothing chosen (`?camera=0`), the stage says what to do instead of showing a black pane.
+fn check_empty_stage(exe: &Path, video: &Path, port: u16) {
+    let profile = tempfile::tempdir().unwrap();
+    let mut b = Browser::start(exe, video, profile.path(), 1200, 800);
+    b.call("Page.enable", json!({}));
+    b.call(
+        "Page.navigate",
+        json!({"url": format!("http://127.0.0.1:{port}/?camera=0")}),
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let st = b.eval(
+            "JSON.stringify((() => { const h = document.getElementById('hint'); \
+               const r = h.getBoundingClientRect(); \
+               return {hidden: h.hidden, text: h.textContent, w: r.width, h: r.height, \
+                       specs: document.getElementById('spec').options.length}; })())",
+        );
+        let st: Value = serde_json::from_str(st.as_str().unwrap_or("{}")).unwrap();
+        if st["specs"].as_u64().unwrap_or(0) > 0 {
+            assert_eq!(st["hidden"], false, "{st}");
+            let text = st["text"].as_str().unwrap();
+            assert!(text.contains("Camera") && text.contains("Image"), "{text}");
+            assert!(st["w"].as_f64().unwrap() > 100.0, "the hint has room: {st}");
+            return;
+        }
+        assert!(Instant::now() < deadline, "the page did not load: {st}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 #[test]
 fn live_page_draws_the_defect_box_over_the_camera_at_desktop_and_phone_sizes() {
     let Some(exe) = chromium() else {
@@ -352,6 +384,7 @@ fn live_page_draws_the_defect_box_over_the_camera_at_desktop_and_phone_sizes() {
     let frame = write_y4m(&sample, &video, 10);
     let (mut server, port) = serve_demo();
     let result = std::panic::catch_unwind(|| {
+        check_empty_stage(&exe, &video, port);
         check_viewport(&exe, &video, frame, port, (1200, 800));
         check_viewport(&exe, &video, frame, port, (390, 844));
     });

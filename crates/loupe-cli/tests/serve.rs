@@ -176,6 +176,17 @@ fn openai_api_matches_loupe_run_and_refuses_bad_requests() {
         "{parsed}"
     );
     assert!(parsed["count"].as_u64().unwrap() <= 9);
+    assert_eq!(r.1["choices"][0]["finish_reason"], "stop");
+    // Cut by max_tokens before the schema is complete: `length`, as docs/serving.md says, so a
+    // client knows not to parse it.
+    let r = srv.post_json(
+        "/v1/chat/completions",
+        &chat(json!("Inspect."), json!({"max_tokens": 2, "response_format": {"type": "json_schema", "json_schema": {"name": "v", "schema": schema}}})),
+    );
+    assert_eq!(r.0, 200, "{}", r.1);
+    assert_eq!(r.1["choices"][0]["finish_reason"], "length", "{}", r.1);
+    let cut = r.1["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(serde_json::from_str::<Value>(cut).is_err(), "{cut}");
 
     // Bad requests: each a 4xx naming what is wrong; the server keeps serving.
     let tmp = tempfile::tempdir().unwrap();

@@ -102,6 +102,55 @@ pub struct AnomalyFinding {
     pub map: Option<crate::anomaly::variation::Gray>,
 }
 
+impl AnomalyFinding {
+    /// `anomaly 7.500 > 5.000` (flagged) or `anomaly 1.200 <= 5.000`.
+    pub fn summary(&self) -> String {
+        let cmp = if self.anomalous { ">" } else { "<=" };
+        format!("anomaly {:.3} {cmp} {:.3}", self.score, self.threshold)
+    }
+}
+
+impl Record {
+    /// Why the part got its verdict, in a few words: the error; the defect classes (`scratch x2,
+    /// dent`) and the anomaly score against its threshold when it was flagged; for a fail with
+    /// neither, that the model said so; for a pass, `no defect` or the score under its threshold.
+    pub fn reason(&self) -> String {
+        if let Some(e) = &self.error {
+            return e.clone();
+        }
+        let mut classes: Vec<(&str, usize)> = Vec::new();
+        for d in &self.defects {
+            match classes.iter_mut().find(|(c, _)| *c == d.class) {
+                Some((_, n)) => *n += 1,
+                None => classes.push((&d.class, 1)),
+            }
+        }
+        let mut parts: Vec<String> = classes
+            .into_iter()
+            .map(|(c, n)| {
+                if n == 1 {
+                    c.to_owned()
+                } else {
+                    format!("{c} x{n}")
+                }
+            })
+            .collect();
+        match (&self.anomaly, self.verdict) {
+            (Some(a), Some(Outcome::Pass)) if parts.is_empty() => parts.push(a.summary()),
+            (Some(a), _) if a.anomalous => parts.push(a.summary()),
+            _ => {}
+        }
+        if !parts.is_empty() {
+            return parts.join(", ");
+        }
+        match self.verdict {
+            Some(Outcome::Fail) => "the model's verdict, no defect named".into(),
+            Some(Outcome::Pass) => "no defect".into(),
+            None => "no verdict".into(),
+        }
+    }
+}
+
 /// The class a region gets when it is none of the spec's (`combine = "classify"`).
 pub const OTHER: &str = "other";
 

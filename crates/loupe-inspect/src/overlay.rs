@@ -4,8 +4,10 @@
 use font8x8::UnicodeFonts;
 use image::{Rgb, RgbImage};
 
-use crate::inspector::AnomalyFinding;
-use crate::verdict::{Finding, Outcome};
+use crate::inspector::{AnomalyFinding, Record};
+#[cfg(test)]
+use crate::verdict::Finding;
+use crate::verdict::Outcome;
 
 const PASS: Rgb<u8> = Rgb([22, 140, 60]);
 const FAIL: Rgb<u8> = Rgb([200, 30, 30]);
@@ -94,60 +96,147 @@ fn heatmap(body: &mut RgbImage, a: &AnomalyFinding) {
     }
 }
 
-/// The overlay of one inspected image. `verdict` is `None` for an answer that could not be read.
-/// With an anomaly finding, its regions are outlined and, with `heat`, its map tinted in as a
-/// heatmap.
+/// Images narrower than this are enlarged (by a whole factor, nearest neighbour) for the overlay, so
+/// that boxes, labels and the banner stay legible on a small camera crop.
+pub const MIN_WIDTH: u32 = 384;
+/// Most banner lines: the verdict and title, then the reason, wrapped.
+const MAX_BANNER_LINES: usize = 4;
+
+/// How a `w x h` image is drawn: enlarged `zoom` times, text `scale` pixels per font pixel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Layout {
+    pub zoom: u32,
+    pub scale: i64,
+}
+
+impl Layout {
+    pub fn new(w: u32, h: u32) -> Layout {
+        let zoom = MIN_WIDTH.div_ceil(w.max(1)).clamp(1, 16);
+        let (zw, zh) = (w * zoom, h * zoom);
+        Layout {
+            zoom,
+            scale: i64::from((zw.min(zh) / 320).max(1)),
+        }
+    }
+
+    /// Characters of text that fit across `width` pixels.
+    fn columns(&self, width: u32) -> usize {
+        ((i64::from(width) - 4 * self.scale) / (8 * self.scale)).max(1) as usize
+    }
+}
+
+/// `text` cut into lines of at most `columns` characters, at spaces where it can be, at most `max`
+/// lines (the last one ending in `...` when text was left out).
+pub fn wrap(text: &str, columns: usize, max: usize) -> Vec<String> {
+    let columns = columns.max(4);
+    let mut lines: Vec<String> = Vec::new();
+    let mut line = String::new();
+    for word in text.split_whitespace() {
+        let mut word = word.to_owned();
+        loop {
+            let have = line.chars().count();
+            let need = word.chars().count() + usize::from(have > 0);
+            if have + need <= columns {
+                if have > 0 {
+                    line.push(' ');
+                }
+                line.push_str(&word);
+                break;
+            }
+            if have > 0 {
+                lines.push(std::mem::take(&mut line));
+                continue;
+            }
+            // A word longer than a line is cut.
+            let head: String = word.chars().take(columns).collect();
+            word = word.chars().skip(columns).collect();
+            lines.push(head);
+            if word.is_empty() {
+                break;
+            }
+        }
+    }
+    if !line.is_empty() {
+        lines.push(line);
+    }
+    if lines.len() > max {
+        lines.truncate(max);
+        if let Some(last) = lines.last_mut() {
+            let keep: String = last.chars().take(columns.saturating_sub(3)).collect();
+            *last = format!("{keep}...");
+        }
+    }
+    lines
+}
+
+/// The banner's lines for an image `width` pixels wide: the verdict and title, then why.
+pub fn banner_lines(record: &Record, title: &str, layout: Layout, width: u32) -> Vec<String> {
+    let word = match record.verdict {
+        Some(Outcome::Pass) => "PASS",
+        Some(Outcome::Fail) => "FAIL",
+        None => "ERROR",
+    };
+    let columns = layout.columns(width);
+    let mut lines = wrap(&format!("{word}  {title}"), columns, 1);
+    lines.extend(wrap(
+        &record.reason(),
+        columns,
+        MAX_BANNER_LINES - lines.len(),
+    ));
+    lines
+}
+
+/// The overlay of one inspected record: the image (enlarged to at least [`MIN_WIDTH`] pixels
+/// across), each defect's box in its class colour with its label, the anomaly detector's regions
+/// (with `heat`, its map tinted in), under a banner that gives the verdict and always why.
 pub fn draw(
     upright: &loupe_core::image::RgbImage,
-    verdict: Option<Outcome>,
-    defects: &[Finding],
-    anomaly: Option<&AnomalyFinding>,
+    record: &Record,
     heat: bool,
     classes: &[String],
     title: &str,
 ) -> RgbImage {
-    let (w, h) = (upright.width as u32, upright.height as u32);
-    let scale = i64::from((w.min(h) / 320).max(1));
-    let banner = 12 * scale;
-    let mut img = RgbImage::new(w, h + banner as u32);
+    let (w0, h0) = (upright.width as u32, upright.height as u32);
+    let layout = Layout::new(w0, h0);
+    let (zoom, scale) = (layout.zoom, layout.scale);
+    let (w, h) = (w0 * zoom, h0 * zoom);
     let mut body =
-        RgbImage::from_raw(w, h, upright.data.clone()).unwrap_or_else(|| RgbImage::new(w, h));
+        RgbImage::from_raw(w0, h0, upright.data.clone()).unwrap_or_else(|| RgbImage::new(w0, h0));
+    if zoom > 1 {
+        body = image::imageops::resize(&body, w, h, image::imageops::FilterType::Nearest);
+    }
+    let anomaly = record.anomaly.as_ref();
     if let Some(a) = anomaly.filter(|_| heat) {
         heatmap(&mut body, a);
     }
+    let lines = banner_lines(record, title, layout, w);
+    let line_h = 10 * scale;
+    let banner = line_h * lines.len() as i64 + 2 * scale;
+    let mut img = RgbImage::new(w, h + banner as u32);
     image::imageops::replace(&mut img, &body, 0, banner);
 
-    let (colour, word) = match verdict {
-        Some(Outcome::Pass) => (PASS, "PASS"),
-        Some(Outcome::Fail) => (FAIL, "FAIL"),
-        None => (ERROR, "ERROR"),
+    let colour = match record.verdict {
+        Some(Outcome::Pass) => PASS,
+        Some(Outcome::Fail) => FAIL,
+        None => ERROR,
     };
     fill(&mut img, 0, 0, i64::from(w), banner, colour);
-    let n = defects.len();
-    let mut line = format!(
-        "{word}  {title}  {n} defect{}",
-        if n == 1 { "" } else { "s" }
-    );
-    if let Some(a) = anomaly {
-        line.push_str(&format!("  anomaly {:.2}/{:.2}", a.score, a.threshold));
+    for (i, line) in lines.iter().enumerate() {
+        let y = 2 * scale + i as i64 * line_h;
+        text(&mut img, 2 * scale, y, line, scale, WHITE);
     }
-    text(&mut img, 2 * scale, 2 * scale, &line, scale, WHITE);
 
+    let z = i64::from(zoom);
+    let at = |b: [i64; 4]| [b[0] * z, b[1] * z + banner, b[2] * z, b[3] * z + banner];
     let thick = 2 * scale;
     if let Some(a) = anomaly.filter(|a| a.anomalous) {
         for r in &a.regions {
-            outline(
-                &mut img,
-                [r[0], r[1] + banner, r[2], r[3] + banner],
-                thick,
-                ANOMALY,
-            );
+            outline(&mut img, at(*r), thick, ANOMALY);
         }
     }
-    for d in defects {
+    for d in &record.defects {
         let c = class_colour(classes, &d.class);
-        let [x1, y1, x2, y2] = d.box_px;
-        let (y1, y2) = (y1 + banner, y2 + banner);
+        let [x1, y1, x2, y2] = at(d.box_px);
         outline(&mut img, [x1, y1, x2, y2], thick, c);
         let label = &d.class;
         let lw = text_width(label, scale) + 4 * scale;
@@ -170,4 +259,100 @@ pub fn draw(
         );
     }
     img
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(verdict: Option<Outcome>, classes: &[&str], anomaly: Option<(f32, f32)>) -> Record {
+        let mut r: Record = serde_json::from_value(serde_json::json!({
+            "time": "t", "image": "a.png", "image_sha256": null, "spec": "s", "spec_sha256": "",
+            "model": "m", "weights_sha256": null, "verdict": verdict, "model_verdict": null,
+            "defects": [], "fail_score": null, "frame": null, "raw_output": "",
+            "prompt_tokens": 0, "output_tokens": 0, "error": null,
+            "timings": {"read_ms": 0.0, "prefix_ms": 0.0, "vision_ms": 0.0, "prefill_ms": 0.0,
+                        "decode_ms": 0.0, "total_ms": 0.0},
+        }))
+        .unwrap();
+        for c in classes {
+            r.defects.push(Finding {
+                class: (*c).into(),
+                box_model: [0.0; 4],
+                box_px: [10, 10, 40, 40],
+                box_stored: [10, 10, 40, 40],
+                note: String::new(),
+                pixel_box: Default::default(),
+            });
+        }
+        r.anomaly = anomaly.map(|(score, threshold)| AnomalyFinding {
+            score,
+            threshold,
+            anomalous: score > threshold,
+            regions: vec![[50, 50, 70, 70]],
+            ms: 0.0,
+            map: None,
+        });
+        r
+    }
+
+    #[test]
+    fn the_banner_says_why_a_part_failed_and_fits_any_width() {
+        let anomalous = record(Some(Outcome::Fail), &[], Some((0.8312, 0.5)));
+        let classes = record(Some(Outcome::Fail), &["scratch", "dent", "scratch"], None);
+        let pass = record(Some(Outcome::Pass), &[], Some((0.2, 0.5)));
+        let title = "washers-line-7-station-b";
+        for width in [16u32, 112, 320, 640, 1920] {
+            let layout = Layout::new(width, width);
+            let zoomed = width * layout.zoom;
+            assert!(zoomed >= MIN_WIDTH.min(width * 16), "{width}: {zoomed}");
+            for (r, why) in [
+                (&anomalous, "anomaly 0.831 > 0.500"),
+                (&classes, "scratch x2, dent"),
+                (&pass, "anomaly 0.200 <= 0.500"),
+            ] {
+                let lines = banner_lines(r, title, layout, zoomed);
+                let max = lines
+                    .iter()
+                    .map(|l| text_width(l, layout.scale) + 4 * layout.scale)
+                    .max()
+                    .unwrap();
+                assert!(
+                    max <= i64::from(zoomed),
+                    "{width}: {lines:?} wider than the image"
+                );
+                assert!(lines.len() <= MAX_BANNER_LINES, "{lines:?}");
+                let all = lines[1..].join(" ");
+                assert_eq!(all, why, "{width}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_small_image_is_enlarged_with_its_boxes() {
+        let img = loupe_core::image::RgbImage {
+            width: 112,
+            height: 112,
+            data: vec![90; 112 * 112 * 3],
+            orientation: 1,
+        };
+        let r = record(Some(Outcome::Fail), &["scratch"], Some((0.9, 0.5)));
+        let ov = draw(&img, &r, false, &["scratch".into()], "parts-demo");
+        let zoom = Layout::new(112, 112).zoom;
+        assert_eq!(zoom, 4);
+        assert_eq!(ov.width(), 448);
+        let banner = ov.height() - 448;
+        // The defect's box [10, 10, 40, 40] is outlined at 4x, the anomaly region at 4x too.
+        let scratch = class_colour(&["scratch".into()], "scratch");
+        assert_eq!(*ov.get_pixel(40 * 4 + 1, 25 * 4 + banner), scratch);
+        assert_eq!(*ov.get_pixel(70 * 4 + 1, 60 * 4 + banner), ANOMALY);
+        assert_eq!(ov.get_pixel(25 * 4, 25 * 4 + banner).0, [90, 90, 90]);
+    }
+
+    #[test]
+    fn wrapping_keeps_words_and_marks_what_was_left_out() {
+        assert_eq!(wrap("a bb ccc dddd", 6, 4), ["a bb", "ccc", "dddd"]);
+        assert_eq!(wrap("abcdefghij", 4, 4), ["abcd", "efgh", "ij"]);
+        assert_eq!(wrap("one two three four", 5, 2), ["one", "tw..."]);
+    }
 }

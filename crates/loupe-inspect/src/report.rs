@@ -34,7 +34,7 @@ fn create(path: &Path) -> Result<File> {
     File::create(path).map_err(|e| Error::io(path, e))
 }
 
-const CSV_HEADER: [&str; 10] = [
+const CSV_HEADER: [&str; 16] = [
     "image",
     "verdict",
     "model_verdict",
@@ -45,15 +45,23 @@ const CSV_HEADER: [&str; 10] = [
     "error",
     "total_ms",
     "image_sha256",
+    "reason",
+    "anomaly_score",
+    "anomaly_threshold",
+    "anomaly_flagged",
+    "anomaly_regions",
+    "overlay",
 ];
 
-fn csv_row(record: &Record) -> [String; 10] {
+/// One CSV row; `overlay` is the overlay's path under the output folder (empty without one).
+fn csv_row(record: &Record, overlay: Option<&str>) -> [String; 16] {
     let classes: Vec<&str> = record.defects.iter().map(|d| d.class.as_str()).collect();
     let boxes: Vec<String> = record
         .defects
         .iter()
         .map(|d| format!("{:?}", d.box_px))
         .collect();
+    let a = record.anomaly.as_ref();
     [
         record.image.display().to_string(),
         record.verdict.map_or("error", Outcome::as_str).to_owned(),
@@ -67,7 +75,45 @@ fn csv_row(record: &Record) -> [String; 10] {
         record.error.clone().unwrap_or_default(),
         format!("{:.1}", record.timings.total_ms),
         record.image_sha256.clone().unwrap_or_default(),
+        record.reason(),
+        a.map_or(String::new(), |a| format!("{:.4}", a.score)),
+        a.map_or(String::new(), |a| format!("{:.4}", a.threshold)),
+        a.map_or(String::new(), |a| a.anomalous.to_string()),
+        a.map_or(String::new(), |a| {
+            a.regions
+                .iter()
+                .map(|r| format!("{r:?}"))
+                .collect::<Vec<_>>()
+                .join(";")
+        }),
+        overlay.unwrap_or_default().to_owned(),
     ]
+}
+
+/// The overlay's name for the `n`th record: its number, then the image's folder and name
+/// (`overlays/0003-scratch-001.png` for `.../test/scratch/001.png`), so that images of the same
+/// name in class folders stay apart and say which they are.
+pub fn overlay_name(n: usize, image: &Path, suffix: &str) -> String {
+    let part = |p: Option<&std::ffi::OsStr>| {
+        p.map(|s| {
+            s.to_string_lossy()
+                .chars()
+                .map(|c| {
+                    if c.is_alphanumeric() || "-_.".contains(c) {
+                        c
+                    } else {
+                        '_'
+                    }
+                })
+                .collect::<String>()
+        })
+        .filter(|s| !s.is_empty() && s != "." && s != "..")
+    };
+    let stem = part(image.file_stem()).unwrap_or_else(|| "image".into());
+    match part(image.parent().and_then(Path::file_name)) {
+        Some(folder) => format!("overlays/{n:04}-{folder}-{stem}{suffix}.png"),
+        None => format!("overlays/{n:04}-{stem}{suffix}.png"),
+    }
 }
 
 impl RunOutputs {
@@ -95,13 +141,8 @@ impl RunOutputs {
     pub fn resume(dir: &Path, records: Vec<Record>) -> Result<RunOutputs> {
         let mut cards = Vec::new();
         for record in records {
-            let stem = record
-                .image
-                .file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_else(|| "image".into());
-            let rel = format!("overlays/{:04}-{stem}.png", cards.len());
-            let heat = format!("overlays/{:04}-{stem}.heat.png", cards.len());
+            let rel = overlay_name(cards.len(), &record.image, "");
+            let heat = overlay_name(cards.len(), &record.image, ".heat");
             cards.push(Card {
                 overlay: dir.join(&rel).is_file().then_some(rel),
                 heat: dir.join(&heat).is_file().then_some(heat),
@@ -124,7 +165,7 @@ impl RunOutputs {
         for c in &cards {
             let line = serde_json::to_string(&c.record).map_err(|e| Error::output(&jl, e))?;
             writeln!(jsonl, "{line}").map_err(|e| Error::io(&jl, e))?;
-            csv.write_record(csv_row(&c.record))
+            csv.write_record(csv_row(&c.record, c.overlay.as_deref()))
                 .map_err(|e| Error::output(&cp, e))?;
         }
         jsonl.flush().map_err(|e| Error::io(&jl, e))?;
@@ -149,22 +190,16 @@ impl RunOutputs {
         let jl = self.dir.join("results.jsonl");
         writeln!(self.jsonl, "{line}").map_err(|e| Error::io(&jl, e))?;
         self.jsonl.flush().map_err(|e| Error::io(&jl, e))?;
-        let cp = self.dir.join("results.csv");
-        self.csv
-            .write_record(csv_row(record))
-            .map_err(|e| Error::output(&cp, e))?;
-        self.csv.flush().map_err(|e| Error::io(&cp, e))?;
-
-        let stem = record
-            .image
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "image".into());
         let n = self.cards.len();
         let (overlay, thumbnail) =
-            self.save_overlay(overlay, &format!("overlays/{n:04}-{stem}.png"))?;
+            self.save_overlay(overlay, &overlay_name(n, &record.image, ""))?;
         let (heat, heat_thumbnail) =
-            self.save_overlay(heat, &format!("overlays/{n:04}-{stem}.heat.png"))?;
+            self.save_overlay(heat, &overlay_name(n, &record.image, ".heat"))?;
+        let cp = self.dir.join("results.csv");
+        self.csv
+            .write_record(csv_row(record, overlay.as_deref()))
+            .map_err(|e| Error::output(&cp, e))?;
+        self.csv.flush().map_err(|e| Error::io(&cp, e))?;
         self.cards.push(Card {
             record: record.clone(),
             overlay,
@@ -272,7 +307,7 @@ h1{font-size:20px;margin:0 0 4px}.sub{color:#666;margin-bottom:16px}\
 .card{background:#fff;border:1px solid #ddd;border-radius:6px;padding:8px}.card img{width:100%;display:block;border-radius:3px}\
 .badge{display:inline-block;padding:1px 8px;border-radius:10px;color:#fff;font-weight:600;font-size:12px}\
 .pass{background:#168c3c}.fail{background:#c81e1e}.error{background:#6e6e6e}\
-.name{font-weight:600;word-break:break-all;margin:6px 0 2px}.meta{color:#666;font-size:12px}\
+.name{font-weight:600;overflow-wrap:anywhere;margin:6px 0 2px}.why{font-size:12px;color:#333}.meta{color:#666;font-size:12px}\
 ul{margin:4px 0;padding-left:18px}code{font-size:12px}.toggle{display:block;margin:0 0 12px}\
 #heat:checked~.grid img.hv{display:none}#heat:not(:checked)~.grid img.heat{display:none}";
 
@@ -326,9 +361,17 @@ fn render_html(title: &str, cards: &[Card]) -> String {
                 ));
             }
         }
+        // Long paths wrap after a folder, not inside a name.
         h.push_str(&format!(
-            "<div class=\"name\">{}</div><span class=\"badge {cls}\">{word}</span>",
-            escape(&r.image.display().to_string())
+            "<div class=\"name\">{}</div><span class=\"badge {cls}\">{word}</span> \
+             <span class=\"why\">{}</span>",
+            escape(&r.image.display().to_string()).replace('/', "/<wbr>"),
+            // An error is shown in full below.
+            if r.error.is_some() {
+                String::new()
+            } else {
+                escape(&r.reason())
+            }
         ));
         if let Some(sc) = r.fail_score {
             h.push_str(&format!(" <span class=\"meta\">fail score {sc:.3}</span>"));

@@ -419,7 +419,10 @@ impl Spec {
             let m = m.get_ref();
             let local = dir.join(m);
             if local.exists() {
-                local.display().to_string()
+                // Shown and recorded as a reader writes it, where that names the same folder.
+                let tidy = clean(&local);
+                let same = std::fs::canonicalize(&tidy).ok() == std::fs::canonicalize(&local).ok();
+                if same { tidy } else { local }.display().to_string()
             } else {
                 m.clone()
             }
@@ -486,8 +489,42 @@ pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// `path` without `.` parts and with each `..` taken against the part before it where there is one
+/// (`models/demo/.` is `models/demo`), as a reader writes it; the file system is not asked.
+pub fn clean(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out: Vec<Component> = Vec::new();
+    for c in path.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir if matches!(out.last(), Some(Component::Normal(_))) => {
+                out.pop();
+            }
+            // The root's parent is the root.
+            Component::ParentDir if matches!(out.last(), Some(Component::RootDir)) => {}
+            c => out.push(c),
+        }
+    }
+    if out.is_empty() {
+        return PathBuf::from(".");
+    }
+    out.iter().collect()
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn clean_drops_dots_and_takes_parents() {
+        use super::clean;
+        use std::path::Path;
+        let c = |p: &str| clean(Path::new(p)).display().to_string();
+        assert_eq!(c("models/loupe-parts-demo/."), "models/loupe-parts-demo");
+        assert_eq!(c("examples/../tests/fixtures/x"), "tests/fixtures/x");
+        assert_eq!(c("./."), ".");
+        assert_eq!(c("../a/./b/.."), "../a");
+        assert_eq!(c("/a/../../b"), "/b");
+    }
+
     use super::*;
 
     const GOOD: &str = r#"

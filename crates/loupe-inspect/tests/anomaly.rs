@@ -251,20 +251,24 @@ fn inspector_records_the_anomaly_and_combines_it_with_the_vlm() {
     let (rec, upright) = alone.inspect(&dented);
     let ov = loupe_inspect::overlay::draw(
         upright.as_ref().unwrap(),
-        rec.verdict,
-        &rec.defects,
-        rec.anomaly.as_ref(),
+        &rec,
         true,
         &["dent".to_string()],
         "washers",
     );
-    let banner = ov.height() - SIZE;
+    // The 112-px part is drawn enlarged, under a banner that says why it failed.
+    let zoom = ov.width() / SIZE;
+    assert!(zoom >= 3, "{} px across", ov.width());
+    let banner = ov.height() - SIZE * zoom;
+    let why = rec.anomaly.as_ref().unwrap().summary();
+    assert!(why.contains(" > "), "{why}");
+    assert_eq!(rec.reason(), why);
     let outlined = ov
         .enumerate_pixels()
         .filter(|(_, y, p)| *y >= banner && p.0 == loupe_inspect::overlay::ANOMALY.0)
         .count();
     assert!(outlined > 20, "{outlined} outline pixels");
-    let centre = ov.get_pixel(56 - 25, 56 + banner).0;
+    let centre = ov.get_pixel((56 - 25) * zoom, 56 * zoom + banner).0;
     assert!(
         centre[0] as i32 - centre[1] as i32 > 20,
         "the dent is not tinted: {centre:?}"

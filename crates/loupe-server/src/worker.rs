@@ -344,15 +344,7 @@ fn inspect(
         })
         .inc();
     if let Some(img) = upright {
-        let ov = overlay::draw(
-            &img,
-            record.verdict,
-            &record.defects,
-            record.anomaly.as_ref(),
-            true,
-            classes,
-            spec_name,
-        );
+        let ov = overlay::draw(&img, &record, true, classes, spec_name);
         let mut png = Vec::new();
         if ov
             .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)

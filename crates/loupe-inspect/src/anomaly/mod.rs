@@ -390,9 +390,21 @@ impl Bank {
             .collect::<Result<_>>()?;
         let header = serde_json::to_string(&self.header).map_err(|e| Error::output(path, e))?;
         let meta = HashMap::from([(HEADER_KEY.to_string(), header)]);
+        let bytes =
+            safetensors::serialize(views, Some(meta)).map_err(|e| Error::output(path, e))?;
+        // Written by us, not safetensors' own writer: its temporary file keeps mode 0600, and a
+        // bank must be readable by a service running as another user (the umask decides, as for
+        // any file the user writes).
         let tmp = path.with_extension("partial");
-        safetensors::serialize_to_file(views, Some(meta), &tmp)
-            .map_err(|e| Error::output(&tmp, e))?;
+        let written = std::fs::File::create(&tmp).and_then(|mut f| {
+            use std::io::Write;
+            f.write_all(&bytes)?;
+            f.sync_all()
+        });
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(Error::io(&tmp, e));
+        }
         std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
     }
 

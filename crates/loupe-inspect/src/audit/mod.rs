@@ -26,16 +26,67 @@ pub fn sha256(bytes: &[u8]) -> Vec<u8> {
     Sha256::digest(bytes).to_vec()
 }
 
+/// Loupe's folder in the user's data folder: `$XDG_DATA_HOME/loupe`, else `~/.local/share/loupe`.
+fn data_dir() -> PathBuf {
+    std::env::var_os("XDG_DATA_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
+        .unwrap_or_else(|| PathBuf::from("."))
+        .join("loupe")
+}
+
 /// `$LOUPE_DB`, else `$XDG_DATA_HOME/loupe/audit.sqlite`, else `~/.local/share/loupe/audit.sqlite`.
 pub fn default_path() -> PathBuf {
     if let Some(p) = std::env::var_os("LOUPE_DB") {
         return PathBuf::from(p);
     }
-    let base = std::env::var_os("XDG_DATA_HOME")
+    data_dir().join("audit.sqlite")
+}
+
+/// The note in the data folder naming the SQLite database an inspection last wrote.
+fn last_written_note() -> PathBuf {
+    data_dir().join("last-audit-db")
+}
+
+/// Notes that an inspection wrote to the SQLite database at `path`, so that `loupe history` without
+/// `--db` reads it. A PostgreSQL address is not noted (it may hold a password). Best effort: a
+/// data folder that cannot be written only loses the note.
+pub fn note_written(path: &Path) {
+    if is_postgres(path) {
+        return;
+    }
+    let Ok(path) = std::path::absolute(path) else {
+        return;
+    };
+    let note = last_written_note();
+    let Some(dir) = note.parent() else { return };
+    let tmp = dir.join(format!(".last-audit-db.{}", std::process::id()));
+    let written = std::fs::create_dir_all(dir)
+        .and_then(|()| std::fs::write(&tmp, path.as_os_str().as_encoded_bytes()))
+        .and_then(|()| std::fs::rename(&tmp, &note));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+}
+
+/// The database `loupe history` reads: `--db`, else `$LOUPE_DB`, else the SQLite file an
+/// inspection last wrote (while it exists), else [`default_path`]; with where the choice came from.
+pub fn path_to_read(db: Option<&Path>) -> (PathBuf, &'static str) {
+    if let Some(p) = db {
+        return (p.to_path_buf(), "--db");
+    }
+    if let Some(p) = std::env::var_os("LOUPE_DB") {
+        return (PathBuf::from(p), "$LOUPE_DB");
+    }
+    let last = std::fs::read(last_written_note())
+        .ok()
+        .and_then(|b| String::from_utf8(b).ok())
         .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
-        .unwrap_or_else(|| PathBuf::from("."));
-    base.join("loupe").join("audit.sqlite")
+        .filter(|p| p.is_file());
+    match last {
+        Some(p) => (p, "the last inspection's"),
+        None => (default_path(), "the default"),
+    }
 }
 
 /// Whether `--db` names a PostgreSQL database rather than a SQLite file.
@@ -63,6 +114,8 @@ pub struct HistoryRow {
     pub anomaly_score: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub anomalous: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub anomaly_threshold: Option<f64>,
 }
 
 /// The anomaly columns, added after the table is made (so a database made before them gains them

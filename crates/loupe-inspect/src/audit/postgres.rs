@@ -157,7 +157,7 @@ impl Store for PgStore {
             .client
             .query(
                 "SELECT id, time, image, image_sha256, spec, model, verdict, defects_json, error, total_ms,
-                 anomaly_score, anomalous
+                 anomaly_score, anomalous, anomaly_threshold
                  FROM inspections
                  WHERE ($1::TEXT IS NULL OR COALESCE(verdict, 'error') = $1)
                    AND ($2::TEXT IS NULL OR spec = $2)
@@ -184,6 +184,7 @@ impl Store for PgStore {
                     total_ms: row.get(9),
                     anomaly_score: row.get(10),
                     anomalous: row.get(11),
+                    anomaly_threshold: row.get(12),
                 }
             })
             .collect())

@@ -149,7 +149,7 @@ impl Store for SqliteStore {
             .conn
             .prepare(
                 "SELECT id, time, image, image_sha256, spec, model, verdict, defects_json, error, total_ms,
-                 anomaly_score, anomalous
+                 anomaly_score, anomalous, anomaly_threshold
                  FROM inspections
                  WHERE (?1 IS NULL OR COALESCE(verdict, 'error') = ?1)
                    AND (?2 IS NULL OR spec = ?2)
@@ -176,6 +176,7 @@ impl Store for SqliteStore {
                         total_ms: row.get(9)?,
                         anomaly_score: row.get(10)?,
                         anomalous: row.get(11)?,
+                        anomaly_threshold: row.get(12)?,
                     })
                 },
             )

@@ -191,7 +191,8 @@ pub struct Metrics {
     /// Share of ground-truth boxes (of all defective images) matched by a prediction with IoU >= 0.5.
     pub box_recall_at_50: Option<f64>,
     /// `confusion[truth][predicted]`: predicted is `good` for a pass, the first defect's class for a
-    /// fail (`unknown` when the fail lists none), `error` for a failed inspection.
+    /// fail, `anomaly` for a fail the detector flagged with no class named, `unknown` for any other
+    /// fail that lists none, `error` for a failed inspection.
     pub confusion: BTreeMap<String, BTreeMap<String, usize>>,
     pub per_class: BTreeMap<String, ClassStats>,
 }
@@ -203,6 +204,9 @@ fn ratio(a: usize, b: usize) -> f64 {
         a as f64 / b as f64
     }
 }
+
+/// The confusion matrix's class for a part failed by the anomaly detector with no class named.
+pub const ANOMALY: &str = "anomaly";
 
 pub fn score(samples: &[Scored]) -> Metrics {
     let (mut tp, mut fp, mut tn, mut fn_) = (0, 0, 0, 0);
@@ -223,11 +227,12 @@ pub fn score(samples: &[Scored]) -> Metrics {
                 "error".to_owned()
             }
             Some(false) => "good".to_owned(),
-            Some(true) => s
-                .predicted_classes
-                .first()
-                .cloned()
-                .unwrap_or_else(|| "unknown".into()),
+            Some(true) => match s.predicted_classes.first() {
+                Some(class) => class.clone(),
+                // Failed by the anomaly detector alone.
+                None if s.anomalous == Some(true) => ANOMALY.into(),
+                None => "unknown".into(),
+            },
         };
         // An error never confirms a part: a defective part is missed, a good part is rejected.
         let said_fail = s.predicted_fail.unwrap_or(!defective);
@@ -899,6 +904,22 @@ mod tests {
         );
         let g = &m.per_class["good"];
         assert!((g.recall - 0.75).abs() < 1e-12 && (g.class_accuracy - 0.75).abs() < 1e-12);
+    }
+
+    /// A part failed by the detector alone has its own column in the confusion matrix; a fail
+    /// with neither a class nor a flag stays `unknown`.
+    #[test]
+    fn detector_only_failures_are_their_own_class() {
+        let mut by_detector = s("dent", Some(true), &[], 0.9);
+        by_detector.anomalous = Some(true);
+        let mut by_model = s("good", Some(true), &[], 0.7);
+        by_model.anomalous = Some(false);
+        let mut named = s("scratch", Some(true), &["scratch"], 0.8);
+        named.anomalous = Some(true);
+        let m = score(&[by_detector, by_model, named]);
+        assert_eq!(m.confusion["dent"][ANOMALY], 1);
+        assert_eq!(m.confusion["good"]["unknown"], 1);
+        assert_eq!(m.confusion["scratch"]["scratch"], 1);
     }
 
     /// Pixel AUROC and PRO over two 2x2 maps: a good part, and a part whose defect is the diagonal
