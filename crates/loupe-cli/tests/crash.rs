@@ -132,4 +132,7 @@ fn a_killed_inspection_loses_nothing_and_resumes_where_it_stopped() {
     let unique: HashSet<&String> = images.iter().collect();
     assert_eq!(images.len(), 12, "{jsonl}");
     assert_eq!(unique.len(), 12);
+    // The report shows every image's overlay, those of the killed runs too.
+    let html = std::fs::read_to_string(out.join("report.html")).unwrap();
+    assert_eq!(html.matches("<img class=\"plain\"").count(), 12);
 }

@@ -143,12 +143,15 @@ impl RunOutputs {
         for record in records {
             let rel = overlay_name(cards.len(), &record.image, "");
             let heat = overlay_name(cards.len(), &record.image, ".heat");
+            // The earlier run's overlays come back into the report with their thumbnails.
+            let (overlay, thumbnail) = earlier_overlay(dir, rel);
+            let (heat, heat_thumbnail) = earlier_overlay(dir, heat);
             cards.push(Card {
-                overlay: dir.join(&rel).is_file().then_some(rel),
-                heat: dir.join(&heat).is_file().then_some(heat),
+                overlay,
+                heat,
                 record,
-                thumbnail: None,
-                heat_thumbnail: None,
+                thumbnail,
+                heat_thumbnail,
             });
         }
         Self::open(dir, cards)
@@ -247,6 +250,18 @@ impl RunOutputs {
     /// The records added so far.
     pub fn records(&self) -> impl Iterator<Item = &Record> {
         self.cards.iter().map(|c| &c.record)
+    }
+}
+
+/// An overlay an earlier run wrote at `rel` under `dir`, and its thumbnail; nothing where it is
+/// missing or unreadable (the card then shows no picture).
+fn earlier_overlay(dir: &Path, rel: String) -> (Option<String>, Option<String>) {
+    let thumb = image::open(dir.join(&rel))
+        .ok()
+        .and_then(|img| thumbnail_data_uri(&img.to_rgb8()).ok());
+    match thumb {
+        Some(t) => (Some(rel), Some(t)),
+        None => (None, None),
     }
 }
 

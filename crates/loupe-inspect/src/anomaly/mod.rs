@@ -352,7 +352,7 @@ impl Bank {
             || h.vision_depth != Some(depth)
         {
             return Err(Error::InvalidInput(format!(
-                "the anomaly bank was learned on a {} tower of {} blocks; the model is {} with {depth}",
+                "the anomaly bank was learned on a {} tower of {} blocks; the model is {} with {depth} blocks",
                 h.model_type.as_deref().unwrap_or("?"),
                 h.vision_depth.unwrap_or(0),
                 engine.model_type
