@@ -163,6 +163,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         "dtype": format!("{:?}", engine.dtype).to_lowercase(),
         "quant": engine.quant.map(|q| format!("{q:?}").to_lowercase()),
         "threads": candle_core::utils::get_num_threads(),
+        "kernels": loupe_core::kernels::Isa::detect().name(),
         "load_ms": engine.load_ms,
         "image_encode": images,
         "prefill_tokens": args.prefill_tokens,

@@ -69,5 +69,6 @@ pub fn info(args: InfoArgs) -> Result<()> {
         bytes(i.weights_bytes),
         bytes(i.kv_bytes_per_token * 1000)
     );
+    println!("kernels       {} (this CPU)", i.kernels);
     Ok(())
 }

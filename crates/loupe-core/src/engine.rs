@@ -421,6 +421,8 @@ pub struct ModelInfo {
     pub kv_bytes_per_token: u64,
     pub min_pixels: usize,
     pub max_pixels: usize,
+    /// The instruction set Loupe's kernels run with on this CPU (`kernels::Isa::name`).
+    pub kernels: &'static str,
 }
 
 impl ModelInfo {
@@ -479,6 +481,7 @@ impl ModelInfo {
         };
         let t = &cfg.text;
         Ok(ModelInfo {
+            kernels: crate::kernels::Isa::detect().name(),
             path: files.dir.display().to_string(),
             architecture: match model_type.as_str() {
                 "qwen2_5_vl" => "Qwen2.5-VL: ViT (RMSNorm, SwiGLU, window attention with full-attention \

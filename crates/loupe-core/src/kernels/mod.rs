@@ -81,26 +81,40 @@ pub enum Isa {
     /// multiplies bytes and adds them into 32-bit sums in one instruction. Kernels without a version
     /// of their own for it run their AVX2 version.
     Avx512,
+    /// AArch64's Advanced SIMD (NEON; every AArch64 CPU has it): 32 registers of 128 bits, byte
+    /// products widened with `smull` and summed pairwise with `sadalp`.
+    Neon,
+    /// [`Isa::Neon`] plus the dot-product extension (`sdot`: four byte products summed into each
+    /// 32-bit lane in one instruction). Cortex-A76 (Raspberry Pi 5), Apple A13/M1 and later.
+    NeonDot,
+    /// [`Isa::NeonDot`] plus the 8-bit matrix multiply (`smmla`: a 2x8 by 8x2 tile of bytes into a
+    /// 2x2 tile of 32-bit sums). Apple A15/M2 and later, Neoverse V1/N2, Cortex-A710 and later.
+    /// Kernels without a version of their own for it run their dot-product version.
+    NeonI8mm,
 }
 
 impl Isa {
-    /// The best instruction set this CPU has that our kernels use. `LOUPE_KERNELS=scalar` forces the
-    /// reference (for checking a result), `LOUPE_KERNELS=avx2` the AVX2 kernels on an AVX-512 CPU
-    /// (for comparing the two).
+    /// The best instruction set this CPU has that our kernels use. `LOUPE_KERNELS` names a lower
+    /// one to force it: `scalar` (the reference, for checking a result) anywhere, `avx2` on an
+    /// AVX-512 CPU, `neon` or `dotprod` on an AArch64 CPU with more (for comparing the paths).
     pub fn detect() -> Isa {
         use std::sync::OnceLock;
         static ISA: OnceLock<Isa> = OnceLock::new();
         *ISA.get_or_init(|| {
-            let best = Isa::available().pop().unwrap_or(Isa::Scalar);
-            match std::env::var("LOUPE_KERNELS").as_deref() {
-                Ok("scalar") => Isa::Scalar,
-                Ok("avx2") if best != Isa::Scalar => Isa::Avx2,
-                _ => best,
+            let available = Isa::available();
+            let best = *available.last().unwrap_or(&Isa::Scalar);
+            match std::env::var("LOUPE_KERNELS") {
+                Ok(name) => available
+                    .into_iter()
+                    .find(|i| i.name() == name)
+                    .unwrap_or(best),
+                Err(_) => best,
             }
         })
     }
 
-    /// Every instruction set this CPU can run, for tests that check each path against the reference.
+    /// Every instruction set this CPU can run, lowest first, for tests that check each path
+    /// against the reference.
     pub fn available() -> Vec<Isa> {
         let mut v = vec![Isa::Scalar];
         if has_avx2() {
@@ -109,12 +123,43 @@ impl Isa {
                 v.push(Isa::Avx512);
             }
         }
+        if cfg!(target_arch = "aarch64") {
+            v.push(Isa::Neon);
+            if has_dotprod() {
+                v.push(Isa::NeonDot);
+                if has_i8mm() {
+                    v.push(Isa::NeonI8mm);
+                }
+            }
+        }
         v
+    }
+
+    /// The name `LOUPE_KERNELS` takes, and `loupe info` and `loupe bench` print.
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Scalar => "scalar",
+            Isa::Avx2 => "avx2",
+            Isa::Avx512 => "avx512",
+            Isa::Neon => "neon",
+            Isa::NeonDot => "dotprod",
+            Isa::NeonI8mm => "i8mm",
+        }
     }
 
     /// Whether this path may run AVX2 kernels (every x86 SIMD path can).
     pub fn avx2(self) -> bool {
         matches!(self, Isa::Avx2 | Isa::Avx512)
+    }
+
+    /// Whether this path may run NEON kernels (every AArch64 SIMD path can).
+    pub fn neon(self) -> bool {
+        matches!(self, Isa::Neon | Isa::NeonDot | Isa::NeonI8mm)
+    }
+
+    /// Whether this path may run `sdot` kernels.
+    pub fn dotprod(self) -> bool {
+        matches!(self, Isa::NeonDot | Isa::NeonI8mm)
     }
 }
 
@@ -137,6 +182,58 @@ fn has_avx512() -> bool {
         && std::arch::is_x86_feature_detected!("avx512vnni");
     #[cfg(not(target_arch = "x86_64"))]
     false
+}
+
+/// Whether this CPU has the dot-product extension ([`Isa::NeonDot`]).
+fn has_dotprod() -> bool {
+    #[cfg(target_arch = "aarch64")]
+    return std::arch::is_aarch64_feature_detected!("dotprod");
+    #[cfg(not(target_arch = "aarch64"))]
+    false
+}
+
+/// Whether this CPU has the 8-bit matrix multiply ([`Isa::NeonI8mm`]).
+fn has_i8mm() -> bool {
+    #[cfg(target_arch = "aarch64")]
+    return std::arch::is_aarch64_feature_detected!("i8mm");
+    #[cfg(not(target_arch = "aarch64"))]
+    false
+}
+
+/// The byte instruction Rust's `std::arch` keeps unstable (`vdotq_s32`), as inline assembly of the
+/// one instruction: stable, and what the intrinsic would emit.
+#[cfg(target_arch = "aarch64")]
+pub(crate) mod neon {
+    use core::arch::aarch64::*;
+    use core::arch::asm;
+
+    /// `acc + ` the sums of each 4 byte products of `a` and `b` (`sdot`).
+    #[inline]
+    #[target_feature(enable = "neon,dotprod")]
+    pub unsafe fn sdot(mut acc: int32x4_t, a: int8x16_t, b: int8x16_t) -> int32x4_t {
+        asm!(
+            "sdot {acc:v}.4s, {a:v}.16b, {b:v}.16b",
+            acc = inout(vreg) acc,
+            a = in(vreg) a,
+            b = in(vreg) b,
+            options(pure, nomem, nostack, preserves_flags)
+        );
+        acc
+    }
+
+    /// The sums of each 4 byte products of `a` and `b` without the dot-product extension: the 16
+    /// products widened to 16 bits (`smull`), then summed pairwise twice.
+    #[inline]
+    #[target_feature(enable = "neon")]
+    pub unsafe fn dot_widening(acc: int32x4_t, a: int8x16_t, b: int8x16_t) -> int32x4_t {
+        let lo = vmull_s8(vget_low_s8(a), vget_low_s8(b));
+        let hi = vmull_high_s8(a, b);
+        // Each pair of 16-bit products summed into 32 bits, then adjacent pairs: lane i gets
+        // products 4i..4i+3, as `sdot` would.
+        let lo = vpaddlq_s16(lo);
+        let hi = vpaddlq_s16(hi);
+        vaddq_s32(acc, vpaddq_s32(lo, hi))
+    }
 }
 
 /// Small AVX helpers shared by the kernels' AVX2 paths.

@@ -132,6 +132,12 @@ impl<'a> Q32Rows<'a> {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: the x86 SIMD paths are only handed out when the CPU has AVX2, FMA and F16C.
             Isa::Avx2 | Isa::Avx512 => unsafe { avx2::dot(self.format, w, y) },
+            #[cfg(target_arch = "aarch64")]
+            // SAFETY: the dot-product paths are only handed out when the CPU has `dotprod`.
+            Isa::NeonDot | Isa::NeonI8mm => unsafe { neon::dot_sdot(self.format, w, y) },
+            #[cfg(target_arch = "aarch64")]
+            // SAFETY: every AArch64 CPU has NEON.
+            Isa::Neon => unsafe { neon::dot_widening(self.format, w, y) },
             _ => scalar::dot(self.format, w, y),
         }
     }
@@ -334,6 +340,101 @@ mod avx2 {
     }
 }
 
+/// The NEON versions: each block's 32 codes as two registers of signed bytes, their products with
+/// the activations summed into four 32-bit lanes by `sdot` ([`Isa::NeonDot`]) or by `smull` and
+/// pairwise adds ([`Isa::Neon`]): the same integers as the reference, scaled once per block.
+#[cfg(target_arch = "aarch64")]
+mod neon {
+    use super::*;
+    use crate::kernels::neon::{dot_widening as widening, sdot};
+    use core::arch::aarch64::*;
+
+    /// 16 bytes of nibbles at `p`: the low nibbles (values 0..16), then the high ones (16..32).
+    #[inline(always)]
+    unsafe fn nibbles(p: *const u8) -> (int8x16_t, int8x16_t) {
+        let b = vld1q_u8(p);
+        (
+            vreinterpretq_s8_u8(vandq_u8(b, vdupq_n_u8(0x0F))),
+            vreinterpretq_s8_u8(vshrq_n_u8::<4>(b)),
+        )
+    }
+
+    /// The 32 bits at `p` as 32 bytes: 0x10 where the bit is set, else 0 (Q5's fifth bit).
+    #[inline(always)]
+    unsafe fn fifth_bits(p: *const u8) -> (int8x16_t, int8x16_t) {
+        const LO: [u8; 16] = [0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1];
+        const HI: [u8; 16] = [2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3];
+        const BIT: [u8; 16] = [1, 2, 4, 8, 16, 32, 64, 128, 1, 2, 4, 8, 16, 32, 64, 128];
+        let bits = vreinterpretq_u8_u32(vdupq_n_u32((p as *const u32).read_unaligned()));
+        let mask = vld1q_u8(BIT.as_ptr());
+        // Byte e takes byte e / 8 of the bits, then tests its bit e % 8.
+        let at = |idx: &[u8; 16]| {
+            let spread = vqtbl1q_u8(bits, vld1q_u8(idx.as_ptr()));
+            vreinterpretq_s8_u8(vandq_u8(vtstq_u8(spread, mask), vdupq_n_u8(0x10)))
+        };
+        (at(&LO), at(&HI))
+    }
+
+    #[inline(always)]
+    unsafe fn half_at(p: *const u8, at: usize) -> f32 {
+        f16::from_bits((p.add(at) as *const u16).read_unaligned()).to_f32()
+    }
+
+    /// One block's codes (offset applied) as two registers, and its minimum (0 where none).
+    #[inline(always)]
+    unsafe fn codes(format: Format32, b: *const u8) -> (int8x16_t, int8x16_t, f32) {
+        let off = |(a, b): (int8x16_t, int8x16_t), o: i8| {
+            (vsubq_s8(a, vdupq_n_s8(o)), vsubq_s8(b, vdupq_n_s8(o)))
+        };
+        let or = |(a, b): (int8x16_t, int8x16_t), (c, d): (int8x16_t, int8x16_t)| {
+            (vorrq_s8(a, c), vorrq_s8(b, d))
+        };
+        let ((q0, q1), m) = match format {
+            Format32::Q4_0 => (off(nibbles(b.add(2)), 8), 0.0),
+            Format32::Q4_1 => (nibbles(b.add(4)), half_at(b, 2)),
+            Format32::Q5_0 => (off(or(nibbles(b.add(6)), fifth_bits(b.add(2))), 16), 0.0),
+            Format32::Q5_1 => (or(nibbles(b.add(8)), fifth_bits(b.add(4))), half_at(b, 2)),
+            Format32::Q8_0 => ((vld1q_s8(b.add(2) as _), vld1q_s8(b.add(18) as _)), 0.0),
+        };
+        (q0, q1, m)
+    }
+
+    macro_rules! dot_with {
+        ($(#[$doc:meta])* $name:ident, $features:literal, $dot:ident) => {
+            $(#[$doc])*
+            #[target_feature(enable = $features)]
+            pub unsafe fn $name(format: Format32, w: &[u8], y: &[BlockQ8x32]) -> f32 {
+                let bb = format.block_bytes();
+                let mut acc = vdupq_n_f32(0.0);
+                let mut mins = 0f32;
+                for (i, y) in y.iter().enumerate().take(w.len() / bb) {
+                    let b = w.as_ptr().add(i * bb);
+                    let (q0, q1, m) = codes(format, b);
+                    mins += m * y.s;
+                    let ys = y.qs.as_ptr();
+                    let int = $dot(vdupq_n_s32(0), q0, vld1q_s8(ys));
+                    let int = $dot(int, q1, vld1q_s8(ys.add(16)));
+                    acc = vfmaq_n_f32(acc, vcvtq_f32_s32(int), half_at(b, 0) * y.d);
+                }
+                vaddvq_f32(acc) + mins
+            }
+        };
+    }
+
+    dot_with!(
+        /// [`Isa::NeonDot`]: `sdot`.
+        dot_sdot,
+        "neon,dotprod",
+        sdot
+    );
+    dot_with!(
+        /// [`Isa::Neon`]: `smull` and pairwise adds.
+        dot_widening,
+        "neon",
+        widening
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -417,12 +518,16 @@ mod tests {
         }
     }
 
+    /// Every path this CPU has (AVX2 and AVX-512; NEON, dot product, i8mm), not only the one
+    /// picked.
     #[test]
     fn every_simd_path_equals_the_reference() {
-        let isa = Isa::detect();
-        if isa == Isa::Scalar {
-            return;
+        for isa in Isa::available() {
+            every_format_equals_the_reference(isa);
         }
+    }
+
+    fn every_format_equals_the_reference(isa: Isa) {
         for (f, q) in FORMATS {
             for (cols, seed) in [(32, 4), (96, 5), (576, 6), (32 * 37, 7)] {
                 let data = blocks(q, 5, cols, seed);
@@ -433,7 +538,10 @@ mod tests {
                     // The same integers; only the float sums' order differs (over up to 37
                     // blocks of terms near 1, some cancelling).
                     let tol = 1e-4 * want.abs().max(1.0);
-                    assert!((want - got).abs() <= tol, "{f:?} {cols}: {got} vs {want}");
+                    assert!(
+                        (want - got).abs() <= tol,
+                        "{isa:?} {f:?} {cols}: {got} vs {want}"
+                    );
                 }
             }
         }

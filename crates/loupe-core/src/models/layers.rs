@@ -159,6 +159,11 @@ fn product_in_place(
             return Ok(Some(outs));
         }
     }
+    // The K-quant kernels have x86 versions only; elsewhere candle's (NEON) kernels are faster
+    // than our scalar reference.
+    if !isa.avx2() {
+        return Ok(None);
+    }
     let mut parts = Vec::with_capacity(ms.len());
     for (matrix, _) in ms {
         let Matrix::Quantized(q) = matrix else {
@@ -298,35 +303,39 @@ fn dense_8bit(
     x: &Tensor,
     after: After,
 ) -> Result<Option<Vec<Tensor>>> {
-    use crate::kernels::qmatmul::{f32_8bit_applies, Epilogue};
+    use crate::kernels::qmatmul::f32_8bit_applies;
     let (m, k) = x.dims2()?;
     let (rows, cols) = w.dims2()?;
     if cols != k || w.dtype() != DType::F32 || !f32_8bit_applies(isa, m, k) {
         return Ok(None);
     }
-    let bias = bias
-        .map(|b| b.to_dtype(DType::F32)?.to_vec1::<f32>())
-        .transpose()?;
-    let y = with_f32_values(w, |wv| {
-        with_f32_values(x, |xv| {
-            with_optional_f32_values(after.residual, |residual| {
-                let post = Epilogue {
-                    bias: bias.as_deref(),
-                    gate_alpha: after.gate_alpha,
-                    residual,
-                };
-                #[cfg(target_arch = "x86_64")]
-                return crate::kernels::qmatmul::matmul_f32_8bit(isa, wv, rows, xv, m, &post);
-                #[cfg(not(target_arch = "x86_64"))]
-                {
-                    let _ = (post, wv, xv);
-                    unreachable!("f32_8bit_applies is false off x86")
-                }
+    // The 8-bit tiles of f32 weights exist on x86 only (`f32_8bit_applies` is false elsewhere).
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (bias, after, rows);
+        Ok(None)
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        use crate::kernels::qmatmul::Epilogue;
+        let bias = bias
+            .map(|b| b.to_dtype(DType::F32)?.to_vec1::<f32>())
+            .transpose()?;
+        let y = with_f32_values(w, |wv| {
+            with_f32_values(x, |xv| {
+                with_optional_f32_values(after.residual, |residual| {
+                    let post = Epilogue {
+                        bias: bias.as_deref(),
+                        gate_alpha: after.gate_alpha,
+                        residual,
+                    };
+                    crate::kernels::qmatmul::matmul_f32_8bit(isa, wv, rows, xv, m, &post)
+                })
             })
-        })
-    })???;
-    let y = Tensor::from_vec(y, (m, rows), x.device())?.to_dtype(x.dtype())?;
-    Ok(Some(vec![y]))
+        })???;
+        let y = Tensor::from_vec(y, (m, rows), x.device())?.to_dtype(x.dtype())?;
+        Ok(Some(vec![y]))
+    }
 }
 
 /// [`with_f32_values`] of a tensor that may be absent.
@@ -639,7 +648,8 @@ fn norm_in_place(
     let isa = Isa::detect();
     let dim = weight.elem_count();
     let fits = x.dims().last() == Some(&dim) && bias.is_none_or(|b| b.elem_count() == dim);
-    if isa == Isa::Scalar || !fits || x.dtype() != DType::F32 || !x.device().is_cpu() {
+    // x86 versions only, so far: elsewhere candle's norm.
+    if !isa.avx2() || !fits || x.dtype() != DType::F32 || !x.device().is_cpu() {
         return Ok(None);
     }
     let x = x.contiguous()?;
@@ -726,7 +736,7 @@ impl Activation {
         };
         let isa = Isa::detect();
         let fits = |t: &Tensor| t.dtype() == DType::F32 && t.device().is_cpu();
-        if isa == Isa::Scalar || !fits(x) || up.is_some_and(|u| !fits(u) || u.dims() != x.dims()) {
+        if !isa.avx2() || !fits(x) || up.is_some_and(|u| !fits(u) || u.dims() != x.dims()) {
             return Ok(None);
         }
         let mut out = vec![0f32; x.elem_count()];
@@ -920,7 +930,7 @@ fn decode_attention_in_place(
         && matches!(kv_dtype, DType::F32 | DType::F16)
         && v.dtype() == kv_dtype
         && [q, k, v].iter().all(|t| t.device().is_cpu());
-    if isa == Isa::Scalar || b != 1 || sq > MATVEC_MAX_ROWS || sq > sk || !fits {
+    if !isa.avx2() || b != 1 || sq > MATVEC_MAX_ROWS || sq > sk || !fits {
         return Ok(None);
     }
     let (ks, kl) = k.storage_and_layout();
@@ -1289,7 +1299,7 @@ fn segment_attention_in_place(
     use crate::kernels::Isa;
     let isa = Isa::detect();
     let (b, heads, n, dim) = q.dims4()?;
-    let fits = isa != Isa::Scalar
+    let fits = isa.avx2()
         && b == 1
         && segments.iter().sum::<usize>() == n
         && [q, k, v].iter().all(|t| {
@@ -1474,7 +1484,7 @@ mod tests {
                 .unwrap()
                 .is_none()
         );
-        let has_simd = crate::kernels::Isa::detect() != crate::kernels::Isa::Scalar;
+        let has_simd = crate::kernels::Isa::detect().avx2();
         assert_eq!(
             product_in_place(&[(&a.weight, None)], &wide, After::default())
                 .unwrap()
