@@ -58,13 +58,13 @@ case "${1:-}" in
     ;;
   test)
     # The test binaries once, then run under each CPU level.
-    with_settings cargo test --target $target -p loupe-core --no-run
+    with_settings cargo test --target $target -p loupe-core --lib --tests --no-run
     for cpu in cortex-a53 cortex-a76 max; do
       echo "aarch64: kernel tests at -cpu $cpu"
       QEMU_CPU=$cpu with_settings cargo test --target $target -p loupe-core --lib -- kernels::
     done
     echo "aarch64: parity tests at -cpu max"
-    QEMU_CPU=max with_settings cargo test --target $target -p loupe-core --tests \
+    QEMU_CPU=max with_settings cargo test --target $target -p loupe-core --lib --tests \
       -- --skip kernels::
     ;;
   cargo)

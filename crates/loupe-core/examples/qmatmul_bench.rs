@@ -165,9 +165,17 @@ fn requantization_error(dev: &Device) -> candle_core::Result<()> {
     merger_error(dev)
 }
 
+/// The 8-bit tiles of f32 weights are x86 only.
+#[cfg(not(target_arch = "x86_64"))]
+fn merger_error(_dev: &Device) -> candle_core::Result<()> {
+    println!("f32 weights on 8-bit tiles: x86 only");
+    Ok(())
+}
+
 /// The error of f32 weights multiplied on the 8-bit tiles (the vision merger of a quantized tower,
 /// `docs/quantization.md`), and the time against candle's f32 product, on the merger's first
 /// matrix for a 448² image: 256 rows of 5120 by 5120 x 5120.
+#[cfg(target_arch = "x86_64")]
 fn merger_error(dev: &Device) -> candle_core::Result<()> {
     use loupe_core::kernels::qmatmul::matmul_f32_8bit;
     let (m, k, n) = (256, 5120, 5120);
