@@ -5,7 +5,6 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 
 use loupe_core::generate::{Conversation, GenerateParams};
 use loupe_core::image::ImageInput;
@@ -58,7 +57,6 @@ struct Chat {
     /// Attached with /image, for the next message.
     pending: Vec<(PathBuf, ImageInput)>,
     params: GenerateParams,
-    stop: Arc<AtomicBool>,
 }
 
 pub fn chat(args: ChatArgs) -> Result<()> {
@@ -79,14 +77,8 @@ pub fn chat(args: ChatArgs) -> Result<()> {
     keep_output_on_interrupt();
     let mut editor = rustyline::DefaultEditor::new()
         .map_err(|e| Error::InvalidInput(format!("cannot open the terminal: {e}")))?;
-    // Ctrl-C while an answer is written sets the flag (at the prompt the line editor reads Ctrl-C
-    // as a key). Registered after the editor: rustyline sets its own SIGINT handler when it opens
-    // the terminal, replacing any set before; signal-hook keeps the editor's and calls it after
-    // ours. (rustyline's `signal-hook` feature would leave SIGINT alone, but its reader then waits
-    // on the terminal with keys already read into its buffer: typed lines hang.)
-    let stop = Arc::new(AtomicBool::new(false));
-    signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())
-        .map_err(|e| Error::InvalidInput(format!("cannot watch Ctrl-C: {e}")))?;
+    // After the editor: it sets its own SIGINT handler when it opens the terminal.
+    watch_interrupt()?;
     let mut chat = Chat {
         conversation: Conversation::new(&engine),
         engine,
@@ -95,7 +87,6 @@ pub fn chat(args: ChatArgs) -> Result<()> {
         images: Vec::new(),
         pending: Vec::new(),
         params,
-        stop,
     };
     eprintln!(
         "loupe chat: {} ({}). /help for commands, Ctrl-D to leave.",
@@ -123,6 +114,47 @@ pub fn chat(args: ChatArgs) -> Result<()> {
             Ok(false) => break,
             Err(e) => eprintln!("loupe: {e}"),
         }
+    }
+    Ok(())
+}
+
+/// Set by Ctrl-C (SIGINT) while an answer streams; cleared before each answer.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// Makes SIGINT set [`INTERRUPTED`] (at the prompt the line editor reads Ctrl-C as a key, the
+/// terminal being raw). Must run after the editor opens the terminal: rustyline then sets a SIGINT
+/// handler of its own that only writes to its pipe, so ours would never run. Ours replaces it for
+/// as long as the editor lives, with no chaining: signal-hook would call rustyline's after ours,
+/// leaving a byte in its pipe that a later window resize reads as a Ctrl-C at the prompt (the line
+/// being typed is lost). rustyline's `signal-hook` feature would leave SIGINT alone, but its reader
+/// then waits on the terminal with keys already in its buffer: typed lines hang.
+fn watch_interrupt() -> Result<()> {
+    #[cfg(unix)]
+    {
+        extern "C" fn on_sigint(_: libc::c_int) {
+            INTERRUPTED.store(true, Ordering::Relaxed);
+        }
+        // SAFETY: a zeroed sigaction with its handler, an empty mask and SA_RESTART set; the
+        // handler only stores to an atomic (async-signal-safe).
+        let failed = unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_sigint as *const () as usize;
+            sa.sa_flags = libc::SA_RESTART;
+            libc::sigemptyset(&mut sa.sa_mask);
+            libc::sigaction(libc::SIGINT, &sa, std::ptr::null_mut()) != 0
+        };
+        if failed {
+            let e = std::io::Error::last_os_error();
+            return Err(Error::InvalidInput(format!("cannot watch Ctrl-C: {e}")));
+        }
+    }
+    #[cfg(not(unix))]
+    // SAFETY: the action only stores to an atomic.
+    unsafe {
+        signal_hook::low_level::register(signal_hook::consts::SIGINT, || {
+            INTERRUPTED.store(true, Ordering::Relaxed)
+        })
+        .map_err(|e| Error::InvalidInput(format!("cannot watch Ctrl-C: {e}")))?;
     }
     Ok(())
 }
@@ -233,11 +265,11 @@ impl Chat {
     fn answer(&mut self) -> Result<()> {
         let e = &self.engine;
         let prompt = e.prompt_from_messages(&self.messages(), &self.images, &e.preprocessor)?;
-        self.stop.store(false, Ordering::Relaxed);
+        INTERRUPTED.store(false, Ordering::Relaxed);
         let mut stdout = std::io::stdout().lock();
         let (out, stats) =
             self.conversation
-                .reply(e, &prompt, &self.params, &self.stop, &mut |piece| {
+                .reply(e, &prompt, &self.params, &INTERRUPTED, &mut |piece| {
                     let _ = stdout.write_all(piece.as_bytes());
                     let _ = stdout.flush();
                 })?;

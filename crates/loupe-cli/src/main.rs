@@ -102,9 +102,12 @@ fn main() -> ExitCode {
             .unwrap_or_default();
         eprintln!("loupe: internal error{at}: {msg} (please report this)");
     }));
+    // Colours only on a terminal: a service's log file gets plain text.
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr());
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_env("LOUPE_LOG"))
         .with_writer(std::io::stderr)
+        .with_ansi(colour)
         .init();
     let cli = match parse_args(std::env::args_os()) {
         Ok(cli) => cli,

@@ -208,3 +208,38 @@ fn streaming_byte_fallback_runs_that_turn_invalid_ends_on_the_full_decode() {
         assert!(!shown.is_empty(), "{p}: nothing shown");
     }
 }
+
+/// A stop string that a byte-fallback token completes (a newline is `<0x0A>` in this vocabulary)
+/// stops the stream at once and is never shown, whether the answer goes on or ends right after it.
+#[test]
+fn a_stop_string_inside_a_byte_run_stops_the_stream() {
+    use loupe_core::tokenize::TextStream;
+    let e = gguf("phi3.gguf");
+    let newline = e
+        .tokenizer
+        .token_to_id("<0x0A>")
+        .expect("a byte token for \\n");
+    let hello = e.tokenizer.encode_rendered("Hello").unwrap();
+    for then_more in [false, true] {
+        let mut ids = hello.clone();
+        ids.push(newline);
+        if then_more {
+            ids.extend(&hello);
+        }
+        let mut s = TextStream::new(&e.tokenizer, vec!["\n".into()]);
+        let mut shown = String::new();
+        for &id in &ids {
+            shown += &s.push(id).unwrap();
+            if s.stopped() {
+                break;
+            }
+        }
+        shown += &s.finish().unwrap();
+        assert!(s.stopped(), "then_more {then_more}");
+        assert_eq!(shown, s.text());
+        assert!(
+            !shown.contains('\n') && shown.ends_with("Hello"),
+            "{shown:?}"
+        );
+    }
+}

@@ -111,7 +111,14 @@ pub struct Layout {
 
 impl Layout {
     pub fn new(w: u32, h: u32) -> Layout {
-        let zoom = MIN_WIDTH.div_ceil(w.max(1)).clamp(1, 16);
+        // Enlarged no more than to 16 million pixels (a tall sliver stays as it is).
+        let pixels = u64::from(w.max(1)) * u64::from(h.max(1));
+        let room = ((16u64 << 20) / pixels).max(1);
+        let most = (1..=16u32)
+            .rev()
+            .find(|z| u64::from(*z).pow(2) <= room)
+            .unwrap_or(1);
+        let zoom = MIN_WIDTH.div_ceil(w.max(1)).clamp(1, most);
         let (zw, zh) = (w * zoom, h * zoom);
         Layout {
             zoom,
@@ -347,6 +354,14 @@ mod tests {
         assert_eq!(*ov.get_pixel(40 * 4 + 1, 25 * 4 + banner), scratch);
         assert_eq!(*ov.get_pixel(70 * 4 + 1, 60 * 4 + banner), ANOMALY);
         assert_eq!(ov.get_pixel(25 * 4, 25 * 4 + banner).0, [90, 90, 90]);
+    }
+
+    #[test]
+    fn a_tall_sliver_is_not_enlarged_past_16_million_pixels() {
+        assert_eq!(Layout::new(1, 16 << 20).zoom, 1);
+        // 2 x 1 M pixels: 16x would be 512 M; 2x is 8 M, 3x 18 M.
+        assert_eq!(Layout::new(2, 1 << 20).zoom, 2);
+        assert_eq!(Layout::new(112, 112).zoom, 4);
     }
 
     #[test]

@@ -94,10 +94,12 @@ fn csv_row(record: &Record, overlay: Option<&str>) -> [String; 16] {
 /// (`overlays/0003-scratch-001.png` for `.../test/scratch/001.png`), so that images of the same
 /// name in class folders stay apart and say which they are.
 pub fn overlay_name(n: usize, image: &Path, suffix: &str) -> String {
+    // Each part at most 60 characters, so the name stays far below a file system's 255 bytes.
     let part = |p: Option<&std::ffi::OsStr>| {
         p.map(|s| {
             s.to_string_lossy()
                 .chars()
+                .take(60)
                 .map(|c| {
                     if c.is_alphanumeric() || "-_.".contains(c) {
                         c
@@ -193,16 +195,17 @@ impl RunOutputs {
         let jl = self.dir.join("results.jsonl");
         writeln!(self.jsonl, "{line}").map_err(|e| Error::io(&jl, e))?;
         self.jsonl.flush().map_err(|e| Error::io(&jl, e))?;
+        // The CSV row first, as the JSON line: a failure to write a picture loses no row.
         let n = self.cards.len();
-        let (overlay, thumbnail) =
-            self.save_overlay(overlay, &overlay_name(n, &record.image, ""))?;
-        let (heat, heat_thumbnail) =
-            self.save_overlay(heat, &overlay_name(n, &record.image, ".heat"))?;
+        let rel = overlay_name(n, &record.image, "");
         let cp = self.dir.join("results.csv");
         self.csv
-            .write_record(csv_row(record, overlay.as_deref()))
+            .write_record(csv_row(record, overlay.is_some().then_some(rel.as_str())))
             .map_err(|e| Error::output(&cp, e))?;
         self.csv.flush().map_err(|e| Error::io(&cp, e))?;
+        let (overlay, thumbnail) = self.save_overlay(overlay, &rel)?;
+        let (heat, heat_thumbnail) =
+            self.save_overlay(heat, &overlay_name(n, &record.image, ".heat"))?;
         self.cards.push(Card {
             record: record.clone(),
             overlay,

@@ -42,6 +42,7 @@ const TILE: usize = 32;
 /// Query rows per kernel call.
 const R: usize = 4;
 /// Key blocks (of 16) per score-kernel call.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 const JB: usize = 4;
 /// Keys per block of the weighted sum: one scale for a row's softmax weights over the block, and
 /// its integer sums taken into f32 at its end.
@@ -134,6 +135,7 @@ pub fn weight_codes(e: &[f32], p: &mut [i16], scales: &mut [f32]) {
 
 /// One segment and head's queries, keys and values, packed.
 #[derive(Default)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 struct Packed {
     /// `(d.keys, 4 * d.quads)`: each query row's 8-bit codes (times the scale), zero padding.
     queries: Vec<i8>,
@@ -475,6 +477,7 @@ fn tile(
     if s.weights.len() < padded * d.keys {
         s.weights.resize(padded * d.keys, 0);
     }
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
     let qs = span.start..span.start + padded;
     // SAFETY: `available` said the CPU has AVX-512 F, BW and VNNI (checked by `segment_attention`);
     // the buffers hold `padded` rows of what each product reads and writes.

@@ -232,6 +232,7 @@ fn first_largest(xs: &[f32]) -> f32 {
 }
 
 /// [`quantize_q8k`] of each of the `m` rows of `x`, rows spread over candle's thread pool.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 fn quantize_rows(isa: Isa, x: &[f32], m: usize) -> Vec<BlockQ8K> {
     if m <= 1 {
         return quantize_q8k_with(isa, x);
@@ -291,6 +292,7 @@ pub fn matvec(isa: Isa, ws: &[QRows], x: &[f32], m: usize) -> Vec<Vec<f32>> {
 }
 
 /// Weight rows unpacked together by [`matmul_q4k`]: one `maddubs` register holds 4 values of each.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 const TILE_ROWS: usize = 8;
 
 /// What a product does to its output values before it stores them, in this order: add `bias[j]`,

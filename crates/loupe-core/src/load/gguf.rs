@@ -697,6 +697,10 @@ fn added_tokens(tokens: &[String], types: &[i64]) -> Vec<Value> {
         .collect()
 }
 
+/// The longest token a rebuilt SentencePiece vocabulary makes by merges (real vocabularies' longest
+/// are a few dozen bytes; Gemma's runs of spaces 31).
+const MAX_MERGED_TOKEN_BYTES: usize = 1024;
+
 /// The SentencePiece layouts transformers rebuilds from a GGUF's vocabulary.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Spm {
@@ -740,6 +744,11 @@ fn sentencepiece_tokenizer(
     // (score of the merged token, left chars, right chars, left, right)
     let mut merges: Vec<(f64, usize, usize, &str, &str)> = Vec::new();
     for piece in &order {
+        // Each cut costs a lookup of both halves: a token longer than any real one (a hostile
+        // file's megabyte token) gets no merges rather than hours of hashing.
+        if piece.len() > MAX_MERGED_TOKEN_BYTES {
+            continue;
+        }
         let score = scores[id[piece]];
         let mut local: Vec<(usize, usize, &str, &str)> = piece
             .char_indices()

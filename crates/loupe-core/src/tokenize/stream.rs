@@ -38,7 +38,7 @@ impl<'a> TextStream<'a> {
         // valid, else every byte as U+FFFD. So `<0x49><0x6B>` reads "Ik" until a `<0xFA>` turns
         // the run into three U+FFFD: wait for the run to end.
         if self.is_byte_token(id) {
-            return Ok(String::new());
+            return self.check_inside_run();
         }
         let full = self.tokenizer.decode(&self.ids)?;
         // An incomplete UTF-8 sequence decodes to U+FFFD at the end: wait for the next token.
@@ -61,6 +61,10 @@ impl<'a> TextStream<'a> {
         if !self.stopped {
             let full = self.tokenizer.decode(&self.ids)?;
             self.update(full);
+            if let Some(cut) = self.first_stop() {
+                self.text.truncate(cut);
+                self.stopped = true;
+            }
         }
         let end = self.text.len();
         Ok(self.take(end))
@@ -72,6 +76,25 @@ impl<'a> TextStream<'a> {
 
     pub fn text(&self) -> &str {
         &self.text
+    }
+
+    /// Inside a byte-fallback run: nothing is shown until the run ends, but a stop string its text
+    /// completes (a newline is the byte token `<0x0A>` in such vocabularies) stops the stream now,
+    /// showing what came before it.
+    fn check_inside_run(&mut self) -> Result<String> {
+        let full = self.tokenizer.decode(&self.ids)?;
+        if self.stop_strings.is_empty() || full.ends_with('\u{FFFD}') {
+            return Ok(String::new());
+        }
+        let kept = (self.text.clone(), self.emitted);
+        self.update(full);
+        if let Some(cut) = self.first_stop() {
+            self.text.truncate(cut);
+            self.stopped = true;
+            return Ok(self.take(cut));
+        }
+        (self.text, self.emitted) = kept;
+        Ok(String::new())
     }
 
     /// Takes `full`, the decode of every id so far, as the text. Text already shown cannot be taken

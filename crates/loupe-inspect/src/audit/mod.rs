@@ -69,6 +69,16 @@ pub fn note_written(path: &Path) {
     }
 }
 
+/// A path written as its bytes (any bytes on Unix; UTF-8 elsewhere).
+fn path_from_bytes(b: Vec<u8>) -> Option<PathBuf> {
+    #[cfg(unix)]
+    return Some(PathBuf::from(
+        <std::ffi::OsString as std::os::unix::ffi::OsStringExt>::from_vec(b),
+    ));
+    #[cfg(not(unix))]
+    String::from_utf8(b).ok().map(PathBuf::from)
+}
+
 /// The database `loupe history` reads: `--db`, else `$LOUPE_DB`, else the SQLite file an
 /// inspection last wrote (while it exists), else [`default_path`]; with where the choice came from.
 pub fn path_to_read(db: Option<&Path>) -> (PathBuf, &'static str) {
@@ -80,8 +90,7 @@ pub fn path_to_read(db: Option<&Path>) -> (PathBuf, &'static str) {
     }
     let last = std::fs::read(last_written_note())
         .ok()
-        .and_then(|b| String::from_utf8(b).ok())
-        .map(PathBuf::from)
+        .and_then(path_from_bytes)
         .filter(|p| p.is_file());
     match last {
         Some(p) => (p, "the last inspection's"),
