@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use loupe_inspect::audit::{self, AuditLog, Filter};
+use loupe_inspect::inspector::{anomaly_summary, class_counts};
 use loupe_inspect::{Error, Result};
 
 #[derive(clap::Args, Debug)]
@@ -99,29 +100,11 @@ fn findings(r: &audit::HistoryRow) -> String {
     if let Some(e) = &r.error {
         return e.clone();
     }
-    let mut parts = Vec::new();
-    let mut classes: Vec<(String, usize)> = Vec::new();
-    for d in r.defects.as_array().into_iter().flatten() {
-        let class = d["class"].as_str().unwrap_or("?").to_owned();
-        match classes.iter_mut().find(|(c, _)| *c == class) {
-            Some((_, n)) => *n += 1,
-            None => classes.push((class, 1)),
-        }
-    }
-    for (class, n) in classes {
-        parts.push(if n == 1 {
-            class
-        } else {
-            format!("{class} x{n}")
-        });
-    }
+    let classes = r.defects.as_array().into_iter().flatten();
+    let mut parts = class_counts(classes.map(|d| d["class"].as_str().unwrap_or("?")));
     if let Some(score) = r.anomaly_score {
-        let cmp = match r.anomalous {
-            Some(true) => ">",
-            _ => "<=",
-        };
         parts.push(match r.anomaly_threshold {
-            Some(t) => format!("anomaly {score:.3} {cmp} {t:.3}"),
+            Some(t) => anomaly_summary(score, t, r.anomalous == Some(true)),
             None => format!("anomaly {score:.3}"),
         });
     }

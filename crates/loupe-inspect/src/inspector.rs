@@ -102,11 +102,39 @@ pub struct AnomalyFinding {
     pub map: Option<crate::anomaly::variation::Gray>,
 }
 
+/// `anomaly 7.500 > 5.000` (flagged) or `anomaly 1.200 <= 5.000`: the words of the overlay, the
+/// CSV's `reason` and `loupe history`.
+pub fn anomaly_summary(score: f64, threshold: f64, flagged: bool) -> String {
+    let cmp = if flagged { ">" } else { "<=" };
+    format!("anomaly {score:.3} {cmp} {threshold:.3}")
+}
+
+/// Each defect class once, in the order first seen, with its count where it repeats (`scratch x2`,
+/// `dent`).
+pub fn class_counts<'a>(classes: impl IntoIterator<Item = &'a str>) -> Vec<String> {
+    let mut counts: Vec<(&str, usize)> = Vec::new();
+    for class in classes {
+        match counts.iter_mut().find(|(c, _)| *c == class) {
+            Some((_, n)) => *n += 1,
+            None => counts.push((class, 1)),
+        }
+    }
+    counts
+        .into_iter()
+        .map(|(c, n)| {
+            if n == 1 {
+                c.to_owned()
+            } else {
+                format!("{c} x{n}")
+            }
+        })
+        .collect()
+}
+
 impl AnomalyFinding {
-    /// `anomaly 7.500 > 5.000` (flagged) or `anomaly 1.200 <= 5.000`.
+    /// [`anomaly_summary`] of this finding.
     pub fn summary(&self) -> String {
-        let cmp = if self.anomalous { ">" } else { "<=" };
-        format!("anomaly {:.3} {cmp} {:.3}", self.score, self.threshold)
+        anomaly_summary(self.score.into(), self.threshold.into(), self.anomalous)
     }
 }
 
@@ -118,23 +146,7 @@ impl Record {
         if let Some(e) = &self.error {
             return e.clone();
         }
-        let mut classes: Vec<(&str, usize)> = Vec::new();
-        for d in &self.defects {
-            match classes.iter_mut().find(|(c, _)| *c == d.class) {
-                Some((_, n)) => *n += 1,
-                None => classes.push((&d.class, 1)),
-            }
-        }
-        let mut parts: Vec<String> = classes
-            .into_iter()
-            .map(|(c, n)| {
-                if n == 1 {
-                    c.to_owned()
-                } else {
-                    format!("{c} x{n}")
-                }
-            })
-            .collect();
+        let mut parts = class_counts(self.defects.iter().map(|d| d.class.as_str()));
         match (&self.anomaly, self.verdict) {
             (Some(a), Some(Outcome::Pass)) if parts.is_empty() => parts.push(a.summary()),
             (Some(a), _) if a.anomalous => parts.push(a.summary()),
