@@ -46,9 +46,7 @@ impl<'a> TextStream<'a> {
             return Ok(String::new());
         }
         self.update(full);
-        if let Some(cut) = self.first_stop() {
-            self.text.truncate(cut);
-            self.stopped = true;
+        if self.cut_at_stop() {
             return Ok(self.take(self.text.len()));
         }
         let safe = self.text.len() - self.held_back();
@@ -61,10 +59,7 @@ impl<'a> TextStream<'a> {
         if !self.stopped {
             let full = self.tokenizer.decode(&self.ids)?;
             self.update(full);
-            if let Some(cut) = self.first_stop() {
-                self.text.truncate(cut);
-                self.stopped = true;
-            }
+            self.cut_at_stop();
         }
         let end = self.text.len();
         Ok(self.take(end))
@@ -88,10 +83,8 @@ impl<'a> TextStream<'a> {
         }
         let kept = (self.text.clone(), self.emitted);
         self.update(full);
-        if let Some(cut) = self.first_stop() {
-            self.text.truncate(cut);
-            self.stopped = true;
-            return Ok(self.take(cut));
+        if self.cut_at_stop() {
+            return Ok(self.take(self.text.len()));
         }
         (self.text, self.emitted) = kept;
         Ok(String::new())
@@ -129,6 +122,17 @@ impl<'a> TextStream<'a> {
         let out = self.text[self.emitted..upto].to_owned();
         self.emitted = upto;
         out
+    }
+
+    /// Ends the text before the first stop string in it, if there is one: then the stream is
+    /// stopped.
+    fn cut_at_stop(&mut self) -> bool {
+        let Some(cut) = self.first_stop() else {
+            return false;
+        };
+        self.text.truncate(cut);
+        self.stopped = true;
+        true
     }
 
     fn first_stop(&self) -> Option<usize> {
