@@ -145,6 +145,20 @@ impl<'a> QRows<'a> {
             (Format::Q4K, Isa::Avx2 | Isa::Avx512) => unsafe { avx2::dot_q4k(self.blocks(row), y) },
             #[cfg(target_arch = "x86_64")]
             (Format::Q6K, Isa::Avx2 | Isa::Avx512) => unsafe { avx2::dot_q6k(self.blocks(row), y) },
+            #[cfg(target_arch = "aarch64")]
+            // SAFETY: `NeonDot` and `NeonI8mm` are only handed out when the CPU has `dotprod`, and
+            // every AArch64 CPU has NEON.
+            (Format::Q4K, Isa::NeonDot | Isa::NeonI8mm) => unsafe {
+                neon::dot_q4k_sdot(self.blocks(row), y)
+            },
+            #[cfg(target_arch = "aarch64")]
+            (Format::Q6K, Isa::NeonDot | Isa::NeonI8mm) => unsafe {
+                neon::dot_q6k_sdot(self.blocks(row), y)
+            },
+            #[cfg(target_arch = "aarch64")]
+            (Format::Q4K, Isa::Neon) => unsafe { neon::dot_q4k_widening(self.blocks(row), y) },
+            #[cfg(target_arch = "aarch64")]
+            (Format::Q6K, Isa::Neon) => unsafe { neon::dot_q6k_widening(self.blocks(row), y) },
             (Format::Q4K, _) => scalar::dot_q4k(self.blocks(row), y),
             (Format::Q6K, _) => scalar::dot_q6k(self.blocks(row), y),
         }
@@ -160,6 +174,15 @@ impl<'a> QRows<'a> {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `Isa::Avx512` is only handed out when the CPU has AVX-512 F, BW, VL and VNNI.
             (Format::Q4K, Isa::Avx512) => unsafe { avx512::dot_q4k_rows(self.blocks(row), ys) },
+            #[cfg(target_arch = "aarch64")]
+            // SAFETY: as in `dot`.
+            (Format::Q4K, Isa::NeonDot | Isa::NeonI8mm) => unsafe {
+                neon::dot_q4k_rows_sdot(self.blocks(row), ys)
+            },
+            #[cfg(target_arch = "aarch64")]
+            (Format::Q4K, Isa::Neon) => unsafe {
+                neon::dot_q4k_rows_widening(self.blocks(row), ys)
+            },
             _ => ys.map(|y| self.dot(isa, row, y)),
         }
     }
@@ -1228,11 +1251,32 @@ pub mod scalar {
     }
 }
 
+/// The 8 scales and 8 mins of a Q4_K block as bytes: `[scales 0..8, mins 0..8]` (the 6-bit
+/// fields of `scale_min_q4k`, unpacked four at a time in 32-bit words).
+#[inline(always)]
+#[cfg_attr(
+    not(any(target_arch = "x86_64", target_arch = "aarch64")),
+    allow(dead_code)
+)]
+fn scales_mins_q4k(scales: &[u8; 12]) -> [u32; 4] {
+    let w = |i: usize| u32::from_le_bytes([scales[i], scales[i + 1], scales[i + 2], scales[i + 3]]);
+    let (w0, w1, w2) = (w(0), w(4), w(8));
+    const LOW6: u32 = 0x3f3f_3f3f;
+    const LOW4: u32 = 0x0f0f_0f0f;
+    const TOP2: u32 = 0x0303_0303;
+    [
+        w0 & LOW6,
+        (w2 & LOW4) | (((w0 >> 6) & TOP2) << 4),
+        w1 & LOW6,
+        ((w2 >> 4) & LOW4) | (((w1 >> 6) & TOP2) << 4),
+    ]
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use core::arch::x86_64::*;
 
-    use super::{BlockQ4K, BlockQ6K, BlockQ8K};
+    use super::{scales_mins_q4k, BlockQ4K, BlockQ6K, BlockQ8K};
     use crate::kernels::x86::{hsum128, hsum256};
 
     /// How far ahead of the block being read the weights are prefetched, in bytes.
@@ -1329,24 +1373,6 @@ mod avx2 {
             }
         }
         0.0
-    }
-
-    /// The 8 scales and 8 mins of a Q4_K block as bytes: `[scales 0..8, mins 0..8]` (the 6-bit
-    /// fields of `scale_min_q4k`, unpacked four at a time in 32-bit words).
-    #[inline(always)]
-    pub(super) fn scales_mins_q4k(scales: &[u8; 12]) -> [u32; 4] {
-        let w =
-            |i: usize| u32::from_le_bytes([scales[i], scales[i + 1], scales[i + 2], scales[i + 3]]);
-        let (w0, w1, w2) = (w(0), w(4), w(8));
-        const LOW6: u32 = 0x3f3f_3f3f;
-        const LOW4: u32 = 0x0f0f_0f0f;
-        const TOP2: u32 = 0x0303_0303;
-        [
-            w0 & LOW6,
-            (w2 & LOW4) | (((w0 >> 6) & TOP2) << 4),
-            w1 & LOW6,
-            ((w2 >> 4) & LOW4) | (((w1 >> 6) & TOP2) << 4),
-        ]
     }
 
     /// Per block: 64 values per step (32 bytes of codes, low nibbles then high nibbles), the
@@ -1511,7 +1537,8 @@ mod avx2 {
 mod avx512 {
     use core::arch::x86_64::*;
 
-    use super::avx2::{h, mins_term, prefetch_q4k, scales_mins_q4k};
+    use super::avx2::{h, mins_term, prefetch_q4k};
+    use super::scales_mins_q4k;
     use super::{BlockQ4K, BlockQ8K};
     use crate::kernels::x86::{hsum128, hsum256};
 
@@ -1561,6 +1588,189 @@ mod avx512 {
             }
         }
         std::array::from_fn(|r| hsum256(acc[r]) - hsum128(acc_min[r]))
+    }
+}
+
+/// The NEON matrix-vector kernels: per 16 values, 4 byte products summed into each 32-bit lane by
+/// `sdot` ([`Isa::NeonDot`] and up) or by `smull` and pairwise adds ([`Isa::Neon`]), scaled per
+/// sub-block in integers; per block the same integers and the same float steps as [`scalar`], so
+/// every NEON path gives the reference's bits.
+#[cfg(target_arch = "aarch64")]
+mod neon {
+    use core::arch::aarch64::*;
+
+    use super::{scales_mins_q4k, BlockQ4K, BlockQ6K, BlockQ8K};
+    use crate::kernels::neon::{dot_widening, sdot};
+    use half::f16;
+
+    /// `acc` plus the sums of each 4 byte products of `a` and `b`, by `sdot` when `DOT`.
+    #[inline(always)]
+    unsafe fn dot4<const DOT: bool>(acc: int32x4_t, a: int8x16_t, b: int8x16_t) -> int32x4_t {
+        if DOT {
+            sdot(acc, a, b)
+        } else {
+            dot_widening(acc, a, b)
+        }
+    }
+
+    fn h(bits: u16) -> f32 {
+        f16::from_bits(bits).to_f32()
+    }
+
+    /// A Q4_K block unpacked: its 256 codes (0..16) as 16 registers in value order (register `k`
+    /// holds values `16k..16k + 16`, of sub-block `k / 2`), its 8 scales and its 8 mins.
+    struct Q4k {
+        codes: [int8x16_t; 16],
+        scales: [i32; 8],
+        mins: int16x8_t,
+    }
+
+    #[inline(always)]
+    unsafe fn unpack_q4k(b: &BlockQ4K) -> Q4k {
+        let mut bytes = [0u8; 16];
+        for (dst, word) in bytes.chunks_exact_mut(4).zip(scales_mins_q4k(&b.scales)) {
+            dst.copy_from_slice(&word.to_le_bytes());
+        }
+        let m4 = vdupq_n_u8(0x0F);
+        let mut codes = [vdupq_n_s8(0); 16];
+        // Bytes 32j..32j + 32 hold values 64j.. in their low nibbles and 64j + 32.. in the high.
+        for j in 0..4 {
+            let lo = vld1q_u8(b.qs.as_ptr().add(32 * j));
+            let hi = vld1q_u8(b.qs.as_ptr().add(32 * j + 16));
+            codes[4 * j] = vreinterpretq_s8_u8(vandq_u8(lo, m4));
+            codes[4 * j + 1] = vreinterpretq_s8_u8(vandq_u8(hi, m4));
+            codes[4 * j + 2] = vreinterpretq_s8_u8(vshrq_n_u8::<4>(lo));
+            codes[4 * j + 3] = vreinterpretq_s8_u8(vshrq_n_u8::<4>(hi));
+        }
+        Q4k {
+            codes,
+            scales: std::array::from_fn(|k| bytes[k] as i32),
+            mins: vreinterpretq_s16_u16(vmovl_u8(vld1_u8(bytes.as_ptr().add(8)))),
+        }
+    }
+
+    /// One unpacked Q4_K block against activation block `a`: `(Σ scale·code·act, Σ min·(sum of
+    /// the sub-block's activations))`, the two integers of [`super::scalar::dot_q4k`].
+    #[inline(always)]
+    unsafe fn q4k_ints<const DOT: bool>(q: &Q4k, a: &BlockQ8K) -> (i32, i32) {
+        let ys = a.qs.as_ptr();
+        let mut sumi = vdupq_n_s32(0);
+        for s in 0..8 {
+            let p = dot4::<DOT>(vdupq_n_s32(0), q.codes[2 * s], vld1q_s8(ys.add(32 * s)));
+            let p = dot4::<DOT>(p, q.codes[2 * s + 1], vld1q_s8(ys.add(32 * s + 16)));
+            sumi = vmlaq_n_s32(sumi, p, q.scales[s]);
+        }
+        // Sums of 32 activations from the pairs of sums of 16 (at most 4096 in magnitude).
+        let bs = a.bsums.as_ptr();
+        let sums = vpaddq_s16(vld1q_s16(bs), vld1q_s16(bs.add(8)));
+        let summ = vaddq_s32(
+            vmull_s16(vget_low_s16(q.mins), vget_low_s16(sums)),
+            vmull_high_s16(q.mins, sums),
+        );
+        (vaddvq_s32(sumi), vaddvq_s32(summ))
+    }
+
+    #[inline(always)]
+    unsafe fn dot_q4k<const DOT: bool>(x: &[BlockQ4K], y: &[BlockQ8K]) -> f32 {
+        let mut sum = 0f32;
+        for (b, a) in x.iter().zip(y) {
+            let (sumi, summ) = q4k_ints::<DOT>(&unpack_q4k(b), a);
+            sum += a.d * (h(b.d) * sumi as f32 - h(b.dmin) * summ as f32);
+        }
+        sum
+    }
+
+    /// [`dot_q4k`] of one weight row with `R` activation rows, each block unpacked once for all of
+    /// them (batched decode); bit for bit `R` calls of [`dot_q4k`].
+    #[inline(always)]
+    unsafe fn dot_q4k_rows<const DOT: bool, const R: usize>(
+        x: &[BlockQ4K],
+        ys: [&[BlockQ8K]; R],
+    ) -> [f32; R] {
+        let mut sum = [0f32; R];
+        for (i, b) in x.iter().enumerate() {
+            let q = unpack_q4k(b);
+            let (d, dmin) = (h(b.d), h(b.dmin));
+            for r in 0..R {
+                let a = &ys[r][i];
+                let (sumi, summ) = q4k_ints::<DOT>(&q, a);
+                sum[r] += a.d * (d * sumi as f32 - dmin * summ as f32);
+            }
+        }
+        sum
+    }
+
+    /// Per 16 values of a Q6_K block: the 6-bit codes rebuilt from `ql` nibbles and `qh` bit pairs,
+    /// less 32 (signed bytes), times the activations, times the sub-block's scale.
+    #[inline(always)]
+    unsafe fn dot_q6k<const DOT: bool>(x: &[BlockQ6K], y: &[BlockQ8K]) -> f32 {
+        let (m4, m30, m32) = (vdupq_n_u8(0x0F), vdupq_n_u8(0x30), vdupq_n_s8(32));
+        let mut sum = 0f32;
+        for (b, a) in x.iter().zip(y) {
+            let ys = a.qs.as_ptr();
+            let mut sumi = vdupq_n_s32(0);
+            for half in 0..2 {
+                for k in 0..2 {
+                    let ql0 = vld1q_u8(b.ql.as_ptr().add(64 * half + 16 * k));
+                    let ql1 = vld1q_u8(b.ql.as_ptr().add(64 * half + 32 + 16 * k));
+                    let qh = vld1q_u8(b.qh.as_ptr().add(32 * half + 16 * k));
+                    // Values 128 half + 32 t + 16 k + (0..16): the low nibbles of ql0 and ql1,
+                    // then their high nibbles; bit pair t of qh on top.
+                    let codes = [
+                        vorrq_u8(vandq_u8(ql0, m4), vandq_u8(vshlq_n_u8::<4>(qh), m30)),
+                        vorrq_u8(vandq_u8(ql1, m4), vandq_u8(vshlq_n_u8::<2>(qh), m30)),
+                        vorrq_u8(vshrq_n_u8::<4>(ql0), vandq_u8(qh, m30)),
+                        vorrq_u8(vshrq_n_u8::<4>(ql1), vandq_u8(vshrq_n_u8::<2>(qh), m30)),
+                    ];
+                    for (t, c) in codes.into_iter().enumerate() {
+                        let at = 128 * half + 32 * t + 16 * k;
+                        let q = vsubq_s8(vreinterpretq_s8_u8(c), m32);
+                        let p = dot4::<DOT>(vdupq_n_s32(0), q, vld1q_s8(ys.add(at)));
+                        sumi = vmlaq_n_s32(sumi, p, b.scales[at / 16] as i32);
+                    }
+                }
+            }
+            sum += a.d * h(b.d) * vaddvq_s32(sumi) as f32;
+        }
+        sum
+    }
+
+    /// [`Isa::NeonDot`](crate::kernels::Isa::NeonDot) and up: `sdot`.
+    #[target_feature(enable = "neon,dotprod")]
+    pub unsafe fn dot_q4k_sdot(x: &[BlockQ4K], y: &[BlockQ8K]) -> f32 {
+        dot_q4k::<true>(x, y)
+    }
+
+    #[target_feature(enable = "neon,dotprod")]
+    pub unsafe fn dot_q4k_rows_sdot<const R: usize>(
+        x: &[BlockQ4K],
+        ys: [&[BlockQ8K]; R],
+    ) -> [f32; R] {
+        dot_q4k_rows::<true, R>(x, ys)
+    }
+
+    #[target_feature(enable = "neon,dotprod")]
+    pub unsafe fn dot_q6k_sdot(x: &[BlockQ6K], y: &[BlockQ8K]) -> f32 {
+        dot_q6k::<true>(x, y)
+    }
+
+    /// [`Isa::Neon`](crate::kernels::Isa::Neon): `smull` and pairwise adds.
+    #[target_feature(enable = "neon")]
+    pub unsafe fn dot_q4k_widening(x: &[BlockQ4K], y: &[BlockQ8K]) -> f32 {
+        dot_q4k::<false>(x, y)
+    }
+
+    #[target_feature(enable = "neon")]
+    pub unsafe fn dot_q4k_rows_widening<const R: usize>(
+        x: &[BlockQ4K],
+        ys: [&[BlockQ8K]; R],
+    ) -> [f32; R] {
+        dot_q4k_rows::<false, R>(x, ys)
+    }
+
+    #[target_feature(enable = "neon")]
+    pub unsafe fn dot_q6k_widening(x: &[BlockQ6K], y: &[BlockQ8K]) -> f32 {
+        dot_q6k::<false>(x, y)
     }
 }
 
@@ -1649,6 +1859,10 @@ mod tests {
             let scalar = matvec(Isa::Scalar, &[mat], &x, m).remove(0);
             for isa in Isa::available() {
                 let got = matvec(isa, &[mat], &x, m).remove(0);
+                // The NEON kernels sum the same integers and take the same float steps.
+                if isa.neon() {
+                    assert_eq!(got, scalar, "{dtype:?} {isa:?}");
+                }
                 for (i, (&g, &e)) in got.iter().zip(&expected).enumerate() {
                     let tol = 1e-4 * (1.0 + e.abs());
                     assert!(

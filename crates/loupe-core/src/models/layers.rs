@@ -159,9 +159,9 @@ fn product_in_place(
             return Ok(Some(outs));
         }
     }
-    // The K-quant kernels have x86 versions only; elsewhere candle's (NEON) kernels are faster
-    // than our scalar reference.
-    if !isa.avx2() {
+    // The K-quant matrix-vector kernels have x86 and NEON versions, the many-row kernel x86 ones
+    // only: elsewhere candle's kernels take the product.
+    if !(isa.avx2() || isa.neon() && m <= MATVEC_MAX_ROWS) {
         return Ok(None);
     }
     let mut parts = Vec::with_capacity(ms.len());
