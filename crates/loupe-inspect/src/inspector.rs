@@ -454,6 +454,28 @@ impl<'e> Inspector<'e> {
         (rec, upright)
     }
 
+    /// Inspects decoded pixels (a camera frame, an app's buffer): as [`Self::inspect_bytes`], the
+    /// record's `image_sha256` the hash of the RGB bytes.
+    pub fn inspect_pixels(
+        &mut self,
+        name: &Path,
+        image: RgbImage,
+        t0: Instant,
+    ) -> (Record, Option<RgbImage>) {
+        let mut rec = self.empty_record(name);
+        rec.image_sha256 = Some(hex(&Sha256::digest(&image.data)));
+        let mut upright = None;
+        let input = ImageInput {
+            source: name.to_path_buf(),
+            image,
+        };
+        if let Err(e) = self.inspect_decoded(input, t0, &mut rec, &mut upright) {
+            rec.error = Some(e);
+        }
+        rec.timings.total_ms = ms(t0);
+        (rec, upright)
+    }
+
     fn inspect_into(
         &mut self,
         path: &Path,
@@ -469,6 +491,17 @@ impl<'e> Inspector<'e> {
             source: path.to_path_buf(),
             image,
         };
+        self.inspect_decoded(input, t, rec, upright)
+    }
+
+    /// The inspection of an upright image; `t` is when reading it began (for `read_ms`).
+    fn inspect_decoded(
+        &mut self,
+        input: ImageInput,
+        t: Instant,
+        rec: &mut Record,
+        upright: &mut Option<RgbImage>,
+    ) -> std::result::Result<(), String> {
         let (mh, mw) = self
             .preprocessor
             .target_size(&input)
