@@ -7,6 +7,7 @@
 //! postgres://...`, the same schema and queries, for many stations or several `loupe serve`
 //! replicas sharing one database).
 
+#[cfg(feature = "postgres")]
 mod postgres;
 mod sqlite;
 
@@ -272,13 +273,22 @@ impl AuditLog {
     /// URL (`postgres://user@host/db`).
     pub fn open(target: &Path) -> Result<AuditLog> {
         if is_postgres(target) {
-            let url = target.to_str().unwrap_or_default();
-            let name = PathBuf::from(postgres::redact(url));
-            let store = postgres::PgStore::connect(url, &name)?;
-            Ok(AuditLog {
-                name,
-                store: Box::new(store),
-            })
+            #[cfg(feature = "postgres")]
+            {
+                let url = target.to_str().unwrap_or_default();
+                let name = PathBuf::from(postgres::redact(url));
+                let store = postgres::PgStore::connect(url, &name)?;
+                Ok(AuditLog {
+                    name,
+                    store: Box::new(store),
+                })
+            }
+            #[cfg(not(feature = "postgres"))]
+            Err(Error::InvalidInput(
+                "this build of Loupe has no PostgreSQL audit log (loupe-inspect's `postgres` \
+                 feature); use a SQLite file"
+                    .into(),
+            ))
         } else {
             Ok(AuditLog {
                 name: target.to_path_buf(),
