@@ -6,11 +6,14 @@
 #   ARCHS="x86_64" tools/release.sh only the build machine's architecture
 #
 # x86-64 is built with rustup's toolchain, aarch64 with tools/aarch64.sh (Debian's rustc and
-# cross linker: `tools/aarch64.sh install` first). The aarch64 binaries link glibc statically (see
-# tools/aarch64.sh); the x86-64 ones link it dynamically (glibc 2.36, Debian 12, or newer).
+# cross linker: `tools/aarch64.sh install` first). The aarch64 build links glibc statically (see
+# tools/aarch64.sh: only such binaries run under qemu here), so it has no shared library: its
+# archive has libloupe.a alone (a dynamically linked libloupe.so could not be tested here). The
+# x86-64 binaries link glibc dynamically (glibc 2.36, Debian 12, or newer).
 # Each archive, loupe-VERSION-ARCH-linux/, holds:
-#   bin/loupe  lib/libloupe.so  lib/libloupe.a  include/loupe.h  README.md  LICENSE-NOTE.txt
-#   docs/embedding.md  models/loupe-parts-demo/ (the demonstration model, its spec and samples)
+#   bin/loupe  lib/libloupe.a  lib/libloupe.so (x86-64)  include/loupe.h  README.md
+#   LICENSE-NOTE.txt  docs/embedding.md  models/loupe-parts-demo/ (the demonstration model, its
+#   spec and samples)
 # and, before it is packed, `bin/loupe info` must run (under qemu for aarch64).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,7 +32,8 @@ package() {
   local root="$stage/$name"
   mkdir -p "$root/bin" "$root/lib" "$root/include" "$root/docs" "$root/models"
   cp "$release/loupe" "$root/bin/"
-  cp "$release/libloupe.so" "$release/libloupe.a" "$root/lib/"
+  cp "$release/libloupe.a" "$root/lib/"
+  if [ "$arch" = x86_64 ]; then cp "$release/libloupe.so" "$root/lib/"; fi
   cp crates/loupe-capi/include/loupe.h "$root/include/"
   cp README.md "$root/"
   cp docs/embedding.md "$root/docs/"

@@ -36,6 +36,11 @@ pub fn sigmoid_gated_in_place(isa: Isa, alpha: f32, y: &mut [f32]) {
         Isa::Avx2 | Isa::Avx512 => unsafe {
             avx2::sigmoid_gated(y.as_ptr(), alpha, None, y.as_mut_ptr(), y.len())
         },
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: every AArch64 CPU has NEON; as above for `y`.
+        Isa::Neon | Isa::NeonDot | Isa::NeonI8mm => unsafe {
+            neon::sigmoid_gated(y.as_ptr(), alpha, None, y.as_mut_ptr(), y.len())
+        },
         _ => y.iter_mut().for_each(|v| *v = scalar_one(*v, alpha, 1.0)),
     }
 }
@@ -48,6 +53,12 @@ fn chunk(isa: Isa, x: &[f32], alpha: f32, up: Option<&[f32]>, out: &mut [f32]) {
         Isa::Avx2 | Isa::Avx512 => unsafe {
             let up = up.map(|u| u.as_ptr());
             avx2::sigmoid_gated(x.as_ptr(), alpha, up, out.as_mut_ptr(), x.len())
+        },
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: every AArch64 CPU has NEON; `up` and `out` are as long as `x`.
+        Isa::Neon | Isa::NeonDot | Isa::NeonI8mm => unsafe {
+            let up = up.map(|u| u.as_ptr());
+            neon::sigmoid_gated(x.as_ptr(), alpha, up, out.as_mut_ptr(), x.len())
         },
         _ => scalar(x, alpha, up, out),
     }
@@ -112,6 +123,52 @@ pub(super) mod avx2 {
             }
             let u = up.map(|_| _mm256_loadu_ps(us.as_ptr()));
             _mm256_storeu_ps(ys.as_mut_ptr(), gate(_mm256_loadu_ps(xs.as_ptr()), u));
+            std::ptr::copy_nonoverlapping(ys.as_ptr(), out.add(i), rest);
+        }
+    }
+}
+
+/// The NEON version of [`avx2`]'s, 4 lanes at a time, the last values padded to a full vector.
+#[cfg(target_arch = "aarch64")]
+mod neon {
+    use core::arch::aarch64::*;
+
+    use crate::kernels::neon::exp;
+
+    /// `out[i] = x[i] * sigmoid(alpha * x[i]) * up[i]` for `i < n`; `out` may be `x`. The caller
+    /// guarantees `n` values behind every pointer.
+    #[target_feature(enable = "neon")]
+    pub unsafe fn sigmoid_gated(
+        x: *const f32,
+        alpha: f32,
+        up: Option<*const f32>,
+        out: *mut f32,
+        n: usize,
+    ) {
+        let minus_alpha = vdupq_n_f32(-alpha);
+        let gate = |v: float32x4_t, u: Option<float32x4_t>| {
+            let y = vdivq_f32(
+                v,
+                vaddq_f32(vdupq_n_f32(1.0), exp(vmulq_f32(minus_alpha, v))),
+            );
+            u.map_or(y, |u| vmulq_f32(y, u))
+        };
+        let mut i = 0;
+        while i + 4 <= n {
+            let u = up.map(|u| vld1q_f32(u.add(i)));
+            vst1q_f32(out.add(i), gate(vld1q_f32(x.add(i)), u));
+            i += 4;
+        }
+        if i < n {
+            // As on x86: a value's result does not depend on where its span ends.
+            let rest = n - i;
+            let (mut xs, mut us, mut ys) = ([0f32; 4], [1f32; 4], [0f32; 4]);
+            std::ptr::copy_nonoverlapping(x.add(i), xs.as_mut_ptr(), rest);
+            if let Some(u) = up {
+                std::ptr::copy_nonoverlapping(u.add(i), us.as_mut_ptr(), rest);
+            }
+            let u = up.map(|_| vld1q_f32(us.as_ptr()));
+            vst1q_f32(ys.as_mut_ptr(), gate(vld1q_f32(xs.as_ptr()), u));
             std::ptr::copy_nonoverlapping(ys.as_ptr(), out.add(i), rest);
         }
     }

@@ -47,6 +47,13 @@ pub trait CacheValue: Copy + Send + Sync + 'static {
     /// The CPU has AVX2 and F16C, and `p` points to eight readable values.
     #[cfg(target_arch = "x86_64")]
     unsafe fn load8(p: *const Self) -> core::arch::x86_64::__m256;
+
+    /// Four values from `p` as f32 lanes.
+    ///
+    /// # Safety
+    /// `p` points to four readable values (every AArch64 CPU has NEON).
+    #[cfg(target_arch = "aarch64")]
+    unsafe fn load4(p: *const Self) -> core::arch::aarch64::float32x4_t;
 }
 
 impl CacheValue for f32 {
@@ -60,6 +67,13 @@ impl CacheValue for f32 {
     #[target_feature(enable = "avx2")]
     unsafe fn load8(p: *const f32) -> core::arch::x86_64::__m256 {
         core::arch::x86_64::_mm256_loadu_ps(p)
+    }
+
+    #[cfg(target_arch = "aarch64")]
+    #[inline]
+    #[target_feature(enable = "neon")]
+    unsafe fn load4(p: *const f32) -> core::arch::aarch64::float32x4_t {
+        core::arch::aarch64::vld1q_f32(p)
     }
 }
 
@@ -75,6 +89,24 @@ impl CacheValue for half::f16 {
     unsafe fn load8(p: *const half::f16) -> core::arch::x86_64::__m256 {
         use core::arch::x86_64::*;
         _mm256_cvtph_ps(_mm_loadu_si128(p.cast()))
+    }
+
+    /// `fcvtl`, the base AArch64 widening of four halves (Rust's intrinsic for it takes the
+    /// `f16` vector type, which is unstable).
+    #[cfg(target_arch = "aarch64")]
+    #[inline]
+    #[target_feature(enable = "neon")]
+    unsafe fn load4(p: *const half::f16) -> core::arch::aarch64::float32x4_t {
+        use core::arch::aarch64::*;
+        let bits = vld1_u16(p.cast());
+        let out: float32x4_t;
+        core::arch::asm!(
+            "fcvtl {out:v}.4s, {bits:v}.4h",
+            out = lateout(vreg) out,
+            bits = in(vreg) bits,
+            options(pure, nomem, nostack, preserves_flags)
+        );
+        out
     }
 }
 
@@ -373,6 +405,9 @@ pub(super) fn exp_minus_max(isa: Isa, s: &mut [f32]) -> f32 {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `Isa::Avx2` and `Isa::Avx512` are only handed out when the CPU has AVX2 and FMA.
         Isa::Avx2 | Isa::Avx512 => unsafe { avx2::exp_minus_max(s) },
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: every AArch64 CPU has NEON.
+        Isa::Neon | Isa::NeonDot | Isa::NeonI8mm => unsafe { neon::exp_minus_max(s) },
         _ => {
             let max = s.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
             s.iter_mut()
@@ -391,6 +426,9 @@ fn dot<T: CacheValue>(isa: Isa, a: &[f32], b: &[T]) -> f32 {
         // SAFETY: `Isa::Avx2` and `Isa::Avx512` are only handed out when the CPU has AVX2, FMA and
         // F16C.
         Isa::Avx2 | Isa::Avx512 => unsafe { avx2::dot(a, b) },
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: every AArch64 CPU has NEON.
+        Isa::Neon | Isa::NeonDot | Isa::NeonI8mm => unsafe { neon::dot(a, b) },
         _ => a.iter().zip(b).map(|(x, y)| x * y.to_f32()).sum(),
     }
 }
@@ -401,6 +439,9 @@ fn axpy<T: CacheValue>(isa: Isa, p: f32, x: &[T], o: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as in `dot`.
         Isa::Avx2 | Isa::Avx512 => unsafe { avx2::axpy(p, x, o) },
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: every AArch64 CPU has NEON.
+        Isa::Neon | Isa::NeonDot | Isa::NeonI8mm => unsafe { neon::axpy(p, x, o) },
         _ => o.iter_mut().zip(x).for_each(|(o, x)| *o += p * x.to_f32()),
     }
 }
@@ -625,6 +666,98 @@ mod avx2 {
                 let o = o.as_mut_ptr().add(c + 8 * t);
                 _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), *a));
             }
+        }
+    }
+}
+
+/// The NEON versions of [`dot`], [`exp_minus_max`] and [`axpy`] (f16 cache rows widened by
+/// `fcvtl` as they are loaded); on AArch64 the heads of a group take [`attend_row`] one by one.
+#[cfg(target_arch = "aarch64")]
+mod neon {
+    use core::arch::aarch64::*;
+
+    use super::CacheValue;
+    use crate::kernels::neon::exp;
+
+    #[target_feature(enable = "neon")]
+    pub unsafe fn dot<T: CacheValue>(a: &[f32], b: &[T]) -> f32 {
+        let n = a.len().min(b.len());
+        let mut s = [vdupq_n_f32(0.0); 4];
+        let mut i = 0;
+        while i + 16 <= n {
+            for (k, acc) in s.iter_mut().enumerate() {
+                let at = i + 4 * k;
+                *acc = vfmaq_f32(
+                    *acc,
+                    vld1q_f32(a.as_ptr().add(at)),
+                    T::load4(b.as_ptr().add(at)),
+                );
+            }
+            i += 16;
+        }
+        while i + 4 <= n {
+            s[0] = vfmaq_f32(
+                s[0],
+                vld1q_f32(a.as_ptr().add(i)),
+                T::load4(b.as_ptr().add(i)),
+            );
+            i += 4;
+        }
+        let mut sum = vaddvq_f32(vaddq_f32(vaddq_f32(s[0], s[1]), vaddq_f32(s[2], s[3])));
+        for j in i..n {
+            sum += a[j] * b[j].to_f32();
+        }
+        sum
+    }
+
+    #[target_feature(enable = "neon")]
+    pub unsafe fn exp_minus_max(s: &mut [f32]) -> f32 {
+        let n = s.len();
+        let p = s.as_mut_ptr();
+        let mut mv = vdupq_n_f32(f32::NEG_INFINITY);
+        let mut i = 0;
+        while i + 4 <= n {
+            mv = vmaxq_f32(mv, vld1q_f32(p.add(i)));
+            i += 4;
+        }
+        let max = s[i..].iter().fold(vmaxvq_f32(mv), |m, &x| m.max(x));
+        let (m, mut acc) = (vdupq_n_f32(max), vdupq_n_f32(0.0));
+        i = 0;
+        while i + 4 <= n {
+            let e = exp(vsubq_f32(vld1q_f32(p.add(i)), m));
+            vst1q_f32(p.add(i), e);
+            acc = vaddq_f32(acc, e);
+            i += 4;
+        }
+        if i < n {
+            // The tail through one padded vector, so it gets the same exp as the rest.
+            let mut tail = [f32::NEG_INFINITY; 4];
+            tail[..n - i].copy_from_slice(&s[i..]);
+            let e = exp(vsubq_f32(vld1q_f32(tail.as_ptr()), m));
+            vst1q_f32(tail.as_mut_ptr(), e);
+            s[i..].copy_from_slice(&tail[..n - i]);
+            tail[n - i..].fill(0.0);
+            acc = vaddq_f32(acc, vld1q_f32(tail.as_ptr()));
+        }
+        vaddvq_f32(acc)
+    }
+
+    #[target_feature(enable = "neon")]
+    pub unsafe fn axpy<T: CacheValue>(p: f32, x: &[T], o: &mut [f32]) {
+        let n = x.len().min(o.len());
+        let pv = vdupq_n_f32(p);
+        let mut i = 0;
+        while i + 4 <= n {
+            let y = vfmaq_f32(
+                vld1q_f32(o.as_ptr().add(i)),
+                pv,
+                T::load4(x.as_ptr().add(i)),
+            );
+            vst1q_f32(o.as_mut_ptr().add(i), y);
+            i += 4;
+        }
+        for j in i..n {
+            o[j] += p * x[j].to_f32();
         }
     }
 }

@@ -200,8 +200,9 @@ fn has_i8mm() -> bool {
     false
 }
 
-/// The byte instruction Rust's `std::arch` keeps unstable (`vdotq_s32`), as inline assembly of the
-/// one instruction: stable, and what the intrinsic would emit.
+/// NEON helpers shared by the kernels' AArch64 paths: the byte instruction Rust's `std::arch` keeps
+/// unstable (`vdotq_s32`, as inline assembly of the one instruction: stable, and what the intrinsic
+/// would emit), its stand-in without the dot-product extension, and `exp`.
 #[cfg(target_arch = "aarch64")]
 pub(crate) mod neon {
     use core::arch::aarch64::*;
@@ -221,6 +222,26 @@ pub(crate) mod neon {
         acc
     }
 
+    /// `e^x` for each lane, `x` in [-87, 88] (clamped): the x86 kernels' method and constants
+    /// (`x = n ln2 + r`, Cephes' polynomial for `e^r`, `2^n` written into the exponent bits).
+    #[inline]
+    #[target_feature(enable = "neon")]
+    pub unsafe fn exp(x: float32x4_t) -> float32x4_t {
+        use super::{EXP_POLY, LN2_HI, LN2_LO};
+        let x = vminq_f32(vmaxq_f32(x, vdupq_n_f32(-87.0)), vdupq_n_f32(88.0));
+        // Rounded to nearest, ties to even, as x86's `round`.
+        let n = vrndnq_f32(vmulq_f32(x, vdupq_n_f32(std::f32::consts::LOG2_E)));
+        let r = vfmsq_f32(x, n, vdupq_n_f32(LN2_HI));
+        let r = vfmsq_f32(r, n, vdupq_n_f32(LN2_LO));
+        let mut p = vdupq_n_f32(EXP_POLY[0]);
+        for c in &EXP_POLY[1..] {
+            p = vfmaq_f32(vdupq_n_f32(*c), p, r);
+        }
+        let y = vfmaq_f32(vaddq_f32(r, vdupq_n_f32(1.0)), p, vmulq_f32(r, r));
+        let pow2n = vshlq_n_s32::<23>(vaddq_s32(vcvtq_s32_f32(n), vdupq_n_s32(127)));
+        vmulq_f32(y, vreinterpretq_f32_s32(pow2n))
+    }
+
     /// The sums of each 4 byte products of `a` and `b` without the dot-product extension: the 16
     /// products widened to 16 bits (`smull`), then summed pairwise twice.
     #[inline]
@@ -236,10 +257,37 @@ pub(crate) mod neon {
     }
 }
 
+/// `ln 2` in two parts, a short one exact in f32 and the rest, so `n ln2` loses no bits.
+#[cfg_attr(
+    not(any(target_arch = "x86_64", target_arch = "aarch64")),
+    allow(dead_code)
+)]
+const LN2_HI: f32 = 355.0 / 512.0;
+#[cfg_attr(
+    not(any(target_arch = "x86_64", target_arch = "aarch64")),
+    allow(dead_code)
+)]
+const LN2_LO: f32 = -2.121_944_4e-4;
+/// Cephes' polynomial for `(e^r - 1 - r) / r^2`, highest degree first.
+#[cfg_attr(
+    not(any(target_arch = "x86_64", target_arch = "aarch64")),
+    allow(dead_code)
+)]
+const EXP_POLY: [f32; 6] = [
+    1.987_569_1e-4,
+    1.398_199_9e-3,
+    8.333_452e-3,
+    4.166_579_6e-2,
+    0.166_666_65,
+    0.5,
+];
+
 /// Small AVX helpers shared by the kernels' AVX2 paths.
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use core::arch::x86_64::*;
+
+    use super::{EXP_POLY, LN2_HI, LN2_LO};
 
     /// The sum of the 4 lanes.
     #[inline(always)]
@@ -256,19 +304,6 @@ mod x86 {
             _mm256_extractf128_ps(v, 1),
         ))
     }
-
-    /// `ln 2` in two parts, a short one exact in f32 and the rest, so `n ln2` loses no bits.
-    const LN2_HI: f32 = 355.0 / 512.0;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    /// Cephes' polynomial for `(e^r - 1 - r) / r^2`, highest degree first.
-    const EXP_POLY: [f32; 6] = [
-        1.987_569_1e-4,
-        1.398_199_9e-3,
-        8.333_452e-3,
-        4.166_579_6e-2,
-        0.166_666_65,
-        0.5,
-    ];
 
     /// `e^x` for each lane, `x` in [-87, 88] (clamped): `x = n ln2 + r` with `|r| <= ln2 / 2`,
     /// `e^r` by Cephes' degree-7 polynomial (within 2 ulp of the correctly rounded value), `2^n`

@@ -59,6 +59,9 @@ fn row(isa: Isa, x: &[f32], norm: Norm, eps: f32, out: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `Isa::Avx2` and `Isa::Avx512` are only handed out when the CPU has AVX2 and FMA.
         Isa::Avx2 | Isa::Avx512 => unsafe { avx2::row(x, norm, eps, out) },
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: every AArch64 CPU has NEON.
+        Isa::Neon | Isa::NeonDot | Isa::NeonI8mm => unsafe { neon::row(x, norm, eps, out) },
         _ => scalar(x, norm, eps, out),
     }
 }
@@ -145,6 +148,81 @@ mod avx2 {
             };
             _mm256_storeu_ps(out.as_mut_ptr().add(i), y);
             i += 8;
+        }
+        for i in i..n {
+            let v = (x[i] - shift) * inv;
+            out[i] = match bias {
+                Some(b) => v.mul_add(weight[i], b[i]),
+                None => v * weight[i],
+            };
+        }
+    }
+}
+
+/// The NEON version of [`avx2`]'s: the same two passes, 4 x 4 lanes.
+#[cfg(target_arch = "aarch64")]
+mod neon {
+    use core::arch::aarch64::*;
+
+    use super::Norm;
+
+    /// `sum f(x_i)` in 4 x 4 lanes, the values past the last full vector added one by one.
+    #[inline(always)]
+    unsafe fn sum(
+        x: &[f32],
+        f: impl Fn(float32x4_t) -> float32x4_t,
+        f1: impl Fn(f32) -> f32,
+    ) -> f32 {
+        let n = x.len();
+        let mut acc = [vdupq_n_f32(0.0); 4];
+        let mut i = 0;
+        while i + 16 <= n {
+            for (k, a) in acc.iter_mut().enumerate() {
+                *a = vaddq_f32(*a, f(vld1q_f32(x.as_ptr().add(i + 4 * k))));
+            }
+            i += 16;
+        }
+        while i + 4 <= n {
+            acc[0] = vaddq_f32(acc[0], f(vld1q_f32(x.as_ptr().add(i))));
+            i += 4;
+        }
+        let v = vaddq_f32(vaddq_f32(acc[0], acc[1]), vaddq_f32(acc[2], acc[3]));
+        vaddvq_f32(v) + x[i..].iter().map(|&v| f1(v)).sum::<f32>()
+    }
+
+    #[target_feature(enable = "neon")]
+    pub unsafe fn row(x: &[f32], norm: Norm, eps: f32, out: &mut [f32]) {
+        let n = x.len();
+        let (shift, inv, weight, bias) = match norm {
+            Norm::Layer { weight, bias } => {
+                let mean = sum(x, |v| v, |v| v) / n as f32;
+                let m = vdupq_n_f32(mean);
+                let var = sum(
+                    x,
+                    |v| {
+                        let d = vsubq_f32(v, m);
+                        vmulq_f32(d, d)
+                    },
+                    |v| (v - mean) * (v - mean),
+                ) / n as f32;
+                (mean, 1.0 / (var + eps).sqrt(), weight, Some(bias))
+            }
+            Norm::Rms { weight } => {
+                let ms = sum(x, |v| vmulq_f32(v, v), |v| v * v) / n as f32;
+                (0.0, 1.0 / (ms + eps).sqrt(), weight, None)
+            }
+        };
+        let (s, k) = (vdupq_n_f32(shift), vdupq_n_f32(inv));
+        let mut i = 0;
+        while i + 4 <= n {
+            let v = vmulq_f32(vsubq_f32(vld1q_f32(x.as_ptr().add(i)), s), k);
+            let w = vld1q_f32(weight.as_ptr().add(i));
+            let y = match bias {
+                Some(b) => vfmaq_f32(vld1q_f32(b.as_ptr().add(i)), v, w),
+                None => vmulq_f32(v, w),
+            };
+            vst1q_f32(out.as_mut_ptr().add(i), y);
+            i += 4;
         }
         for i in i..n {
             let v = (x[i] - shift) * inv;

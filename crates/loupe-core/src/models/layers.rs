@@ -648,8 +648,8 @@ fn norm_in_place(
     let isa = Isa::detect();
     let dim = weight.elem_count();
     let fits = x.dims().last() == Some(&dim) && bias.is_none_or(|b| b.elem_count() == dim);
-    // x86 versions only, so far: elsewhere candle's norm.
-    if !isa.avx2() || !fits || x.dtype() != DType::F32 || !x.device().is_cpu() {
+    // x86 and NEON versions: elsewhere (and on the scalar path) candle's norm.
+    if !(isa.avx2() || isa.neon()) || !fits || x.dtype() != DType::F32 || !x.device().is_cpu() {
         return Ok(None);
     }
     let x = x.contiguous()?;
@@ -736,7 +736,8 @@ impl Activation {
         };
         let isa = Isa::detect();
         let fits = |t: &Tensor| t.dtype() == DType::F32 && t.device().is_cpu();
-        if !isa.avx2() || !fits(x) || up.is_some_and(|u| !fits(u) || u.dims() != x.dims()) {
+        let simd = isa.avx2() || isa.neon();
+        if !simd || !fits(x) || up.is_some_and(|u| !fits(u) || u.dims() != x.dims()) {
             return Ok(None);
         }
         let mut out = vec![0f32; x.elem_count()];
@@ -930,7 +931,7 @@ fn decode_attention_in_place(
         && matches!(kv_dtype, DType::F32 | DType::F16)
         && v.dtype() == kv_dtype
         && [q, k, v].iter().all(|t| t.device().is_cpu());
-    if !isa.avx2() || b != 1 || sq > MATVEC_MAX_ROWS || sq > sk || !fits {
+    if !(isa.avx2() || isa.neon()) || b != 1 || sq > MATVEC_MAX_ROWS || sq > sk || !fits {
         return Ok(None);
     }
     let (ks, kl) = k.storage_and_layout();
@@ -1299,7 +1300,7 @@ fn segment_attention_in_place(
     use crate::kernels::Isa;
     let isa = Isa::detect();
     let (b, heads, n, dim) = q.dims4()?;
-    let fits = isa.avx2()
+    let fits = (isa.avx2() || isa.neon())
         && b == 1
         && segments.iter().sum::<usize>() == n
         && [q, k, v].iter().all(|t| {
