@@ -40,7 +40,7 @@ fn readme_command_gets_the_labelled_verdicts() {
     let data = tmp.path().join("data");
     let db = out.join("audit.sqlite");
     let run = |args: &[&str]| {
-        let o = std::process::Command::new(env!("CARGO_BIN_EXE_loupe"))
+        let o = common::loupe_command()
             .args(args)
             .env("XDG_DATA_HOME", &data)
             .env_remove("LOUPE_DB")

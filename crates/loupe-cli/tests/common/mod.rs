@@ -18,9 +18,23 @@ pub struct Out {
     pub stderr: String,
 }
 
+/// A command that runs the `loupe` under test: through `LOUPE_TEST_RUNNER` when it is set (the
+/// aarch64 binary under qemu, tools/aarch64.sh), else directly.
+pub fn loupe_command() -> Command {
+    let mut runner = std::env::var("LOUPE_TEST_RUNNER")
+        .map(|v| v.split_whitespace().map(str::to_owned).collect::<Vec<_>>())
+        .unwrap_or_default();
+    if runner.is_empty() {
+        return Command::new(env!("CARGO_BIN_EXE_loupe"));
+    }
+    let mut cmd = Command::new(runner.remove(0));
+    cmd.args(runner).arg(env!("CARGO_BIN_EXE_loupe"));
+    cmd
+}
+
 /// Runs `loupe` with an empty Hugging Face cache, so nothing outside the test is found.
 pub fn loupe(args: &[&str]) -> Out {
-    let o = Command::new(env!("CARGO_BIN_EXE_loupe"))
+    let o = loupe_command()
         .args(args)
         .env("HF_HUB_CACHE", "/nonexistent-loupe-test-cache")
         .output()

@@ -47,6 +47,39 @@ pub struct BlockQ6K {
     pub d: u16,
 }
 
+/// GGML `block_q5_K`: 8 sub-blocks of 32 five-bit values (low 4 bits in `qs` as Q4_K's, the fifth
+/// in `qh`), 6-bit scales and mins.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct BlockQ5K {
+    pub d: u16,
+    pub dmin: u16,
+    pub scales: [u8; 12],
+    pub qh: [u8; QK_K / 8],
+    pub qs: [u8; QK_K / 2],
+}
+
+/// GGML `block_q3_K`: 16 sub-blocks of 16 three-bit values (low 2 bits in `qs`, the third in
+/// `hmask`, set meaning "no offset of -4"), 6-bit signed scales.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct BlockQ3K {
+    pub hmask: [u8; QK_K / 8],
+    pub qs: [u8; QK_K / 4],
+    pub scales: [u8; 12],
+    pub d: u16,
+}
+
+/// GGML `block_q2_K`: 16 sub-blocks of 16 two-bit values, a 4-bit scale and a 4-bit min each.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct BlockQ2K {
+    pub scales: [u8; QK_K / 16],
+    pub qs: [u8; QK_K / 4],
+    pub d: u16,
+    pub dmin: u16,
+}
+
 /// GGML `block_q8_K`: the activations' format (never stored).
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
@@ -68,12 +101,20 @@ impl BlockQ8K {
 const _: () = assert!(std::mem::size_of::<BlockQ4K>() == 144);
 const _: () = assert!(std::mem::size_of::<BlockQ6K>() == 210);
 const _: () = assert!(std::mem::size_of::<BlockQ8K>() == 292);
+const _: () = assert!(std::mem::size_of::<BlockQ5K>() == 176);
+const _: () = assert!(std::mem::size_of::<BlockQ3K>() == 110);
+const _: () = assert!(std::mem::size_of::<BlockQ2K>() == 84);
 
 /// The block formats these kernels read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
     Q4K,
     Q6K,
+    /// Read by the scalar reference only: products in these formats are candle's (its SIMD
+    /// kernels, checked against this reference in the tests); embedding rows are expanded here.
+    Q5K,
+    Q3K,
+    Q2K,
 }
 
 impl Format {
@@ -83,6 +124,9 @@ impl Format {
         match q {
             G::Q4K => Some(Format::Q4K),
             G::Q6K => Some(Format::Q6K),
+            G::Q5K => Some(Format::Q5K),
+            G::Q3K => Some(Format::Q3K),
+            G::Q2K => Some(Format::Q2K),
             _ => None,
         }
     }
@@ -91,6 +135,9 @@ impl Format {
         match self {
             Format::Q4K => std::mem::size_of::<BlockQ4K>(),
             Format::Q6K => std::mem::size_of::<BlockQ6K>(),
+            Format::Q5K => std::mem::size_of::<BlockQ5K>(),
+            Format::Q3K => std::mem::size_of::<BlockQ3K>(),
+            Format::Q2K => std::mem::size_of::<BlockQ2K>(),
         }
     }
 }
@@ -161,6 +208,9 @@ impl<'a> QRows<'a> {
             (Format::Q6K, Isa::Neon) => unsafe { neon::dot_q6k_widening(self.blocks(row), y) },
             (Format::Q4K, _) => scalar::dot_q4k(self.blocks(row), y),
             (Format::Q6K, _) => scalar::dot_q6k(self.blocks(row), y),
+            (Format::Q5K, _) => scalar::dot_q5k(self.blocks(row), y),
+            (Format::Q3K, _) => scalar::dot_q3k(self.blocks(row), y),
+            (Format::Q2K, _) => scalar::dot_q2k(self.blocks(row), y),
         }
     }
 
@@ -192,6 +242,9 @@ impl<'a> QRows<'a> {
         match self.format {
             Format::Q4K => scalar::dequantize_q4k(self.blocks(row), out),
             Format::Q6K => scalar::dequantize_q6k(self.blocks(row), out),
+            Format::Q5K => scalar::dequantize_q5k(self.blocks(row), out),
+            Format::Q3K => scalar::dequantize_q3k(self.blocks(row), out),
+            Format::Q2K => scalar::dequantize_q2k(self.blocks(row), out),
         }
     }
 }
@@ -1153,6 +1206,39 @@ pub mod scalar {
         ((low | (high << 4)) as i32 - 32, i / 16)
     }
 
+    /// Value `i` (0..256) of a Q5_K block as its unsigned 5-bit code and sub-block of 32.
+    fn q5k_code(b: &BlockQ5K, i: usize) -> (i32, usize) {
+        let (group, l) = (i / 64, i % 64);
+        let byte = b.qs[32 * group + l % 32];
+        let low = if l < 32 { byte & 0xF } else { byte >> 4 };
+        let high = (b.qh[l % 32] >> (2 * group + l / 32)) & 1;
+        ((low | (high << 4)) as i32, 2 * group + l / 32)
+    }
+
+    /// The 2-bit field of value `i` in the 64 bytes `qs` of a Q2_K or Q3_K block: bytes
+    /// `32h..32h + 32` hold the four runs of 32 values of half `h`, run `j` in bits `2j..2j + 2`.
+    fn two_bits(qs: &[u8; QK_K / 4], i: usize) -> i32 {
+        let (half, run, l) = (i / 128, (i % 128) / 32, i % 32);
+        ((qs[32 * half + l] >> (2 * run)) & 3) as i32
+    }
+
+    /// Value `i` of a Q3_K block as its signed code (-4..4): the two low bits, less 4 unless the
+    /// value's `hmask` bit (bit `i / 32` of byte `i % 32`) is set.
+    fn q3k_code(b: &BlockQ3K, i: usize) -> i32 {
+        let high = (b.hmask[i % 32] >> (i / 32)) & 1;
+        two_bits(&b.qs, i) - if high == 1 { 0 } else { 4 }
+    }
+
+    /// The 16 signed 6-bit scales of a Q3_K block (-32..32): the low 4 bits of scale `k` are
+    /// nibble `k / 8` of byte `k % 8`, the high 2 bits are bits `2 (k / 4)..` of byte `8 + k % 4`.
+    pub fn scales_q3k(scales: &[u8; 12]) -> [i32; 16] {
+        std::array::from_fn(|k| {
+            let low = (scales[k % 8] >> (4 * (k / 8))) & 0xF;
+            let high = (scales[8 + k % 4] >> (2 * (k / 4))) & 3;
+            (low | (high << 4)) as i32 - 32
+        })
+    }
+
     pub fn dot_q4k(x: &[BlockQ4K], y: &[BlockQ8K]) -> f32 {
         let mut sum = 0f32;
         for (b, a) in x.iter().zip(y) {
@@ -1229,6 +1315,83 @@ pub mod scalar {
             sum += a.d * h(b.d) * sumi as f32;
         }
         sum
+    }
+
+    /// As [`dot_q4k`], with the fifth bit.
+    pub fn dot_q5k(x: &[BlockQ5K], y: &[BlockQ8K]) -> f32 {
+        let mut sum = 0f32;
+        for (b, a) in x.iter().zip(y) {
+            let (mut sumi, mut summ) = (0i32, 0i32);
+            for i in 0..QK_K {
+                let (code, sub) = q5k_code(b, i);
+                sumi += scale_min_q4k(&b.scales, sub).0 as i32 * code * a.qs[i] as i32;
+            }
+            for sub in 0..8 {
+                let bsum = a.bsums[2 * sub] as i32 + a.bsums[2 * sub + 1] as i32;
+                summ += scale_min_q4k(&b.scales, sub).1 as i32 * bsum;
+            }
+            sum += a.d * (h(b.d) * sumi as f32 - h(b.dmin) * summ as f32);
+        }
+        sum
+    }
+
+    pub fn dot_q3k(x: &[BlockQ3K], y: &[BlockQ8K]) -> f32 {
+        let mut sum = 0f32;
+        for (b, a) in x.iter().zip(y) {
+            let scales = scales_q3k(&b.scales);
+            let mut sumi = 0i32;
+            for i in 0..QK_K {
+                sumi += scales[i / 16] * q3k_code(b, i) * a.qs[i] as i32;
+            }
+            sum += a.d * h(b.d) * sumi as f32;
+        }
+        sum
+    }
+
+    /// Per sub-block of 16: `d * (scale & 15) * code - dmin * (scale >> 4)`; the mins through the
+    /// activations' sums of 16, as for Q4_K.
+    pub fn dot_q2k(x: &[BlockQ2K], y: &[BlockQ8K]) -> f32 {
+        let mut sum = 0f32;
+        for (b, a) in x.iter().zip(y) {
+            let (mut sumi, mut summ) = (0i32, 0i32);
+            for i in 0..QK_K {
+                sumi += (b.scales[i / 16] & 0xF) as i32 * two_bits(&b.qs, i) * a.qs[i] as i32;
+            }
+            for (sc, &bsum) in b.scales.iter().zip(&a.bsums) {
+                summ += (sc >> 4) as i32 * bsum as i32;
+            }
+            sum += a.d * (h(b.d) * sumi as f32 - h(b.dmin) * summ as f32);
+        }
+        sum
+    }
+
+    pub fn dequantize_q5k(x: &[BlockQ5K], out: &mut [f32]) {
+        for (b, out) in x.iter().zip(out.chunks_exact_mut(QK_K)) {
+            for (i, o) in out.iter_mut().enumerate() {
+                let (code, sub) = q5k_code(b, i);
+                let (sc, mn) = scale_min_q4k(&b.scales, sub);
+                *o = h(b.d) * sc as f32 * code as f32 - h(b.dmin) * mn as f32;
+            }
+        }
+    }
+
+    pub fn dequantize_q3k(x: &[BlockQ3K], out: &mut [f32]) {
+        for (b, out) in x.iter().zip(out.chunks_exact_mut(QK_K)) {
+            let scales = scales_q3k(&b.scales);
+            for (i, o) in out.iter_mut().enumerate() {
+                *o = h(b.d) * scales[i / 16] as f32 * q3k_code(b, i) as f32;
+            }
+        }
+    }
+
+    pub fn dequantize_q2k(x: &[BlockQ2K], out: &mut [f32]) {
+        for (b, out) in x.iter().zip(out.chunks_exact_mut(QK_K)) {
+            for (i, o) in out.iter_mut().enumerate() {
+                let sc = b.scales[i / 16];
+                *o = h(b.d) * (sc & 0xF) as f32 * two_bits(&b.qs, i) as f32
+                    - h(b.dmin) * (sc >> 4) as f32;
+            }
+        }
     }
 
     pub fn dequantize_q4k(x: &[BlockQ4K], out: &mut [f32]) {
@@ -1794,17 +1957,22 @@ mod tests {
     }
 
     fn format(dtype: GgmlDType) -> Format {
-        match dtype {
-            GgmlDType::Q4K => Format::Q4K,
-            _ => Format::Q6K,
-        }
+        Format::of(dtype).unwrap()
     }
+
+    const K_QUANTS: [GgmlDType; 5] = [
+        GgmlDType::Q2K,
+        GgmlDType::Q3K,
+        GgmlDType::Q4K,
+        GgmlDType::Q5K,
+        GgmlDType::Q6K,
+    ];
 
     /// Our reading of the blocks equals candle's dequantization exactly.
     #[test]
     fn dequantize_reads_ggml_blocks_like_candle() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(1);
-        for dtype in [GgmlDType::Q4K, GgmlDType::Q6K] {
+        for dtype in K_QUANTS {
             let (rows, cols) = (7, 3 * QK_K);
             let w = random(&mut rng, rows * cols, 2.0);
             let (q, bytes) = quantized(&w, rows, cols, dtype);
@@ -1830,6 +1998,9 @@ mod tests {
             (GgmlDType::Q4K, 5, 7, 3),
             (GgmlDType::Q6K, 19, 3, 2),
             (GgmlDType::Q6K, 1, 5, 1),
+            (GgmlDType::Q5K, 9, 2, 2),
+            (GgmlDType::Q3K, 9, 2, 2),
+            (GgmlDType::Q2K, 9, 2, 2),
         ] {
             let cols = blocks * QK_K;
             let w = random(&mut rng, rows * cols, 0.5);
@@ -1875,6 +2046,31 @@ mod tests {
                         scalar[i]
                     );
                 }
+            }
+        }
+    }
+
+    /// candle's own products of every K-quant (its SIMD kernels on this CPU: AVX2 or NEON, the
+    /// ones that multiply Q2_K, Q3_K and Q5_K) give what the scalar reference gives.
+    #[test]
+    fn candles_k_quant_products_match_the_reference() {
+        use candle_core::{quantized::QMatMul, Module};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        for dtype in K_QUANTS {
+            let (rows, cols, m) = (13, 3 * QK_K, 2);
+            let w = random(&mut rng, rows * cols, 0.5);
+            let x = random(&mut rng, m * cols, 3.0);
+            let (q, bytes) = quantized(&w, rows, cols, dtype);
+            let mat = QRows::new(format(dtype), rows, cols, &bytes).unwrap();
+            let want = matvec(Isa::Scalar, &[mat], &x, m).remove(0);
+            let xt = Tensor::from_slice(&x, (m, cols), &Device::Cpu).unwrap();
+            let got = QMatMul::from_qtensor(q).unwrap().forward(&xt).unwrap();
+            let got: Vec<f32> = got.flatten_all().unwrap().to_vec1().unwrap();
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (g - w).abs() <= 1e-4 * (1.0 + w.abs()),
+                    "{dtype:?} at {i}: candle {g} vs reference {w}"
+                );
             }
         }
     }
