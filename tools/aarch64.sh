@@ -57,24 +57,27 @@ case "${1:-}" in
     echo "aarch64: target/aarch64/$target/release/loupe"
     ;;
   test)
-    # Every family's parity (checkpoints, GGUF, quantized types), the library's own tests, and
-    # libloupe from a C program (tests/c_api.rs: compiled with the cross compiler, linked
+    # Every family's parity (checkpoints, GGUF, quantized types), the library's own tests, the
+    # README's inspection by the aarch64 binary, and libloupe from a C program (tests/c_api.rs: compiled with the cross compiler, linked
     # statically, run under qemu). Left out under emulation, for time: constrained.rs and batch.rs
     # (the grammar and the batch scheduler, the same code on every architecture; their numbers come
     # from the products tested here), 130 s of the 480 s the whole suite takes under qemu.
     # Every cargo call names the same packages, so the dependencies are built once (another set
     # would unify other features and rebuild them).
-    pkgs=(-p loupe-core -p loupe-capi)
+    pkgs=(-p loupe-core -p loupe-capi -p loupe-cli)
+    # demo_model: the README's inspection command run by the aarch64 `loupe` (under qemu, through
+    # LOUPE_TEST_RUNNER) gives the labelled verdicts x86 gives, and greedy tokens equal
+    # transformers' on every sample.
     parity=(--test parity --test llama --test gemma3 --test phi3 --test gguf --test gguf_vision
       --test quantization --test conversation --test configs --test patch_features
-      --test tokenizer_qwen2 --test c_api)
+      --test tokenizer_qwen2 --test c_api --test demo_model)
     # The test binaries once, then run under each CPU level.
     with_settings cargo test --target $target "${pkgs[@]}" --lib "${parity[@]}" --no-run
     for cpu in cortex-a53 cortex-a76 max; do
       echo "aarch64: kernel tests at -cpu $cpu"
       QEMU_CPU=$cpu with_settings cargo test --target $target "${pkgs[@]}" --lib -- kernels::
     done
-    echo "aarch64: parity and C library tests at -cpu max"
+    echo "aarch64: parity, C library and demo model tests at -cpu max"
     QEMU_CPU=max LOUPE_TEST_CC=aarch64-linux-gnu-gcc LOUPE_TEST_CFLAGS=-static \
       LOUPE_TEST_RUNNER="qemu-aarch64 -cpu max -L $sysroot" \
       with_settings cargo test --target $target "${pkgs[@]}" --lib "${parity[@]}" -- --skip kernels::
