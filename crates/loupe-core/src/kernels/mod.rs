@@ -163,6 +163,15 @@ impl Isa {
     }
 }
 
+/// Whether candle's quantized matrix products may run on this CPU. On AArch64, candle 0.11's
+/// one-row dot products of the K-quants, Q4_0 and Q8_0 execute `sdot` without asking the CPU, so a
+/// core without the dot-product extension (Cortex-A53/A55/A72/A73: Raspberry Pi 3 and 4, many
+/// industrial boards) stops with SIGILL there; the layers then take our kernels or expand the
+/// blocks to f32 instead.
+pub fn candle_quantized_products_run() -> bool {
+    cfg!(not(target_arch = "aarch64")) || has_dotprod()
+}
+
 /// Whether this CPU has what [`Isa::Avx2`] kernels use: AVX2, FMA and F16C.
 fn has_avx2() -> bool {
     #[cfg(target_arch = "x86_64")]

@@ -111,7 +111,8 @@ pub enum Format {
     Q4K,
     Q6K,
     /// Read by the scalar reference only: products in these formats are candle's (its SIMD
-    /// kernels, checked against this reference in the tests); embedding rows are expanded here.
+    /// kernels, checked against this reference in the tests) except on an ARM core without
+    /// `sdot`, where candle's cannot run; embedding rows are expanded here.
     Q5K,
     Q3K,
     Q2K,
@@ -2051,10 +2052,16 @@ mod tests {
     }
 
     /// candle's own products of every K-quant (its SIMD kernels on this CPU: AVX2 or NEON, the
-    /// ones that multiply Q2_K, Q3_K and Q5_K) give what the scalar reference gives.
+    /// ones that multiply Q2_K, Q3_K and Q5_K) give what the scalar reference gives. On an ARM core
+    /// without `sdot` they cannot run at all (see [`crate::kernels::candle_quantized_products_run`]):
+    /// the layers' tests check what runs there instead.
     #[test]
     fn candles_k_quant_products_match_the_reference() {
         use candle_core::{quantized::QMatMul, Module};
+        if !crate::kernels::candle_quantized_products_run() {
+            eprintln!("candle's quantized products do not run on this CPU: nothing to compare");
+            return;
+        }
         let mut rng = rand::rngs::StdRng::seed_from_u64(11);
         for dtype in K_QUANTS {
             let (rows, cols, m) = (13, 3 * QK_K, 2);
