@@ -1,6 +1,7 @@
 //! The vision tower's attention on integer operands, for quantized towers: the scores `q k^T` on
-//! 8-bit codes (AVX-512 VNNI's `vpdpbusd`, 64 products per instruction), the weighted sum `p v` on
-//! 16-bit codes (VNNI's `vpdpwssd`, 32 products per instruction), both with 32-bit integer sums. Why
+//! 8-bit codes (AVX-512 VNNI's `vpdpbusd`, 64 products per instruction; on AArch64 `sdot`, 16), the
+//! weighted sum `p v` on 16-bit codes (VNNI's `vpdpwssd`, 32 products per instruction; NEON's
+//! `smlal`, 4), both with 32-bit integer sums, so every path gives the same sums. Why
 //! our own: the f32 products of [`super::attention`] were 15-20% of a 448² encode once the linear
 //! layers ran in VNNI, and `gemm` has no integer kernels on x86. At 896² the attention over 4096
 //! patches weighs as much as the projections; `vpdpwssd` runs at 154 GMAC/s per core on the Intel
@@ -41,7 +42,7 @@ use super::Isa;
 const TILE: usize = 32;
 /// Query rows per kernel call.
 const R: usize = 4;
-/// Key blocks (of 16) per score-kernel call.
+/// Key blocks (of 16) per score-kernel call (AVX-512; NEON's 32 registers hold one).
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 const JB: usize = 4;
 /// Keys per block of the weighted sum: one scale for a row's softmax weights over the block, and
@@ -54,9 +55,11 @@ const V_LEVELS: f32 = 2047.0;
 // A block's integer sums cannot overflow, even with a weight rounded up to one code past the top.
 const _: () = assert!(KB as u64 * (P_LEVELS as u64 + 1) * V_LEVELS as u64 <= i32::MAX as u64);
 
-/// Whether the CPU behind `isa` has AVX-512 VNNI (`vpdpbusd`, `vpdpwssd`: [`Isa::Avx512`]).
+/// Whether the CPU behind `isa` has the integer products these kernels use: AVX-512 VNNI
+/// (`vpdpbusd`, `vpdpwssd`: [`Isa::Avx512`]) or AArch64's dot product (`sdot`: [`Isa::NeonDot`]
+/// and up).
 pub fn available(isa: Isa) -> bool {
-    isa == Isa::Avx512
+    isa == Isa::Avx512 || isa.dotprod()
 }
 
 /// The scale and its inverse that map magnitudes up to `amax` onto codes up to `levels`: `(amax /
@@ -135,13 +138,17 @@ pub fn weight_codes(e: &[f32], p: &mut [i16], scales: &mut [f32]) {
 
 /// One segment and head's queries, keys and values, packed.
 #[derive(Default)]
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+#[cfg_attr(
+    not(any(target_arch = "x86_64", target_arch = "aarch64")),
+    allow(dead_code)
+)]
 struct Packed {
     /// `(d.keys, 4 * d.quads)`: each query row's 8-bit codes (times the scale), zero padding.
     queries: Vec<i8>,
     /// Per query row: its codes' scale, and `-128 x` the sum of its codes (what the keys' `+128`
-    /// adds to every integer sum).
+    /// adds to every integer sum, for x86's unsigned operand).
     query_scale: Vec<f32>,
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     query_offset: Vec<i32>,
     /// The keys' codes plus 128 in the layout above, and each key's scale (0 for padding).
     keys: Vec<u8>,
@@ -477,14 +484,10 @@ fn tile(
     if s.weights.len() < padded * d.keys {
         s.weights.resize(padded * d.keys, 0);
     }
-    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
     let qs = span.start..span.start + padded;
-    // SAFETY: `available` said the CPU has AVX-512 F, BW and VNNI (checked by `segment_attention`);
+    // SAFETY: `available` said the CPU has the integer products (checked by `segment_attention`);
     // the buffers hold `padded` rows of what each product reads and writes.
-    #[cfg(target_arch = "x86_64")]
-    unsafe {
-        x86::scores(kv, qs, d, &mut s.scores)
-    };
+    unsafe { simd::scores(kv, qs, d, &mut s.scores) };
     let mut sums = [0f32; TILE];
     for (i, sum) in sums.iter_mut().enumerate().take(rows) {
         let row = &mut s.scores[i * d.keys..][..d.len];
@@ -492,20 +495,11 @@ fn tile(
         let scales = &mut s.weight_scale[i * kblocks..][..kblocks];
         let qs = kv.query_scale[span.start + i];
         // SAFETY: as above.
-        #[cfg(target_arch = "x86_64")]
-        {
-            *sum = unsafe { x86::softmax_codes(row, qs, p, scales) };
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            *sum = softmax_exps(row, qs);
-            weight_codes(row, p, scales);
-        }
+        *sum = unsafe { simd::softmax_codes(row, qs, p, scales) };
     }
     // SAFETY: as above.
-    #[cfg(target_arch = "x86_64")]
     unsafe {
-        x86::weighted(
+        simd::weighted(
             &s.weights,
             &s.weight_scale,
             &kv.values,
@@ -593,6 +587,257 @@ pub fn reference(
         start += len;
     }
     out
+}
+
+/// The products and the softmax on this architecture's SIMD path: each function may only be called
+/// where [`available`] said the CPU has it.
+mod simd {
+    use super::{Dims, Packed};
+
+    /// `scores = q k^T`: `x86::scores` or `neon::scores`.
+    #[allow(unused_variables)]
+    pub unsafe fn scores(kv: &Packed, qs: std::ops::Range<usize>, d: Dims, scores: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        super::x86::scores(kv, qs, d, scores);
+        #[cfg(target_arch = "aarch64")]
+        super::neon::scores(kv, qs, d, scores);
+        #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+        unreachable!("no integer attention on this architecture");
+    }
+
+    /// A row's softmax weights as codes: `x86::softmax_codes` or `neon::softmax_codes`.
+    pub unsafe fn softmax_codes(
+        s: &mut [f32],
+        qscale: f32,
+        p: &mut [i16],
+        scales: &mut [f32],
+    ) -> f32 {
+        #[cfg(target_arch = "x86_64")]
+        return super::x86::softmax_codes(s, qscale, p, scales);
+        #[cfg(target_arch = "aarch64")]
+        return super::neon::softmax_codes(s, qscale, p, scales);
+        #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+        {
+            let sum = super::softmax_exps(s, qscale);
+            super::weight_codes(s, p, scales);
+            sum
+        }
+    }
+
+    /// `os = ps v`: `x86::weighted` or `neon::weighted`.
+    #[allow(unused_variables)]
+    pub unsafe fn weighted(
+        ps: &[i16],
+        ps_scale: &[f32],
+        values: &[i16],
+        d: Dims,
+        rows: usize,
+        os: &mut [f32],
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        super::x86::weighted(ps, ps_scale, values, d, rows, os);
+        #[cfg(target_arch = "aarch64")]
+        super::neon::weighted(ps, ps_scale, values, d, rows, os);
+        #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+        unreachable!("no integer attention on this architecture");
+    }
+}
+
+/// The AArch64 path: the same packed operands and integer sums as `x86`, so the same results bit
+/// for bit. 32 registers of 128 bits: one block of 16 keys per score call (16 sums for 4 rows),
+/// 8 dims per weighted-sum call (16 sums for 4 rows).
+#[cfg(target_arch = "aarch64")]
+mod neon {
+    use core::arch::aarch64::*;
+
+    use super::{Dims, Packed, EXP2_POLY, KB, P_LEVELS, R};
+    use crate::kernels::neon::sdot;
+
+    /// `scores = q k^T` for query rows `qs` (as many as a multiple of [`R`]) of the packed segment
+    /// against all its keys; `scores` is `qs.len() x d.keys`. The keys' codes are stored plus 128
+    /// (for x86's unsigned operand): a flip of the top bit gives the signed codes back, so the sums
+    /// start from 0, not from the query's offset.
+    #[target_feature(enable = "neon,dotprod")]
+    pub unsafe fn scores(kv: &Packed, qs: std::ops::Range<usize>, d: Dims, scores: &mut [f32]) {
+        let qw = 4 * d.quads;
+        let blocks = d.keys / 16;
+        assert!(qs.end <= d.keys && qs.len().is_multiple_of(R));
+        assert!(scores.len() >= qs.len() * d.keys && kv.keys.len() >= blocks * 16 * qw);
+        let flip = vdupq_n_u8(0x80);
+        for (i, first) in qs.step_by(R).enumerate() {
+            let q: [*const i8; R] =
+                std::array::from_fn(|r| kv.queries.as_ptr().add((first + r) * qw));
+            for b in 0..blocks {
+                let keys = kv.keys.as_ptr().add(b * 16 * qw);
+                let mut acc = [[vdupq_n_s32(0); 4]; R];
+                for s in 0..d.quads {
+                    // Dims 4s..4s + 4 of the block's 16 keys, 4 keys a vector.
+                    let k: [int8x16_t; 4] = std::array::from_fn(|v| {
+                        vreinterpretq_s8_u8(veorq_u8(vld1q_u8(keys.add(s * 64 + 16 * v)), flip))
+                    });
+                    for (sums, codes) in acc.iter_mut().zip(q) {
+                        let quad = (codes.add(4 * s) as *const i32).read_unaligned();
+                        let quad = vreinterpretq_s8_s32(vdupq_n_s32(quad));
+                        for (sum, k) in sums.iter_mut().zip(k) {
+                            *sum = sdot(*sum, k, quad);
+                        }
+                    }
+                }
+                let scale: [float32x4_t; 4] =
+                    std::array::from_fn(|v| vld1q_f32(kv.key_scale.as_ptr().add(b * 16 + 4 * v)));
+                for (r, sums) in acc.iter().enumerate() {
+                    let o = scores.as_mut_ptr().add((i * R + r) * d.keys + b * 16);
+                    for (v, sum) in sums.iter().enumerate() {
+                        vst1q_f32(o.add(4 * v), vmulq_f32(vcvtq_f32_s32(*sum), scale[v]));
+                    }
+                }
+            }
+        }
+    }
+
+    /// `os = ps v` as `x86::weighted` computes it (the same exact integer sums per key block, the
+    /// same fused multiply-add across blocks). A pair of keys' codes for 4 dims is one vector of 8;
+    /// `smlal` multiplies it by the broadcast pair of weights into 4 lanes of sums (two per dim),
+    /// added pairwise at the block's end.
+    #[target_feature(enable = "neon")]
+    pub unsafe fn weighted(
+        ps: &[i16],
+        ps_scale: &[f32],
+        values: &[i16],
+        d: Dims,
+        rows: usize,
+        os: &mut [f32],
+    ) {
+        let kblocks = d.keys.div_ceil(KB);
+        assert!(rows.is_multiple_of(R) && d.keys.is_multiple_of(2) && d.dpad.is_multiple_of(8));
+        assert!(ps.len() >= rows * d.keys && ps_scale.len() >= rows * kblocks);
+        assert!(values.len() >= d.keys * d.dpad && os.len() >= rows * d.dpad);
+        for kb in 0..kblocks {
+            let first = kb * KB;
+            let steps = (d.keys.min(first + KB) - first) / 2;
+            let panel = values.as_ptr().add(first * d.dpad);
+            for i in (0..rows).step_by(R) {
+                let a: [*const i16; R] =
+                    std::array::from_fn(|r| ps.as_ptr().add((i + r) * d.keys + first));
+                let scale: [float32x4_t; R] =
+                    std::array::from_fn(|r| vdupq_n_f32(ps_scale[(i + r) * kblocks + kb]));
+                for c in (0..d.dpad).step_by(8) {
+                    let mut acc = [[vdupq_n_s32(0); 4]; R];
+                    for s in 0..steps {
+                        // Dims c..c + 8 of keys first + 2s and first + 2s + 1, interleaved.
+                        let at = panel.add(s * 2 * d.dpad + 2 * c);
+                        let (v0, v1) = (vld1q_s16(at), vld1q_s16(at.add(8)));
+                        for (sums, a) in acc.iter_mut().zip(a) {
+                            let pair = (a.add(2 * s) as *const i32).read_unaligned();
+                            let pair = vreinterpretq_s16_s32(vdupq_n_s32(pair));
+                            let low = vget_low_s16(pair);
+                            sums[0] = vmlal_s16(sums[0], vget_low_s16(v0), low);
+                            sums[1] = vmlal_high_s16(sums[1], v0, pair);
+                            sums[2] = vmlal_s16(sums[2], vget_low_s16(v1), low);
+                            sums[3] = vmlal_high_s16(sums[3], v1, pair);
+                        }
+                    }
+                    for (r, sums) in acc.iter().enumerate() {
+                        let o = os.as_mut_ptr().add((i + r) * d.dpad + c);
+                        for h in 0..2 {
+                            let x = vcvtq_f32_s32(vpaddq_s32(sums[2 * h], sums[2 * h + 1]));
+                            let y = if kb == 0 {
+                                vmulq_f32(x, scale[r])
+                            } else {
+                                vfmaq_f32(vld1q_f32(o.add(4 * h)), x, scale[r])
+                            };
+                            vst1q_f32(o.add(4 * h), y);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// [`super::exp2`] on 4 lanes: the same clamp, steps and rounding, `2^n` written into the
+    /// exponent bits (exact: `n >= -126`).
+    #[inline]
+    #[target_feature(enable = "neon")]
+    unsafe fn exp2(t: float32x4_t) -> float32x4_t {
+        let t = vmaxq_f32(t, vdupq_n_f32(-126.0));
+        let n = vrndnq_f32(t);
+        let f = vsubq_f32(t, n);
+        let mut p = vdupq_n_f32(EXP2_POLY[0]);
+        for c in &EXP2_POLY[1..] {
+            p = vfmaq_f32(vdupq_n_f32(*c), p, f);
+        }
+        let pow2n = vshlq_n_s32::<23>(vaddq_s32(vcvtq_s32_f32(n), vdupq_n_s32(127)));
+        vmulq_f32(p, vreinterpretq_f32_s32(pow2n))
+    }
+
+    /// One row's softmax weights as codes, as `x86::softmax_codes` (and the reference) makes them:
+    /// the exps of [`super::softmax_exps`] written over the scores `s`, coded per block of [`KB`]
+    /// keys as [`super::weight_codes`] codes them, zeros for the padding `p[s.len()..]`; returns
+    /// the f32 sum of the unrounded exps. The last `s.len() % 4` scores take the scalar steps.
+    #[target_feature(enable = "neon")]
+    pub unsafe fn softmax_codes(
+        s: &mut [f32],
+        qscale: f32,
+        p: &mut [i16],
+        scales: &mut [f32],
+    ) -> f32 {
+        let (n, keys) = (s.len(), p.len());
+        assert!(n <= keys && keys.is_multiple_of(16) && scales.len() >= keys.div_ceil(KB));
+        let full = n - n % 4;
+        let x = s.as_mut_ptr();
+        let mut mv = vdupq_n_f32(f32::NEG_INFINITY);
+        for at in (0..full).step_by(4) {
+            mv = vmaxq_f32(mv, vld1q_f32(x.add(at)));
+        }
+        let m = (full..n).fold(vmaxvq_f32(mv), |a, j| a.max(*x.add(j)));
+        let c = qscale * std::f32::consts::LOG2_E;
+        let mc = m * c;
+        let (cv, neg_mc) = (vdupq_n_f32(c), vdupq_n_f32(-mc));
+        let mut acc = vdupq_n_f32(0.0);
+        let mut tail = 0f32;
+        for (kb, first) in (0..n).step_by(KB).enumerate() {
+            let end = n.min(first + KB);
+            let mut top = vdupq_n_f32(0.0);
+            let mut top_tail = 0f32;
+            for at in (first..end).step_by(4) {
+                if at + 4 <= end {
+                    let e = exp2(vfmaq_f32(neg_mc, vld1q_f32(x.add(at)), cv));
+                    vst1q_f32(x.add(at), e);
+                    acc = vaddq_f32(acc, e);
+                    top = vmaxq_f32(top, e);
+                } else {
+                    for j in at..end {
+                        let v = &mut *x.add(j);
+                        *v = super::exp2(v.mul_add(c, -mc));
+                        tail += *v;
+                        top_tail = top_tail.max(*v);
+                    }
+                }
+            }
+            scales[kb] = vmaxvq_f32(top).max(top_tail);
+        }
+        for (kb, first) in (0..keys).step_by(KB).enumerate() {
+            let (scale, iscale) = if first < n {
+                super::levels(scales[kb], P_LEVELS)
+            } else {
+                (0.0, 0.0)
+            };
+            scales[kb] = scale;
+            let iscale = vdupq_n_f32(iscale);
+            for at in (first..keys.min(first + KB)).step_by(4) {
+                let e = if at + 4 <= n {
+                    vld1q_f32(x.add(at))
+                } else {
+                    let lanes: [f32; 4] =
+                        std::array::from_fn(|j| if at + j < n { *x.add(at + j) } else { 0.0 });
+                    vld1q_f32(lanes.as_ptr())
+                };
+                let codes = vmovn_s32(vcvtnq_s32_f32(vmulq_f32(e, iscale)));
+                vst1_s16(p.as_mut_ptr().add(at), codes);
+            }
+        }
+        vaddvq_f32(acc) + tail
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -984,7 +1229,6 @@ mod tests {
     /// codes' extremes (every weight and value code at its largest, same sign), where a block's sum
     /// is 2^31 less 0.05%.
     #[test]
-    #[cfg(target_arch = "x86_64")]
     fn weighted_kernel_matches_the_exact_sums() {
         if !available(Isa::detect()) {
             return;
@@ -1021,10 +1265,10 @@ mod tests {
             // `[pair of keys][dim][2]`.
             let at = |j: usize, c: usize| values[(j / 2) * dpad * 2 + c * 2 + j % 2] as i64;
             let mut got = vec![0f32; rows * dpad];
-            // SAFETY: `available` said the CPU has AVX-512 VNNI (and F); the operands hold `rows`
+            // SAFETY: `available` said the CPU has the integer products; the operands hold `rows`
             // rows of `keys` weights and of `kblocks` scales, `keys` rows of `dpad` values and
             // `rows x dpad` outputs.
-            unsafe { x86::weighted(&ps, &ps_scale, &values, d, rows, &mut got) };
+            unsafe { simd::weighted(&ps, &ps_scale, &values, d, rows, &mut got) };
             for i in 0..rows {
                 for c in 0..dpad {
                     let (mut want, mut size) = (0f64, 0f64);
@@ -1052,7 +1296,6 @@ mod tests {
     /// additions: rows shorter than, equal to and longer than a vector and a key block, with a tail
     /// and without, with blocks whose weights all underflow to zero.
     #[test]
-    #[cfg(target_arch = "x86_64")]
     fn softmax_codes_equal_exp_then_coding() {
         if !available(Isa::detect()) {
             return;
@@ -1071,9 +1314,9 @@ mod tests {
             let (mut want, mut want_scale) = (vec![0i16; keys], vec![0f32; kblocks]);
             weight_codes(&e, &mut want, &mut want_scale);
             let (mut got, mut got_scale) = (vec![-1i16; keys], vec![-1f32; kblocks]);
-            // SAFETY: `available` said the CPU has AVX-512 (F, BW, VL).
+            // SAFETY: `available` said the CPU has the SIMD path.
             let mut scores = s.clone();
-            let sum = unsafe { x86::softmax_codes(&mut scores, qscale, &mut got, &mut got_scale) };
+            let sum = unsafe { simd::softmax_codes(&mut scores, qscale, &mut got, &mut got_scale) };
             assert_eq!(got, want, "len {len}");
             assert_eq!(got_scale, want_scale, "len {len}");
             assert_eq!(scores, e, "len {len}: the exps, written over the scores");
