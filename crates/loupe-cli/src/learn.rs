@@ -33,9 +33,18 @@ pub struct LearnArgs {
     /// beside the spec).
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// variation (aligned golden template, no model) or patchcore (the model's vision tower).
+    /// variation: an aligned golden template, per-pixel mean and spread, no model (fixtured parts at
+    /// a fixed distance, plain surfaces, fast); patchcore: a memory bank of patch features, nearest
+    /// neighbour (parts that vary in place and texture; on a pretrained --backbone as published).
     #[arg(long, default_value = "patchcore")]
     pub method: String,
+    /// Patchcore: where the patch features come from: `vlm` (the spec's model's vision tower), or
+    /// the folder of a pretrained backbone in timm's layout (config.json + model.safetensors:
+    /// ResNet, Wide-ResNet, EfficientNet B0-B7 and Lite0-4; tools/convert_backbone.py converts a
+    /// .pth): PatchCore as published on its two mid-level stages, 3x3 pooled, with the paper's
+    /// image-score reweighting and a smoothed map.
+    #[arg(long, default_value = "vlm")]
+    pub backbone: String,
     /// Patchcore: the vision tower block the features come from (default: two thirds up the tower).
     #[arg(long)]
     pub layer: Option<usize>,
@@ -97,9 +106,17 @@ pub fn learn(args: LearnArgs) -> Result<()> {
             "no good images found in the paths given".into(),
         ));
     }
+    let backbone = (args.backbone != "vlm").then(|| PathBuf::from(&args.backbone));
+    if backbone.is_some() && (method != Method::Patchcore || args.layer.is_some() || args.pool) {
+        return Err(Error::InvalidInput(
+            "--backbone is for --method patchcore, which then pools and picks its stages itself \
+             (no --layer or --pool)"
+                .into(),
+        ));
+    }
     let engine = match method {
-        Method::Patchcore => Some(args.model.load_or(spec.model.as_deref())?),
-        Method::Variation => None,
+        Method::Patchcore if backbone.is_none() => Some(args.model.load_or(spec.model.as_deref())?),
+        Method::Patchcore | Method::Variation => None,
     };
     let size = match (method, args.size) {
         (_, Some(s)) => s,
@@ -128,6 +145,7 @@ pub fn learn(args: LearnArgs) -> Result<()> {
         height: size,
         coreset_fraction: args.coreset,
         pool: args.pool,
+        backbone,
         holdout: args.holdout,
         far: args.far,
         confidence: args.confidence,

@@ -421,3 +421,78 @@ fn the_example_specs_anomaly_section_works_as_its_comments_say() {
     let col = rows[0].iter().position(|h| h == "anomaly_flagged").unwrap();
     assert_eq!(rows[1][col], "true");
 }
+
+/// `loupe learn --backbone DIR`: PatchCore as published on a pretrained backbone in timm's layout
+/// (here loupe-core's tiny random ResNet-18 fixture), no VLM loaded; the bank names the backbone and
+/// `loupe inspect` scores with it; misuses are one clear line.
+#[test]
+fn learn_on_a_pretrained_backbone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let good = tmp.path().join("good");
+    write_goods(&good, 44);
+    let spec = rings_spec(tmp.path());
+    let backbone = root().join("crates/loupe-core/tests/fixtures/backbones/resnet18_tiny");
+    let bank = tmp.path().join("rings.anomaly.safetensors");
+    let out = loupe(&[
+        "learn",
+        "--spec",
+        s(&spec),
+        "--backbone",
+        s(&backbone),
+        "--size",
+        "112",
+        "--holdout",
+        "0.7",
+        "--far",
+        "0.1",
+        s(&good),
+    ]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let header = loupe_inspect::anomaly::Bank::load(&bank).unwrap().header;
+    let r = header.backbone.unwrap();
+    assert_eq!(r.architecture, "resnet18");
+    assert_eq!(r.stages, ["layer2", "layer3"]);
+    assert_eq!(r.dir, backbone.canonicalize().unwrap());
+    let fine = tmp.path().join("fine.png");
+    ring(-1, 1, 98, false).save(&fine).unwrap();
+    let out = loupe(&[
+        "inspect",
+        "--spec",
+        s(&spec),
+        "--no-audit",
+        "--json",
+        s(&fine),
+    ]);
+    let rec: serde_json::Value = serde_json::from_str(out.stdout.lines().next().unwrap()).unwrap();
+    assert!(rec["anomaly"]["score"].as_f64().unwrap() > 0.0, "{rec}");
+    assert_eq!(
+        rec["anomaly"]["threshold"].as_f64().unwrap() as f32,
+        header.threshold
+    );
+
+    fails_clearly(
+        &loupe(&[
+            "learn",
+            "--spec",
+            s(&spec),
+            "--backbone",
+            s(&backbone),
+            "--layer",
+            "2",
+            s(&good),
+        ]),
+        "--backbone is for --method patchcore",
+    );
+    let nowhere = tmp.path().join("nowhere");
+    fails_clearly(
+        &loupe(&[
+            "learn",
+            "--spec",
+            s(&spec),
+            "--backbone",
+            s(&nowhere),
+            s(&good),
+        ]),
+        "nowhere",
+    );
+}

@@ -75,6 +75,7 @@ fn opts(method: Method) -> LearnOptions {
         height: SIZE as usize,
         coreset_fraction: 0.25,
         pool: false,
+        backbone: None,
         holdout: 0.5,
         far: 0.1,
         confidence: 0.95,
@@ -170,6 +171,111 @@ fn patch_bank_on_the_vlm_tower_flags_a_dent_and_keeps_its_false_alarm_rate() {
     let demo = root().join("models/loupe-parts-demo");
     let engine = loupe_core::Engine::load(demo.to_str().unwrap(), &Default::default()).unwrap();
     check(Method::Patchcore, Some(&engine));
+}
+
+/// The tiny random ResNet-18 of loupe-core's backbone fixtures (timm's layout).
+fn tiny_backbone() -> PathBuf {
+    root().join("crates/loupe-core/tests/fixtures/backbones/resnet18_tiny")
+}
+
+/// PatchCore as published on a pretrained-backbone folder, no VLM loaded at all. The backbone here
+/// is a tiny random ResNet-18 (loupe-core's fixture): a weak feature extractor, so this checks the
+/// pipeline's properties, not its accuracy: its calibrated threshold keeps the false-alarm rate on
+/// fresh good parts, dented parts score above good ones on average, the map covers the image at
+/// its size with finite values, and the bank scores the same once saved and read back.
+/// (tests/backbone_patchcore.rs checks the numbers against anomalib's.)
+#[test]
+fn patch_bank_on_a_backbone_keeps_its_false_alarm_rate() {
+    let tmp = tempfile::tempdir().unwrap();
+    let train = goods(&tmp.path().join("good"), 64, 1);
+    let o = LearnOptions {
+        backbone: Some(tiny_backbone()),
+        ..opts(Method::Patchcore)
+    };
+    let learned = anomaly::learn(None, &train, &o, &mut |_, _, _| {}).unwrap();
+    let bank = &learned.bank;
+    let h = &bank.header;
+    assert!(h.calibration.achieved >= 0.95, "{:?}", h.calibration);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(99);
+    let fresh: Vec<f32> = (0..60)
+        .map(|_| {
+            bank.score(None, &to_loupe(&washer(&mut rng, None)))
+                .unwrap()
+                .score
+        })
+        .collect();
+    let alarms = fresh.iter().filter(|&&s| s > h.threshold).count();
+    assert!(alarms <= 9, "{alarms} of 60 fresh good parts flagged");
+    let dented: Vec<f32> = (0..12)
+        .map(|k| {
+            let a = k as f32 * 0.52;
+            let mut rng = rand::rngs::StdRng::seed_from_u64(500 + k);
+            let img = washer(&mut rng, Some((25.0 * a.cos(), 25.0 * a.sin())));
+            let s = bank.score(None, &to_loupe(&img)).unwrap();
+            assert_eq!((s.map.w, s.map.h), (SIZE as usize, SIZE as usize));
+            assert!(s.map.v.iter().all(|v| v.is_finite() && *v >= 0.0));
+            s.score
+        })
+        .collect();
+    let mean = |v: &[f32]| v.iter().sum::<f32>() / v.len() as f32;
+    assert!(
+        mean(&dented) > mean(&fresh),
+        "dents {dented:?} vs good {fresh:?}"
+    );
+    let file = tmp.path().join("bank.safetensors");
+    bank.save(&file).unwrap();
+    let back = Bank::load(&file).unwrap();
+    let img = to_loupe(&washer(
+        &mut rand::rngs::StdRng::seed_from_u64(7),
+        Some((20.0, 10.0)),
+    ));
+    assert_eq!(
+        back.score(None, &img).unwrap().score,
+        bank.score(None, &img).unwrap().score
+    );
+}
+
+/// A bank learned on a backbone names it in its header; read back with other weights in that
+/// folder, it refuses to score rather than give numbers on features it was not learned on.
+#[test]
+fn a_backbone_bank_refuses_other_weights() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("backbone");
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(tiny_backbone().join(f), dir.join(f)).unwrap();
+    }
+    let train = goods(&tmp.path().join("good"), 40, 5);
+    let o = LearnOptions {
+        backbone: Some(dir.clone()),
+        holdout: 0.8,
+        ..opts(Method::Patchcore)
+    };
+    let learned = anomaly::learn(None, &train, &o, &mut |_, _, _| {}).unwrap();
+    let r = learned.bank.header.backbone.clone().unwrap();
+    assert_eq!(
+        (r.architecture.as_str(), r.stages.clone()),
+        ("resnet18", vec!["layer2".into(), "layer3".into()])
+    );
+    assert_eq!(learned.bank.header.feature_dim, Some(16 + 24));
+    let file = tmp.path().join("bank.safetensors");
+    learned.bank.save(&file).unwrap();
+    assert!(Bank::load(&file).is_ok());
+    // Other weights of the same architecture in the same place.
+    let other = root().join("crates/loupe-core/tests/fixtures/backbones/wide_resnet50_2_tiny");
+    std::fs::copy(
+        other.join("model.safetensors"),
+        dir.join("model.safetensors"),
+    )
+    .unwrap();
+    let e = Bank::load(&file).err().unwrap().to_string();
+    assert!(
+        e.contains("SHA-256") && e.contains("learn the bank again"),
+        "{e}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+    let e = Bank::load(&file).err().unwrap().to_string();
+    assert!(e.contains("config.json"), "{e}");
 }
 
 #[test]

@@ -1,8 +1,9 @@
 //! Anomaly detection learned from good parts only, beside the VLM: a detector file (a "bank") that
 //! `loupe learn` writes and a spec's `[anomaly]` section names.
 //!
-//! Two methods ([`Method`]): the classical variation model ([`variation`]) and a PatchCore-style
-//! patch-feature memory bank on the loaded VLM's vision tower ([`patchcore`]). Both give a per-pixel
+//! Two methods ([`Method`]): the classical variation model ([`variation`]) and a PatchCore
+//! patch-feature memory bank ([`patchcore`]): on the loaded VLM's vision tower, or as published on a
+//! pretrained CNN the user names (`loupe learn --backbone DIR`, timm's layout). Both give a per-pixel
 //! anomaly map and an image score (the map's maximum); the threshold comes from held-out good images
 //! ([`calibrate`]), never from a guess.
 //!
@@ -16,8 +17,10 @@ pub mod variation;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use loupe_core::image::RgbImage;
+use loupe_core::models::backbone::Backbone;
 use loupe_core::Engine;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -84,6 +87,59 @@ pub struct Header {
     pub pool: bool,
     pub max_rotation: Option<f32>,
     pub seed: u64,
+    /// Patchcore on a pretrained backbone rather than the VLM's tower.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backbone: Option<BackboneRef>,
+}
+
+/// The pretrained backbone a bank was learned with: where it was, what it is, and the SHA-256 of
+/// its weights (a bank only scores with the very weights it was learned on).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BackboneRef {
+    pub dir: PathBuf,
+    pub architecture: String,
+    pub weights_sha256: String,
+    /// The stages the features come from, by name.
+    pub stages: Vec<String>,
+}
+
+/// The SHA-256 of a backbone's `model.safetensors`.
+fn weights_hash(dir: &Path) -> Result<String> {
+    use std::io::Read;
+    let path = dir.join("model.safetensors");
+    let mut f = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(|e| Error::io(&path, e))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(format!("{:x}", h.finalize()))
+}
+
+/// Loads the backbone `r` names and checks it is the one the bank was learned with.
+fn load_backbone(r: &BackboneRef) -> Result<(Arc<Backbone>, Vec<usize>)> {
+    let backbone = Backbone::load(&r.dir)?;
+    let hash = weights_hash(&r.dir)?;
+    if hash != r.weights_sha256 || backbone.architecture != r.architecture {
+        return Err(Error::InvalidInput(format!(
+            "the anomaly bank was learned with the {} backbone whose weights have SHA-256 {}; {} \
+             holds {} weights with SHA-256 {hash}: learn the bank again, or restore those weights",
+            r.architecture,
+            r.weights_sha256,
+            r.dir.display(),
+            backbone.architecture
+        )));
+    }
+    let stages = r
+        .stages
+        .iter()
+        .map(|s| backbone.stage_index(s))
+        .collect::<loupe_core::Result<Vec<_>>>()?;
+    Ok((Arc::new(backbone), stages))
 }
 
 enum Data {
@@ -95,6 +151,8 @@ enum Data {
 pub struct Bank {
     pub header: Header,
     data: Data,
+    /// The pretrained backbone and the stages it gives features from, for a bank learned on one.
+    backbone: Option<(Arc<Backbone>, Vec<usize>)>,
 }
 
 /// The anomaly of one image: its score and the map it came from, at the bank's size, in the image's
@@ -117,6 +175,9 @@ pub struct LearnOptions {
     pub coreset_fraction: f64,
     /// Patchcore: average each feature over its 3x3 patch neighbourhood.
     pub pool: bool,
+    /// Patchcore: a pretrained backbone's folder (timm's layout): PatchCore as published on it,
+    /// rather than on the VLM's tower.
+    pub backbone: Option<PathBuf>,
     /// The share of good images held out to set the threshold.
     pub holdout: f64,
     pub far: f64,
@@ -187,6 +248,14 @@ pub fn learn(
             opts.coreset_fraction
         )));
     }
+    // The backbone first: a wrong folder is named before any image is read.
+    let pretrained = match (&opts.backbone, opts.method) {
+        (Some(dir), Method::Patchcore) => {
+            let dir = dir.canonicalize().map_err(|e| Error::io(dir, e))?;
+            Some((Backbone::load(&dir)?, dir))
+        }
+        _ => None,
+    };
     let mut order: Vec<PathBuf> = goods.to_vec();
     order.sort();
     order.dedup();
@@ -235,7 +304,9 @@ pub fn learn(
         pool: opts.pool,
         max_rotation: None,
         seed: opts.seed,
+        backbone: None,
     };
+    let mut backbone = None;
     let data = match opts.method {
         Method::Variation => {
             let mut grays = Vec::with_capacity(train.len());
@@ -252,6 +323,35 @@ pub fn learn(
             header.max_rotation = Some(opts.max_rotation);
             Data::Variation(model)
         }
+        Method::Patchcore if pretrained.is_some() => {
+            let (net, dir) = pretrained.expect("matched");
+            let stages = net.mid_stages();
+            let reference = BackboneRef {
+                dir: dir.clone(),
+                architecture: net.architecture.clone(),
+                weights_sha256: weights_hash(&dir)?,
+                stages: stages
+                    .iter()
+                    .map(|&i| net.stages()[i].name.clone())
+                    .collect(),
+            };
+            let mut all = Vec::new();
+            let mut dim = 0;
+            for (i, p) in train.iter().enumerate() {
+                let img = read_image(p, &mut train_hashes)?;
+                let g = patchcore::backbone_features(&net, &stages, &img, w, h)?;
+                dim = g.dim;
+                all.extend_from_slice(&g.v);
+                progress("patch features", i + 1, train.len());
+            }
+            let features = coreset_of(&all, dim, opts, progress);
+            header.feature_dim = Some(dim);
+            header.coreset_fraction = Some(opts.coreset_fraction);
+            header.pool = true;
+            header.backbone = Some(reference);
+            backbone = Some((Arc::new(net), stages.to_vec()));
+            Data::Patchcore { features, dim }
+        }
         Method::Patchcore => {
             let engine = engine.ok_or_else(|| {
                 Error::InvalidInput("the patchcore method needs the spec's model".into())
@@ -267,14 +367,7 @@ pub fn learn(
                 all.extend_from_slice(&g.v);
                 progress("patch features", i + 1, train.len());
             }
-            let n = all.len() / dim.max(1);
-            let keep = ((n as f64 * opts.coreset_fraction).ceil() as usize).clamp(1, n);
-            let kept =
-                patchcore::coreset(&all, dim, keep, opts.seed, |k| progress("coreset", k, keep));
-            let mut features = Vec::with_capacity(kept.len() * dim);
-            for i in kept {
-                features.extend_from_slice(&all[i * dim..(i + 1) * dim]);
-            }
+            let features = coreset_of(&all, dim, opts, progress);
             header.model_type = Some(engine.model_type.clone());
             header.vision_depth = Some(depth);
             header.layer = Some(layer);
@@ -283,7 +376,11 @@ pub fn learn(
             Data::Patchcore { features, dim }
         }
     };
-    let mut bank = Bank { header, data };
+    let mut bank = Bank {
+        header,
+        data,
+        backbone,
+    };
     let mut held_out_scores = Vec::with_capacity(held.len());
     for (i, p) in held.iter().enumerate() {
         held_out_scores.push(bank.score(engine, &read_image(p, &mut held_hashes)?)?.score);
@@ -310,6 +407,18 @@ pub fn learn(
     })
 }
 
+/// The coreset of the patch features `all` (`dim` values each) that `opts` asks for.
+fn coreset_of(all: &[f32], dim: usize, opts: &LearnOptions, progress: Progress) -> Vec<f32> {
+    let n = all.len() / dim.max(1);
+    let keep = ((n as f64 * opts.coreset_fraction).ceil() as usize).clamp(1, n.max(1));
+    let kept = patchcore::coreset(all, dim, keep, opts.seed, |k| progress("coreset", k, keep));
+    let mut features = Vec::with_capacity(kept.len() * dim);
+    for i in kept {
+        features.extend_from_slice(&all[i * dim..(i + 1) * dim]);
+    }
+    features
+}
+
 impl Bank {
     /// The score and map of one image.
     pub fn score(&self, engine: Option<&Engine>, img: &RgbImage) -> Result<Scored> {
@@ -319,6 +428,21 @@ impl Bank {
                 let map = model.deviation(&Gray::from_rgb(img, w, h));
                 let score = map.v.iter().copied().fold(0.0, f32::max);
                 Ok(Scored { score, map })
+            }
+            Data::Patchcore { features, dim } if self.backbone.is_some() => {
+                let (net, stages) = self.backbone.as_ref().expect("matched");
+                let g = patchcore::backbone_features(net, stages, img, w, h)?;
+                if g.dim != *dim {
+                    return Err(Error::InvalidInput(format!(
+                        "the backbone gave {}-value features, the bank holds {dim}",
+                        g.dim
+                    )));
+                }
+                let (score, map) = patchcore::published_score(features, &g, w, h)?;
+                Ok(Scored {
+                    score,
+                    map: Gray { w, h, v: map },
+                })
             }
             Data::Patchcore { features, dim } => {
                 let engine = engine.ok_or_else(|| {
@@ -344,7 +468,7 @@ impl Bank {
     /// A patchcore bank only scores with a tower like the one it was learned with.
     pub fn check_model(&self, engine: &Engine) -> Result<()> {
         let h = &self.header;
-        if h.method != Method::Patchcore {
+        if h.method != Method::Patchcore || h.backbone.is_some() {
             return Ok(());
         }
         let depth = engine.model.vision_depth();
@@ -486,8 +610,10 @@ impl Bank {
                     .tensor("features")
                     .map_err(|_| bad("no tensor `features`".into()))?;
                 let n = t.shape().first().copied().unwrap_or(0);
-                if n == 0 || header.layer.is_none() {
-                    return Err(bad("an empty bank or no layer".into()));
+                if n == 0 || header.layer.is_none() && header.backbone.is_none() {
+                    return Err(bad(
+                        "an empty bank, or neither a layer nor a backbone".into()
+                    ));
                 }
                 Data::Patchcore {
                     features: tensor("features", &[n, dim])?,
@@ -495,7 +621,24 @@ impl Bank {
                 }
             }
         };
-        Ok(Bank { header, data })
+        let backbone = match (&header.backbone, &data) {
+            (Some(r), Data::Patchcore { dim, .. }) => {
+                let (net, stages) = load_backbone(r)?;
+                let channels: usize = stages.iter().map(|&i| net.stages()[i].channels).sum();
+                if channels != *dim {
+                    return Err(bad(format!(
+                        "features of {dim} values, the backbone's stages give {channels}"
+                    )));
+                }
+                Some((net, stages))
+            }
+            _ => None,
+        };
+        Ok(Bank {
+            header,
+            data,
+            backbone,
+        })
     }
 
     /// Features (patchcore) or pixels (variation) the bank holds.

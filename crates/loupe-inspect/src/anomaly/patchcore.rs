@@ -1,4 +1,5 @@
-//! The patch-feature memory bank (PatchCore's recipe) on the loaded VLM's own vision tower.
+//! The patch-feature memory bank (PatchCore's recipe) on the loaded VLM's own vision tower, or as
+//! published on a pretrained CNN ([`backbone_features`], [`published_score`]).
 //!
 //! Each good image, resized to the bank's size, runs the tower up to one block; with `--pool`, its
 //! patch features are averaged over their 3x3 neighbourhood on the patch grid (PatchCore's local
@@ -16,6 +17,7 @@
 
 use candle_core::{Device, Tensor};
 use loupe_core::image::{resize_rgb, Filter, ImageInput, RgbImage};
+use loupe_core::models::backbone::Backbone;
 use loupe_core::Engine;
 use rand::{Rng, SeedableRng};
 
@@ -106,6 +108,150 @@ pub fn features(
     Ok(if pool { pool3(&g) } else { g })
 }
 
+/// PatchCore as published (Roth et al., "Towards Total Recall in Industrial Anomaly Detection",
+/// 2022; anomalib's `PatchcoreModel`) on a pretrained CNN: the two mid-level `stages` of `img`
+/// resized to `w x h`, each averaged over 3x3 neighbourhoods (zeros padded, always divided by 9, as
+/// PyTorch's `AvgPool2d(3, 1, 1)`), the deeper map resized to the first's grid (bilinear, corners
+/// not aligned), concatenated per patch, in raster order.
+pub fn backbone_features(
+    backbone: &Backbone,
+    stages: &[usize],
+    img: &RgbImage,
+    w: usize,
+    h: usize,
+) -> Result<PatchGrid> {
+    let e = |e: candle_core::Error| Error::Engine(loupe_core::Error::from(e));
+    let resized = RgbImage {
+        width: w,
+        height: h,
+        data: resize_rgb(&img.data, img.width, img.height, w, h, Filter::Bilinear),
+        orientation: 1,
+    };
+    let x = backbone.pixels(&resized)?;
+    let maps = backbone.features(&x, stages)?;
+    let mut grid = None;
+    let mut pooled = Vec::with_capacity(maps.len());
+    for m in maps {
+        let p = m
+            .pad_with_zeros(2, 1, 1)
+            .and_then(|m| m.pad_with_zeros(3, 1, 1))
+            .and_then(|m| m.avg_pool2d_with_stride(3, 1))
+            .map_err(e)?;
+        let (_, _, gh, gw) = p.dims4().map_err(e)?;
+        let (gh, gw) = *grid.get_or_insert((gh, gw));
+        pooled.push(p.upsample_bilinear2d(gh, gw, false).map_err(e)?);
+    }
+    let (gh, gw) = grid.ok_or_else(|| Error::InvalidInput("no backbone stages".into()))?;
+    let cat = Tensor::cat(&pooled, 1).map_err(e)?;
+    let dim = cat.dims()[1];
+    let v = cat
+        .squeeze(0)
+        .and_then(|t| t.permute((1, 2, 0)))
+        .and_then(|t| t.flatten_all())
+        .and_then(|t| t.to_vec1::<f32>())
+        .map_err(e)?;
+    Ok(PatchGrid { gh, gw, dim, v })
+}
+
+/// Neighbours of the nearest bank feature that the published image score weighs against (the
+/// paper's `b`, anomalib's `num_neighbors`).
+pub const REWEIGHT_NEIGHBOURS: usize = 9;
+/// The Gaussian smoothing of the published anomaly map.
+pub const MAP_SIGMA: f32 = 4.0;
+
+/// The published PatchCore score of one image's patches `g` against `bank`: each patch's distance
+/// to its nearest bank feature; the image score is the largest of them, weighed by how isolated
+/// that nearest feature is among its own [`REWEIGHT_NEIGHBOURS`] nearest in the bank (`1 -
+/// softmax` of the patch's distances to them, at the nearest: the paper's equation 7); the map is
+/// the patch distances resized to `w x h` (nearest, as anomalib's `F.interpolate` default) and
+/// smoothed by a Gaussian of sigma [`MAP_SIGMA`] (reflected at the borders).
+pub fn published_score(bank: &[f32], g: &PatchGrid, w: usize, h: usize) -> Result<(f32, Vec<f32>)> {
+    let e = |e: candle_core::Error| Error::Engine(loupe_core::Error::from(e));
+    let dim = g.dim;
+    let (dist, index) = nearest_indexed(bank, &g.v, dim)?;
+    let (worst, &top) = dist
+        .iter()
+        .enumerate()
+        .fold((0, &f32::MIN), |a, b| if b.1 > a.1 { b } else { a });
+    let nn = &bank[index[worst] * dim..][..dim];
+    let support = k_nearest(bank, nn, dim, REWEIGHT_NEIGHBOURS.min(bank.len() / dim));
+    let query = &g.v[worst * dim..][..dim];
+    let d: Vec<f32> = support
+        .iter()
+        .map(|&i| euclidean(query, &bank[i * dim..][..dim]))
+        .collect();
+    let m = d.iter().copied().fold(f32::MIN, f32::max);
+    let z: f32 = d.iter().map(|x| (x - m).exp()).sum();
+    let score = (1.0 - (d[0] - m).exp() / z) * top;
+    let map = Tensor::from_vec(dist, (1, 1, g.gh, g.gw), &Device::Cpu)
+        .and_then(|t| t.upsample_nearest2d(h, w))
+        .and_then(|t| t.flatten_all())
+        .and_then(|t| t.to_vec1::<f32>())
+        .map_err(e)?;
+    Ok((score, gaussian_blur(&map, w, h, MAP_SIGMA)))
+}
+
+fn euclidean(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y) * (x - y))
+        .sum::<f32>()
+        .sqrt()
+}
+
+/// The `k` rows of `bank` nearest `x`, nearest first.
+fn k_nearest(bank: &[f32], x: &[f32], dim: usize, k: usize) -> Vec<usize> {
+    let mut d: Vec<(f32, usize)> = bank
+        .chunks_exact(dim)
+        .enumerate()
+        .map(|(i, b)| (euclidean(x, b), i))
+        .collect();
+    d.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+    d.into_iter().take(k.max(1)).map(|(_, i)| i).collect()
+}
+
+/// `v` (`h` rows of `w`) smoothed by a normalized Gaussian of `sigma`, `2 round(4 sigma) + 1` taps
+/// (anomalib's kernel), rows then columns, the image reflected at its borders (without repeating
+/// the edge, as PyTorch's `reflect` padding).
+pub fn gaussian_blur(v: &[f32], w: usize, h: usize, sigma: f32) -> Vec<f32> {
+    let radius = (4.0 * sigma + 0.5) as i64;
+    let taps: Vec<f32> = (-radius..=radius)
+        .map(|x| (-((x * x) as f32) / (2.0 * sigma * sigma)).exp())
+        .collect();
+    let total: f32 = taps.iter().sum();
+    let taps: Vec<f32> = taps.iter().map(|t| t / total).collect();
+    let reflect = |i: i64, n: usize| -> usize {
+        let n = n as i64;
+        if n == 1 {
+            return 0;
+        }
+        let period = 2 * (n - 1);
+        let i = i.rem_euclid(period);
+        (if i < n { i } else { period - i }) as usize
+    };
+    let mut rows = vec![0f32; v.len()];
+    for y in 0..h {
+        for x in 0..w {
+            rows[y * w + x] = taps
+                .iter()
+                .enumerate()
+                .map(|(t, k)| k * v[y * w + reflect(x as i64 + t as i64 - radius, w)])
+                .sum();
+        }
+    }
+    let mut out = vec![0f32; v.len()];
+    for y in 0..h {
+        for x in 0..w {
+            out[y * w + x] = taps
+                .iter()
+                .enumerate()
+                .map(|(t, k)| k * rows[reflect(y as i64 + t as i64 - radius, h) * w + x])
+                .sum();
+        }
+    }
+    out
+}
+
 /// Each feature replaced by the mean of its 3x3 neighbourhood (the neighbours present at edges).
 pub fn pool3(g: &PatchGrid) -> PatchGrid {
     let mut v = vec![0f32; g.v.len()];
@@ -183,12 +329,22 @@ pub fn coreset(
 /// For each row of `queries` (`q x dim`), the distance to its nearest row of `bank` (`n x dim`):
 /// exact, by matrix products in blocks of [`BANK_BLOCK`] bank rows.
 pub fn nearest(bank: &[f32], queries: &[f32], dim: usize) -> Result<Vec<f32>> {
+    Ok(nearest_indexed(bank, queries, dim)?.0)
+}
+
+/// [`nearest`], and the index of each query's nearest bank row.
+pub fn nearest_indexed(
+    bank: &[f32],
+    queries: &[f32],
+    dim: usize,
+) -> Result<(Vec<f32>, Vec<usize>)> {
     let e = |e: candle_core::Error| Error::Engine(loupe_core::Error::from(e));
     let q = queries.len() / dim;
     let qt = Tensor::from_slice(queries, (q, dim), &Device::Cpu).map_err(e)?;
     let qn = qt.sqr().and_then(|t| t.sum_keepdim(1)).map_err(e)?; // (q, 1)
     let mut best = vec![f32::INFINITY; q];
-    for block in bank.chunks(BANK_BLOCK * dim) {
+    let mut best_index = vec![0usize; q];
+    for (bi, block) in bank.chunks(BANK_BLOCK * dim).enumerate() {
         let b = block.len() / dim;
         let bt = Tensor::from_slice(block, (b, dim), &Device::Cpu).map_err(e)?;
         let bn = bt
@@ -201,14 +357,25 @@ pub fn nearest(bank: &[f32], queries: &[f32], dim: usize) -> Result<Vec<f32>> {
             .and_then(|p| p.affine(-2.0, 0.0))
             .and_then(|p| p.broadcast_add(&qn))
             .and_then(|p| p.broadcast_add(&bn))
-            .and_then(|p| p.min(1))
-            .and_then(|p| p.to_vec1::<f32>())
             .map_err(e)?;
-        for (bst, d) in best.iter_mut().zip(d2) {
-            *bst = bst.min(d);
+        let (mins, args) = d2
+            .min(1)
+            .and_then(|p| p.to_vec1::<f32>())
+            .and_then(|m| Ok((m, d2.argmin(1)?.to_vec1::<u32>()?)))
+            .map_err(e)?;
+        for ((bst, idx), (d, a)) in best
+            .iter_mut()
+            .zip(&mut best_index)
+            .zip(mins.into_iter().zip(args))
+        {
+            if d < *bst {
+                *bst = d;
+                *idx = bi * BANK_BLOCK + a as usize;
+            }
         }
     }
-    Ok(best.into_iter().map(|d| d.max(0.0).sqrt()).collect())
+    let dist = best.into_iter().map(|d| d.max(0.0).sqrt()).collect();
+    Ok((dist, best_index))
 }
 
 #[cfg(test)]
