@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
 """Draws a synthetic visual-inspection dataset in the MVTec AD layout: machined parts (washer, bracket,
 PCB pad, bolt head) under varied light, position, rotation, scale and noise, good or with one drawn
-defect (scratch, dent, crack, missing_hole, stain) and its pixel mask.
+defect (scratch, dent, crack, missing_hole, stain) and its pixel mask; plain metal, or a textured
+surface (`--surface`: random grain, brushed metal, a woven pattern, polycrystalline cells, or a mix),
+the case where a per-pixel statistic fails and a detector must know the texture.
 
-    .venv/bin/python tools/make_inspection_dataset.py --out DIR --seed 1 --good 40 --per-defect 20 [--parts washer]
+    .venv/bin/python tools/make_inspection_dataset.py --out DIR --seed 1 --good 40 --per-defect 20 [--parts washer] [--surface plain]
 
 Writes
     DIR/train/good/NNN.png                      good parts (reference images, training data)
@@ -32,6 +34,42 @@ except ModuleNotFoundError as e:
 
 DEFECTS = ["scratch", "dent", "crack", "missing_hole", "stain"]
 PARTS = ["washer", "bracket", "pcb_pad", "bolt_head"]
+SURFACES = ["plain", "grain", "brushed", "woven", "crystal", "mixed"]
+
+
+def blurred_noise(rng, size, radius):
+    n = rng.normal(0, 1, (size, size)).astype(np.float32)
+    img = Image.fromarray(((n - n.min()) / (np.ptp(n) + 1e-9) * 255).astype(np.uint8))
+    b = np.array(img.filter(ImageFilter.GaussianBlur(radius)), dtype=np.float32)
+    return (b - b.mean()) / (b.std() + 1e-6)
+
+
+def texture(rng, surface, size):
+    """A multiplicative brightness pattern (about 1) for the part's surface."""
+    if surface == "mixed":
+        surface = SURFACES[1 + rng.integers(len(SURFACES) - 2)]
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    a = rng.uniform(0, math.pi)
+    if surface == "grain":
+        return 1 + 0.10 * blurred_noise(rng, size, rng.uniform(0.8, 1.6))
+    if surface == "brushed":
+        # Streaks along a random direction: noise over the perpendicular coordinate, a little along.
+        across = (-math.sin(a) * xx + math.cos(a) * yy) * 3
+        idx = np.mod(across.astype(np.int64), 4 * size)
+        streaks = rng.normal(0, 1, 4 * size).astype(np.float32)[idx]
+        return 1 + 0.08 * streaks + 0.03 * blurred_noise(rng, size, 1.0)
+    if surface == "woven":
+        period = rng.uniform(5, 9)
+        u = (math.cos(a) * xx + math.sin(a) * yy) * 2 * math.pi / period
+        v = (-math.sin(a) * xx + math.cos(a) * yy) * 2 * math.pi / period
+        over = np.sin(u) * np.sin(v)
+        return 1 + 0.12 * np.sign(over) * np.abs(np.cos(u + v)) + 0.02 * blurred_noise(rng, size, 1.0)
+    # crystal: Voronoi cells of random brightness.
+    n = int(rng.integers(40, 90))
+    seeds = rng.uniform(0, size, (n, 2)).astype(np.float32)
+    level = rng.uniform(0.85, 1.15, n).astype(np.float32)
+    d = (xx[..., None] - seeds[:, 0]) ** 2 + (yy[..., None] - seeds[:, 1]) ** 2
+    return level[np.argmin(d, axis=-1)] + 0.02 * blurred_noise(rng, size, 1.0)
 
 
 def rotate(points, angle, cx, cy):
@@ -39,7 +77,7 @@ def rotate(points, angle, cx, cy):
     return [(cx + (x - cx) * c - (y - cy) * s, cy + (x - cx) * s + (y - cy) * c) for x, y in points]
 
 
-def draw_part(rng, size, parts=PARTS):
+def draw_part(rng, size, parts=PARTS, surface="plain"):
     """Returns (RGB float image, part mask (bool), hole centres [(x, y, r)], part name)."""
     part = parts[rng.integers(len(parts))]
     # Background: a brushed conveyor with a light gradient.
@@ -89,6 +127,8 @@ def draw_part(rng, size, parts=PARTS):
     light = rng.uniform(0.75, 1.2)
     shade = 1 + 0.25 * grad
     metal = colour[None, None, :] * light * shade[..., None] + rng.normal(0, 4, (size, size, 1))
+    if surface != "plain":
+        metal = metal * texture(rng, surface, size)[..., None]
     img = np.where(part_mask[..., None], metal, img)
     # Holes (and PCB copper pads) drawn over the part.
     hole_mask = Image.new("L", (size, size), 0)
@@ -180,6 +220,7 @@ def main():
     ap.add_argument("--per-defect", type=int, default=10, help="defective parts per class under test/")
     ap.add_argument("--defects", default=",".join(DEFECTS))
     ap.add_argument("--parts", default=",".join(PARTS), help="part kinds drawn (one kind: a dataset for an anomaly detector)")
+    ap.add_argument("--surface", default="plain", choices=SURFACES, help="the parts' surface (mixed: one textured kind per image)")
     a = ap.parse_args()
     parts = [p for p in a.parts.split(",") if p]
     if any(p not in PARTS for p in parts) or not parts:
@@ -195,7 +236,7 @@ def main():
         n = counters.get((split, kind), 0)
         counters[(split, kind)] = n + 1
         while True:
-            img, part_mask, holes, part, metal = draw_part(rng, a.size, parts)
+            img, part_mask, holes, part, metal = draw_part(rng, a.size, parts, a.surface)
             if kind == "missing_hole" and not holes:
                 continue
             dm = None
