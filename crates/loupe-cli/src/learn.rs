@@ -176,10 +176,10 @@ pub fn learn(args: LearnArgs) -> Result<()> {
         t0.elapsed().as_secs_f64(),
         args.method,
         learned.bank.len(),
-        if method == Method::Patchcore {
-            format!("features (layer {})", h.layer.unwrap_or(0))
-        } else {
-            "pixels".to_string()
+        match (&h.backbone, method) {
+            (Some(b), _) => format!("features ({} {})", b.architecture, b.stages.join(" + ")),
+            (None, Method::Patchcore) => format!("features (layer {})", h.layer.unwrap_or(0)),
+            (None, Method::Variation) => "pixels".to_string(),
         },
         out.display()
     );
