@@ -25,7 +25,7 @@ version=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
 mkdir -p "$out"
 
 package() {
-  local arch=$1 release=$2 runner=$3
+  local arch=$1 release=$2 runner=$3 strip=$4
   local name="loupe-$version-$arch-linux"
   local stage
   stage=$(mktemp -d)
@@ -34,6 +34,9 @@ package() {
   cp "$release/loupe" "$root/bin/"
   cp "$release/libloupe.a" "$root/lib/"
   if [ "$arch" = x86_64 ]; then cp "$release/libloupe.so" "$root/lib/"; fi
+  # The release profile keeps line tables for backtraces here; the archives keep the symbols (a
+  # crash report still names functions) but not the debug info (160 MB of the binary's 165).
+  "$strip" --strip-debug "$root/bin/loupe" "$root"/lib/libloupe.*
   cp crates/loupe-capi/include/loupe.h "$root/include/"
   cp README.md "$root/"
   cp docs/embedding.md "$root/docs/"
@@ -51,12 +54,12 @@ for arch in $archs; do
   case "$arch" in
     x86_64)
       cargo build --release -p loupe-cli -p loupe-capi
-      package x86_64 target/release ""
+      package x86_64 target/release "" strip
       ;;
     aarch64)
       tools/aarch64.sh cargo build --release --target aarch64-unknown-linux-gnu -p loupe-cli -p loupe-capi
       package aarch64 target/aarch64/aarch64-unknown-linux-gnu/release \
-        "qemu-aarch64 -cpu max -L /usr/aarch64-linux-gnu"
+        "qemu-aarch64 -cpu max -L /usr/aarch64-linux-gnu" aarch64-linux-gnu-strip
       ;;
     *)
       echo "release: unknown architecture $arch (x86_64, aarch64)" >&2
