@@ -448,7 +448,11 @@ fn learn_on_a_pretrained_backbone() {
         s(&good),
     ]);
     assert_eq!(out.code, 0, "{}", out.stderr);
-    assert!(out.stderr.contains("features (resnet18 layer2 + layer3)"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("features (resnet18 layer2 + layer3)"),
+        "{}",
+        out.stderr
+    );
     let header = loupe_inspect::anomaly::Bank::load(&bank).unwrap().header;
     let r = header.backbone.unwrap();
     assert_eq!(r.architecture, "resnet18");

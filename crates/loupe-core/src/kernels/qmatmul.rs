@@ -11,7 +11,9 @@
 //!   about 2 vector operations per 32 multiply-adds instead of 4. On a VNNI CPU, from
 //!   `tiles::REQUANT_ROWS` activation rows on, the unpacked rows are re-quantized to 8 bits with one
 //!   scale per 256 values instead, so the inner loop is `vpdpbusd` alone (no scaling per sub-block
-//!   of 32); this adds 0.4% to Q4_K's own error (`docs/quantization.md`).
+//!   of 32); this adds 0.4% to Q4_K's own error (`docs/quantization.md`). On AArch64 the same
+//!   design runs on NEON's instructions (`tiles/neon.rs`: `smmla` with i8mm, `sdot` by element with
+//!   the dot product, widening products with NEON alone), always on the Q4_K codes.
 //!
 //! `docs/benchmarks.md` has the measured gains.
 //!
@@ -369,7 +371,10 @@ pub fn matvec(isa: Isa, ws: &[QRows], x: &[f32], m: usize) -> Vec<Vec<f32>> {
 }
 
 /// Weight rows unpacked together by [`matmul_q4k`]: one `maddubs` register holds 4 values of each.
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+#[cfg_attr(
+    not(any(target_arch = "x86_64", target_arch = "aarch64")),
+    allow(dead_code)
+)]
 const TILE_ROWS: usize = 8;
 
 /// What a product does to its output values before it stores them, in this order: add `bias[j]`,
@@ -441,18 +446,26 @@ pub fn matmul_q4k(isa: Isa, w: &QRows, x: &[f32], m: usize, post: &Epilogue) -> 
     if isa.avx2() {
         return tiles::matmul_q4k(isa, w, x, m, post);
     }
+    #[cfg(target_arch = "aarch64")]
+    if isa.neon() {
+        return tiles::neon::matmul_q4k(isa, w, x, m, post);
+    }
     let mut out = matvec(isa, &[*w], x, m).remove(0);
     post.apply_rows(isa, &mut out, w.rows);
     out
 }
 
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 mod tiles {
     use super::*;
+
+    #[cfg(target_arch = "aarch64")]
+    pub mod neon;
 
     /// One superblock (256 values) of 8 weight rows, laid out for the AVX2 tile kernel.
     #[repr(C, align(32))]
     #[derive(Clone, Copy)]
+    #[cfg(target_arch = "x86_64")]
     pub struct Tile {
         /// `[sub-block 8][step 8][row 8][4 values]`: the unsigned 4-bit codes, one per byte.
         pub codes: [u8; QK_K * TILE_ROWS],
@@ -465,6 +478,7 @@ mod tiles {
         pub dmin: [f32; TILE_ROWS],
     }
 
+    #[cfg(target_arch = "x86_64")]
     const EMPTY: Tile = Tile {
         codes: [0; QK_K * TILE_ROWS],
         scales: [[0; 2 * TILE_ROWS]; 8],
@@ -474,6 +488,7 @@ mod tiles {
     };
 
     /// Unpacks rows `r0..r0 + 8` of `w` (missing rows past the end stay zero) into `tiles`.
+    #[cfg(target_arch = "x86_64")]
     fn pack(w: &QRows, r0: usize, tiles: &mut [Tile]) {
         let n = TILE_ROWS.min(w.rows - r0);
         if n < TILE_ROWS {
@@ -506,6 +521,7 @@ mod tiles {
     }
 
     /// Row `rho`'s codes of one superblock into a tile's layout, one 4-byte word at a time.
+    #[cfg(target_arch = "x86_64")]
     fn pack_codes(blk: &BlockQ4K, rho: usize, codes: &mut [u8; QK_K * TILE_ROWS]) {
         // Sub-blocks 2j and 2j+1 are the low and high nibbles of bytes 32j..32j+32.
         for j in 0..4 {
@@ -530,6 +546,7 @@ mod tiles {
 
     /// The 8 x 8 matrix of 4-byte words `r[row][k]` (8 rows of 32 bytes) transposed: `out[k][row]`.
     #[inline(always)]
+    #[cfg(target_arch = "x86_64")]
     unsafe fn transpose_words(
         r: [core::arch::x86_64::__m256i; 8],
     ) -> [core::arch::x86_64::__m256i; 8] {
@@ -566,6 +583,7 @@ mod tiles {
     /// [`pack_codes`] for all 8 rows of a tile at once: the 8 rows' 32-byte runs are an 8 x 8
     /// matrix of 4-byte words (row x step), and the tile wants it transposed (step x row).
     #[target_feature(enable = "avx2")]
+    #[cfg(target_arch = "x86_64")]
     unsafe fn pack_codes_avx2(blks: [&BlockQ4K; TILE_ROWS], codes: &mut [u8; QK_K * TILE_ROWS]) {
         use core::arch::x86_64::*;
         let low = _mm256_set1_epi8(0x0f);
@@ -591,7 +609,12 @@ mod tiles {
     /// Tiles of 8 rows per unit of work (each activation word is used for 24 weight rows): 12
     /// independent sums per step. Measured on an AVX-512 CPU (docs/benchmarks.md, session 9): 2 tiles
     /// left the VNNI kernel 12% slower, 4 made the AVX2 kernel spill its sums (25% slower).
+    #[cfg(target_arch = "x86_64")]
     const T: usize = 3;
+    /// One tile of 8 rows on AArch64: the sums of a sub-block and of a superblock for 4 activation
+    /// rows already take 16 of its 32 registers (`neon.rs`).
+    #[cfg(target_arch = "aarch64")]
+    const T: usize = 1;
 
     /// Activation rows per kernel call (each weight register is used this many times).
     const MR: usize = 4;
@@ -599,8 +622,10 @@ mod tiles {
     /// From this many activation rows on, a VNNI CPU multiplies on 8-bit tiles ([`Q8`]). Their
     /// re-quantization (about 1 cycle per weight) costs what 160-192 rows' products save: measured
     /// on the decoder's and the tower's shapes, m = 8..384 (session 13, `docs/benchmarks.md`).
+    #[cfg(target_arch = "x86_64")]
     pub const REQUANT_ROWS: usize = 192;
 
+    #[cfg(target_arch = "x86_64")]
     pub fn matmul_q4k(isa: Isa, w: &QRows, x: &[f32], m: usize, post: &Epilogue) -> Vec<f32> {
         if isa == Isa::Avx512 && m >= REQUANT_ROWS {
             run::<Q8>(isa, &Source::Q4K(w), x, m, post)
@@ -611,6 +636,7 @@ mod tiles {
 
     /// [`matmul_q4k`] on the tiles of `requantize` ([`Q8`], VNNI only) or of the Q4_K codes.
     #[cfg(test)]
+    #[cfg(target_arch = "x86_64")]
     pub fn matmul_q4k_on(
         isa: Isa,
         requantize: bool,
@@ -631,6 +657,7 @@ mod tiles {
     /// multiple of 256) on the 8-bit tiles: each row's 256-value blocks quantized per call as
     /// [`scalar::quantize_8bit`] does. For dense matrices the policy allows at 8 bits (the vision
     /// merger of a quantized tower, `docs/quantization.md`); only on a VNNI CPU ([`Isa::Avx512`]).
+    #[cfg(target_arch = "x86_64")]
     pub fn matmul_f32_8bit(
         isa: Isa,
         w: &[f32],
@@ -647,6 +674,7 @@ mod tiles {
     }
 
     /// The weights a product unpacks its tiles from.
+    #[cfg_attr(target_arch = "aarch64", allow(dead_code))] // f32 tiles are x86's only
     enum Source<'a> {
         Q4K(&'a QRows<'a>),
         /// Row-major f32, `rows x cols`.
@@ -724,9 +752,12 @@ mod tiles {
                     (r..r + MR).for_each(fetch);
                     let mut acc = [[[0f32; TILE_ROWS]; MR]; T];
                     K::kernel(isa, parts, std::array::from_fn(|i| act(r + i)), &mut acc);
-                    if n == T * TILE_ROWS {
-                        // SAFETY: as in `store`; the tile kernels run only on AVX2 CPUs.
-                        unsafe { store_unit(post, &acc, r, r0, rows, out_ptr as *mut f32) };
+                    if cfg!(target_arch = "x86_64") && n == T * TILE_ROWS {
+                        // SAFETY: as in `store`; the x86 tile kernels run only on AVX2 CPUs.
+                        #[cfg(target_arch = "x86_64")]
+                        unsafe {
+                            store_unit(post, &acc, r, r0, rows, out_ptr as *mut f32)
+                        };
                     } else {
                         #[allow(clippy::needless_range_loop)] // `i` picks one row of every tile set
                         for i in 0..MR {
@@ -738,9 +769,12 @@ mod tiles {
                 for r in r..m {
                     let mut acc = [[[0f32; TILE_ROWS]; 1]; T];
                     K::kernel(isa, parts, [act(r)], &mut acc);
-                    if n == T * TILE_ROWS {
+                    if cfg!(target_arch = "x86_64") && n == T * TILE_ROWS {
                         // SAFETY: as above.
-                        unsafe { store_unit(post, &acc, r, r0, rows, out_ptr as *mut f32) };
+                        #[cfg(target_arch = "x86_64")]
+                        unsafe {
+                            store_unit(post, &acc, r, r0, rows, out_ptr as *mut f32)
+                        };
                     } else {
                         store(r, &std::array::from_fn(|t| acc[t][0]));
                     }
@@ -761,6 +795,7 @@ mod tiles {
     /// The CPU has AVX2 and FMA; columns `r0..r0 + 24` of rows `r..r + R` lie inside `out` and the
     /// epilogue's operands, and no other thread touches them in `out`.
     #[target_feature(enable = "avx2,fma")]
+    #[cfg(target_arch = "x86_64")]
     unsafe fn store_unit<const R: usize>(
         post: &Epilogue,
         acc: &[[[f32; TILE_ROWS]; R]; T],
@@ -809,8 +844,10 @@ mod tiles {
     }
 
     /// The Q4_K codes as they are, scaled per sub-block of 32 inside the kernel (any x86 path).
+    #[cfg(target_arch = "x86_64")]
     struct Q4;
 
+    #[cfg(target_arch = "x86_64")]
     impl Kind for Q4 {
         type Tile = Tile;
         const EMPTY: Tile = EMPTY;
@@ -834,8 +871,10 @@ mod tiles {
     /// the kernel's inner loop is `vpdpbusd` alone, a block of 256 values into one 32-bit sum, with
     /// no scaling per sub-block (a `vpmulld` and an add for every 8 `vpdpbusd` on [`Q4`]). The extra
     /// rounding is far below Q4_K's own (8 bits against 4, `docs/quantization.md`).
+    #[cfg(target_arch = "x86_64")]
     struct Q8;
 
+    #[cfg(target_arch = "x86_64")]
     impl Kind for Q8 {
         type Tile = Tile8;
         const EMPTY: Tile8 = Tile8 {
@@ -884,6 +923,7 @@ mod tiles {
     /// One superblock (256 values) of 8 weight rows re-quantized to 8 bits, for [`kernel8`].
     #[repr(C, align(64))]
     #[derive(Clone, Copy)]
+    #[cfg(target_arch = "x86_64")]
     pub struct Tile8 {
         /// `[step 32][row 8][8 values]`: each value's 8-bit code plus 128 (`vpdpbusd` wants the
         /// unsigned operand here; the kernel takes `128 x` the activations' sum back off).
@@ -895,6 +935,7 @@ mod tiles {
     /// [`scalar::requantize_q4k`] of one block: its codes plus 128 into `out` in value order, the
     /// same values, rounding and scale (returned).
     #[target_feature(enable = "avx2")]
+    #[cfg(target_arch = "x86_64")]
     unsafe fn requantize_avx2(blk: &BlockQ4K, out: &mut [u8; QK_K]) -> f32 {
         use core::arch::x86_64::*;
         let (d, dmin) = (
@@ -926,6 +967,7 @@ mod tiles {
     /// [`scalar::quantize_8bit`] of 256 f32 values: their codes plus 128 into `out`, the scale
     /// returned.
     #[target_feature(enable = "avx2")]
+    #[cfg(target_arch = "x86_64")]
     unsafe fn quantize_avx2(x: &[f32], out: &mut [u8; QK_K]) -> f32 {
         use core::arch::x86_64::*;
         assert_eq!(x.len(), QK_K);
@@ -942,6 +984,7 @@ mod tiles {
     /// times `127 / max`, rounded to nearest even (the CPU's default rounding, as the reference's
     /// `round_ties_even`). Returns the scale, `max / 127`.
     #[inline(always)]
+    #[cfg(target_arch = "x86_64")]
     unsafe fn to_codes(
         v: &[core::arch::x86_64::__m256; 32],
         amax: core::arch::x86_64::__m256,
@@ -976,6 +1019,7 @@ mod tiles {
     }
 
     /// 8 rows of codes in value order into an 8-bit tile's `[step][row][8 values]`.
+    #[cfg(target_arch = "x86_64")]
     fn interleave8(rows: &[[u8; QK_K]; TILE_ROWS], codes: &mut [u8; QK_K * TILE_ROWS]) {
         for (step, out) in codes.chunks_exact_mut(8 * TILE_ROWS).enumerate() {
             for (row, o) in rows.iter().zip(out.chunks_exact_mut(8)) {
@@ -991,6 +1035,7 @@ mod tiles {
     /// registers double the products per instruction where the CPU runs them at full width (Intel's
     /// server cores: 350-366 against 170-181 GMAC/s per core, `docs/benchmarks.md`, session 15).
     #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")]
+    #[cfg(target_arch = "x86_64")]
     unsafe fn kernel8<const T: usize, const R: usize>(
         tiles: [&[Tile8]; T],
         acts: [&[BlockQ8K]; R],
@@ -1035,6 +1080,7 @@ mod tiles {
     }
 
     /// [`kernel`] on the instruction set `isa` names.
+    #[cfg(target_arch = "x86_64")]
     fn kernel_for<const R: usize>(
         isa: Isa,
         tiles: [&[Tile]; T],
@@ -1053,6 +1099,7 @@ mod tiles {
 
     /// [`kernel`] with AVX2's `maddubs`: 16-bit sums over a sub-block, widened once by its scale.
     #[target_feature(enable = "avx2,fma")]
+    #[cfg(target_arch = "x86_64")]
     unsafe fn kernel_avx2<const T: usize, const R: usize>(
         tiles: [&[Tile]; T],
         acts: [&[BlockQ8K]; R],
@@ -1064,6 +1111,7 @@ mod tiles {
     /// [`kernel`] with VNNI's `vpdpbusd` (bytes multiplied and added into 32-bit sums in one
     /// instruction, no separate add) and AVX-512's 32 registers (no accumulator spills).
     #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")]
+    #[cfg(target_arch = "x86_64")]
     unsafe fn kernel_vnni<const T: usize, const R: usize>(
         tiles: [&[Tile]; T],
         acts: [&[BlockQ8K]; R],
@@ -1076,6 +1124,7 @@ mod tiles {
     /// serves `R` activation rows, each broadcast activation word `T` tiles of 8 rows. Inlined into
     /// the two wrappers above, which give it its instruction set.
     #[inline(always)]
+    #[cfg(target_arch = "x86_64")]
     unsafe fn kernel<const T: usize, const R: usize, const VNNI: bool>(
         tiles: [&[Tile]; T],
         acts: [&[BlockQ8K]; R],

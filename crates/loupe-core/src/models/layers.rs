@@ -161,9 +161,8 @@ fn product_in_place(
             return Ok(Some(outs));
         }
     }
-    // The K-quant matrix-vector kernels have x86 and NEON versions, the many-row kernel x86 ones
-    // only: elsewhere candle's kernels take the product.
-    if !(isa.avx2() || isa.neon() && m <= MATVEC_MAX_ROWS) {
+    // The K-quant kernels have x86 and NEON versions: elsewhere candle's take the product.
+    if !(isa.avx2() || isa.neon()) {
         return Ok(None);
     }
     let mut parts = Vec::with_capacity(ms.len());
@@ -1500,7 +1499,8 @@ mod tests {
                 .unwrap()
                 .is_none()
         );
-        let has_simd = crate::kernels::Isa::detect().avx2();
+        let isa = crate::kernels::Isa::detect();
+        let has_simd = isa.avx2() || isa.neon();
         assert_eq!(
             product_in_place(&[(&a.weight, None)], &wide, After::default())
                 .unwrap()
