@@ -35,16 +35,23 @@ pub struct LearnArgs {
     pub out: Option<PathBuf>,
     /// variation: an aligned golden template, per-pixel mean and spread, no model (fixtured parts at
     /// a fixed distance, plain surfaces, fast); patchcore: a memory bank of patch features, nearest
-    /// neighbour (parts that vary in place and texture; on a pretrained --backbone as published).
+    /// neighbour (parts that vary in place and texture; on a pretrained --backbone as published);
+    /// padim: a Gaussian per patch position of a pretrained --backbone's features, Mahalanobis
+    /// distance (parts fixtured in the same place in every image: learns in one pass, no search).
     #[arg(long, default_value = "patchcore")]
     pub method: String,
     /// Patchcore: where the patch features come from: `vlm` (the spec's model's vision tower), or
     /// the folder of a pretrained backbone in timm's layout (config.json + model.safetensors:
     /// ResNet, Wide-ResNet, EfficientNet B0-B7 and Lite0-4; tools/convert_backbone.py converts a
     /// .pth): PatchCore as published on its two mid-level stages, 3x3 pooled, with the paper's
-    /// image-score reweighting and a smoothed map.
+    /// image-score reweighting and a smoothed map. PaDiM: the backbone's folder (required), read
+    /// at its stages of stride 4, 8 and 16.
     #[arg(long, default_value = "vlm")]
     pub backbone: String,
+    /// PaDiM: the channels of the three stages kept, a random subset drawn with --seed (the paper's
+    /// reduction; each position's Gaussian holds channels^2 / 2 values).
+    #[arg(long)]
+    pub channels: Option<usize>,
     /// Patchcore: the vision tower block the features come from (default: two thirds up the tower).
     #[arg(long)]
     pub layer: Option<usize>,
@@ -107,20 +114,31 @@ pub fn learn(args: LearnArgs) -> Result<()> {
         ));
     }
     let backbone = (args.backbone != "vlm").then(|| PathBuf::from(&args.backbone));
-    if backbone.is_some() && (method != Method::Patchcore || args.layer.is_some() || args.pool) {
+    if backbone.is_some() && (method == Method::Variation || args.layer.is_some() || args.pool) {
         return Err(Error::InvalidInput(
-            "--backbone is for --method patchcore, which then pools and picks its stages itself \
-             (no --layer or --pool)"
+            "--backbone is for --method patchcore or padim, which then pick their stages \
+             themselves (no --layer or --pool)"
                 .into(),
+        ));
+    }
+    if method == Method::Padim && backbone.is_none() {
+        return Err(Error::InvalidInput(
+            "--method padim runs on a pretrained backbone: name its folder with --backbone DIR"
+                .into(),
+        ));
+    }
+    if args.channels.is_some() && method != Method::Padim {
+        return Err(Error::InvalidInput(
+            "--channels is for --method padim".into(),
         ));
     }
     let engine = match method {
         Method::Patchcore if backbone.is_none() => Some(args.model.load_or(spec.model.as_deref())?),
-        Method::Patchcore | Method::Variation => None,
+        Method::Patchcore | Method::Padim | Method::Variation => None,
     };
     let size = match (method, args.size) {
         (_, Some(s)) => s,
-        (Method::Patchcore, None) => 224,
+        (Method::Patchcore | Method::Padim, None) => 224,
         (Method::Variation, None) => 256,
     };
     if size == 0 || size > 4096 {
@@ -146,6 +164,7 @@ pub fn learn(args: LearnArgs) -> Result<()> {
         coreset_fraction: args.coreset,
         pool: args.pool,
         backbone,
+        channels: args.channels,
         holdout: args.holdout,
         far: args.far,
         confidence: args.confidence,
@@ -177,9 +196,15 @@ pub fn learn(args: LearnArgs) -> Result<()> {
         args.method,
         learned.bank.len(),
         match (&h.backbone, method) {
+            (Some(b), Method::Padim) => format!(
+                "Gaussians of {} channels ({} {})",
+                h.feature_dim.unwrap_or(0),
+                b.architecture,
+                b.stages.join(" + ")
+            ),
             (Some(b), _) => format!("features ({} {})", b.architecture, b.stages.join(" + ")),
             (None, Method::Patchcore) => format!("features (layer {})", h.layer.unwrap_or(0)),
-            (None, Method::Variation) => "pixels".to_string(),
+            (None, Method::Variation | Method::Padim) => "pixels".to_string(),
         },
         out.display()
     );

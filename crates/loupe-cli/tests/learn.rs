@@ -501,3 +501,78 @@ fn learn_on_a_pretrained_backbone() {
         "nowhere",
     );
 }
+
+/// `loupe learn --method padim`: a Gaussian per position of the backbone's stride-4, 8 and 16
+/// stages, named in the output and the bank; the bank scores a dented part above a good one through
+/// `loupe inspect`; PaDiM without a backbone, and --channels without PaDiM, fail clearly.
+#[test]
+fn learn_padim_on_a_pretrained_backbone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let good = tmp.path().join("good");
+    write_goods(&good, 44);
+    let spec = rings_spec(tmp.path());
+    let backbone = root().join("crates/loupe-core/tests/fixtures/backbones/resnet18_tiny");
+    let bank = tmp.path().join("rings.anomaly.safetensors");
+    let learn = |extra: &[&str]| {
+        let mut args = vec!["learn", "--spec", s(&spec), "--method", "padim"];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["--holdout", "0.7", "--far", "0.1", s(&good)]);
+        loupe(&args)
+    };
+    let out = learn(&[
+        "--backbone",
+        s(&backbone),
+        "--size",
+        "64",
+        "--channels",
+        "30",
+    ]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(
+        out.stderr.contains(
+            "padim bank of 256 Gaussians of 30 channels (resnet18 layer1 + layer2 + layer3)"
+        ),
+        "{}",
+        out.stderr
+    );
+    let header = loupe_inspect::anomaly::Bank::load(&bank).unwrap().header;
+    assert_eq!(header.grid, Some([16, 16]));
+    let channels = header.channels.unwrap();
+    assert_eq!(channels.len(), 30);
+    assert!(channels.windows(2).all(|w| w[0] < w[1]) && channels[29] < 48);
+    let score = |name: &str, dent: bool| {
+        let path = tmp.path().join(name);
+        ring(1, -1, 99, dent).save(&path).unwrap();
+        let out = loupe(&[
+            "inspect",
+            "--spec",
+            s(&spec),
+            "--no-audit",
+            "--json",
+            s(&path),
+        ]);
+        let rec: serde_json::Value =
+            serde_json::from_str(out.stdout.lines().next().unwrap()).unwrap();
+        // Exit status 1 when the part fails: the anomaly decides here.
+        assert_eq!(
+            out.code,
+            i32::from(rec["verdict"] == "fail"),
+            "{}",
+            out.stderr
+        );
+        (
+            rec["anomaly"]["score"].as_f64().unwrap(),
+            rec["anomaly"]["anomalous"].clone(),
+        )
+    };
+    let (fine, dented) = (score("fine.png", false), score("dented.png", true));
+    // Measured: 6.7 and 24.5 against a threshold of 12.4.
+    assert!(dented.0 > fine.0, "dented {dented:?} vs fine {fine:?}");
+    assert_eq!((&fine.1, &dented.1), (&false.into(), &true.into()));
+
+    fails_clearly(&learn(&[]), "--method padim runs on a pretrained backbone");
+    fails_clearly(
+        &loupe(&["learn", "--spec", s(&spec), "--channels", "10", s(&good)]),
+        "--channels is for --method padim",
+    );
+}

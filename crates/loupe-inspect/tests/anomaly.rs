@@ -76,6 +76,7 @@ fn opts(method: Method) -> LearnOptions {
         coreset_fraction: 0.25,
         pool: false,
         backbone: None,
+        channels: None,
         holdout: 0.5,
         far: 0.1,
         confidence: 0.95,

@@ -182,13 +182,20 @@ impl Backbone {
     /// PatchCore's two mid-level stages: the last at stride 8 and the last at stride 16 (ResNet's
     /// `layer2` and `layer3`, EfficientNet's `blocks.2` and `blocks.4`).
     pub fn mid_stages(&self) -> [usize; 2] {
-        let last_at = |stride| {
-            self.stages
-                .iter()
-                .rposition(|s| s.stride == stride)
-                .unwrap_or(0)
-        };
-        [last_at(8), last_at(16)]
+        [self.last_at(8), self.last_at(16)]
+    }
+
+    /// PaDiM's three stages: the last at stride 4, 8 and 16 (ResNet's `layer1`, `layer2` and
+    /// `layer3`; EfficientNet's `blocks.1`, `blocks.2` and `blocks.4`).
+    pub fn padim_stages(&self) -> [usize; 3] {
+        [self.last_at(4), self.last_at(8), self.last_at(16)]
+    }
+
+    fn last_at(&self, stride: usize) -> usize {
+        self.stages
+            .iter()
+            .rposition(|s| s.stride == stride)
+            .unwrap_or(0)
     }
 
     /// An image as the network's input `(1, 3, h, w)`: values in [0, 1], normalized by its mean and

@@ -1,17 +1,18 @@
 //! Anomaly detection learned from good parts only, beside the VLM: a detector file (a "bank") that
 //! `loupe learn` writes and a spec's `[anomaly]` section names.
 //!
-//! Two methods ([`Method`]): the classical variation model ([`variation`]) and a PatchCore
+//! Three methods ([`Method`]): the classical variation model ([`variation`]), a PatchCore
 //! patch-feature memory bank ([`patchcore`]): on the loaded VLM's vision tower, or as published on a
-//! pretrained CNN the user names (`loupe learn --backbone DIR`, timm's layout). Both give a per-pixel
-//! anomaly map and an image score (the map's maximum); the threshold comes from held-out good images
-//! ([`calibrate`]), never from a guess.
+//! pretrained CNN the user names (`loupe learn --backbone DIR`, timm's layout), and PaDiM's Gaussian
+//! per patch position ([`padim`], on a pretrained CNN). Each gives a per-pixel anomaly map and an
+//! image score; the threshold comes from held-out good images ([`calibrate`]), never from a guess.
 //!
 //! The file is safetensors: the learned tensors, and in its metadata (`loupe_anomaly`) a JSON header
 //! with the method, model, layer, image size, threshold, calibration and the hashes of the images it
 //! was learned and calibrated on.
 
 pub mod calibrate;
+pub mod padim;
 pub mod patchcore;
 pub mod variation;
 
@@ -29,6 +30,7 @@ use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
 use calibrate::Calibration;
+use padim::Gaussians;
 use variation::{Gray, VariationModel};
 
 /// The metadata key of the JSON header.
@@ -43,8 +45,11 @@ pub const MAX_BANK_BYTES: u64 = 4 << 30;
 pub enum Method {
     /// Aligned golden template: per-pixel mean and spread.
     Variation,
-    /// Patch features of the VLM's vision tower, nearest neighbour in a coreset.
+    /// Patch features of the VLM's vision tower or a pretrained CNN, nearest neighbour in a
+    /// coreset.
     Patchcore,
+    /// A Gaussian per patch position of a pretrained CNN's features, Mahalanobis distance.
+    Padim,
 }
 
 impl std::str::FromStr for Method {
@@ -53,7 +58,10 @@ impl std::str::FromStr for Method {
         match s {
             "variation" => Ok(Method::Variation),
             "patchcore" => Ok(Method::Patchcore),
-            o => Err(format!("method `{o}` is not one of variation, patchcore")),
+            "padim" => Ok(Method::Padim),
+            o => Err(format!(
+                "method `{o}` is not one of variation, patchcore, padim"
+            )),
         }
     }
 }
@@ -87,9 +95,15 @@ pub struct Header {
     pub pool: bool,
     pub max_rotation: Option<f32>,
     pub seed: u64,
-    /// Patchcore on a pretrained backbone rather than the VLM's tower.
+    /// Patchcore on a pretrained backbone rather than the VLM's tower; PaDiM's backbone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backbone: Option<BackboneRef>,
+    /// PaDiM: the channels of the stages' concatenated features it keeps.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channels: Option<Vec<usize>>,
+    /// PaDiM: the positions of its grid, across and down.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grid: Option<[usize; 2]>,
 }
 
 /// The pretrained backbone a bank was learned with: where it was, what it is, and the SHA-256 of
@@ -101,6 +115,21 @@ pub struct BackboneRef {
     pub weights_sha256: String,
     /// The stages the features come from, by name.
     pub stages: Vec<String>,
+}
+
+impl BackboneRef {
+    /// The reference to `net`, loaded from `dir`, read at `stages`.
+    fn of(net: &Backbone, dir: &Path, stages: &[usize]) -> Result<BackboneRef> {
+        Ok(BackboneRef {
+            dir: dir.to_path_buf(),
+            architecture: net.architecture.clone(),
+            weights_sha256: weights_hash(dir)?,
+            stages: stages
+                .iter()
+                .map(|&i| net.stages()[i].name.clone())
+                .collect(),
+        })
+    }
 }
 
 /// The SHA-256 of a backbone's `model.safetensors`.
@@ -145,6 +174,7 @@ fn load_backbone(r: &BackboneRef) -> Result<(Arc<Backbone>, Vec<usize>)> {
 enum Data {
     Variation(VariationModel),
     Patchcore { features: Vec<f32>, dim: usize },
+    Padim(Gaussians),
 }
 
 /// A learned detector.
@@ -176,8 +206,10 @@ pub struct LearnOptions {
     /// Patchcore: average each feature over its 3x3 patch neighbourhood.
     pub pool: bool,
     /// Patchcore: a pretrained backbone's folder (timm's layout): PatchCore as published on it,
-    /// rather than on the VLM's tower.
+    /// rather than on the VLM's tower. PaDiM: its backbone (required).
     pub backbone: Option<PathBuf>,
+    /// PaDiM: the channels kept (a seeded random subset; `None`: [`padim::DEFAULT_CHANNELS`]).
+    pub channels: Option<usize>,
     /// The share of good images held out to set the threshold.
     pub holdout: f64,
     pub far: f64,
@@ -250,9 +282,14 @@ pub fn learn(
     }
     // The backbone first: a wrong folder is named before any image is read.
     let pretrained = match (&opts.backbone, opts.method) {
-        (Some(dir), Method::Patchcore) => {
+        (Some(dir), Method::Patchcore | Method::Padim) => {
             let dir = dir.canonicalize().map_err(|e| Error::io(dir, e))?;
             Some((Backbone::load(&dir)?, dir))
+        }
+        (None, Method::Padim) => {
+            return Err(Error::InvalidInput(
+                "PaDiM runs on a pretrained backbone: name its folder with --backbone DIR".into(),
+            ))
         }
         _ => None,
     };
@@ -305,6 +342,8 @@ pub fn learn(
         max_rotation: None,
         seed: opts.seed,
         backbone: None,
+        channels: None,
+        grid: None,
     };
     let mut backbone = None;
     let data = match opts.method {
@@ -323,18 +362,46 @@ pub fn learn(
             header.max_rotation = Some(opts.max_rotation);
             Data::Variation(model)
         }
+        Method::Padim => {
+            let (net, dir) = pretrained.expect("checked above");
+            let stages = net.padim_stages();
+            let reference = BackboneRef::of(&net, &dir, &stages)?;
+            let total: usize = stages.iter().map(|&i| net.stages()[i].channels).sum();
+            let wanted = opts.channels.unwrap_or(padim::DEFAULT_CHANNELS);
+            if wanted == 0 {
+                return Err(Error::InvalidInput(
+                    "--channels 0: PaDiM keeps at least 1".into(),
+                ));
+            }
+            let channels = padim::choose_channels(total, wanted, opts.seed);
+            let mut goods = Vec::with_capacity(train.len());
+            for (i, p) in train.iter().enumerate() {
+                let img = read_image(p, &mut train_hashes)?;
+                let g = padim::embedding(&net, &stages, &channels, &img, w, h)?;
+                let bytes = (4 * g.gh * g.gw * (g.dim + padim::triangle(g.dim))) as u64;
+                if i == 0 && bytes > MAX_BANK_BYTES {
+                    return Err(Error::InvalidInput(format!(
+                        "a PaDiM bank of {}x{} positions of {} channels would take {bytes} bytes, \
+                         over the {MAX_BANK_BYTES} a bank may have: keep fewer --channels or a \
+                         smaller --size",
+                        g.gw, g.gh, g.dim
+                    )));
+                }
+                goods.push(g);
+                progress("patch features", i + 1, train.len());
+            }
+            let gaussians = Gaussians::fit(&goods)?;
+            header.feature_dim = Some(gaussians.dim);
+            header.grid = Some([gaussians.gw, gaussians.gh]);
+            header.channels = Some(channels);
+            header.backbone = Some(reference);
+            backbone = Some((Arc::new(net), stages.to_vec()));
+            Data::Padim(gaussians)
+        }
         Method::Patchcore if pretrained.is_some() => {
             let (net, dir) = pretrained.expect("matched");
             let stages = net.mid_stages();
-            let reference = BackboneRef {
-                dir: dir.clone(),
-                architecture: net.architecture.clone(),
-                weights_sha256: weights_hash(&dir)?,
-                stages: stages
-                    .iter()
-                    .map(|&i| net.stages()[i].name.clone())
-                    .collect(),
-            };
+            let reference = BackboneRef::of(&net, &dir, &stages)?;
             let mut all = Vec::new();
             let mut dim = 0;
             for (i, p) in train.iter().enumerate() {
@@ -429,6 +496,18 @@ impl Bank {
                 let score = map.v.iter().copied().fold(0.0, f32::max);
                 Ok(Scored { score, map })
             }
+            Data::Padim(gaussians) => {
+                let (net, stages) = self.backbone.as_ref().ok_or_else(|| {
+                    Error::InvalidInput("a PaDiM bank scores with its backbone".into())
+                })?;
+                let channels = self.header.channels.as_deref().unwrap_or_default();
+                let g = padim::embedding(net, stages, channels, img, w, h)?;
+                let (score, map) = gaussians.score(&g, w, h)?;
+                Ok(Scored {
+                    score,
+                    map: Gray { w, h, v: map },
+                })
+            }
             Data::Patchcore { features, dim } if self.backbone.is_some() => {
                 let (net, stages) = self.backbone.as_ref().expect("matched");
                 let g = patchcore::backbone_features(net, stages, img, w, h)?;
@@ -501,6 +580,15 @@ impl Bank {
                     "features",
                     vec![features.len() / dim, *dim],
                     bytes(features),
+                ));
+            }
+            Data::Padim(g) => {
+                let positions = g.gh * g.gw;
+                tensors.push(("mean", vec![positions, g.dim], bytes(&g.mean)));
+                tensors.push((
+                    "cholesky",
+                    vec![positions, padim::triangle(g.dim)],
+                    bytes(&g.cholesky),
                 ));
             }
         }
@@ -620,6 +708,34 @@ impl Bank {
                     dim,
                 }
             }
+            Method::Padim => {
+                let (Some(dim), Some([gw, gh]), Some(channels), Some(_)) = (
+                    header.feature_dim,
+                    header.grid,
+                    header.channels.as_ref(),
+                    header.backbone.as_ref(),
+                ) else {
+                    return Err(bad(
+                        "a PaDiM bank needs feature_dim, grid, channels and backbone".into(),
+                    ));
+                };
+                if channels.len() != dim || dim == 0 || gw == 0 || gh == 0 || gw * gh > 1 << 20 {
+                    return Err(bad(format!(
+                        "{} channels for {dim} values, or a grid of {gw}x{gh}",
+                        channels.len()
+                    )));
+                }
+                let positions = gw * gh;
+                let g = Gaussians {
+                    gh,
+                    gw,
+                    dim,
+                    mean: tensor("mean", &[positions, dim])?,
+                    cholesky: tensor("cholesky", &[positions, padim::triangle(dim)])?,
+                };
+                g.check().map_err(bad)?;
+                Data::Padim(g)
+            }
         };
         let backbone = match (&header.backbone, &data) {
             (Some(r), Data::Patchcore { dim, .. }) => {
@@ -628,6 +744,17 @@ impl Bank {
                 if channels != *dim {
                     return Err(bad(format!(
                         "features of {dim} values, the backbone's stages give {channels}"
+                    )));
+                }
+                Some((net, stages))
+            }
+            (Some(r), Data::Padim(_)) => {
+                let (net, stages) = load_backbone(r)?;
+                let total: usize = stages.iter().map(|&i| net.stages()[i].channels).sum();
+                let kept = header.channels.as_deref().unwrap_or_default();
+                if let Some(c) = kept.iter().find(|&&c| c >= total) {
+                    return Err(bad(format!(
+                        "channel {c} of the backbone's stages, which give {total}"
                     )));
                 }
                 Some((net, stages))
@@ -646,6 +773,7 @@ impl Bank {
         match &self.data {
             Data::Variation(m) => m.spread.len(),
             Data::Patchcore { features, dim } => features.len() / dim,
+            Data::Padim(g) => g.gh * g.gw,
         }
     }
 

@@ -121,14 +121,7 @@ pub fn backbone_features(
     h: usize,
 ) -> Result<PatchGrid> {
     let e = |e: candle_core::Error| Error::Engine(loupe_core::Error::from(e));
-    let resized = RgbImage {
-        width: w,
-        height: h,
-        data: resize_rgb(&img.data, img.width, img.height, w, h, Filter::Bilinear),
-        orientation: 1,
-    };
-    let x = backbone.pixels(&resized)?;
-    let maps = backbone.features(&x, stages)?;
+    let maps = backbone_maps(backbone, stages, img, w, h)?;
     let mut grid = None;
     let mut pooled = Vec::with_capacity(maps.len());
     for m in maps {
@@ -141,10 +134,36 @@ pub fn backbone_features(
         let (gh, gw) = *grid.get_or_insert((gh, gw));
         pooled.push(p.upsample_bilinear2d(gh, gw, false).map_err(e)?);
     }
-    let (gh, gw) = grid.ok_or_else(|| Error::InvalidInput("no backbone stages".into()))?;
-    let cat = Tensor::cat(&pooled, 1).map_err(e)?;
-    let dim = cat.dims()[1];
-    let v = cat
+    if grid.is_none() {
+        return Err(Error::InvalidInput("no backbone stages".into()));
+    }
+    grid_of(&Tensor::cat(&pooled, 1).map_err(e)?)
+}
+
+/// The outputs of a backbone's `stages` for `img` resized to `w x h` (bilinear), each `(1, c, gh,
+/// gw)`.
+pub fn backbone_maps(
+    backbone: &Backbone,
+    stages: &[usize],
+    img: &RgbImage,
+    w: usize,
+    h: usize,
+) -> Result<Vec<Tensor>> {
+    let resized = RgbImage {
+        width: w,
+        height: h,
+        data: resize_rgb(&img.data, img.width, img.height, w, h, Filter::Bilinear),
+        orientation: 1,
+    };
+    let x = backbone.pixels(&resized)?;
+    Ok(backbone.features(&x, stages)?)
+}
+
+/// A `(1, dim, gh, gw)` feature map as a patch grid (raster order).
+pub fn grid_of(map: &Tensor) -> Result<PatchGrid> {
+    let e = |e: candle_core::Error| Error::Engine(loupe_core::Error::from(e));
+    let (_, dim, gh, gw) = map.dims4().map_err(e)?;
+    let v = map
         .squeeze(0)
         .and_then(|t| t.permute((1, 2, 0)))
         .and_then(|t| t.flatten_all())
