@@ -1,19 +1,23 @@
 #!/usr/bin/env python3
-"""anomalib's PatchCore as a peer for `loupe learn` / `loupe eval`, on the same images.
+"""anomalib's PatchCore or PaDiM as a peer for `loupe learn` / `loupe eval`, on the same images.
 
 It fits anomalib's own PatchcoreModel (timm backbone, layer2 + layer3 features, 3x3 average pooling,
-k-centre greedy coreset, nearest-neighbour patch scores, Gaussian-smoothed map) on good images and
+k-centre greedy coreset, nearest-neighbour patch scores, Gaussian-smoothed map) or PadimModel
+(layer1 + layer2 + layer3, a random subset of channels, a Gaussian per position) on good images and
 scores an MVTec-AD-layout test folder: image AUROC and AUPRC (scikit-learn), pixel AUROC over all
 pixels, and anomalib's own AUPRO at a 30% pixel false-positive rate. It does not use anomalib's
 Lightning engine or its data modules: only the model, so the split and the preprocessing are
 exactly those stated here.
 
 No backbone weights can be downloaded on an offline machine: `--weights random` (the default) runs
-the backbone with timm's seeded random initialisation, and `--weights FILE` loads a state dict you
-have. Say which in every figure.
+the backbone with timm's seeded random initialisation, and `--weights FILE` loads weights you have: a
+state dict (`.pth`) or the `model.safetensors` of a timm-layout folder, the very file `loupe learn
+--backbone DIR` reads (every backbone tensor must be in it). Say which in every figure.
 
     pip install -r tools/requirements-anomalib.txt
     python3 tools/anomalib_peer.py --train DATA1/train/good --test DATA2 [--size 224] [--json out.json]
+    python3 tools/anomalib_peer.py --method padim --backbone tf_efficientnet_lite0 \
+        --layers blocks.1 blocks.2 blocks.4 --features 100 --weights DIR/model.safetensors ...
 """
 
 import argparse
@@ -53,9 +57,11 @@ def main():
     ap.add_argument("--train", required=True, help="folder of good images to learn from")
     ap.add_argument("--test", required=True, help="MVTec AD layout root (test/<class>/, ground_truth/)")
     ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--method", choices=["patchcore", "padim"], default="patchcore")
     ap.add_argument("--backbone", default="wide_resnet50_2")
-    ap.add_argument("--layers", nargs="+", default=["layer2", "layer3"])
-    ap.add_argument("--coreset", type=float, default=0.1)
+    ap.add_argument("--layers", nargs="+", help="default: layer2 layer3 (patchcore), layer1 layer2 layer3 (padim)")
+    ap.add_argument("--coreset", type=float, default=0.1, help="patchcore: the share of features kept")
+    ap.add_argument("--features", type=int, help="padim: channels kept (default: anomalib's for the backbone)")
     ap.add_argument("--weights", default="random", help="'random' or a backbone state-dict file")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
@@ -64,15 +70,29 @@ def main():
 
     import anomalib
     from anomalib.metrics.aupro import _AUPRO
+    from anomalib.models.image.padim.torch_model import PadimModel
     from anomalib.models.image.patchcore.torch_model import PatchcoreModel
     from sklearn.metrics import average_precision_score, roc_auc_score
 
     torch.manual_seed(a.seed)
     torch.set_num_threads(a.threads)
-    model = PatchcoreModel(layers=a.layers, backbone=a.backbone, pre_trained=False)
+    if a.method == "patchcore":
+        layers = a.layers or ["layer2", "layer3"]
+        model = PatchcoreModel(layers=layers, backbone=a.backbone, pre_trained=False)
+    else:
+        layers = a.layers or ["layer1", "layer2", "layer3"]
+        model = PadimModel(layers=layers, backbone=a.backbone, pre_trained=False, n_features=a.features)
     if a.weights != "random":
-        state = torch.load(a.weights, map_location="cpu")
-        model.feature_extractor.feature_extractor.load_state_dict(state, strict=False)
+        if a.weights.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state = load_file(a.weights)
+        else:
+            state = torch.load(a.weights, map_location="cpu")
+        missing, _ = model.feature_extractor.feature_extractor.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+        if missing:
+            sys.exit(f"{a.weights} lacks backbone tensors {missing[:5]}...: not {a.backbone}'s weights")
 
     train = images(a.train)
     if not train:
@@ -81,7 +101,10 @@ def main():
     model.train()
     for i in range(0, len(train), 8):
         model(torch.stack([load(p, a.size) for p in train[i : i + 8]]))
-    model.subsample_embedding(a.coreset)
+    if a.method == "patchcore":
+        model.subsample_embedding(a.coreset)
+    else:
+        model.fit()
     fit_s = time.perf_counter() - t0
 
     model.eval()
@@ -102,18 +125,21 @@ def main():
     ms = 1e3 * (time.perf_counter() - t0) / max(n, 1)
 
     res = {
-        "peer": f"anomalib {anomalib.__version__} PatchcoreModel",
+        "peer": f"anomalib {anomalib.__version__} {type(model).__name__}",
         "backbone": a.backbone,
         "weights": a.weights if a.weights != "random" else f"random (timm init, seed {a.seed})",
-        "layers": a.layers,
-        "coreset": a.coreset,
+        "layers": layers,
         "size": a.size,
         "train_images": len(train),
         "test_images": n,
-        "memory_bank": int(model.memory_bank.shape[0]),
         "fit_s": round(fit_s, 2),
         "ms_per_image": round(ms, 1),
         "image_auroc": roc_auc_score(labels, scores),
+        **(
+            {"coreset": a.coreset, "memory_bank": int(model.memory_bank.shape[0])}
+            if a.method == "patchcore"
+            else {"features": int(model.n_features), "positions": int(model.gaussian.mean.shape[1])}
+        ),
         "image_auprc": average_precision_score(labels, scores),
     }
     if all_masked:

@@ -576,3 +576,57 @@ fn learn_padim_on_a_pretrained_backbone() {
         "--channels is for --method padim",
     );
 }
+
+/// `loupe learn --backbone DINOV2_DIR`: PatchCore on a ViT's multi-layer patch tokens (not pooled),
+/// named in the output and the bank, scoring through `loupe inspect`; PaDiM refuses a ViT clearly.
+#[test]
+fn learn_on_a_dinov2_backbone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let good = tmp.path().join("good");
+    write_goods(&good, 44);
+    let spec = rings_spec(tmp.path());
+    let backbone = root().join("crates/loupe-core/tests/fixtures/backbones/dinov2_registers_tiny");
+    let bank = tmp.path().join("rings.anomaly.safetensors");
+    let learn = |method: &str| {
+        loupe(&[
+            "learn",
+            "--spec",
+            s(&spec),
+            "--method",
+            method,
+            "--backbone",
+            s(&backbone),
+            "--size",
+            "56",
+            "--holdout",
+            "0.7",
+            "--far",
+            "0.1",
+            s(&good),
+        ])
+    };
+    let out = learn("patchcore");
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(
+        out.stderr
+            .contains("features (dinov2_with_registers encoder.layer.1 + encoder.layer.2)"),
+        "{}",
+        out.stderr
+    );
+    let header = loupe_inspect::anomaly::Bank::load(&bank).unwrap().header;
+    assert!(!header.pool);
+    assert_eq!(header.feature_dim, Some(64));
+    let fine = tmp.path().join("fine.png");
+    ring(1, -1, 99, false).save(&fine).unwrap();
+    let out = loupe(&[
+        "inspect",
+        "--spec",
+        s(&spec),
+        "--no-audit",
+        "--json",
+        s(&fine),
+    ]);
+    let rec: serde_json::Value = serde_json::from_str(out.stdout.lines().next().unwrap()).unwrap();
+    assert!(rec["anomaly"]["score"].as_f64().unwrap() > 0.0, "{rec}");
+    fails_clearly(&learn("padim"), "is a ViT with one grid");
+}

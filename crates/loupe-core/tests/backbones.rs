@@ -1,7 +1,8 @@
 //! Pretrained backbones in timm's layout against timm itself (tools/make_backbone_fixtures.py, pinned
 //! in tools/requirements-backbones.txt): every stage's output and the class logits of tiny random
 //! ResNet, Wide-ResNet, EfficientNet-B0, EfficientNet-Lite0 and its TensorFlow port (`SAME` padding),
-//! on odd image sizes; and the errors a user meets with a folder that is not one.
+//! on odd image sizes; DINOv2 ViTs in the Hugging Face layout against transformers
+//! (tools/make_dinov2_fixtures.py); and the errors a user meets with a folder that is not one.
 
 use std::path::{Path, PathBuf};
 
@@ -60,6 +61,68 @@ fn stages_and_logits_match_timm() {
     }
 }
 
+/// DINOv2 in the Hugging Face layout against transformers (tools/make_dinov2_fixtures.py): every
+/// layer's patch tokens through the final layer norm, and the last layer's against
+/// `last_hidden_state`, within 1e-4, on a 70 x 56 image whose 5 x 4 grid makes the 6 x 6 position
+/// embeddings resample (bicubic; antialiased with registers); with a GELU MLP, the giant's SwiGLU,
+/// and registers.
+#[test]
+fn dinov2_layers_match_transformers() {
+    for (name, extra) in [
+        ("dinov2_tiny", 1),
+        ("dinov2_swiglu_tiny", 1),
+        ("dinov2_registers_tiny", 3),
+    ] {
+        let dir = fixture(name);
+        let backbone = Backbone::load(&dir).unwrap();
+        assert!(backbone.is_vit());
+        let r = reference(&dir);
+        let names: Vec<(&str, usize, usize)> = backbone
+            .stages()
+            .iter()
+            .map(|s| (s.name.as_str(), s.channels, s.stride))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                ("encoder.layer.0", 32, 14),
+                ("encoder.layer.1", 32, 14),
+                ("encoder.layer.2", 32, 14)
+            ]
+        );
+        let got = backbone.features(&r["input"], &[0, 1, 2]).unwrap();
+        // transformers' tokens: the class token (and registers) first, then the 5 x 4 grid.
+        let patches = |t: &Tensor| {
+            t.squeeze(0)
+                .unwrap()
+                .narrow(0, extra, 20)
+                .unwrap()
+                .t()
+                .unwrap()
+                .reshape((1, 32, 5, 4))
+                .unwrap()
+        };
+        let weights =
+            candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
+        let norm = candle_nn::LayerNorm::new(
+            weights["layernorm.weight"].clone(),
+            weights["layernorm.bias"].clone(),
+            1e-6,
+        );
+        use candle_core::Module;
+        for (i, out) in got.iter().enumerate() {
+            let want = patches(&norm.forward(&r[&format!("layer.{i}")]).unwrap());
+            let err = relative_error(out, &want);
+            assert!(err < 1e-4, "{name} layer {i}: off by {err}");
+        }
+        let err = relative_error(&got[2], &patches(&r["last"]));
+        assert!(err < 1e-4, "{name} last_hidden_state: off by {err}");
+        // The multi-layer bank reads the later layers (here the last two of three); no classifier.
+        assert_eq!(backbone.patchcore_stages(), [1, 2]);
+        assert!(backbone.logits(&r["input"]).is_err());
+    }
+}
+
 /// Stage names, strides and PatchCore's two mid-level stages as timm's feature extractors name them.
 #[test]
 fn stages_are_named_as_timm_names_them() {
@@ -73,11 +136,11 @@ fn stages_are_named_as_timm_names_them() {
         names,
         [("layer1", 4), ("layer2", 8), ("layer3", 16), ("layer4", 32)]
     );
-    assert_eq!(resnet.mid_stages(), [1, 2]);
+    assert_eq!(resnet.patchcore_stages(), [1, 2]);
     let effnet = Backbone::load(&fixture("efficientnet_b0_tiny")).unwrap();
     let strides: Vec<usize> = effnet.stages().iter().map(|s| s.stride).collect();
     assert_eq!(strides, [2, 4, 8, 16, 16, 32, 32]);
-    assert_eq!(effnet.mid_stages(), [2, 4]);
+    assert_eq!(effnet.patchcore_stages(), [2, 4]);
     assert_eq!(effnet.stage_index("blocks.4").unwrap(), 4);
     let err = effnet.stage_index("layer3").unwrap_err().to_string();
     assert!(

@@ -23,7 +23,7 @@ fn published_patchcore_scores_as_anomalib_does() {
     let backbone =
         Backbone::load(&root().join("crates/loupe-core/tests/fixtures/backbones/resnet18_tiny"))
             .unwrap();
-    let stages = backbone.mid_stages();
+    let stages = backbone.patchcore_stages();
     let reference: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(fixture.join("reference.json")).unwrap())
             .unwrap();

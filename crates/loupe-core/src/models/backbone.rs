@@ -1,6 +1,7 @@
 //! Pretrained image backbones a user already has, for the anomaly detectors: a folder in timm's
-//! published layout (`config.json` with `architecture`, and `model.safetensors`), loaded by the
-//! family's own file ([`super::resnet`], [`super::efficientnet`]) and run to the stages a detector
+//! published layout (`config.json` with `architecture`, and `model.safetensors`), or a DINOv2 in the
+//! Hugging Face layout (`config.json` with `model_type`), loaded by the family's own file
+//! ([`super::resnet`], [`super::efficientnet`], [`super::dinov2`]) and run to the stages a detector
 //! reads.
 
 use std::path::{Path, PathBuf};
@@ -8,6 +9,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
+use super::dinov2::{Dinov2, Dinov2Config};
 use super::efficientnet::{EfficientNet, Variant};
 use super::resnet::ResNet;
 use crate::error::{Error, Result};
@@ -17,7 +19,7 @@ use crate::load::weights::Weights;
 /// The architectures [`Backbone::load`] reads, as timm names them (`N` a digit).
 pub const SUPPORTED: &str = "resnet18, resnet34, resnet50, resnet101, resnet152, \
     wide_resnet50_2, wide_resnet101_2, efficientnet_bN, tf_efficientnet_bN, efficientnet_liteN, \
-    tf_efficientnet_liteN";
+    tf_efficientnet_liteN (timm's layout); dinov2, dinov2_with_registers (Hugging Face's)";
 
 /// The largest weights file read (Wide-ResNet-101-2 in f32 is 500 MB).
 const MAX_WEIGHTS_BYTES: u64 = 2 << 30;
@@ -26,6 +28,7 @@ const MAX_WEIGHTS_BYTES: u64 = 2 << 30;
 enum Net {
     ResNet(ResNet),
     EfficientNet(EfficientNet),
+    Dinov2(Dinov2),
 }
 
 /// One stage's output: its name (as timm's modules are named), channels and stride.
@@ -53,6 +56,7 @@ pub struct Backbone {
 #[derive(Deserialize)]
 struct Config {
     architecture: Option<String>,
+    model_type: Option<String>,
     #[serde(default)]
     pretrained_cfg: PretrainedCfg,
 }
@@ -61,6 +65,13 @@ struct Config {
 struct PretrainedCfg {
     mean: Option<Vec<f32>>,
     std: Option<Vec<f32>>,
+}
+
+/// A Hugging Face image processor's normalization (`preprocessor_config.json`).
+#[derive(Deserialize)]
+struct Preprocessor {
+    image_mean: Option<Vec<f32>>,
+    image_std: Option<Vec<f32>>,
 }
 
 /// ImageNet's channel means and deviations, timm's default.
@@ -81,13 +92,34 @@ impl Backbone {
             field: field.into(),
             msg,
         };
-        let architecture = config.architecture.ok_or_else(|| {
-            field(
-                "architecture",
-                "missing: a backbone folder is timm's layout (config.json names the architecture)"
-                    .into(),
-            )
-        })?;
+        let vit = config
+            .model_type
+            .as_deref()
+            .filter(|t| super::dinov2::MODEL_TYPES.contains(t));
+        let architecture = match (config.architecture, vit) {
+            (_, Some(t)) => t.to_string(),
+            (Some(a), None) => a,
+            (None, None) => {
+                return Err(field(
+                    "architecture",
+                    "missing: a backbone folder is timm's layout (config.json names the \
+                     architecture) or a DINOv2 in Hugging Face's (config.json's model_type)"
+                        .into(),
+                ))
+            }
+        };
+        // A Hugging Face image processor's normalization, where the folder has one.
+        let processor_path = dir.join("preprocessor_config.json");
+        let processor = match std::fs::read_to_string(&processor_path) {
+            Ok(text) => Some(
+                serde_json::from_str::<Preprocessor>(&text).map_err(|source| Error::Json {
+                    path: processor_path.clone(),
+                    source,
+                })?,
+            ),
+            Err(_) => None,
+        };
+        let (hf_mean, hf_std) = processor.map_or((None, None), |p| (p.image_mean, p.image_std));
         let three = |v: Option<Vec<f32>>, name: &str, default: [f32; 3]| match v {
             None => Ok(default),
             Some(v) => <[f32; 3]>::try_from(v.as_slice())
@@ -96,12 +128,12 @@ impl Backbone {
                 .ok_or_else(|| field(name, format!("{v:?} is not three finite numbers"))),
         };
         let mean = three(
-            config.pretrained_cfg.mean,
+            config.pretrained_cfg.mean.or(hf_mean),
             "pretrained_cfg.mean",
             IMAGENET_MEAN,
         )?;
         let std = three(
-            config.pretrained_cfg.std,
+            config.pretrained_cfg.std.or(hf_std),
             "pretrained_cfg.std",
             IMAGENET_STD,
         )?;
@@ -123,6 +155,14 @@ impl Backbone {
         }
         let w = Weights::open(&[weights_path], DType::F32, &Device::Cpu, |s| s.to_string())?;
         let net = match family(&architecture) {
+            Some(Family::Dinov2) => {
+                let cfg: Dinov2Config =
+                    serde_json::from_str(&text).map_err(|source| Error::Json {
+                        path: config_path.clone(),
+                        source,
+                    })?;
+                Net::Dinov2(Dinov2::load(cfg, &w)?)
+            }
             Some(Family::ResNet) => Net::ResNet(ResNet::load(&w)?),
             Some(Family::EfficientNet(v)) => Net::EfficientNet(EfficientNet::load(&w, v)?),
             None => {
@@ -136,6 +176,7 @@ impl Backbone {
         let shapes = match &net {
             Net::ResNet(r) => r.stage_shapes(),
             Net::EfficientNet(e) => e.stage_shapes(),
+            Net::Dinov2(v) => v.stage_shapes(),
         };
         let stages = shapes
             .into_iter()
@@ -144,6 +185,7 @@ impl Backbone {
                 name: match &net {
                     Net::ResNet(_) => format!("layer{}", i + 1),
                     Net::EfficientNet(_) => format!("blocks.{i}"),
+                    Net::Dinov2(_) => format!("encoder.layer.{i}"),
                 },
                 channels,
                 stride,
@@ -179,10 +221,29 @@ impl Backbone {
             })
     }
 
-    /// PatchCore's two mid-level stages: the last at stride 8 and the last at stride 16 (ResNet's
-    /// `layer2` and `layer3`, EfficientNet's `blocks.2` and `blocks.4`).
-    pub fn mid_stages(&self) -> [usize; 2] {
-        [self.last_at(8), self.last_at(16)]
+    /// Whether this is a vision transformer (one patch grid at every stage, tokens that already
+    /// see the whole image).
+    pub fn is_vit(&self) -> bool {
+        matches!(self.net, Net::Dinov2(_))
+    }
+
+    /// The stages PatchCore reads. A CNN's two mid-level stages: the last at stride 8 and the last
+    /// at stride 16 (ResNet's `layer2` and `layer3`, EfficientNet's `blocks.2` and `blocks.4`). A
+    /// ViT's layers at a half, two thirds, five sixths and the whole of its depth (the multi-layer
+    /// patch-token bank of the DINO-based detectors: mid layers place a defect, the last knows the
+    /// part).
+    pub fn patchcore_stages(&self) -> Vec<usize> {
+        if self.is_vit() {
+            let depth = self.stages.len();
+            let mut layers: Vec<usize> = [(1, 2), (2, 3), (5, 6), (1, 1)]
+                .iter()
+                .map(|&(a, b)| (depth * a).div_ceil(b).clamp(1, depth) - 1)
+                .collect();
+            layers.dedup();
+            layers
+        } else {
+            vec![self.last_at(8), self.last_at(16)]
+        }
     }
 
     /// PaDiM's three stages: the last at stride 4, 8 and 16 (ResNet's `layer1`, `layer2` and
@@ -231,6 +292,7 @@ impl Backbone {
         let outs = match &self.net {
             Net::ResNet(r) => r.stages(x, last)?,
             Net::EfficientNet(e) => e.stages(x, last)?,
+            Net::Dinov2(v) => v.stages(x, last)?,
         };
         Ok(wanted.iter().map(|&i| outs[i].clone()).collect())
     }
@@ -240,6 +302,10 @@ impl Backbone {
         match &self.net {
             Net::ResNet(r) => r.logits(x),
             Net::EfficientNet(e) => e.logits(x),
+            Net::Dinov2(_) => Err(Error::InvalidInput(format!(
+                "{} has no classifier: it gives features only",
+                self.architecture
+            ))),
         }
     }
 }
@@ -247,6 +313,7 @@ impl Backbone {
 enum Family {
     ResNet,
     EfficientNet(Variant),
+    Dinov2,
 }
 
 /// The family of timm's architecture `name`.
@@ -266,6 +333,9 @@ fn family(name: &str) -> Option<Family> {
     ];
     if resnets.contains(&name) {
         return Some(Family::ResNet);
+    }
+    if super::dinov2::MODEL_TYPES.contains(&name) {
+        return Some(Family::Dinov2);
     }
     let variant = |lite, tf| Some(Family::EfficientNet(Variant { lite, tf }));
     if digit_after("efficientnet_b") {

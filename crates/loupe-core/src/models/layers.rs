@@ -785,6 +785,16 @@ impl GatedMlp {
         })
     }
 
+    /// From its three projections.
+    pub fn from_parts(gate: Linear, up: Linear, down: Linear, act: Activation) -> Self {
+        GatedMlp {
+            gate,
+            up,
+            down,
+            act,
+        }
+    }
+
     /// Phi-3's MLP: `gate_up_proj` holds the gate's rows, then the up projection's.
     pub fn load_fused(
         w: &Weights,

@@ -364,6 +364,13 @@ pub fn learn(
         }
         Method::Padim => {
             let (net, dir) = pretrained.expect("checked above");
+            if net.is_vit() {
+                return Err(Error::InvalidInput(format!(
+                    "PaDiM reads a CNN's stages at strides 4, 8 and 16; {} is a ViT with one \
+                     grid: use --method patchcore on it",
+                    net.architecture
+                )));
+            }
             let stages = net.padim_stages();
             let reference = BackboneRef::of(&net, &dir, &stages)?;
             let total: usize = stages.iter().map(|&i| net.stages()[i].channels).sum();
@@ -400,7 +407,7 @@ pub fn learn(
         }
         Method::Patchcore if pretrained.is_some() => {
             let (net, dir) = pretrained.expect("matched");
-            let stages = net.mid_stages();
+            let stages = net.patchcore_stages();
             let reference = BackboneRef::of(&net, &dir, &stages)?;
             let mut all = Vec::new();
             let mut dim = 0;
@@ -414,7 +421,7 @@ pub fn learn(
             let features = coreset_of(&all, dim, opts, progress);
             header.feature_dim = Some(dim);
             header.coreset_fraction = Some(opts.coreset_fraction);
-            header.pool = true;
+            header.pool = !net.is_vit();
             header.backbone = Some(reference);
             backbone = Some((Arc::new(net), stages.to_vec()));
             Data::Patchcore { features, dim }

@@ -1,5 +1,5 @@
 //! The patch-feature memory bank (PatchCore's recipe) on the loaded VLM's own vision tower, or as
-//! published on a pretrained CNN ([`backbone_features`], [`published_score`]).
+//! published on a pretrained CNN or ViT ([`backbone_features`], [`published_score`]).
 //!
 //! Each good image, resized to the bank's size, runs the tower up to one block; with `--pool`, its
 //! patch features are averaged over their 3x3 neighbourhood on the patch grid (PatchCore's local
@@ -112,7 +112,8 @@ pub fn features(
 /// 2022; anomalib's `PatchcoreModel`) on a pretrained CNN: the two mid-level `stages` of `img`
 /// resized to `w x h`, each averaged over 3x3 neighbourhoods (zeros padded, always divided by 9, as
 /// PyTorch's `AvgPool2d(3, 1, 1)`), the deeper map resized to the first's grid (bilinear, corners
-/// not aligned), concatenated per patch, in raster order.
+/// not aligned), concatenated per patch, in raster order. On a ViT (DINOv2) the `stages` are layers
+/// of one grid, whose tokens are concatenated as they are (the multi-layer patch-token bank).
 pub fn backbone_features(
     backbone: &Backbone,
     stages: &[usize],
@@ -125,11 +126,15 @@ pub fn backbone_features(
     let mut grid = None;
     let mut pooled = Vec::with_capacity(maps.len());
     for m in maps {
-        let p = m
-            .pad_with_zeros(2, 1, 1)
-            .and_then(|m| m.pad_with_zeros(3, 1, 1))
-            .and_then(|m| m.avg_pool2d_with_stride(3, 1))
-            .map_err(e)?;
+        // A ViT's tokens already carry their context: not pooled (as the DINO-based detectors).
+        let p = if backbone.is_vit() {
+            m
+        } else {
+            m.pad_with_zeros(2, 1, 1)
+                .and_then(|m| m.pad_with_zeros(3, 1, 1))
+                .and_then(|m| m.avg_pool2d_with_stride(3, 1))
+                .map_err(e)?
+        };
         let (_, _, gh, gw) = p.dims4().map_err(e)?;
         let (gh, gw) = *grid.get_or_insert((gh, gw));
         pooled.push(p.upsample_bilinear2d(gh, gw, false).map_err(e)?);
