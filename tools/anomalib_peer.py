@@ -36,11 +36,16 @@ def images(folder):
     return sorted(p for p in pathlib.Path(folder).iterdir() if p.suffix.lower() in exts)
 
 
+# The normalization the backbone's weights were trained with: ImageNet's unless the weights' folder
+# says otherwise (its config.json's pretrained_cfg, as `loupe learn --backbone` reads it).
+NORM = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+
+
 def load(path, size):
     img = Image.open(path).convert("RGB").resize((size, size), Image.BILINEAR)
     x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
-    mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
-    std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    mean = torch.tensor(NORM["mean"]).view(3, 1, 1)
+    std = torch.tensor(NORM["std"]).view(3, 1, 1)
     return (x - mean) / std
 
 
@@ -60,8 +65,14 @@ def main():
     ap.add_argument("--method", choices=["patchcore", "padim"], default="patchcore")
     ap.add_argument("--backbone", default="wide_resnet50_2")
     ap.add_argument("--layers", nargs="+", help="default: layer2 layer3 (patchcore), layer1 layer2 layer3 (padim)")
-    ap.add_argument("--coreset", type=float, default=0.1, help="patchcore: the share of features kept")
+    ap.add_argument(
+        "--coreset", type=float, default=0.1, help="patchcore: the share of features kept (1: the full bank, no sampling)"
+    )
     ap.add_argument("--features", type=int, help="padim: channels kept (default: anomalib's for the backbone)")
+    ap.add_argument(
+        "--channels-from",
+        help="padim: keep the channels a Loupe PaDiM bank kept (its header), not anomalib's own random draw",
+    )
     ap.add_argument("--weights", default="random", help="'random' or a backbone state-dict file")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
@@ -76,17 +87,31 @@ def main():
 
     torch.manual_seed(a.seed)
     torch.set_num_threads(a.threads)
+    # Inference only: without this the bank keeps the backbone's autograd graph, and anomalib's
+    # coreset selection on it grows past 24 GB (EfficientNet-Lite0, 30 images).
+    torch.set_grad_enabled(False)
     if a.method == "patchcore":
         layers = a.layers or ["layer2", "layer3"]
         model = PatchcoreModel(layers=layers, backbone=a.backbone, pre_trained=False)
     else:
         layers = a.layers or ["layer1", "layer2", "layer3"]
         model = PadimModel(layers=layers, backbone=a.backbone, pre_trained=False, n_features=a.features)
+        if a.channels_from:
+            from safetensors import safe_open
+
+            with safe_open(a.channels_from, "pt") as f:
+                header = json.loads(f.metadata()["loupe_anomaly"])
+            model.idx = torch.tensor(header["channels"])
+            model.n_features = len(header["channels"])
     if a.weights != "random":
         if a.weights.endswith(".safetensors"):
             from safetensors.torch import load_file
 
             state = load_file(a.weights)
+            config = pathlib.Path(a.weights).with_name("config.json")
+            if config.is_file():
+                cfg = json.loads(config.read_text()).get("pretrained_cfg", {})
+                NORM.update({k: cfg[k] for k in ("mean", "std") if k in cfg})
         else:
             state = torch.load(a.weights, map_location="cpu")
         missing, _ = model.feature_extractor.feature_extractor.load_state_dict(state, strict=False)
@@ -101,7 +126,10 @@ def main():
     model.train()
     for i in range(0, len(train), 8):
         model(torch.stack([load(p, a.size) for p in train[i : i + 8]]))
-    if a.method == "patchcore":
+    if a.method == "patchcore" and a.coreset >= 1.0:
+        model.memory_bank = torch.vstack(model.embedding_store)
+        model.embedding_store = []
+    elif a.method == "patchcore":
         model.subsample_embedding(a.coreset)
     else:
         model.fit()
@@ -109,13 +137,14 @@ def main():
 
     model.eval()
     test_root = pathlib.Path(a.test) / "test"
-    scores, labels, maps, masks, all_masked = [], [], [], [], True
+    scores, labels, maps, masks, all_masked, per_image = [], [], [], [], True, {}
     t0 = time.perf_counter()
     n = 0
     for cls_dir in sorted(d for d in test_root.iterdir() if d.is_dir()):
         for p in images(cls_dir):
             out = model(load(p, a.size).unsqueeze(0))
             scores.append(float(out.pred_score.reshape(-1)[0]))
+            per_image[f"{cls_dir.name}/{p.name}"] = scores[-1]
             labels.append(int(cls_dir.name != "good"))
             maps.append(out.anomaly_map.reshape(a.size, a.size).numpy())
             m, known = mask_of(a.test, cls_dir.name, p.stem, a.size)
@@ -128,6 +157,7 @@ def main():
         "peer": f"anomalib {anomalib.__version__} {type(model).__name__}",
         "backbone": a.backbone,
         "weights": a.weights if a.weights != "random" else f"random (timm init, seed {a.seed})",
+        "normalization": NORM,
         "layers": layers,
         "size": a.size,
         "train_images": len(train),
@@ -150,7 +180,7 @@ def main():
         res["pro"] = float(pro.compute())
     print(json.dumps(res, indent=2))
     if a.json:
-        pathlib.Path(a.json).write_text(json.dumps(res, indent=2))
+        pathlib.Path(a.json).write_text(json.dumps({**res, "scores": per_image}, indent=2))
 
 
 if __name__ == "__main__":

@@ -70,6 +70,11 @@ pub struct LearnArgs {
     /// The share of good images held out to calibrate the threshold.
     #[arg(long, default_value_t = 0.3)]
     pub holdout: f64,
+    /// Calibrate the threshold on these good images (a folder or file; repeatable) instead of a
+    /// held-out share: every good image given is then learned from (for comparing with a detector
+    /// trained on exactly those images, or a validation set kept apart).
+    #[arg(long, conflicts_with = "dataset")]
+    pub calibrate_on: Vec<PathBuf>,
     /// The false-alarm rate the threshold bounds on good parts.
     #[arg(long, default_value_t = 0.05)]
     pub far: f64,
@@ -167,6 +172,11 @@ pub fn learn(args: LearnArgs) -> Result<()> {
         backbone,
         channels: args.channels,
         holdout: args.holdout,
+        calibrate_on: if args.calibrate_on.is_empty() {
+            None
+        } else {
+            Some(collect_images(&args.calibrate_on)?)
+        },
         far: args.far,
         confidence: args.confidence,
         seed: args.seed,
@@ -189,10 +199,15 @@ pub fn learn(args: LearnArgs) -> Result<()> {
     learned.bank.save(&out)?;
     let h = &learned.bank.header;
     eprintln!(
-        "loupe learn: {} good images ({} learned from, {} held out) in {:.1} s: {} bank of {} {} -> {}",
-        goods.len(),
+        "loupe learn: {} good images ({} learned from, {} {}) in {:.1} s: {} bank of {} {} -> {}",
+        goods.len() + opts.calibrate_on.as_ref().map_or(0, Vec::len),
         h.trained_on,
         h.calibrated_on,
+        if opts.calibrate_on.is_some() {
+            "to calibrate on"
+        } else {
+            "held out"
+        },
         t0.elapsed().as_secs_f64(),
         args.method,
         learned.bank.len(),

@@ -78,6 +78,7 @@ fn opts(method: Method) -> LearnOptions {
         backbone: None,
         channels: None,
         holdout: 0.5,
+        calibrate_on: None,
         far: 0.1,
         confidence: 0.95,
         seed: 3,
@@ -438,4 +439,56 @@ fn inspector_records_the_anomaly_and_combines_it_with_the_vlm() {
         e.contains("either.toml") && e.contains("loupe learn"),
         "{e}"
     );
+}
+
+/// A separate calibration set: every good image is learned from, the threshold set on the others
+/// (the order statistic of their scores); an image in both sets, or too few to calibrate on, is a
+/// clear error.
+#[test]
+fn calibrating_on_a_separate_set() {
+    let tmp = tempfile::tempdir().unwrap();
+    let train = goods(&tmp.path().join("train"), 6, 5);
+    let cal = goods(&tmp.path().join("cal"), 30, 6);
+    let o = LearnOptions {
+        calibrate_on: Some(cal.clone()),
+        ..opts(Method::Variation)
+    };
+    let learned = anomaly::learn(None, &train, &o, &mut |_, _, _| {}).unwrap();
+    let h = &learned.bank.header;
+    assert_eq!((h.trained_on, h.calibrated_on), (6, 30));
+    assert_eq!(learned.held_out_scores.len(), 30);
+    // The threshold is one of the calibration images' own scores.
+    assert!(
+        learned.held_out_scores.contains(&h.threshold),
+        "{}",
+        h.threshold
+    );
+    let mut both = cal.clone();
+    both.push(train[0].clone());
+    let e = anomaly::learn(
+        None,
+        &train,
+        &LearnOptions {
+            calibrate_on: Some(both),
+            ..opts(Method::Variation)
+        },
+        &mut |_, _, _| {},
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(e.contains("both learned from and calibrated on"), "{e}");
+    let e = anomaly::learn(
+        None,
+        &train,
+        &LearnOptions {
+            calibrate_on: Some(cal[..10].to_vec()),
+            ..opts(Method::Variation)
+        },
+        &mut |_, _, _| {},
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(e.contains("needs at least 29 to calibrate on"), "{e}");
 }

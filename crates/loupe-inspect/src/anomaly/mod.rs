@@ -212,6 +212,9 @@ pub struct LearnOptions {
     pub channels: Option<usize>,
     /// The share of good images held out to set the threshold.
     pub holdout: f64,
+    /// Good images to set the threshold on instead of a held-out share: then every image in
+    /// `goods` is learned from.
+    pub calibrate_on: Option<Vec<PathBuf>>,
     pub far: f64,
     pub confidence: f64,
     pub seed: u64,
@@ -296,22 +299,52 @@ pub fn learn(
     let mut order: Vec<PathBuf> = goods.to_vec();
     order.sort();
     order.dedup();
-    let mut rng = rand::rngs::StdRng::seed_from_u64(opts.seed);
-    order.shuffle(&mut rng);
-    let n_hold = ((order.len() as f64) * opts.holdout).round() as usize;
     let needed = calibrate::images_needed(opts.far, opts.confidence);
-    if n_hold < needed || order.len() - n_hold < 2 {
-        return Err(Error::InvalidInput(format!(
-            "{} good images: holding out {} leaves too few; a false-alarm rate of {} at {} \
-             confidence needs at least {needed} held out and 2 to learn from (give more good \
-             images, a larger --holdout, or a larger --far)",
-            order.len(),
-            n_hold,
-            opts.far,
-            opts.confidence
-        )));
-    }
-    let (held, train) = order.split_at(n_hold);
+    let (held, train): (Vec<PathBuf>, Vec<PathBuf>) = match &opts.calibrate_on {
+        Some(cal) => {
+            let mut cal = cal.clone();
+            cal.sort();
+            cal.dedup();
+            if let Some(both) = cal.iter().find(|p| order.binary_search(p).is_ok()) {
+                return Err(Error::InvalidInput(format!(
+                    "{} is both learned from and calibrated on: a threshold must be set on \
+                     images the detector has not seen",
+                    both.display()
+                )));
+            }
+            if cal.len() < needed || order.len() < 2 {
+                return Err(Error::InvalidInput(format!(
+                    "{} good images to learn from and {} to calibrate on: a false-alarm rate of \
+                     {} at {} confidence needs at least {needed} to calibrate on and 2 to learn \
+                     from",
+                    order.len(),
+                    cal.len(),
+                    opts.far,
+                    opts.confidence
+                )));
+            }
+            (cal, order)
+        }
+        None => {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(opts.seed);
+            order.shuffle(&mut rng);
+            let n_hold = ((order.len() as f64) * opts.holdout).round() as usize;
+            if n_hold < needed || order.len() - n_hold < 2 {
+                return Err(Error::InvalidInput(format!(
+                    "{} good images: holding out {} leaves too few; a false-alarm rate of {} at \
+                     {} confidence needs at least {needed} held out and 2 to learn from (give \
+                     more good images, a larger --holdout, or a larger --far)",
+                    order.len(),
+                    n_hold,
+                    opts.far,
+                    opts.confidence
+                )));
+            }
+            let train = order.split_off(n_hold);
+            (order, train)
+        }
+    };
+    let (held, train) = (&held[..], &train[..]);
     let (mut train_hashes, mut held_hashes) = (Vec::new(), Vec::new());
 
     let (w, h) = (opts.width, opts.height);

@@ -181,13 +181,15 @@ impl Gaussians {
             )));
         }
         let tri = triangle(dim);
-        let mut z = vec![0f64; dim];
-        Ok(g.v
-            .chunks_exact(dim)
-            .zip(self.mean.chunks_exact(dim))
-            .zip(self.cholesky.chunks_exact(tri))
-            .map(|((x, m), l)| {
-                // Forward substitution: L z = x - m.
+        let positions = self.gh * self.gw;
+        let mut out = vec![0f32; positions];
+        let at = out.as_mut_ptr() as usize;
+        // Positions shared out over the cores, each a forward substitution `L z = x - m`.
+        loupe_core::kernels::pool::parallel_for(positions, |range| {
+            let mut z = vec![0f64; dim];
+            for p in range {
+                let (x, m) = (&g.v[p * dim..][..dim], &self.mean[p * dim..][..dim]);
+                let l = &self.cholesky[p * tri..][..tri];
                 let mut sq = 0f64;
                 for i in 0..dim {
                     let row = &l[triangle(i)..triangle(i) + i + 1];
@@ -198,9 +200,11 @@ impl Gaussians {
                     z[i] = s / row[i] as f64;
                     sq += z[i] * z[i];
                 }
-                sq.sqrt() as f32
-            })
-            .collect())
+                // SAFETY: position p is this iteration's alone, inside `out`.
+                unsafe { *(at as *mut f32).add(p) = sq.sqrt() as f32 };
+            }
+        });
+        Ok(out)
     }
 
     /// The image score and the map of an embedding, at `w x h`.

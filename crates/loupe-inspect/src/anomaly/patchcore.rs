@@ -365,40 +365,53 @@ pub fn nearest_indexed(
     let e = |e: candle_core::Error| Error::Engine(loupe_core::Error::from(e));
     let q = queries.len() / dim;
     let qt = Tensor::from_slice(queries, (q, dim), &Device::Cpu).map_err(e)?;
-    let qn = qt.sqr().and_then(|t| t.sum_keepdim(1)).map_err(e)?; // (q, 1)
+    let norm = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>();
+    // Per query, the smallest `|b|^2 - 2 q.b` so far and its bank row; `|q|^2` is added at the end.
     let mut best = vec![f32::INFINITY; q];
     let mut best_index = vec![0usize; q];
     for (bi, block) in bank.chunks(BANK_BLOCK * dim).enumerate() {
         let b = block.len() / dim;
         let bt = Tensor::from_slice(block, (b, dim), &Device::Cpu).map_err(e)?;
-        let bn = bt
-            .sqr()
-            .and_then(|t| t.sum_keepdim(1))
-            .and_then(|t| t.t())
-            .map_err(e)?; // (1, b)
-        let d2 = qt
-            .matmul(&bt.t().map_err(e)?)
-            .and_then(|p| p.affine(-2.0, 0.0))
-            .and_then(|p| p.broadcast_add(&qn))
-            .and_then(|p| p.broadcast_add(&bn))
-            .map_err(e)?;
-        let (mins, args) = d2
-            .min(1)
-            .and_then(|p| p.to_vec1::<f32>())
-            .and_then(|m| Ok((m, d2.argmin(1)?.to_vec1::<u32>()?)))
-            .map_err(e)?;
-        for ((bst, idx), (d, a)) in best
-            .iter_mut()
-            .zip(&mut best_index)
-            .zip(mins.into_iter().zip(args))
-        {
-            if d < *bst {
-                *bst = d;
-                *idx = bi * BANK_BLOCK + a as usize;
+        let bn: Vec<f32> = block.chunks_exact(dim).map(norm).collect();
+        let products = qt.matmul(&bt.t().map_err(e)?).map_err(e)?; // (q, b)
+        let (storage, layout) = products.storage_and_layout();
+        let candle_core::Storage::Cpu(cpu) = &*storage else {
+            unreachable!("made on the CPU above")
+        };
+        let values = &cpu.as_slice::<f32>().map_err(e)?[layout.start_offset()..][..q * b];
+        // One pass over the products, the rows shared out over the cores: the distances are never
+        // stored (each elementwise step on a tensor would read and write all of them again).
+        let (best_at, index_at) = (best.as_mut_ptr() as usize, best_index.as_mut_ptr() as usize);
+        loupe_core::kernels::pool::parallel_for(q, |rows| {
+            for i in rows {
+                let row = &values[i * b..(i + 1) * b];
+                let (mut m, mut arg) = (f32::INFINITY, 0);
+                for (j, (p, n)) in row.iter().zip(&bn).enumerate() {
+                    let d = n - 2.0 * p;
+                    if d < m {
+                        m = d;
+                        arg = j;
+                    }
+                }
+                // SAFETY: query i is this iteration's alone, inside `best` and `best_index`.
+                unsafe {
+                    let (bst, idx) = (
+                        (best_at as *mut f32).add(i),
+                        (index_at as *mut usize).add(i),
+                    );
+                    if m < *bst {
+                        *bst = m;
+                        *idx = bi * BANK_BLOCK + arg;
+                    }
+                }
             }
-        }
+        });
     }
-    let dist = best.into_iter().map(|d| d.max(0.0).sqrt()).collect();
+    let dist = best
+        .into_iter()
+        .zip(queries.chunks_exact(dim))
+        .map(|(d, x)| (d + norm(x)).max(0.0).sqrt())
+        .collect();
     Ok((dist, best_index))
 }
 
