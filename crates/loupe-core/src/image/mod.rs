@@ -4,7 +4,7 @@ mod preprocess;
 mod resize;
 
 pub use preprocess::{smart_resize, ImageInput, PixelBatch, Preprocessor};
-pub use resize::{resize_rgb, Filter};
+pub use resize::{resize_rgb, windows as resize_windows, Filter};
 
 use std::io::Cursor;
 use std::path::Path;

@@ -46,7 +46,10 @@ struct Coeffs {
     precision: u32,
 }
 
-fn coeffs(in_size: usize, out_size: usize, filter: Filter) -> Coeffs {
+/// The window of every output index: its first input index and its weights, normalized to sum to
+/// 1 (the antialiased filter of Pillow and of PyTorch's `antialias=True`, widened by the scale when
+/// shrinking), at most `2 ceil(support) + 1` of them.
+pub fn windows(in_size: usize, out_size: usize, filter: Filter) -> Vec<(usize, Vec<f64>)> {
     let scale = in_size as f64 / out_size as f64;
     let (support, inv) = if scale >= 1.0 {
         (filter.support() * scale, 1.0 / scale)
@@ -54,29 +57,37 @@ fn coeffs(in_size: usize, out_size: usize, filter: Filter) -> Coeffs {
         (filter.support(), 1.0)
     };
     let ksize = support.ceil() as usize * 2 + 1;
+    (0..out_size)
+        .map(|i| {
+            let center = scale * (i as f64 + 0.5);
+            let xmin = ((center - support + 0.5) as i64).max(0) as usize;
+            let xmax = ((center + support + 0.5) as i64).min(in_size as i64) as usize;
+            let n = xmax.saturating_sub(xmin).min(ksize);
+            let mut w: Vec<f64> = (0..n)
+                .map(|j| filter.weight((j as f64 + xmin as f64 - center + 0.5) * inv))
+                .collect();
+            let total: f64 = w.iter().sum();
+            if total != 0.0 {
+                w.iter_mut().for_each(|w| *w /= total);
+            }
+            (xmin, w)
+        })
+        .collect()
+}
+
+fn coeffs(in_size: usize, out_size: usize, filter: Filter) -> Coeffs {
+    let windows = windows(in_size, out_size, filter);
+    let scale = in_size as f64 / out_size as f64;
+    let ksize = (filter.support() * scale.max(1.0)).ceil() as usize * 2 + 1;
     let mut starts = Vec::with_capacity(out_size);
     let mut lens = Vec::with_capacity(out_size);
     let mut wf = vec![0.0f64; out_size * ksize];
     let mut wmax = 0.0f64;
-    for i in 0..out_size {
-        let center = scale * (i as f64 + 0.5);
-        let xmin = ((center - support + 0.5) as i64).max(0) as usize;
-        let xmax = ((center + support + 0.5) as i64).min(in_size as i64) as usize;
-        let n = xmax.saturating_sub(xmin).min(ksize);
-        let row = &mut wf[i * ksize..i * ksize + n];
-        let mut total = 0.0;
-        for (j, w) in row.iter_mut().enumerate() {
-            *w = filter.weight((j as f64 + xmin as f64 - center + 0.5) * inv);
-            total += *w;
-        }
-        for w in row.iter_mut() {
-            if total != 0.0 {
-                *w /= total;
-            }
-            wmax = wmax.max(*w);
-        }
+    for (i, (xmin, w)) in windows.into_iter().enumerate() {
+        wf[i * ksize..i * ksize + w.len()].copy_from_slice(&w);
+        wmax = w.iter().fold(wmax, |m, &x| m.max(x));
         starts.push(xmin);
-        lens.push(n);
+        lens.push(w.len());
     }
     // torchvision: the largest precision (< 22 bits) at which the largest weight still fits in i16.
     let mut precision = 0u32;

@@ -322,53 +322,38 @@ impl Dinov2 {
 
 /// Per output index along one axis, the input indices and weights of PyTorch's bicubic resampling
 /// from `inp` to `out` values (`align_corners=False`): without `antialias`, cubic convolution with
-/// `a = -0.75` over the 4 nearest inputs, indices clamped at the edges; with it, the separable
-/// filter with `a = -0.5` widened by the scale when shrinking, normalized (PyTorch's antialiased
-/// path, as Pillow's).
+/// `a = -0.75` over the 4 nearest inputs, indices clamped at the edges; with it, the antialiased
+/// windows of `a = -0.5`, widened by the scale when shrinking (Pillow's, which the image resizer
+/// shares).
 fn axis_weights(inp: usize, out: usize, antialias: bool) -> Vec<Vec<(usize, f32)>> {
+    if antialias {
+        return crate::image::resize_windows(inp, out, crate::image::Filter::Bicubic)
+            .into_iter()
+            .map(|(start, w)| {
+                w.into_iter()
+                    .enumerate()
+                    .map(|(k, v)| (start + k, v as f32))
+                    .collect()
+            })
+            .collect();
+    }
+    const A: f32 = -0.75;
+    let near = |x: f32| ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0;
+    let far = |x: f32| ((A * x - 5.0 * A) * x + 8.0 * A) * x - 4.0 * A;
     let scale = inp as f32 / out as f32;
     (0..out)
         .map(|i| {
-            if antialias {
-                const A: f32 = -0.5;
-                let filter = |x: f32| {
-                    let x = x.abs();
-                    if x < 1.0 {
-                        ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0
-                    } else if x < 2.0 {
-                        (((x - 5.0) * x + 8.0) * x - 4.0) * A
-                    } else {
-                        0.0
-                    }
-                };
-                let support = if scale >= 1.0 { 2.0 * scale } else { 2.0 };
-                let center = scale * (i as f32 + 0.5);
-                let xmin = ((center - support + 0.5) as i64).max(0) as usize;
-                let xmax = ((center + support + 0.5) as i64).min(inp as i64) as usize;
-                let inv = if scale >= 1.0 { 1.0 / scale } else { 1.0 };
-                let w: Vec<(usize, f32)> = (xmin..xmax)
-                    .map(|j| (j, filter((j as f32 - center + 0.5) * inv)))
-                    .collect();
-                let total: f32 = w.iter().map(|(_, v)| v).sum();
-                w.into_iter()
-                    .map(|(j, v)| (j, if total != 0.0 { v / total } else { 0.0 }))
-                    .collect()
-            } else {
-                const A: f32 = -0.75;
-                let real = scale * (i as f32 + 0.5) - 0.5;
-                let x0 = real.floor();
-                let t = real - x0;
-                let near = |x: f32| ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0;
-                let far = |x: f32| ((A * x - 5.0 * A) * x + 8.0 * A) * x - 4.0 * A;
-                let w = [far(t + 1.0), near(t), near(1.0 - t), far(2.0 - t)];
-                w.iter()
-                    .enumerate()
-                    .map(|(k, &v)| {
-                        let j = (x0 as i64 - 1 + k as i64).clamp(0, inp as i64 - 1) as usize;
-                        (j, v)
-                    })
-                    .collect()
-            }
+            let real = scale * (i as f32 + 0.5) - 0.5;
+            let x0 = real.floor();
+            let t = real - x0;
+            [far(t + 1.0), near(t), near(1.0 - t), far(2.0 - t)]
+                .iter()
+                .enumerate()
+                .map(|(k, &v)| {
+                    let j = (x0 as i64 - 1 + k as i64).clamp(0, inp as i64 - 1) as usize;
+                    (j, v)
+                })
+                .collect()
         })
         .collect()
 }
