@@ -274,6 +274,9 @@ fn quantize_q8k_into(isa: Isa, x: &[f32], out: &mut [BlockQ8K]) {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: the x86 SIMD paths are only handed out when the CPU has AVX2.
             Isa::Avx2 | Isa::Avx512 => unsafe { avx2::first_largest(xs) },
+            #[cfg(target_arch = "aarch64")]
+            // SAFETY: every AArch64 CPU has NEON.
+            i if i.neon() => unsafe { neon::first_largest(xs) },
             _ => first_largest(xs),
         };
         let amax = max.abs();
@@ -286,6 +289,9 @@ fn quantize_q8k_into(isa: Isa, x: &[f32], out: &mut [BlockQ8K]) {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: the x86 SIMD paths are only handed out when the CPU has AVX2.
             Isa::Avx2 | Isa::Avx512 => unsafe { avx2::quantize_q8k_codes(xs, iscale, b) },
+            #[cfg(target_arch = "aarch64")]
+            // SAFETY: every AArch64 CPU has NEON.
+            i if i.neon() => unsafe { neon::quantize_q8k_codes(xs, iscale, b) },
             _ => {
                 for (q, &v) in b.qs.iter_mut().zip(xs) {
                     *q = (iscale * v).round_ties_even().clamp(-128.0, 127.0) as i8;
@@ -311,7 +317,10 @@ fn first_largest(xs: &[f32]) -> f32 {
 }
 
 /// [`quantize_q8k`] of each of the `m` rows of `x`, rows spread over candle's thread pool.
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+#[cfg_attr(
+    not(any(target_arch = "x86_64", target_arch = "aarch64")),
+    allow(dead_code)
+)]
 fn quantize_rows(isa: Isa, x: &[f32], m: usize) -> Vec<BlockQ8K> {
     if m <= 1 {
         return quantize_q8k_with(isa, x);
@@ -1946,6 +1955,38 @@ mod neon {
             sum += a.d * h(b.d) * vaddvq_s32(sumi) as f32;
         }
         sum
+    }
+
+    /// [`super::first_largest`] of a block: the largest magnitude over 4 lanes (`fmaxnm` passes
+    /// over NaNs, as the reference does), then the first value holding it.
+    #[target_feature(enable = "neon")]
+    pub unsafe fn first_largest(xs: &[f32]) -> f32 {
+        let mut m = vdupq_n_f32(0.0);
+        for c in xs.chunks_exact(4) {
+            m = vmaxnmq_f32(m, vabsq_f32(vld1q_f32(c.as_ptr())));
+        }
+        let amax = vmaxnmvq_f32(m);
+        if amax == 0.0 {
+            return 0.0;
+        }
+        xs.iter().copied().find(|v| v.abs() == amax).unwrap_or(0.0)
+    }
+
+    /// A block's codes `round_ties_even(iscale x)` saturated to 8 bits (`fcvtns`, then saturating
+    /// narrows), and its sums of 16.
+    #[target_feature(enable = "neon")]
+    pub unsafe fn quantize_q8k_codes(xs: &[f32], iscale: f32, b: &mut BlockQ8K) {
+        let s = vdupq_n_f32(iscale);
+        for g in 0..16 {
+            let q: [int32x4_t; 4] = std::array::from_fn(|k| {
+                vcvtnq_s32_f32(vmulq_f32(vld1q_f32(xs.as_ptr().add(16 * g + 4 * k)), s))
+            });
+            let lo = vcombine_s16(vqmovn_s32(q[0]), vqmovn_s32(q[1]));
+            let hi = vcombine_s16(vqmovn_s32(q[2]), vqmovn_s32(q[3]));
+            let codes = vcombine_s8(vqmovn_s16(lo), vqmovn_s16(hi));
+            vst1q_s8(b.qs.as_mut_ptr().add(16 * g), codes);
+            b.bsums[g] = vaddlvq_s8(codes);
+        }
     }
 
     /// [`Isa::NeonDot`](crate::kernels::Isa::NeonDot) and up: `sdot`.
