@@ -171,6 +171,11 @@ pub fn learn(args: LearnArgs) -> Result<()> {
         pool: args.pool,
         backbone,
         channels: args.channels,
+        augment: spec
+            .anomaly
+            .as_ref()
+            .map(|a| a.augment.clone())
+            .unwrap_or_default(),
         holdout: args.holdout,
         calibrate_on: if args.calibrate_on.is_empty() {
             None
@@ -224,6 +229,17 @@ pub fn learn(args: LearnArgs) -> Result<()> {
         },
         out.display()
     );
+    if h.calibration.far > args.far {
+        eprintln!(
+            "loupe learn: warning: {} held-out good images bound false alarms at {:.0}% only \
+             (at {} confidence), not the {}% asked: {} would (the threshold is their largest score)",
+            h.calibrated_on,
+            100.0 * h.calibration.far,
+            args.confidence,
+            100.0 * args.far,
+            anomaly::calibrate::images_needed(args.far, args.confidence)
+        );
+    }
     println!(
         "calibration on {} held-out good images, confidence {}:",
         h.calibrated_on, args.confidence

@@ -215,18 +215,23 @@ fn learn_writes_a_bank_that_inspect_uses() {
         &loupe(&["learn", "--spec", s(&spec), "--method", "magic", s(&good)]),
         "method `magic` is not one of variation, patchcore",
     );
-    fails_clearly(
-        &loupe(&[
-            "learn",
-            "--spec",
-            s(&spec),
-            "--method",
-            "variation",
-            "--far",
-            "0.01",
-            s(&good),
-        ]),
-        "needs at least 299 held out",
+    // Too few held out for 1%: it learns, and says which rate its threshold does bound.
+    let weak = loupe(&[
+        "learn",
+        "--spec",
+        s(&spec),
+        "--method",
+        "variation",
+        "--far",
+        "0.01",
+        s(&good),
+    ]);
+    assert_eq!(weak.code, 0, "{}", weak.stderr);
+    assert!(
+        weak.stderr.contains("warning: 13 held-out good images bound false alarms at 21% only")
+            && weak.stderr.contains("not the 1% asked: 299 would"),
+        "{}",
+        weak.stderr
     );
     let empty = tmp.path().join("empty");
     std::fs::create_dir_all(&empty).unwrap();

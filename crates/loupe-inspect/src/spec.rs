@@ -38,6 +38,8 @@ struct RawAnomaly {
     bank: Option<Spanned<String>>,
     combine: Option<Spanned<String>>,
     threshold: Option<Spanned<f64>>,
+    #[serde(default)]
+    augment: Vec<Spanned<String>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -113,6 +115,69 @@ pub struct AnomalySettings {
     pub combine: Combine,
     /// Overrides the bank's calibrated threshold.
     pub threshold: Option<f32>,
+    /// The flips and turns under which a good part still looks good: `loupe learn` learns from
+    /// each good image so changed too (a few good images go further).
+    pub augment: Vec<Augment>,
+}
+
+/// A change of a good image that leaves a good part good (the spec says which hold for its part).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Augment {
+    /// Mirrored left to right.
+    Hflip,
+    /// Mirrored top to bottom.
+    Vflip,
+    /// Turned a quarter clockwise.
+    Rot90,
+    Rot180,
+    /// Turned a quarter counter-clockwise.
+    Rot270,
+}
+
+impl Augment {
+    pub const NAMES: &'static str = "hflip, vflip, rot90, rot180, rot270";
+
+    pub fn parse(s: &str) -> Option<Augment> {
+        Some(match s {
+            "hflip" => Augment::Hflip,
+            "vflip" => Augment::Vflip,
+            "rot90" => Augment::Rot90,
+            "rot180" => Augment::Rot180,
+            "rot270" => Augment::Rot270,
+            _ => return None,
+        })
+    }
+
+    /// `img` so changed.
+    pub fn apply(self, img: &loupe_core::image::RgbImage) -> loupe_core::image::RgbImage {
+        let (w, h) = (img.width, img.height);
+        // The output's size, and for each output pixel the input pixel it shows.
+        let (ow, oh) = match self {
+            Augment::Rot90 | Augment::Rot270 => (h, w),
+            _ => (w, h),
+        };
+        let mut data = Vec::with_capacity(img.data.len());
+        for y in 0..oh {
+            for x in 0..ow {
+                let (sx, sy) = match self {
+                    Augment::Hflip => (w - 1 - x, y),
+                    Augment::Vflip => (x, h - 1 - y),
+                    Augment::Rot180 => (w - 1 - x, h - 1 - y),
+                    Augment::Rot90 => (y, h - 1 - x),
+                    Augment::Rot270 => (w - 1 - y, x),
+                };
+                let at = 3 * (sy * w + sx);
+                data.extend_from_slice(&img.data[at..at + 3]);
+            }
+        }
+        loupe_core::image::RgbImage {
+            width: ow,
+            height: oh,
+            data,
+            orientation: 1,
+        }
+    }
 }
 
 /// Pixel budget of each image (defaults: the model's preprocessor_config.json).
@@ -408,10 +473,27 @@ impl Spec {
                     Some(t) => Some(*t.get_ref() as f32),
                     None => None,
                 };
+                let mut augment = Vec::new();
+                for name in &a.augment {
+                    let aug = Augment::parse(name.get_ref()).ok_or_else(|| {
+                        err(
+                            name.span().start,
+                            format!(
+                                "`anomaly.augment` `{}` is not one of {}",
+                                name.get_ref(),
+                                Augment::NAMES
+                            ),
+                        )
+                    })?;
+                    if !augment.contains(&aug) {
+                        augment.push(aug);
+                    }
+                }
                 Some(AnomalySettings {
                     bank,
                     combine,
                     threshold,
+                    augment,
                 })
             }
         };
@@ -544,6 +626,48 @@ fail_on = ["scratch"]
 
     fn parse(src: &str) -> Result<Spec> {
         Spec::parse(src, Path::new("/nonexistent/s.toml"))
+    }
+
+    /// Flips and turns move each pixel where they should: a quarter turn four times, a flip
+    /// twice, and both flips are a half turn; `augment` parses, drops repeats, and names the
+    /// choices on a wrong one.
+    #[test]
+    fn augmentations_move_pixels_and_parse() {
+        let img = loupe_core::image::RgbImage {
+            width: 3,
+            height: 2,
+            data: (0..18).collect(),
+            orientation: 1,
+        };
+        let r = Augment::Rot90.apply(&img);
+        assert_eq!((r.width, r.height), (2, 3));
+        // Clockwise: the bottom-left pixel (0, 1) comes to the top-left.
+        assert_eq!(&r.data[..3], &img.data[9..12]);
+        let back = Augment::Rot270.apply(&r);
+        assert_eq!(back.data, img.data);
+        let mut four = img.clone();
+        for _ in 0..4 {
+            four = Augment::Rot90.apply(&four);
+        }
+        assert_eq!(four.data, img.data);
+        let both = Augment::Vflip.apply(&Augment::Hflip.apply(&img));
+        assert_eq!(both.data, Augment::Rot180.apply(&img).data);
+        assert_eq!(
+            Augment::Hflip.apply(&Augment::Hflip.apply(&img)).data,
+            img.data
+        );
+        let a = parse(&format!(
+            "{GOOD}\n[anomaly]\naugment = [\"hflip\", \"rot90\", \"hflip\"]\n"
+        ))
+        .unwrap()
+        .anomaly
+        .unwrap();
+        assert_eq!(a.augment, [Augment::Hflip, Augment::Rot90]);
+        let e = parse(&format!("{GOOD}\n[anomaly]\naugment = [\"twist\"]\n"))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("`twist` is not one of hflip, vflip"), "{e}");
     }
 
     #[test]

@@ -86,6 +86,25 @@ pub fn calibrate(scores: &[f32], far: f64, confidence: f64) -> Option<Calibratio
     best
 }
 
+/// With fewer held-out good images than `far` needs, the one honest statement they allow: their
+/// largest score as the threshold, and the smallest false-alarm rate it bounds at `confidence`
+/// (`1 - (1 - confidence)^(1/n)`: 78% with 2 images at 95%, 26% with 10). `None` without scores.
+pub fn weakest(scores: &[f32], confidence: f64) -> Option<Calibration> {
+    let n = scores.len();
+    let threshold = scores.iter().copied().max_by(f32::total_cmp)?;
+    if !(0.0..1.0).contains(&confidence) {
+        return None;
+    }
+    Some(Calibration {
+        far: 1.0 - (1.0 - confidence).powf(1.0 / n as f64),
+        confidence,
+        threshold,
+        exceedances: 0,
+        achieved: confidence,
+        n,
+    })
+}
+
 /// The table `loupe learn` prints: the usual false-alarm rates at `confidence`.
 pub fn table(scores: &[f32], confidence: f64) -> Vec<Result<Calibration, (f64, usize)>> {
     [0.01, 0.02, 0.05, 0.1, 0.2]
@@ -126,6 +145,18 @@ mod tests {
         assert_eq!(c.threshold, (199 - c.exceedances) as f32);
         // The next lower threshold would miss the confidence.
         assert!(binomial_tail(200, 0.1, c.exceedances + 2) < 0.95);
+    }
+
+    /// Too few images for the rate asked: the largest score, and the rate it does bound (at which
+    /// the binomial tail reaches the confidence exactly).
+    #[test]
+    fn few_images_state_the_rate_they_bound() {
+        let scores = [0.3f32, 0.9, 0.5];
+        let c = weakest(&scores, 0.95).unwrap();
+        assert_eq!((c.threshold, c.n, c.exceedances), (0.9, 3, 0));
+        assert!((binomial_tail(3, c.far, 1) - 0.95).abs() < 1e-9, "{c:?}");
+        assert!((weakest(&[1.0, 2.0], 0.95).unwrap().far - 0.776).abs() < 1e-3);
+        assert!(weakest(&[], 0.95).is_none());
     }
 
     /// The bound holds over repeated draws: with the threshold from n good scores, the rate of fresh

@@ -29,6 +29,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
+use crate::spec::Augment;
 use calibrate::Calibration;
 use padim::Gaussians;
 use variation::{Gray, VariationModel};
@@ -104,6 +105,9 @@ pub struct Header {
     /// PaDiM: the positions of its grid, across and down.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grid: Option<[usize; 2]>,
+    /// The flips and turns each good image was also learned in.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub augment: Vec<Augment>,
 }
 
 /// The pretrained backbone a bank was learned with: where it was, what it is, and the SHA-256 of
@@ -210,6 +214,9 @@ pub struct LearnOptions {
     pub backbone: Option<PathBuf>,
     /// PaDiM: the channels kept (a seeded random subset; `None`: [`padim::DEFAULT_CHANNELS`]).
     pub channels: Option<usize>,
+    /// The flips and turns under which a good part stays good (the spec's `anomaly.augment`):
+    /// each good image is learned as it is and so changed.
+    pub augment: Vec<Augment>,
     /// The share of good images held out to set the threshold.
     pub holdout: f64,
     /// Good images to set the threshold on instead of a held-out share: then every image in
@@ -312,15 +319,11 @@ pub fn learn(
                     both.display()
                 )));
             }
-            if cal.len() < needed || order.len() < 2 {
+            if cal.is_empty() || order.is_empty() {
                 return Err(Error::InvalidInput(format!(
-                    "{} good images to learn from and {} to calibrate on: a false-alarm rate of \
-                     {} at {} confidence needs at least {needed} to calibrate on and 2 to learn \
-                     from",
+                    "{} good images to learn from and {} to calibrate on: each needs at least 1",
                     order.len(),
-                    cal.len(),
-                    opts.far,
-                    opts.confidence
+                    cal.len()
                 )));
             }
             (cal, order)
@@ -328,18 +331,20 @@ pub fn learn(
         None => {
             let mut rng = rand::rngs::StdRng::seed_from_u64(opts.seed);
             order.shuffle(&mut rng);
-            let n_hold = ((order.len() as f64) * opts.holdout).round() as usize;
-            if n_hold < needed || order.len() - n_hold < 2 {
+            if order.len() < 2 {
                 return Err(Error::InvalidInput(format!(
-                    "{} good images: holding out {} leaves too few; a false-alarm rate of {} at \
-                     {} confidence needs at least {needed} held out and 2 to learn from (give \
-                     more good images, a larger --holdout, or a larger --far)",
+                    "{} good image: one image cannot both be learned from and set the threshold \
+                     (give at least 2; a false-alarm rate of {} at {} confidence needs {needed} \
+                     held out)",
                     order.len(),
-                    n_hold,
                     opts.far,
                     opts.confidence
                 )));
             }
+            // At least one image each way: with fewer held out than the rate needs, the
+            // calibration states the rate they do bound (`calibrate::weakest`).
+            let n_hold =
+                (((order.len() as f64) * opts.holdout).round() as usize).clamp(1, order.len() - 1);
             let train = order.split_off(n_hold);
             (order, train)
         }
@@ -377,13 +382,22 @@ pub fn learn(
         backbone: None,
         channels: None,
         grid: None,
+        augment: opts.augment.clone(),
+    };
+    // Each good image learned from, as it is and in every change the spec allows.
+    let views = |img: RgbImage| -> Vec<RgbImage> {
+        let mut v: Vec<RgbImage> = opts.augment.iter().map(|a| a.apply(&img)).collect();
+        v.insert(0, img);
+        v
     };
     let mut backbone = None;
     let data = match opts.method {
         Method::Variation => {
             let mut grays = Vec::with_capacity(train.len());
             for (i, p) in train.iter().enumerate() {
-                grays.push(Gray::from_rgb(&read_image(p, &mut train_hashes)?, w, h));
+                for view in views(read_image(p, &mut train_hashes)?) {
+                    grays.push(Gray::from_rgb(&view, w, h));
+                }
                 progress("reading good images", i + 1, train.len());
             }
             let mut done = 0;
@@ -416,18 +430,19 @@ pub fn learn(
             let channels = padim::choose_channels(total, wanted, opts.seed);
             let mut goods = Vec::with_capacity(train.len());
             for (i, p) in train.iter().enumerate() {
-                let img = read_image(p, &mut train_hashes)?;
-                let g = padim::embedding(&net, &stages, &channels, &img, w, h)?;
-                let bytes = (4 * g.gh * g.gw * (g.dim + padim::triangle(g.dim))) as u64;
-                if i == 0 && bytes > MAX_BANK_BYTES {
-                    return Err(Error::InvalidInput(format!(
-                        "a PaDiM bank of {}x{} positions of {} channels would take {bytes} bytes, \
-                         over the {MAX_BANK_BYTES} a bank may have: keep fewer --channels or a \
-                         smaller --size",
-                        g.gw, g.gh, g.dim
-                    )));
+                for view in views(read_image(p, &mut train_hashes)?) {
+                    let g = padim::embedding(&net, &stages, &channels, &view, w, h)?;
+                    let bytes = (4 * g.gh * g.gw * (g.dim + padim::triangle(g.dim))) as u64;
+                    if goods.is_empty() && bytes > MAX_BANK_BYTES {
+                        return Err(Error::InvalidInput(format!(
+                            "a PaDiM bank of {}x{} positions of {} channels would take {bytes} \
+                             bytes, over the {MAX_BANK_BYTES} a bank may have: keep fewer \
+                             --channels or a smaller --size",
+                            g.gw, g.gh, g.dim
+                        )));
+                    }
+                    goods.push(g);
                 }
-                goods.push(g);
                 progress("patch features", i + 1, train.len());
             }
             let gaussians = Gaussians::fit(&goods)?;
@@ -445,10 +460,11 @@ pub fn learn(
             let mut all = Vec::new();
             let mut dim = 0;
             for (i, p) in train.iter().enumerate() {
-                let img = read_image(p, &mut train_hashes)?;
-                let g = patchcore::backbone_features(&net, &stages, &img, w, h)?;
-                dim = g.dim;
-                all.extend_from_slice(&g.v);
+                for view in views(read_image(p, &mut train_hashes)?) {
+                    let g = patchcore::backbone_features(&net, &stages, &view, w, h)?;
+                    dim = g.dim;
+                    all.extend_from_slice(&g.v);
+                }
                 progress("patch features", i + 1, train.len());
             }
             let features = coreset_of(&all, dim, opts, progress);
@@ -468,10 +484,11 @@ pub fn learn(
             let mut all = Vec::new();
             let mut dim = 0;
             for (i, p) in train.iter().enumerate() {
-                let img = read_image(p, &mut train_hashes)?;
-                let g = patchcore::features(engine, &img, w, h, layer, opts.pool)?;
-                dim = g.dim;
-                all.extend_from_slice(&g.v);
+                for view in views(read_image(p, &mut train_hashes)?) {
+                    let g = patchcore::features(engine, &view, w, h, layer, opts.pool)?;
+                    dim = g.dim;
+                    all.extend_from_slice(&g.v);
+                }
                 progress("patch features", i + 1, train.len());
             }
             let features = coreset_of(&all, dim, opts, progress);
@@ -493,14 +510,15 @@ pub fn learn(
         held_out_scores.push(bank.score(engine, &read_image(p, &mut held_hashes)?)?.score);
         progress("calibrating", i + 1, held.len());
     }
-    let cal =
-        calibrate::calibrate(&held_out_scores, opts.far, opts.confidence).ok_or_else(|| {
+    // Too few held out for the rate asked: the rate they do bound, stated in the calibration.
+    let cal = calibrate::calibrate(&held_out_scores, opts.far, opts.confidence)
+        .or_else(|| calibrate::weakest(&held_out_scores, opts.confidence))
+        .ok_or_else(|| {
             Error::InvalidInput(format!(
-            "no threshold bounds a false-alarm rate of {} at {} confidence with {} held-out images",
-            opts.far,
-            opts.confidence,
-            held.len()
-        ))
+                "no threshold at {} confidence from {} held-out images",
+                opts.confidence,
+                held.len()
+            ))
         })?;
     bank.header.training_set_sha256 = set_hash(&train_hashes);
     bank.header.calibration_set_sha256 = set_hash(&held_hashes);
