@@ -1,5 +1,5 @@
 """anomalib's own PaDiM on loupe-core's tiny random ResNet-18 backbone fixture, as the reference for
-Loupe's PaDiM (crates/loupe-inspect/tests/padim_anomalib.rs).
+Loupe's PaDiM (crates/loupe-inspect/tests/anomalib.rs).
 
 Draws a few seeded ring images (good ones to learn from; good and dented ones to score), runs
 anomalib's `PadimModel` (layer1 + layer2 + layer3, the later two resized to layer1's grid, a random

@@ -1,5 +1,5 @@
 """anomalib's own PatchCore on loupe-core's tiny random ResNet-18 backbone fixture, as the reference
-for Loupe's published PatchCore (crates/loupe-inspect/tests/patchcore_anomalib.rs).
+for Loupe's published PatchCore (crates/loupe-inspect/tests/anomalib.rs).
 
 Draws a few seeded ring images (good ones to learn from; good and dented ones to score), runs
 anomalib's `PatchcoreModel` (layer2 + layer3, 3x3 pooling, 9 neighbours for the image score,

@@ -228,7 +228,8 @@ fn learn_writes_a_bank_that_inspect_uses() {
     ]);
     assert_eq!(weak.code, 0, "{}", weak.stderr);
     assert!(
-        weak.stderr.contains("warning: 13 held-out good images bound false alarms at 21% only")
+        weak.stderr
+            .contains("warning: 13 held-out good images bound false alarms at 21% only")
             && weak.stderr.contains("not the 1% asked: 299 would"),
         "{}",
         weak.stderr
