@@ -44,9 +44,10 @@ pub struct LearnArgs {
     /// the folder of a pretrained backbone in timm's layout (config.json + model.safetensors:
     /// ResNet, Wide-ResNet, EfficientNet B0-B7 and Lite0-4; tools/convert_backbone.py converts a
     /// .pth): PatchCore as published on its two mid-level stages, 3x3 pooled, with the paper's
-    /// image-score reweighting and a smoothed map; or a DINOv2 in Hugging Face's layout
-    /// (facebook/dinov2-*, with registers too): the patch tokens of four of its later layers. PaDiM: the backbone's folder (required), read
-    /// at its stages of stride 4, 8 and 16.
+    /// image-score reweighting and a smoothed map; or a DINOv2 / DINOv3 ViT in Hugging Face's
+    /// layout (facebook/dinov2-*, with registers too; facebook/dinov3-vit*): the patch tokens of
+    /// four of its later layers. PaDiM: the backbone's folder (required), read at its stages of
+    /// stride 4, 8 and 16.
     #[arg(long, default_value = "vlm")]
     pub backbone: String,
     /// PaDiM: the channels of the three stages kept, a random subset drawn with --seed (the paper's

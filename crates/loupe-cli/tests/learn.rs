@@ -583,15 +583,30 @@ fn learn_padim_on_a_pretrained_backbone() {
     );
 }
 
-/// `loupe learn --backbone DINOV2_DIR`: PatchCore on a ViT's multi-layer patch tokens (not pooled),
-/// named in the output and the bank, scoring through `loupe inspect`; PaDiM refuses a ViT clearly.
+/// `loupe learn --backbone DINO_DIR` (DINOv2 with registers, DINOv3): PatchCore on a ViT's
+/// multi-layer patch tokens (not pooled), named in the output and the bank, scoring through
+/// `loupe inspect`; PaDiM refuses a ViT clearly.
 #[test]
-fn learn_on_a_dinov2_backbone() {
+fn learn_on_a_dino_backbone() {
+    for (fixture, stages) in [
+        (
+            "dinov2_registers_tiny",
+            "features (dinov2_with_registers encoder.layer.1 + encoder.layer.2)",
+        ),
+        ("dinov3_tiny", "features (dinov3_vit layer.1 + layer.2)"),
+    ] {
+        learn_on_a_vit(fixture, stages);
+    }
+}
+
+fn learn_on_a_vit(fixture: &str, stages: &str) {
     let tmp = tempfile::tempdir().unwrap();
     let good = tmp.path().join("good");
     write_goods(&good, 44);
     let spec = rings_spec(tmp.path());
-    let backbone = root().join("crates/loupe-core/tests/fixtures/backbones/dinov2_registers_tiny");
+    let backbone = root()
+        .join("crates/loupe-core/tests/fixtures/backbones")
+        .join(fixture);
     let bank = tmp.path().join("rings.anomaly.safetensors");
     let learn = |method: &str| {
         loupe(&[
@@ -613,12 +628,7 @@ fn learn_on_a_dinov2_backbone() {
     };
     let out = learn("patchcore");
     assert_eq!(out.code, 0, "{}", out.stderr);
-    assert!(
-        out.stderr
-            .contains("features (dinov2_with_registers encoder.layer.1 + encoder.layer.2)"),
-        "{}",
-        out.stderr
-    );
+    assert!(out.stderr.contains(stages), "{}", out.stderr);
     let header = loupe_inspect::anomaly::Bank::load(&bank).unwrap().header;
     assert!(!header.pool);
     assert_eq!(header.feature_dim, Some(64));

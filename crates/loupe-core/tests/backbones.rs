@@ -2,7 +2,7 @@
 //! in tools/requirements-backbones.txt): every stage's output and the class logits of tiny random
 //! ResNet, Wide-ResNet, EfficientNet-B0, EfficientNet-Lite0 and its TensorFlow port (`SAME` padding),
 //! on odd image sizes; DINOv2 ViTs in the Hugging Face layout against transformers
-//! (tools/make_dinov2_fixtures.py); and the errors a user meets with a folder that is not one.
+//! and DINOv3 (tools/make_dinov2_fixtures.py); and the errors a user meets with a folder that is not one.
 
 use std::path::{Path, PathBuf};
 
@@ -118,6 +118,62 @@ fn dinov2_layers_match_transformers() {
         let err = relative_error(&got[2], &patches(&r["last"]));
         assert!(err < 1e-4, "{name} last_hidden_state: off by {err}");
         // The multi-layer bank reads the later layers (here the last two of three); no classifier.
+        assert_eq!(backbone.patchcore_stages(), [1, 2]);
+        assert!(backbone.logits(&r["input"]).is_err());
+    }
+}
+
+/// DINOv3 in the Hugging Face layout against transformers (tools/make_dinov2_fixtures.py): every
+/// layer's patch tokens through the final norm, and the last against `last_hidden_state`, within
+/// 1e-4, on an 80 x 64 image (a 5 x 4 grid, not the config's 6 x 6: rotary positions need no
+/// resampling); two registers, the plain MLP without a key bias, and the gated one with it.
+#[test]
+fn dinov3_layers_match_transformers() {
+    for name in ["dinov3_tiny", "dinov3_gated_tiny"] {
+        let dir = fixture(name);
+        let backbone = Backbone::load(&dir).unwrap();
+        assert!(backbone.is_vit());
+        let r = reference(&dir);
+        let names: Vec<(&str, usize, usize)> = backbone
+            .stages()
+            .iter()
+            .map(|s| (s.name.as_str(), s.channels, s.stride))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                ("layer.0", 32, 16),
+                ("layer.1", 32, 16),
+                ("layer.2", 32, 16)
+            ]
+        );
+        let got = backbone.features(&r["input"], &[0, 1, 2]).unwrap();
+        // transformers' tokens: the class token and 2 registers first, then the 5 x 4 grid.
+        let patches = |t: &Tensor| {
+            t.squeeze(0)
+                .unwrap()
+                .narrow(0, 3, 20)
+                .unwrap()
+                .t()
+                .unwrap()
+                .reshape((1, 32, 5, 4))
+                .unwrap()
+        };
+        let weights =
+            candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
+        let norm = candle_nn::LayerNorm::new(
+            weights["norm.weight"].clone(),
+            weights["norm.bias"].clone(),
+            1e-5,
+        );
+        use candle_core::Module;
+        for (i, out) in got.iter().enumerate() {
+            let want = patches(&norm.forward(&r[&format!("layer.{i}")]).unwrap());
+            let err = relative_error(out, &want);
+            assert!(err < 1e-4, "{name} layer {i}: off by {err}");
+        }
+        let err = relative_error(&got[2], &patches(&r["last"]));
+        assert!(err < 1e-4, "{name} last_hidden_state: off by {err}");
         assert_eq!(backbone.patchcore_stages(), [1, 2]);
         assert!(backbone.logits(&r["input"]).is_err());
     }

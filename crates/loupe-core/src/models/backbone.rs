@@ -1,8 +1,8 @@
 //! Pretrained image backbones a user already has, for the anomaly detectors: a folder in timm's
-//! published layout (`config.json` with `architecture`, and `model.safetensors`), or a DINOv2 in the
+//! published layout (`config.json` with `architecture`, and `model.safetensors`), or a DINOv2 or DINOv3 in the
 //! Hugging Face layout (`config.json` with `model_type`), loaded by the family's own file
-//! ([`super::resnet`], [`super::efficientnet`], [`super::dinov2`]) and run to the stages a detector
-//! reads.
+//! ([`super::resnet`], [`super::efficientnet`], [`super::dinov2`], [`super::dinov3`]) and run to the
+//! stages a detector reads.
 
 use std::path::{Path, PathBuf};
 
@@ -10,6 +10,7 @@ use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
 use super::dinov2::{Dinov2, Dinov2Config};
+use super::dinov3::{Dinov3, Dinov3Config};
 use super::efficientnet::{EfficientNet, Variant};
 use super::resnet::ResNet;
 use crate::error::{Error, Result};
@@ -19,7 +20,7 @@ use crate::load::weights::Weights;
 /// The architectures [`Backbone::load`] reads, as timm names them (`N` a digit).
 pub const SUPPORTED: &str = "resnet18, resnet34, resnet50, resnet101, resnet152, \
     wide_resnet50_2, wide_resnet101_2, efficientnet_bN, tf_efficientnet_bN, efficientnet_liteN, \
-    tf_efficientnet_liteN (timm's layout); dinov2, dinov2_with_registers (Hugging Face's)";
+    tf_efficientnet_liteN (timm's layout); dinov2, dinov2_with_registers, dinov3_vit (Hugging Face's)";
 
 /// The largest weights file read (Wide-ResNet-101-2 in f32 is 500 MB).
 const MAX_WEIGHTS_BYTES: u64 = 2 << 30;
@@ -29,6 +30,7 @@ enum Net {
     ResNet(ResNet),
     EfficientNet(EfficientNet),
     Dinov2(Dinov2),
+    Dinov3(Dinov3),
 }
 
 /// One stage's output: its name (as timm's modules are named), channels and stride.
@@ -95,7 +97,7 @@ impl Backbone {
         let vit = config
             .model_type
             .as_deref()
-            .filter(|t| super::dinov2::MODEL_TYPES.contains(t));
+            .filter(|t| super::dinov2::MODEL_TYPES.contains(t) || *t == super::dinov3::MODEL_TYPE);
         let architecture = match (config.architecture, vit) {
             (_, Some(t)) => t.to_string(),
             (Some(a), None) => a,
@@ -103,7 +105,8 @@ impl Backbone {
                 return Err(field(
                     "architecture",
                     "missing: a backbone folder is timm's layout (config.json names the \
-                     architecture) or a DINOv2 in Hugging Face's (config.json's model_type)"
+                     architecture) or a DINOv2 / DINOv3 in Hugging Face's (config.json's \
+                     model_type)"
                         .into(),
                 ))
             }
@@ -163,6 +166,14 @@ impl Backbone {
                     })?;
                 Net::Dinov2(Dinov2::load(cfg, &w)?)
             }
+            Some(Family::Dinov3) => {
+                let cfg: Dinov3Config =
+                    serde_json::from_str(&text).map_err(|source| Error::Json {
+                        path: config_path.clone(),
+                        source,
+                    })?;
+                Net::Dinov3(Dinov3::load(cfg, &w)?)
+            }
             Some(Family::ResNet) => Net::ResNet(ResNet::load(&w)?),
             Some(Family::EfficientNet(v)) => Net::EfficientNet(EfficientNet::load(&w, v)?),
             None => {
@@ -177,6 +188,7 @@ impl Backbone {
             Net::ResNet(r) => r.stage_shapes(),
             Net::EfficientNet(e) => e.stage_shapes(),
             Net::Dinov2(v) => v.stage_shapes(),
+            Net::Dinov3(v) => v.stage_shapes(),
         };
         let stages = shapes
             .into_iter()
@@ -186,6 +198,7 @@ impl Backbone {
                     Net::ResNet(_) => format!("layer{}", i + 1),
                     Net::EfficientNet(_) => format!("blocks.{i}"),
                     Net::Dinov2(_) => format!("encoder.layer.{i}"),
+                    Net::Dinov3(_) => format!("layer.{i}"),
                 },
                 channels,
                 stride,
@@ -224,7 +237,7 @@ impl Backbone {
     /// Whether this is a vision transformer (one patch grid at every stage, tokens that already
     /// see the whole image).
     pub fn is_vit(&self) -> bool {
-        matches!(self.net, Net::Dinov2(_))
+        matches!(self.net, Net::Dinov2(_) | Net::Dinov3(_))
     }
 
     /// The stages PatchCore reads. A CNN's two mid-level stages: the last at stride 8 and the last
@@ -293,6 +306,7 @@ impl Backbone {
             Net::ResNet(r) => r.stages(x, last)?,
             Net::EfficientNet(e) => e.stages(x, last)?,
             Net::Dinov2(v) => v.stages(x, last)?,
+            Net::Dinov3(v) => v.stages(x, last)?,
         };
         Ok(wanted.iter().map(|&i| outs[i].clone()).collect())
     }
@@ -302,7 +316,7 @@ impl Backbone {
         match &self.net {
             Net::ResNet(r) => r.logits(x),
             Net::EfficientNet(e) => e.logits(x),
-            Net::Dinov2(_) => Err(Error::InvalidInput(format!(
+            Net::Dinov2(_) | Net::Dinov3(_) => Err(Error::InvalidInput(format!(
                 "{} has no classifier: it gives features only",
                 self.architecture
             ))),
@@ -314,6 +328,7 @@ enum Family {
     ResNet,
     EfficientNet(Variant),
     Dinov2,
+    Dinov3,
 }
 
 /// The family of timm's architecture `name`.
@@ -336,6 +351,9 @@ fn family(name: &str) -> Option<Family> {
     }
     if super::dinov2::MODEL_TYPES.contains(&name) {
         return Some(Family::Dinov2);
+    }
+    if name == super::dinov3::MODEL_TYPE {
+        return Some(Family::Dinov3);
     }
     let variant = |lite, tf| Some(Family::EfficientNet(Variant { lite, tf }));
     if digit_after("efficientnet_b") {

@@ -56,25 +56,75 @@ fn default_true() -> bool {
 /// The model types [`Dinov2::load`] reads.
 pub const MODEL_TYPES: [&str; 2] = ["dinov2", "dinov2_with_registers"];
 
+/// A ViT layer's MLP: two projections around an activation, or gated (SwiGLU).
 #[derive(Debug, Clone)]
-enum Mlp {
+pub(super) enum Mlp {
     Plain {
         fc1: Linear,
         fc2: Linear,
         act: Activation,
     },
-    SwiGlu(GatedMlp),
+    Gated(GatedMlp),
 }
 
+/// One pre-norm ViT layer with layer scales (DINOv2's and DINOv3's): `x + ls1 * attn(norm1(x))`,
+/// then `x + ls2 * mlp(norm2(x))`, each scale folded into the projection before it.
 #[derive(Debug, Clone)]
-struct Layer {
-    norm1: LayerNorm,
+pub(super) struct Layer {
+    pub norm1: LayerNorm,
     /// q, k and v in one projection.
-    qkv: Linear,
+    pub qkv: Linear,
     /// The output projection, times the first layer scale.
-    proj: Linear,
-    norm2: LayerNorm,
-    mlp: Mlp,
+    pub proj: Linear,
+    pub norm2: LayerNorm,
+    /// Its last projection times the second layer scale.
+    pub mlp: Mlp,
+}
+
+/// Rotary positions for the patch tokens (DINOv3): cos and sin `(patches, head_dim / 2)`, and how
+/// many tokens in front (class, registers) stay unturned.
+pub(super) struct PatchRope<'a> {
+    pub cos: &'a Tensor,
+    pub sin: &'a Tensor,
+    pub prefix: usize,
+}
+
+impl Layer {
+    /// The layer over `hidden` `(tokens, dim)` with `heads` heads, q and k of the patch tokens
+    /// turned by `rope` where given.
+    pub fn forward(
+        &self,
+        hidden: &Tensor,
+        heads: usize,
+        rope: Option<&PatchRope>,
+    ) -> Result<Tensor> {
+        let (t, d) = hidden.dims2()?;
+        let head_dim = d / heads;
+        let scale = 1.0 / (head_dim as f64).sqrt();
+        let qkv = self
+            .qkv
+            .forward(&self.norm1.forward(hidden)?)?
+            .reshape((t, 3, heads, head_dim))?
+            .permute((1, 2, 0, 3))?; // (3, heads, t, head_dim)
+        let part = |i: usize| -> Result<Tensor> { Ok(qkv.get(i)?.unsqueeze(0)?.contiguous()?) };
+        let turn = |x: Tensor| -> Result<Tensor> {
+            let Some(r) = rope else { return Ok(x) };
+            let patches = super::layers::rope(&x.narrow(2, r.prefix, t - r.prefix)?, r.cos, r.sin)?;
+            Ok(Tensor::cat(&[&x.narrow(2, 0, r.prefix)?, &patches], 2)?)
+        };
+        let attn = attention(&turn(part(0)?)?, &turn(part(1)?)?, &part(2)?, scale, false)?
+            .squeeze(0)?
+            .transpose(0, 1)?
+            .reshape((t, d))?;
+        let hidden = self.proj.forward_then(&attn, None, Some(hidden))?;
+        let normed = self.norm2.forward(&hidden)?;
+        match &self.mlp {
+            Mlp::Plain { fc1, fc2, act } => {
+                fc2.forward_then(&act.forward(&fc1.forward(&normed)?)?, None, Some(&hidden))
+            }
+            Mlp::Gated(mlp) => mlp.forward_then(&normed, Some(&hidden)),
+        }
+    }
 }
 
 /// A loaded DINOv2.
@@ -93,19 +143,23 @@ pub struct Dinov2 {
     norm: LayerNorm,
 }
 
-/// A linear layer whose outputs are multiplied by `scale` (a layer scale), folded into its rows.
-fn scaled_linear(
+/// A linear layer (with its bias where `bias`) whose outputs are multiplied by `scale` (a layer
+/// scale), folded into its rows.
+pub(super) fn scaled_linear(
     w: &Weights,
     prefix: &str,
     in_dim: usize,
     out_dim: usize,
+    bias: bool,
     scale: &Tensor,
 ) -> Result<Linear> {
     let weight = w.get(&format!("{prefix}.weight"), &[out_dim, in_dim])?;
-    let bias = w.get(&format!("{prefix}.bias"), &[out_dim])?;
+    let bias = bias
+        .then(|| w.get(&format!("{prefix}.bias"), &[out_dim]))
+        .transpose()?;
     Ok(Linear::from_weight(
         weight.broadcast_mul(&scale.unsqueeze(1)?)?,
-        Some((bias * scale)?),
+        bias.map(|b| b * scale).transpose()?,
     ))
 }
 
@@ -203,20 +257,33 @@ impl Dinov2 {
                     )?
                     .try_into()
                     .map_err(|_| Error::InvalidInput("weights_in: two parts expected".into()))?;
-                    let down =
-                        scaled_linear(w, &format!("{l}.mlp.weights_out"), hidden, d, &scale2)?;
-                    Mlp::SwiGlu(GatedMlp::from_parts(gate, up, down, Activation::Silu))
+                    let down = scaled_linear(
+                        w,
+                        &format!("{l}.mlp.weights_out"),
+                        hidden,
+                        d,
+                        true,
+                        &scale2,
+                    )?;
+                    Mlp::Gated(GatedMlp::from_parts(gate, up, down, Activation::Silu))
                 } else {
                     Mlp::Plain {
                         fc1: Linear::load(w, &format!("{l}.mlp.fc1"), d, mlp_hidden, true)?,
-                        fc2: scaled_linear(w, &format!("{l}.mlp.fc2"), mlp_hidden, d, &scale2)?,
+                        fc2: scaled_linear(
+                            w,
+                            &format!("{l}.mlp.fc2"),
+                            mlp_hidden,
+                            d,
+                            true,
+                            &scale2,
+                        )?,
                         act,
                     }
                 };
                 Ok(Layer {
                     norm1: LayerNorm::load(w, &format!("{l}.norm1"), d, cfg.layer_norm_eps)?,
                     qkv,
-                    proj: scaled_linear(w, &format!("{a}.output.dense"), d, d, &scale1)?,
+                    proj: scaled_linear(w, &format!("{a}.output.dense"), d, d, true, &scale1)?,
                     norm2: LayerNorm::load(w, &format!("{l}.norm2"), d, cfg.layer_norm_eps)?,
                     mlp,
                 })
@@ -245,7 +312,7 @@ impl Dinov2 {
     /// features are read), as maps `(1, hidden, h / patch, w / patch)`.
     pub fn stages(&self, x: &Tensor, last: usize) -> Result<Vec<Tensor>> {
         let (n, c, h, w) = x.dims4()?;
-        let (p, d) = (self.cfg.patch_size, self.cfg.hidden_size);
+        let p = self.cfg.patch_size;
         let (gh, gw) = (h / p, w / p);
         if n != 1 || c != 3 || gh == 0 || gw == 0 {
             return Err(Error::InvalidInput(format!(
@@ -253,13 +320,7 @@ impl Dinov2 {
                 x.dims()
             )));
         }
-        let patches = x
-            .narrow(2, 0, gh * p)?
-            .narrow(3, 0, gw * p)?
-            .reshape((3, gh, p, gw, p))?
-            .permute((1, 3, 0, 2, 4))?
-            .reshape((gh * gw, 3 * p * p))?;
-        let tokens = self.patch_embed.forward(&patches)?;
+        let tokens = self.patch_embed.forward(&patches(x, p, gh, gw)?)?;
         let tokens = Tensor::cat(&[&self.cls, &tokens], 0)?;
         let tokens = (tokens + self.positions_for(gh, gw)?)?;
         let extra = 1 + self.cfg.num_register_tokens;
@@ -270,32 +331,10 @@ impl Dinov2 {
             )?,
             None => tokens,
         };
-        let heads = self.cfg.num_attention_heads;
-        let head_dim = d / heads;
-        let scale = 1.0 / (head_dim as f64).sqrt();
         let mut outs = Vec::with_capacity(last + 1);
         for layer in self.layers.iter().take(last + 1) {
-            let t = hidden.dim(0)?;
-            let qkv = layer
-                .qkv
-                .forward(&layer.norm1.forward(&hidden)?)?
-                .reshape((t, 3, heads, head_dim))?
-                .permute((1, 2, 0, 3))?; // (3, heads, t, head_dim)
-            let part = |i: usize| -> Result<Tensor> { Ok(qkv.get(i)?.unsqueeze(0)?.contiguous()?) };
-            let attn = attention(&part(0)?, &part(1)?, &part(2)?, scale, false)?
-                .squeeze(0)?
-                .transpose(0, 1)?
-                .reshape((t, d))?;
-            hidden = layer.proj.forward_then(&attn, None, Some(&hidden))?;
-            let normed = layer.norm2.forward(&hidden)?;
-            hidden = match &layer.mlp {
-                Mlp::Plain { fc1, fc2, act } => {
-                    fc2.forward_then(&act.forward(&fc1.forward(&normed)?)?, None, Some(&hidden))?
-                }
-                Mlp::SwiGlu(mlp) => mlp.forward_then(&normed, Some(&hidden))?,
-            };
-            let patches = self.norm.forward(&hidden)?.narrow(0, extra, gh * gw)?;
-            outs.push(patches.t()?.reshape((1, d, gh, gw))?);
+            hidden = layer.forward(&hidden, self.cfg.num_attention_heads, None)?;
+            outs.push(patch_map(&self.norm.forward(&hidden)?, extra, gh, gw)?);
         }
         Ok(outs)
     }
@@ -318,6 +357,26 @@ impl Dinov2 {
             0,
         )?)
     }
+}
+
+/// The patch tokens of `tokens` `(extra + gh * gw, dim)` (after `extra` in front) as a map
+/// `(1, dim, gh, gw)`.
+pub(super) fn patch_map(tokens: &Tensor, extra: usize, gh: usize, gw: usize) -> Result<Tensor> {
+    let d = tokens.dim(1)?;
+    Ok(tokens
+        .narrow(0, extra, gh * gw)?
+        .t()?
+        .reshape((1, d, gh, gw))?)
+}
+
+/// The `(gh * gw, 3 * p * p)` flattened `p x p` patches of `x` `(1, 3, h, w)` (the rest of the
+/// image cut off), in raster order, each as a patch convolution's weight rows read them.
+pub(super) fn patches(x: &Tensor, p: usize, gh: usize, gw: usize) -> Result<Tensor> {
+    Ok(x.narrow(2, 0, gh * p)?
+        .narrow(3, 0, gw * p)?
+        .reshape((3, gh, p, gw, p))?
+        .permute((1, 3, 0, 2, 4))?
+        .reshape((gh * gw, 3 * p * p))?)
 }
 
 /// Per output index along one axis, the input indices and weights of PyTorch's bicubic resampling

@@ -4,6 +4,7 @@ pub mod backbone;
 pub mod conv;
 pub mod decoder;
 pub mod dinov2;
+pub mod dinov3;
 pub mod efficientnet;
 pub mod gemma3;
 pub mod layers;
