@@ -205,8 +205,13 @@ pub fn learn(args: LearnArgs) -> Result<()> {
     learned.bank.save(&out)?;
     let h = &learned.bank.header;
     eprintln!(
-        "loupe learn: {} good images ({} learned from, {} {}) in {:.1} s: {} bank of {} {} -> {}",
+        "loupe learn: {} good image{} ({} learned from, {} {}) in {:.1} s: {} bank of {} {} -> {}",
         goods.len() + opts.calibrate_on.as_ref().map_or(0, Vec::len),
+        if goods.len() + opts.calibrate_on.as_ref().map_or(0, Vec::len) == 1 {
+            ""
+        } else {
+            "s"
+        },
         h.trained_on,
         h.calibrated_on,
         if opts.calibrate_on.is_some() {
@@ -230,7 +235,19 @@ pub fn learn(args: LearnArgs) -> Result<()> {
         },
         out.display()
     );
-    if h.calibration.far > args.far {
+    if h.calibrated_on == 0 {
+        eprintln!(
+            "loupe learn: warning: one good image: none is left to calibrate on. The threshold is \
+             the largest score of its {} augmented views, each against the bank learned without \
+             it: views of one part are not other good parts, so it bounds no false-alarm rate. \
+             Check it on parts, and learn again with more good images ({} held out bound {}% at \
+             {} confidence)",
+            learned.held_out_scores.len(),
+            anomaly::calibrate::images_needed(args.far, args.confidence),
+            100.0 * args.far,
+            args.confidence
+        );
+    } else if h.calibration.far > args.far {
         eprintln!(
             "loupe learn: warning: {} held-out good images bound false alarms at {:.0}% only \
              (at {} confidence), not the {}% asked: {} would (the threshold is their largest score)",
@@ -263,6 +280,13 @@ pub fn learn(args: LearnArgs) -> Result<()> {
         }
     }
     let c = &h.calibration;
+    if c.n == 0 {
+        println!(
+            "threshold {:.4}: from one image's own views, no false-alarm rate bounded",
+            h.threshold
+        );
+        return Ok(());
+    }
     println!(
         "threshold {:.4}: at most {:.0}% false alarms on good parts with {:.1}% confidence ({} of {} held-out images above it)",
         h.threshold,

@@ -301,7 +301,10 @@ fn bad_banks_and_too_few_images_are_clear_errors() {
         .err()
         .unwrap()
         .to_string();
-    assert!(e.contains("one image cannot both be learned from"), "{e}");
+    assert!(
+        e.contains("one image cannot both be learned from") && e.contains("augment"),
+        "{e}"
+    );
     let not_bank = tmp.path().join("x.safetensors");
     std::fs::write(&not_bank, b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ").unwrap();
     let e = Bank::load(&not_bank).err().unwrap().to_string();
@@ -536,4 +539,26 @@ fn few_good_images_learn_in_every_allowed_view() {
         b.bank.score(None, &turned).unwrap().score,
     );
     assert!(sb <= sa, "augmented {sb} vs plain {sa}");
+    // One image: learned in all 4 views; its threshold the largest score of each augmented view
+    // against the bank learned without that view, stated as bounding nothing.
+    let one = anomaly::learn(None, &few[..1], &augmented, &mut |_, _, _| {}).unwrap();
+    let h = &one.bank.header;
+    assert_eq!((h.trained_on, h.calibrated_on), (1, 0));
+    assert_eq!(one.bank.len(), b.bank.len() / (few.len() - 2));
+    assert_eq!(one.held_out_scores.len(), views.len());
+    let top = one.held_out_scores.iter().copied().fold(f32::MIN, f32::max);
+    assert!(top > 0.0 && top.is_finite(), "{top}");
+    assert_eq!((h.threshold, h.calibration.threshold), (top, top));
+    assert_eq!((h.calibration.far, h.calibration.n), (1.0, 0));
+    assert_eq!(h.calibration.achieved, 0.0);
+    assert!(one.table.iter().all(|row| row.is_err()));
+    // Each view's score is against a bank without it: the full bank scores that view near 0
+    // (the distances summed in f32).
+    let first = to_loupe(&image::open(&few[0]).unwrap().to_rgb8());
+    let full = one
+        .bank
+        .score(None, &Augment::Rot90.apply(&first))
+        .unwrap()
+        .score;
+    assert!(full < 0.01 * top, "{full} vs {top}");
 }

@@ -186,7 +186,7 @@ pub struct Bank {
     pub header: Header,
     data: Data,
     /// The pretrained backbone and the stages it gives features from, for a bank learned on one.
-    backbone: Option<(Arc<Backbone>, Vec<usize>)>,
+    backbone: Option<Scorer>,
 }
 
 /// The anomaly of one image: its score and the map it came from, at the bank's size, in the image's
@@ -331,15 +331,20 @@ pub fn learn(
         None => {
             let mut rng = rand::rngs::StdRng::seed_from_u64(opts.seed);
             order.shuffle(&mut rng);
-            if order.len() < 2 {
+            if order.is_empty() || (order.len() == 1 && opts.augment.is_empty()) {
                 return Err(Error::InvalidInput(format!(
                     "{} good image: one image cannot both be learned from and set the threshold \
-                     (give at least 2; a false-alarm rate of {} at {} confidence needs {needed} \
-                     held out)",
+                     (give at least 2, or let the spec's [anomaly] augment turn or flip it; a \
+                     false-alarm rate of {} at {} confidence needs {needed} held out)",
                     order.len(),
                     opts.far,
                     opts.confidence
                 )));
+            }
+            if order.len() == 1 {
+                // One image: learned from in all its views; the threshold from those views left
+                // out in turn, below.
+                return learn_one(engine, pretrained.as_ref(), &order, opts, progress);
             }
             // At least one image each way: with fewer held out than the rate needs, the
             // calibration states the rate they do bound (`calibrate::weakest`).
@@ -351,155 +356,17 @@ pub fn learn(
     };
     let (held, train) = (&held[..], &train[..]);
     let (mut train_hashes, mut held_hashes) = (Vec::new(), Vec::new());
-
-    let (w, h) = (opts.width, opts.height);
-    let mut header = Header {
-        format: FORMAT,
-        method: opts.method,
-        model_type: None,
-        vision_depth: None,
-        layer: None,
-        feature_dim: None,
-        width: w,
-        height: h,
-        threshold: f32::INFINITY,
-        calibration: Calibration {
-            far: opts.far,
-            confidence: opts.confidence,
-            threshold: f32::INFINITY,
-            exceedances: 0,
-            achieved: 0.0,
-            n: 0,
-        },
-        trained_on: train.len(),
-        calibrated_on: held.len(),
-        training_set_sha256: String::new(),
-        calibration_set_sha256: String::new(),
-        coreset_fraction: None,
-        pool: opts.pool,
-        max_rotation: None,
-        seed: opts.seed,
-        backbone: None,
-        channels: None,
-        grid: None,
-        augment: opts.augment.clone(),
-    };
-    // Each good image learned from, as it is and in every change the spec allows.
-    let views = |img: RgbImage| -> Vec<RgbImage> {
-        let mut v: Vec<RgbImage> = opts.augment.iter().map(|a| a.apply(&img)).collect();
-        v.insert(0, img);
-        v
-    };
-    let mut backbone = None;
-    let data = match opts.method {
-        Method::Variation => {
-            let mut grays = Vec::with_capacity(train.len());
-            for (i, p) in train.iter().enumerate() {
-                for view in views(read_image(p, &mut train_hashes)?) {
-                    grays.push(Gray::from_rgb(&view, w, h));
-                }
-                progress("reading good images", i + 1, train.len());
-            }
-            let mut done = 0;
-            let model = VariationModel::learn(&grays, opts.max_rotation, || {
-                done += 1;
-                progress("aligning", done, grays.len());
-            })
-            .ok_or_else(|| Error::InvalidInput("the variation model needs 2 good images".into()))?;
-            header.max_rotation = Some(opts.max_rotation);
-            Data::Variation(model)
-        }
-        Method::Padim => {
-            let (net, dir) = pretrained.expect("checked above");
-            if net.is_vit() {
-                return Err(Error::InvalidInput(format!(
-                    "PaDiM reads a CNN's stages at strides 4, 8 and 16; {} is a ViT with one \
-                     grid: use --method patchcore on it",
-                    net.architecture
-                )));
-            }
-            let stages = net.padim_stages();
-            let reference = BackboneRef::of(&net, &dir, &stages)?;
-            let total: usize = stages.iter().map(|&i| net.stages()[i].channels).sum();
-            let wanted = opts.channels.unwrap_or(padim::DEFAULT_CHANNELS);
-            if wanted == 0 {
-                return Err(Error::InvalidInput(
-                    "--channels 0: PaDiM keeps at least 1".into(),
-                ));
-            }
-            let channels = padim::choose_channels(total, wanted, opts.seed);
-            let mut goods = Vec::with_capacity(train.len());
-            for (i, p) in train.iter().enumerate() {
-                for view in views(read_image(p, &mut train_hashes)?) {
-                    let g = padim::embedding(&net, &stages, &channels, &view, w, h)?;
-                    let bytes = (4 * g.gh * g.gw * (g.dim + padim::triangle(g.dim))) as u64;
-                    if goods.is_empty() && bytes > MAX_BANK_BYTES {
-                        return Err(Error::InvalidInput(format!(
-                            "a PaDiM bank of {}x{} positions of {} channels would take {bytes} \
-                             bytes, over the {MAX_BANK_BYTES} a bank may have: keep fewer \
-                             --channels or a smaller --size",
-                            g.gw, g.gh, g.dim
-                        )));
-                    }
-                    goods.push(g);
-                }
-                progress("patch features", i + 1, train.len());
-            }
-            let gaussians = Gaussians::fit(&goods)?;
-            header.feature_dim = Some(gaussians.dim);
-            header.grid = Some([gaussians.gw, gaussians.gh]);
-            header.channels = Some(channels);
-            header.backbone = Some(reference);
-            backbone = Some((Arc::new(net), stages.to_vec()));
-            Data::Padim(gaussians)
-        }
-        Method::Patchcore if pretrained.is_some() => {
-            let (net, dir) = pretrained.expect("matched");
-            let stages = net.patchcore_stages();
-            let reference = BackboneRef::of(&net, &dir, &stages)?;
-            let mut all = Vec::new();
-            let mut dim = 0;
-            for (i, p) in train.iter().enumerate() {
-                for view in views(read_image(p, &mut train_hashes)?) {
-                    let g = patchcore::backbone_features(&net, &stages, &view, w, h)?;
-                    dim = g.dim;
-                    all.extend_from_slice(&g.v);
-                }
-                progress("patch features", i + 1, train.len());
-            }
-            let features = coreset_of(&all, dim, opts, progress);
-            header.feature_dim = Some(dim);
-            header.coreset_fraction = Some(opts.coreset_fraction);
-            header.pool = !net.is_vit();
-            header.backbone = Some(reference);
-            backbone = Some((Arc::new(net), stages.to_vec()));
-            Data::Patchcore { features, dim }
-        }
-        Method::Patchcore => {
-            let engine = engine.ok_or_else(|| {
-                Error::InvalidInput("the patchcore method needs the spec's model".into())
-            })?;
-            let depth = engine.model.vision_depth();
-            let layer = opts.layer.unwrap_or_else(|| default_layer(depth));
-            let mut all = Vec::new();
-            let mut dim = 0;
-            for (i, p) in train.iter().enumerate() {
-                for view in views(read_image(p, &mut train_hashes)?) {
-                    let g = patchcore::features(engine, &view, w, h, layer, opts.pool)?;
-                    dim = g.dim;
-                    all.extend_from_slice(&g.v);
-                }
-                progress("patch features", i + 1, train.len());
-            }
-            let features = coreset_of(&all, dim, opts, progress);
-            header.model_type = Some(engine.model_type.clone());
-            header.vision_depth = Some(depth);
-            header.layer = Some(layer);
-            header.feature_dim = Some(dim);
-            header.coreset_fraction = Some(opts.coreset_fraction);
-            Data::Patchcore { features, dim }
-        }
-    };
+    let mut header = new_header(opts, train.len(), held.len());
+    let (data, backbone) = fit(
+        engine,
+        pretrained.as_ref(),
+        train,
+        opts,
+        None,
+        &mut header,
+        &mut train_hashes,
+        progress,
+    )?;
     let mut bank = Bank {
         header,
         data,
@@ -530,6 +397,255 @@ pub fn learn(
         table,
         held_out_scores,
     })
+}
+
+/// One good image and the spec's augmentations: the bank learned from the image in every view; the
+/// threshold the largest score of each augmented view against the bank learned without it. Views of
+/// one part are not independent good parts, so the calibration bounds no false-alarm rate (`far`
+/// 1, reached with confidence 0, on 0 held-out images): a starting point to check, said so.
+fn learn_one(
+    engine: Option<&Engine>,
+    pretrained: Option<&(Backbone, PathBuf)>,
+    image: &[PathBuf],
+    opts: &LearnOptions,
+    progress: Progress,
+) -> Result<Learned> {
+    let mut hashes = Vec::new();
+    let mut header = new_header(opts, 1, 0);
+    let (data, backbone) = fit(
+        engine,
+        pretrained,
+        image,
+        opts,
+        None,
+        &mut header,
+        &mut hashes,
+        progress,
+    )?;
+    let img = read_image(&image[0], &mut Vec::new())?;
+    let mut view_scores = Vec::with_capacity(opts.augment.len());
+    for (i, a) in opts.augment.iter().enumerate() {
+        let mut without = header.clone();
+        let (data, backbone) = fit(
+            engine,
+            pretrained,
+            image,
+            opts,
+            Some(i),
+            &mut without,
+            &mut Vec::new(),
+            &mut |_: &str, _: usize, _: usize| {},
+        )?;
+        let bank = Bank {
+            header: without,
+            data,
+            backbone,
+        };
+        view_scores.push(bank.score(engine, &a.apply(&img))?.score);
+        progress("views left out", i + 1, opts.augment.len());
+    }
+    let threshold = view_scores
+        .iter()
+        .copied()
+        .fold(f32::NEG_INFINITY, f32::max);
+    header.threshold = threshold;
+    header.calibration = Calibration {
+        far: 1.0,
+        confidence: opts.confidence,
+        threshold,
+        exceedances: 0,
+        achieved: 0.0,
+        n: 0,
+    };
+    header.training_set_sha256 = set_hash(&hashes);
+    header.calibration_set_sha256 = set_hash(&[]);
+    let table = calibrate::table(&[], opts.confidence);
+    Ok(Learned {
+        bank: Bank {
+            header,
+            data,
+            backbone,
+        },
+        table,
+        held_out_scores: view_scores,
+    })
+}
+
+/// A bank's header for `opts`, before the method's fields and the calibration are filled in.
+fn new_header(opts: &LearnOptions, trained_on: usize, calibrated_on: usize) -> Header {
+    let (w, h) = (opts.width, opts.height);
+    Header {
+        format: FORMAT,
+        method: opts.method,
+        model_type: None,
+        vision_depth: None,
+        layer: None,
+        feature_dim: None,
+        width: w,
+        height: h,
+        threshold: f32::INFINITY,
+        calibration: Calibration {
+            far: opts.far,
+            confidence: opts.confidence,
+            threshold: f32::INFINITY,
+            exceedances: 0,
+            achieved: 0.0,
+            n: 0,
+        },
+        trained_on,
+        calibrated_on,
+        training_set_sha256: String::new(),
+        calibration_set_sha256: String::new(),
+        coreset_fraction: None,
+        pool: opts.pool,
+        max_rotation: None,
+        seed: opts.seed,
+        backbone: None,
+        channels: None,
+        grid: None,
+        augment: opts.augment.clone(),
+    }
+}
+
+/// The backbone a bank scores with and the stages it reads.
+type Scorer = (Arc<Backbone>, Vec<usize>);
+
+/// The method's data fitted to the good images `train`, each in every view the spec allows but the
+/// augmentation `skip`, the header's fields for it filled in, with the backbone it scores with.
+#[allow(clippy::too_many_arguments)]
+fn fit(
+    engine: Option<&Engine>,
+    pretrained: Option<&(Backbone, PathBuf)>,
+    train: &[PathBuf],
+    opts: &LearnOptions,
+    skip: Option<usize>,
+    header: &mut Header,
+    hashes: &mut Vec<String>,
+    progress: Progress,
+) -> Result<(Data, Option<Scorer>)> {
+    // Each good image learned from, as it is and in every change the spec allows (but `skip`).
+    let views = |img: RgbImage| -> Vec<RgbImage> {
+        let mut v: Vec<RgbImage> = (opts.augment.iter().enumerate())
+            .filter(|&(i, _)| Some(i) != skip)
+            .map(|(_, a)| a.apply(&img))
+            .collect();
+        v.insert(0, img);
+        v
+    };
+    let (w, h) = (opts.width, opts.height);
+    let mut backbone = None;
+    let data = match opts.method {
+        Method::Variation => {
+            let mut grays = Vec::with_capacity(train.len());
+            for (i, p) in train.iter().enumerate() {
+                for view in views(read_image(p, hashes)?) {
+                    grays.push(Gray::from_rgb(&view, w, h));
+                }
+                progress("reading good images", i + 1, train.len());
+            }
+            let mut done = 0;
+            let model = VariationModel::learn(&grays, opts.max_rotation, || {
+                done += 1;
+                progress("aligning", done, grays.len());
+            })
+            .ok_or_else(|| Error::InvalidInput("the variation model needs 2 good images".into()))?;
+            header.max_rotation = Some(opts.max_rotation);
+            Data::Variation(model)
+        }
+        Method::Padim => {
+            let (net, dir) = pretrained.expect("checked above");
+            let net = net.clone();
+            if net.is_vit() {
+                return Err(Error::InvalidInput(format!(
+                    "PaDiM reads a CNN's stages at strides 4, 8 and 16; {} is a ViT with one \
+                     grid: use --method patchcore on it",
+                    net.architecture
+                )));
+            }
+            let stages = net.padim_stages();
+            let reference = BackboneRef::of(&net, dir, &stages)?;
+            let total: usize = stages.iter().map(|&i| net.stages()[i].channels).sum();
+            let wanted = opts.channels.unwrap_or(padim::DEFAULT_CHANNELS);
+            if wanted == 0 {
+                return Err(Error::InvalidInput(
+                    "--channels 0: PaDiM keeps at least 1".into(),
+                ));
+            }
+            let channels = padim::choose_channels(total, wanted, opts.seed);
+            let mut goods = Vec::with_capacity(train.len());
+            for (i, p) in train.iter().enumerate() {
+                for view in views(read_image(p, hashes)?) {
+                    let g = padim::embedding(&net, &stages, &channels, &view, w, h)?;
+                    let bytes = (4 * g.gh * g.gw * (g.dim + padim::triangle(g.dim))) as u64;
+                    if goods.is_empty() && bytes > MAX_BANK_BYTES {
+                        return Err(Error::InvalidInput(format!(
+                            "a PaDiM bank of {}x{} positions of {} channels would take {bytes} \
+                             bytes, over the {MAX_BANK_BYTES} a bank may have: keep fewer \
+                             --channels or a smaller --size",
+                            g.gw, g.gh, g.dim
+                        )));
+                    }
+                    goods.push(g);
+                }
+                progress("patch features", i + 1, train.len());
+            }
+            let gaussians = Gaussians::fit(&goods)?;
+            header.feature_dim = Some(gaussians.dim);
+            header.grid = Some([gaussians.gw, gaussians.gh]);
+            header.channels = Some(channels);
+            header.backbone = Some(reference);
+            backbone = Some((Arc::new(net), stages.to_vec()));
+            Data::Padim(gaussians)
+        }
+        Method::Patchcore if pretrained.is_some() => {
+            let (net, dir) = pretrained.expect("matched");
+            let net = net.clone();
+            let stages = net.patchcore_stages();
+            let reference = BackboneRef::of(&net, dir, &stages)?;
+            let mut all = Vec::new();
+            let mut dim = 0;
+            for (i, p) in train.iter().enumerate() {
+                for view in views(read_image(p, hashes)?) {
+                    let g = patchcore::backbone_features(&net, &stages, &view, w, h)?;
+                    dim = g.dim;
+                    all.extend_from_slice(&g.v);
+                }
+                progress("patch features", i + 1, train.len());
+            }
+            let features = coreset_of(&all, dim, opts, progress);
+            header.feature_dim = Some(dim);
+            header.coreset_fraction = Some(opts.coreset_fraction);
+            header.pool = !net.is_vit();
+            header.backbone = Some(reference);
+            backbone = Some((Arc::new(net), stages.to_vec()));
+            Data::Patchcore { features, dim }
+        }
+        Method::Patchcore => {
+            let engine = engine.ok_or_else(|| {
+                Error::InvalidInput("the patchcore method needs the spec's model".into())
+            })?;
+            let depth = engine.model.vision_depth();
+            let layer = opts.layer.unwrap_or_else(|| default_layer(depth));
+            let mut all = Vec::new();
+            let mut dim = 0;
+            for (i, p) in train.iter().enumerate() {
+                for view in views(read_image(p, hashes)?) {
+                    let g = patchcore::features(engine, &view, w, h, layer, opts.pool)?;
+                    dim = g.dim;
+                    all.extend_from_slice(&g.v);
+                }
+                progress("patch features", i + 1, train.len());
+            }
+            let features = coreset_of(&all, dim, opts, progress);
+            header.model_type = Some(engine.model_type.clone());
+            header.vision_depth = Some(depth);
+            header.layer = Some(layer);
+            header.feature_dim = Some(dim);
+            header.coreset_fraction = Some(opts.coreset_fraction);
+            Data::Patchcore { features, dim }
+        }
+    };
+    Ok((data, backbone))
 }
 
 /// The coreset of the patch features `all` (`dim` values each) that `opts` asks for.
