@@ -7,6 +7,10 @@ Each fixture is a folder in timm's published layout (`config.json` naming the ar
 `layer1`..`layer4`, `blocks.0`..`blocks.6`) and the class logits, all from timm in eval mode. The
 batch norms get random running statistics, so folding them is tested.
 
+The ResNet is also saved as torchvision saves a state dict (`torch.save`, PyTorch's zip format, the
+batch norms' `num_batches_tracked` included): `resnet18_tiny.pth`, which Loupe reads directly; and
+`legacy_format.pth` in the pre-1.6 format, which it refuses with the converter's name.
+
     venv/bin/python tools/make_backbone_fixtures.py   # pinned: tools/requirements-backbones.txt
 """
 
@@ -32,7 +36,7 @@ def randomize_norms(model, gen):
             m.running_var.data = torch.rand(n, generator=gen) + 0.5
 
 
-def fixture(name, architecture, model, stages, size, mean=None, std=None):
+def fixture(name, architecture, model, stages, size, mean=None, std=None, pth=False):
     gen = torch.Generator().manual_seed(len(name))
     randomize_norms(model, gen)
     model.eval()
@@ -55,6 +59,8 @@ def fixture(name, architecture, model, stages, size, mean=None, std=None):
         json.dump(cfg, f, indent=2)
     state = {k: v.contiguous() for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
     save_file(state, os.path.join(folder, "model.safetensors"))
+    if pth:
+        torch.save(model.state_dict(), os.path.join(OUT, f"{name}.pth"))
     ref = {"input": x.contiguous(), "logits": logits.contiguous()}
     ref.update({f"stage.{s}": o.contiguous() for s, o in outs.items()})
     save_file(ref, os.path.join(folder, "reference.safetensors"))
@@ -71,7 +77,9 @@ def main():
         ResNet(BasicBlock, [1, 2, 1, 1], channels=(8, 16, 24, 32), stem_width=8, num_classes=5),
         resnet_stages,
         (70, 90),
+        pth=True,
     )
+    torch.save({"conv1.weight": torch.zeros(2, 3, 1, 1)}, os.path.join(OUT, "legacy_format.pth"), _use_new_zipfile_serialization=False)
     fixture(
         "wide_resnet50_2_tiny",
         "wide_resnet50_2",

@@ -42,8 +42,9 @@ pub struct LearnArgs {
     pub method: String,
     /// Patchcore: where the patch features come from: `vlm` (the spec's model's vision tower), or
     /// the folder of a pretrained backbone in timm's layout (config.json + model.safetensors:
-    /// ResNet, Wide-ResNet, EfficientNet B0-B7 and Lite0-4; tools/convert_backbone.py converts a
-    /// .pth): PatchCore as published on its two mid-level stages, 3x3 pooled, with the paper's
+    /// ResNet, Wide-ResNet, EfficientNet B0-B7 and Lite0-4), a torchvision ResNet / Wide-ResNet
+    /// .pth file as torch.save writes it (tools/convert_backbone.py converts other .pth files and
+    /// the legacy format): PatchCore as published on its two mid-level stages, 3x3 pooled, with the paper's
     /// image-score reweighting and a smoothed map; or a DINOv2 / DINOv3 ViT in Hugging Face's
     /// layout (facebook/dinov2-*, with registers too; facebook/dinov3-vit*): the patch tokens of
     /// four of its later layers. PaDiM: the backbone's folder (required), read at its stages of

@@ -546,6 +546,27 @@ fn learn_padim_on_a_pretrained_backbone() {
     let channels = header.channels.unwrap();
     assert_eq!(channels.len(), 30);
     assert!(channels.windows(2).all(|w| w[0] < w[1]) && channels[29] < 48);
+    // The same weights as torchvision's `.pth` state dict, read directly: the same threshold.
+    let pth_bank = tmp.path().join("pth.anomaly.safetensors");
+    let pth = root().join("crates/loupe-core/tests/fixtures/backbones/resnet18_tiny.pth");
+    let out = learn(&[
+        "--backbone",
+        s(&pth),
+        "--size",
+        "64",
+        "--channels",
+        "30",
+        "--out",
+        s(&pth_bank),
+    ]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let from_pth = loupe_inspect::anomaly::Bank::load(&pth_bank)
+        .unwrap()
+        .header;
+    assert_eq!(from_pth.threshold, header.threshold);
+    let r = from_pth.backbone.unwrap();
+    assert_eq!(r.architecture, "resnet (basic blocks 1-2-1-1)");
+    assert!(r.dir.ends_with("resnet18_tiny.pth"), "{:?}", r.dir);
     let score = |name: &str, dent: bool| {
         let path = tmp.path().join(name);
         ring(1, -1, 99, dent).save(&path).unwrap();

@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
-use loupe_core::models::backbone::Backbone;
+use loupe_core::models::backbone::{Backbone, IMAGENET_MEAN, IMAGENET_STD};
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -278,6 +278,66 @@ fn bad_backbones_are_refused_clearly() {
     let b = Backbone::load(&fixture("resnet18_tiny")).unwrap();
     let tiny = Tensor::zeros((1, 3, 8, 8), candle_core::DType::F32, &Device::Cpu).unwrap();
     assert!(b.features(&tiny, &[0]).is_err());
+}
+
+/// A torchvision-style `.pth` state dict (`torch.save` of the tiny ResNet, batch-norm counters
+/// included) loads directly, with the same stages, features and logits as the timm folder of the
+/// same weights; a legacy-format file, a file that is no zip, and a state dict that is no ResNet are
+/// refused, naming the file and the converter.
+#[test]
+fn torchvision_pth_loads_directly() {
+    let pth = fixture("resnet18_tiny.pth");
+    let b = Backbone::load(&pth).unwrap();
+    // Its blocks (1-2-1-1) are no published depth: named by kind and counts.
+    assert_eq!(b.architecture, "resnet (basic blocks 1-2-1-1)");
+    assert_eq!((b.mean, b.std), (IMAGENET_MEAN, IMAGENET_STD));
+    let folder = Backbone::load(&fixture("resnet18_tiny")).unwrap();
+    assert_eq!(b.stages(), folder.stages());
+    let r = reference(&fixture("resnet18_tiny"));
+    let got = b.features(&r["input"], &[0, 1, 2, 3]).unwrap();
+    for (stage, out) in b.stages().iter().zip(&got) {
+        let err = relative_error(out, &r[&format!("stage.{}", stage.name)]);
+        assert!(err < 1e-4, "{}: off by {err}", stage.name);
+    }
+    let err = relative_error(&b.logits(&r["input"]).unwrap(), &r["logits"]);
+    assert!(err < 1e-4, "logits: off by {err}");
+
+    let err = |p: &Path| Backbone::load(p).unwrap_err().to_string();
+    let e = err(&fixture("legacy_format.pth"));
+    assert!(
+        e.contains("legacy_format.pth") && e.contains("tools/convert_backbone.py"),
+        "{e}"
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let junk = tmp.path().join("junk.pth");
+    std::fs::write(&junk, b"PK\x03\x04 not really a zip").unwrap();
+    let e = err(&junk);
+    assert!(e.contains("junk.pth") && e.contains("pickle"), "{e}");
+    // A zip state dict that is no ResNet: the tiny one with its convolutions renamed inside the
+    // pickle (same length, so the zip stays readable).
+    let stemless = tmp.path().join("stemless.pth");
+    let bytes = std::fs::read(&pth).unwrap();
+    let renamed = replace_all(&bytes, b"conv1.weight", b"convX.weight");
+    std::fs::write(&stemless, renamed).unwrap();
+    let e = err(&stemless);
+    assert!(
+        e.contains("stemless.pth") && e.contains("not a torchvision ResNet"),
+        "{e}"
+    );
+}
+
+fn replace_all(haystack: &[u8], from: &[u8], to: &[u8]) -> Vec<u8> {
+    let mut out = haystack.to_vec();
+    let mut i = 0;
+    while i + from.len() <= out.len() {
+        if &out[i..i + from.len()] == from {
+            out[i..i + from.len()].copy_from_slice(to);
+            i += from.len();
+        } else {
+            i += 1;
+        }
+    }
+    out
 }
 
 /// Real pretrained weights: a backbone converted by tools/convert_backbone.py with `--images` (e.g.

@@ -225,6 +225,8 @@ pub struct Weights {
     index: HashMap<String, (usize, TensorInfo)>,
     gguf: HashMap<String, GgufTensor>,
     gguf_files: Vec<(PathBuf, Arc<Mmap>)>,
+    /// Tensors read whole into memory (a PyTorch `.pth` state dict), and the file they came from.
+    memory: Option<(PathBuf, HashMap<String, Tensor>)>,
     device: Device,
     dtype: DType,
     quant: Option<GgmlDType>,
@@ -284,6 +286,7 @@ impl Weights {
             index,
             gguf: HashMap::new(),
             gguf_files: Vec::new(),
+            memory: None,
             device: device.clone(),
             dtype,
             quant: None,
@@ -358,6 +361,7 @@ impl Weights {
             index: HashMap::new(),
             gguf,
             gguf_files,
+            memory: None,
             device: device.clone(),
             dtype,
             quant: None,
@@ -431,6 +435,28 @@ impl Weights {
         None
     }
 
+    /// Tensors already in memory, read from `path` (a PyTorch state dict: its pickle format cannot
+    /// be mapped), by name.
+    pub fn from_tensors(path: &Path, tensors: HashMap<String, Tensor>, dtype: DType) -> Self {
+        Weights {
+            files: Vec::new(),
+            index: HashMap::new(),
+            gguf: HashMap::new(),
+            gguf_files: Vec::new(),
+            memory: Some((path.to_path_buf(), tensors)),
+            device: Device::Cpu,
+            dtype,
+            quant: None,
+            policy: no_policy,
+            used: Default::default(),
+        }
+    }
+
+    /// The tensors held in memory ([`Weights::from_tensors`]), if any.
+    fn memory_names(&self) -> impl Iterator<Item = &String> {
+        self.memory.iter().flat_map(|(_, m)| m.keys())
+    }
+
     /// Every tensor name, sorted (a tensor stored in pieces once, by its whole name).
     pub fn names(&self) -> Vec<String> {
         let whole = |n: &String| match n.rsplit_once(':') {
@@ -442,6 +468,7 @@ impl Weights {
             .keys()
             .cloned()
             .chain(self.gguf.keys().map(whole))
+            .chain(self.memory_names().cloned())
             .collect();
         v.sort();
         v.dedup();
@@ -456,6 +483,9 @@ impl Weights {
         }
         if let Some(t) = self.gguf.get(name) {
             return Some(t.shape.clone());
+        }
+        if let Some(t) = self.memory.as_ref().and_then(|(_, m)| m.get(name)) {
+            return Some(t.dims().to_vec());
         }
         let pieces = self.pieces(name);
         let mut shape = pieces.first()?.shape.clone();
@@ -586,6 +616,7 @@ impl Weights {
             .keys()
             .map(String::as_str)
             .chain(self.gguf.keys().map(String::as_str))
+            .chain(self.memory_names().map(String::as_str))
             .map(whole)
             .filter(|n| !used.contains(n))
             .collect();
@@ -600,6 +631,10 @@ impl Weights {
 
     pub fn contains(&self, name: &str) -> bool {
         self.index.contains_key(name)
+            || self
+                .memory
+                .as_ref()
+                .is_some_and(|(_, m)| m.contains_key(name))
             || self.gguf.contains_key(name)
             || self.gguf.contains_key(&format!("{name}:0"))
     }
@@ -623,6 +658,9 @@ impl Weights {
         }
         if let Some((i, _)) = self.index.get(name) {
             return self.files[*i].path.clone();
+        }
+        if let Some((path, _)) = &self.memory {
+            return path.clone();
         }
         let paths: Vec<&Path> = match self.gguf_files.as_slice() {
             [] => self.files.iter().map(|f| f.path.as_path()).collect(),
@@ -711,6 +749,17 @@ impl Weights {
     /// Loads `name` in an explicit dtype (norms and biases may be kept in f32).
     pub fn get_as(&self, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
         self.mark_used(name);
+        if let Some(t) = self.memory.as_ref().and_then(|(_, m)| m.get(name)) {
+            if t.dims() != shape {
+                return Err(Error::TensorShape {
+                    name: name.into(),
+                    path: self.where_(name),
+                    expected: shape.to_vec(),
+                    found: t.dims().to_vec(),
+                });
+            }
+            return Ok(t.to_dtype(dtype)?);
+        }
         if let Some(t) = self.gguf.get(name) {
             // Tensors of more than 4 dims are stored as (dim0, rest) (GGUF's limit).
             let flattened = shape.len() > 4

@@ -1,5 +1,6 @@
 //! Pretrained image backbones a user already has, for the anomaly detectors: a folder in timm's
-//! published layout (`config.json` with `architecture`, and `model.safetensors`), or a DINOv2 or DINOv3 in the
+//! published layout (`config.json` with `architecture`, and `model.safetensors`), a torchvision
+//! ResNet's `.pth` state dict as `torch.save` writes it, or a DINOv2 or DINOv3 in the
 //! Hugging Face layout (`config.json` with `model_type`), loaded by the family's own file
 //! ([`super::resnet`], [`super::efficientnet`], [`super::dinov2`], [`super::dinov3`]) and run to the
 //! stages a detector reads.
@@ -81,8 +82,12 @@ pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
 pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
 
 impl Backbone {
-    /// Loads the backbone in `dir` (`config.json` and `model.safetensors`).
+    /// Loads the backbone in `dir` (`config.json` and `model.safetensors`), or the `.pth` file
+    /// `dir` names ([`Backbone::load_pth`]).
     pub fn load(dir: &Path) -> Result<Self> {
+        if dir.is_file() {
+            return Self::load_pth(dir);
+        }
         let config_path = dir.join("config.json");
         let text = std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
         let config: Config = serde_json::from_str(&text).map_err(|source| Error::Json {
@@ -184,32 +189,91 @@ impl Backbone {
                 })
             }
         };
-        let shapes = match &net {
-            Net::ResNet(r) => r.stage_shapes(),
-            Net::EfficientNet(e) => e.stage_shapes(),
-            Net::Dinov2(v) => v.stage_shapes(),
-            Net::Dinov3(v) => v.stage_shapes(),
-        };
-        let stages = shapes
-            .into_iter()
-            .enumerate()
-            .map(|(i, (channels, stride))| Stage {
-                name: match &net {
-                    Net::ResNet(_) => format!("layer{}", i + 1),
-                    Net::EfficientNet(_) => format!("blocks.{i}"),
-                    Net::Dinov2(_) => format!("encoder.layer.{i}"),
-                    Net::Dinov3(_) => format!("layer.{i}"),
-                },
-                channels,
-                stride,
-            })
-            .collect();
+        let stages = stages_of(&net);
         Ok(Backbone {
             architecture,
             dir: dir.to_path_buf(),
             mean,
             std,
             net,
+            stages,
+        })
+    }
+
+    /// A torchvision ResNet or Wide-ResNet state dict as `torch.save` writes it (PyTorch's zip
+    /// format; the dict itself, or under `state_dict` or `model`; a `module.` prefix dropped),
+    /// normalized with ImageNet's statistics as torchvision's weights are. The architecture is read
+    /// from the weights (block kind, counts, width). Other `.pth` files are refused with the
+    /// converter's name (tools/convert_backbone.py), which also turns the legacy format into timm's
+    /// layout.
+    pub fn load_pth(path: &Path) -> Result<Self> {
+        let convert = "convert it with tools/convert_backbone.py into timm's layout (a folder of \
+                       config.json + model.safetensors)";
+        let bad = |msg: String| Error::Weights {
+            path: path.to_path_buf(),
+            msg,
+        };
+        let size = std::fs::metadata(path)
+            .map_err(|e| Error::io(path, e))?
+            .len();
+        if size > MAX_WEIGHTS_BYTES {
+            return Err(bad(format!(
+                "{size} bytes, over the {MAX_WEIGHTS_BYTES} a backbone may have"
+            )));
+        }
+        let mut magic = [0u8; 4];
+        {
+            use std::io::Read;
+            let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+            f.read_exact(&mut magic).map_err(|e| Error::io(path, e))?;
+        }
+        if &magic != b"PK\x03\x04" {
+            return Err(bad(format!(
+                "not a PyTorch zip file (saved before PyTorch 1.6, or not a .pth at all): {convert}"
+            )));
+        }
+        // candle's reader of PyTorch's pickles, kept from taking the process down on a file it
+        // does not expect.
+        let read = |key: Option<&str>| {
+            std::panic::catch_unwind(|| candle_core::pickle::read_all_with_key(path, key))
+                .map_err(|_| bad(format!("PyTorch's pickle could not be read: {convert}")))?
+                .map_err(|e| {
+                    bad(format!(
+                        "PyTorch's pickle could not be read ({e}): {convert}"
+                    ))
+                })
+        };
+        let mut tensors = read(None)?;
+        for key in ["state_dict", "model"] {
+            if tensors.is_empty() {
+                tensors = read(Some(key)).unwrap_or_default();
+            }
+        }
+        let tensors: std::collections::HashMap<String, Tensor> = tensors
+            .into_iter()
+            .filter(|(_, t)| t.dtype().is_float())
+            .map(|(name, t)| {
+                let name = name.strip_prefix("module.").unwrap_or(&name).to_string();
+                Ok((name, t.to_dtype(DType::F32)?))
+            })
+            .collect::<Result<_>>()?;
+        let w = Weights::from_tensors(path, tensors, DType::F32);
+        if !(w.contains("conv1.weight") && w.contains("layer1.0.conv1.weight")) {
+            return Err(bad(format!(
+                "not a torchvision ResNet state dict (no conv1 and layer1 weights; it has {}): \
+                 Loupe reads ResNet and Wide-ResNet .pth files directly; for others, {convert}",
+                first_names(&w.names())
+            )));
+        }
+        let net = ResNet::load(&w)?;
+        let architecture = resnet_name(&w);
+        let stages = stages_of(&Net::ResNet(net.clone()));
+        Ok(Backbone {
+            architecture,
+            dir: path.to_path_buf(),
+            mean: IMAGENET_MEAN,
+            std: IMAGENET_STD,
+            net: Net::ResNet(net),
             stages,
         })
     }
@@ -322,6 +386,77 @@ impl Backbone {
             ))),
         }
     }
+}
+
+/// The stages of `net`, named as timm's (or transformers') modules are.
+fn stages_of(net: &Net) -> Vec<Stage> {
+    let shapes = match net {
+        Net::ResNet(r) => r.stage_shapes(),
+        Net::EfficientNet(e) => e.stage_shapes(),
+        Net::Dinov2(v) => v.stage_shapes(),
+        Net::Dinov3(v) => v.stage_shapes(),
+    };
+    shapes
+        .into_iter()
+        .enumerate()
+        .map(|(i, (channels, stride))| Stage {
+            name: match net {
+                Net::ResNet(_) => format!("layer{}", i + 1),
+                Net::EfficientNet(_) => format!("blocks.{i}"),
+                Net::Dinov2(_) => format!("encoder.layer.{i}"),
+                Net::Dinov3(_) => format!("layer.{i}"),
+            },
+            channels,
+            stride,
+        })
+        .collect()
+}
+
+/// A ResNet's name from its weights: torchvision's for the published depths and widths
+/// (`resnet50`, `wide_resnet50_2`, ...), else its block kind and counts.
+fn resnet_name(w: &Weights) -> String {
+    let bottleneck = w.contains("layer1.0.conv3.weight");
+    let counts: Vec<usize> = super::resnet::STAGES
+        .iter()
+        .map(|s| super::conv::count_children(w, s, "conv1.weight"))
+        .collect();
+    // A bottleneck's inner width: 64 in a ResNet's first stage, 128 in a Wide-ResNet-*-2's.
+    let inner = w
+        .shape("layer1.0.conv1.weight")
+        .and_then(|s| s.first().copied());
+    let depth = match (bottleneck, counts.as_slice()) {
+        (false, [2, 2, 2, 2]) => Some(18),
+        (false, [3, 4, 6, 3]) => Some(34),
+        (true, [3, 4, 6, 3]) => Some(50),
+        (true, [3, 4, 23, 3]) => Some(101),
+        (true, [3, 8, 36, 3]) => Some(152),
+        _ => None,
+    };
+    match (depth, inner) {
+        (Some(d @ (50 | 101)), Some(128)) => format!("wide_resnet{d}_2"),
+        (Some(d), _) => format!("resnet{d}"),
+        (None, _) => format!(
+            "resnet ({} blocks {})",
+            if bottleneck { "bottleneck" } else { "basic" },
+            counts
+                .iter()
+                .map(usize::to_string)
+                .collect::<Vec<_>>()
+                .join("-")
+        ),
+    }
+}
+
+/// The first few of `names`, for an error.
+fn first_names(names: &[String]) -> String {
+    let mut s = names.iter().take(4).cloned().collect::<Vec<_>>().join(", ");
+    if names.len() > 4 {
+        s.push_str(&format!(" and {} more", names.len() - 4));
+    }
+    if s.is_empty() {
+        s = "no tensors".into();
+    }
+    s
 }
 
 enum Family {
