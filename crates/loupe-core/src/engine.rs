@@ -10,7 +10,8 @@ use candle_core::{DType, Device};
 
 use crate::error::{Error, Result};
 use crate::generate::{
-    Constraint, ConstraintFactory, GenerateParams, Generation, Grammar, PrefixCache, Prompt, Reuse,
+    Constraint, ConstraintFactory, FastForward, GenerateParams, Generation, Grammar, PrefixCache,
+    Prompt, Reuse,
 };
 use crate::image::{self, ImageInput, Preprocessor};
 use crate::load::config::{GenerationConfig, Qwen2VlConfig};
@@ -374,7 +375,9 @@ impl Engine {
         })
     }
 
-    /// A fresh matcher for `grammar`; an invalid schema or grammar fails here.
+    /// A fresh matcher for `grammar`; an invalid schema or grammar fails here. Its forced tokens
+    /// run as one batched forward, unless `LOUPE_FAST_FORWARD` says `step` (one decode step each)
+    /// or `off` (every token sampled under the mask).
     pub fn constraint(&self, grammar: &Grammar) -> Result<Constraint> {
         let factory = match self.constraints.get() {
             Some(f) => f,
@@ -383,7 +386,17 @@ impl Engine {
                 self.constraints.get_or_init(|| f)
             }
         };
-        factory.constraint(grammar)
+        let mode = match std::env::var("LOUPE_FAST_FORWARD").as_deref() {
+            Ok("off") => FastForward::Off,
+            Ok("step") => FastForward::Stepwise,
+            Ok("batched") | Ok("") | Err(_) => FastForward::Batched,
+            Ok(other) => {
+                return Err(Error::InvalidInput(format!(
+                    "LOUPE_FAST_FORWARD={other}: batched, step or off"
+                )))
+            }
+        };
+        Ok(factory.constraint(grammar)?.with_fast_forward(mode))
     }
 
     /// Prefills `prefix` once so that prompts starting with it skip that work (see `generate_with`).

@@ -1,11 +1,19 @@
 //! Constrained decoding: a JSON schema or a Lark grammar decides which tokens may come next, so the
 //! output always parses. llguidance does the grammar work (the field's choice: Earley parsing over a
 //! token trie, tens of microseconds a token); this file adapts it to our tokenizer and sampler.
+//!
+//! **Forced tokens.** Where the grammar allows one continuation only (a JSON object's keys, quotes,
+//! braces, the rest of an enum value once its first letters are out), llguidance's fast-forward
+//! gives the bytes that continuation spells; they become the tokenizer's own (canonical) tokens, as
+//! the model met such text in training, all but the last (which the bytes after it could make part
+//! of a longer token). The grammar advances over them as over sampled tokens; they are appended
+//! without sampling (log probability 0: nothing else was allowed) and run through the model as one
+//! batched forward ([`FastForward`]).
 
 use std::sync::Arc;
 
 use llguidance::api::TopLevelGrammar;
-use llguidance::toktrie::{ApproximateTokEnv, SimpleVob, TokEnv, TokRxInfo, TokTrie};
+use llguidance::toktrie::{SimpleVob, TokEnv, TokRxInfo, TokTrie, TokenizerEnv};
 use llguidance::{Matcher, ParserFactory};
 
 use crate::error::{first_line, Error, Result};
@@ -40,9 +48,54 @@ impl Grammar {
     }
 }
 
+/// How an answer's forced tokens are decoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FastForward {
+    /// Appended without sampling, run through the model as one batched forward.
+    #[default]
+    Batched,
+    /// Appended without sampling, each run as its own decode step: the reference that
+    /// [`FastForward::Batched`] must equal.
+    Stepwise,
+    /// Not forced: every token sampled under the grammar's mask (the model may then spell a
+    /// forced text in other tokens than the tokenizer would).
+    Off,
+}
+
+/// The tokenizer environment llguidance reads: the token trie, and the tokenizer's own
+/// tokenization of byte strings (so forced text gets the tokens the model was trained on). A
+/// tokenization that does not spell exactly the bytes asked (a normalizer that adds a leading
+/// space, bytes that are not UTF-8) gives way to the trie's greedy one, which always does.
+/// llguidance is told it is not canonical, so that its masks work as for any tokenizer: the
+/// forced tokens are made here ([`Constraint::take_forced`]).
+struct CanonicalEnv {
+    trie: TokTrie,
+    tokenizer: Arc<tokenizers::Tokenizer>,
+}
+
+impl TokenizerEnv for CanonicalEnv {
+    fn tok_trie(&self) -> &TokTrie {
+        &self.trie
+    }
+
+    fn tokenize_bytes(&self, s: &[u8]) -> Vec<u32> {
+        let canonical = std::str::from_utf8(s)
+            .ok()
+            .and_then(|text| self.tokenizer.encode(text, false).ok())
+            .map(|e| e.get_ids().to_vec())
+            .filter(|ids| self.trie.decode_raw(ids) == s);
+        canonical.unwrap_or_else(|| self.trie.greedy_tokenize(s))
+    }
+
+    fn tokenize_is_canonical(&self) -> bool {
+        false
+    }
+}
+
 /// The tokenizer-wide part of constrained decoding (the token trie); built once per model.
 pub struct ConstraintFactory {
     factory: ParserFactory,
+    env: Arc<CanonicalEnv>,
 }
 
 impl ConstraintFactory {
@@ -54,11 +107,15 @@ impl ConstraintFactory {
         })?;
         let info = TokRxInfo::new(words.len() as u32, first_eos);
         let trie = TokTrie::from(&info, &words).with_eos_tokens(eos);
-        let env: TokEnv = Arc::new(ApproximateTokEnv::new(trie));
+        let env = Arc::new(CanonicalEnv {
+            trie,
+            tokenizer: tokenizer.shared(),
+        });
+        let tok_env: TokEnv = env.clone();
         let mut factory =
-            ParserFactory::new_simple(&env).map_err(|e| Error::Grammar(first_line(&e)))?;
+            ParserFactory::new_simple(&tok_env).map_err(|e| Error::Grammar(first_line(&e)))?;
         factory.quiet();
-        Ok(ConstraintFactory { factory })
+        Ok(ConstraintFactory { factory, env })
     }
 
     /// A fresh matcher for one answer; a grammar that does not compile is an error here, before any
@@ -72,13 +129,19 @@ impl ConstraintFactory {
         if let Some(e) = matcher.get_error() {
             return Err(Error::Grammar(first_line(&e)));
         }
-        Ok(Constraint { matcher })
+        Ok(Constraint {
+            matcher,
+            fast_forward: FastForward::default(),
+            env: self.env.clone(),
+        })
     }
 }
 
 /// The state of one constrained answer.
 pub struct Constraint {
     matcher: Matcher,
+    fast_forward: FastForward,
+    env: Arc<CanonicalEnv>,
 }
 
 impl Constraint {
@@ -103,6 +166,45 @@ impl Constraint {
         self.matcher
             .consume_token(token)
             .map_err(|e| Error::Grammar(first_line(&e)))
+    }
+
+    /// The same constraint, its forced tokens decoded as `mode` says.
+    pub fn with_fast_forward(mut self, mode: FastForward) -> Self {
+        self.fast_forward = mode;
+        self
+    }
+
+    pub fn fast_forward(&self) -> FastForward {
+        self.fast_forward
+    }
+
+    /// The tokens the grammar forces next, already advanced over (none with
+    /// [`FastForward::Off`]): the canonical tokens of the forced bytes but the last, as far as the
+    /// grammar takes them.
+    pub fn take_forced(&mut self) -> Result<Vec<u32>> {
+        if self.fast_forward == FastForward::Off {
+            return Ok(Vec::new());
+        }
+        let bytes = self.matcher.compute_ff_bytes();
+        if bytes.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut tokens = self.env.tokenize_bytes(&bytes);
+        // Tokens that spell the forced bytes exactly, or none (a vocabulary without a token for
+        // some byte can spell it only inside a longer token: the model then samples it).
+        if self.env.trie.decode_raw(&tokens) != bytes {
+            return Ok(Vec::new());
+        }
+        tokens.pop();
+        let valid = self
+            .matcher
+            .validate_tokens(&tokens)
+            .map_err(|e| Error::Grammar(first_line(&e)))?;
+        tokens.truncate(valid);
+        self.matcher
+            .consume_tokens(&tokens)
+            .map_err(|e| Error::Grammar(first_line(&e)))?;
+        Ok(tokens)
     }
 
     /// The grammar is complete and allows nothing more.

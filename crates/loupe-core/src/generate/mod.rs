@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use candle_core::Tensor;
 
-pub use constraint::{Constraint, ConstraintFactory, Grammar};
+pub use constraint::{Constraint, ConstraintFactory, FastForward, Grammar};
 pub use conversation::Conversation;
 pub use reuse::{FeatureCache, PrefixCache, Reuse};
 pub use sampler::{Sampler, SamplingParams, SamplingRequest};
@@ -66,6 +66,8 @@ pub struct Generation {
     pub prompt_tokens: usize,
     pub finish_reason: FinishReason,
     pub timings: Timings,
+    /// Of `tokens`, those the grammar forced (appended without sampling).
+    pub forced_tokens: usize,
 }
 
 fn ms(since: Instant) -> f64 {
@@ -141,6 +143,7 @@ pub struct Sequence<'a> {
     max_tokens: usize,
     history: Vec<u32>,
     tokens: Vec<u32>,
+    forced_tokens: usize,
     logprobs: Vec<f32>,
     /// Logits for the next token.
     logits: Vec<f32>,
@@ -278,6 +281,7 @@ impl<'a> Sequence<'a> {
             max_tokens: params.max_tokens,
             history: prompt.ids.clone(),
             tokens: Vec::new(),
+            forced_tokens: 0,
             logprobs: Vec::new(),
             logits,
             finish: (params.max_tokens == 0).then_some(FinishReason::Length),
@@ -296,19 +300,45 @@ impl<'a> Sequence<'a> {
         &self.tokens
     }
 
-    /// Samples the next token, and unless it ends the answer runs the model on it. Returns the text
-    /// this token completed (often empty mid-character or while a stop string may be starting).
+    /// Samples the next token (and takes the tokens the grammar forces after it), and unless the
+    /// answer ends runs the model on them. Returns the text they completed (often empty
+    /// mid-character or while a stop string may be starting).
     pub fn step(&mut self) -> Result<String> {
-        let (piece, next) = self.sample()?;
-        if let Some(token) = next {
-            if !self.rerun_if_switching()? {
-                let logits = self
-                    .model
-                    .forward_decode(&[token], &mut [self.cache.get()])?;
-                self.logits = last_row(&logits)?;
+        let (piece, run) = self.sample()?;
+        match run.as_slice() {
+            [] => {}
+            &[token] => {
+                if !self.rerun_if_switching()? {
+                    let logits = self
+                        .model
+                        .forward_decode(&[token], &mut [self.cache.get()])?;
+                    self.logits = last_row(&logits)?;
+                }
             }
+            tokens => self.run_forced(tokens)?,
         }
         Ok(piece)
+    }
+
+    /// Runs the model on a sampled token and the forced ones after it: one forward over all of
+    /// them ([`FastForward::Batched`]), or one decode step each ([`FastForward::Stepwise`]).
+    fn run_forced(&mut self, tokens: &[u32]) -> Result<()> {
+        let stepwise = self
+            .constraint
+            .as_ref()
+            .is_some_and(|c| c.fast_forward() == FastForward::Stepwise);
+        let cache = self.cache.get();
+        if stepwise {
+            for &token in tokens {
+                self.logits = last_row(&self.model.forward_decode(&[token], &mut [&mut *cache])?)?;
+            }
+            return Ok(());
+        }
+        let start = cache.len() as i64 + cache.rope_delta;
+        let positions: Vec<[i64; 3]> = (0..tokens.len() as i64).map(|i| [start + i; 3]).collect();
+        let embeds = self.model.embed(tokens, None)?;
+        self.logits = last_row(&self.model.forward(&embeds, &positions, cache, false)?)?;
+        Ok(())
     }
 
     /// Where the next position is the first past a LongRoPE model's pretrained context
@@ -330,24 +360,31 @@ impl<'a> Sequence<'a> {
 
     /// [`Sequence::step`] of several answers of one model, their model steps run as one batch
     /// ([`VisionLanguageModel::forward_decode`]): the same tokens as stepping each alone, the
-    /// weights read once for all. One result per answer, in order; an answer whose sampling fails
-    /// gets its error and the others go on.
+    /// weights read once for all. An answer with forced tokens to run runs them on its own. One
+    /// result per answer, in order; an answer whose sampling fails gets its error and the others go
+    /// on.
     pub fn step_batch(seqs: &mut [&mut Sequence<'a>]) -> Vec<Result<String>> {
         let mut results = Vec::with_capacity(seqs.len());
         let mut going = Vec::new();
         let mut tokens = Vec::new();
         for (i, seq) in seqs.iter_mut().enumerate() {
             match seq.sample() {
-                Ok((piece, next)) => {
+                Ok((piece, run)) => {
                     results.push(Ok(piece));
-                    if let Some(t) = next {
-                        match seq.rerun_if_switching() {
+                    match run.as_slice() {
+                        [] => {}
+                        &[t] => match seq.rerun_if_switching() {
                             Ok(false) => {
                                 going.push(i);
                                 tokens.push(t);
                             }
                             Ok(true) => {}
                             Err(e) => results[i] = Err(e),
+                        },
+                        run => {
+                            if let Err(e) = seq.run_forced(run) {
+                                results[i] = Err(e);
+                            }
                         }
                     }
                 }
@@ -399,41 +436,77 @@ impl<'a> Sequence<'a> {
         results
     }
 
-    /// Samples the next token and settles whether the answer ends; returns the text it completed
-    /// and, when the answer goes on, the token the model must run on next.
-    fn sample(&mut self) -> Result<(String, Option<u32>)> {
+    /// Samples the next token, takes the tokens the grammar forces after it, and settles whether
+    /// the answer ends; returns the text they completed and the tokens the model must run on next
+    /// (none when the answer has ended).
+    fn sample(&mut self) -> Result<(String, Vec<u32>)> {
+        let mut piece = String::new();
         if self.finish.is_some() {
-            return Ok((String::new(), None));
+            return Ok((piece, Vec::new()));
         }
         let logits = &mut self.logits;
         if let Some(c) = self.constraint.as_mut() {
             c.mask_logits(logits)?;
         }
         let next = self.sampler.sample(logits, &self.history);
-        self.logprobs.push(log_softmax_at(logits, next as usize));
-        self.tokens.push(next);
-        self.history.push(next);
-        if self.eos_token_ids.contains(&next) {
+        let logprob = log_softmax_at(logits, next as usize);
+        if !self.accept(next, logprob, None, &mut piece)? {
+            return Ok((piece, Vec::new()));
+        }
+        let mut run = vec![next];
+        // A LongRoPE model reruns its whole sequence at one position (`rerun_if_switching`),
+        // which a run of several tokens would step over: it samples every token.
+        if self.model.rotary_switch().is_none() {
+            if let Some(c) = self.constraint.as_mut() {
+                let forced = c.take_forced()?;
+                for (i, &token) in forced.iter().enumerate() {
+                    self.forced_tokens += 1;
+                    let last = i + 1 == forced.len();
+                    if !self.accept(token, 0.0, Some(last), &mut piece)? {
+                        return Ok((piece, Vec::new()));
+                    }
+                    run.push(token);
+                }
+            }
+        }
+        Ok((piece, run))
+    }
+
+    /// Appends `token` to the answer (its text to `piece`) and settles whether the answer goes on
+    /// past it. The grammar is advanced over a sampled token here; `forced` (`Some(last)`) marks
+    /// one of the tokens the grammar forced, which it has advanced over already, all of them: it
+    /// can have ended only after the last.
+    fn accept(
+        &mut self,
+        token: u32,
+        logprob: f32,
+        forced: Option<bool>,
+        piece: &mut String,
+    ) -> Result<bool> {
+        self.logprobs.push(logprob);
+        self.tokens.push(token);
+        self.history.push(token);
+        if self.eos_token_ids.contains(&token) {
             self.finish = Some(FinishReason::Stop);
-            return Ok((String::new(), None));
+            return Ok(false);
         }
-        if let Some(c) = self.constraint.as_mut() {
-            c.commit(next)?;
+        if let Some(c) = self.constraint.as_mut().filter(|_| forced.is_none()) {
+            c.commit(token)?;
         }
-        let piece = self.stream.push(next)?;
-        if self.stream.stopped()
-            || self
+        piece.push_str(&self.stream.push(token)?);
+        let grammar_ended = forced != Some(false)
+            && self
                 .constraint
                 .as_ref()
-                .is_some_and(Constraint::is_finished)
-        {
+                .is_some_and(Constraint::is_finished);
+        if self.stream.stopped() || grammar_ended {
             self.finish = Some(FinishReason::Stop);
         } else if self.tokens.len() >= self.max_tokens {
             self.finish = Some(FinishReason::Length);
         } else {
-            return Ok((piece, Some(next)));
+            return Ok(true);
         }
-        Ok((piece, None))
+        Ok(false)
     }
 
     /// The whole answer; `on_text` gets the text still held back (a partial stop string that never
@@ -451,6 +524,7 @@ impl<'a> Sequence<'a> {
             prompt_tokens: self.prompt_tokens,
             finish_reason: self.finish.unwrap_or(FinishReason::Length),
             timings: self.timings,
+            forced_tokens: self.forced_tokens,
         })
     }
 }

@@ -12,7 +12,8 @@ use crate::error::{Error, Result};
 
 /// A Hugging Face `tokenizer.json`, loaded with the pure-Rust `tokenizers` crate.
 pub struct Tokenizer {
-    inner: tokenizers::Tokenizer,
+    /// Shared with the grammar's tokenizer environment (constrained decoding's forced tokens).
+    inner: std::sync::Arc<tokenizers::Tokenizer>,
     path: PathBuf,
 }
 
@@ -59,7 +60,7 @@ impl Tokenizer {
         .map_err(bad)?
         .map_err(bad)?;
         Ok(Tokenizer {
-            inner,
+            inner: std::sync::Arc::new(inner),
             path: path.into(),
         })
     }
@@ -126,7 +127,7 @@ impl Tokenizer {
                 path: self.path.clone(),
                 msg: format!("cannot add the special tokens: {msg}"),
             })?;
-        self.inner.with_post_processor(Some(processor));
+        std::sync::Arc::make_mut(&mut self.inner).with_post_processor(Some(processor));
         Ok(self)
     }
 
@@ -156,6 +157,11 @@ impl Tokenizer {
 
     /// The bytes each token id stands for (special tokens marked as llguidance expects), for
     /// constrained decoding.
+    /// The `tokenizers` tokenizer itself, shared.
+    pub(crate) fn shared(&self) -> std::sync::Arc<tokenizers::Tokenizer> {
+        self.inner.clone()
+    }
+
     pub fn token_bytes(&self) -> Result<Vec<Vec<u8>>> {
         let err = |msg: String| Error::Tokenizer {
             path: self.path.clone(),
