@@ -4,7 +4,7 @@
 mod common;
 
 use loupe_core::engine::LoadOptions;
-use loupe_core::generate::{GenerateParams, Grammar, Reuse, SamplingParams};
+use loupe_core::generate::{FastForward, GenerateParams, Grammar, Reuse, SamplingParams};
 use loupe_core::tokenize::Message;
 use loupe_core::Engine;
 use serde_json::{json, Value};
@@ -91,20 +91,28 @@ fn json_schema_output_always_parses_and_validates() {
         .prompt(None, "Inspect the part.", &images, &e.preprocessor)
         .unwrap();
     let grammar = Grammar::JsonSchema(verdict_schema());
-    // Greedy plus hot sampling: a random-weight model left alone writes no JSON at all.
+    // Greedy plus hot sampling: a random-weight model left alone writes no JSON at all. With the
+    // forced tokens run for it (the default) and with every token sampled under the mask, where
+    // this model's choices of how to spell the forced text make the answers vary.
     let mut distinct = std::collections::HashSet::new();
     for (t, seed) in [(0.0, 0), (1.0, 1), (1.5, 2), (2.0, 3), (1.0, 4), (3.0, 5)] {
-        let out = e
-            .generate(
-                &prompt,
-                &params(&e, t, seed, Some(grammar.clone())),
-                &mut |_| {},
-            )
-            .unwrap();
-        let v: Value = serde_json::from_str(&out.text)
-            .unwrap_or_else(|err| panic!("seed {seed}: {err}: {:?}", out.text));
-        check_verdict(&v);
-        distinct.insert(out.text.clone());
+        let p = params(&e, t, seed, Some(grammar.clone()));
+        let out = e.generate(&prompt, &p, &mut |_| {}).unwrap();
+        let c = e
+            .constraint(&grammar)
+            .unwrap()
+            .with_fast_forward(FastForward::Off);
+        let mut seq = e.sequence(&prompt, &p, Some(c), None).unwrap();
+        while !seq.is_finished() {
+            seq.step().unwrap();
+        }
+        let sampled = seq.finish(&mut |_| {}).unwrap();
+        for out in [out, sampled] {
+            let v: Value = serde_json::from_str(&out.text)
+                .unwrap_or_else(|err| panic!("seed {seed}: {err}: {:?}", out.text));
+            check_verdict(&v);
+            distinct.insert(out.text.clone());
+        }
     }
     assert!(distinct.len() > 1, "sampling should vary within the schema");
     // Without the constraint the same model does not write valid JSON.
@@ -254,7 +262,6 @@ fn flat_schema() -> Value {
 /// without it the answer still parses.
 #[test]
 fn forced_tokens_batched_equal_stepwise_on_every_family() {
-    use loupe_core::generate::FastForward;
     // The fixtures' tiny vocabularies: Gemma 3's has no `[`. Phi-3's fixture is left out: its
     // byte tokens were trained in as special added tokens, so under any grammar it can spell no
     // free text at all (a published Phi-3's are plain vocabulary); its decoder is Llama's, and a

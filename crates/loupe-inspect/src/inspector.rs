@@ -76,6 +76,9 @@ pub struct Record {
     pub raw_output: String,
     pub prompt_tokens: usize,
     pub output_tokens: usize,
+    /// Of `output_tokens`, those the answer's schema forced (not sampled: keys, quotes, braces).
+    #[serde(default)]
+    pub forced_tokens: usize,
     pub error: Option<String>,
     pub timings: RecordTimings,
     /// The anomaly detector's part, when the spec has `[anomaly]`.
@@ -414,6 +417,7 @@ impl<'e> Inspector<'e> {
             raw_output: String::new(),
             prompt_tokens: 0,
             output_tokens: 0,
+            forced_tokens: 0,
             error: None,
             timings: RecordTimings::default(),
             anomaly: None,
@@ -580,6 +584,7 @@ impl<'e> Inspector<'e> {
         rec.raw_output = out.text.clone();
         rec.prompt_tokens = out.prompt_tokens;
         rec.output_tokens = out.tokens.len();
+        rec.forced_tokens = out.forced_tokens;
         rec.timings.vision_ms = out.timings.vision_ms;
         rec.timings.prefill_ms = out.timings.prefill_ms;
         rec.timings.decode_ms = out.timings.decode_ms;
@@ -640,6 +645,7 @@ impl<'e> Inspector<'e> {
                 .map_err(|e| e.to_string())?;
             rec.prompt_tokens += out.prompt_tokens;
             rec.output_tokens += out.tokens.len();
+            rec.forced_tokens += out.forced_tokens;
             rec.timings.vision_ms += out.timings.vision_ms;
             rec.timings.prefill_ms += out.timings.prefill_ms;
             rec.timings.decode_ms += out.timings.decode_ms;

@@ -5,8 +5,8 @@
 //! **Forced tokens.** Where the grammar allows one continuation only (a JSON object's keys, quotes,
 //! braces, the rest of an enum value once its first letters are out), llguidance's fast-forward
 //! gives the bytes that continuation spells; they become the tokenizer's own (canonical) tokens, as
-//! the model met such text in training, all but the last (which the bytes after it could make part
-//! of a longer token). The grammar advances over them as over sampled tokens; they are appended
+//! the model met such text in training, but for the tail that could start a longer token (the bytes
+//! after the forced ones could join it). The grammar advances over them as over sampled tokens; they are appended
 //! without sampling (log probability 0: nothing else was allowed) and run through the model as one
 //! batched forward ([`FastForward`]).
 
@@ -71,6 +71,31 @@ pub enum FastForward {
 struct CanonicalEnv {
     trie: TokTrie,
     tokenizer: Arc<tokenizers::Tokenizer>,
+}
+
+impl CanonicalEnv {
+    /// How many of the last `tokens` (a tokenization of forced bytes) to leave to the model: the
+    /// fewest whose bytes cover the longest tail of the forced bytes that is the start of a longer
+    /// token (the bytes after the forced ones could join it: the model would write `":""}]}` in
+    /// one token where the forced `":""` ends). Looks back 4 tokens, as llguidance does; every
+    /// token counts as a possible extension, not only those the grammar allows next.
+    fn extendable_tail(&self, tokens: &[u32]) -> usize {
+        let back = &tokens[tokens.len().saturating_sub(4)..];
+        let bytes = self.trie.decode_raw(back);
+        let bytes = &bytes[bytes.len().saturating_sub(self.trie.max_token_len())..];
+        let Some(start) = (0..bytes.len()).find(|&i| self.trie.has_extensions(&bytes[i..])) else {
+            return 0;
+        };
+        let need = bytes.len() - start;
+        let mut covered = 0;
+        for (n, &t) in back.iter().rev().enumerate() {
+            covered += self.trie.token_len(t);
+            if covered >= need {
+                return n + 1;
+            }
+        }
+        back.len()
+    }
 }
 
 impl TokenizerEnv for CanonicalEnv {
@@ -179,8 +204,8 @@ impl Constraint {
     }
 
     /// The tokens the grammar forces next, already advanced over (none with
-    /// [`FastForward::Off`]): the canonical tokens of the forced bytes but the last, as far as the
-    /// grammar takes them.
+    /// [`FastForward::Off`]): the canonical tokens of the forced bytes but their extendable tail
+    /// ([`CanonicalEnv::extendable_tail`]), as far as the grammar takes them.
     pub fn take_forced(&mut self) -> Result<Vec<u32>> {
         if self.fast_forward == FastForward::Off {
             return Ok(Vec::new());
@@ -195,7 +220,7 @@ impl Constraint {
         if self.env.trie.decode_raw(&tokens) != bytes {
             return Ok(Vec::new());
         }
-        tokens.pop();
+        tokens.truncate(tokens.len() - self.env.extendable_tail(&tokens));
         let valid = self
             .matcher
             .validate_tokens(&tokens)
