@@ -6,9 +6,9 @@
 //! braces, the rest of an enum value once its first letters are out), llguidance's fast-forward
 //! gives the bytes that continuation spells; they become the tokenizer's own (canonical) tokens, as
 //! the model met such text in training, but for the tail that could start a longer token (the bytes
-//! after the forced ones could join it). The grammar advances over them as over sampled tokens; they are appended
-//! without sampling (log probability 0: nothing else was allowed) and run through the model as one
-//! batched forward ([`FastForward`]).
+//! after the forced ones could join it). The grammar advances over them as over sampled tokens;
+//! they are appended without sampling (log probability 0: nothing else was allowed) and run
+//! through the model as one batched forward ([`FastForward`]).
 
 use std::sync::Arc;
 
@@ -65,7 +65,8 @@ pub enum FastForward {
 /// The tokenizer environment llguidance reads: the token trie, and the tokenizer's own
 /// tokenization of byte strings (so forced text gets the tokens the model was trained on). A
 /// tokenization that does not spell exactly the bytes asked (a normalizer that adds a leading
-/// space, bytes that are not UTF-8) gives way to the trie's greedy one, which always does.
+/// space, bytes that are not UTF-8) gives way to the trie's greedy one (which spells them where
+/// the vocabulary has a token for every byte).
 /// llguidance is told it is not canonical, so that its masks work as for any tokenizer: the
 /// forced tokens are made here ([`Constraint::take_forced`]).
 struct CanonicalEnv {
