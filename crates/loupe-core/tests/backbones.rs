@@ -73,53 +73,7 @@ fn dinov2_layers_match_transformers() {
         ("dinov2_swiglu_tiny", 1),
         ("dinov2_registers_tiny", 3),
     ] {
-        let dir = fixture(name);
-        let backbone = Backbone::load(&dir).unwrap();
-        assert!(backbone.is_vit());
-        let r = reference(&dir);
-        let names: Vec<(&str, usize, usize)> = backbone
-            .stages()
-            .iter()
-            .map(|s| (s.name.as_str(), s.channels, s.stride))
-            .collect();
-        assert_eq!(
-            names,
-            [
-                ("encoder.layer.0", 32, 14),
-                ("encoder.layer.1", 32, 14),
-                ("encoder.layer.2", 32, 14)
-            ]
-        );
-        let got = backbone.features(&r["input"], &[0, 1, 2]).unwrap();
-        // transformers' tokens: the class token (and registers) first, then the 5 x 4 grid.
-        let patches = |t: &Tensor| {
-            t.squeeze(0)
-                .unwrap()
-                .narrow(0, extra, 20)
-                .unwrap()
-                .t()
-                .unwrap()
-                .reshape((1, 32, 5, 4))
-                .unwrap()
-        };
-        let weights =
-            candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
-        let norm = candle_nn::LayerNorm::new(
-            weights["layernorm.weight"].clone(),
-            weights["layernorm.bias"].clone(),
-            1e-6,
-        );
-        use candle_core::Module;
-        for (i, out) in got.iter().enumerate() {
-            let want = patches(&norm.forward(&r[&format!("layer.{i}")]).unwrap());
-            let err = relative_error(out, &want);
-            assert!(err < 1e-4, "{name} layer {i}: off by {err}");
-        }
-        let err = relative_error(&got[2], &patches(&r["last"]));
-        assert!(err < 1e-4, "{name} last_hidden_state: off by {err}");
-        // The multi-layer bank reads the later layers (here the last two of three); no classifier.
-        assert_eq!(backbone.patchcore_stages(), [1, 2]);
-        assert!(backbone.logits(&r["input"]).is_err());
+        vit_layers_match_transformers(name, extra, ("encoder.layer", 14), ("layernorm", 1e-6));
     }
 }
 
@@ -130,53 +84,63 @@ fn dinov2_layers_match_transformers() {
 #[test]
 fn dinov3_layers_match_transformers() {
     for name in ["dinov3_tiny", "dinov3_gated_tiny"] {
-        let dir = fixture(name);
-        let backbone = Backbone::load(&dir).unwrap();
-        assert!(backbone.is_vit());
-        let r = reference(&dir);
-        let names: Vec<(&str, usize, usize)> = backbone
-            .stages()
-            .iter()
-            .map(|s| (s.name.as_str(), s.channels, s.stride))
-            .collect();
-        assert_eq!(
-            names,
-            [
-                ("layer.0", 32, 16),
-                ("layer.1", 32, 16),
-                ("layer.2", 32, 16)
-            ]
-        );
-        let got = backbone.features(&r["input"], &[0, 1, 2]).unwrap();
-        // transformers' tokens: the class token and 2 registers first, then the 5 x 4 grid.
-        let patches = |t: &Tensor| {
-            t.squeeze(0)
-                .unwrap()
-                .narrow(0, 3, 20)
-                .unwrap()
-                .t()
-                .unwrap()
-                .reshape((1, 32, 5, 4))
-                .unwrap()
-        };
-        let weights =
-            candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
-        let norm = candle_nn::LayerNorm::new(
-            weights["norm.weight"].clone(),
-            weights["norm.bias"].clone(),
-            1e-5,
-        );
-        use candle_core::Module;
-        for (i, out) in got.iter().enumerate() {
-            let want = patches(&norm.forward(&r[&format!("layer.{i}")]).unwrap());
-            let err = relative_error(out, &want);
-            assert!(err < 1e-4, "{name} layer {i}: off by {err}");
-        }
-        let err = relative_error(&got[2], &patches(&r["last"]));
-        assert!(err < 1e-4, "{name} last_hidden_state: off by {err}");
-        assert_eq!(backbone.patchcore_stages(), [1, 2]);
-        assert!(backbone.logits(&r["input"]).is_err());
+        vit_layers_match_transformers(name, 3, ("layer", 16), ("norm", 1e-5));
     }
+}
+
+/// A tiny 3-layer, 32-wide ViT fixture `name` against its reference: stages named `{stage}.N` at
+/// the patch's stride, each layer's patch tokens (after the `extra` class and register tokens)
+/// through the final norm `norm` (with its epsilon) on the 5 x 4 grid, the last against
+/// `last_hidden_state`; the multi-layer bank reads the later two; no classifier.
+fn vit_layers_match_transformers(
+    name: &str,
+    extra: usize,
+    (stage, stride): (&str, usize),
+    (norm, eps): (&str, f64),
+) {
+    let dir = fixture(name);
+    let backbone = Backbone::load(&dir).unwrap();
+    assert!(backbone.is_vit());
+    let r = reference(&dir);
+    let names: Vec<(String, usize, usize)> = backbone
+        .stages()
+        .iter()
+        .map(|s| (s.name.clone(), s.channels, s.stride))
+        .collect();
+    let want: Vec<(String, usize, usize)> = (0..3)
+        .map(|i| (format!("{stage}.{i}"), 32, stride))
+        .collect();
+    assert_eq!(names, want, "{name}");
+    let got = backbone.features(&r["input"], &[0, 1, 2]).unwrap();
+    // transformers' tokens: the class token (and registers) first, then the 5 x 4 grid.
+    let patches = |t: &Tensor| {
+        t.squeeze(0)
+            .unwrap()
+            .narrow(0, extra, 20)
+            .unwrap()
+            .t()
+            .unwrap()
+            .reshape((1, 32, 5, 4))
+            .unwrap()
+    };
+    let weights =
+        candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
+    let norm = candle_nn::LayerNorm::new(
+        weights[&format!("{norm}.weight")].clone(),
+        weights[&format!("{norm}.bias")].clone(),
+        eps,
+    );
+    use candle_core::Module;
+    for (i, out) in got.iter().enumerate() {
+        let want = patches(&norm.forward(&r[&format!("layer.{i}")]).unwrap());
+        let err = relative_error(out, &want);
+        assert!(err < 1e-4, "{name} layer {i}: off by {err}");
+    }
+    let err = relative_error(&got[2], &patches(&r["last"]));
+    assert!(err < 1e-4, "{name} last_hidden_state: off by {err}");
+    // The multi-layer bank reads the later layers (here the last two of three); no classifier.
+    assert_eq!(backbone.patchcore_stages(), [1, 2], "{name}");
+    assert!(backbone.logits(&r["input"]).is_err());
 }
 
 /// Stage names, strides and PatchCore's two mid-level stages as timm's feature extractors name them.

@@ -14,6 +14,38 @@ fn engine() -> Engine {
     Engine::load(dir.to_str().unwrap(), &LoadOptions::default()).unwrap()
 }
 
+/// The fixture model `model` computing in f32.
+fn f32_engine(model: &str) -> Engine {
+    Engine::load(
+        common::fixtures().join(model).to_str().unwrap(),
+        &LoadOptions {
+            dtype: Some(candle_core::DType::F32),
+            ..Default::default()
+        },
+    )
+    .unwrap()
+}
+
+/// One answer stepped to its end under `grammar`, forced tokens run as `mode` says; a failing step
+/// panics with `at` and the tokens so far.
+fn answer(
+    e: &Engine,
+    prompt: &loupe_core::generate::Prompt,
+    p: &GenerateParams,
+    grammar: &Grammar,
+    mode: FastForward,
+    at: &str,
+) -> loupe_core::generate::Generation {
+    let c = e.constraint(grammar).unwrap().with_fast_forward(mode);
+    let mut seq = e.sequence(prompt, p, Some(c), None).unwrap();
+    while !seq.is_finished() {
+        if let Err(err) = seq.step() {
+            panic!("{at}: {err} after {:?}", seq.tokens());
+        }
+    }
+    seq.finish(&mut |_| {}).unwrap()
+}
+
 fn params(e: &Engine, temperature: f64, seed: u64, grammar: Option<Grammar>) -> GenerateParams {
     GenerateParams {
         max_tokens: 200,
@@ -98,15 +130,14 @@ fn json_schema_output_always_parses_and_validates() {
     for (t, seed) in [(0.0, 0), (1.0, 1), (1.5, 2), (2.0, 3), (1.0, 4), (3.0, 5)] {
         let p = params(&e, t, seed, Some(grammar.clone()));
         let out = e.generate(&prompt, &p, &mut |_| {}).unwrap();
-        let c = e
-            .constraint(&grammar)
-            .unwrap()
-            .with_fast_forward(FastForward::Off);
-        let mut seq = e.sequence(&prompt, &p, Some(c), None).unwrap();
-        while !seq.is_finished() {
-            seq.step().unwrap();
-        }
-        let sampled = seq.finish(&mut |_| {}).unwrap();
+        let sampled = answer(
+            &e,
+            &prompt,
+            &p,
+            &grammar,
+            FastForward::Off,
+            "the schema test",
+        );
         for out in [out, sampled] {
             let v: Value = serde_json::from_str(&out.text)
                 .unwrap_or_else(|err| panic!("seed {seed}: {err}: {:?}", out.text));
@@ -173,14 +204,7 @@ fn prefix_and_feature_reuse_give_the_same_answers() {
 }
 
 fn reuse_gives_the_same_answers(model: &str) {
-    let e = Engine::load(
-        common::fixtures().join(model).to_str().unwrap(),
-        &LoadOptions {
-            dtype: Some(candle_core::DType::F32),
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let e = f32_engine(model);
     let dir = common::fixtures().join("images");
     let refs =
         Engine::load_images(&[dir.join("odd_97x211.png"), dir.join("gray_120x90.png")]).unwrap();
@@ -279,14 +303,7 @@ fn forced_tokens_batched_equal_stepwise_on_every_family() {
         ("llama/llama3", Kind::Arrays),
         ("gemma3/gemma3", Kind::Flat),
     ] {
-        let e = Engine::load(
-            common::fixtures().join(model).to_str().unwrap(),
-            &LoadOptions {
-                dtype: Some(candle_core::DType::F32),
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        let e = f32_engine(model);
         let prompt = e
             .prompt(None, "Inspect the part.", &[], &e.preprocessor)
             .unwrap();
@@ -311,17 +328,8 @@ fn forced_tokens_batched_equal_stepwise_on_every_family() {
         for (temperature, seed) in [(0.0, 0), (1.0, 3)] {
             let p = params(&e, temperature, seed, Some(grammar.clone()));
             let run = |mode: FastForward| {
-                let c = e.constraint(&grammar).unwrap().with_fast_forward(mode);
-                let mut seq = e.sequence(&prompt, &p, Some(c), None).unwrap();
-                while !seq.is_finished() {
-                    if let Err(err) = seq.step() {
-                        panic!(
-                            "{model} {mode:?} t={temperature}: {err} after {:?}",
-                            seq.tokens()
-                        );
-                    }
-                }
-                seq.finish(&mut |_| {}).unwrap()
+                let at = format!("{model} {mode:?} t={temperature}");
+                answer(&e, &prompt, &p, &grammar, mode, &at)
             };
             let (batched, stepwise, off) = (
                 run(FastForward::Batched),

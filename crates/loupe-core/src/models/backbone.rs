@@ -90,10 +90,7 @@ impl Backbone {
         }
         let config_path = dir.join("config.json");
         let text = std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
-        let config: Config = serde_json::from_str(&text).map_err(|source| Error::Json {
-            path: config_path.clone(),
-            source,
-        })?;
+        let config: Config = parse(&text, &config_path)?;
         let field = |field: &str, msg: String| Error::Config {
             path: config_path.clone(),
             field: field.into(),
@@ -151,34 +148,18 @@ impl Backbone {
                 format!("{std:?} must be positive"),
             ));
         }
-        let weights_path = dir.join("model.safetensors");
-        let size = std::fs::metadata(&weights_path)
-            .map_err(|e| Error::io(&weights_path, e))?
-            .len();
-        if size > MAX_WEIGHTS_BYTES {
-            return Err(Error::Weights {
-                path: weights_path,
-                msg: format!("{size} bytes, over the {MAX_WEIGHTS_BYTES} a backbone may have"),
-            });
-        }
+        let weights_path = weights_file(dir);
+        check_size(&weights_path)?;
         let w = Weights::open(&[weights_path], DType::F32, &Device::Cpu, |s| s.to_string())?;
         let net = match family(&architecture) {
-            Some(Family::Dinov2) => {
-                let cfg: Dinov2Config =
-                    serde_json::from_str(&text).map_err(|source| Error::Json {
-                        path: config_path.clone(),
-                        source,
-                    })?;
-                Net::Dinov2(Dinov2::load(cfg, &w)?)
-            }
-            Some(Family::Dinov3) => {
-                let cfg: Dinov3Config =
-                    serde_json::from_str(&text).map_err(|source| Error::Json {
-                        path: config_path.clone(),
-                        source,
-                    })?;
-                Net::Dinov3(Dinov3::load(cfg, &w)?)
-            }
+            Some(Family::Dinov2) => Net::Dinov2(Dinov2::load(
+                parse::<Dinov2Config>(&text, &config_path)?,
+                &w,
+            )?),
+            Some(Family::Dinov3) => Net::Dinov3(Dinov3::load(
+                parse::<Dinov3Config>(&text, &config_path)?,
+                &w,
+            )?),
             Some(Family::ResNet) => Net::ResNet(ResNet::load(&w)?),
             Some(Family::EfficientNet(v)) => Net::EfficientNet(EfficientNet::load(&w, v)?),
             None => {
@@ -213,14 +194,7 @@ impl Backbone {
             path: path.to_path_buf(),
             msg,
         };
-        let size = std::fs::metadata(path)
-            .map_err(|e| Error::io(path, e))?
-            .len();
-        if size > MAX_WEIGHTS_BYTES {
-            return Err(bad(format!(
-                "{size} bytes, over the {MAX_WEIGHTS_BYTES} a backbone may have"
-            )));
-        }
+        check_size(path)?;
         let mut magic = [0u8; 4];
         {
             use std::io::Read;
@@ -386,6 +360,38 @@ impl Backbone {
             ))),
         }
     }
+}
+
+/// The file that holds the weights of the backbone loaded from `dir` (a folder's
+/// `model.safetensors`, or the `.pth` file itself).
+pub fn weights_file(dir: &Path) -> PathBuf {
+    if dir.is_file() {
+        dir.to_path_buf()
+    } else {
+        dir.join("model.safetensors")
+    }
+}
+
+/// An error for a weights file over [`MAX_WEIGHTS_BYTES`] (or one that cannot be read).
+fn check_size(path: &Path) -> Result<()> {
+    let size = std::fs::metadata(path)
+        .map_err(|e| Error::io(path, e))?
+        .len();
+    if size > MAX_WEIGHTS_BYTES {
+        return Err(Error::Weights {
+            path: path.to_path_buf(),
+            msg: format!("{size} bytes, over the {MAX_WEIGHTS_BYTES} a backbone may have"),
+        });
+    }
+    Ok(())
+}
+
+/// `config.json`'s `text` (read from `path`) as a family's own config.
+fn parse<T: serde::de::DeserializeOwned>(text: &str, path: &Path) -> Result<T> {
+    serde_json::from_str(text).map_err(|source| Error::Json {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// The stages of `net`, named as timm's (or transformers') modules are.

@@ -311,32 +311,29 @@ impl Dinov2 {
     /// rest of the image cut off), each through the final layer norm (as DINOv2's intermediate
     /// features are read), as maps `(1, hidden, h / patch, w / patch)`.
     pub fn stages(&self, x: &Tensor, last: usize) -> Result<Vec<Tensor>> {
-        let (n, c, h, w) = x.dims4()?;
         let p = self.cfg.patch_size;
-        let (gh, gw) = (h / p, w / p);
-        if n != 1 || c != 3 || gh == 0 || gw == 0 {
-            return Err(Error::InvalidInput(format!(
-                "DINOv2 takes one image (1, 3, h, w) of at least {p} x {p} pixels, not {:?}",
-                x.dims()
-            )));
-        }
+        let (gh, gw) = patch_grid(x, p, "DINOv2")?;
         let tokens = self.patch_embed.forward(&patches(x, p, gh, gw)?)?;
         let tokens = Tensor::cat(&[&self.cls, &tokens], 0)?;
         let tokens = (tokens + self.positions_for(gh, gw)?)?;
         let extra = 1 + self.cfg.num_register_tokens;
-        let mut hidden = match &self.registers {
+        let hidden = match &self.registers {
             Some(r) => Tensor::cat(
                 &[&tokens.narrow(0, 0, 1)?, r, &tokens.narrow(0, 1, gh * gw)?],
                 0,
             )?,
             None => tokens,
         };
-        let mut outs = Vec::with_capacity(last + 1);
-        for layer in self.layers.iter().take(last + 1) {
-            hidden = layer.forward(&hidden, self.cfg.num_attention_heads, None)?;
-            outs.push(patch_map(&self.norm.forward(&hidden)?, extra, gh, gw)?);
-        }
-        Ok(outs)
+        let heads = self.cfg.num_attention_heads;
+        layer_maps(
+            &self.layers[..self.layers.len().min(last + 1)],
+            &self.norm,
+            hidden,
+            heads,
+            None,
+            extra,
+            (gh, gw),
+        )
     }
 
     /// The position embeddings for a `gh x gw` grid, the class token's first: as stored for the
@@ -359,14 +356,39 @@ impl Dinov2 {
     }
 }
 
-/// The patch tokens of `tokens` `(extra + gh * gw, dim)` (after `extra` in front) as a map
-/// `(1, dim, gh, gw)`.
-pub(super) fn patch_map(tokens: &Tensor, extra: usize, gh: usize, gw: usize) -> Result<Tensor> {
-    let d = tokens.dim(1)?;
-    Ok(tokens
-        .narrow(0, extra, gh * gw)?
-        .t()?
-        .reshape((1, d, gh, gw))?)
+/// The grid of `p x p` patches of `x` `(1, 3, h, w)` (the rest of the image cut off), or the error
+/// naming `family` for an input that is not one image of at least one patch.
+pub(super) fn patch_grid(x: &Tensor, p: usize, family: &str) -> Result<(usize, usize)> {
+    let (n, c, h, w) = x.dims4()?;
+    let (gh, gw) = (h / p, w / p);
+    if n != 1 || c != 3 || gh == 0 || gw == 0 {
+        return Err(Error::InvalidInput(format!(
+            "{family} takes one image (1, 3, h, w) of at least {p} x {p} pixels, not {:?}",
+            x.dims()
+        )));
+    }
+    Ok((gh, gw))
+}
+
+/// `hidden` `(extra + gh * gw, dim)` through each of `layers`, and after each its patch tokens
+/// (those after the `extra` in front) through `norm`, as maps `(1, dim, gh, gw)`.
+pub(super) fn layer_maps(
+    layers: &[Layer],
+    norm: &LayerNorm,
+    mut hidden: Tensor,
+    heads: usize,
+    rope: Option<&PatchRope>,
+    extra: usize,
+    (gh, gw): (usize, usize),
+) -> Result<Vec<Tensor>> {
+    let mut outs = Vec::with_capacity(layers.len());
+    for layer in layers {
+        hidden = layer.forward(&hidden, heads, rope)?;
+        let d = hidden.dim(1)?;
+        let patches = norm.forward(&hidden)?.narrow(0, extra, gh * gw)?;
+        outs.push(patches.t()?.reshape((1, d, gh, gw))?);
+    }
+    Ok(outs)
 }
 
 /// The `(gh * gw, 3 * p * p)` flattened `p x p` patches of `x` `(1, 3, h, w)` (the rest of the

@@ -12,7 +12,7 @@
 use candle_core::{Device, Tensor};
 use serde::Deserialize;
 
-use super::dinov2::{patch_map, patches, scaled_linear, Layer, Mlp, PatchRope};
+use super::dinov2::{layer_maps, patch_grid, patches, scaled_linear, Layer, Mlp, PatchRope};
 use super::layers::{cos_sin, Activation, GatedMlp, LayerNorm, Linear};
 use crate::error::{Error, Result};
 use crate::load::weights::Weights;
@@ -211,17 +211,10 @@ impl Dinov3 {
     /// rest of the image cut off), each through the final norm (as the backbone's feature maps
     /// are read), as maps `(1, hidden, h / patch, w / patch)`.
     pub fn stages(&self, x: &Tensor, last: usize) -> Result<Vec<Tensor>> {
-        let (n, c, h, w) = x.dims4()?;
         let p = self.cfg.patch_size;
-        let (gh, gw) = (h / p, w / p);
-        if n != 1 || c != 3 || gh == 0 || gw == 0 {
-            return Err(Error::InvalidInput(format!(
-                "DINOv3 takes one image (1, 3, h, w) of at least {p} x {p} pixels, not {:?}",
-                x.dims()
-            )));
-        }
+        let (gh, gw) = patch_grid(x, p, "DINOv3")?;
         let tokens = self.patch_embed.forward(&patches(x, p, gh, gw)?)?;
-        let mut hidden = Tensor::cat(&[&self.prefix, &tokens], 0)?;
+        let hidden = Tensor::cat(&[&self.prefix, &tokens], 0)?;
         let (cos, sin) = self.rotary(gh, gw)?;
         let extra = self.prefix.dim(0)?;
         let rope = PatchRope {
@@ -229,12 +222,16 @@ impl Dinov3 {
             sin: &sin,
             prefix: extra,
         };
-        let mut outs = Vec::with_capacity(last + 1);
-        for layer in self.layers.iter().take(last + 1) {
-            hidden = layer.forward(&hidden, self.cfg.num_attention_heads, Some(&rope))?;
-            outs.push(patch_map(&self.norm.forward(&hidden)?, extra, gh, gw)?);
-        }
-        Ok(outs)
+        let heads = self.cfg.num_attention_heads;
+        layer_maps(
+            &self.layers[..self.layers.len().min(last + 1)],
+            &self.norm,
+            hidden,
+            heads,
+            Some(&rope),
+            extra,
+            (gh, gw),
+        )
     }
 
     /// cos and sin `(gh * gw, head_dim / 2)` of each patch's angles: `2 pi y f_k` then

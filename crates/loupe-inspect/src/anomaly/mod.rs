@@ -139,11 +139,7 @@ impl BackboneRef {
 /// The SHA-256 of a backbone's `model.safetensors` (or of the `.pth` file it was loaded from).
 fn weights_hash(dir: &Path) -> Result<String> {
     use std::io::Read;
-    let path = if dir.is_file() {
-        dir.to_path_buf()
-    } else {
-        dir.join("model.safetensors")
-    };
+    let path = loupe_core::models::backbone::weights_file(dir);
     let mut f = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
