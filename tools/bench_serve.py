@@ -7,6 +7,13 @@ tools/load_test.py at each client count (streamed text chats, greedy, --max-toke
     python3 tools/bench_serve.py --loupe target/release/loupe --model bench-models/qwen2-vl-2b-q4k.gguf \
         --clients 1,4,16 --max-tokens 32 [--parallel 16] [--threads 2]
 
+Side by side with llama.cpp's server (`--llama-server PATH`): the same GGUF file, the same slots
+(`--parallel` against llama-server's `-np`, each slot the same context), the same threads, the same
+streamed greedy chats from tools/load_test.py, the two servers in turn:
+
+    python3 tools/bench_serve.py --loupe target/release/loupe --model SmolLM2-135M-Instruct.Q4_1.gguf \
+        --llama-server LLAMA/build/bin/llama-server --clients 1,4,16 --max-tokens 128 --requests 2
+
 The server's overhead on one inspection: `loupe inspect` on N copies of one image (per-image time of
 images 2..N, the prefix reused) against N requests to `/v1/inspect` one after another (after one to
 warm up), the record's own time and the client's wall time:
@@ -50,6 +57,69 @@ def start(loupe, model, parallel, threads, batch):
             threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()
             return proc, m.group(1)
     sys.exit(f"bench_serve: the server stopped before listening ({proc.wait()})")
+
+
+def start_llama(binary, model, parallel, threads, ctx):
+    """llama-server on a free port, `parallel` slots of `ctx` tokens each."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [binary, "-m", model, "--host", "127.0.0.1", "--port", str(port), "-np", str(parallel),
+           "-c", str(ctx * parallel), "--no-webui"]
+    if threads:
+        cmd += ["-t", str(threads), "-tb", str(threads)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:
+        if "server is listening" in line or "HTTP server listening" in line:
+            threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()
+            return proc, f"http://127.0.0.1:{port}"
+    sys.exit(f"bench_serve: llama-server stopped before listening ({proc.wait()})")
+
+
+def drive(url, pid, args, clients):
+    """tools/load_test.py's summary for `clients` clients of streamed text chats."""
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        cmd = [sys.executable, str(HERE / "load_test.py"), "--url", url, "--image", args.image,
+               "--clients", str(clients), "--requests", str(args.requests), "--mix", "0",
+               "--text-only", "--max-tokens", str(args.max_tokens), "--pid", str(pid),
+               "--json", out.name]
+        rc = subprocess.run(cmd, stdout=subprocess.DEVNULL).returncode
+        summary = json.load(open(out.name))
+    if rc != 0:
+        sys.exit(f"bench_serve: load_test failed: {summary['failures']}")
+    return summary
+
+
+def against_llama(args, clients):
+    """Loupe's server and llama-server in turn on the same file, slots, threads and requests."""
+    results = {}
+    for name in ("loupe", "llama"):
+        if name == "loupe":
+            proc, url = start(args.loupe, args.model, args.parallel, args.threads, True)
+        else:
+            proc, url = start_llama(args.llama_server, args.model, args.parallel, args.threads, args.ctx)
+        try:
+            for c in clients:
+                results[(name, c)] = s = drive(url, proc.pid, args, c)
+                print(f"{name} clients={c}: {s['completion_tokens_per_s']:.2f} tok/s, "
+                      f"p50 {s['chat_p50_s']:.2f} s", file=sys.stderr)
+        finally:
+            proc.terminate()
+            proc.wait()
+            time.sleep(1)
+    print(f"CPU: {cpu_name()}; model {Path(args.model).name}; {args.max_tokens} tokens per answer, "
+          f"{args.requests} requests per client, {args.parallel} slots, greedy, streamed\n")
+    print("| clients | Loupe tok/s | llama-server tok/s | Loupe / llama-server | p50 latency Loupe | "
+          "p50 latency llama-server | RSS end Loupe | RSS end llama-server |")
+    print("|---|---|---|---|---|---|---|---|")
+    for c in clients:
+        a, b = results[("loupe", c)], results[("llama", c)]
+        ratio = a["completion_tokens_per_s"] / b["completion_tokens_per_s"]
+        print(f"| {c} | {a['completion_tokens_per_s']:.1f} | {b['completion_tokens_per_s']:.1f} | "
+              f"{ratio:.2f}x | {a['chat_p50_s']:.2f} s | {b['chat_p50_s']:.2f} s | "
+              f"{a['rss_end_mib']:.0f} MiB | {b['rss_end_mib']:.0f} MiB |")
 
 
 def median(xs):
@@ -127,6 +197,8 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--parallel", type=int, default=16)
     ap.add_argument("--threads", type=int)
+    ap.add_argument("--llama-server", help="llama.cpp's llama-server: compare with it instead of --no-batch")
+    ap.add_argument("--ctx", type=int, default=1024, help="llama-server's context per slot")
     args = ap.parse_args()
     if args.inspect_spec:
         return inspect_overhead(args)
@@ -134,21 +206,14 @@ def main():
         sys.exit("bench_serve: --model (throughput) or --inspect-spec (inspection overhead)")
 
     clients = [int(c) for c in args.clients.split(",")]
+    if args.llama_server:
+        return against_llama(args, clients)
     results = {}
     for batch in (True, False):
         proc, url = start(args.loupe, args.model, args.parallel, args.threads, batch)
         try:
             for c in clients:
-                with tempfile.NamedTemporaryFile(suffix=".json") as out:
-                    cmd = [sys.executable, str(HERE / "load_test.py"), "--url", url, "--image", args.image,
-                           "--clients", str(c), "--requests", str(args.requests), "--mix", "0",
-                           "--text-only", "--max-tokens", str(args.max_tokens), "--pid", str(proc.pid),
-                           "--json", out.name]
-                    rc = subprocess.run(cmd, stdout=subprocess.DEVNULL).returncode
-                    summary = json.load(open(out.name))
-                if rc != 0:
-                    sys.exit(f"bench_serve: load_test failed: {summary['failures']}")
-                results[(batch, c)] = summary
+                results[(batch, c)] = summary = drive(url, proc.pid, args, c)
                 print(f"{'batched' if batch else 'no-batch'} clients={c}: "
                       f"{summary['completion_tokens_per_s']:.2f} tok/s, ttft p50 {summary['ttft_p50_s']:.2f} s",
                       file=sys.stderr)

@@ -293,7 +293,7 @@ const EXP_POLY: [f32; 6] = [
 
 /// Small AVX helpers shared by the kernels' AVX2 paths.
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(crate) mod x86 {
     use core::arch::x86_64::*;
 
     use super::{EXP_POLY, LN2_HI, LN2_LO};
@@ -303,6 +303,38 @@ mod x86 {
     pub unsafe fn hsum128(s: __m128) -> f32 {
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+    }
+
+    /// The 8 x 8 matrix of 4-byte words `r[row][k]` (8 rows of 32 bytes) transposed: `out[k][row]`.
+    #[inline(always)]
+    pub unsafe fn transpose_words(r: [__m256i; 8]) -> [__m256i; 8] {
+        // Pairs of rows, then quads, then the two 128-bit halves.
+        let t: [__m256i; 8] = std::array::from_fn(|k| {
+            let (a, b) = (r[2 * (k / 2)], r[2 * (k / 2) + 1]);
+            if k % 2 == 0 {
+                _mm256_unpacklo_epi32(a, b)
+            } else {
+                _mm256_unpackhi_epi32(a, b)
+            }
+        });
+        // u[q][s]: rows 4q..4q+4, words s and s+4 (s in 0..4).
+        let u: [[__m256i; 4]; 2] = std::array::from_fn(|q| {
+            let (t0, t1, t2, t3) = (t[4 * q], t[4 * q + 1], t[4 * q + 2], t[4 * q + 3]);
+            [
+                _mm256_unpacklo_epi64(t0, t2),
+                _mm256_unpackhi_epi64(t0, t2),
+                _mm256_unpacklo_epi64(t1, t3),
+                _mm256_unpackhi_epi64(t1, t3),
+            ]
+        });
+        std::array::from_fn(|k| {
+            let (lo, hi) = (u[0][k % 4], u[1][k % 4]);
+            if k < 4 {
+                _mm256_permute2x128_si256(lo, hi, 0x20)
+            } else {
+                _mm256_permute2x128_si256(lo, hi, 0x31)
+            }
+        })
     }
 
     /// The sum of the 8 lanes.

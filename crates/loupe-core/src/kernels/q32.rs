@@ -15,6 +15,9 @@ use half::f16;
 
 use super::Isa;
 
+mod tiles;
+pub use tiles::{applies as matmul_applies, matmul, preferred as matmul_preferred};
+
 /// Values per block.
 pub const QK: usize = 32;
 
@@ -59,11 +62,13 @@ impl Format32 {
     }
 }
 
-/// 32 activations: `d` the scale, `qs` the codes, `s = d * sum(qs)` (for the minimum's term).
+/// 32 activations: `d` the scale, `qs` the codes, `sum = sum(qs)` and `s = d * sum` (for the
+/// minimum's term).
 #[derive(Debug, Clone, Copy)]
 pub struct BlockQ8x32 {
     pub d: f32,
     pub s: f32,
+    pub sum: i32,
     pub qs: [i8; QK],
 }
 
@@ -83,6 +88,7 @@ pub fn quantize(x: &[f32]) -> Vec<BlockQ8x32> {
             BlockQ8x32 {
                 d,
                 s: d * sum as f32,
+                sum,
                 qs,
             }
         })
@@ -562,6 +568,99 @@ mod tests {
                 let y = quantize(&x[r * cols..(r + 1) * cols]);
                 for row in 0..w.rows() {
                     assert_eq!(out[r * w.rows() + row], w.dot(isa, row, &y));
+                }
+            }
+        }
+    }
+
+    /// The many-row product on every x86 path this CPU has, against the reference dot per
+    /// (activation row, weight row): every format, rows that end mid-tile, activation rows that
+    /// end mid-group, two matrices sharing the activations, a bias and a residual applied.
+    #[test]
+    fn the_tiles_give_the_reference_products() {
+        use crate::kernels::qmatmul::Epilogue;
+        for isa in Isa::available().into_iter().filter(|&i| matmul_applies(i)) {
+            for (f, q) in FORMATS {
+                for (rows, cols, m, seed) in [(16, 32, 4, 11), (37, 96, 7, 12), (5, 576, 1, 13)] {
+                    let a = blocks(q, rows, cols, seed);
+                    let b = blocks(q, 3, cols, seed + 100);
+                    let wa = Q32Rows::new(f, rows, cols, &a).unwrap();
+                    let wb = Q32Rows::new(f, 3, cols, &b).unwrap();
+                    let x = activations(m * cols, seed);
+                    let bias: Vec<f32> = (0..rows).map(|j| j as f32 * 0.25 - 1.0).collect();
+                    let residual = activations(m * rows, seed + 7);
+                    let posts = [
+                        Epilogue {
+                            bias: Some(&bias),
+                            gate_alpha: None,
+                            residual: Some(&residual),
+                        },
+                        Epilogue::default(),
+                    ];
+                    let outs = matmul(isa, &[wa, wb], &x, m, &posts);
+                    for (k, (w, out)) in [wa, wb].iter().zip(&outs).enumerate() {
+                        assert_eq!(out.len(), m * w.rows());
+                        for r in 0..m {
+                            let y = quantize(&x[r * cols..(r + 1) * cols]);
+                            for j in 0..w.rows() {
+                                let mut want = w.dot(Isa::Scalar, j, &y);
+                                if k == 0 {
+                                    want += bias[j] + residual[r * rows + j];
+                                }
+                                let got = out[r * w.rows() + j];
+                                let tol = 1e-4 * want.abs().max(1.0);
+                                assert!(
+                                    (want - got).abs() <= tol,
+                                    "{isa:?} {f:?} {rows}x{cols} m={m} [{r}, {j}]: {got} vs {want}"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Codes at the ends of their ranges (Q8_0's -128 and 127, every nibble 15, every fifth bit
+    /// set) with activations at +-127: no 16-bit sum saturates on any path.
+    #[test]
+    fn the_tiles_do_not_saturate_at_the_extremes() {
+        use crate::kernels::qmatmul::Epilogue;
+        let cols = 64;
+        // Rows: all +1, all -1, alternating, in runs of 3.
+        let x: Vec<f32> = (0..4 * cols)
+            .map(|i| match (i / cols, i % cols) {
+                (0, _) => 1.0,
+                (1, _) => -1.0,
+                (2, c) if c % 2 == 0 => 1.0,
+                (3, c) if (c / 3) % 2 == 0 => 1.0,
+                _ => -1.0,
+            })
+            .collect();
+        for (f, _) in FORMATS {
+            let bb = f.block_bytes();
+            for fill in [0x00u8, 0xff, 0x80, 0x7f] {
+                let mut data = vec![fill; 2 * cols / QK * bb];
+                for blk in data.chunks_exact_mut(bb) {
+                    blk[..2].copy_from_slice(&f16::from_f32(0.5).to_le_bytes());
+                    if matches!(f, Format32::Q4_1 | Format32::Q5_1) {
+                        blk[2..4].copy_from_slice(&f16::from_f32(-0.25).to_le_bytes());
+                    }
+                }
+                let w = Q32Rows::new(f, 2, cols, &data).unwrap();
+                for isa in Isa::available().into_iter().filter(|&i| matmul_applies(i)) {
+                    let out = matmul(isa, &[w], &x, 4, &[Epilogue::default()]).remove(0);
+                    for r in 0..4 {
+                        let y = quantize(&x[r * cols..(r + 1) * cols]);
+                        for j in 0..2 {
+                            let want = w.dot(Isa::Scalar, j, &y);
+                            let got = out[r * 2 + j];
+                            assert!(
+                                (want - got).abs() <= 1e-4 * want.abs().max(1.0),
+                                "{isa:?} {f:?} fill {fill:#x}: {got} vs {want}"
+                            );
+                        }
+                    }
                 }
             }
         }

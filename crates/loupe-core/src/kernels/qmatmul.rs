@@ -553,42 +553,6 @@ mod tiles {
         }
     }
 
-    /// The 8 x 8 matrix of 4-byte words `r[row][k]` (8 rows of 32 bytes) transposed: `out[k][row]`.
-    #[inline(always)]
-    #[cfg(target_arch = "x86_64")]
-    unsafe fn transpose_words(
-        r: [core::arch::x86_64::__m256i; 8],
-    ) -> [core::arch::x86_64::__m256i; 8] {
-        use core::arch::x86_64::*;
-        // Pairs of rows, then quads, then the two 128-bit halves.
-        let t: [__m256i; 8] = std::array::from_fn(|k| {
-            let (a, b) = (r[2 * (k / 2)], r[2 * (k / 2) + 1]);
-            if k % 2 == 0 {
-                _mm256_unpacklo_epi32(a, b)
-            } else {
-                _mm256_unpackhi_epi32(a, b)
-            }
-        });
-        // u[q][s]: rows 4q..4q+4, words s and s+4 (s in 0..4).
-        let u: [[__m256i; 4]; 2] = std::array::from_fn(|q| {
-            let (t0, t1, t2, t3) = (t[4 * q], t[4 * q + 1], t[4 * q + 2], t[4 * q + 3]);
-            [
-                _mm256_unpacklo_epi64(t0, t2),
-                _mm256_unpackhi_epi64(t0, t2),
-                _mm256_unpacklo_epi64(t1, t3),
-                _mm256_unpackhi_epi64(t1, t3),
-            ]
-        });
-        std::array::from_fn(|k| {
-            let (lo, hi) = (u[0][k % 4], u[1][k % 4]);
-            if k < 4 {
-                _mm256_permute2x128_si256(lo, hi, 0x20)
-            } else {
-                _mm256_permute2x128_si256(lo, hi, 0x31)
-            }
-        })
-    }
-
     /// [`pack_codes`] for all 8 rows of a tile at once: the 8 rows' 32-byte runs are an 8 x 8
     /// matrix of 4-byte words (row x step), and the tile wants it transposed (step x row).
     #[target_feature(enable = "avx2")]
@@ -597,7 +561,7 @@ mod tiles {
         use core::arch::x86_64::*;
         let low = _mm256_set1_epi8(0x0f);
         for j in 0..4 {
-            let words = transpose_words(std::array::from_fn(|rho| {
+            let words = crate::kernels::x86::transpose_words(std::array::from_fn(|rho| {
                 _mm256_loadu_si256(blks[rho].qs.as_ptr().add(32 * j) as *const __m256i)
             }));
             for (step, words) in words.into_iter().enumerate() {

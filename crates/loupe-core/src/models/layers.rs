@@ -156,7 +156,7 @@ fn product_in_place(
     if let [(Matrix::Dense8(w), bias)] = ms {
         return dense_8bit(isa, w, *bias, x, after);
     }
-    if m <= MATVEC_MAX_ROWS {
+    if m <= MATVEC_MAX_ROWS || crate::kernels::q32::matmul_applies(isa) {
         if let Some(outs) = product_32(isa, ms, x, after)? {
             return Ok(Some(outs));
         }
@@ -249,15 +249,16 @@ fn output_tensors(outs: Vec<Vec<f32>>, rows: &[usize], x: &Tensor) -> Result<Vec
         .collect()
 }
 
-/// [`product_in_place`] for a few rows, when every matrix is in a 32-value block format
-/// (`kernels::q32`: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0), else `None`.
+/// [`product_in_place`] when every matrix is in a 32-value block format (`kernels::q32`: Q4_0,
+/// Q4_1, Q5_0, Q5_1, Q8_0), else `None`: on the tiles where they are preferred, else in the
+/// matrix-vector kernel (for at most `MATVEC_MAX_ROWS` rows: the caller's limit).
 fn product_32(
     isa: crate::kernels::Isa,
     ms: &[(&Matrix, Option<&Tensor>)],
     x: &Tensor,
     after: After,
 ) -> Result<Option<Vec<Tensor>>> {
-    use crate::kernels::q32::{matvec, Format32, Q32Rows};
+    use crate::kernels::q32::{matmul, matvec, Format32, Q32Rows};
     use crate::kernels::qmatmul::Epilogue;
     let (m, k) = x.dims2()?;
     let mut parts = Vec::with_capacity(ms.len());
@@ -278,19 +279,32 @@ fn product_32(
     else {
         return Ok(None);
     };
-    if after.residual.is_some() && mats.len() != 1 {
-        return Err(candle_core::Error::Msg("a residual needs one matrix".into()).into());
+    if let Some(r) = after.residual {
+        if mats.len() != 1 || r.elem_count() != m * mats[0].rows() {
+            return Err(candle_core::Error::Msg(format!(
+                "residual of {} values for a product of {} matrices of {m} rows",
+                r.elem_count(),
+                mats.len()
+            ))
+            .into());
+        }
     }
     let biases = bias_values(ms)?;
     let outs = with_f32_values(x, |xv| {
         with_optional_f32_values(after.residual, |residual| {
-            let mut outs = matvec(isa, &mats, xv, m);
-            for ((y, q), bias) in outs.iter_mut().zip(&mats).zip(&biases) {
-                let post = Epilogue {
+            let posts: Vec<Epilogue> = biases
+                .iter()
+                .map(|bias| Epilogue {
                     bias: bias.as_deref(),
                     gate_alpha: after.gate_alpha,
                     residual,
-                };
+                })
+                .collect();
+            if crate::kernels::q32::matmul_preferred(isa, m) {
+                return matmul(isa, &mats, xv, m, &posts);
+            }
+            let mut outs = matvec(isa, &mats, xv, m);
+            for ((y, q), post) in outs.iter_mut().zip(&mats).zip(&posts) {
                 post.apply_rows(isa, y, q.rows());
             }
             outs
@@ -1435,9 +1449,12 @@ mod tests {
                     .zip(&want)
                     .fold(0f32, |a, (g, w)| a.max((g - w).abs()));
                 assert!(scale > 0.1, "{q:?}: a product of zeros proves nothing");
-                // Many rows expand the blocks to f32: the reference's own product. Fewer multiply
-                // 8-bit activations (measured up to 1.6% of the range, Q8_0 at 7 rows).
-                let expanded = rows >= DEQUANT_MIN_ROWS && !fast_batched(q);
+                // Many rows expand the blocks to f32 (the reference's own product) unless the
+                // 32-value tiles take them (x86). Elsewhere the products multiply 8-bit
+                // activations (measured up to 1.6% of the range, Q8_0 at 7 rows).
+                let tiled = crate::kernels::q32::Format32::of(q).is_some()
+                    && crate::kernels::q32::matmul_applies(crate::kernels::Isa::detect());
+                let expanded = rows >= DEQUANT_MIN_ROWS && !fast_batched(q) && !tiled;
                 let bound = if expanded { 1e-5 } else { 0.02 };
                 assert!(
                     worst <= bound * scale,

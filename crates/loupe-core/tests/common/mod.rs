@@ -313,8 +313,14 @@ pub mod text {
     }
 
     /// A block-quantized file against transformers on its dequantized weights (`mixed/...`):
-    /// every row at once (the weights expanded to f32) within 1% of the logits' range, and the last
-    /// 8 positions one at a time as decode runs them (8-bit activation products) within 10%.
+    /// every row at once within 1% of the logits' range where the 32-value blocks are expanded to
+    /// f32 for it (measured 0.02-0.9%), 25% where every row runs on the 8-bit activation products
+    /// as decode does (the tiles, x86: the largest difference over all positions measured 1.6% on
+    /// Gemma 3's fixture, 10.5% on Llama's `digits`, 18% on Phi-3's `long`; these random weights
+    /// amplify the activations' rounding, and the same rows stepped one at a time on the same
+    /// products agree with the whole pass within 2e-6), and the last 8 positions one at a time as
+    /// decode runs them within 10% (25% after a prompt on the tiles). A wrong block layout or
+    /// scale is off by the whole range.
     pub fn check_mixed(r: &Reference, e: &Engine) {
         check_mixed_longrope(r, e, None);
     }
@@ -337,8 +343,11 @@ pub mod text {
             // be off by whole units.
             let all = prompt_logits(e, &prompt);
             let (diff, at, scale) = logit_diff(&all, r, &format!("mixed/{pname}"));
+            let isa = loupe_core::kernels::Isa::detect();
+            let tiled = loupe_core::kernels::q32::matmul_preferred(isa, prompt.ids.len());
+            let bound = if tiled { 0.25 } else { 0.01 };
             assert!(
-                diff < 0.01 * scale,
+                diff < bound * scale,
                 "mixed/{pname}: logits differ by {diff} at {at} (range {scale})"
             );
             let n = prompt.ids.len();
@@ -360,9 +369,11 @@ pub mod text {
                 let row = &want[(n - 8 + i) * vocab..(n - 7 + i) * vocab];
                 let (diff, at) = max_abs_diff(&got, row);
                 // 8-bit activations through layers of random weights: measured up to 5% of the
-                // range on Llama; a wrong block layout or scale is off by the whole range.
+                // range on Llama, 11% on Phi-3's `long` once its prompt runs on the tiles too; a
+                // wrong block layout or scale is off by the whole range.
+                let bound = if tiled { 0.25 } else { 0.1 };
                 assert!(
-                    diff < 0.1 * scale,
+                    diff < bound * scale,
                     "mixed/{pname}: decode step {i} differs by {diff} at {at} (range {scale})"
                 );
             }
