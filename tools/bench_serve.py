@@ -71,20 +71,33 @@ def start_llama(binary, model, parallel, threads, ctx):
     if threads:
         cmd += ["-t", str(threads), "-tb", str(threads)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    import urllib.request
+
+    url = f"http://127.0.0.1:{port}"
     for line in proc.stderr:
-        if "server is listening" in line or "HTTP server listening" in line:
+        if "listening on" in line:
             threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()
-            return proc, f"http://127.0.0.1:{port}"
-    sys.exit(f"bench_serve: llama-server stopped before listening ({proc.wait()})")
+            # It listens before the model is loaded (503 until then).
+            for _ in range(600):
+                try:
+                    with urllib.request.urlopen(url + "/health") as resp:
+                        if resp.status == 200:
+                            return proc, url
+                except OSError:
+                    pass
+                time.sleep(0.1)
+            break
+    proc.kill()
+    sys.exit(f"bench_serve: llama-server did not become ready ({proc.wait()})")
 
 
-def drive(url, pid, args, clients):
+def drive(url, pid, args, clients, fresh=False):
     """tools/load_test.py's summary for `clients` clients of streamed text chats."""
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
         cmd = [sys.executable, str(HERE / "load_test.py"), "--url", url, "--image", args.image,
                "--clients", str(clients), "--requests", str(args.requests), "--mix", "0",
                "--text-only", "--max-tokens", str(args.max_tokens), "--pid", str(pid),
-               "--json", out.name]
+               "--json", out.name] + (["--fresh-connections"] if fresh else [])
         rc = subprocess.run(cmd, stdout=subprocess.DEVNULL).returncode
         summary = json.load(open(out.name))
     if rc != 0:
@@ -102,7 +115,9 @@ def against_llama(args, clients):
             proc, url = start_llama(args.llama_server, args.model, args.parallel, args.threads, args.ctx)
         try:
             for c in clients:
-                results[(name, c)] = s = drive(url, proc.pid, args, c)
+                # llama-server closes a kept connection after a streamed answer: both sides
+                # get a new connection per request.
+                results[(name, c)] = s = drive(url, proc.pid, args, c, fresh=True)
                 print(f"{name} clients={c}: {s['completion_tokens_per_s']:.2f} tok/s, "
                       f"p50 {s['chat_p50_s']:.2f} s", file=sys.stderr)
         finally:

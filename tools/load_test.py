@@ -36,16 +36,19 @@ def rss_mib(pid):
 
 
 class Client:
-    def __init__(self, url, api_key, timeout):
+    def __init__(self, url, api_key, timeout, fresh=False):
         u = urllib.parse.urlsplit(url)
         self.host, self.port = u.hostname, u.port or 80
         self.headers = {"content-type": "application/json"}
         if api_key:
             self.headers["authorization"] = f"Bearer {api_key}"
         self.timeout = timeout
+        self.fresh = fresh
         self.conn = None
 
     def _conn(self):
+        if self.fresh:
+            self.close()
         if self.conn is None:
             self.conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
         return self.conn
@@ -124,6 +127,8 @@ def main():
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="write the summary here too")
+    ap.add_argument("--fresh-connections", action="store_true",
+                    help="a new connection per request (servers that close a kept one after a stream)")
     args = ap.parse_args()
 
     with open(args.image, "rb") as f:
@@ -152,7 +157,7 @@ def main():
 
     def work(ci):
         rng = random.Random(args.seed * 1000 + ci)
-        cl = Client(args.url, args.api_key, args.timeout)
+        cl = Client(args.url, args.api_key, args.timeout, args.fresh_connections)
         n = 0
         while (n < args.requests) if args.requests is not None else (time.perf_counter() < deadline):
             n += 1
@@ -208,7 +213,7 @@ def main():
 
     missing = []
     if accepted:
-        cl = Client(args.url, args.api_key, args.timeout)
+        cl = Client(args.url, args.api_key, args.timeout, args.fresh_connections)
         st, body, _ = cl.request("GET", "/v1/history?limit=10000")
         if st != 200:
             failures.append(f"history: status {st}")

@@ -618,14 +618,13 @@ mod x86 {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, target_arch = "x86_64"))]
 mod tests {
     use super::*;
 
     /// x86's unpacking (gathers, transposes) gives the portable version's tiles bit for bit: every
     /// format, a whole tile and one that ends past the last row.
     #[test]
-    #[cfg(target_arch = "x86_64")]
     fn the_x86_unpacking_equals_the_portable_one() {
         if !applies(Isa::detect()) {
             return;
