@@ -72,27 +72,42 @@ pub struct BlockQ8x32 {
     pub qs: [i8; QK],
 }
 
+impl BlockQ8x32 {
+    /// All-zero activations (scale 0).
+    pub const ZERO: BlockQ8x32 = BlockQ8x32 {
+        d: 0.0,
+        s: 0.0,
+        sum: 0,
+        qs: [0; QK],
+    };
+}
+
 /// Quantizes `x` (a multiple of 32 values) as llama.cpp's `quantize_row_q8_0`: per block, the
 /// largest magnitude maps to 127, values round to nearest (halves away from zero).
 pub fn quantize(x: &[f32]) -> Vec<BlockQ8x32> {
-    x.chunks_exact(QK)
-        .map(|xs| {
-            let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let d = amax / 127.0;
-            let id = if d == 0.0 { 0.0 } else { 1.0 / d };
-            let mut qs = [0i8; QK];
-            for (q, &v) in qs.iter_mut().zip(xs) {
-                *q = (v * id).round().clamp(-127.0, 127.0) as i8;
-            }
-            let sum: i32 = qs.iter().map(|&q| q as i32).sum();
-            BlockQ8x32 {
-                d,
-                s: d * sum as f32,
-                sum,
-                qs,
-            }
-        })
-        .collect()
+    let mut out = vec![BlockQ8x32::ZERO; x.len() / QK];
+    quantize_into(x, &mut out);
+    out
+}
+
+/// [`quantize`] into `out` (one block per 32 values of `x`).
+pub fn quantize_into(x: &[f32], out: &mut [BlockQ8x32]) {
+    for (xs, block) in x.chunks_exact(QK).zip(out) {
+        let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d == 0.0 { 0.0 } else { 1.0 / d };
+        let mut qs = [0i8; QK];
+        for (q, &v) in qs.iter_mut().zip(xs) {
+            *q = (v * id).round().clamp(-127.0, 127.0) as i8;
+        }
+        let sum: i32 = qs.iter().map(|&q| q as i32).sum();
+        *block = BlockQ8x32 {
+            d,
+            s: d * sum as f32,
+            sum,
+            qs,
+        };
+    }
 }
 
 /// A `(rows, cols)` matrix of 32-value blocks, row-major, borrowed from wherever the weights live.

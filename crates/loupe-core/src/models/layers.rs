@@ -146,7 +146,7 @@ fn product_in_place(
     x: &Tensor,
     after: After,
 ) -> Result<Option<Vec<Tensor>>> {
-    use crate::kernels::qmatmul::{matmul_q4k, matvec, Epilogue, Format, QRows};
+    use crate::kernels::qmatmul::{matmul_q4k, matvec, Format, QRows};
     use crate::kernels::Isa;
     let isa = Isa::detect();
     let (m, k) = x.dims2()?;
@@ -190,27 +190,11 @@ fn product_in_place(
     else {
         return Ok(None);
     };
-    if let Some(r) = after.residual {
-        if mats.len() != 1 || r.elem_count() != m * mats[0].rows() {
-            return Err(candle_core::Error::Msg(format!(
-                "residual of {} values for a product of {} matrices of {m} rows",
-                r.elem_count(),
-                mats.len()
-            ))
-            .into());
-        }
-    }
+    check_residual(after, mats.first().map(|q| q.rows()), mats.len(), m)?;
     let biases = bias_values(ms)?;
     let outs = with_f32_values(x, |xv| {
         with_optional_f32_values(after.residual, |residual| {
-            let posts: Vec<Epilogue> = biases
-                .iter()
-                .map(|bias| Epilogue {
-                    bias: bias.as_deref(),
-                    gate_alpha: after.gate_alpha,
-                    residual,
-                })
-                .collect();
+            let posts = epilogues(&biases, after, residual);
             if m <= MATVEC_MAX_ROWS {
                 let mut outs = matvec(isa, &mats, xv, m);
                 for ((y, q), post) in outs.iter_mut().zip(&mats).zip(&posts) {
@@ -227,6 +211,37 @@ fn product_in_place(
     })??;
     let rows: Vec<usize> = mats.iter().map(|q| q.rows()).collect();
     Ok(Some(output_tensors(outs, &rows, x)?))
+}
+
+/// A residual is added to the output of one product, of `m` rows of `rows` values: anything else
+/// is refused before the kernels index it.
+fn check_residual(after: After, rows: Option<usize>, products: usize, m: usize) -> Result<()> {
+    match after.residual {
+        Some(r) if products != 1 || Some(r.elem_count()) != rows.map(|rows| m * rows) => {
+            Err(candle_core::Error::Msg(format!(
+                "residual of {} values for a product of {products} matrices of {m} rows",
+                r.elem_count()
+            ))
+            .into())
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Each product's epilogue: its own bias, the call's gated activation and residual.
+fn epilogues<'a>(
+    biases: &'a [Option<Vec<f32>>],
+    after: After,
+    residual: Option<&'a [f32]>,
+) -> Vec<crate::kernels::qmatmul::Epilogue<'a>> {
+    biases
+        .iter()
+        .map(|bias| crate::kernels::qmatmul::Epilogue {
+            bias: bias.as_deref(),
+            gate_alpha: after.gate_alpha,
+            residual,
+        })
+        .collect()
 }
 
 /// Each product's bias as f32 values, if it has one.
@@ -259,7 +274,6 @@ fn product_32(
     after: After,
 ) -> Result<Option<Vec<Tensor>>> {
     use crate::kernels::q32::{matmul, matvec, Format32, Q32Rows};
-    use crate::kernels::qmatmul::Epilogue;
     let (m, k) = x.dims2()?;
     let mut parts = Vec::with_capacity(ms.len());
     for (matrix, _) in ms {
@@ -279,27 +293,11 @@ fn product_32(
     else {
         return Ok(None);
     };
-    if let Some(r) = after.residual {
-        if mats.len() != 1 || r.elem_count() != m * mats[0].rows() {
-            return Err(candle_core::Error::Msg(format!(
-                "residual of {} values for a product of {} matrices of {m} rows",
-                r.elem_count(),
-                mats.len()
-            ))
-            .into());
-        }
-    }
+    check_residual(after, mats.first().map(|q| q.rows()), mats.len(), m)?;
     let biases = bias_values(ms)?;
     let outs = with_f32_values(x, |xv| {
         with_optional_f32_values(after.residual, |residual| {
-            let posts: Vec<Epilogue> = biases
-                .iter()
-                .map(|bias| Epilogue {
-                    bias: bias.as_deref(),
-                    gate_alpha: after.gate_alpha,
-                    residual,
-                })
-                .collect();
+            let posts = epilogues(&biases, after, residual);
             if crate::kernels::q32::matmul_preferred(isa, m) {
                 return matmul(isa, &mats, xv, m, &posts);
             }

@@ -18,7 +18,7 @@
 //! ([`super::scalar::dot`]), and it is scaled once, as there; only the order of the float sums
 //! differs.
 
-use super::{quantize, BlockQ8x32, Format32, Q32Rows, QK};
+use super::{quantize_into, BlockQ8x32, Format32, Q32Rows, QK};
 use crate::kernels::qmatmul::Epilogue;
 use crate::kernels::Isa;
 
@@ -59,6 +59,17 @@ fn offset(format: Format32) -> i32 {
         Format32::Q5_0 => 16,
         Format32::Q8_0 if FLIPPED_Q8 => 128,
         Format32::Q8_0 | Format32::Q4_1 | Format32::Q5_1 => 0,
+    }
+}
+
+/// Where a block keeps its codes: the offset of its 32 code bytes (Q8_0) or 16 nibble bytes, and of
+/// the 4 bytes of fifth bits for the Q5 formats.
+fn code_bytes(format: Format32) -> (usize, Option<usize>) {
+    match format {
+        Format32::Q4_0 | Format32::Q8_0 => (2, None),
+        Format32::Q4_1 => (4, None),
+        Format32::Q5_0 => (6, Some(2)),
+        Format32::Q5_1 => (8, Some(4)),
     }
 }
 
@@ -157,28 +168,20 @@ pub fn matmul(isa: Isa, ws: &[Q32Rows], x: &[f32], m: usize, posts: &[Epilogue])
     outs
 }
 
-/// The `m` rows of `x` quantized block by block ([`quantize`]), rows spread over the pool.
+/// The `m` rows of `x` quantized block by block ([`quantize_into`]), rows spread over the pool.
 fn quantize_rows(x: &[f32], cols: usize, m: usize) -> Vec<BlockQ8x32> {
     let kb = cols / QK;
-    let mut out = vec![
-        BlockQ8x32 {
-            d: 0.0,
-            s: 0.0,
-            sum: 0,
-            qs: [0; QK],
-        };
-        m * kb
-    ];
+    let mut out = vec![BlockQ8x32::ZERO; m * kb];
     let ptr = out.as_mut_ptr() as usize;
     crate::kernels::pool::parallel_for(m, |rows| {
-        for r in rows {
-            let blocks = quantize(&x[r * cols..(r + 1) * cols]);
-            // SAFETY: row r's blocks are written by this range alone, inside `out`.
-            unsafe {
-                let dst = (ptr as *mut BlockQ8x32).add(r * kb);
-                std::ptr::copy_nonoverlapping(blocks.as_ptr(), dst, kb);
-            }
-        }
+        // SAFETY: rows `rows` of `out` are written by this range alone, inside `out`.
+        let dst = unsafe {
+            std::slice::from_raw_parts_mut(
+                (ptr as *mut BlockQ8x32).add(rows.start * kb),
+                rows.len() * kb,
+            )
+        };
+        quantize_into(&x[rows.start * cols..rows.end * cols], dst);
     });
     out
 }
@@ -201,13 +204,7 @@ fn pack(w: &Q32Rows, r0: usize, tiles: &mut [Tile]) {
 fn pack_words(w: &Q32Rows, r0: usize, tiles: &mut [Tile]) {
     let n = TILE_ROWS.min(w.rows - r0);
     let bb = w.format.block_bytes();
-    let (qs, qh) = match w.format {
-        Format32::Q4_0 => (2, None),
-        Format32::Q4_1 => (4, None),
-        Format32::Q5_0 => (6, Some(2)),
-        Format32::Q5_1 => (8, Some(4)),
-        Format32::Q8_0 => (2, None),
-    };
+    let (qs, qh) = code_bytes(w.format);
     for rho in 0..TILE_ROWS {
         let row = w.row_bytes(r0 + rho.min(n - 1));
         for (b, tile) in tiles.iter_mut().enumerate() {
@@ -458,26 +455,20 @@ mod x86 {
                 let put = |step: usize, v: __m256i| {
                     _mm256_store_si256(codes.add(step * 64) as *mut __m256i, v)
                 };
-                let (qs, qh) = match w.format {
-                    Format32::Q4_0 => (2, None),
-                    Format32::Q4_1 => (4, None),
-                    Format32::Q5_0 => (6, Some(2)),
-                    Format32::Q5_1 => (8, Some(4)),
-                    Format32::Q8_0 => {
-                        // The 8 rows' 32 bytes are an 8 x 8 matrix of words (row x step): the
-                        // tile wants it transposed (fewer instructions than 8 gathers).
-                        let flip = _mm256_set1_epi8(-128);
-                        let words =
-                            crate::kernels::x86::transpose_words(std::array::from_fn(|j| {
-                                let at = row(half * 8 + j) as usize;
-                                _mm256_loadu_si256(blk.add(at + 2) as *const __m256i)
-                            }));
-                        for (step, v) in words.into_iter().enumerate() {
-                            put(step, _mm256_xor_si256(v, flip));
-                        }
-                        continue;
+                let (qs, qh) = super::code_bytes(w.format);
+                if w.format == Format32::Q8_0 {
+                    // The 8 rows' 32 bytes are an 8 x 8 matrix of words (row x step): the tile
+                    // wants it transposed (fewer instructions than 8 gathers).
+                    let flip = _mm256_set1_epi8(-128);
+                    let words = crate::kernels::x86::transpose_words(std::array::from_fn(|j| {
+                        let at = row(half * 8 + j) as usize;
+                        _mm256_loadu_si256(blk.add(at + qs) as *const __m256i)
+                    }));
+                    for (step, v) in words.into_iter().enumerate() {
+                        put(step, _mm256_xor_si256(v, flip));
                     }
-                };
+                    continue;
+                }
                 let high = qh.map(&gather);
                 // Bytes 4k..4k+4 hold values 4k.. (low nibbles) and 16 + 4k.. (high nibbles).
                 for k in 0..STEPS / 2 {
